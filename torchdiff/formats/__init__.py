@@ -1,0 +1,141 @@
+"""Readers: ``load(path, format=None) -> Checkpoint``.
+
+The format is the one given, else the one the extension names, else the one the
+file's first bytes show. Each reader lives in its own module and imports its
+optional library only when called.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any, Mapping
+
+import torch
+
+from torchdiff.errors import InputNotFoundError, UnknownFormatError, UsageError
+from torchdiff.formats.base import Checkpoint, TensorHandle, dtype_name, flatten, tensor_handle
+
+# format name -> module (in torchdiff.formats) with a ``load(path) -> Checkpoint``.
+_READERS: dict[str, str] = {
+    "safetensors": "safetensors",
+    "torch": "torch_pickle",
+    "numpy": "numpy",
+    "matlab": "matlab",
+    "gguf": "gguf",
+    "sharded": "sharded",
+}
+format_names = sorted(_READERS)
+
+_EXTENSIONS: dict[str, str] = {
+    ".safetensors": "safetensors",
+    ".pt": "torch",
+    ".pth": "torch",
+    ".bin": "torch",
+    ".ckpt": "torch",
+    ".npy": "numpy",
+    ".npz": "numpy",
+    ".mat": "matlab",
+    ".gguf": "gguf",
+}
+extensions = sorted(_EXTENSIONS)
+
+
+def sniff(path: str) -> str | None:
+    """The format shown by the file's first bytes, or None."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK\x03\x04"):
+        # A zip: torch's format, or numpy's .npz.
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return None
+        if any(n.endswith("data.pkl") for n in names):
+            return "torch"
+        if names and all(n.endswith(".npy") for n in names):
+            return "numpy"
+        return None
+    if head.startswith(b"\x93NUMPY"):
+        return "numpy"
+    if head.startswith(b"GGUF"):
+        return "gguf"
+    if head.startswith(b"MATLAB") or head.startswith(b"\x89HDF\r\n\x1a\n"):
+        return "matlab"
+    if head[:1] == b"\x80":  # a pickle protocol opcode: legacy torch.save
+        return "torch"
+    if len(head) >= 9 and head[8:9] == b"{":  # u64 header length then JSON
+        return "safetensors"
+    return None
+
+
+def detect_format(path: str) -> str:
+    if os.path.isdir(path):
+        return "sharded"
+    name = os.path.basename(path)
+    if name.endswith(".index.json"):
+        return "sharded"
+    ext = os.path.splitext(name)[1].lower()
+    if ext in _EXTENSIONS:
+        return _EXTENSIONS[ext]
+    found = sniff(path)
+    if found is None:
+        raise UnknownFormatError(
+            f"{path}: unknown checkpoint format (extensions read: {', '.join(extensions)}; "
+            f"or pass --format {'|'.join(format_names)})"
+        )
+    return found
+
+
+def load(path: Any, format: str | None = None) -> Checkpoint:
+    """Open a checkpoint lazily (headers only; tensor bytes are read on demand).
+
+    Args:
+        path: a file, a sharded checkpoint's ``*.index.json``, or a directory holding one.
+        format: one of ``format_names``; None to detect it.
+
+    Raises:
+        TorchDiffError: missing path, unknown format, corrupt or unsafe file.
+    """
+    path = os.fspath(path) if isinstance(path, os.PathLike) else str(path)
+    if format is not None and format not in _READERS:
+        raise UsageError(f"unknown --format {format!r} (choose from {', '.join(format_names)})")
+    if not os.path.exists(path):
+        raise InputNotFoundError(f"{path}: no such file or directory")
+    if os.path.isdir(path) and format not in (None, "sharded"):
+        raise InputNotFoundError(f"{path}: is a directory (use -r to compare directories file by file)")
+    fmt = format or detect_format(path)
+    module = importlib.import_module(f"torchdiff.formats.{_READERS[fmt]}")
+    return module.load(path)
+
+
+def from_object(obj: Any, name: str = "<memory>") -> Checkpoint:
+    """A Checkpoint over an in-memory state_dict, nested training dict, or nn.Module."""
+    if isinstance(obj, Checkpoint):
+        return obj
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict(keep_vars=False)
+        fmt = "module"
+    elif isinstance(obj, Mapping):
+        fmt = "state_dict"
+    else:
+        raise UsageError(f"cannot compare a {type(obj).__name__}: pass a path, a state_dict or an nn.Module")
+    tensors, metadata = flatten(obj)
+    handles = {k: tensor_handle(k, v.detach()) for k, v in tensors.items()}
+    return Checkpoint(name=name, format=fmt, tensors=handles, metadata=metadata)
+
+
+__all__ = [
+    "Checkpoint",
+    "TensorHandle",
+    "dtype_name",
+    "detect_format",
+    "extensions",
+    "format_names",
+    "from_object",
+    "load",
+    "sniff",
+]

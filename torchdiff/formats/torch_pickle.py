@@ -1,0 +1,67 @@
+"""PyTorch pickles (.pt .pth .bin .ckpt): ``torch.load(weights_only=True)``, never code.
+
+Zip-format files are memory-mapped (``mmap=True``) so tensors are views of the file;
+legacy (pre-zip) files cannot be mapped and are read into memory. Nested training
+checkpoints are flattened with dotted names; scalar leaves become metadata.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+
+import torch
+
+from torchdiff.errors import CorruptFileError, UnsafeCheckpointError
+from torchdiff.formats.base import Checkpoint, flatten, tensor_handle
+
+# Messages of torch's weights-only unpickler that mean "this needs code to load".
+_UNSAFE_MARKERS = ("GLOBAL", "Unsupported global", "Unsupported class", "is blocked", "not an allowed global")
+
+
+def _torch_load(path: str, mmap: bool):
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def load(path: str, unsafe: bool = False) -> Checkpoint:
+    mapped = zipfile.is_zipfile(path)
+    if not mapped:
+        with open(path, "rb") as f:
+            head = f.read(1)
+        if head != b"\x80":
+            raise CorruptFileError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle)")
+    try:
+        if unsafe:
+            obj = torch.load(path, map_location="cpu", weights_only=False, mmap=mapped)
+        else:
+            obj = _torch_load(path, mmap=mapped)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        if any(marker in text for marker in _UNSAFE_MARKERS):
+            detail = _first_line_with(text, "GLOBAL") or _first_line_with(text, "Unsupported") or "needs code"
+            raise UnsafeCheckpointError(
+                f"{path}: refused, the pickle would run code to load ({detail}); "
+                "torchdiff loads weights only (--unsafe-pickle overrides, for files you trust)"
+            ) from None
+        raise CorruptFileError(f"{path}: not a readable PyTorch checkpoint ({_first_line(text)})") from None
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError,
+            IndexError, TypeError, AttributeError, UnicodeDecodeError, MemoryError,
+            OverflowError, AssertionError) as e:
+        raise CorruptFileError(
+            f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {_first_line(str(e))})"
+        ) from None
+    tensors, metadata = flatten(obj)
+    handles = {name: tensor_handle(name, t, mapped=mapped) for name, t in tensors.items()}
+    return Checkpoint(name=path, format="torch", tensors=handles, metadata=metadata)
+
+
+def _first_line(text: str) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else "unreadable"
+    return line[:200]
+
+
+def _first_line_with(text: str, word: str) -> str | None:
+    for line in text.splitlines():
+        if word in line:
+            return line.strip()[:200]
+    return None

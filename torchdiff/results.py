@@ -1,0 +1,323 @@
+"""Frozen result types: plain Python numbers and tuples, never tensors.
+
+Every figure here is defined in docs/METRICS.md (the "Metric definitions" of DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
+
+# Status of a tensor in a comparison.
+UNCHANGED = "unchanged"
+CHANGED = "changed"
+ADDED = "added"
+REMOVED = "removed"
+RESHAPED = "reshaped"
+RETYPED = "retyped"
+STATUSES = (UNCHANGED, CHANGED, ADDED, REMOVED, RESHAPED, RETYPED)
+
+
+@dataclass(frozen=True, slots=True)
+class TensorStats:
+    """Statistics of one side of one tensor.
+
+    Moments are over the finite values only; ``nan_count``/``inf_count`` count the rest.
+    A tensor without finite values has ``nan`` moments.
+    """
+
+    shape: tuple[int, ...]
+    dtype: str
+    numel: int
+    nbytes: int
+    mean: float
+    std: float
+    min: float
+    max: float
+    mean_abs: float
+    rms: float
+    zero_count: int
+    nan_count: int
+    inf_count: int
+
+    @property
+    def finite_count(self) -> int:
+        return self.numel - self.nan_count - self.inf_count
+
+    @property
+    def zero_fraction(self) -> float:
+        return self.zero_count / self.numel if self.numel else 0.0
+
+    @property
+    def norm(self) -> float:
+        """L2 norm of the finite values: rms · sqrt(finite_count)."""
+        return self.rms * math.sqrt(self.finite_count) if self.finite_count else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "numel": self.numel,
+            "nbytes": self.nbytes,
+            "mean": self.mean,
+            "std": self.std,
+            "min": self.min,
+            "max": self.max,
+            "mean_abs": self.mean_abs,
+            "rms": self.rms,
+            "zero_fraction": self.zero_fraction,
+            "nan_count": self.nan_count,
+            "inf_count": self.inf_count,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class PairMetrics:
+    """Difference metrics of one tensor pair of equal shape (Δ = new − old).
+
+    Computed over the positions where both sides are finite (``numel`` of them).
+    """
+
+    numel: int
+    equal: bool
+    l2: float
+    norm_old: float
+    norm_new: float
+    dot: float
+    max_abs: float
+    mean_abs_diff: float
+    changed_count: int
+
+    @property
+    def rel_l2(self) -> float:
+        if self.norm_old > 0:
+            return self.l2 / self.norm_old
+        return math.inf if self.l2 > 0 else 0.0
+
+    @property
+    def nmse(self) -> float:
+        return self.rel_l2**2
+
+    @property
+    def cosine(self) -> float:
+        denom = self.norm_old * self.norm_new
+        if denom == 0:
+            # Both zero: identical direction by convention; one zero: undefined.
+            return 1.0 if self.norm_old == self.norm_new else math.nan
+        return max(-1.0, min(1.0, self.dot / denom))
+
+    @property
+    def rmse(self) -> float:
+        return self.l2 / math.sqrt(self.numel) if self.numel else 0.0
+
+    @property
+    def changed_fraction(self) -> float:
+        return self.changed_count / self.numel if self.numel else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "equal": self.equal,
+            "l2": self.l2,
+            "rel_l2": self.rel_l2,
+            "nmse": self.nmse,
+            "cosine": self.cosine,
+            "rmse": self.rmse,
+            "max_abs": self.max_abs,
+            "mean_abs_diff": self.mean_abs_diff,
+            "changed_fraction": self.changed_fraction,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class TensorDiff:
+    """One tensor name across the two sides."""
+
+    name: str
+    status: str
+    old: TensorStats | None
+    new: TensorStats | None
+    metrics: PairMetrics | None
+    extras: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def params(self) -> int:
+        side = self.new if self.new is not None else self.old
+        return side.numel if side is not None else 0
+
+    @property
+    def is_difference(self) -> bool:
+        return self.status != UNCHANGED
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"type": f"tensor_{self.status}", "path": self.name}
+        if self.old is not None:
+            d["old"] = self.old.to_dict()
+        if self.new is not None:
+            d["new"] = self.new.to_dict()
+        if self.metrics is not None:
+            d.update(self.metrics.to_dict())
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class MetadataDiff:
+    """A non-tensor value (lr, epoch, loss, config entry) that differs."""
+
+    key: str
+    status: str  # changed | added | removed
+    old: Any
+    new: Any
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": f"metadata_{self.status}", "path": self.key, "old": self.old, "new": self.new}
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    """A table for the text renderer; JSON carries the same rows as dicts."""
+
+    title: str
+    headers: tuple[str, ...]
+    rows: tuple[tuple[Any, ...], ...]
+
+    def records(self) -> list[dict[str, Any]]:
+        return [dict(zip(self.headers, row)) for row in self.rows]
+
+
+@dataclass(frozen=True, slots=True)
+class AnalysisResult:
+    """What one analysis found.
+
+    ``headline`` holds the figures of the one-line text form
+    (``name: key=value, ...``); ``data`` the full JSON payload; ``tables`` and
+    ``notes`` follow the headline in text output.
+    """
+
+    name: str
+    headline: Mapping[str, Any]
+    data: Mapping[str, Any] = field(default_factory=dict)
+    tables: tuple[Table, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"type": self.name, "path": ""}
+        d.update(self.headline)
+        d.update(self.data)
+        for table in self.tables:
+            key = table.title.lower().replace(" ", "_")
+            d.setdefault(key, table.records())
+        if self.notes:
+            d["notes"] = list(self.notes)
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class Comparison:
+    """Everything the engine measured about two checkpoints."""
+
+    old_name: str
+    new_name: str
+    old_format: str
+    new_format: str
+    diffs: tuple[TensorDiff, ...]
+    metadata_diffs: tuple[MetadataDiff, ...]
+    old_metadata: Mapping[str, Any]
+    new_metadata: Mapping[str, Any]
+    device: str
+    epsilon: float
+
+    def __iter__(self) -> Iterator[TensorDiff]:
+        return iter(self.diffs)
+
+    def by_status(self, *statuses: str) -> list[TensorDiff]:
+        return [d for d in self.diffs if d.status in statuses]
+
+    @property
+    def has_differences(self) -> bool:
+        return bool(self.metadata_diffs) or any(d.is_difference for d in self.diffs)
+
+    def counts(self) -> dict[str, int]:
+        counts = {s: 0 for s in STATUSES}
+        for d in self.diffs:
+            counts[d.status] += 1
+        return counts
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """A comparison plus the analyses that ran on it.
+
+    Iterates over the TensorDiffs; ``str(report)`` is the text form;
+    ``to_dict()`` is the single source of the JSON and YAML forms.
+    """
+
+    comparison: Comparison
+    analyses: tuple[AnalysisResult, ...] = ()
+    order: tuple[str, ...] | None = None  # tensor names in output order (sorting)
+    stats: bool = False
+
+    def __iter__(self) -> Iterator[TensorDiff]:
+        return iter(self.ordered_diffs())
+
+    def __len__(self) -> int:
+        return len(self.comparison.diffs)
+
+    def ordered_diffs(self) -> list[TensorDiff]:
+        if self.order is None:
+            return list(self.comparison.diffs)
+        by_name = {d.name: d for d in self.comparison.diffs}
+        return [by_name[n] for n in self.order]
+
+    def analysis(self, name: str) -> AnalysisResult | None:
+        for a in self.analyses:
+            if a.name == name:
+                return a
+        return None
+
+    @property
+    def has_differences(self) -> bool:
+        return self.comparison.has_differences
+
+    def to_dict(self) -> list[dict[str, Any]]:
+        from torchdiff.render import to_items
+
+        return to_items(self)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        from torchdiff.render import render
+
+        return render(self, "json", indent=indent)
+
+    def to_yaml(self) -> str:
+        from torchdiff.render import render
+
+        return render(self, "yaml")
+
+    def scalars(self) -> dict[str, float]:
+        from torchdiff.render import scalars
+
+        return scalars(self)
+
+    def __str__(self) -> str:
+        from torchdiff.render import render
+
+        return render(self, "text", color=False)
+
+
+def json_default(value: Any) -> Any:
+    """Fallback encoder for metadata values (tuples, sets, dtypes, numpy scalars)."""
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    item = getattr(value, "item", None)
+    if callable(item):
+        try:
+            return item()
+        except (TypeError, ValueError):
+            pass
+    return str(value)
+
+
+def dumps(obj: Any, indent: int | None = 2) -> str:
+    return json.dumps(obj, indent=indent, default=json_default, allow_nan=False)
