@@ -200,6 +200,7 @@ class AnalysisResult:
     data: Mapping[str, Any] = field(default_factory=dict)
     tables: tuple[Table, ...] = ()
     notes: tuple[str, ...] = ()
+    failed: bool = False  # a CI gate tripped (e.g. --fail-on-anomaly): the CLI exits 1
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"type": self.name, "path": ""}
@@ -227,6 +228,7 @@ class Comparison:
     new_metadata: Mapping[str, Any]
     device: str
     epsilon: float
+    mode: str = "pair"  # "pair": old vs new; "inspect": one checkpoint, every tensor on the new side
 
     def __iter__(self) -> Iterator[TensorDiff]:
         return iter(self.diffs)

@@ -1,0 +1,5 @@
+import sys
+
+from torchdiff.cli import main
+
+sys.exit(main())

@@ -1,0 +1,225 @@
+"""``compare(old, new, ...) -> Report``: the one orchestrator, shared by the CLI and
+the training-loop callback."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import torch
+
+from torchdiff import formats
+from torchdiff.analyses import ANALYSES, FLAGS, analysis_names, options_defaults
+from torchdiff.engine import Engine, resolve_device
+from torchdiff.errors import InputNotFoundError, UsageError
+from torchdiff.formats.base import Checkpoint
+from torchdiff.pairing import compile_filters, pair, pair_metadata
+from torchdiff.results import AnalysisResult, Comparison, MetadataDiff, Report
+
+#: Options every comparison takes, with defaults (analysis options come from their modules).
+CORE_OPTIONS: dict[str, Any] = {
+    "epsilon": 0.0,
+    "ignore_keys_regex": None,
+    "path": None,
+    "format": None,
+    "recursive": False,
+    "device": "auto",
+    "unsafe_pickle": False,
+}
+
+
+class Options(dict):
+    """Resolved options: a dict that also reads as attributes (``options.sort_key``)."""
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+
+def make_options(analyses: tuple[str, ...] | list[str] = (), **kwargs: Any) -> Options:
+    """Resolve and validate options before any I/O.
+
+    ``analyses`` lists analysis names; analysis flags (``quantization_analysis=True``,
+    ``show_layer_impact=True``, ``stats=True``) may be passed as keywords too.
+    """
+    extra = options_defaults()
+    options = Options(CORE_OPTIONS)
+    options.update({k: default for k, (default, _) in extra.items()})
+    chosen: list[str] = []
+    for name in analyses:
+        if name in FLAGS:
+            name = FLAGS[name]
+        if name not in ANALYSES:
+            raise UsageError(f"unknown analysis {name!r} (available: {', '.join(analysis_names)})")
+        chosen.append(name)
+    for key, value in kwargs.items():
+        if key in FLAGS or key in ANALYSES:
+            if value:
+                chosen.append(FLAGS.get(key, key))
+        elif key in options:
+            options[key] = value
+        else:
+            raise UsageError(f"unknown option {key!r}")
+    options["analyses"] = tuple(n for n in analysis_names if n in chosen)
+    try:
+        options["epsilon"] = float(options["epsilon"])
+    except (TypeError, ValueError):
+        raise UsageError(f"--epsilon must be a number, got {options['epsilon']!r}") from None
+    if options["epsilon"] < 0:
+        raise UsageError("--epsilon must be ≥ 0")
+    compile_filters(options["ignore_keys_regex"], options["path"])
+    if options["format"] is not None and options["format"] not in formats.format_names:
+        raise UsageError(f"unknown --format {options['format']!r} (choose from {', '.join(formats.format_names)})")
+    for name in options["analyses"]:
+        validate = getattr(ANALYSES[name], "validate", None)
+        if validate is not None:
+            validate(options)
+    return options
+
+
+def open_checkpoint(source: Any, options: Options) -> Checkpoint:
+    """A Checkpoint from a path, a state_dict, an nn.Module, or a Checkpoint."""
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if options.get("recursive") and os.path.isdir(path):
+            return load_directory(path, options)
+        if options.get("unsafe_pickle") and os.path.isfile(path) and formats.detect_format(path) == "torch":
+            from torchdiff.formats import torch_pickle
+
+            return torch_pickle.load(path, unsafe=True)
+        return formats.load(path, options.get("format"))
+    return formats.from_object(source)
+
+
+def load_directory(root: str, options: Options) -> Checkpoint:
+    """Every checkpoint file under ``root`` as one Checkpoint; names ``relpath:tensor``."""
+    tensors, metadata, closers = {}, {}, []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for filename in sorted(filenames):
+            ext = os.path.splitext(filename)[1].lower()
+            if ext not in formats.extensions:
+                continue
+            full = os.path.join(dirpath, filename)
+            rel = os.path.relpath(full, root).replace(os.sep, "/")
+            ckpt = formats.load(full, options.get("format"))
+            closers.append(ckpt.close)
+            for name, handle in ckpt.tensors.items():
+                tensors[f"{rel}:{name}"] = handle
+            for key, value in ckpt.metadata.items():
+                metadata[f"{rel}:{key}"] = value
+    if not tensors and not metadata:
+        raise InputNotFoundError(f"{root}: no checkpoint files found (extensions read: {', '.join(formats.extensions)})")
+    return Checkpoint(name=root, format="directory", tensors=tensors, metadata=metadata, _closers=closers)
+
+
+def _check_paths(old: Any, new: Any, options: Options) -> None:
+    """Missing paths and file/directory mix-ups, before reading anything."""
+    for side in (old, new):
+        if isinstance(side, (str, os.PathLike)) and not os.path.exists(side):
+            raise InputNotFoundError(f"{os.fspath(side)}: no such file or directory")
+    if options.get("recursive"):
+        kinds = [os.path.isdir(s) for s in (old, new) if isinstance(s, (str, os.PathLike))]
+        if len(kinds) == 2 and kinds[0] != kinds[1]:
+            raise InputNotFoundError("-r compares two directories, or two files; got a directory and a file")
+
+
+def compare(old: Any, new: Any, *, analyses: tuple[str, ...] | list[str] = (),
+            progress: Callable[[int], None] | None = None, **kwargs: Any) -> Report:
+    """Compare two checkpoints.
+
+    Args:
+        old: a path (any supported format, a sharded index, a directory with ``recursive``),
+            a state_dict (nested dicts allowed), an ``nn.Module``, or a Checkpoint.
+        new: the same, for the other side.
+        analyses: analysis names or flags to run (``"quantization_analysis"``,
+            ``"show_layer_impact"``...); flags may also be keywords (``stats=True``).
+        progress: called with the number of elements done after each block.
+        **kwargs: ``epsilon``, ``ignore_keys_regex``, ``path``, ``format``, ``recursive``,
+            ``device`` and the analyses' own options (``sort_key``...).
+
+    Returns:
+        A Report: iterate it for TensorDiffs, ``print`` it for text, ``to_dict()`` for JSON.
+
+    Example:
+        >>> import torch, torchdiff
+        >>> old = {"w": torch.ones(3)}
+        >>> report = torchdiff.compare(old, {"w": torch.tensor([1.0, 1.0, 2.0])})
+        >>> [(d.name, d.status, round(d.metrics.rel_l2, 4)) for d in report]
+        [('w', 'changed', 0.5774)]
+    """
+    options = make_options(analyses, **kwargs)
+    _check_paths(old, new, options)
+    engine = Engine(resolve_device(options.device), options.epsilon)
+    old_ckpt = open_checkpoint(old, options)
+    try:
+        new_ckpt = open_checkpoint(new, options)
+    except BaseException:
+        old_ckpt.close()
+        raise
+    try:
+        return compare_checkpoints(old_ckpt, new_ckpt, options, engine, progress)
+    finally:
+        old_ckpt.close()
+        new_ckpt.close()
+
+
+def compare_checkpoints(old: Checkpoint, new: Checkpoint, options: Options, engine: Engine,
+                        progress=None, mode: str = "pair") -> Report:
+    """The pipeline on two opened checkpoints: prepare, pair, measure, analyse."""
+    modules = [ANALYSES[name] for name in options.analyses]
+    for module in modules:
+        prepare = getattr(module, "prepare", None)
+        if prepare is not None:
+            old, new = prepare(old, new, options)
+    keep = compile_filters(options.ignore_keys_regex, options.path)
+    pairs = pair(old, new, keep)
+    hooks = [h for module in modules for h in (getattr(module, "hooks", lambda o: [])(options) or [])]
+    diffs = engine.run(pairs, hooks=hooks, progress=progress)
+    metadata_diffs = tuple(MetadataDiff(k, s, a, b) for k, s, a, b in pair_metadata(old.metadata, new.metadata, keep))
+    comparison = Comparison(
+        old_name=old.name, new_name=new.name, old_format=old.format, new_format=new.format,
+        diffs=tuple(diffs), metadata_diffs=metadata_diffs if mode == "pair" else (),
+        old_metadata=dict(old.metadata), new_metadata=dict(new.metadata),
+        device=str(engine.device), epsilon=options.epsilon, mode=mode,
+    )
+    return build_report(comparison, options)
+
+
+def build_report(comparison: Comparison, options: Options) -> Report:
+    results: list[AnalysisResult] = []
+    order = None
+    for name in options.analyses:
+        module = ANALYSES[name]
+        ordering = getattr(module, "order", None)
+        if ordering is not None:
+            order = tuple(ordering(comparison, options))
+        result = module.analyze(comparison, options)
+        if result is not None:
+            results.append(result)
+    return Report(comparison, tuple(results), order=order, stats="stats" in options.analyses)
+
+
+def inspect(source: Any, *, analyses: tuple[str, ...] | list[str] = (), **kwargs: Any) -> Report:
+    """One checkpoint: every tensor's statistics (as the new side), plus the analyses
+    that make sense for one file (memory, anomalies, architecture)."""
+    options = make_options(analyses, **kwargs)
+    _check_paths(source, source, options)
+    engine = Engine(resolve_device(options.device), options.epsilon)
+    ckpt = open_checkpoint(source, options)
+    try:
+        empty = Checkpoint(name="", format=ckpt.format, tensors={})
+        return compare_checkpoints(empty, ckpt, options, engine, mode="inspect")
+    finally:
+        ckpt.close()
+
+
+def load(path: Any, format: str | None = None) -> Checkpoint:
+    """Open one checkpoint lazily (see torchdiff.formats.load)."""
+    return formats.load(path, format)
+
+
+def torch_threads() -> int:
+    return torch.get_num_threads()

@@ -1,0 +1,341 @@
+"""The command line: a Fire component behind an argv normaliser.
+
+``main(argv) -> int`` normalises argv first (flags in any position, hyphen or
+underscore spellings, boolean flags that never swallow a path, every path passed to
+Fire as a string literal, unknown flags rejected with a suggestion), then lets Fire
+dispatch to :class:`TorchDiffCLI`. Exit codes: 0 ran, 1 differences (with
+--exit-code/--quiet/--brief) or a --fail-on-anomaly finding, 2 usage error or
+unreadable input.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+EXIT_OK, EXIT_DIFFERENT, EXIT_ERROR = 0, 1, 2
+
+COMMANDS = ("compare", "inspect", "series")
+
+# Core flags: name -> (default, help). Booleans take no value.
+CORE_FLAGS: dict[str, tuple[Any, str]] = {
+    "all": (False, "run every analysis"),
+    "output": ("text", "text | json | yaml"),
+    "epsilon": (0.0, "|Δ| ≤ EPSILON counts as unchanged"),
+    "ignore_keys_regex": (None, "skip tensors (and metadata keys) whose name matches REGEX"),
+    "path": (None, "only tensors whose name contains this substring"),
+    "format": (None, "force the input format: safetensors | torch | numpy | matlab | gguf | sharded"),
+    "recursive": (False, "compare two directories file by file (-r)"),
+    "device": ("auto", "auto | cpu | cuda | cuda:N"),
+    "quiet": (False, "print nothing; exit 1 when the checkpoints differ (-q)"),
+    "brief": (False, "print one line saying whether they differ; exit 1 when they do"),
+    "exit_code": (False, "exit 1 when the checkpoints differ"),
+    "no_color": (False, "no colour even on a terminal (also NO_COLOR=1)"),
+    "verbose": (False, "device, threads and timing on stderr; tracebacks on errors"),
+    "version": (False, "print the version and exit"),
+    "unsafe_pickle": (False, "load pickles with weights_only=False: RUNS CODE from the file; only for files you trust"),
+    "help": (False, "this help (-h)"),
+}
+SHORT = {"-r": "recursive", "-q": "quiet", "-h": "help", "-o": "output"}
+
+
+def _flag_table() -> dict[str, tuple[Any, str]]:
+    from torchdiff.analyses import ANALYSES, options_defaults
+
+    table = dict(CORE_FLAGS)
+    for module in ANALYSES.values():
+        doc = (module.__doc__ or "").strip().splitlines()[0]
+        table[module.FLAG] = (False, doc.split(":", 1)[-1].strip())
+    table.update(options_defaults())
+    return table
+
+
+@dataclass
+class Parsed:
+    command: str
+    positionals: list[str]
+    flags: dict[str, Any]
+
+
+def _usage(message: str) -> "UsageError":
+    from torchdiff.errors import UsageError
+
+    return UsageError(message)
+
+
+def _coerce(name: str, raw: str, default: Any) -> Any:
+    if isinstance(default, bool):
+        low = raw.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise _usage(f"--{name.replace('_', '-')} takes no value (got {raw!r})")
+    if isinstance(default, float):
+        try:
+            return float(raw)
+        except ValueError:
+            raise _usage(f"--{name.replace('_', '-')} must be a number, got {raw!r}") from None
+    if isinstance(default, int):
+        try:
+            return int(raw)
+        except ValueError:
+            raise _usage(f"--{name.replace('_', '-')} must be a whole number, got {raw!r}") from None
+    return raw
+
+
+def parse_argv(argv: list[str]) -> Parsed:
+    """Split argv into a command, positional paths and typed flags (no Fire yet)."""
+    table = _flag_table()
+    positionals: list[str] = []
+    flags: dict[str, Any] = {}
+    i = 0
+    only_paths = False
+    while i < len(argv):
+        token = argv[i]
+        i += 1
+        if only_paths or not token.startswith("-") or token == "-":
+            positionals.append(token)
+            continue
+        if token == "--":
+            only_paths = True
+            continue
+        if token in SHORT:
+            name, value = SHORT[token], None
+        elif token.startswith("--"):
+            name, _, value = token[2:].partition("=")
+            name = name.replace("-", "_")
+            value = value if "=" in token else None
+        else:
+            raise _usage(f"unknown flag {token}" + _suggest(token.lstrip("-"), table))
+        if name not in table:
+            raise _usage(f"unknown flag --{name.replace('_', '-')}" + _suggest(name, table))
+        default = table[name][0]
+        if isinstance(default, bool):
+            flags[name] = True if value is None else _coerce(name, value, default)
+        else:
+            if value is None:
+                if i >= len(argv):
+                    raise _usage(f"--{name.replace('_', '-')} needs a value")
+                value = argv[i]
+                i += 1
+            flags[name] = _coerce(name, value, default)
+    command = "compare"
+    if positionals and positionals[0] in COMMANDS[1:]:
+        command = positionals.pop(0)
+    return Parsed(command, positionals, flags)
+
+
+def _suggest(name: str, table: dict) -> str:
+    close = difflib.get_close_matches(name.replace("-", "_"), list(table), n=1, cutoff=0.6)
+    return f" (did you mean --{close[0].replace('_', '-')}?)" if close else f" (see torchdiff --help)"
+
+
+@dataclass
+class Outcome:
+    """What a command produced: the text to print and the exit code."""
+
+    text: str | None
+    exit_code: int = EXIT_OK
+
+    def __str__(self) -> str:
+        return self.text or ""
+
+
+class TorchDiffCLI:
+    """torchdiff: compare PyTorch checkpoints and analyse the change."""
+
+    def __init__(self) -> None:
+        self.outcome: Outcome | None = None
+
+    def compare(self, old, new, **flags):
+        """Compare two checkpoints (files, sharded indexes, or directories with -r)."""
+        from torchdiff import api
+
+        options = _api_options(flags)
+        report = api.compare(str(old), str(new), progress=_progress(flags), **options)
+        return self._finish(report, flags)
+
+    def inspect(self, file, **flags):
+        """One checkpoint: every tensor's statistics, plus memory/anomaly/architecture analyses."""
+        from torchdiff import api
+
+        report = api.inspect(str(file), **_api_options(flags))
+        return self._finish(report, flags, inspect=True)
+
+    def series(self, *checkpoints, **flags):
+        """Ordered checkpoints C1 C2 C3 ...: convergence and similarity over the run."""
+        from torchdiff import series
+
+        report = series.compare_series([str(c) for c in checkpoints], **_api_options(flags, series=True))
+        return self._finish(report, flags)
+
+    def _finish(self, report, flags, inspect: bool = False):
+        from torchdiff.render import render
+        from torchdiff.render.text import use_color
+
+        differs = report.has_differences if not inspect else False
+        code = EXIT_DIFFERENT if differs and (flags.get("exit_code") or flags.get("quiet") or flags.get("brief")) else EXIT_OK
+        if any(a.failed for a in report.analyses):
+            code = EXIT_DIFFERENT
+        if flags.get("quiet"):
+            text = None
+        elif flags.get("brief"):
+            comp = getattr(report, "comparison", None)
+            names = f" {comp.old_name} and {comp.new_name}" if comp is not None else ""
+            text = f"Checkpoints{names} differ" if differs else None
+        else:
+            fmt = flags.get("output", "text")
+            text = render(report, fmt, color=fmt == "text" and use_color(flags.get("no_color", False)))
+        self.outcome = Outcome(text, code)
+        return self.outcome if text else None
+
+
+def _api_options(flags: dict[str, Any], series: bool = False) -> dict[str, Any]:
+    from torchdiff.analyses import ANALYSES
+
+    cli_only = {"all", "output", "quiet", "brief", "exit_code", "no_color", "verbose", "version", "help"}
+    options = {k: v for k, v in flags.items() if k not in cli_only}
+    if flags.get("all"):
+        for module in ANALYSES.values():
+            options[module.FLAG] = True
+    return options
+
+
+def _progress(flags: dict[str, Any]):
+    """A tqdm bar on stderr, only for text output on a terminal."""
+    if flags.get("output", "text") != "text" or flags.get("quiet") or not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    bar = tqdm(unit="el", unit_scale=True, file=sys.stderr, leave=False, mininterval=0.5, delay=1.0)
+    return bar.update
+
+
+def help_text() -> str:
+    table = _flag_table()
+    from torchdiff.analyses import ANALYSES
+
+    analysis_flags = {m.FLAG for m in ANALYSES.values()}
+    lines = [
+        "usage: torchdiff OLD NEW [flags]          compare two checkpoints",
+        "       torchdiff inspect FILE [flags]     one checkpoint",
+        "       torchdiff series C1 C2 C3 ... [flags]  ordered checkpoints",
+        "",
+        "Formats: safetensors, sharded HF (index.json), .pt .pth .bin .ckpt, .npy .npz, .mat, .gguf",
+        "",
+        "Analyses:",
+    ]
+    for name in sorted(analysis_flags):
+        lines.append(f"  --{name.replace('_', '-'):32s} {table[name][1]}")
+    lines.append("")
+    lines.append("Options:")
+    for name, (default, text) in table.items():
+        if name in analysis_flags:
+            continue
+        value = "" if isinstance(default, bool) else " " + name.upper().split("_")[0]
+        lines.append(f"  --{(name.replace('_', '-') + value):32s} {text}")
+    lines += [
+        "",
+        "Exit codes: 0 ran (differences or not); 1 differences found with --exit-code, --quiet or",
+        "--brief, or a finding at --fail-on-anomaly's severity; 2 bad usage or unreadable input.",
+    ]
+    return "\n".join(lines)
+
+
+def _fire_command(parsed: Parsed) -> list[str]:
+    """The normalised command for Fire: every value a literal Fire cannot retype."""
+    command = [parsed.command] + [repr(p) for p in parsed.positionals]
+    for name, value in parsed.flags.items():
+        command.append(f"--{name}={value!r}")
+    return command
+
+
+def _check_arity(parsed: Parsed) -> None:
+    n = len(parsed.positionals)
+    if parsed.command == "compare" and n != 2:
+        raise _usage(f"compare takes two checkpoints, OLD and NEW (got {n}); see torchdiff --help")
+    if parsed.command == "inspect" and n != 1:
+        raise _usage(f"inspect takes one checkpoint (got {n})")
+    if parsed.command == "series" and n < 2:
+        raise _usage(f"series takes two or more checkpoints (got {n})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = any(a in ("--verbose",) for a in argv)
+    from torchdiff.errors import TorchDiffError
+
+    try:
+        parsed = parse_argv(argv)
+        if parsed.flags.get("help") or not argv:
+            print(help_text())
+            return EXIT_OK
+        if parsed.flags.get("version"):
+            from torchdiff import __version__
+
+            print(f"torchdiff {__version__}")
+            return EXIT_OK
+        _check_arity(parsed)
+        if parsed.command == "series":
+            import importlib.util
+
+            if importlib.util.find_spec("torchdiff.series") is None:
+                raise _usage("the series command is not available in this version")
+        if parsed.flags.get("unsafe_pickle"):
+            print("torchdiff: warning: --unsafe-pickle loads pickles with weights_only=False; "
+                  "a malicious file can run code", file=sys.stderr)
+        return _run(parsed, verbose)
+    except TorchDiffError as e:
+        if verbose:
+            import traceback
+
+            traceback.print_exc()
+        print(f"torchdiff: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("torchdiff: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+    except MemoryError:
+        print("torchdiff: error: out of memory", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as e:  # noqa: BLE001 - the one place a bug becomes one line, not a traceback
+        if verbose:
+            raise
+        print(f"torchdiff: error: internal error: {type(e).__name__}: {e} (rerun with --verbose for the traceback)",
+              file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _run(parsed: Parsed, verbose: bool) -> int:
+    import fire
+
+    os.environ.setdefault("PAGER", "cat")
+    cli = TorchDiffCLI()
+    started = time.perf_counter()
+    if verbose:
+        import torch
+
+        from torchdiff.engine import resolve_device
+
+        print(f"torchdiff: device={resolve_device(parsed.flags.get('device', 'auto'))}, "
+              f"torch threads={torch.get_num_threads()}, torch {torch.__version__}", file=sys.stderr)
+    try:
+        fire.Fire(cli, command=_fire_command(parsed), name="torchdiff")
+    except fire.core.FireExit as e:
+        return EXIT_ERROR if e.code else EXIT_OK
+    if verbose:
+        print(f"torchdiff: {time.perf_counter() - started:.3f} s", file=sys.stderr)
+    return cli.outcome.exit_code if cli.outcome else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

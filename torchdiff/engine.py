@@ -1,0 +1,487 @@
+"""The diff engine: walks the pairs, streams their values through reused row blocks
+on the device, and turns the merged partials into TensorDiffs.
+
+How it is fast (see docs/ENGINE.md):
+- every tensor is cut into *rows*: full rows of ``row`` elements plus one remainder
+  row; small tensors are one row each. Rows of equal length (and the same compute
+  dtype) are grouped, so 20,000 biases of width 768 are a few [k, 768] blocks, not
+  20,000 rounds of Python;
+- a block holds at most ``block`` elements a side (sized to stay in cache); all
+  reductions run along dim 1 of the block (reductions.py), every per-side and
+  per-pair figure from the same cache-resident data;
+- float32 sources on the CPU are reduced in place (zero copy from the mmap); other
+  dtypes are upcast by ``copy_``/``cat`` into reused workspace buffers;
+- pages of memory-mapped inputs are released (madvise DONTNEED) once their rows are
+  done, so resident memory does not grow with the file size;
+- partials stay on the device until the end: one host synchronisation per run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Protocol
+
+import numpy as np
+import torch
+
+from torchdiff import reductions as R
+from torchdiff.errors import CorruptFileError, DeviceError
+from torchdiff.formats.base import TensorHandle
+from torchdiff.pairing import Pair
+from torchdiff.results import (
+    ADDED, CHANGED, REMOVED, RESHAPED, RETYPED, UNCHANGED,
+    PairMetrics, TensorDiff, TensorStats,
+)
+
+ROW = 65536
+CPU_BLOCK = 262144
+CUDA_BLOCK = 1 << 24
+_RELEASE_MIN_BYTES = 1 << 20
+
+
+class Hook(Protocol):
+    """Per-tensor access for analyses that need values beyond the engine's figures.
+
+    ``wants(pair)`` says whether to call it for a pair; ``__call__(pair, old, new)``
+    receives the whole tensors (upcast to float32/float64, on the engine's device,
+    ``None`` for a missing side) and returns a small JSON-able result, stored in
+    ``TensorDiff.extras[hook.name]``.
+    """
+
+    name: str
+
+    def wants(self, pair: Pair) -> bool: ...
+
+    def __call__(self, pair: Pair, old: torch.Tensor | None, new: torch.Tensor | None) -> Any: ...
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` = CUDA when available, else CPU; ``cuda[:N]`` must exist."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(str(device))
+    except (RuntimeError, ValueError):
+        raise DeviceError(f"unknown --device {device!r} (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device {device}: CUDA is not available on this machine (use --device cpu or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type != "cpu":
+        raise DeviceError(f"--device {device}: torchdiff runs on cpu or cuda")
+    return dev
+
+
+@dataclass(eq=False)
+class _Side:
+    """One side of one tensor being measured."""
+
+    handle: TensorHandle
+    flat: torch.Tensor | None = None
+
+    def view(self) -> torch.Tensor:
+        if self.flat is None:
+            t = self.handle.materialize()
+            if tuple(t.shape) != tuple(self.handle.shape):
+                raise CorruptFileError(
+                    f"tensor {self.handle.name!r}: header says shape {list(self.handle.shape)}, "
+                    f"data has {list(t.shape)}"
+                )
+            if t.is_complex():
+                t = torch.view_as_real(t)
+            self.flat = t.reshape(-1)
+        return self.flat
+
+
+@dataclass(eq=False)
+class _Job:
+    """Rows to reduce: one side (slot) or a pair of sides of equal shape."""
+
+    numel: int
+    dtype: torch.dtype
+    a: _Side
+    a_slot: int
+    b: _Side | None = None
+    b_slot: int = -1
+    pair_index: int = -1
+
+
+@dataclass
+class _Group:
+    length: int
+    paired: bool
+    dtype: torch.dtype
+    entries: list[tuple[_Job, int, int]] = field(default_factory=list)  # (job, first element, rows)
+
+
+class Engine:
+    """Computes TensorDiffs for a list of pairs.
+
+    Args:
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        epsilon: |Δ| ≤ epsilon counts as unchanged.
+        block: elements a side per block (default: cache-sized on CPU, 16 M on CUDA).
+        row: length of the rows large tensors are cut into.
+    """
+
+    def __init__(self, device: str | torch.device = "auto", epsilon: float = 0.0,
+                 block: int | None = None, row: int = ROW):
+        self.device = resolve_device(device)
+        self.epsilon = float(epsilon)
+        self.block = block or (CUDA_BLOCK if self.device.type == "cuda" else CPU_BLOCK)
+        self.row = row
+        self._workspace: dict[tuple, torch.Tensor] = {}
+        self._stages: dict[tuple, list] = {}
+
+    # ---- public -------------------------------------------------------------
+
+    def run(self, pairs: list[Pair], hooks: Iterable[Hook] = (),
+            progress: Callable[[int], None] | None = None) -> list[TensorDiff]:
+        """Measure every pair; returns one TensorDiff per pair, in order."""
+        jobs, exact_slots, sides = self._plan(pairs)
+        side_rows, side_ids, side_lengths, pair_rows, pair_ids = self._reduce(jobs, progress)
+        n_slots = len(sides)
+        merged_side = R.merge_side(side_rows, side_lengths, side_ids, n_slots)
+        merged_pair = R.merge_pair(pair_rows, pair_ids, len(pairs))
+        diffs = self._assemble(pairs, sides, exact_slots, merged_side, merged_pair)
+        hooks = list(hooks)
+        if hooks:
+            diffs = self._run_hooks(pairs, diffs, hooks)
+        return diffs
+
+    # ---- planning -------------------------------------------------------------
+
+    def _plan(self, pairs: list[Pair]):
+        """Cut every tensor into rows and group the rows by (length, paired, dtype)."""
+        sides: list[_Side] = []
+        jobs: list[_Job] = []
+        for i, p in enumerate(pairs):
+            a = _Side(p.old) if p.old is not None else None
+            b = _Side(p.new) if p.new is not None else None
+            a_slot = b_slot = -1
+            if a is not None:
+                a_slot = len(sides)
+                sides.append(a)
+            if b is not None:
+                b_slot = len(sides)
+                sides.append(b)
+            if p.kind == "common":
+                dtype = R.compute_dtype(p.old.dtype, p.new.dtype)
+                jobs.append(_Job(p.old.numel, dtype, a, a_slot, b, b_slot, i))
+            else:
+                for side, slot in ((a, a_slot), (b, b_slot)):
+                    if side is not None:
+                        jobs.append(_Job(side.handle.numel, R.compute_dtype(side.handle.dtype), side, slot))
+        groups: dict[tuple, _Group] = {}
+        exact_slots: set[int] = set()
+        for job in jobs:
+            if job.numel == 0:
+                exact_slots.add(job.a_slot)
+                if job.b is not None:
+                    exact_slots.add(job.b_slot)
+                continue
+            full, rest = divmod(job.numel, self.row)
+            if job.numel <= self.row:
+                full, rest = 0, job.numel
+            for length, first, nrows in ((self.row, 0, full), (rest, full * self.row, 1)):
+                if nrows and length:
+                    key = (length, job.b is not None, job.dtype)
+                    group = groups.get(key)
+                    if group is None:
+                        group = groups[key] = _Group(length, job.b is not None, job.dtype)
+                    group.entries.append((job, first, nrows))
+        return list(groups.values()), exact_slots, sides
+
+    # ---- the pass over the data ------------------------------------------------
+
+    def _reduce(self, groups: list[_Group], progress):
+        dev = self.device
+        side_parts: list[torch.Tensor] = []
+        side_ids: list[np.ndarray] = []
+        side_lengths: list[np.ndarray] = []
+        pair_parts: list[torch.Tensor] = []
+        pair_ids: list[np.ndarray] = []
+        for group in groups:
+            L = group.length
+            k_max = max(1, self.block // L)
+            pending: list[tuple[_Job, int, int]] = []
+            pending_rows = 0
+            queue = list(group.entries)
+            qi = 0
+            while qi < len(queue) or pending:
+                if qi < len(queue) and pending_rows < k_max:
+                    job, first, nrows = queue[qi]
+                    take = min(nrows, k_max - pending_rows)
+                    pending.append((job, first, take))
+                    pending_rows += take
+                    if take < nrows:
+                        queue[qi] = (job, first + take * L, nrows - take)
+                    else:
+                        qi += 1
+                    if pending_rows < k_max and qi < len(queue):
+                        continue
+                k = pending_rows
+                a = self._fill(pending, L, k, group.dtype, "a")
+                work = self._buffer("work", k * L, group.dtype).view(k, L)
+                parts = R.side_rows(a, work)
+                lengths = np.full(k, L, dtype=np.float64)
+                if group.paired:
+                    b = self._fill(pending, L, k, group.dtype, "b")
+                    parts += R.side_rows(b, work)
+                    delta = self._buffer("delta", k * L, group.dtype).view(k, L)
+                    parts += R.pair_rows(a, b, self.epsilon, work, delta)
+                    block = torch.stack(parts, 1).to(torch.float64)
+                    side_parts += [block[:, : R.SIDE_WIDTH], block[:, R.SIDE_WIDTH : 2 * R.SIDE_WIDTH]]
+                    pair_parts.append(block[:, 2 * R.SIDE_WIDTH :])
+                    ids_a, ids_b, ids_p = [], [], []
+                    for job, _, n in pending:
+                        ids_a += [job.a_slot] * n
+                        ids_b += [job.b_slot] * n
+                        ids_p += [job.pair_index] * n
+                    side_ids += [np.array(ids_a), np.array(ids_b)]
+                    side_lengths += [lengths, lengths]
+                    pair_ids.append(np.array(ids_p))
+                else:
+                    side_parts.append(torch.stack(parts, 1).to(torch.float64))
+                    ids = []
+                    for job, _, n in pending:
+                        ids += [job.a_slot] * n
+                    side_ids.append(np.array(ids))
+                    side_lengths.append(lengths)
+                self._release(pending, L)
+                if progress is not None:
+                    progress(k * L * (2 if group.paired else 1))
+                pending, pending_rows = [], 0
+
+        def gather(parts, width):
+            if not parts:
+                return np.zeros((0, width))
+            return torch.cat(parts).cpu().numpy()  # the one host synchronisation
+
+        def ids_of(chunks):
+            return np.concatenate(chunks).astype(np.int64) if chunks else np.zeros(0, dtype=np.int64)
+
+        return (
+            gather(side_parts, R.SIDE_WIDTH), ids_of(side_ids),
+            np.concatenate(side_lengths) if side_lengths else np.zeros(0),
+            gather(pair_parts, R.PAIR_WIDTH), ids_of(pair_ids),
+        )
+
+    def _fill(self, pending, L: int, k: int, dtype: torch.dtype, which: str) -> torch.Tensor:
+        """The [k, L] block of side ``which`` for the pending rows, on the device."""
+        slices = []
+        for job, first, n in pending:
+            side = job.a if which == "a" else job.b
+            slices.append(side.view()[first : first + n * L])
+        if self.device.type == "cpu":
+            if len(slices) == 1 and slices[0].dtype == dtype and slices[0].is_contiguous():
+                return slices[0].view(k, L)  # zero copy
+            out = self._buffer(which, k * L, dtype)
+            if len(slices) == 1:
+                out.copy_(slices[0])
+            else:
+                torch.cat(slices, out=out)
+            return out.view(k, L)
+        # CUDA: gather into a pinned stage (double-buffered), then copy asynchronously,
+        # so the host fills the next block while the device reduces this one.
+        stage, event_slot = self._stage(which, dtype)
+        staged = stage[: k * L]
+        if len(slices) == 1:
+            staged.copy_(slices[0])
+        else:
+            torch.cat(slices, out=staged)
+        out = self._buffer(which, k * L, dtype)
+        out.copy_(staged, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        event_slot[0] = event
+        return out.view(k, L)
+
+    def _buffer(self, name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+        key = (name, dtype)
+        buf = self._workspace.get(key)
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(max(n, self.block), dtype=dtype, device=self.device)
+            self._workspace[key] = buf
+        return buf[:n]
+
+    def _stage(self, which: str, dtype: torch.dtype):
+        """The next of two pinned host buffers, once the copy that last read it is done."""
+        key = (which, dtype)
+        if key not in self._stages:
+            self._stages[key] = [
+                (torch.empty(self.block, dtype=dtype, pin_memory=True), [None]) for _ in range(2)
+            ]
+        stages = self._stages[key]
+        stages.append(stages.pop(0))  # alternate between the two
+        stage, event_slot = stages[0]
+        if event_slot[0] is not None:
+            event_slot[0].synchronize()
+        return stage, event_slot
+
+    def _release(self, pending, L: int) -> None:
+        """Drop the mapped pages of the rows just reduced (file-backed views only)."""
+        if _madvise is None:
+            return
+        for job, first, n in pending:
+            for side in (job.a, job.b):
+                if side is None or not side.handle.mapped or side.flat is None:
+                    continue
+                chunk = side.flat[first : first + n * L]
+                nbytes = chunk.numel() * chunk.element_size()
+                if nbytes >= _RELEASE_MIN_BYTES:
+                    _drop_pages(chunk.data_ptr(), nbytes)
+
+    # ---- results ---------------------------------------------------------------
+
+    def _assemble(self, pairs, sides, exact_slots, ms, mp) -> list[TensorDiff]:
+        side_stats: dict[int, TensorStats] = {}
+        exact_pairs: set[int] = set()
+        for slot, side in enumerate(sides):
+            h = side.handle
+            if slot in exact_slots or not _finite_merge(ms, slot):
+                totals = R.exact_side(side.view())
+            else:
+                totals = R.SideTotals(
+                    count=int(ms["count"][slot]), mean=float(ms["mean"][slot]), m2=float(ms["m2"][slot]),
+                    min=float(ms["min"][slot]), max=float(ms["max"][slot]),
+                    sum_abs=float(ms["sum_abs"][slot]), zero_count=int(round(ms["zero"][slot])),
+                )
+            side_stats[slot] = _stats(h, totals)
+        diffs: list[TensorDiff] = []
+        slot = 0
+        for i, p in enumerate(pairs):
+            old_stats = new_stats = None
+            if p.old is not None:
+                old_stats = side_stats[slot]
+                slot += 1
+            if p.new is not None:
+                new_stats = side_stats[slot]
+                slot += 1
+            kind = p.kind
+            if kind != "common":
+                status = {"added": ADDED, "removed": REMOVED, "reshaped": RESHAPED}[kind]
+                diffs.append(TensorDiff(p.name, status, old_stats, new_stats, None))
+                continue
+            a_side, b_side = sides[slot - 2], sides[slot - 1]
+            nonfinite = (old_stats.nan_count + old_stats.inf_count + new_stats.nan_count + new_stats.inf_count) > 0
+            if nonfinite or p.old.numel == 0 or not np.isfinite(mp["dsq"][i]):
+                totals = R.exact_pair(a_side.view(), b_side.view(), self.epsilon)
+            else:
+                totals = R.PairTotals(
+                    count=p.old.numel, dsq=float(mp["dsq"][i]), dmax=float(mp["dmax"][i]),
+                    dsum_abs=float(mp["dsum_abs"][i]), changed=int(round(mp["changed"][i])),
+                    sumsq_old=_sumsq(old_stats), sumsq_new=_sumsq(new_stats),
+                )
+            metrics = _metrics(totals)
+            same_nonfinite = (old_stats.nan_count, old_stats.inf_count) == (new_stats.nan_count, new_stats.inf_count)
+            equal = False
+            if totals.dmax == 0 and same_nonfinite and not p.retyped:
+                equal = _bytes_equal(a_side.view(), b_side.view())
+            metrics = PairMetrics(**{**_metric_fields(metrics), "equal": equal})
+            if p.retyped:
+                status = RETYPED
+            elif equal or (totals.dmax <= self.epsilon and same_nonfinite):
+                status = UNCHANGED
+            else:
+                status = CHANGED
+            diffs.append(TensorDiff(p.name, status, old_stats, new_stats, metrics))
+        for side in sides:
+            side.flat = None
+        return diffs
+
+    def _run_hooks(self, pairs, diffs, hooks) -> list[TensorDiff]:
+        out = []
+        for p, d in zip(pairs, diffs):
+            wanted = [h for h in hooks if h.wants(p)]
+            if not wanted:
+                out.append(d)
+                continue
+            dtype = R.compute_dtype(*[h.dtype for h in (p.old, p.new) if h is not None])
+            old = self._full(p.old, dtype)
+            new = self._full(p.new, dtype)
+            extras = dict(d.extras)
+            for h in wanted:
+                extras[h.name] = h(p, old, new)
+            out.append(TensorDiff(d.name, d.status, d.old, d.new, d.metrics, extras))
+        return out
+
+    def _full(self, handle: TensorHandle | None, dtype: torch.dtype) -> torch.Tensor | None:
+        if handle is None:
+            return None
+        t = handle.materialize()
+        if t.is_complex():
+            t = torch.view_as_real(t)
+        return t.to(device=self.device, dtype=dtype)
+
+
+def _finite_merge(ms: dict, slot: int) -> bool:
+    return all(np.isfinite(ms[k][slot]) for k in ("mean", "m2", "min", "max", "sum_abs")) and ms["count"][slot] > 0
+
+
+def _sumsq(s: TensorStats) -> float:
+    return s.rms * s.rms * s.finite_count
+
+
+def _stats(h: TensorHandle, t: R.SideTotals) -> TensorStats:
+    return TensorStats(
+        shape=tuple(h.shape), dtype=h.storage_dtype, numel=h.numel, nbytes=h.nbytes,
+        mean=t.mean, std=t.std, min=t.min, max=t.max, mean_abs=t.mean_abs, rms=t.rms,
+        zero_count=t.zero_count, nan_count=t.nan_count, inf_count=t.inf_count,
+    )
+
+
+def _metrics(t: R.PairTotals) -> PairMetrics:
+    norm_old = math.sqrt(max(t.sumsq_old, 0.0))
+    norm_new = math.sqrt(max(t.sumsq_new, 0.0))
+    # ⟨A,B⟩ = (‖A‖² + ‖B‖² − ‖Δ‖²)/2: exact in float64 from accurate parts, and
+    # 1 − cos keeps its precision for nearly equal tensors.
+    dot = (t.sumsq_old + t.sumsq_new - t.dsq) / 2
+    return PairMetrics(
+        numel=t.count, equal=False, l2=math.sqrt(max(t.dsq, 0.0)), norm_old=norm_old, norm_new=norm_new,
+        dot=dot, max_abs=t.dmax if t.count else 0.0,
+        mean_abs_diff=t.dsum_abs / t.count if t.count else 0.0, changed_count=t.changed,
+    )
+
+
+def _metric_fields(m: PairMetrics) -> dict[str, Any]:
+    return {f: getattr(m, f) for f in PairMetrics.__slots__}
+
+
+def _bytes_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    try:
+        return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+    except RuntimeError:
+        return bool(torch.equal(a, b))
+
+
+# ---- page release (Linux) -----------------------------------------------------
+
+_MADV_DONTNEED = 4
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+try:
+    _madvise = ctypes.CDLL(None, use_errno=True).madvise if sys.platform.startswith("linux") else None
+    if _madvise is not None:
+        _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        _madvise.restype = ctypes.c_int
+except (OSError, AttributeError):
+    _madvise = None
+
+
+def _drop_pages(address: int, nbytes: int) -> None:
+    """madvise(DONTNEED) the whole pages inside [address, address + nbytes).
+
+    Only called on views of read-only file mappings, where dropped pages are read
+    back from the page cache if touched again; never on anonymous memory.
+    """
+    start = -(-address // _PAGE) * _PAGE
+    end = (address + nbytes) // _PAGE * _PAGE
+    if end > start:
+        _madvise(start, end - start, _MADV_DONTNEED)

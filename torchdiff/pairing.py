@@ -1,0 +1,88 @@
+"""Names -> pairs: common, only-old, only-new, reshaped, retyped. No tensor maths."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torchdiff.errors import UsageError
+from torchdiff.formats.base import Checkpoint, TensorHandle
+
+
+@dataclass(frozen=True, slots=True)
+class Pair:
+    name: str
+    old: TensorHandle | None
+    new: TensorHandle | None
+
+    @property
+    def kind(self) -> str:
+        """``common`` (same shape), ``reshaped``, ``added`` or ``removed``."""
+        if self.old is None:
+            return "added"
+        if self.new is None:
+            return "removed"
+        if self.old.shape != self.new.shape:
+            return "reshaped"
+        return "common"
+
+    @property
+    def retyped(self) -> bool:
+        return (
+            self.old is not None
+            and self.new is not None
+            and self.old.storage_dtype != self.new.storage_dtype
+        )
+
+
+def compile_filters(ignore_keys_regex: str | None, path: str | None):
+    """A predicate on names from --ignore-keys-regex and --path (substring)."""
+    try:
+        ignore = re.compile(ignore_keys_regex) if ignore_keys_regex else None
+    except re.error as e:
+        raise UsageError(f"--ignore-keys-regex {ignore_keys_regex!r} is not a valid regex ({e})") from None
+
+    def keep(name: str) -> bool:
+        if ignore is not None and ignore.search(name):
+            return False
+        if path and path not in name:
+            return False
+        return True
+
+    return keep
+
+
+def pair(old: Checkpoint, new: Checkpoint, keep=None) -> list[Pair]:
+    """Pair tensors by name: old's order first, then names only new has."""
+    pairs: list[Pair] = []
+    for name, handle in old.tensors.items():
+        if keep is None or keep(name):
+            pairs.append(Pair(name, handle, new.tensors.get(name)))
+    for name, handle in new.tensors.items():
+        if name not in old.tensors and (keep is None or keep(name)):
+            pairs.append(Pair(name, None, handle))
+    return pairs
+
+
+def pair_metadata(old: dict, new: dict, keep=None) -> list[tuple[str, str, object, object]]:
+    """(key, status, old, new) for non-tensor values that differ."""
+    out = []
+    for key in list(old) + [k for k in new if k not in old]:
+        if keep is not None and not keep(key):
+            continue
+        if key not in new:
+            out.append((key, "removed", old[key], None))
+        elif key not in old:
+            out.append((key, "added", None, new[key]))
+        elif not _same(old[key], new[key]):
+            out.append((key, "changed", old[key], new[key]))
+    return out
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and a != a and b != b:
+        return True  # both NaN
+    try:
+        return bool(a == b) and type(a) is type(b)
+    except Exception:  # noqa: BLE001 - exotic __eq__; compare by text
+        return repr(a) == repr(b)
