@@ -40,7 +40,7 @@ from torchdiff.results import (
 ROW = 65536
 CPU_BLOCK = 262144
 CUDA_BLOCK = 1 << 24
-_RELEASE_MIN_BYTES = 1 << 20
+_RELEASE_MIN_BYTES = 16 << 20
 
 
 class Hook(Protocol):
@@ -83,6 +83,17 @@ class _Side:
 
     handle: TensorHandle
     flat: torch.Tensor | None = None
+    released: int = 0  # elements [0, released) of a mapped tensor already dropped from RSS
+
+    def release(self, upto: int, min_bytes: int = 0) -> None:
+        """madvise(DONTNEED) elements [released, upto) of a file-mapped tensor."""
+        if _madvise is None or not self.handle.mapped or self.flat is None or upto <= self.released:
+            return
+        size = self.flat.element_size()
+        if (upto - self.released) * size < min_bytes:
+            return
+        _drop_pages(self.flat.data_ptr() + self.released * size, (upto - self.released) * size)
+        self.released = upto
 
     def view(self) -> torch.Tensor:
         if self.flat is None:
@@ -325,17 +336,14 @@ class Engine:
         return stage, event_slot
 
     def _release(self, pending, L: int) -> None:
-        """Drop the mapped pages of the rows just reduced (file-backed views only)."""
+        """Drop the mapped pages of rows already reduced, in chunks of at least
+        ``_RELEASE_MIN_BYTES`` (madvise is a syscall with a TLB flush: not per block)."""
         if _madvise is None:
             return
         for job, first, n in pending:
             for side in (job.a, job.b):
-                if side is None or not side.handle.mapped or side.flat is None:
-                    continue
-                chunk = side.flat[first : first + n * L]
-                nbytes = chunk.numel() * chunk.element_size()
-                if nbytes >= _RELEASE_MIN_BYTES:
-                    _drop_pages(chunk.data_ptr(), nbytes)
+                if side is not None:
+                    side.release(first + n * L, _RELEASE_MIN_BYTES)
 
     # ---- results ---------------------------------------------------------------
 
@@ -392,6 +400,8 @@ class Engine:
                 status = CHANGED
             diffs.append(TensorDiff(p.name, status, old_stats, new_stats, metrics))
         for side in sides:
+            if side.flat is not None:
+                side.release(side.flat.numel())
             side.flat = None
         return diffs
 

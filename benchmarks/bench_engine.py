@@ -1,0 +1,298 @@
+"""Engine benchmark: torchdiff against the one-pass mmap floor and diffai-python.
+
+Generates its inputs (seeded, GPT-2-shaped) under benchmarks/data/ (git-ignored),
+then measures every row in this run, each timed figure the median of --runs fresh
+processes, and prints one table. Usage:
+
+    .venv/bin/python benchmarks/bench_engine.py            # full (about 7 GB of disk)
+    .venv/bin/python benchmarks/bench_engine.py --quick    # small smoke run
+    .venv/bin/python benchmarks/bench_engine.py --rows 1,2,3
+
+diffai-python is measured when importable (``pip install diffai-python``; scripts/bench
+installs it into .venv). Rows (issue 7):
+ 1 floor: one pass over each input through mmap, summed as int64, fresh process
+ 2 compare() in-process, full figure set, GPT-2-small fp32 and bf16 safetensors
+ 3 diffai.diff_paths on the fp32 pair, in-process
+ 4 the same model as .pt (zip) files
+ 5 20,000 small tensors (~80 MB a side)
+ 6 48 blocks of width 1024 (~2.6 GB a side) fp32
+ 7 whole-process CLI wall time (500 MB pair, tiny pair) and torch import time
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA = os.path.join(HERE, "data")
+PY = sys.executable
+
+
+def gpt2_state(blocks: int, width: int, vocab: int, seed: int):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=0.02):
+        return torch.randn(*shape, generator=g) * scale
+
+    sd = {"wte.weight": randn(vocab, width), "wpe.weight": randn(1024, width, scale=0.01)}
+    for i in range(blocks):
+        p = f"h.{i}."
+        sd[p + "ln_1.weight"] = 1 + randn(width, scale=0.05)
+        sd[p + "ln_1.bias"] = randn(width)
+        sd[p + "attn.c_attn.weight"] = randn(width, 3 * width)
+        sd[p + "attn.c_attn.bias"] = randn(3 * width)
+        sd[p + "attn.c_proj.weight"] = randn(width, width)
+        sd[p + "attn.c_proj.bias"] = randn(width)
+        sd[p + "ln_2.weight"] = 1 + randn(width, scale=0.05)
+        sd[p + "ln_2.bias"] = randn(width)
+        sd[p + "mlp.c_fc.weight"] = randn(width, 4 * width)
+        sd[p + "mlp.c_fc.bias"] = randn(4 * width)
+        sd[p + "mlp.c_proj.weight"] = randn(4 * width, width)
+        sd[p + "mlp.c_proj.bias"] = randn(width)
+    sd["ln_f.weight"] = 1 + randn(width, scale=0.05)
+    sd["ln_f.bias"] = randn(width)
+    return sd
+
+
+def perturbed(sd, seed: int):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + 1e-3 * torch.randn(v.shape, generator=g) for k, v in sd.items()}
+
+
+def small_state(n: int, size: int, seed: int):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return {f"block.{i}.param": torch.randn(size, generator=g) for i in range(n)}
+
+
+def generate(quick: bool) -> dict[str, tuple[str, str]]:
+    """Write the input pairs once; return {label: (old, new)}."""
+    import torch
+    from safetensors.torch import save_file
+
+    os.makedirs(DATA, exist_ok=True)
+    tag = "quick" if quick else "full"
+    pairs = {
+        "fp32": (f"{tag}_gpt2_a.safetensors", f"{tag}_gpt2_b.safetensors"),
+        "bf16": (f"{tag}_gpt2_bf16_a.safetensors", f"{tag}_gpt2_bf16_b.safetensors"),
+        "pt": (f"{tag}_gpt2_a.pt", f"{tag}_gpt2_b.pt"),
+        "small": (f"{tag}_small_a.safetensors", f"{tag}_small_b.safetensors"),
+        "large": (f"{tag}_large_a.safetensors", f"{tag}_large_b.safetensors"),
+        "tiny": (f"{tag}_tiny_a.safetensors", f"{tag}_tiny_b.safetensors"),
+    }
+    pairs = {k: (os.path.join(DATA, a), os.path.join(DATA, b)) for k, (a, b) in pairs.items()}
+    if all(os.path.exists(p) for ab in pairs.values() for p in ab):
+        return pairs
+    blocks, width, vocab = (2, 256, 5000) if quick else (12, 768, 50257)
+    a = gpt2_state(blocks, width, vocab, 0)
+    b = perturbed(a, 1)
+    save_file(a, pairs["fp32"][0])
+    save_file(b, pairs["fp32"][1])
+    save_file({k: v.bfloat16() for k, v in a.items()}, pairs["bf16"][0])
+    save_file({k: v.bfloat16() for k, v in b.items()}, pairs["bf16"][1])
+    torch.save(a, pairs["pt"][0])
+    torch.save(b, pairs["pt"][1])
+    del a, b
+    n_small = 2000 if quick else 20000
+    a = small_state(n_small, 1000, 2)
+    save_file(a, pairs["small"][0])
+    save_file(perturbed(a, 3), pairs["small"][1])
+    del a
+    blocks, width, vocab = (4, 384, 5000) if quick else (48, 1024, 50257)
+    a = gpt2_state(blocks, width, vocab, 4)
+    save_file(a, pairs["large"][0])
+    b = perturbed(a, 5)
+    del a
+    save_file(b, pairs["large"][1])
+    del b
+    a = {"w": torch.randn(16, 16), "b": torch.randn(16)}
+    save_file(a, pairs["tiny"][0])
+    save_file(perturbed(a, 6), pairs["tiny"][1])
+    return pairs
+
+
+# ---- measurements, each in a fresh process -------------------------------------
+
+_FLOOR = r"""
+import json, mmap, os, resource, sys, time
+import torch
+paths = sys.argv[1:]
+t = time.perf_counter()
+total = 0
+for p in paths:
+    with open(p, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        n = len(mm) // 8
+        x = torch.frombuffer(mm, dtype=torch.int64, count=n)
+        total += int(x.sum())
+        del x
+        mm.close()
+print(json.dumps({"seconds": time.perf_counter() - t}))
+"""
+
+_TORCHDIFF = r"""
+import json, resource, sys, time, warnings
+warnings.simplefilter("ignore")
+import torchdiff
+a, b = sys.argv[1:3]
+t = time.perf_counter()
+report = torchdiff.compare(a, b, stats=True, device="cpu")
+seconds = time.perf_counter() - t
+assert len(report) > 0
+print(json.dumps({"seconds": seconds, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+_DIFFAI = r"""
+import json, resource, sys, time
+import diffai
+a, b = sys.argv[1:3]
+t = time.perf_counter()
+out = diffai.diff_paths(a, b)
+seconds = time.perf_counter() - t
+print(json.dumps({"seconds": seconds, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "items": len(out)}))
+"""
+
+_IMPORT_TORCH = r"""
+import json, time
+t = time.perf_counter()
+import torch
+print(json.dumps({"seconds": time.perf_counter() - t}))
+"""
+
+
+def _run(code: str, *args: str) -> dict:
+    out = subprocess.run([PY, "-c", code, *args], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def median_of(runs: int, code: str, *args: str) -> dict:
+    results = [_run(code, *args) for _ in range(runs)]
+    return {k: statistics.median(r[k] for r in results) for k in results[0] if isinstance(results[0][k], (int, float))}
+
+
+def wall(runs: int, argv: list[str]) -> float:
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        subprocess.run(argv, capture_output=True, check=True)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def size(*paths: str) -> int:
+    return sum(os.path.getsize(p) for p in paths)
+
+
+def warm(*paths: str) -> None:
+    """Read the files once so every row measures from the page cache, like the floor."""
+    for p in paths:
+        with open(p, "rb") as f:
+            while f.read(1 << 24):
+                pass
+
+
+def main(argv: list[str]) -> int:
+    quick = "--quick" in argv
+    runs = 3
+    rows = None
+    for i, a in enumerate(argv):
+        if a == "--runs":
+            runs = int(argv[i + 1])
+        if a == "--rows":
+            rows = {int(x) for x in argv[i + 1].split(",")}
+    want = (lambda r: rows is None or r in rows)
+    pairs = generate(quick)
+    for ab in pairs.values():
+        warm(*ab)
+    try:
+        import diffai  # noqa: F401
+
+        have_diffai = True
+    except ImportError:
+        have_diffai = False
+
+    import torch
+
+    table: list[tuple[str, str]] = []
+    figures: dict[str, float] = {}
+
+    def floor(label: str) -> float:
+        key = f"floor_{label}"
+        if key not in figures:
+            figures[key] = median_of(runs, _FLOOR, *pairs[label])["seconds"]
+        return figures[key]
+
+    def td(label: str) -> dict:
+        key = f"td_{label}"
+        if key not in figures:
+            figures[key] = median_of(runs, _TORCHDIFF, *pairs[label])
+        return figures[key]
+
+    def gbs(label: str, seconds: float) -> float:
+        return size(*pairs[label]) / seconds / 1e9
+
+    if want(1):
+        for label in ("fp32", "bf16", "pt", "small", "large"):
+            s = floor(label)
+            table.append((f"1 floor {label} ({size(*pairs[label]) / 1e9:.2f} GB)", f"{s:.3f} s, {gbs(label, s):.1f} GB/s"))
+    if want(2):
+        for label in ("fp32", "bf16"):
+            r = td(label)
+            frac = floor(label) / r["seconds"]
+            table.append((f"2 torchdiff {label}", f"{r['seconds']:.3f} s, {gbs(label, r['seconds']):.2f} GB/s, "
+                                                 f"{frac:.0%} of floor, peak RSS {r['rss_mb']:.0f} MB"))
+    if want(3):
+        if have_diffai:
+            d = median_of(runs, _DIFFAI, *pairs["fp32"])
+            r = td("fp32")
+            table.append(("3 diffai-python fp32", f"{d['seconds']:.3f} s, peak RSS {d['rss_mb']:.0f} MB; "
+                                                   f"torchdiff is {d['seconds'] / r['seconds']:.1f}x faster"))
+        else:
+            table.append(("3 diffai-python fp32", "not installed (pip install diffai-python)"))
+    if want(4):
+        r = td("pt")
+        s = td("fp32")
+        table.append(("4 torchdiff .pt (zip)", f"{r['seconds']:.3f} s, {gbs('pt', r['seconds']):.2f} GB/s, "
+                                               f"{gbs('pt', r['seconds']) / gbs('fp32', s['seconds']):.0%} of safetensors GB/s"))
+    if want(5):
+        r = td("small")
+        s = td("fp32")
+        ratio = gbs("small", r["seconds"]) / gbs("fp32", s["seconds"])
+        table.append(("5 torchdiff small tensors", f"{r['seconds']:.3f} s, {gbs('small', r['seconds']):.2f} GB/s, "
+                                                   f"{ratio:.0%} of row 2's GB/s"))
+    if want(6):
+        r = td("large")
+        s = td("fp32")
+        linear = (r["seconds"] / s["seconds"]) / (size(*pairs["large"]) / size(*pairs["fp32"]))
+        table.append(("6 torchdiff large", f"{r['seconds']:.3f} s, {floor('large') / r['seconds']:.0%} of floor, "
+                                           f"time/bytes vs row 2 = {linear:.2f} (1.00 = linear), "
+                                           f"peak RSS {r['rss_mb']:.0f} MB = {r['rss_mb'] / s['rss_mb']:.2f}x row 2"))
+    if want(7):
+        cli = [os.path.join(os.path.dirname(PY), "torchdiff")]
+        big = wall(runs, cli + [*pairs["fp32"], "--stats"])
+        tiny = wall(runs, cli + [*pairs["tiny"], "--stats"])
+        imp = median_of(runs, _IMPORT_TORCH)["seconds"]
+        table.append(("7 CLI wall time", f"500 MB pair {big:.2f} s; tiny pair {tiny:.2f} s; import torch {imp:.2f} s"))
+
+    from tabulate import tabulate
+
+    print(f"torchdiff engine benchmark ({'quick' if quick else 'full'}), torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, median of {runs} fresh processes")
+    print(tabulate(table, headers=["row", "result"], tablefmt="github"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
