@@ -341,9 +341,12 @@ class Engine:
         if _madvise is None:
             return
         for job, first, n in pending:
+            end = first + n * L
+            # The last rows of this tensor in this group: release what is left of it now.
+            last = end == job.numel or end == job.numel // self.row * self.row
             for side in (job.a, job.b):
                 if side is not None:
-                    side.release(first + n * L, _RELEASE_MIN_BYTES)
+                    side.release(end, 0 if last else _RELEASE_MIN_BYTES)
 
     # ---- results ---------------------------------------------------------------
 
