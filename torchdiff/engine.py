@@ -296,7 +296,7 @@ class Engine:
             if len(slices) == 1:
                 out.copy_(slices[0])
             else:
-                torch.cat(slices, out=out)
+                _cat(slices, out)
             return out.view(k, L)
         # CUDA: gather into a pinned stage (double-buffered), then copy asynchronously,
         # so the host fills the next block while the device reduces this one.
@@ -305,7 +305,7 @@ class Engine:
         if len(slices) == 1:
             staged.copy_(slices[0])
         else:
-            torch.cat(slices, out=staged)
+            _cat(slices, staged)
         out = self._buffer(which, k * L, dtype)
         out.copy_(staged, non_blocking=True)
         event = torch.cuda.Event()
@@ -431,6 +431,23 @@ class Engine:
         if t.is_complex():
             t = torch.view_as_real(t)
         return t.to(device=self.device, dtype=dtype)
+
+
+def _cat(slices: list[torch.Tensor], out: torch.Tensor) -> None:
+    """Concatenate ``slices`` into ``out``, upcasting. ``torch.cat`` cannot promote
+    float8 with another dtype, so a block mixing float8 rows with other rows is
+    filled slice by slice."""
+    if len({s.dtype for s in slices}) == 1 or not any(_is_float8(s.dtype) for s in slices):
+        torch.cat(slices, out=out)
+        return
+    pos = 0
+    for s in slices:
+        out[pos : pos + s.numel()].copy_(s)
+        pos += s.numel()
+
+
+def _is_float8(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point and dtype.itemsize == 1
 
 
 def _finite_merge(ms: dict, slot: int) -> bool:
