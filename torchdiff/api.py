@@ -62,6 +62,9 @@ def make_options(analyses: tuple[str, ...] | list[str] = (), **kwargs: Any) -> O
             options[key] = value
         else:
             raise UsageError(f"unknown option {key!r}")
+    for name, module in ANALYSES.items():  # an option such as --fail-on-anomaly switches its analysis on
+        if any(options.get(o) not in (None, False) for o in getattr(module, "ENABLED_BY", ())):
+            chosen.append(name)
     options["analyses"] = tuple(n for n in analysis_names if n in chosen)
     try:
         options["epsilon"] = float(options["epsilon"])
@@ -200,6 +203,41 @@ def build_report(comparison: Comparison, options: Options) -> Report:
         if result is not None:
             results.append(result)
     return Report(comparison, tuple(results), order=order, stats="stats" in options.analyses)
+
+
+def differs(old: Any, new: Any, **kwargs: Any) -> bool:
+    """Whether two checkpoints differ, as cheaply as possible (--quiet, --brief).
+
+    Names, shapes, dtypes and metadata first; then each common tensor's bytes,
+    stopping at the first difference; the engine measures only pairs whose bytes
+    differ (their values may still be equal: -0.0 vs 0.0, or within --epsilon).
+    """
+    from torchdiff.engine import _bytes_equal
+
+    options = make_options((), **kwargs)
+    _check_paths(old, new, options)
+    engine = Engine(resolve_device(options.device), options.epsilon)
+    old_ckpt = open_checkpoint(old, options)
+    try:
+        new_ckpt = open_checkpoint(new, options)
+    except BaseException:
+        old_ckpt.close()
+        raise
+    try:
+        keep = compile_filters(options.ignore_keys_regex, options.path)
+        if pair_metadata(old_ckpt.metadata, new_ckpt.metadata, keep):
+            return True
+        pairs = pair(old_ckpt, new_ckpt, keep)
+        if any(p.kind != "common" or p.retyped for p in pairs):
+            return True
+        for p in pairs:
+            if not _bytes_equal(p.old.materialize(), p.new.materialize()):
+                if engine.run([p])[0].is_difference:
+                    return True
+        return False
+    finally:
+        old_ckpt.close()
+        new_ckpt.close()
 
 
 def inspect(source: Any, *, analyses: tuple[str, ...] | list[str] = (), **kwargs: Any) -> Report:

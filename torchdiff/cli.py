@@ -157,6 +157,11 @@ class TorchDiffCLI:
         from torchdiff import api
 
         options = _api_options(flags)
+        if (flags.get("quiet") or flags.get("brief")) and not _wants_analysis(options):
+            differs = api.differs(str(old), str(new), **options)
+            text = f"Checkpoints {old} and {new} differ" if differs and flags.get("brief") else None
+            self.outcome = Outcome(text, EXIT_DIFFERENT if differs else EXIT_OK)
+            return self.outcome if text else None
         report = api.compare(str(old), str(new), progress=_progress(flags), **options)
         return self._finish(report, flags)
 
@@ -204,6 +209,12 @@ def _api_options(flags: dict[str, Any], series: bool = False) -> dict[str, Any]:
         for module in ANALYSES.values():
             options[module.FLAG] = True
     return options
+
+
+def _wants_analysis(options: dict[str, Any]) -> bool:
+    from torchdiff.analyses import FLAGS
+
+    return any(options.get(flag) for flag in FLAGS if flag != "stats")
 
 
 def _progress(flags: dict[str, Any]):

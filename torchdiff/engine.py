@@ -59,6 +59,17 @@ class Hook(Protocol):
     def __call__(self, pair: Pair, old: torch.Tensor | None, new: torch.Tensor | None) -> Any: ...
 
 
+def use_all_cores() -> int:
+    """Set torch's intra-op threads to the cores this process may run on."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    if torch.get_num_threads() < cores:
+        torch.set_num_threads(cores)
+    return torch.get_num_threads()
+
+
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """``auto`` = CUDA when available, else CPU; ``cuda[:N]`` must exist."""
     if device is None or str(device) == "auto":
@@ -144,6 +155,7 @@ class Engine:
                  block: int | None = None, row: int = ROW):
         self.device = resolve_device(device)
         self.epsilon = float(epsilon)
+        use_all_cores()
         self.block = block or (CUDA_BLOCK if self.device.type == "cuda" else CPU_BLOCK)
         self.row = row
         self._workspace: dict[tuple, torch.Tensor] = {}
@@ -326,7 +338,7 @@ class Engine:
         key = (which, dtype)
         if key not in self._stages:
             self._stages[key] = [
-                (torch.empty(self.block, dtype=dtype, pin_memory=True), [None]) for _ in range(2)
+                (torch.empty(max(self.block, self.row), dtype=dtype, pin_memory=True), [None]) for _ in range(2)
             ]
         stages = self._stages[key]
         stages.append(stages.pop(0))  # alternate between the two
