@@ -403,6 +403,8 @@ class Engine:
                 )
             metrics = _metrics(totals)
             same_nonfinite = (old_stats.nan_count, old_stats.inf_count) == (new_stats.nan_count, new_stats.inf_count)
+            if same_nonfinite and nonfinite:
+                same_nonfinite = _same_nonfinite(a_side.view(), b_side.view())
             equal = False
             if totals.dmax == 0 and same_nonfinite and not p.retyped:
                 equal = _bytes_equal(a_side.view(), b_side.view())
@@ -460,6 +462,14 @@ def _cat(slices: list[torch.Tensor], out: torch.Tensor) -> None:
 
 def _is_float8(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point and dtype.itemsize == 1
+
+
+def _same_nonfinite(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """NaN at the same positions, and ±Inf at the same positions with the same signs."""
+    a, b = a.reshape(-1).to(torch.float64), b.reshape(-1).to(torch.float64)
+    if not torch.equal(torch.isnan(a), torch.isnan(b)):
+        return False
+    return torch.equal(torch.where(torch.isinf(a), a, 0.0), torch.where(torch.isinf(b), b, 0.0))
 
 
 def _finite_merge(ms: dict, slot: int) -> bool:
