@@ -62,10 +62,22 @@ def pair_rows(a: torch.Tensor, b: torch.Tensor, epsilon: float, work: torch.Tens
     dmax = delta.amax(1)
     dsum_abs = delta.sum(1)
     if epsilon > 0:
-        delta.sub_(epsilon).clamp_(min=0)
+        delta.sub_(_floor_to(epsilon, delta.dtype)).clamp_(min=0)
     delta.sign_()
     changed = delta.sum(1)
     return [dsq, dmax, dsum_abs, changed]
+
+
+def _floor_to(epsilon: float, dtype: torch.dtype) -> float:
+    """The largest value of ``dtype`` that is ≤ ``epsilon``.
+
+    For |Δ| held in ``dtype``, |Δ| > epsilon ⟺ |Δ| > this value, whereas rounding
+    epsilon to nearest (what ``sub_(epsilon)`` does) can miss a |Δ| just above it.
+    """
+    e = torch.tensor(epsilon, dtype=dtype)
+    if float(e) > epsilon:
+        e = torch.nextafter(e, torch.zeros((), dtype=dtype))
+    return float(e)
 
 
 @dataclass(slots=True)
