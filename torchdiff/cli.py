@@ -212,9 +212,11 @@ def _api_options(flags: dict[str, Any], series: bool = False) -> dict[str, Any]:
 
 
 def _wants_analysis(options: dict[str, Any]) -> bool:
-    from torchdiff.analyses import FLAGS
+    from torchdiff.analyses import ANALYSES, FLAGS
 
-    return any(options.get(flag) for flag in FLAGS if flag != "stats")
+    enabling = [o for m in ANALYSES.values() for o in getattr(m, "ENABLED_BY", ())]  # e.g. --fail-on-anomaly
+    return (any(options.get(flag) for flag in FLAGS if flag != "stats")
+            or any(options.get(o) not in (None, False) for o in enabling))
 
 
 def _progress(flags: dict[str, Any]):

@@ -192,7 +192,10 @@ class AnalysisResult:
 
     ``headline`` holds the figures of the one-line text form
     (``name: key=value, ...``); ``data`` the full JSON payload; ``tables`` and
-    ``notes`` follow the headline in text output.
+    ``notes`` follow the headline in text output. ``text_keys`` renames headline keys
+    in text only: ``{"anomaly_type": "type"}`` prints ``type=...`` where JSON keeps
+    ``anomaly_type`` (``type`` and ``path`` are the item's own); ``""`` prints the value
+    alone (``architecture_comparison: mlp->mlp, ...``).
     """
 
     name: str
@@ -201,6 +204,7 @@ class AnalysisResult:
     tables: tuple[Table, ...] = ()
     notes: tuple[str, ...] = ()
     failed: bool = False  # a CI gate tripped (e.g. --fail-on-anomaly): the CLI exits 1
+    text_keys: Mapping[str, str] = field(default_factory=dict)  # headline key -> its text label
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"type": self.name, "path": ""}

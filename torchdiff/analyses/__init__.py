@@ -15,6 +15,8 @@ and optionally:
 - ``prepare(old, new, options) -> (old, new)``: a transform of the two Checkpoints
   before pairing (e.g. dequantization);
 - ``order(comparison, options) -> list[str]``: tensor names in output order.
+- ``ENABLED_BY``: option names that switch the analysis on when set (not None/False),
+  e.g. ``--fail-on-anomaly`` runs anomaly_detection.
 
 An analysis appears here (and as a CLI flag) only once its module exists.
 """

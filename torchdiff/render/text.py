@@ -99,7 +99,9 @@ def summary_line(report) -> str:
 
 
 def analysis_section(a: AnalysisResult) -> list[str]:
-    head = ", ".join(f"{k}={_headline_value(v)}" for k, v in a.headline.items())
+    labels = {k: a.text_keys.get(k, k) for k in a.headline}
+    head = ", ".join(f"{labels[k]}={_headline_value(v)}" if labels[k] else _headline_value(v)
+                     for k, v in a.headline.items())
     lines = [f"{a.name}: {head}" if head else f"{a.name}:"]
     for table in a.tables:
         if not table.rows:
