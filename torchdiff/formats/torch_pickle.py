@@ -8,6 +8,7 @@ checkpoints are flattened with dotted names; scalar leaves become metadata.
 from __future__ import annotations
 
 import pickle
+import struct
 import zipfile
 
 import torch
@@ -24,7 +25,12 @@ def _torch_load(path: str, mmap: bool):
 
 
 def load(path: str, unsafe: bool = False) -> Checkpoint:
-    mapped = zipfile.is_zipfile(path)
+    try:
+        mapped = zipfile.is_zipfile(path)
+    except zipfile.BadZipFile as e:  # is_zipfile lets some malformed end records through
+        raise CorruptFileError(
+            f"{path}: not a readable PyTorch checkpoint (BadZipFile: {_first_line(str(e))})"
+        ) from None
     if not mapped:
         with open(path, "rb") as f:
             head = f.read(1)
@@ -46,7 +52,7 @@ def load(path: str, unsafe: bool = False) -> Checkpoint:
         raise CorruptFileError(f"{path}: not a readable PyTorch checkpoint ({_first_line(text)})") from None
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError,
             IndexError, TypeError, AttributeError, UnicodeDecodeError, MemoryError,
-            OverflowError, AssertionError) as e:
+            OverflowError, AssertionError, struct.error) as e:
         raise CorruptFileError(
             f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {_first_line(str(e))})"
         ) from None
