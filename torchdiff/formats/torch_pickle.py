@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pickle
 import struct
+import warnings
 import zipfile
 
 import torch
@@ -37,10 +38,14 @@ def load(path: str, unsafe: bool = False) -> Checkpoint:
         if head != b"\x80":
             raise CorruptFileError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle)")
     try:
-        if unsafe:
-            obj = torch.load(path, map_location="cpu", weights_only=False, mmap=mapped)
-        else:
-            obj = _torch_load(path, mmap=mapped)
+        with warnings.catch_warnings():
+            # torch warns on stderr about the pickle protocol of odd files; the
+            # outcome (a checkpoint or one error line) is what the user gets.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            if unsafe:
+                obj = torch.load(path, map_location="cpu", weights_only=False, mmap=mapped)
+            else:
+                obj = _torch_load(path, mmap=mapped)
     except pickle.UnpicklingError as e:
         text = str(e)
         if any(marker in text for marker in _UNSAFE_MARKERS):
