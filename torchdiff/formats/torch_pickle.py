@@ -54,7 +54,7 @@ def load(path: str, unsafe: bool = False) -> Checkpoint:
                 f"{path}: refused, the pickle would run code to load ({detail}); "
                 "torchdiff loads weights only (--unsafe-pickle overrides, for files you trust)"
             ) from None
-        raise CorruptFileError(f"{path}: not a readable PyTorch checkpoint ({_first_line(text)})") from None
+        raise CorruptFileError(f"{path}: not a readable PyTorch checkpoint ({_reason(text)})") from None
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError,
             IndexError, TypeError, AttributeError, UnicodeDecodeError, MemoryError,
             OverflowError, AssertionError, struct.error) as e:
@@ -69,6 +69,18 @@ def load(path: str, unsafe: bool = False) -> Checkpoint:
 def _first_line(text: str) -> str:
     line = text.strip().splitlines()[0] if text.strip() else "unreadable"
     return line[:200]
+
+
+def _reason(text: str) -> str:
+    """What torch's weights-only unpickler objected to (the line after its boilerplate)."""
+    lines = [line.strip() for line in text.splitlines()]
+    for i, line in enumerate(lines):
+        if "WeightsUnpickler error:" in line:
+            rest = [line.split("WeightsUnpickler error:", 1)[1].strip()] + lines[i + 1 :]
+            found = next((r for r in rest if r), None)
+            if found:
+                return found[:200]
+    return _first_line(text)
 
 
 def _first_line_with(text: str, word: str) -> str | None:
