@@ -1,0 +1,220 @@
+"""--show-layer-impact against float64 NumPy per-layer references.
+
+Golden text output: tests/golden/stats_show_layer_impact.txt; regenerate with
+TORCHDIFF_UPDATE_GOLDEN=1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+import torchdiff
+from torchdiff.analyses import layer_impact as li
+from torchdiff.cli import main
+
+GOLDEN = Path(__file__).parent / "golden"
+UPDATE_GOLDEN = os.environ.get("TORCHDIFF_UPDATE_GOLDEN") == "1"
+
+
+def check_golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if UPDATE_GOLDEN:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+    assert path.exists(), f"{path} missing: run with TORCHDIFF_UPDATE_GOLDEN=1 to write it"
+    assert text == path.read_text(), f"{name} differs from its golden output (TORCHDIFF_UPDATE_GOLDEN=1 refreshes it)"
+
+
+def model(rng: np.random.Generator, blocks: int = 4, width: int = 8) -> dict[str, np.ndarray]:
+    sd = {"embed.weight": rng.standard_normal((32, width))}
+    for i in range(blocks):
+        sd |= {f"layers.{i}.attn.weight": rng.standard_normal((width, width)) * 0.3,
+               f"layers.{i}.attn.bias": rng.standard_normal(width) * 0.1,
+               f"layers.{i}.mlp.weight": rng.standard_normal((4 * width, width)) * 0.2,
+               f"layers.{i}.norm.weight": np.ones(width)}
+    sd |= {"head.weight": rng.standard_normal((4, width)) * 0.3, "head.bias": np.zeros(4)}
+    return {k: v.astype(np.float32) for k, v in sd.items()}
+
+
+def torch_sd(sd):
+    return {k: torch.from_numpy(v) for k, v in sd.items()}
+
+
+def layer_result(old, new, **kwargs):
+    report = torchdiff.compare(torch_sd(old), torch_sd(new), show_layer_impact=True, **kwargs)
+    result = report.analysis("layer_impact")
+    return report, result, {r["layer"]: r for r in result.tables[0].records()}
+
+
+def reference(old, new, layer_of) -> dict[str, dict[str, float]]:
+    """Per-layer figures in float64 straight from the definitions."""
+    groups: dict[str, list[str]] = {}
+    for name in old:
+        groups.setdefault(layer_of(name), []).append(name)
+    total = sum(np.sum((new[n].astype(np.float64) - old[n].astype(np.float64)) ** 2) for n in old)
+    out = {}
+    for layer, names in groups.items():
+        a = np.concatenate([old[n].astype(np.float64).ravel() for n in names])
+        b = np.concatenate([new[n].astype(np.float64).ravel() for n in names])
+        d = b - a
+        with np.errstate(invalid="ignore", divide="ignore"):  # 0/0 where nothing changed: NaN, skipped
+            out[layer] = {"l2": np.linalg.norm(d), "rel_l2": np.linalg.norm(d) / np.linalg.norm(a),
+                          "share": d @ d / total, "rotation": 1 - a @ b / (np.linalg.norm(a) * np.linalg.norm(b)),
+                          "params": a.size}
+    return out
+
+
+def test_one_trained_block_ranks_first_with_all_the_share():
+    rng = np.random.default_rng(0)
+    old = model(rng)
+    new = {k: v.copy() for k, v in old.items()}
+    for k in new:
+        if k.startswith("layers.2."):
+            new[k] = (new[k] + rng.standard_normal(new[k].shape) * 0.05).astype(np.float32)
+    _, result, by_layer = layer_result(old, new)
+    assert result.headline["top_layer"] == "layers.2"
+    assert result.headline["top_share"] == pytest.approx(1.0, abs=1e-12)
+    assert by_layer["layers.2"]["rank"] == 1 and by_layer["layers.2"]["bar"] == "█" * li.BAR_WIDTH
+    assert all(r["share"] == 0 for name, r in by_layer.items() if name != "layers.2")
+    assert result.data["ranking"][0] == "layers.2"
+
+
+def test_mostly_one_block_trained_is_about_100_percent():
+    rng = np.random.default_rng(1)
+    old = model(rng)
+    new = {k: (v + rng.standard_normal(v.shape) * (0.05 if k.startswith("layers.1.") else 1e-4)).astype(np.float32)
+           for k, v in old.items()}
+    _, result, by_layer = layer_result(old, new)
+    ref = reference(old, new, torchdiff.layers.layer_of)
+    assert result.headline["top_layer"] == "layers.1" and by_layer["layers.1"]["rank"] == 1
+    assert 0.99 < by_layer["layers.1"]["share"] == pytest.approx(ref["layers.1"]["share"], rel=1e-5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), blocks=st.integers(1, 5), scales=st.lists(st.floats(0.0, 1.0), min_size=8,
+                                                                                    max_size=8))
+def test_figures_match_the_float64_reference(seed, blocks, scales):
+    rng = np.random.default_rng(seed)
+    old = model(rng, blocks=blocks)
+    new = {k: (v * (1 + scales[i % 8]) + rng.standard_normal(v.shape) * scales[(i + 3) % 8]).astype(np.float32)
+           for i, (k, v) in enumerate(old.items())}
+    _, result, by_layer = layer_result(old, new)
+    ref = reference(old, new, torchdiff.layers.layer_of)
+    assert set(by_layer) == set(ref)
+    # The engine sums float32 rows and merges in float64: relative error ≲ n·2^-24 on sums of squares.
+    for layer, r in ref.items():
+        row = by_layer[layer]
+        assert row["params"] == r["params"]
+        assert row["l2"] == pytest.approx(r["l2"], rel=1e-5, abs=1e-9)
+        if math.isfinite(r["rel_l2"]):
+            assert row["rel_l2"] == pytest.approx(r["rel_l2"], rel=1e-5, abs=1e-9)
+        if np.isfinite(r["share"]):
+            assert row["share"] == pytest.approx(r["share"], rel=1e-4, abs=1e-9)
+        if np.isfinite(r["rotation"]):
+            assert row["rotation"] == pytest.approx(r["rotation"], rel=1e-3, abs=1e-6)
+    total = sum(r["share"] for r in by_layer.values())
+    assert total == pytest.approx(1.0, abs=1e-9) or total == 0
+    ranks = sorted(by_layer.values(), key=lambda r: r["rank"])
+    assert [r["rank"] for r in ranks] == list(range(1, len(ranks) + 1))
+    assert all(x["l2"] >= y["l2"] for x, y in zip(ranks, ranks[1:]))
+
+
+def test_pure_rescaling_has_no_rotation():
+    rng = np.random.default_rng(2)
+    old = model(rng, blocks=2)
+    new = {k: (v * 2).astype(np.float32) for k, v in old.items()}
+    _, _, by_layer = layer_result(old, new)
+    assert all(r["rotation"] == pytest.approx(0.0, abs=1e-6) for r in by_layer.values())
+    assert by_layer["layers.0"]["rel_l2"] == pytest.approx(1.0, rel=1e-6)
+
+
+def test_layer_pattern_overrides_the_grouping():
+    rng = np.random.default_rng(3)
+    old = model(rng, blocks=3)
+    new = {k: (v + 0.01).astype(np.float32) for k, v in old.items()}
+    _, result, by_layer = layer_result(old, new, layer_pattern=r"\.(attn|mlp|norm)\.")
+    assert {"attn", "mlp", "norm"} <= set(by_layer)
+    assert by_layer["attn"]["params"] == 3 * (8 * 8 + 8)
+    with pytest.raises(torchdiff.UsageError, match="--layer-pattern"):
+        torchdiff.compare({}, {}, show_layer_impact=True, layer_pattern="(")
+
+
+def test_added_and_removed_tensors_count_in_params_only():
+    rng = np.random.default_rng(4)
+    old = model(rng, blocks=2)
+    new = {k: v.copy() for k, v in old.items()}
+    new["layers.1.extra.weight"] = np.ones((3, 3), dtype=np.float32)
+    del new["layers.0.attn.bias"]
+    new["layers.1.mlp.weight"] = new["layers.1.mlp.weight"] + np.float32(0.1)
+    _, result, by_layer = layer_result(old, new)
+    assert by_layer["layers.1"]["params"] == 8 * 8 + 8 + 32 * 8 + 8 + 9
+    assert by_layer["layers.0"]["tensors"] == 4
+    assert any("layers.0 (1), layers.1 (1)" in n for n in result.notes)
+    assert result.headline["top_share"] == 1.0
+
+
+def test_bar_resolution():
+    assert li.bar(1.0) == "█" * 20
+    assert li.bar(0.5) == "█" * 10
+    assert li.bar(1 / 160) == "▏"
+    assert li.bar(0.0) == "" and li.bar(math.nan) == ""
+
+
+def test_natural_order_and_no_change():
+    sd = {f"layers.{i}.w": torch.ones(2) for i in (10, 2, 1)}
+    result = torchdiff.compare(sd, sd, show_layer_impact=True).analysis("layer_impact")
+    assert [r[0] for r in result.tables[0].rows] == ["layers.1", "layers.2", "layers.10"]
+    assert result.headline["top_layer"] == "none"
+
+
+def test_inspect_has_no_layer_impact():
+    assert torchdiff.inspect({"a.w": torch.ones(2)}, show_layer_impact=True).analysis("layer_impact") is None
+
+
+def make_pair(tmp_path: Path) -> tuple[Path, Path]:
+    rng = np.random.default_rng(7)
+    old = model(rng, blocks=3)
+    new = {k: (v + rng.standard_normal(v.shape) * (0.03 if k.startswith("layers.2.") else 0.003)).astype(np.float32)
+           for k, v in old.items()}
+    paths = tmp_path / "baseline.safetensors", tmp_path / "experiment.safetensors"
+    save_file(torch_sd(old), paths[0])
+    save_file(torch_sd(new), paths[1])
+    return paths
+
+
+def test_golden_stats_show_layer_impact(tmp_path, capsys):
+    old, new = make_pair(tmp_path)
+    assert main([str(old), str(new), "--stats", "--show-layer-impact", "--no-color"]) == 0
+    text = capsys.readouterr().out
+    assert "\nlayer_impact: top_layer=layers.2, top_share=" in text
+    check_golden("stats_show_layer_impact.txt", text)
+
+
+def test_json_and_yaml_carry_the_same_rows(tmp_path, capsys):
+    old, new = make_pair(tmp_path)
+    report = torchdiff.compare(old, new, show_layer_impact=True)
+    rows = report.analysis("layer_impact").tables[0].records()
+    assert main([str(old), str(new), "--show-layer-impact", "--output", "json"]) == 0
+    (item,) = [i for i in json.loads(capsys.readouterr().out) if i["type"] == "layer_impact"]
+    assert item["layers"] == [{k: (v if not isinstance(v, float) else pytest.approx(v)) for k, v in r.items()}
+                              for r in rows]
+    assert main([str(old), str(new), "--show-layer-impact", "--output", "yaml"]) == 0
+    (yitem,) = [i for i in yaml.safe_load(capsys.readouterr().out) if i["type"] == "layer_impact"]
+    assert yitem["layers"] == item["layers"]
+
+
+def test_cli_rejects_a_bad_pattern(tmp_path, capsys):
+    old, new = make_pair(tmp_path)
+    assert main([str(old), str(new), "--show-layer-impact", "--layer-pattern", "("]) == 2
+    assert "--layer-pattern '(' is not a valid regex" in capsys.readouterr().err

@@ -1,0 +1,533 @@
+"""--quantization-analysis: storage bits, compression and the precision a quantization cost.
+
+Definitions (docs/analyses/quantization_analysis.md): A = old values, B = new values
+after dequantization, Δ = B − A, all over the positions where both are finite.
+
+- bits per weight = 8 · bytes / params; compression = bytes_new / bytes_old, with the
+  real bytes of each side: a weight's scale and zero-point companions count in it.
+- SQNR_dB = 20 · log10(‖A‖ / ‖Δ‖) (+inf when Δ = 0); rel_l2 = ‖Δ‖/‖A‖;
+  cosine = ⟨A,B⟩/(‖A‖‖B‖); max_err_over_rms = max|Δ| / rms(A); p95_abs_err = the
+  nearest-rank 95th percentile of |Δ| (the ⌈0.95·n⌉-th smallest).
+- totals pool the sums: SQNR = 10 · log10(Σ‖A‖² / Σ‖Δ‖²) over every measured tensor.
+- precision_loss from the total SQNR: ≥ 40 dB minimal, 30–40 low, 20–30 moderate,
+  < 20 high; ``none`` when Δ = 0 everywhere.
+
+Schemes detected (``prepare`` works on headers only; values are dequantized lazily,
+in the engine's single pass):
+
+- int8 / uint8 / int16 / float8 weight ``W`` with a scale companion ``W_scale``,
+  ``W.scale``, ``W_scale_inv`` (``weight_scale``, ``weight_scale_inv`` for
+  ``*.weight``), optional zero point ``W_zero_point`` / ``W.zero_point`` / ``W_zp``:
+  B = (q − zero_point) · scale, the scale broadcast per tensor (one value), per channel
+  (one per output row, or any shape broadcastable to W) or per block (⌈dim/block⌉ per
+  dim, e.g. 128×128 fp8 blocks);
+- bitsandbytes int8 ``W`` + ``<module>.SCB`` (per-row absmax): B = q · SCB / 127;
+- plain casts (float32 → float16 / bfloat16 / float8): compared as stored;
+- GGUF block types (Q4_K, Q8_0...): the reader's handles already dequantize, and
+  report the real bytes;
+- fake quantization: a float tensor whose new values take ≤ 256 distinct levels where
+  the old took more.
+
+Tensors that cannot be dequantized (no scale companion, a scale shape that fits no
+layout, a packed sub-byte layout) are listed with the reason and left out of the
+precision figures; their bytes still count.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+import torch
+
+from torchdiff.errors import UsageError
+from torchdiff.formats.base import Checkpoint, TensorHandle
+from torchdiff.results import ADDED, REMOVED, RESHAPED, AnalysisResult, Table
+
+NAME = "quantization_analysis"
+FLAG = "quantization_analysis"
+OPTIONS: dict[str, tuple[Any, str]] = {
+    "quantization_top_k": (10, "with --quantization-analysis: how many most sensitive tensors (lowest SQNR) to list"),
+}
+
+#: SQNR thresholds of the precision_loss label, highest first; below the last: "high".
+THRESHOLDS_DB: tuple[tuple[float, str], ...] = ((40.0, "minimal"), (30.0, "low"), (20.0, "moderate"))
+HIGH = "high"
+THRESHOLDS_TEXT = "precision_loss from SQNR: " + ", ".join(
+    [f"≥ {THRESHOLDS_DB[0][0]:g} dB {THRESHOLDS_DB[0][1]}"]
+    + [f"{lo:g}–{hi:g} {label}" for (hi, _), (lo, label) in zip(THRESHOLDS_DB, THRESHOLDS_DB[1:])]
+    + [f"< {THRESHOLDS_DB[-1][0]:g} {HIGH}"])
+
+#: A float tensor whose values take at most this many distinct levels (8 bits) is fake-quantized.
+FAKE_QUANT_LEVELS = 256
+_LEVEL_SAMPLE = 4096
+
+_STATE = "_quantization_analysis"  # options key: what prepare() found
+
+# GGUF's names of plain types -> torch's.
+_CANONICAL = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+              "I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64"}
+_FLOAT_NAMES = {"float64", "float32", "float16", "bfloat16"}
+_INT_NAMES = {"int8", "uint8", "int16", "int32", "int64", "uint16", "uint32", "uint64", "bool"}
+_QUANT_WEIGHT_DTYPES = {torch.int8, torch.uint8, torch.int16} | {
+    dt for dt in (getattr(torch, n, None) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
+                                                    "float8_e5m2fnuz")) if dt is not None
+}
+_SCALE_SUFFIXES = ("_scale", ".scale", "_scale_inv", ".scale_inv")
+_ZERO_SUFFIXES = ("_zero_point", ".zero_point", "_zp", ".zp")
+_BNB4_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
+_LOOKED_FOR = "W_scale, W.scale, W_scale_inv, W.scale_inv, <module>.SCB"
+
+
+def storage_kind(storage: str) -> str:
+    """``float``, ``int`` (integers and bool) or ``block`` (GGUF and other block types)."""
+    storage = _CANONICAL.get(storage, storage)
+    if storage in _FLOAT_NAMES or storage.startswith("float8"):
+        return "float"
+    if storage in _INT_NAMES:
+        return "int"
+    return "block"
+
+
+def precision_loss(sqnr_db: float, lossless: bool = False) -> str:
+    """The label of an SQNR (dB); ``none`` when the error is exactly zero."""
+    if lossless:
+        return "none"
+    if math.isnan(sqnr_db):
+        return "unknown"
+    for threshold, label in THRESHOLDS_DB:
+        if sqnr_db >= threshold:
+            return label
+    return HIGH
+
+
+def sqnr_db(signal_sq: float, noise_sq: float) -> float:
+    """10 · log10(Σ‖A‖² / Σ‖Δ‖²) = 20 · log10(‖A‖/‖Δ‖)."""
+    if noise_sq <= 0:
+        return math.inf
+    if signal_sq <= 0:
+        return -math.inf
+    return 10.0 * math.log10(signal_sq / noise_sq)
+
+
+def validate(options) -> None:
+    k = options.get("quantization_top_k", 10)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise UsageError(f"--quantization-top-k must be a whole number ≥ 0, got {k!r}")
+
+
+# ---- prepare: detect companions, wrap weights with dequantizing handles ------------
+
+
+@dataclass(frozen=True, slots=True)
+class Detected:
+    """What prepare() found for one weight on one side."""
+
+    scheme: str
+    companions: tuple[str, ...]
+    error: str | None = None  # why it could not be dequantized
+
+
+def fit_scale(wshape: tuple[int, ...], sshape: tuple[int, ...]):
+    """How a scale (or zero point) of shape ``sshape`` maps onto a weight of ``wshape``.
+
+    Returns ``(granularity, expand)`` where ``expand(scale)`` broadcasts against the
+    weight, or an error string.
+    """
+    n = math.prod(sshape)
+    if n == 1:
+        return "per-tensor", lambda s: s.reshape(())
+    if wshape and len(sshape) == 1 and sshape[0] == wshape[0]:
+        return "per-channel", lambda s: s.reshape((wshape[0],) + (1,) * (len(wshape) - 1))
+    if wshape and len(sshape) == len(wshape):
+        if all(sd in (1, wd) for sd, wd in zip(sshape, wshape)):
+            axes = [i for i, (sd, wd) in enumerate(zip(sshape, wshape)) if sd == wd and sd != 1]
+            label = "per-channel" if axes == [0] else f"per-channel (axes {','.join(map(str, axes))})"
+            return label, lambda s: s.reshape(sshape)
+        if all(sd > 0 for sd in sshape):
+            blocks = [-(-wd // sd) for sd, wd in zip(sshape, wshape)]
+            if all(-(-wd // b) == sd for b, sd, wd in zip(blocks, sshape, wshape)):
+                def expand(s: torch.Tensor) -> torch.Tensor:
+                    for dim, b in enumerate(blocks):
+                        if b > 1:
+                            s = s.repeat_interleave(b, dim=dim)
+                    return s[tuple(slice(0, wd) for wd in wshape)]
+
+                return "block " + "×".join(map(str, blocks)), expand
+    return (f"scale shape {list(sshape)} fits no layout of weight shape {list(wshape)} "
+            f"(one value, one per output channel, or one per block)")
+
+
+def _dequantizer(weight: TensorHandle, scale: TensorHandle, expand, zero: TensorHandle | None, zexpand,
+                 divisor: float) -> Callable[[], torch.Tensor]:
+    def materialize() -> torch.Tensor:
+        q = weight.materialize().to(torch.float32)
+        if zero is not None:
+            q = q - zexpand(zero.materialize().to(torch.float32))
+        out = q * expand(scale.materialize().to(torch.float32))
+        return out / divisor if divisor != 1 else out
+
+    return materialize
+
+
+def _first(names, tensors) -> str | None:
+    for name in names:
+        if name in tensors:
+            return name
+    return None
+
+
+def _detect(name: str, handle: TensorHandle, tensors: dict[str, TensorHandle]):
+    """(Detected, new handle) for a weight with companions, else None."""
+    module = name.rsplit(".", 1)[0] if "." in name else ""
+    prefix = f"{module}." if module else ""
+    bnb4 = [name + s for s in _BNB4_SUFFIXES if name + s in tensors]
+    bnb4 += [k for k in tensors if k.startswith(f"{name}.quant_state.")]
+    if bnb4 and handle.dtype == torch.uint8:
+        fmt = next((k.rsplit("__", 1)[-1] for k in bnb4 if "__" in k), "4-bit")
+        return Detected(f"bitsandbytes {fmt}", tuple(bnb4),
+                        f"bitsandbytes {fmt} packs 4-bit codes with a quant_map; its layout is not dequantized here"), None
+    leaf = name.rsplit(".", 1)[-1]
+    scb = _first(((f"{prefix}SCB",) if leaf == "weight" else ()) + (f"{name}.SCB",), tensors)
+    scale_name = scb or _first([name + s for s in _SCALE_SUFFIXES], tensors)
+    if scale_name is None:
+        return None
+    scale = tensors[scale_name]
+    if not scale.dtype.is_floating_point or scale_name == name:
+        return None
+    companions = [scale_name]
+    if scb and f"{prefix}weight_format" in tensors:
+        companions.append(f"{prefix}weight_format")
+    zero_name = None if scb else _first([name + s for s in _ZERO_SUFFIXES], tensors)
+    if zero_name is not None:
+        companions.append(zero_name)
+    storage = handle.storage_dtype
+    if handle.dtype not in _QUANT_WEIGHT_DTYPES:
+        if handle.dtype.is_floating_point:
+            return None  # a float tensor that happens to have a *_scale neighbour
+        return Detected(f"{storage} + scale", tuple(companions),
+                        f"{storage} weights with a scale are packed sub-byte codes; that layout is not dequantized here"), None
+    fitted = fit_scale(tuple(handle.shape), tuple(scale.shape))
+    if isinstance(fitted, str):
+        return Detected(f"{storage} + scale", tuple(companions), fitted), None
+    granularity, expand = fitted
+    zero, zexpand = None, None
+    if zero_name is not None:
+        zfit = fit_scale(tuple(handle.shape), tuple(tensors[zero_name].shape))
+        if isinstance(zfit, str):
+            return Detected(f"{storage} + scale", tuple(companions), "zero point: " + zfit), None
+        zero, zexpand = tensors[zero_name], zfit[1]
+    if scb:
+        scheme = f"{storage} per-channel (bitsandbytes SCB)"
+    else:
+        scheme = f"{storage} {granularity}"
+        if scale_name.endswith("scale_inv"):
+            scheme += " (scale_inv)"
+        if zero is not None:
+            scheme += " + zero point"
+    wrapped = TensorHandle(
+        name=name, shape=tuple(handle.shape), dtype=torch.float32,
+        nbytes=handle.nbytes + sum(tensors[c].nbytes for c in companions),
+        materialize=_dequantizer(handle, scale, expand, zero, zexpand, 127.0 if scb else 1.0),
+        storage_dtype=storage, mapped=False,
+    )
+    return Detected(scheme, tuple(companions)), wrapped
+
+
+def dequantize_checkpoint(ckpt: Checkpoint) -> tuple[Checkpoint, dict[str, Detected]]:
+    """Fold companions into their weights (headers only; values dequantize lazily)."""
+    found: dict[str, Detected] = {}
+    replaced: dict[str, TensorHandle] = {}
+    for name, handle in ckpt.tensors.items():
+        if not handle.shape or (handle.dtype.is_floating_point and handle.dtype not in _QUANT_WEIGHT_DTYPES):
+            continue
+        hit = _detect(name, handle, ckpt.tensors)
+        if hit is None:
+            continue
+        detected, wrapped = hit
+        if wrapped is None:  # cannot dequantize: keep the raw codes, count the companions' bytes
+            wrapped = replace(handle, nbytes=handle.nbytes + sum(ckpt.tensors[c].nbytes for c in detected.companions))
+        found[name] = detected
+        replaced[name] = wrapped
+    if not found:
+        return ckpt, found
+    folded = {c for d in found.values() for c in d.companions} - set(found)
+    tensors = {n: replaced.get(n, h) for n, h in ckpt.tensors.items() if n not in folded}
+    return Checkpoint(name=ckpt.name, format=ckpt.format, tensors=tensors, metadata=ckpt.metadata,
+                      info=ckpt.info), found
+
+
+def prepare(old: Checkpoint, new: Checkpoint, options) -> tuple[Checkpoint, Checkpoint]:
+    old, found_old = dequantize_checkpoint(old)
+    new, found_new = dequantize_checkpoint(new)
+    options[_STATE] = {"old": found_old, "new": found_new}
+    return old, new
+
+
+# ---- the hook: figures that need the values ------------------------------------------
+
+
+def p95_abs(delta: torch.Tensor) -> float:
+    """Nearest-rank 95th percentile of |Δ|: the ⌈0.95·n⌉-th smallest value.
+
+    ``delta`` is scratch: on the CPU it is partially sorted in place (numpy's
+    introselect is ~10× faster than torch.kthvalue there).
+    """
+    flat = delta.reshape(-1)
+    n = flat.numel()
+    if n == 0:
+        return math.nan
+    k = (95 * n + 99) // 100
+    if flat.device.type == "cpu":
+        values = flat.numpy()
+        values.partition(k - 1)
+        return float(values[k - 1])
+    return float(torch.kthvalue(flat, k).values)
+
+
+def distinct_levels(x: torch.Tensor, cap: int = FAKE_QUANT_LEVELS) -> int | None:
+    """Number of distinct values if it is ≤ cap, else None (a cheap sample first)."""
+    flat = x.reshape(-1)
+    if torch.unique(flat[:_LEVEL_SAMPLE]).numel() > cap:
+        return None
+    n = torch.unique(flat).numel()
+    return n if n <= cap else None
+
+
+class PrecisionHook:
+    """p95 |Δ| for every float pair of equal shape; distinct levels for same-dtype pairs."""
+
+    name = NAME
+
+    def wants(self, pair) -> bool:
+        return pair.kind == "common" and pair.old.dtype.is_floating_point and pair.new.dtype.is_floating_point
+
+    def __call__(self, pair, old: torch.Tensor, new: torch.Tensor) -> dict[str, Any]:
+        delta = (new - old).abs_().reshape(-1)
+        if not bool(torch.isfinite(delta).all()):
+            delta = delta[(torch.isfinite(old) & torch.isfinite(new)).reshape(-1)]
+        out: dict[str, Any] = {"p95_abs_err": p95_abs(delta)}
+        same = _CANONICAL.get(pair.old.storage_dtype, pair.old.storage_dtype) == _CANONICAL.get(
+            pair.new.storage_dtype, pair.new.storage_dtype)
+        if same and new.numel() > FAKE_QUANT_LEVELS:
+            levels = distinct_levels(new)
+            if levels is not None and distinct_levels(old) is None:
+                out["levels"] = levels
+        return out
+
+
+def hooks(options) -> list:
+    return [PrecisionHook()]
+
+
+# ---- analyze ------------------------------------------------------------------------------
+
+
+def _bits(nbytes: int, params: int) -> float:
+    return 8.0 * nbytes / params if params else math.nan
+
+
+def _ratio(a: float, b: float) -> float:
+    if b:
+        return a / b
+    return math.nan if not a else math.inf
+
+
+def _list(names: list[str], limit: int = 5) -> str:
+    """Names for a text note; JSON carries the full list."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _stored(storage: str, fmt: str) -> str:
+    """A storage type as a scheme name: ``float32``, ``GGUF Q4_K``."""
+    storage = _CANONICAL.get(storage, storage)
+    return f"GGUF {storage}" if storage_kind(storage) == "block" and fmt == "gguf" else storage
+
+
+def _pair_scheme(d, det_old: Detected | None, det_new: Detected | None, extras: dict, formats: tuple[str, str]) -> str:
+    so, sn = _stored(d.old.dtype, formats[0]), _stored(d.new.dtype, formats[1])
+    if det_new is not None:
+        if det_old is not None and det_old.scheme != det_new.scheme:
+            return f"{det_old.scheme} → {det_new.scheme}"
+        return det_new.scheme
+    if det_old is not None:
+        return f"{det_old.scheme} → {sn}"
+    if so != sn:
+        block = storage_kind(d.old.dtype) == "block" or storage_kind(d.new.dtype) == "block"
+        return sn if block and storage_kind(d.old.dtype) == "float" else f"{'' if block else 'cast '}{so} → {sn}"
+    levels = extras.get("levels")
+    if levels is not None and d.is_difference:
+        return f"fake-quant {max(1, math.ceil(math.log2(levels)))}-bit grid (stored {sn})"
+    return "none"
+
+
+def _storage_only(comparison, found: dict[str, Detected]) -> AnalysisResult:
+    """One checkpoint (inspect): bits per weight and the schemes its tensors are stored in."""
+    groups: dict[str, list] = {}
+    quantized = 0
+    for d in comparison.diffs:
+        det = found.get(d.name)
+        scheme = det.scheme if det is not None else _stored(d.new.dtype, comparison.new_format)
+        quantized += det is not None or storage_kind(d.new.dtype) == "block"
+        groups.setdefault(scheme, []).append(d.new)
+    params = sum(d.new.numel for d in comparison.diffs)
+    nbytes = sum(d.new.nbytes for d in comparison.diffs)
+    rows = tuple((scheme, len(s), sum(x.numel for x in s), sum(x.nbytes for x in s),
+                  _bits(sum(x.nbytes for x in s), sum(x.numel for x in s))) for scheme, s in groups.items())
+    notes = [f"not dequantized: {n}: {det.error}" for n, det in found.items() if det.error]
+    headline = {"bits_per_weight": _bits(nbytes, params), "quantized_tensors": quantized}
+    return AnalysisResult(NAME, headline, {"bytes": nbytes, "params": params,
+                                           "companions": {n: list(det.companions) for n, det in found.items()}},
+                          tables=(Table("Storage", ("scheme", "tensors", "params", "bytes", "bits_per_weight"), rows),),
+                          notes=tuple(notes))
+
+
+def analyze(comparison, options) -> AnalysisResult:
+    state = options.get(_STATE) or {"old": {}, "new": {}}
+    found_old: dict[str, Detected] = state["old"]
+    found_new: dict[str, Detected] = state["new"]
+    top_k = int(options.get("quantization_top_k", 10))
+    if comparison.mode == "inspect":
+        return _storage_only(comparison, found_new)
+
+    rows: list[dict[str, Any]] = []  # measured tensors
+    failed: dict[str, list[str]] = {}  # reason -> names
+    integer: list[str] = []
+    only_old: list[str] = []
+    only_new: list[str] = []
+    paired_bytes_old = paired_bytes_new = paired_params = 0
+    ckpt_bytes_old = ckpt_bytes_new = 0
+    for d in comparison.diffs:
+        if d.old is not None:
+            ckpt_bytes_old += d.old.nbytes
+        if d.new is not None:
+            ckpt_bytes_new += d.new.nbytes
+        if d.status == ADDED:
+            only_new.append(d.name)
+            continue
+        if d.status == REMOVED:
+            only_old.append(d.name)
+            continue
+        paired_bytes_old += d.old.nbytes
+        paired_bytes_new += d.new.nbytes
+        paired_params += d.old.numel
+        det_old, det_new = found_old.get(d.name), found_new.get(d.name)
+        errors = [det.error for det in (det_old, det_new) if det is not None and det.error]
+        if errors:
+            failed.setdefault(errors[0], []).append(d.name)
+            continue
+        if d.status == RESHAPED or d.metrics is None:
+            failed.setdefault("shape changed, so values cannot be compared", []).append(d.name)
+            continue
+        kinds = {storage_kind(d.old.dtype) if det_old is None else "float",
+                 storage_kind(d.new.dtype) if det_new is None else "float"}
+        if kinds == {"int"}:
+            integer.append(d.name)
+            continue
+        if "int" in kinds:
+            raw = d.new.dtype if storage_kind(d.new.dtype) == "int" and det_new is None else d.old.dtype
+            failed.setdefault(f"{raw} values without a scale companion (looked for {_LOOKED_FOR})", []).append(d.name)
+            continue
+        m = d.metrics
+        extras = d.extras.get(NAME) or {}
+        rows.append({
+            "tensor": d.name,
+            "scheme": _pair_scheme(d, det_old, det_new, extras, (comparison.old_format, comparison.new_format)),
+            "params": d.old.numel,
+            "bytes_old": d.old.nbytes,
+            "bytes_new": d.new.nbytes,
+            "bits_old": _bits(d.old.nbytes, d.old.numel),
+            "bits_new": _bits(d.new.nbytes, d.new.numel),
+            "compression": _ratio(d.new.nbytes, d.old.nbytes),
+            "sqnr_db": sqnr_db(m.norm_old**2, m.l2**2),
+            "rel_l2": m.rel_l2,
+            "cosine": m.cosine,
+            "max_err_over_rms": _ratio(m.max_abs, d.old.rms) if m.max_abs else 0.0,
+            "p95_abs_err": extras.get("p95_abs_err", math.nan),
+            "_sq": (m.norm_old**2, m.norm_new**2, m.l2**2, m.dot),
+        })
+
+    quantized = [r for r in rows if r["scheme"] != "none"]
+    signal = sum(r["_sq"][0] for r in rows)
+    noise = sum(r["_sq"][2] for r in rows)
+    total_sqnr = sqnr_db(signal, noise) if rows else math.nan
+    label = precision_loss(total_sqnr, lossless=bool(rows) and noise == 0)
+    q_signal = sum(r["_sq"][0] for r in quantized)
+    q_noise = sum(r["_sq"][2] for r in quantized)
+    denom = math.sqrt(signal * sum(r["_sq"][1] for r in rows))
+    compression = _ratio(paired_bytes_new, paired_bytes_old)
+    bits_old = _bits(paired_bytes_old, paired_params)
+    bits_new = _bits(paired_bytes_new, paired_params)
+
+    schemes: dict[str, list[dict]] = {}
+    for r in rows:
+        schemes.setdefault(r["scheme"], []).append(r)
+    scheme_rows = []  # quantized schemes by parameter count, then "none"
+    for scheme, members in sorted(schemes.items(), key=lambda kv: (kv[0] == "none", -sum(r["params"] for r in kv[1]),
+                                                                   kv[0])):
+        bo = sum(r["bytes_old"] for r in members)
+        bn = sum(r["bytes_new"] for r in members)
+        scheme_rows.append((scheme, len(members), sum(r["params"] for r in members), bo, bn, _ratio(bn, bo),
+                            sqnr_db(sum(r["_sq"][0] for r in members), sum(r["_sq"][2] for r in members))))
+    candidates = quantized or rows
+    sensitive = sorted(candidates, key=lambda r: (r["sqnr_db"], r["tensor"]))[:top_k]
+    columns = ("tensor", "scheme", "bits_old", "bits_new", "compression", "sqnr_db", "rel_l2", "cosine",
+               "max_err_over_rms", "p95_abs_err")
+    tables = (
+        Table("Schemes", ("scheme", "tensors", "params", "bytes_old", "bytes_new", "compression", "sqnr_db"),
+              tuple(scheme_rows)),
+        Table("Most sensitive", ("rank", "tensor", "scheme", "sqnr_db", "rel_l2", "max_err_over_rms"),
+              tuple((i + 1, r["tensor"], r["scheme"], r["sqnr_db"], r["rel_l2"], r["max_err_over_rms"])
+                    for i, r in enumerate(sensitive))),
+        Table("Tensors", columns, tuple(tuple(r[c] for c in columns) for r in rows)),
+    )
+
+    unquantized = [r["tensor"] for r in rows if r["scheme"] == "none"]
+    notes = [THRESHOLDS_TEXT]
+    if quantized and unquantized:
+        notes.append(f"left unquantized ({len(unquantized)}): {_list(unquantized)}")
+    if rows and not quantized:
+        notes.append("no quantization detected (each tensor keeps its dtype): the figures measure the whole "
+                     "change between the checkpoints, not a quantization error")
+    for reason, names in failed.items():
+        notes.append(f"not dequantized ({len(names)}), {reason}: {_list(names)}")
+    if integer:
+        notes.append(f"integer/bool tensors ({len(integer)}) count in bytes, not in precision: {_list(integer)}")
+    companions = {n: list(det.companions) for found in (found_old, found_new) for n, det in found.items()}
+    n_comp = sum(len(c) for c in companions.values())
+    if n_comp:
+        notes.append(f"{n_comp} scale/zero-point companion tensors folded into their {len(companions)} weights "
+                     f"(bytes counted in the weight)")
+    if only_old or only_new:
+        notes.append(f"tensors on one side only (old {len(only_old)}, new {len(only_new)}) count in the checkpoint "
+                     f"bytes, not in compression")
+
+    headline = {
+        "compression": compression,
+        "precision_loss": label,
+        "sqnr_db": total_sqnr,
+        "bits_per_weight_old": bits_old,
+        "bits_per_weight_new": bits_new,
+        "quantized_tensors": len(quantized),
+    }
+    data = {
+        "precision_loss_thresholds_db": {name: t for t, name in THRESHOLDS_DB},
+        "rel_l2": math.sqrt(noise / signal) if signal > 0 else (math.inf if noise else 0.0),
+        "cosine": sum(r["_sq"][3] for r in rows) / denom if denom > 0 else math.nan,
+        "sqnr_db_quantized": sqnr_db(q_signal, q_noise) if quantized else None,
+        "bytes_old": paired_bytes_old,
+        "bytes_new": paired_bytes_new,
+        "params": paired_params,
+        "checkpoint_bytes_old": ckpt_bytes_old,
+        "checkpoint_bytes_new": ckpt_bytes_new,
+        "checkpoint_compression": _ratio(ckpt_bytes_new, ckpt_bytes_old),
+        "unquantized": unquantized,
+        "not_dequantized": [{"path": n, "reason": reason} for reason, names in failed.items() for n in names],
+        "integer_tensors": integer,
+        "companions": companions,
+        "only_old": only_old,
+        "only_new": only_new,
+    }
+    return AnalysisResult(NAME, headline, data, tables=tables, notes=tuple(notes))

@@ -1,0 +1,77 @@
+"""--sort-by-change-magnitude: order every output (text, JSON, YAML) by how much each tensor changed.
+
+The order (docs/analyses/sort_by_change_magnitude.md):
+
+1. changed and retyped tensors by ``--sort-key`` (default ``rel_l2``; ``--sort-key`` alone
+   switches sorting on), most changed first: largest first for rel_l2, l2, max_abs and
+   nmse; smallest first for cosine (the least aligned direction is the largest change);
+   an undefined key (NaN: a cosine with one all-zero side) counts as the most changed;
+   ties by name;
+2. then added, removed and reshaped tensors (no Δ to measure) by parameter count,
+   largest first, ties by name;
+3. then unchanged tensors by name (not printed, but a Report iterates them).
+
+The analysis adds one line, ``sort_by_change_magnitude: sort_key=rel_l2, order=largest first``,
+so that the order of the output says what it was sorted by.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+
+from torchdiff.errors import UsageError
+from torchdiff.results import ADDED, CHANGED, REMOVED, RESHAPED, RETYPED, AnalysisResult
+
+NAME = "sort_by_change_magnitude"
+FLAG = "sort_by_change_magnitude"
+
+#: sort key -> True when larger means more changed.
+SORT_KEYS: dict[str, bool] = {"rel_l2": True, "l2": True, "max_abs": True, "nmse": True, "cosine": False}
+sort_keys = sorted(SORT_KEYS)
+
+DEFAULT_KEY = "rel_l2"
+OPTIONS = {
+    "sort_key": (None, "sort by " + " | ".join(SORT_KEYS) + f" (default {DEFAULT_KEY}; implies "
+                 "--sort-by-change-magnitude); most changed first, so cosine sorts smallest first"),
+}
+ENABLED_BY = ("sort_key",)
+
+
+def _key(options) -> str:
+    key = options.get("sort_key")
+    return DEFAULT_KEY if key is None else key
+
+
+def validate(options) -> None:
+    key = _key(options)
+    if key not in SORT_KEYS:
+        close = difflib.get_close_matches(str(key), sort_keys, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise UsageError(f"--sort-key {key!r} is not a sort key (choose from {', '.join(sort_keys)}{hint})")
+
+
+def _change_key(d, key: str, descending: bool):
+    value = getattr(d.metrics, key)
+    if math.isnan(value):
+        return (0, 0.0, d.name)  # undefined: most changed
+    return (1, -value if descending else value, d.name)
+
+
+def order(comparison, options) -> list[str]:
+    """Every tensor name, most changed first (see the module docstring)."""
+    key = _key(options)
+    descending = SORT_KEYS[key]
+    measured = [d for d in comparison.diffs if d.status in (CHANGED, RETYPED) and d.metrics is not None]
+    measured.sort(key=lambda d: _change_key(d, key, descending))
+    seen = {d.name for d in measured}
+    structural = [d for d in comparison.diffs if d.status in (ADDED, REMOVED, RESHAPED) and d.name not in seen]
+    structural.sort(key=lambda d: (-d.params, d.name))
+    seen.update(d.name for d in structural)
+    rest = sorted((d for d in comparison.diffs if d.name not in seen), key=lambda d: d.name)
+    return [d.name for d in measured + structural + rest]
+
+
+def analyze(comparison, options) -> AnalysisResult:
+    key = _key(options)
+    return AnalysisResult(NAME, {"sort_key": key, "order": "largest first" if SORT_KEYS[key] else "smallest first"})
