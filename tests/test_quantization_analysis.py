@@ -271,6 +271,7 @@ def test_gguf_handles_count_their_real_bytes():
 
 def test_real_gguf_file(tmp_path):
     gguf = pytest.importorskip("gguf")
+    pytest.importorskip("torchdiff.formats.gguf")  # the reader (the gguf extra)
     from gguf.constants import GGMLQuantizationType as Q
     from gguf.quants import quantize
 
