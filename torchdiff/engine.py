@@ -367,7 +367,7 @@ class Engine:
         exact_pairs: set[int] = set()
         for slot, side in enumerate(sides):
             h = side.handle
-            if slot in exact_slots or not _finite_merge(ms, slot):
+            if slot in exact_slots or not _finite_merge(ms, slot) or _side_underflows(ms, slot, h.dtype):
                 totals = R.exact_side(side.view())
             else:
                 totals = R.SideTotals(
@@ -393,7 +393,8 @@ class Engine:
                 continue
             a_side, b_side = sides[slot - 2], sides[slot - 1]
             nonfinite = (old_stats.nan_count + old_stats.inf_count + new_stats.nan_count + new_stats.inf_count) > 0
-            if nonfinite or p.old.numel == 0 or not np.isfinite(mp["dsq"][i]):
+            if (nonfinite or p.old.numel == 0 or not np.isfinite(mp["dsq"][i])
+                    or _pair_underflows(mp, i, p.old.numel, p.old.dtype, p.new.dtype)):
                 totals = R.exact_pair(a_side.view(), b_side.view(), self.epsilon)
             else:
                 totals = R.PairTotals(
@@ -470,6 +471,23 @@ def _same_nonfinite(a: torch.Tensor, b: torch.Tensor) -> bool:
     if not torch.equal(torch.isnan(a), torch.isnan(b)):
         return False
     return torch.equal(torch.where(torch.isinf(a), a, 0.0), torch.where(torch.isinf(b), b, 0.0))
+
+
+# Below this mean square, float32 squares (normal down to 2^-126) lose precision:
+# such tensors (tiny values, e.g. Adam's exp_avg_sq) are measured in float64.
+_TINY_MEAN_SQUARE = 2.0**-100
+
+
+def _side_underflows(ms: dict, slot: int, dtype: torch.dtype) -> bool:
+    if R.compute_dtype(dtype) != torch.float32:
+        return False
+    return ms["max"][slot] > ms["min"][slot] and ms["m2"][slot] < _TINY_MEAN_SQUARE * ms["count"][slot]
+
+
+def _pair_underflows(mp: dict, i: int, count: int, *dtypes: torch.dtype) -> bool:
+    if R.compute_dtype(*dtypes) != torch.float32:
+        return False
+    return mp["dmax"][i] > 0 and mp["dsq"][i] < _TINY_MEAN_SQUARE * count
 
 
 def _finite_merge(ms: dict, slot: int) -> bool:
