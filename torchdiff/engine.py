@@ -436,6 +436,11 @@ class Engine:
             extras = dict(d.extras)
             for h in wanted:
                 extras[h.name] = h(p, old, new)
+            del old, new
+            for handle in (p.old, p.new):
+                if handle is not None and handle.mapped:  # drop the pages the hooks touched again
+                    side = _Side(handle)
+                    side.release(side.view().numel())
             out.append(TensorDiff(d.name, d.status, d.old, d.new, d.metrics, extras))
         return out
 
