@@ -4,6 +4,9 @@ Writes into OUT_DIR (default examples/data):
   step_000.safetensors ... step_200.safetensors   model weights every 50 steps
   train_step_100.pt, train_step_200.pt            whole training checkpoints:
                                                   model, Adam state, lr, epoch, loss
+  step_200_int8.safetensors                       the final model quantized: int8 weights
+                                                  with one float32 scale per output row
+                                                  (``W_scale``), embedding cast to bf16
 The task: a 2-block residual MLP with LayerNorm learns a fixed random teacher.
 Seeded, so the files are the same on every run on one machine.
 """
@@ -43,6 +46,22 @@ class TinyNet(nn.Module):
         return self.head(x)
 
 
+def quantize_int8(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Symmetric per-channel int8 for 2-D weights, a bf16 cast for the embedding."""
+    out = {}
+    for name, w in state.items():
+        w = w.detach()
+        if name == "embed.weight":
+            out[name] = w.to(torch.bfloat16)
+        elif w.ndim == 2:
+            scale = w.abs().amax(1) / 127
+            out[name] = torch.round(w / scale[:, None]).to(torch.int8)
+            out[name + "_scale"] = scale.contiguous()
+        else:
+            out[name] = w.contiguous()
+    return out
+
+
 def main(out_dir: str = "examples/data", steps: int = 200, every: int = 50) -> None:
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(0)
@@ -70,7 +89,8 @@ def main(out_dir: str = "examples/data", steps: int = 200, every: int = 50) -> N
         loss.backward()
         optimizer.step()
         scheduler.step()
-    print(f"wrote {out_dir}: step_000..step_{steps:03d}.safetensors, train_step_100.pt, train_step_200.pt "
+    save_file(quantize_int8(model.state_dict()), os.path.join(out_dir, f"step_{steps:03d}_int8.safetensors"))
+    print(f"wrote {out_dir}: step_000..step_{steps:03d}.safetensors, train_step_100.pt, train_step_200.pt, step_200_int8.safetensors "
           f"(final loss {float(loss.detach()):.4f})")
 
 
