@@ -1,0 +1,244 @@
+"""GGUF files (llama.cpp), through the gguf package's ``GGUFReader``.
+
+The reader parses the header (key/values and tensor infos) and maps the file; no
+tensor bytes are read at load time. Names are the file's (``blk.0.attn_q.weight``).
+GGUF lists dimensions innermost first (``ne[0]`` is the row length); handles report
+the numpy/torch order the reader's arrays use, i.e. the GGUF dimensions reversed: a
+``[4096, 11008]`` GGUF tensor is ``(11008, 4096)`` here.
+
+``storage_dtype`` is the GGML type name (``F32``, ``F16``, ``BF16``, ``Q8_0``, ``Q4_K``...)
+and ``nbytes`` the bytes the file spends on the tensor, block scales included. Plain
+types keep their natural torch dtype (F32, F16, BF16, F64, I8, I16, I32, I64) and
+materialise as views of the copy-on-write file mapping (``mapped=True``). Quantized
+types report ``torch.float32`` and materialise by ``gguf.quants.dequantize`` into
+memory; a type the installed gguf cannot dequantize is listed but raises on
+``materialize()``.
+
+Key/value metadata goes to ``Checkpoint.info["gguf"]``; arrays longer than
+``MAX_ARRAY_ITEMS`` (the tokenizer's vocabulary, merges, scores) are recorded as
+``{"type": "array", "element_type": ..., "length": n}`` instead of their contents.
+
+gguf is imported only here (the ``gguf`` extra).
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from typing import Any, Callable
+
+import torch
+
+from torchdiff.errors import CorruptFileError, MissingDependencyError, UnknownFormatError
+from torchdiff.formats.base import Checkpoint, TensorHandle
+
+MAX_ARRAY_ITEMS = 64
+
+# GGML type name -> torch dtype, for the types stored as plain numbers.
+_PLAIN_DTYPES: dict[str, torch.dtype] = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+}
+
+# What GGUFReader raises on bad bytes (short reads, bad enums, impossible shapes).
+_READ_ERRORS = (
+    ValueError, KeyError, IndexError, OSError, OverflowError, TypeError, UnicodeDecodeError,
+    MemoryError, AssertionError, struct.error, RecursionError, AttributeError,
+)
+
+
+def load(path: str) -> Checkpoint:
+    """Open a GGUF file lazily (header only; tensor bytes mapped, read on demand)."""
+    try:
+        import gguf
+        from gguf.constants import GGUFValueType
+        from gguf.quants import dequantize
+    except ImportError:
+        raise MissingDependencyError(
+            f"{path}: reading GGUF files needs the gguf package, which is not installed "
+            "(pip install torchdiff[gguf])"
+        ) from None
+    with open(path, "rb") as f:
+        head = f.read(4)
+        if head != b"GGUF":
+            raise CorruptFileError(
+                f"{path}: not a GGUF file (it does not start with the GGUF magic; the file may be empty or truncated)"
+            )
+        try:
+            _check_key_values(f)
+        except (ValueError, struct.error) as e:
+            raise CorruptFileError(
+                f"{path}: not a readable GGUF file ({e}) (the file may be truncated or damaged; re-download it)"
+            ) from None
+    try:
+        # mode "c": a private copy-on-write mapping, so torch gets writable arrays without a copy.
+        reader = gguf.GGUFReader(path, mode="c")
+        tensors = _handles(path, reader, dequantize)
+        kv = _key_values(reader, GGUFValueType)
+    except _READ_ERRORS as e:
+        raise CorruptFileError(
+            f"{path}: not a readable GGUF file ({type(e).__name__}: {_first_line(e)}) "
+            "(the file may be truncated, or newer than the installed gguf: re-download it or pip install -U gguf)"
+        ) from None
+    return Checkpoint(name=path, format="gguf", tensors=tensors, info={"gguf": kv})
+
+
+# GGUF value type -> bytes, for the fixed-size ones; 8 is STRING, 9 is ARRAY.
+_VALUE_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+
+
+def _check_key_values(f: Any) -> None:
+    """Walk the key/value section, checking every length against the file's size.
+
+    GGUFReader reads past the end of a short file as empty arrays, so an array whose
+    length field is damaged (say 2**40 numbers) makes it loop that many times.
+    """
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        size = len(mm)
+        if size < 24:
+            raise ValueError(f"{size} bytes, shorter than a GGUF header")
+        version = struct.unpack_from("<I", mm, 4)[0]
+        endian = ">" if version & 0xFFFF == 0 else "<"
+        version, _tensor_count, kv_count = struct.unpack_from(endian + "IQQ", mm, 4)
+        if version not in (2, 3):
+            return  # GGUFReader refuses it with its own message
+        u32, u64 = struct.Struct(endian + "I"), struct.Struct(endian + "Q")
+
+        def need(offset: int, n: int, what: str) -> int:
+            if offset + n > size:
+                raise ValueError(f"the {what} at byte {offset} runs past the end of the file")
+            return offset + n
+
+        def string(offset: int, what: str) -> int:
+            need(offset, 8, what)
+            return need(offset + 8, u64.unpack_from(mm, offset)[0], what)
+
+        def value(offset: int, kind: int, key: str, depth: int) -> int:
+            if kind in _VALUE_SIZES:
+                return need(offset, _VALUE_SIZES[kind], f"value of {key!r}")
+            if kind == _STRING:
+                return string(offset, f"value of {key!r}")
+            if kind == _ARRAY and depth < 8:
+                need(offset, 12, f"array {key!r}")
+                item, count = u32.unpack_from(mm, offset)[0], u64.unpack_from(mm, offset + 4)[0]
+                offset += 12
+                if item in _VALUE_SIZES:
+                    return need(offset, count * _VALUE_SIZES[item], f"array {key!r} ({count} items)")
+                if item == _STRING:  # the tokenizer's vocabulary: keep this loop tight
+                    read_length = u64.unpack_from
+                    for _ in range(count):
+                        if offset + 8 > size:
+                            break
+                        offset += 8 + read_length(mm, offset)[0]
+                    return need(offset, 0, f"array {key!r} ({count} strings)")
+                for _ in range(count):  # each item takes >= 8 bytes, so this ends at the file's end
+                    offset = value(offset, item, key, depth + 1)
+                return offset
+            raise ValueError(f"unknown value type {kind} for key {key!r}")
+
+        offset = 24
+        for _ in range(kv_count):  # each entry takes >= 12 bytes
+            end = string(offset, "key")
+            key = bytes(mm[offset + 8:end]).decode("utf-8", "replace")
+            need(end, 4, f"type of {key!r}")
+            offset = value(end + 4, u32.unpack_from(mm, end)[0], key, 0)
+
+
+def _handles(path: str, reader: Any, dequantize: Callable) -> dict[str, TensorHandle]:
+    swapped = reader.byte_order == "S"
+    tensors: dict[str, TensorHandle] = {}
+    for t in reader.tensors:
+        type_name = t.tensor_type.name
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        plain = _PLAIN_DTYPES.get(type_name)
+        tensors[t.name] = TensorHandle(
+            name=t.name,
+            shape=shape,
+            dtype=plain if plain is not None else torch.float32,
+            nbytes=int(t.n_bytes),
+            materialize=_reader(path, t, shape, plain, swapped, dequantize),
+            storage_dtype=type_name,
+            mapped=plain is not None and not swapped,
+        )
+    return tensors
+
+
+def _reader(
+    path: str, t: Any, shape: tuple[int, ...], plain: torch.dtype | None, swapped: bool, dequantize: Callable
+) -> Callable[[], torch.Tensor]:
+    name, type_name = t.name, t.tensor_type.name
+
+    def materialize() -> torch.Tensor:
+        data = t.data  # a view of the file mapping: numbers for plain types, raw bytes otherwise
+        if swapped and (plain is None or plain == torch.bfloat16):
+            raise UnknownFormatError(
+                f"{path}: tensor {name!r} is {type_name} in a big-endian GGUF file, which torchdiff does not "
+                "decode (convert the file to little-endian)"
+            )
+        try:
+            if plain == torch.bfloat16:
+                tensor = torch.from_numpy(data).view(torch.bfloat16)
+            elif plain is not None:
+                if not data.dtype.isnative:
+                    data = data.astype(data.dtype.newbyteorder("="))
+                tensor = torch.from_numpy(data)
+            else:
+                tensor = torch.from_numpy(dequantize(data, t.tensor_type))
+        except NotImplementedError:
+            raise UnknownFormatError(
+                f"{path}: tensor {name!r} is stored as {type_name}, which the installed gguf cannot "
+                "dequantize (pip install -U gguf)"
+            ) from None
+        except _READ_ERRORS as e:
+            raise CorruptFileError(
+                f"{path}: tensor {name!r} ({type_name}) cannot be decoded ({type(e).__name__}: {_first_line(e)}) "
+                "(re-download or re-convert the file)"
+            ) from None
+        if tuple(tensor.shape) != shape:
+            raise CorruptFileError(
+                f"{path}: tensor {name!r} ({type_name}) decodes to shape {tuple(tensor.shape)}, its header says "
+                f"{shape} (re-download or re-convert the file)"
+            )
+        return tensor
+
+    return materialize
+
+
+def _key_values(reader: Any, value_type: Any) -> dict[str, Any]:
+    kv: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if not field.types:
+            continue
+        main = field.types[0]
+        if main == value_type.ARRAY:
+            element = field.types[-1] if len(field.types) > 1 else None
+            length = len(field.data)
+            if length > MAX_ARRAY_ITEMS or element in (None, value_type.ARRAY):
+                kv[key] = {
+                    "type": "array",
+                    "element_type": element.name if element is not None else "UNKNOWN",
+                    "length": length,
+                }
+            else:
+                kv[key] = [_value(field.parts[i], element, value_type) for i in field.data]
+        else:
+            kv[key] = _value(field.parts[-1], main, value_type)
+    return kv
+
+
+def _value(part: Any, kind: Any, value_type: Any) -> Any:
+    if kind == value_type.STRING:
+        return bytes(part).decode("utf-8", "replace")
+    return part.tolist()[0]
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else "unreadable")[:200]
