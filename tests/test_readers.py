@@ -1,0 +1,309 @@
+"""safetensors and torch readers: dtypes round-trip, metadata, nested training
+checkpoints, tied and non-contiguous tensors, legacy pickles, third-party fixtures."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import torchdiff
+from torchdiff.formats import detect_format, dtype_name
+
+OPTIONAL = ["float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64"]
+ROUND_TRIP_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+                     torch.int16, torch.int8, torch.uint8, torch.bool]
+ROUND_TRIP_DTYPES += [getattr(torch, n) for n in OPTIONAL if hasattr(torch, n)]
+SHAPES = [(), (0,), (1,), (2, 3), (4, 0, 2), (129,)]
+
+
+def sample(dtype: torch.dtype, shape, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    n = math.prod(shape)
+    if dtype.is_floating_point:
+        x = (torch.randn(n, generator=g) * 3).to(dtype)
+    elif dtype == torch.bool:
+        x = torch.rand(n, generator=g) < 0.5
+    else:
+        x = torch.randint(0, 100, (n,), generator=g).to(dtype)
+    return x.reshape(shape)
+
+
+def raw(t: torch.Tensor) -> bytes:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def assert_same_tensor(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.dtype == want.dtype and tuple(got.shape) == tuple(want.shape)
+    assert raw(got) == raw(want)
+
+
+def tensors_for_round_trip() -> dict[str, torch.Tensor]:
+    out = {}
+    for i, dtype in enumerate(ROUND_TRIP_DTYPES):
+        for j, shape in enumerate(SHAPES):
+            out[f"{dtype_name(dtype)}.s{j}"] = sample(dtype, shape, seed=10 * i + j)
+    return out
+
+
+def check_round_trip(ckpt, tensors) -> None:
+    assert set(ckpt.tensors) == set(tensors)
+    for name, want in tensors.items():
+        h = ckpt.tensors[name]
+        assert h.shape == tuple(want.shape), name
+        assert h.dtype == want.dtype and h.storage_dtype == dtype_name(want.dtype), name
+        assert h.nbytes == want.numel() * want.element_size(), name
+        assert_same_tensor(h.materialize(), want)
+
+
+# ---- safetensors ------------------------------------------------------------------------
+
+
+def test_safetensors_every_dtype_round_trips(write_safetensors):
+    tensors = tensors_for_round_trip()
+    path = write_safetensors("all.safetensors", tensors, metadata={"format": "pt", "note": "x"})
+    with torchdiff.load(path) as ckpt:
+        assert ckpt.format == "safetensors"
+        check_round_trip(ckpt, tensors)
+        assert ckpt.info["metadata"] == {"format": "pt", "note": "x"}
+        assert all(h.mapped for h in ckpt.tensors.values())
+    # And the engine measures every one of them (nothing skipped for its dtype).
+    report = torchdiff.compare(path, path, device="cpu")
+    assert len(report) == len(tensors) and all(d.status == "unchanged" and d.metrics.equal for d in report)
+    for d in report:
+        t = tensors[d.name]
+        assert d.old.dtype == dtype_name(t.dtype) and d.old.numel == t.numel()
+        if t.numel():
+            assert d.old.max == pytest.approx(float(t.to(torch.float64).max()))
+
+
+def test_safetensors_metadata_without_dunder_metadata(write_safetensors):
+    path = write_safetensors("m.safetensors", {"w": torch.ones(2)})
+    with torchdiff.load(path) as ckpt:
+        assert ckpt.info["metadata"] == {} and ckpt.metadata == {}
+
+
+def test_safetensors_without_extension_is_sniffed(write_safetensors, tmp_path):
+    path = write_safetensors("weights", {"w": torch.arange(4.0)})
+    assert detect_format(str(path)) == "safetensors"
+    with torchdiff.load(path) as ckpt:
+        assert_same_tensor(ckpt["w"], torch.arange(4.0))
+
+
+# ---- torch pickles ----------------------------------------------------------------------
+
+
+# Dtypes newer than the legacy (pre-zip) format: torch writes them but cannot read
+# them back (no typed storage class), with or without weights_only.
+NOT_LEGACY = {getattr(torch, n) for n in OPTIONAL if hasattr(torch, n)}
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_torch_every_dtype_round_trips(write_pt, legacy):
+    tensors = tensors_for_round_trip()
+    tensors["complex"] = torch.randn(3, dtype=torch.complex64)
+    if legacy:
+        tensors = {k: v for k, v in tensors.items() if v.dtype not in NOT_LEGACY}
+    path = write_pt("all.pt", tensors, legacy=legacy)
+    with torchdiff.load(path) as ckpt:
+        assert ckpt.format == "torch"
+        check_round_trip(ckpt, tensors)
+        # Zip files are memory-mapped; legacy pickles cannot be, and are read into memory.
+        assert all(h.mapped is (not legacy) for h in ckpt.tensors.values())
+
+
+@pytest.mark.parametrize("ext", [".pt", ".pth", ".bin", ".ckpt", ""])
+def test_torch_extensions_and_sniffing(write_pt, ext):
+    path = write_pt(f"model{ext}", {"w": torch.ones(3)})
+    assert detect_format(str(path)) == "torch"
+    with torchdiff.load(path) as ckpt:
+        assert list(ckpt.tensors) == ["w"]
+
+
+def training_checkpoint(lr: float, epoch: int, seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model(torch.randn(5, 3)).pow(2).sum().backward()
+    opt.step()
+    return {
+        "model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "lr": lr,
+        "loss": 0.25, "config": {"hidden": 4, "act": "relu", "dropout": None, "sizes": [3, 4, 2]},
+    }
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_nested_training_checkpoint_is_flattened(write_pt, legacy):
+    obj = training_checkpoint(1e-3, 3)
+    path = write_pt("ckpt.ckpt", obj, legacy=legacy)
+    with torchdiff.load(path) as ckpt:
+        names = set(ckpt.tensors)
+        assert {"model.0.weight", "model.0.bias", "model.2.weight", "model.2.bias"} <= names
+        assert {"optimizer.state.0.exp_avg", "optimizer.state.0.exp_avg_sq", "optimizer.state.3.exp_avg"} <= names
+        assert_same_tensor(ckpt["model.2.weight"], obj["model"]["2.weight"])
+        assert_same_tensor(ckpt["optimizer.state.1.exp_avg_sq"], obj["optimizer"]["state"][1]["exp_avg_sq"])
+        md = ckpt.metadata
+        assert md["epoch"] == 3 and md["lr"] == 1e-3 and md["loss"] == 0.25
+        assert md["config.hidden"] == 4 and md["config.act"] == "relu" and md["config.dropout"] is None
+        assert md["config.sizes"] == [3, 4, 2]
+        assert md["optimizer.param_groups.0.lr"] == 1e-3
+        assert not any(isinstance(v, torch.Tensor) for v in md.values())
+
+
+@pytest.mark.skipif(not NOT_LEGACY, reason="no float8/uint16+ dtypes in this torch")
+def test_legacy_pickle_with_a_new_dtype_is_refused_cleanly(write_pt):
+    dtype = sorted(NOT_LEGACY, key=str)[0]
+    path = write_pt("new_dtype.pt", {"w": torch.zeros(3, dtype=dtype)}, legacy=True)
+    with pytest.raises(torchdiff.CorruptFileError, match=r"new_dtype\.pt: not a readable PyTorch checkpoint"):
+        torchdiff.load(path)
+
+
+def test_metadata_changes_are_diffed_and_shown(write_pt):
+    old = write_pt("old.pt", training_checkpoint(1e-3, 3))
+    changed = training_checkpoint(1e-3, 4)  # same seed and step: the same tensors
+    changed["lr"] = changed["optimizer"]["param_groups"][0]["lr"] = 5e-4
+    new = write_pt("new.pt", changed)
+    report = torchdiff.compare(old, new, device="cpu")
+    changed = {m.key: (m.old, m.new) for m in report.comparison.metadata_diffs}
+    assert changed["lr"] == (0.001, 0.0005) and changed["epoch"] == (3, 4)
+    assert changed["optimizer.param_groups.0.lr"] == (0.001, 0.0005)
+    assert "loss" not in changed and "config.hidden" not in changed
+    text = str(report)
+    lines = text.splitlines()
+    assert "  ~ lr: 0.001->0.0005" in lines
+    assert "  ~ epoch: 3->4" in lines
+    assert "metadata value" in lines[-1]
+    items = json.loads(report.to_json())
+    lr = [i for i in items if i["path"] == "lr"]
+    assert lr == [{"type": "metadata_changed", "path": "lr", "old": 0.001, "new": 0.0005}]
+    # Same tensors: only metadata differs, and that is a difference.
+    assert report.comparison.counts()["changed"] == 0
+    assert report.has_differences
+
+
+def test_metadata_added_and_removed(write_pt):
+    old = write_pt("old.pt", {"w": torch.ones(2), "step": 10, "note": "a"})
+    new = write_pt("new.pt", {"w": torch.ones(2), "step": 10, "best": 0.5})
+    report = torchdiff.compare(old, new, device="cpu")
+    status = {m.key: m.status for m in report.comparison.metadata_diffs}
+    assert status == {"note": "removed", "best": "added"}
+    lines = str(report).splitlines()
+    assert "  - note: a" in lines and "  + best: 0.5" in lines
+
+
+def test_tied_weights_load_under_both_names(write_pt):
+    w = torch.randn(5, 3)
+    path = write_pt("tied.pt", {"embed.weight": w, "lm_head.weight": w, "view": w[1:3]})
+    with torchdiff.load(path) as ckpt:
+        assert_same_tensor(ckpt["embed.weight"], w)
+        assert_same_tensor(ckpt["lm_head.weight"], w)
+        assert_same_tensor(ckpt["view"].contiguous(), w[1:3].contiguous())
+    untied = write_pt("untied.pt", {"embed.weight": w, "lm_head.weight": w.clone(), "view": w[1:3].clone()})
+    report = torchdiff.compare(path, untied, device="cpu")
+    assert not report.has_differences
+    assert all(d.metrics.equal for d in report)
+
+
+def test_non_contiguous_tensors(write_pt):
+    x = torch.arange(60, dtype=torch.float32).reshape(6, 10) / 7
+    tensors = {
+        "transposed": x.t(),
+        "strided": x[1:, ::3],
+        "expanded": x[0].expand(4, 10),
+        "offset": x[2:4],
+    }
+    assert not all(t.is_contiguous() for t in tensors.values())
+    path = write_pt("nc.pt", tensors)
+    with torchdiff.load(path) as ckpt:
+        for name, t in tensors.items():
+            assert torch.equal(ckpt[name], t), name
+    report = torchdiff.compare(path, {k: v.contiguous() for k, v in tensors.items()}, device="cpu")
+    assert not report.has_differences
+    for d in report:
+        ref = tensors[d.name].contiguous().numpy().astype(np.float64)
+        assert d.old.mean == pytest.approx(ref.mean(), rel=1e-6)
+        assert d.old.std == pytest.approx(ref.std(), rel=1e-5)
+        assert (d.old.min, d.old.max) == (ref.min(), ref.max())
+
+
+def test_top_level_tensor_and_list_of_tensors(write_pt):
+    t = torch.arange(3.0)
+    with torchdiff.load(write_pt("t.pt", t)) as ckpt:
+        assert list(ckpt.tensors) == ["tensor"]
+    with torchdiff.load(write_pt("l.pt", [t, {"a": t}])) as ckpt:
+        assert set(ckpt.tensors) == {"0", "1.a"}
+
+
+def test_in_memory_sources_match_files(write_pt, write_safetensors):
+    sd = {"a": torch.randn(4, 4), "b": torch.arange(5)}
+    module = torch.nn.Linear(2, 2)
+    r1 = torchdiff.compare(write_pt("a.pt", sd), write_safetensors("a.safetensors", sd), device="cpu")
+    assert not r1.has_differences and len(r1) == 2
+    r2 = torchdiff.compare(module, dict(module.state_dict()), device="cpu")
+    assert not r2.has_differences and {d.name for d in r2} == {"weight", "bias"}
+    with pytest.raises(torchdiff.UsageError, match="cannot compare a list"):
+        torchdiff.compare([1, 2], sd)
+
+
+# ---- the third-party fixtures -------------------------------------------------------------
+
+FIXTURE_TENSORS = {
+    # name: tensors it must hold (from ../shared/fixtures/diffai/metadata.json)
+    "simple_base": 6, "simple_modified": 6, "checkpoint_epoch_0": 6, "checkpoint_epoch_10": 6,
+    "checkpoint_epoch_50": 6, "model_fp32": 6, "model_quantized": 6, "normal_model": 6, "anomalous_model": 6,
+    "small_model": 2, "large_model": 10, "transformer": 15,
+}
+NOT_TORCH = {"model1.pt", "model2.pt"}
+
+
+def test_every_fixture_file_loads_or_is_refused(fixtures_dir):
+    seen = 0
+    for path in sorted(fixtures_dir.iterdir()):
+        seen += 1
+        if path.name in NOT_TORCH:
+            with pytest.raises(torchdiff.CorruptFileError, match=r"model\d\.pt: not a PyTorch checkpoint"):
+                torchdiff.load(path)
+        elif path.suffix in (".json", ".md"):
+            with pytest.raises(torchdiff.UnknownFormatError, match="unknown checkpoint format"):
+                torchdiff.load(path)
+        else:
+            with torchdiff.load(path) as ckpt:
+                assert len(ckpt) > 0, path.name
+                stem = path.stem
+                if stem in FIXTURE_TENSORS:
+                    assert len(ckpt) == FIXTURE_TENSORS[stem], path.name
+                for h in ckpt.tensors.values():
+                    assert tuple(h.materialize().shape) == h.shape
+    assert seen >= 29
+
+
+@pytest.mark.parametrize("stem", sorted(FIXTURE_TENSORS))
+def test_fixture_pt_and_safetensors_hold_the_same_tensors(fixtures_dir, stem):
+    report = torchdiff.compare(fixtures_dir / f"{stem}.pt", fixtures_dir / f"{stem}.safetensors", device="cpu")
+    assert len(report) == FIXTURE_TENSORS[stem]
+    assert not report.has_differences
+
+
+def test_fixture_counts_match_the_authors_description(fixtures_dir):
+    desc = json.loads((fixtures_dir / "metadata.json").read_text())["models"]
+    for name in ("simple_base", "transformer"):
+        with torchdiff.load(fixtures_dir / f"{name}.safetensors") as ckpt:
+            assert ckpt.params == desc[name]["parameters"]
+    with torchdiff.load(fixtures_dir / "small_model.pt") as ckpt:
+        assert ckpt.params == 55
+
+
+def test_legacy_gpt2_fixture(fixtures_dir):
+    path = fixtures_dir / "tiny_gpt2_real.bin"
+    with torchdiff.load(path) as ckpt:
+        assert len(ckpt) == 33
+        assert not any(h.mapped for h in ckpt.tensors.values())
+        assert ckpt.tensors["transformer.wte.weight"].shape == (50257, 2)
+        masks = [h for h in ckpt.tensors.values() if h.dtype == torch.uint8]
+        assert masks and all(h.storage_dtype == "uint8" for h in masks)
+    report = torchdiff.inspect(path, device="cpu")
+    mask = next(d for d in report if d.name == "transformer.h.0.attn.bias")
+    assert mask.new.min == 0.0 and mask.new.max == 1.0 and mask.new.dtype == "uint8"
