@@ -1,0 +1,311 @@
+"""The adapters against the real frameworks (each test skips when its framework is absent),
+and the promise that ``import torchdiff`` imports none of them."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import torchdiff
+from torchdiff.errors import MissingDependencyError, UsageError
+
+FRAMEWORKS = ("lightning", "pytorch_lightning", "transformers", "mlflow", "pandas")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_import_torchdiff_imports_no_framework():
+    code = textwrap.dedent(f"""
+        import sys
+        import torchdiff, torchdiff.callbacks, torchdiff.integrations
+        import torchdiff.integrations.lightning, torchdiff.integrations.transformers, torchdiff.integrations.mlflow
+        print([m for m in sys.modules if m.split(".")[0] in {FRAMEWORKS!r}])
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+@pytest.mark.parametrize("module, attribute, blocked", [
+    ("lightning", "TorchDiffCallback", ("lightning", "lightning.pytorch", "pytorch_lightning")),
+    ("lightning", "PLTorchDiffCallback", ("pytorch_lightning",)),
+    ("transformers", "TorchDiffCallback", ("transformers",)),
+])
+def test_missing_framework_is_a_clear_error(monkeypatch, module, attribute, blocked):
+    import importlib
+
+    mod = importlib.import_module(f"torchdiff.integrations.{module}")
+    for name in blocked:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.delitem(mod.__dict__, attribute, raising=False)
+    if module == "lightning":
+        monkeypatch.setattr(mod, "_CLASSES", {})
+    else:
+        monkeypatch.setattr(mod, "_CLASS", [])
+    with pytest.raises(MissingDependencyError, match="pip install"):
+        getattr(mod, attribute)
+
+
+def test_missing_mlflow_is_a_clear_error(monkeypatch):
+    from torchdiff.integrations import mlflow as td_mlflow
+
+    monkeypatch.setitem(sys.modules, "mlflow", None)
+    report = torchdiff.compare({"w": torch.zeros(2)}, {"w": torch.ones(2)})
+    with pytest.raises(MissingDependencyError, match=r"pip install mlflow"):
+        td_mlflow.log_report(report)
+
+
+# ---- Lightning ------------------------------------------------------------------------
+
+
+def _lightning():
+    try:
+        import lightning.pytorch as pl
+    except ImportError:
+        pl = pytest.importorskip("pytorch_lightning")
+    return pl
+
+
+def _lightning_module(pl):
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    return Module()
+
+
+def _loader():
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 4, generator=g), torch.randn(64, 1, generator=g))
+    return torch.utils.data.DataLoader(data, batch_size=8)
+
+
+def _fit(pl, callbacks, logger, steps=20, accumulate=1):
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, callbacks=callbacks, logger=logger,
+                         accumulate_grad_batches=accumulate, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1)
+    module = _lightning_module(pl)
+    trainer.fit(module, _loader())
+    return trainer, module
+
+
+def _memory_logger(pl):
+    from_pkg = pl.__name__.split(".")[0]
+    Logger = (__import__(f"{from_pkg}.pytorch.loggers", fromlist=["Logger"]) if from_pkg == "lightning"
+              else __import__("pytorch_lightning.loggers", fromlist=["Logger"])).Logger
+
+    class MemoryLogger(Logger):
+        def __init__(self):
+            super().__init__()
+            self.rows = []
+
+        @property
+        def name(self):
+            return "memory"
+
+        @property
+        def version(self):
+            return 0
+
+        def log_hyperparams(self, params, *args, **kwargs):
+            pass
+
+        def log_metrics(self, metrics, step=None):
+            self.rows.append((step, dict(metrics)))
+
+    return MemoryLogger()
+
+
+def test_lightning_callback_logs_each_report_once():
+    pl = _lightning()
+    from torchdiff.integrations import lightning as td_lightning
+
+    cls = td_lightning.TorchDiffCallback if pl.__name__.startswith("lightning") else td_lightning.PLTorchDiffCallback
+    assert issubclass(cls, pl.Callback)
+    states = {}
+
+    class Capture(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            # the first batch of each optimizer step: BatchNorm statistics move on later batches
+            states.setdefault(trainer.global_step, {k: v.clone() for k, v in pl_module.state_dict().items()})
+
+    reports = []
+    callback = cls(every=5, on_report=lambda step, report: reports.append(step))
+    logger = _memory_logger(pl)
+    trainer, module = _fit(pl, [callback, Capture()], logger, steps=20, accumulate=2)
+    history = callback.history
+    assert [(r.step, r.reference_step) for r in history] == [(5, 0), (10, 5), (15, 10), (20, 15)]
+    assert reports == [5, 10, 15, 20]
+    logged = [(step, m) for step, m in logger.rows if "torchdiff/update_rel_l2" in m]
+    assert [step for step, _ in logged] == [5, 10, 15, 20]  # once per report, at its step
+    for (step, metrics), record in zip(logged, history):
+        assert metrics == pytest.approx(record.scalars())
+    # the figures are the engine's on the states at those steps
+    direct = torchdiff.compare(states[15], states[20], device="cpu")
+    assert history[-1].total.l2 == pytest.approx(math.sqrt(sum(
+        d.metrics.l2**2 for d in direct if d.metrics is not None and d.new.dtype.startswith("float"))))
+    assert float(trainer.callback_metrics["torchdiff/update_rel_l2"]) == pytest.approx(history[-1].total.rel_l2)
+    assert "torchdiff/layer_rel_l2/net.0" in history[-1].scalars()
+
+
+def test_lightning_log_dict_mode():
+    pl = _lightning()
+    from torchdiff.integrations import lightning as td_lightning
+
+    cls = td_lightning.TorchDiffCallback if pl.__name__.startswith("lightning") else td_lightning.PLTorchDiffCallback
+    callback = cls(every=4, log_with="log_dict")
+    trainer, _ = _fit(pl, [callback], _memory_logger(pl), steps=8)
+    assert [r.step for r in callback.history] == [4, 8]
+    assert trainer.logged_metrics["torchdiff/update_rel_l2"] == pytest.approx(callback.history[-1].total.rel_l2)
+    with pytest.raises(UsageError, match="log_with"):
+        cls(log_with="print")
+    with pytest.raises(UsageError, match="every"):
+        cls(every=0)
+
+
+# ---- transformers -----------------------------------------------------------------------
+
+
+class _HFNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 8)
+        self.fc2 = nn.Linear(8, 1)
+
+    def forward(self, x, labels=None):
+        out = self.fc2(torch.relu(self.fc1(x)))
+        return {"loss": nn.functional.mse_loss(out, labels), "logits": out}
+
+
+class _HFData(torch.utils.data.Dataset):
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(64, 4, generator=g), torch.randn(64, 1, generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+def test_transformers_callback(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from torchdiff.integrations.transformers import TorchDiffCallback, add_callback
+
+    assert issubclass(TorchDiffCallback, TrainerCallback)
+    torch.manual_seed(0)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=10, per_device_train_batch_size=8,
+                             save_strategy="steps", save_steps=4, logging_steps=1000, report_to=[], use_cpu=True,
+                             disable_tqdm=True, learning_rate=0.05, seed=0)
+    trainer = Trainer(model=_HFNet(), args=args, train_dataset=_HFData())
+    callback = add_callback(trainer, every=5)
+    assert trainer.callback_handler.callbacks[0] is callback
+    trainer.train()
+    history = callback.history
+    assert [(r.step, r.reference_step) for r in history] == [(5, 0), (10, 5)]
+    logged = [e for e in trainer.state.log_history if "torchdiff/update_rel_l2" in e]
+    assert [e["step"] for e in logged] == [5, 10]
+    assert logged[-1]["torchdiff/update_rel_l2"] == pytest.approx(history[-1].total.rel_l2)
+    # a torchdiff.json in every checkpoint; at a report step it is that report
+    for step in (4, 8, 10):
+        items = json.loads((tmp_path / f"checkpoint-{step}" / "torchdiff.json").read_text())
+        assert any(i["type"] == "tensor_changed" for i in items)
+    assert (tmp_path / "checkpoint-10" / "torchdiff.json").read_text() == callback.last_report.to_json()
+    # the saved checkpoint's weights are the state the last report compared
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "checkpoint-10" / "model.safetensors"))
+    live = {d.name: d.new for d in callback.last_report.comparison.diffs}
+    for name, tensor in saved.items():
+        assert live[name].mean == pytest.approx(tensor.double().mean().item(), rel=1e-5, abs=1e-8)
+
+
+# ---- MLflow -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def mlflow_store(tmp_path_factory):
+    mlflow = pytest.importorskip("mlflow")
+    root = tmp_path_factory.mktemp("mlflow")
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    mlflow.create_experiment("torchdiff-tests", artifact_location=(root / "artifacts").as_uri())
+    mlflow.set_experiment("torchdiff-tests")
+    yield mlflow, root
+    mlflow.set_tracking_uri(None)
+
+
+def test_metric_names_are_sanitised():
+    from torchdiff.integrations.mlflow import metric_name, metrics_of
+
+    assert metric_name("torchdiff/rel_l2/layers[0].w (old)") == "torchdiff/rel_l2/layers_0_.w _old_"
+    assert len(metric_name("x" * 400)) == 250
+    out = metrics_of({"a[b]": 1.0, "a(b)": 2.0, "nan": math.nan, "inf": math.inf, "ok/1": 3})
+    assert out == {"a_b_": 1.0, "a_b__2": 2.0, "ok/1": 3.0}
+
+
+def test_log_report(mlflow_store):
+    mlflow, root = mlflow_store
+    from torchdiff.integrations.mlflow import log_report
+
+    old = {"layers.0.w": torch.ones(4), "layers.0.b[x]": torch.zeros(2), "head": torch.ones(3)}
+    new = {"layers.0.w": torch.full((4,), 2.0), "layers.0.b[x]": torch.ones(2), "head": torch.ones(3)}
+    report = torchdiff.compare(old, new)
+    with mlflow.start_run() as run:
+        logged = log_report(report, step=7)
+    client = mlflow.tracking.MlflowClient()
+    data = client.get_run(run.info.run_id).data
+    assert data.metrics["torchdiff/global_rel_l2"] == pytest.approx(report.scalars()["torchdiff/global_rel_l2"])
+    assert data.metrics["torchdiff/total_changes"] == len(report.to_dict())
+    assert "torchdiff/rel_l2/layers.0.b_x_" not in data.metrics  # rel_l2 of a zero tensor is ∞: left out
+    assert set(logged) <= set(data.metrics)
+    history = client.get_metric_history(run.info.run_id, "torchdiff/global_rel_l2")
+    assert [m.step for m in history] == [7]
+    path = client.download_artifacts(run.info.run_id, "torchdiff.json", str(root / "download"))
+    assert json.loads(open(path).read()) == json.loads(report.to_json())
+
+
+def test_report_logger_with_a_monitor(mlflow_store):
+    mlflow, root = mlflow_store
+    from torchdiff.callbacks import CheckpointMonitor
+    from torchdiff.integrations.mlflow import report_logger
+
+    model = nn.Linear(3, 2)
+    with mlflow.start_run() as run:
+        monitor = CheckpointMonitor(model, every=2)
+        monitor.on_report = report_logger(artifact_dir="td", monitor=monitor)
+        for _ in range(4):
+            with torch.no_grad():
+                model.weight.mul_(1.1)
+            monitor.step()
+    client = mlflow.tracking.MlflowClient()
+    history = client.get_metric_history(run.info.run_id, "torchdiff/update_rel_l2")
+    points = sorted((m.step, m.value) for m in history)
+    assert [s for s, _ in points] == [r.step for r in monitor.history] == [2, 4]
+    assert [v for _, v in points] == pytest.approx([r.total.rel_l2 for r in monitor.history])
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "td")} == {
+        "td/step_00000002.json", "td/step_00000004.json"}

@@ -1,0 +1,709 @@
+"""Training-loop monitor: snapshot the model every N steps and compare through the engine.
+
+>>> import torch, torchdiff.callbacks as tc
+>>> model = torch.nn.Linear(4, 2)
+>>> monitor = tc.CheckpointMonitor(model, every=2)
+>>> with torch.no_grad():
+...     _ = model.weight.add_(0.1)
+>>> monitor.step() is None      # step 1: nothing to do (no host sync either)
+True
+>>> report = monitor.step()     # step 2: compared with the snapshot of step 0
+>>> record = monitor.history[-1]
+>>> (record.step, record.reference_step, record.total.rel_l2 > 0)
+(2, 0, True)
+
+The comparison is the CLI's: the two sides become Checkpoints through
+``formats.from_object`` and go through ``api.compare_checkpoints`` with the same
+Engine, options and analyses. Between report steps ``step()`` only counts (a
+Python int): no tensor is touched, so there is no host synchronisation.
+
+Memory (see docs/CALLBACKS.md): ``keep="cpu"`` holds one copy of the model's
+state in host memory (pinned when the model is on CUDA, plus a reused pinned
+staging copy of the live state for the comparison); ``keep="device"`` holds one
+copy on the model's device; ``keep="stats"`` holds only per-tensor statistics
+(a few hundred bytes a tensor) — then the figures that need both sides' values
+(l2, rel_l2, cosine, max_abs, changed_fraction) are not available.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+
+from torchdiff import api, formats
+from torchdiff.engine import Engine, resolve_device
+from torchdiff.errors import MissingDependencyError, TorchDiffError, UsageError
+from torchdiff.formats.base import Checkpoint
+from torchdiff.layers import layer_of
+from torchdiff.results import (
+    ADDED, CHANGED, REMOVED, RESHAPED, RETYPED, UNCHANGED,
+    Comparison, Report, TensorDiff, TensorStats,
+)
+
+KEEP_MODES = ("cpu", "device", "stats")
+REFERENCES = ("previous", "initial")
+#: Analyses that run with ``keep="stats"``: they need one checkpoint's values (the
+#: live model's, as ``torchdiff inspect`` does), not both sides'.
+STATS_ANALYSES = ("stats", "memory_analysis", "anomaly_detection", "architecture_comparison")
+
+OnReport = Callable[[int, Report], Any]
+
+
+# ---- figures kept in the history ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateFigures:
+    """The update of one tensor, one layer, or the whole model between two snapshots.
+
+    ``l2`` = ‖Δ‖ and ``dot`` = ⟨A, B⟩ are NaN with ``keep="stats"`` (no values kept);
+    ``norm_old``/``norm_new`` = ‖A‖, ‖B‖ are always known. Groups combine tensors by
+    sums of squares: ‖Δ_g‖ = sqrt(Σ‖Δ_k‖²), as ``--show-layer-impact``.
+    """
+
+    params: int
+    l2: float
+    norm_old: float
+    norm_new: float
+    dot: float
+
+    @property
+    def rel_l2(self) -> float:
+        """r = ‖Δ‖/‖A‖ (∞ when ‖A‖ = 0 < ‖Δ‖; NaN with keep="stats")."""
+        if math.isnan(self.l2):
+            return math.nan
+        if self.norm_old > 0:
+            return self.l2 / self.norm_old
+        return math.inf if self.l2 > 0 else 0.0
+
+    @property
+    def cosine(self) -> float:
+        """cos(A, B) (NaN with keep="stats", or when one side is zero)."""
+        denom = self.norm_old * self.norm_new
+        if math.isnan(self.dot):
+            return math.nan
+        if denom == 0:
+            return 1.0 if self.norm_old == self.norm_new else math.nan
+        return max(-1.0, min(1.0, self.dot / denom))
+
+    @property
+    def norm_change(self) -> float:
+        """(‖B‖ − ‖A‖)/‖A‖: the relative change of the norm (known in every keep mode)."""
+        if self.norm_old > 0:
+            return (self.norm_new - self.norm_old) / self.norm_old
+        return math.inf if self.norm_new > 0 else 0.0
+
+    @property
+    def rel_l2_lower_bound(self) -> float:
+        """|‖B‖ − ‖A‖|/‖A‖ ≤ rel_l2 (triangle inequality): what keep="stats" can bound."""
+        return abs(self.norm_change)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"params": self.params, "l2": self.l2, "rel_l2": self.rel_l2, "cosine": self.cosine,
+                "norm_old": self.norm_old, "norm_new": self.norm_new, "norm_change": self.norm_change}
+
+
+class _Sum:
+    __slots__ = ("params", "dsq", "old_sq", "new_sq", "dot")
+
+    def __init__(self) -> None:
+        self.params = 0
+        self.dsq = self.old_sq = self.new_sq = self.dot = 0.0
+
+    def add(self, f: UpdateFigures) -> None:
+        self.params += f.params
+        self.dsq += f.l2 * f.l2
+        self.old_sq += f.norm_old * f.norm_old
+        self.new_sq += f.norm_new * f.norm_new
+        self.dot += f.dot
+
+    def figures(self) -> UpdateFigures:
+        return UpdateFigures(self.params, math.sqrt(self.dsq), math.sqrt(self.old_sq),
+                             math.sqrt(self.new_sq), self.dot)
+
+
+@dataclass(frozen=True, slots=True)
+class MonitorRecord:
+    """What one report step measured: the light entry of ``CheckpointMonitor.history``.
+
+    ``total`` and ``layers`` cover the floating-point tensors present on both sides
+    with the same shape (integer and bool buffers such as ``num_batches_tracked`` are
+    in the report but not in the update figures); ``tensors`` covers every such pair.
+    With ``reference="previous"``, ``total.rel_l2`` is the convergence analysis's
+    r_t = ‖θ_t − θ_{t−every}‖/‖θ_{t−every}‖.
+    """
+
+    step: int
+    reference_step: int
+    keep: str
+    total: UpdateFigures
+    layers: Mapping[str, UpdateFigures]
+    tensors: Mapping[str, UpdateFigures]
+    counts: Mapping[str, int]
+    analysis_scalars: Mapping[str, float] = field(default_factory=dict)
+    report: Report | None = None
+
+    @property
+    def exact(self) -> bool:
+        """False with keep="stats": only statistics-based figures are known."""
+        return self.keep != "stats"
+
+    def scalars(self, tensors: bool = False) -> dict[str, float]:
+        """A flat dict for a metrics logger.
+
+        Keys: ``torchdiff/<status>`` counts; ``torchdiff/update_l2``,
+        ``torchdiff/update_rel_l2``, ``torchdiff/update_cosine`` (exact modes only);
+        ``torchdiff/param_norm`` and ``torchdiff/param_norm_change``;
+        ``torchdiff/layer_rel_l2/<layer>`` (exact) or ``torchdiff/layer_norm_change/<layer>``
+        (keep="stats"); ``torchdiff/rel_l2/<tensor>`` with ``tensors=True``;
+        ``torchdiff/<analysis>/<figure>`` for the analyses' numeric headline figures.
+        """
+        out: dict[str, float] = {f"torchdiff/{s}": float(n) for s, n in self.counts.items()}
+        t = self.total
+        if self.exact:
+            out["torchdiff/update_l2"] = t.l2
+            out["torchdiff/update_rel_l2"] = t.rel_l2
+            out["torchdiff/update_cosine"] = t.cosine
+        out["torchdiff/param_norm"] = t.norm_new
+        out["torchdiff/param_norm_change"] = t.norm_change
+        for name, f in self.layers.items():
+            if self.exact:
+                out[f"torchdiff/layer_rel_l2/{name}"] = f.rel_l2
+            else:
+                out[f"torchdiff/layer_norm_change/{name}"] = f.norm_change
+        if tensors:
+            for name, f in self.tensors.items():
+                if self.exact:
+                    out[f"torchdiff/rel_l2/{name}"] = f.rel_l2
+                else:
+                    out[f"torchdiff/norm_change/{name}"] = f.norm_change
+        out.update(self.analysis_scalars)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step, "reference_step": self.reference_step, "keep": self.keep,
+            "total": self.total.to_dict(),
+            "layers": {k: v.to_dict() for k, v in self.layers.items()},
+            "counts": dict(self.counts),
+        }
+
+
+def _is_float(dtype: str) -> bool:
+    return dtype.startswith(("float", "bfloat", "complex"))
+
+
+def record_of(step: int, reference_step: int, report: Report, keep: str = "cpu",
+              layer_pattern: str | None = None, keep_report: bool = False,
+              tensor_figures: bool = True) -> MonitorRecord:
+    """The MonitorRecord of a Report (``keep="stats"`` reports carry no pair metrics);
+    ``tensor_figures=False`` leaves ``record.tensors`` empty (layers and total only)."""
+    total, layers = _Sum(), {}
+    tensors: dict[str, UpdateFigures] = {}
+    for d in report.comparison.diffs:
+        if d.status not in (CHANGED, UNCHANGED, RETYPED) or d.old is None or d.new is None:
+            continue
+        if d.metrics is not None:
+            m = d.metrics
+            f = UpdateFigures(d.params, m.l2, m.norm_old, m.norm_new, m.dot)
+        else:
+            f = UpdateFigures(d.params, math.nan, d.old.norm, d.new.norm, math.nan)
+        if tensor_figures:
+            tensors[d.name] = f
+        if not (_is_float(d.old.dtype) and _is_float(d.new.dtype)):
+            continue
+        total.add(f)
+        layer = layer_of(d.name, layer_pattern)
+        if layer not in layers:
+            layers[layer] = _Sum()
+        layers[layer].add(f)
+    analysis_scalars = {}
+    for a in report.analyses:
+        for key, value in a.headline.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                analysis_scalars[f"torchdiff/{a.name}/{key}"] = float(value)
+    return MonitorRecord(
+        step=step, reference_step=reference_step, keep=keep, total=total.figures(),
+        layers={k: s.figures() for k, s in layers.items()}, tensors=tensors,
+        counts=report.comparison.counts(), analysis_scalars=analysis_scalars,
+        report=report if keep_report else None,
+    )
+
+
+# ---- rows for pandas and plain Python -----------------------------------------------
+
+_STAT_FIELDS = ("mean", "std", "min", "max", "mean_abs", "rms", "zero_fraction", "nan_count", "inf_count")
+_METRIC_FIELDS = ("l2", "rel_l2", "nmse", "cosine", "rmse", "max_abs", "mean_abs_diff", "changed_fraction")
+
+
+def to_records(report: Report, layer_pattern: str | None = None) -> list[dict[str, Any]]:
+    """One plain dict per tensor (every tensor, in output order): name, layer, status,
+    shape, dtype, params, ``old_<stat>``/``new_<stat>`` and the pair metrics (None where
+    a figure does not apply)."""
+    rows = []
+    for d in report.ordered_diffs():
+        side = d.new if d.new is not None else d.old
+        row: dict[str, Any] = {
+            "name": d.name, "layer": layer_of(d.name, layer_pattern), "status": d.status,
+            "shape": tuple(side.shape) if side is not None else None,
+            "dtype": side.dtype if side is not None else None, "params": d.params,
+        }
+        for prefix, stats in (("old", d.old), ("new", d.new)):
+            for f in _STAT_FIELDS:
+                row[f"{prefix}_{f}"] = getattr(stats, f) if stats is not None else None
+        for f in _METRIC_FIELDS:
+            row[f] = getattr(d.metrics, f) if d.metrics is not None else None
+        rows.append(row)
+    return rows
+
+
+def layer_records(report: Report, layer_pattern: str | None = None) -> list[dict[str, Any]]:
+    """One plain dict per layer (floating-point tensors present on both sides):
+    layer, params, l2, rel_l2, cosine, norm_old, norm_new, norm_change."""
+    record = record_of(0, 0, report, "cpu" if _has_metrics(report) else "stats", layer_pattern)
+    return [{"layer": name, **f.to_dict()} for name, f in record.layers.items()]
+
+
+def history_records(history: Iterable[MonitorRecord], level: str = "global") -> list[dict[str, Any]]:
+    """The monitor's history as rows: ``level="global"`` one row per step,
+    ``"layer"`` one per (step, layer), ``"tensor"`` one per (step, tensor)."""
+    if level not in ("global", "layer", "tensor"):
+        raise UsageError(f"history level must be global, layer or tensor, got {level!r}")
+    rows = []
+    for r in history:
+        base = {"step": r.step, "reference_step": r.reference_step}
+        if level == "global":
+            rows.append({**base, **r.total.to_dict(), **{k: v for k, v in r.counts.items()}})
+        else:
+            items = r.layers if level == "layer" else r.tensors
+            for name, f in items.items():
+                rows.append({**base, level: name, **f.to_dict()})
+    return rows
+
+
+def to_pandas(source: Report | Iterable[MonitorRecord] | list[dict[str, Any]], level: str = "tensor"):
+    """A pandas DataFrame of ``to_records(report)`` (``level="tensor"``) or
+    ``layer_records(report)`` (``"layer"``); for a monitor history, ``history_records``
+    at ``level`` (``"global"``, ``"layer"``, ``"tensor"``). pandas is imported here."""
+    try:
+        import pandas as pd
+    except ImportError:
+        raise MissingDependencyError("to_pandas needs pandas (pip install pandas)") from None
+    if isinstance(source, Report):
+        if level not in ("tensor", "layer"):
+            raise UsageError(f"a Report's level is tensor or layer, got {level!r}")
+        rows = to_records(source) if level == "tensor" else layer_records(source)
+    else:
+        source = list(source)
+        if source and isinstance(source[0], MonitorRecord):
+            rows = history_records(source, level)
+        else:
+            rows = source
+    return pd.DataFrame(rows)
+
+
+def _has_metrics(report: Report) -> bool:
+    return any(d.metrics is not None for d in report.comparison.diffs)
+
+
+# ---- the monitor ------------------------------------------------------------------
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    """Tensors with one key are the same values (tied weights): one snapshot buffer."""
+    return (t.device, t.dtype, t.data_ptr(), tuple(t.shape), tuple(t.stride()))
+
+
+class CheckpointMonitor:
+    """Compare the live model with a snapshot every ``every`` steps.
+
+    Args:
+        model: the ``nn.Module`` being trained (its ``state_dict()``: parameters and
+            persistent buffers; ``include_buffers=False`` for parameters only).
+        every: report every this many steps (``step()`` calls, or ``monitor(step)``
+            with the step divisible by ``every``).
+        reference: ``"previous"`` compares with the last report's state (update per
+            interval, r_t); ``"initial"`` with the state at construction (distance
+            travelled).
+        analyses: analysis names or flags, as ``torchdiff.compare`` (``"anomaly_detection"``...).
+        device: where the engine reduces: ``"cpu"``, ``"cuda[:N]"``, ``"auto"``; default
+            the model's device.
+        keep: ``"cpu"``, ``"device"`` or ``"stats"`` — where the reference lives (see the
+            module docstring and docs/CALLBACKS.md for the memory each costs).
+        on_report: called as ``on_report(step, report)`` after each report.
+        include_buffers: compare buffers (running statistics) as well as parameters.
+        keep_reports: keep each full Report in its history record (``record.report``);
+            by default only the last one is kept (``monitor.last_report``).
+        save_dir: if set, the states at report steps (and the first reference) are also
+            written there as ``step_XXXXXXXX.safetensors``, for ``series_report()`` and
+            the CLI's ``torchdiff series``.
+        start_step: the step number of the state at construction (resumed runs).
+        tensor_history: keep per-tensor figures in each history record (``record.tensors``);
+            False keeps the total and per-layer figures only (a lighter history for
+            models with thousands of tensors and long runs).
+        **compare_options: ``epsilon``, ``ignore_keys_regex``, ``path`` and the analyses'
+            own options, as ``torchdiff.compare``.
+
+    Raises:
+        UsageError: a bad option, before any copy is made.
+    """
+
+    def __init__(self, model: torch.nn.Module, every: int = 100, reference: str = "previous",
+                 analyses: Iterable[str] = (), device: str | torch.device | None = None,
+                 keep: str = "cpu", on_report: OnReport | None = None, *,
+                 include_buffers: bool = True, keep_reports: bool = False,
+                 save_dir: str | os.PathLike | None = None, start_step: int = 0,
+                 tensor_history: bool = True, **compare_options: Any) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise UsageError(f"CheckpointMonitor watches an nn.Module, got a {type(model).__name__}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise UsageError(f"every must be a positive int, got {every!r}")
+        if reference not in REFERENCES:
+            raise UsageError(f"reference must be one of {', '.join(REFERENCES)}, got {reference!r}")
+        if keep not in KEEP_MODES:
+            raise UsageError(f"keep must be one of {', '.join(KEEP_MODES)}, got {keep!r}")
+        if on_report is not None and not callable(on_report):
+            raise UsageError("on_report must be a callable on_report(step, report)")
+        for key in ("format", "recursive", "unsafe_pickle"):
+            if key in compare_options:
+                raise UsageError(f"option {key!r} is for files; the monitor compares the live model")
+        self.model = model
+        self.every = every
+        self.reference = reference
+        self.keep = keep
+        self.on_report = on_report
+        self.include_buffers = bool(include_buffers)
+        self.keep_reports = bool(keep_reports)
+        self.tensor_history = bool(tensor_history)
+        self.save_dir = os.fspath(save_dir) if save_dir is not None else None
+        self._compare_options = dict(compare_options)
+        live = self._live()
+        self._model_device = next((t.device for t in live.values() if t.device.type != "cpu"), torch.device("cpu"))
+        if device is None:
+            device = "cuda" if self._model_device.type == "cuda" else "cpu"
+            if self._model_device.type == "cuda":
+                device = str(self._model_device)
+        self.options = api.make_options(tuple(analyses), device=str(device), **compare_options)
+        if keep == "stats":
+            bad = [n for n in self.options.analyses if n not in STATS_ANALYSES]
+            if bad:
+                raise UsageError(
+                    f"keep='stats' keeps no values: {', '.join(bad)} needs both sides' values "
+                    f"(use keep='cpu' or 'device'; with 'stats' only {', '.join(STATS_ANALYSES)} run)"
+                )
+        threads = torch.get_num_threads()
+        self.engine = Engine(resolve_device(self.options.device), self.options.epsilon)
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)  # the Engine raises torch's threads; the training loop keeps its own
+        self.history: list[MonitorRecord] = []
+        self.last_report: Report | None = None
+        self.saved: dict[int, str] = {}
+        self._step = int(start_step)
+        self._reference_step = self._step
+        self._last_report_step: int | None = None
+        # key per name (tied weights share a key), buffers per key
+        self._keys: dict[str, tuple] = {}
+        self._snapshot: dict[tuple, torch.Tensor] = {}
+        self._staging: dict[tuple, torch.Tensor] = {}
+        self._ref_stats: dict[str, TensorStats] = {}
+        self._pending_reference_save = False
+        if self.save_dir is not None:
+            os.makedirs(self.save_dir, exist_ok=True)
+        self._take_reference(live)
+
+    # ---- public ------------------------------------------------------------------
+
+    @property
+    def step_count(self) -> int:
+        """The current step (a Python int)."""
+        return self._step
+
+    @property
+    def reference_step(self) -> int:
+        return self._reference_step
+
+    def step(self) -> Report | None:
+        """Count one training step; every ``every`` steps compare and return the Report."""
+        self._step += 1
+        if self._step % self.every == 0:
+            return self.report()
+        return None
+
+    def __call__(self, step: int | None = None) -> Report | None:
+        """``monitor()`` is ``monitor.step()``; ``monitor(step)`` sets the step (a Python
+        int, e.g. ``trainer.global_step``) and reports when it is a multiple of ``every``
+        not reported yet."""
+        if step is None:
+            return self.step()
+        self._step = int(step)
+        if (self._step % self.every == 0 and self._step != self._last_report_step
+                and self._step != self._reference_step):
+            return self.report()
+        return None
+
+    def report(self, step: int | None = None) -> Report:
+        """Compare now (at ``step``, default the current one), whatever the step count."""
+        if step is not None:
+            self._step = int(step)
+        step = self._step
+        live = self._live()
+        report, new_host = self._compare(live)
+        record = record_of(step, self._reference_step, report, self.keep,
+                           self.options.get("layer_pattern"), self.keep_reports, self.tensor_history)
+        self.history.append(record)
+        self.last_report = report
+        self._last_report_step = step
+        if self.save_dir is not None:
+            self._save(step, new_host)
+        if self.reference == "previous":
+            self._advance(live, report)
+        if self.on_report is not None:
+            self.on_report(step, report)
+        return report
+
+    def compare(self) -> Report:
+        """Compare the live state with the reference now, without recording it in the
+        history, calling ``on_report`` or moving the reference."""
+        report, _ = self._compare(self._live())
+        return report
+
+    def reset(self) -> None:
+        """Take a new reference from the live model now (history is kept)."""
+        self._reference_step = self._step
+        self._take_reference(self._live())
+
+    def series_report(self, analyses: Iterable[str] | None = None, **kwargs: Any):
+        """Run ``torchdiff.series.compare_series`` over the states saved in ``save_dir``,
+        labelled ``step N``, in step order (default analyses: the series defaults,
+        convergence and similarity across the whole run; ``kwargs`` as compare_series).
+
+        Raises:
+            TorchDiffError: ``torchdiff.series`` is not available, or nothing was saved
+                (pass ``save_dir=``), or fewer than two states were saved.
+        """
+        try:
+            from torchdiff import series
+        except ModuleNotFoundError as e:
+            if e.name not in ("torchdiff.series", "torchdiff"):
+                raise
+            raise TorchDiffError(
+                "series_report needs torchdiff.series (series comparison), which this torchdiff lacks; "
+                "use monitor.history for per-step figures"
+            ) from None
+        if self.save_dir is None:
+            raise UsageError("series_report compares the saved states: create the monitor with save_dir=...")
+        if len(self.saved) < 2:
+            raise UsageError(f"series_report needs at least two saved states, {len(self.saved)} saved so far")
+        sources = {f"step {s}": self.saved[s] for s in sorted(self.saved)}
+        options = {"device": self.options.device, **self._compare_options, **kwargs}
+        return series.compare_series(sources, analyses=tuple(analyses or ()), **options)
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the snapshot and staging buffers."""
+        return sum(t.numel() * t.element_size() for d in (self._snapshot, self._staging) for t in d.values())
+
+    def __repr__(self) -> str:
+        return (f"CheckpointMonitor(every={self.every}, reference={self.reference!r}, keep={self.keep!r}, "
+                f"step={self._step}, reports={len(self.history)})")
+
+    # ---- the live state ---------------------------------------------------------------
+
+    def _live(self) -> dict[str, torch.Tensor]:
+        if self.include_buffers:
+            sd = self.model.state_dict()
+            return {k: v.detach() for k, v in sd.items() if isinstance(v, torch.Tensor)}
+        return {k: p.detach() for k, p in self.model.named_parameters()}
+
+    def _host(self, live: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Host tensors of the live state for the engine (which reads host tensors):
+        CPU tensors as they are; device tensors through the reused pinned staging
+        buffers (keep="cpu") or a transient copy (keep="device"/"stats")."""
+        out: dict[str, torch.Tensor] = {}
+        devices = set()
+        copied: set[tuple] = set()
+        for name, t in live.items():
+            if t.device.type == "cpu":
+                out[name] = t
+                continue
+            devices.add(t.device)
+            if self.keep == "cpu":
+                key = _storage_key(t)
+                buf = self._staging.get(key)
+                if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+                    buf = self._staging[key] = _empty_host(t, pin=True)
+                if key not in copied:
+                    buf.copy_(t, non_blocking=True)
+                    copied.add(key)
+                out[name] = buf
+            else:
+                out[name] = t.to("cpu", non_blocking=True)
+        _synchronize(devices)
+        return out
+
+    # ---- reference -------------------------------------------------------------------
+
+    def _take_reference(self, live: dict[str, torch.Tensor]) -> None:
+        if self.keep == "stats":
+            host = self._host(live)
+            self._ref_stats = self._measure(host)
+            if self.save_dir is not None:
+                self._save(self._reference_step, host)
+            return
+        self._keys = {}
+        copied: set[tuple] = set()
+        for name, t in live.items():
+            key = _storage_key(t)
+            self._keys[name] = key
+            buf = self._snapshot.get(key)
+            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+                if self.keep == "device":
+                    buf = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+                else:
+                    buf = _empty_host(t, pin=t.device.type == "cuda")
+                self._snapshot[key] = buf
+            if key not in copied:
+                buf.copy_(t, non_blocking=t.device.type == "cuda")  # stream-ordered: no sync
+                copied.add(key)
+        for key in [k for k in self._snapshot if k not in copied]:
+            del self._snapshot[key]
+        self._pending_reference_save = self.save_dir is not None
+
+    def _reference_host(self) -> dict[str, torch.Tensor]:
+        snap = {name: self._snapshot[key] for name, key in self._keys.items()}
+        if self.keep == "device":
+            return self._host(snap)
+        devices = {k[0] for k in self._keys.values() if k[0].type == "cuda"}
+        _synchronize(devices)  # the non-blocking copies into the pinned snapshot are done
+        return snap
+
+    def _advance(self, live: dict[str, torch.Tensor], report: Report) -> None:
+        """Make the state just compared the next reference (reference="previous")."""
+        self._reference_step = self._step
+        if self.keep == "stats":
+            self._ref_stats = {d.name: d.new for d in report.comparison.diffs if d.new is not None}
+            return
+        keys = {name: _storage_key(t) for name, t in live.items()}
+        if keys != self._keys or any(self._snapshot[k].shape != live[n].shape for n, k in keys.items()):
+            self._take_reference(live)  # the model's tensors changed: new buffers
+            return
+        self._pending_reference_save = False
+        done: set[tuple] = set()
+        for name, key in keys.items():
+            if key in done:
+                continue
+            done.add(key)
+            t = live[name]
+            if self.keep == "cpu" and t.device.type == "cuda" and key in self._staging:
+                # the staging buffer holds this step's state: swap instead of copying
+                self._snapshot[key], self._staging[key] = self._staging[key], self._snapshot[key]
+            else:
+                self._snapshot[key].copy_(t, non_blocking=t.device.type == "cuda")
+
+    # ---- comparing -------------------------------------------------------------------
+
+    def _compare(self, live):
+        if self.keep == "stats":
+            return self._report_stats(live)
+        return self._report_values(live)
+
+    def _report_values(self, live):
+        old_host = self._reference_host()
+        new_host = self._host(live)
+        if self.save_dir is not None and self._pending_reference_save:
+            self._save(self._reference_step, old_host)
+            self._pending_reference_save = False
+        old = formats.from_object(old_host, name=f"step {self._reference_step}")
+        new = formats.from_object(new_host, name=f"step {self._step}")
+        return api.compare_checkpoints(old, new, self.options, self.engine), new_host
+
+    def _measure(self, host: dict[str, torch.Tensor], options=None) -> dict[str, TensorStats]:
+        report = self._inspect(host, options)
+        return {d.name: d.new for d in report.comparison.diffs}
+
+    def _inspect(self, host, options=None) -> Report:
+        if options is None:
+            options = api.Options(self.options)
+            options["analyses"] = ()
+        empty = Checkpoint(name="", format="module", tensors={})
+        new = formats.from_object(host, name=f"step {self._step}")
+        return api.compare_checkpoints(empty, new, options, self.engine, mode="inspect")
+
+    def _report_stats(self, live):
+        """keep="stats": measure the live state (with the one-checkpoint analyses) and
+        pair its statistics with the reference's."""
+        host = self._host(live)
+        inspected = self._inspect(host, self.options)
+        new_stats = {d.name: d.new for d in inspected.comparison.diffs}
+        diffs = []
+        for name, old in self._ref_stats.items():
+            new = new_stats.get(name)
+            if new is None:
+                status = REMOVED
+            elif old.shape != new.shape:
+                status = RESHAPED
+            elif old.dtype != new.dtype:
+                status = RETYPED
+            else:
+                status = UNCHANGED if old == new else CHANGED
+            diffs.append(TensorDiff(name, status, old, new, None))
+        for name, new in new_stats.items():
+            if name not in self._ref_stats:
+                diffs.append(TensorDiff(name, ADDED, None, new, None))
+        comparison = Comparison(
+            old_name=f"step {self._reference_step}", new_name=f"step {self._step}",
+            old_format="stats", new_format="module", diffs=tuple(diffs), metadata_diffs=(),
+            old_metadata={}, new_metadata={}, device=str(self.engine.device),
+            epsilon=self.options.epsilon, mode="pair",
+        )
+        return Report(comparison, inspected.analyses, stats=True), host
+
+    # ---- saving ----------------------------------------------------------------------
+
+    def _save(self, step: int, host: Mapping[str, torch.Tensor]) -> None:
+        if step in self.saved:
+            return
+        from safetensors.torch import save_file
+
+        seen: set[int] = set()
+        tensors = {}
+        for name, t in host.items():
+            t = t.contiguous()
+            if t.numel() and t.data_ptr() in seen:
+                t = t.clone()  # safetensors refuses shared storage (tied weights)
+            seen.add(t.data_ptr())
+            tensors[name] = t
+        path = os.path.join(self.save_dir, f"step_{step:08d}.safetensors")
+        save_file(tensors, path, metadata={"step": str(step)})
+        self.saved[step] = path
+
+
+def _empty_host(t: torch.Tensor, pin: bool) -> torch.Tensor:
+    if pin and torch.cuda.is_available():
+        return torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return torch.empty(t.shape, dtype=t.dtype)
+
+
+def _synchronize(devices: Iterable[torch.device]) -> None:
+    """Wait for the copies queued on these CUDA devices (report steps only)."""
+    for dev in devices:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+
+__all__ = [
+    "KEEP_MODES",
+    "REFERENCES",
+    "STATS_ANALYSES",
+    "CheckpointMonitor",
+    "MonitorRecord",
+    "UpdateFigures",
+    "history_records",
+    "layer_records",
+    "record_of",
+    "to_pandas",
+    "to_records",
+]
