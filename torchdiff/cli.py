@@ -332,6 +332,9 @@ def _run(parsed: Parsed, verbose: bool) -> int:
     import fire
 
     os.environ.setdefault("PAGER", "cat")
+    from torchdiff.engine import use_all_cores
+
+    use_all_cores()
     cli = TorchDiffCLI()
     started = time.perf_counter()
     if verbose:

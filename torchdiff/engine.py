@@ -155,7 +155,6 @@ class Engine:
                  block: int | None = None, row: int = ROW):
         self.device = resolve_device(device)
         self.epsilon = float(epsilon)
-        use_all_cores()
         self.block = block or (CUDA_BLOCK if self.device.type == "cuda" else CPU_BLOCK)
         self.row = row
         self._workspace: dict[tuple, torch.Tensor] = {}
@@ -301,7 +300,8 @@ class Engine:
         for job, first, n in pending:
             side = job.a if which == "a" else job.b
             slices.append(side.view()[first : first + n * L])
-        if self.device.type == "cpu":
+        if all(sl.device == self.device for sl in slices):
+            # Values already where the reductions run (CPU files, or live CUDA tensors).
             if len(slices) == 1 and slices[0].dtype == dtype and slices[0].is_contiguous():
                 return slices[0].view(k, L)  # zero copy
             out = self._buffer(which, k * L, dtype)
@@ -309,6 +309,13 @@ class Engine:
                 out.copy_(slices[0])
             else:
                 _cat(slices, out)
+            return out.view(k, L)
+        if self.device.type == "cpu":  # live CUDA tensors measured on the CPU
+            out = self._buffer(which, k * L, dtype)
+            start = 0
+            for sl in slices:
+                out[start : start + sl.numel()].copy_(sl)
+                start += sl.numel()
             return out.view(k, L)
         # CUDA: gather into a pinned stage (double-buffered), then copy asynchronously,
         # so the host fills the next block while the device reduces this one.

@@ -89,20 +89,23 @@ def scalars(report) -> dict[str, float]:
     for status, n in counts.items():
         out[f"torchdiff/{status}"] = float(n)
     dsq = old_sq = new_sq = dot = 0.0
+    measured = 0
     for d in comp.diffs:
         m = d.metrics
         if m is None:
             continue
+        measured += 1
         dsq += m.l2**2
         old_sq += m.norm_old**2
         new_sq += m.norm_new**2
         dot += m.dot
         if d.is_difference:
             out[f"torchdiff/rel_l2/{d.name}"] = m.rel_l2
-    out["torchdiff/global_l2"] = math.sqrt(dsq)
-    out["torchdiff/global_rel_l2"] = math.sqrt(dsq / old_sq) if old_sq > 0 else (math.inf if dsq else 0.0)
-    denom = math.sqrt(old_sq * new_sq)
-    out["torchdiff/global_cosine"] = dot / denom if denom > 0 else math.nan
+    if measured:  # global figures only when some pair of equal shape was measured
+        out["torchdiff/global_l2"] = math.sqrt(dsq)
+        out["torchdiff/global_rel_l2"] = math.sqrt(dsq / old_sq) if old_sq > 0 else (math.inf if dsq else 0.0)
+        denom = math.sqrt(old_sq * new_sq)
+        out["torchdiff/global_cosine"] = dot / denom if denom > 0 else math.nan
     for a in report.analyses:
         for key, value in a.headline.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
