@@ -1,0 +1,141 @@
+"""--memory-analysis: exact bytes against sums computed here from the tensors
+(numel × NumPy itemsize), optimizer state counted apart, estimates against their
+formulas worked by hand."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+import torchdiff
+from torchdiff.analyses import memory_analysis
+from torchdiff.cli import main
+from truth_models import finetuned, pretrained, training_checkpoint
+
+NAME = "memory_analysis"
+ITEMSIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.float64: 8, torch.int8: 1,
+            torch.int64: 8, torch.uint8: 1, torch.bool: 1}
+
+
+def nbytes(tensors) -> int:
+    return sum(int(np.prod(t.shape, dtype=np.int64)) * ITEMSIZE[t.dtype] for t in tensors)
+
+
+def run(old, new=None):
+    if new is None:
+        return torchdiff.inspect(old, analyses=[NAME]).analysis(NAME)
+    return torchdiff.compare(old, new, analyses=[NAME]).analysis(NAME)
+
+
+def mb(x: float) -> str:
+    v = x / 1e6
+    return f"{v:.1f}MB" if abs(v) >= 100 else f"{v:.4g}MB"
+
+
+def test_pair_bytes_per_side_dtype_and_layer():
+    old = pretrained()
+    new = {k: v.to(torch.bfloat16) for k, v in finetuned().items()}
+    new["extra.weight"] = torch.zeros(100, 10, dtype=torch.float16)
+    a = run(old, new)
+    b_old, b_new = nbytes(old.values()), nbytes(new.values())
+    assert (a.data["old_bytes"], a.data["new_bytes"], a.data["delta_bytes"]) == (b_old, b_new, b_new - b_old)
+    assert a.headline["old"] == mb(b_old) and a.headline["new"] == mb(b_new)
+    assert a.headline["delta"] == "-" + mb(b_old - b_new)
+    assert a.data["sides"]["new"]["bytes_by_dtype"]["float16"] == {"tensors": 1, "params": 1000, "bytes": 2000}
+    assert a.data["sides"]["new"]["bytes_by_dtype"]["bfloat16"]["bytes"] == nbytes(finetuned().values()) // 2
+    layer2 = nbytes(v for k, v in old.items() if k.startswith("layers.2."))
+    assert a.data["sides"]["old"]["bytes_by_layer"]["layers.2"] == layer2
+    assert a.data["sides"]["new"]["bytes_by_layer"]["extra"] == 2000
+    largest = a.data["sides"]["new"]["largest"][0]
+    assert largest["bytes"] == max(nbytes([v]) for v in new.values())
+
+
+def test_training_checkpoint_counts_optimizer_separately(tmp_path):
+    ckpt = training_checkpoint()
+    path = tmp_path / "train.pt"
+    torch.save(ckpt, path)
+    a = run(str(path))
+    model = nbytes(ckpt["model"].values())
+    opt_tensors = [t for s in ckpt["optimizer"]["state"].values() for t in s.values()]
+    opt = nbytes(opt_tensors)
+    new = a.data["sides"]["new"]
+    assert (new["model_bytes"], new["optimizer_bytes"], new["bytes"]) == (model, opt, model + opt)
+    assert new["optimizer_tensors"] == len(opt_tensors) == 3 * len(ckpt["model"])
+    states = ckpt["optimizer"]["state"].values()
+    assert new["optimizer_bytes_by_slot"] == {
+        slot: nbytes(s[slot] for s in states) for slot in ("exp_avg", "exp_avg_sq", "step")}
+    assert a.headline["size"] == mb(model + opt)
+    assert a.headline["model"] == mb(model) and a.headline["optimizer"] == mb(opt)
+    # the estimates are about the model only
+    p = sum(v.numel() for v in ckpt["model"].values())
+    assert new["estimates"]["training_bytes"] == 16 * p
+    assert new["estimates"]["inference_bytes"] == pytest.approx(model * 1.2)
+    assert any(n.startswith(f"optimizer state found: {len(opt_tensors)} tensors") for n in a.notes)
+    assert new["bytes_by_layer"]["(optimizer state)"] == opt
+
+
+@pytest.mark.parametrize("dtype, per_param", [(torch.float32, 16), (torch.bfloat16, 16), (torch.float16, 16),
+                                              (torch.float64, 32)])
+def test_training_estimate_formula(dtype, per_param):
+    sd = {k: v.to(dtype) for k, v in finetuned().items()}
+    sd["buf.num_batches_tracked"] = torch.tensor(5)  # non-float: kept as stored
+    a = run(sd)
+    p = sum(v.numel() for k, v in sd.items() if v.is_floating_point())
+    est = a.data["sides"]["new"]["estimates"]
+    assert est["training_bytes_per_param"] == per_param
+    assert est["training_bytes"] == per_param * p + 8
+    if dtype in (torch.bfloat16, torch.float16):
+        assert "fp32 master 4" in est["training_formula"]
+
+
+def test_what_if_table_and_fits():
+    rows = {r["dtype"]: r for r in run(finetuned()).data["what_if"]}
+    p = sum(v.numel() for v in finetuned().values())
+    assert rows["float32"]["weights_bytes"] == 4 * p
+    assert rows["int8"]["weights_bytes"] == p
+    assert rows["int4"]["weights_bytes"] == pytest.approx(p * (0.5 + 2 / 128))
+    assert rows["int8"]["training_bytes"] is None
+    assert rows["bfloat16"]["inference_fits_gb"] == [8, 16, 24, 40, 80]
+    # a 7e9-parameter model, by hand: fp16 weights 14e9 B, inference 16.8e9 B ≤ 16 GiB (17.18e9 B)
+    big = {"float_params": 7_000_000_000, "non_float_bytes": 0}
+    w = {r["dtype"]: r for r in memory_analysis._what_if(big)}
+    assert w["float16"]["inference_bytes"] == pytest.approx(16.8e9)
+    assert w["float16"]["inference_fits_gb"] == [16, 24, 40, 80]
+    assert w["float32"]["inference_fits_gb"] == [40, 80]           # 33.6e9 B > 24 GiB
+    assert w["float32"]["training_fits_gb"] == []                  # 112e9 B > 80 GiB
+    assert w["int4"]["inference_fits_gb"] == [8, 16, 24, 40, 80]   # 4.33e9 B
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(sorted(ITEMSIZE, key=str)),
+                          st.lists(st.integers(0, 9), min_size=0, max_size=3)), min_size=1, max_size=6))
+def test_bytes_match_reference_for_any_dtypes_and_shapes(specs):
+    sd = {f"t{i}.weight": torch.zeros(shape, dtype=dtype) for i, (dtype, shape) in enumerate(specs)}
+    a = run(sd)
+    assert a.data["new_bytes"] == nbytes(sd.values())
+    by_dtype = {}
+    for t in sd.values():
+        name = str(t.dtype).replace("torch.", "")
+        by_dtype[name] = by_dtype.get(name, 0) + nbytes([t])
+    assert {k: v["bytes"] for k, v in a.data["sides"]["new"]["bytes_by_dtype"].items()} == by_dtype
+
+
+def test_cli_text_and_json(tmp_path, capsys):
+    old, new = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file(pretrained(), str(old))
+    save_file({k: v.half() for k, v in finetuned().items()}, str(new))
+    assert main([str(old), str(new), "--memory-analysis"]) == 0
+    out = capsys.readouterr().out
+    b = nbytes(pretrained().values())
+    assert f"memory_analysis: old={mb(b)}, new={mb(b // 2)}, delta=-{mb(b - b // 2)}, inference_est=" in out
+    assert "What if" in out and "Adam training" in out
+    assert main([str(old), str(new), "--memory-analysis", "--output", "json"]) == 0
+    (item,) = [i for i in json.loads(capsys.readouterr().out) if i["type"] == NAME]
+    assert (item["old_bytes"], item["new_bytes"]) == (b, b // 2)
+    assert [r["dtype"] for r in item["what_if"]] == ["float32", "bfloat16", "float16", "int8", "int4"]

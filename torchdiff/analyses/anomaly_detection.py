@@ -1,0 +1,337 @@
+"""--anomaly-detection: NaN/Inf, zero/constant tensors, dead units, exploding/vanishing, frozen, fp16 overflow.
+
+Every check runs on both sides (in ``inspect`` mode, on the one file); each finding
+names its tensor, the side it was seen on, the figure, the threshold it crossed and
+a severity. Formulas and thresholds: docs/analyses/anomaly_detection.md.
+
+Figures from the engine's pass: nan/inf counts, zero count, min/max, rms, status.
+Figures from this analysis' hook (the same pass, whole tensors): row norms of
+weights with ≥ 2 dimensions (dead units) and the count of finite |x| > 65504
+(fp16 overflow).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+from torchdiff.analyses._tensor_roles import is_float_dtype, is_optimizer_state, kind, role
+from torchdiff.errors import UsageError
+from torchdiff.results import CHANGED, RETYPED, UNCHANGED, AnalysisResult, Comparison, Table, TensorStats
+
+NAME = "anomaly_detection"
+FLAG = "anomaly_detection"
+OPTIONS: dict = {
+    "fail_on_anomaly": (None, "exit 1 when an anomaly at or above SEVERITY (info|low|medium|high|critical) "
+                              "is found on the new side (runs --anomaly-detection)"),
+}
+ENABLED_BY = ("fail_on_anomaly",)
+
+SEVERITIES = ("info", "low", "medium", "high", "critical")
+_RANK = {s: i for i, s in enumerate(SEVERITIES)}
+# Fixed order of finding types (ties in the headline, table order within a severity).
+TYPES = ("nan_inf", "exploding", "all_zero", "constant", "dead_units", "vanishing", "fp16_overflow", "frozen")
+
+FP16_MAX = 65504.0            # largest finite float16
+DEAD_REL = 1e-6               # dead row: ‖row‖ ≤ DEAD_REL · ‖W‖_F / sqrt(rows)
+DEAD_SHARE_MEDIUM = 0.05      # dead-unit severity: share ≥ 0.05 medium, ≥ 0.5 high, else low
+DEAD_SHARE_HIGH = 0.5
+Z_THRESHOLD = 3.5             # robust z of log10 rms (Iglewicz & Hoaglin's outlier cut)
+Z_MIN_FACTOR = 10.0           # ... and at least 10× away from the group median rms
+MAD_FLOOR = 0.1               # decades: floor of the MAD so near-identical groups do not divide by ~0
+MIN_GROUP = 4                 # fewest tensors in a role group for a z-score
+EXPLODING_RMS = 1e3           # absolute guards on weights (not buffers, not optimizer state)
+VANISHING_RMS = 1e-8
+GROWTH_FACTOR = 10.0          # pair mode: rms_new / rms_old ≥ 10 exploding, ≤ 1/10 vanishing
+FROZEN_MAJORITY = 0.5         # frozen: unchanged while ≥ half of the weight parameters changed
+HEADLINE_AFFECTED = 10        # names shown in the headline's affected=[...]
+
+
+def validate(options) -> None:
+    value = options.get("fail_on_anomaly")
+    if value is None:
+        return
+    text = str(value).strip().lower()
+    if text not in _RANK:
+        raise UsageError(f"--fail-on-anomaly must be one of {', '.join(SEVERITIES)} (got {value!r})")
+    options["fail_on_anomaly"] = text
+
+
+# ---- the hook: figures that need the values -------------------------------------------
+
+
+class _ValueHook:
+    """Dead rows and fp16 overflow counts, per side."""
+
+    name = NAME
+
+    def wants(self, pair) -> bool:
+        if is_optimizer_state(pair.name):
+            return False
+        return any(h is not None and h.dtype.is_floating_point and h.numel > 0 for h in (pair.old, pair.new))
+
+    def __call__(self, pair, old: torch.Tensor | None, new: torch.Tensor | None) -> dict[str, Any]:
+        return {"old": _side_figures(old, pair.old), "new": _side_figures(new, pair.new)}
+
+
+def _side_figures(t: torch.Tensor | None, handle) -> dict[str, Any] | None:
+    """One pass for min/max (fp16 range), one for row norms; one host sync; a counting
+    pass only when a value lies outside the float16 range."""
+    if t is None or handle is None or not handle.dtype.is_floating_point or t.numel() == 0:
+        return None
+    figures: list[torch.Tensor] = []
+    check_overflow = handle.storage_dtype != "float16"  # a float16 tensor cannot hold |x| > 65504 (it is inf)
+    if check_overflow:
+        figures += list(torch.aminmax(t))  # NaN propagates: then count
+    rows = t.shape[0] if t.ndim >= 2 else 0
+    if rows:
+        norms = torch.linalg.vector_norm(t.reshape(rows, -1), dim=1)
+        finite = torch.isfinite(norms)
+        typical = torch.sqrt((torch.where(finite, norms, 0) ** 2).sum() / finite.sum().clamp(min=1))
+        dead = (finite & (norms <= DEAD_REL * typical)).sum()
+        figures += [dead, typical]
+    values = torch.stack([f.to(torch.float64) for f in figures]).tolist() if figures else []
+    out: dict[str, Any] = {}
+    if check_overflow:
+        lo, hi = values[0], values[1]
+        inside = math.isfinite(lo) and math.isfinite(hi) and max(-lo, hi) <= FP16_MAX
+        out["fp16_overflow"] = 0 if inside else int((torch.isfinite(t) & (t.abs() > FP16_MAX)).sum())
+        values = values[2:]
+    if rows:
+        out["dead_rows"] = int(values[0])
+        out["rows"] = rows
+        out["typical_row_norm"] = float(values[1])
+    return out
+
+
+def hooks(options) -> list:
+    return [_ValueHook()]
+
+
+# ---- findings ----------------------------------------------------------------------------
+
+
+def _finding(type_: str, tensor: str, side: str, severity: str, figure: str, value: float, threshold: float,
+             rule: str) -> dict[str, Any]:
+    return {"type": type_, "tensor": tensor, "side": side, "severity": severity, "figure": figure,
+            "value": value, "threshold": threshold, "rule": rule}
+
+
+def _sides(d):
+    for side in ("old", "new"):
+        s = getattr(d, side)
+        if s is not None:
+            yield side, s
+
+
+def _eligible_weight(name: str, s: TensorStats) -> bool:
+    return is_float_dtype(s.dtype) and s.numel >= 2 and kind(name, len(s.shape)) not in ("optimizer", "buffer")
+
+
+def _value_findings(comp: Comparison) -> list[dict[str, Any]]:
+    """NaN/Inf, all-zero, constant, dead units, fp16 overflow: one tensor side at a time."""
+    found = []
+    for d in comp.diffs:
+        extras = d.extras.get(NAME) or {}
+        for side, s in _sides(d):
+            nonfinite = s.nan_count + s.inf_count
+            if nonfinite:
+                found.append(_finding(
+                    "nan_inf", d.name, side, "critical", "nonfinite_count", nonfinite, 0,
+                    f"nan={s.nan_count}, inf={s.inf_count} of {s.numel} values; any non-finite value is critical"))
+            if not is_float_dtype(s.dtype) or s.numel < 2:
+                continue
+            k = kind(d.name, len(s.shape))
+            if k == "optimizer":
+                continue
+            other = d.old if side == "new" else None  # for "became" rules, pair mode only
+            if s.zero_count == s.numel:
+                became = other is not None and other.zero_count < other.numel
+                severity = "high" if len(s.shape) >= 2 or became else "info"
+                why = ("a weight with ≥ 2 dimensions is all zero" if len(s.shape) >= 2 else
+                       "was not all zero on the old side" if became else
+                       "1-D all-zero tensors (biases, norm shifts, running means) are usual at initialisation")
+                found.append(_finding("all_zero", d.name, side, severity, "zero_fraction", 1.0, 1.0,
+                                      f"zero_fraction = 1; {why}"))
+                continue
+            if nonfinite == 0 and s.min == s.max:
+                became = other is not None and other.min != other.max
+                severity = "high" if len(s.shape) >= 2 else "medium" if became else "info"
+                why = ("a weight with ≥ 2 dimensions holds one value" if len(s.shape) >= 2 else
+                       "was not constant on the old side" if became else
+                       "1-D constant tensors (norm scales, layer scales) are usual at initialisation")
+                found.append(_finding("constant", d.name, side, severity, "max - min", 0.0, 0.0,
+                                      f"every value = {s.min:.6g}; {why}"))
+                continue
+            figs = extras.get(side) if isinstance(extras, dict) else None
+            if not figs:
+                continue
+            if figs.get("fp16_overflow"):
+                count = figs["fp16_overflow"]
+                found.append(_finding("fp16_overflow", d.name, side, "medium", "count |x| > 65504", count, FP16_MAX,
+                                      f"{count} finite values exceed the float16 range (±{FP16_MAX:g}); "
+                                      "a cast to float16 turns them into inf"))
+            dead, rows = figs.get("dead_rows", 0), figs.get("rows", 0)
+            if dead and k in ("weight", "embedding"):
+                share = dead / rows
+                severity = "high" if share >= DEAD_SHARE_HIGH else "medium" if share >= DEAD_SHARE_MEDIUM else "low"
+                cut = {"high": DEAD_SHARE_HIGH, "medium": DEAD_SHARE_MEDIUM, "low": 0.0}[severity]
+                found.append(_finding(
+                    "dead_units", d.name, side, severity, "dead_row_share", share, cut,
+                    f"{dead} of {rows} rows have ‖row‖ ≤ {DEAD_REL:g} × typical row norm "
+                    f"{figs['typical_row_norm']:.4g} (= ‖W‖/sqrt(rows)); severity by share: "
+                    f"≥ {DEAD_SHARE_HIGH:g} high, ≥ {DEAD_SHARE_MEDIUM:g} medium, else low"))
+    return found
+
+
+def _scale_findings(comp: Comparison) -> list[dict[str, Any]]:
+    """Exploding / vanishing: robust z-score of log10 rms within a role, absolute guards, growth."""
+    found = []
+    for side in ("old", "new"):
+        entries = []
+        for d in comp.diffs:
+            s = getattr(d, side)
+            if s is None or not _eligible_weight(d.name, s) or s.zero_count == s.numel:
+                continue
+            if not (math.isfinite(s.rms) and s.rms > 0):
+                continue
+            entries.append((d.name, s, math.log10(s.rms)))
+        by_role: dict[str, list] = defaultdict(list)
+        by_kind: dict[tuple, list] = defaultdict(list)
+        for e in entries:
+            by_role[role(e[0])].append(e)
+            by_kind[(kind(e[0], len(e[1].shape)), len(e[1].shape))].append(e)
+        for name, s, log_rms in entries:
+            group, label = by_role[role(name)], f"role {role(name)!r}"
+            if len(group) < MIN_GROUP:
+                k = (kind(name, len(s.shape)), len(s.shape))
+                group, label = by_kind[k], f"all {k[1]}-D {k[0]} tensors"
+            hit = None
+            if len(group) >= MIN_GROUP:
+                logs = sorted(g[2] for g in group)
+                med = _median(logs)
+                mad = max(_median(sorted(abs(x - med) for x in logs)), MAD_FLOOR)
+                z = 0.6745 * (log_rms - med) / mad
+                factor = 10 ** (log_rms - med)
+                if abs(z) > Z_THRESHOLD and (factor >= Z_MIN_FACTOR or factor <= 1 / Z_MIN_FACTOR):
+                    type_ = "exploding" if z > 0 else "vanishing"
+                    hit = _finding(
+                        type_, name, side, "high" if z > 0 else "medium", "robust_z", z,
+                        Z_THRESHOLD if z > 0 else -Z_THRESHOLD,
+                        f"rms={s.rms:.4g} is {factor:.3g}× the median rms {10 ** med:.4g} of {label} "
+                        f"(n={len(group)}); z = 0.6745·(log10 rms − median)/max(MAD, {MAD_FLOOR:g}), "
+                        f"flagged when |z| > {Z_THRESHOLD:g} and the factor is ≥ {Z_MIN_FACTOR:g}×")
+            if hit is None and s.rms > EXPLODING_RMS:
+                hit = _finding("exploding", name, side, "high", "rms", s.rms, EXPLODING_RMS,
+                               f"rms={s.rms:.4g} > absolute guard {EXPLODING_RMS:g}")
+            if hit is None and s.rms < VANISHING_RMS:
+                hit = _finding("vanishing", name, side, "medium", "rms", s.rms, VANISHING_RMS,
+                               f"0 < rms={s.rms:.4g} < absolute guard {VANISHING_RMS:g}")
+            if hit is not None:
+                found.append(hit)
+    if comp.mode == "pair":
+        for d in comp.diffs:
+            if d.old is None or d.new is None:
+                continue
+            if not (_eligible_weight(d.name, d.old) and _eligible_weight(d.name, d.new)):
+                continue
+            a, b = d.old.rms, d.new.rms
+            if not (math.isfinite(a) and math.isfinite(b) and a > 0 and b > 0):
+                continue
+            growth = b / a
+            if growth >= GROWTH_FACTOR or growth <= 1 / GROWTH_FACTOR:
+                up = growth > 1
+                found.append(_finding(
+                    "exploding" if up else "vanishing", d.name, "new", "high" if up else "medium", "rms_growth",
+                    growth, GROWTH_FACTOR if up else 1 / GROWTH_FACTOR,
+                    f"rms {a:.4g} -> {b:.4g} (×{growth:.4g}); flagged when the ratio is ≥ {GROWTH_FACTOR:g} "
+                    f"or ≤ 1/{GROWTH_FACTOR:g}"))
+    return found
+
+
+def _frozen_findings(comp: Comparison) -> list[dict[str, Any]]:
+    if comp.mode != "pair":
+        return []
+    eligible = [d for d in comp.diffs if d.old is not None and d.new is not None and d.metrics is not None
+                and _eligible_weight(d.name, d.new)]
+    total = sum(d.params for d in eligible)
+    moved = sum(d.params for d in eligible if d.status in (CHANGED, RETYPED))
+    if not total:
+        return []
+    share = moved / total
+    if share < FROZEN_MAJORITY:
+        return []
+    return [_finding("frozen", d.name, "both", "low", "changed_param_share", share, FROZEN_MAJORITY,
+                     f"identical while {share:.1%} of the weight parameters changed "
+                     f"(flagged when ≥ {FROZEN_MAJORITY:.0%})")
+            for d in eligible if d.status == UNCHANGED]
+
+
+def _median(sorted_values: list[float]) -> float:
+    n = len(sorted_values)
+    mid = n // 2
+    return sorted_values[mid] if n % 2 else (sorted_values[mid - 1] + sorted_values[mid]) / 2
+
+
+def _merge_sides(findings: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One finding per (type, tensor): seen on both sides -> side "both" (new side's figure)."""
+    merged: dict[tuple[str, str], dict[str, Any]] = {}
+    for f in findings:
+        key = (f["type"], f["tensor"])
+        prev = merged.get(key)
+        if prev is None:
+            merged[key] = f
+            continue
+        # the more severe finding wins; at equal severity the new side's, else the first criterion's
+        if _RANK[f["severity"]] != _RANK[prev["severity"]]:
+            keep = f if _RANK[f["severity"]] > _RANK[prev["severity"]] else prev
+        else:
+            keep = f if (f["side"] == "new" and prev["side"] == "old") else prev
+        sides = {prev["side"], f["side"]}
+        merged[key] = {**keep, "side": "both" if sides >= {"old", "new"} or "both" in sides else keep["side"]}
+    return list(merged.values())
+
+
+def analyze(comparison: Comparison, options) -> AnalysisResult:
+    findings = _merge_sides(_value_findings(comparison) + _scale_findings(comparison) + _frozen_findings(comparison))
+    findings.sort(key=lambda f: (-_RANK[f["severity"]], TYPES.index(f["type"]), f["tensor"]))
+    headline: dict[str, Any]
+    if findings:
+        top = findings[0]
+        affected = [f["tensor"] for f in findings if f["type"] == top["type"] and f["severity"] == top["severity"]]
+        shown = affected[:HEADLINE_AFFECTED]
+        if len(affected) > HEADLINE_AFFECTED:
+            shown.append(f"+{len(affected) - HEADLINE_AFFECTED} more")
+        headline = {"anomaly_type": top["type"], "severity": top["severity"], "affected": shown,
+                    "findings": len(findings)}
+    else:
+        headline = {"anomaly_type": "none", "severity": "none", "affected": [], "findings": 0}
+    counts = {s: sum(1 for f in findings if f["severity"] == s) for s in reversed(SEVERITIES)}
+    data: dict[str, Any] = {"anomalies": findings, "severity_counts": counts,
+                            "thresholds": _thresholds()}
+    notes = []
+    gate = options.get("fail_on_anomaly")
+    failed = False
+    if gate is not None:
+        tripped = [f for f in findings if f["side"] in ("new", "both") and _RANK[f["severity"]] >= _RANK[gate]]
+        failed = bool(tripped)
+        data["fail_on_anomaly"] = {"severity": gate, "tripped": failed, "count": len(tripped)}
+        notes.append(f"--fail-on-anomaly {gate}: {len(tripped)} finding(s) at or above {gate} on the new side"
+                     + (" -> exit 1" if failed else ""))
+    if comparison.mode == "pair":
+        notes.append("side: where the finding was seen (old, new or both); --fail-on-anomaly counts new and both")
+    rows = tuple((f["severity"], f["type"], f["tensor"], f["side"], f["figure"], f["value"], f["threshold"])
+                 for f in findings)
+    table = Table("Anomalies", ("severity", "type", "tensor", "side", "figure", "value", "threshold"), rows)
+    return AnalysisResult(NAME, headline, data, (table,), tuple(notes), failed=failed,
+                          text_keys={"anomaly_type": "type"})
+
+
+def _thresholds() -> dict[str, float]:
+    return {"fp16_max": FP16_MAX, "dead_rel": DEAD_REL, "dead_share_medium": DEAD_SHARE_MEDIUM,
+            "dead_share_high": DEAD_SHARE_HIGH, "z_threshold": Z_THRESHOLD, "z_min_factor": Z_MIN_FACTOR,
+            "mad_floor_decades": MAD_FLOOR, "min_group": MIN_GROUP, "exploding_rms": EXPLODING_RMS,
+            "vanishing_rms": VANISHING_RMS, "growth_factor": GROWTH_FACTOR, "frozen_majority": FROZEN_MAJORITY}

@@ -1,0 +1,413 @@
+"""--architecture-comparison: renames, parameter counts, blocks, hyper-parameters, family, loadability.
+
+Added / removed / renamed / reshaped / retyped tensors, parameter counts per side,
+dtype and layer group, blocks, hyper-parameters read off shapes, the family with
+its evidence, and whether new loads into old's state_dict.
+
+Everything here is read off names, shapes and dtypes, except renames: a tensor only
+in old and one only in new are a rename when shape, dtype and a hash of their raw
+bytes agree. Only such candidates (same shape and dtype on the other side) are
+hashed, by this analysis' hook, in the engine's pass. Optimizer state is counted
+apart and is not part of the architecture. Rules: docs/analyses/architecture_comparison.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter, defaultdict
+from typing import Any
+
+import torch
+
+from torchdiff.analyses._tensor_roles import (
+    is_attention, is_float_dtype, is_optimizer_state, is_position_embedding, is_recurrent, kind, parts,
+)
+from torchdiff.layers import block_index, layer_of
+from torchdiff.results import ADDED, REMOVED, RESHAPED, AnalysisResult, Comparison, Table
+
+NAME = "architecture_comparison"
+FLAG = "architecture_comparison"
+OPTIONS: dict = {}
+
+PRESENT_SHARE = 0.05     # a family's evidence counts when its tensors hold ≥ 5% of the parameters
+CONV_MAX_KERNEL = 32     # a 3-5-D weight is a convolution kernel when every spatial dim is ≤ 32
+TABLE_ROWS = 20          # rows of the renamed table in text (JSON lists them all)
+HEAD_KEYS = ("num_attention_heads", "n_head", "n_heads", "num_heads", "nhead", "num_attention_head")
+_CANDIDATES = "_architecture_comparison_candidates"  # per-call key in options, set by prepare()
+
+
+# ---- renames: candidates from the headers, hashes in the engine's pass ------------------
+
+
+def prepare(old, new, options):
+    """Record the names worth hashing: only-old and only-new tensors whose (shape, dtype)
+    also occurs among the other side's unmatched names. Checkpoints pass unchanged."""
+    only_old = {n: h for n, h in old.tensors.items() if n not in new.tensors}
+    only_new = {n: h for n, h in new.tensors.items() if n not in old.tensors}
+    sig_old = {(tuple(h.shape), h.storage_dtype) for h in only_old.values()}
+    sig_new = {(tuple(h.shape), h.storage_dtype) for h in only_new.values()}
+    both = sig_old & sig_new
+    options[_CANDIDATES] = frozenset(
+        [n for n, h in only_old.items() if (tuple(h.shape), h.storage_dtype) in both]
+        + [n for n, h in only_new.items() if (tuple(h.shape), h.storage_dtype) in both]
+    )
+    return old, new
+
+
+class _HashHook:
+    name = NAME
+
+    def __init__(self, candidates: frozenset) -> None:
+        self.candidates = candidates
+
+    def wants(self, pair) -> bool:
+        return pair.name in self.candidates and pair.kind in ("added", "removed")
+
+    def __call__(self, pair, old, new) -> dict[str, str]:
+        handle = pair.old if pair.old is not None else pair.new
+        return {"hash": content_hash(handle.materialize())}
+
+
+def content_hash(t: torch.Tensor) -> str:
+    """blake2b-128 of the tensor's raw bytes (C order), on the CPU."""
+    raw = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.blake2b(memoryview(raw), digest_size=16).hexdigest()
+
+
+def hooks(options) -> list:
+    candidates = options.get(_CANDIDATES) or frozenset()
+    return [_HashHook(candidates)] if candidates else []
+
+
+def _prefix_rule(old: str, new: str) -> tuple[str, str]:
+    """(old prefix, new prefix) around the longest common dotted suffix."""
+    a, b = old.split("."), new.split(".")
+    k = 0
+    while k < min(len(a), len(b)) and a[-1 - k] == b[-1 - k]:
+        k += 1
+    return ".".join(a[: len(a) - k]), ".".join(b[: len(b) - k])
+
+
+def _apply_rule(name: str, rule: tuple[str, str]) -> str | None:
+    src, dst = rule
+    if src:
+        if not name.startswith(src + "."):
+            return None
+        rest = name[len(src) + 1:]
+    else:
+        rest = name
+    return f"{dst}.{rest}" if dst else rest
+
+
+def find_renames(comp: Comparison) -> tuple[list[tuple[str, str]], list[str], Counter]:
+    """(renames as (old, new), ambiguous names left unmatched, prefix rules with counts)."""
+    groups: dict[tuple, tuple[list[str], list[str]]] = defaultdict(lambda: ([], []))
+    for d in comp.diffs:
+        h = (d.extras.get(NAME) or {}).get("hash") if d.status in (ADDED, REMOVED) else None
+        if h is None:
+            continue
+        side = d.old if d.status == REMOVED else d.new
+        key = (tuple(side.shape), side.dtype, h)
+        groups[key][0 if d.status == REMOVED else 1].append(d.name)
+    renames: list[tuple[str, str]] = []
+    ambiguous: list[tuple[list[str], list[str]]] = []
+    for olds, news in groups.values():
+        if not olds or not news:
+            continue
+        if len(olds) == 1 and len(news) == 1:
+            renames.append((olds[0], news[0]))
+        else:
+            ambiguous.append((olds, news))
+    rules = Counter(_prefix_rule(a, b) for a, b in renames)
+    left: list[str] = []
+    for olds, news in ambiguous:  # identical tensors (e.g. zero biases): match by the learnt prefix rules
+        free = set(news)
+        for o in olds:
+            target = next((t for t, _ in ((_apply_rule(o, r), c) for r, c in rules.most_common())
+                           if t is not None and t in free), None)
+            if target is None:
+                left.append(o)
+                continue
+            free.discard(target)
+            renames.append((o, target))
+        left += sorted(free)
+    renames.sort()
+    return renames, left, rules
+
+
+# ---- one side: counts, blocks, family, hyper-parameters -----------------------------------
+
+
+def _model_tensors(comp: Comparison, side: str) -> list[tuple[str, Any]]:
+    out = []
+    for d in comp.diffs:
+        s = getattr(d, side)
+        if s is not None and not is_optimizer_state(d.name):
+            out.append((d.name, s))
+    return out
+
+
+def describe(tensors: list[tuple[str, Any]], metadata: dict) -> dict[str, Any]:
+    """Family, blocks, hyper-parameters and counts of one side's model tensors."""
+    params = sum(s.numel for _, s in tensors)
+    by_dtype: Counter = Counter()
+    by_group: Counter = Counter()
+    stacks: dict[str, set] = defaultdict(set)
+    for name, s in tensors:
+        by_dtype[s.dtype] += s.numel
+        layer = layer_of(name)
+        by_group[layer] += s.numel
+        idx = block_index(layer)
+        if idx is not None:
+            stacks[layer.rsplit(".", 1)[0]].add(idx)
+    info: dict[str, Any] = {
+        "tensors": len(tensors), "params": params,
+        "params_by_dtype": dict(sorted(by_dtype.items())),
+        "params_by_group": dict(by_group),
+        "blocks": sum(len(v) for v in stacks.values()),
+        "blocks_by_stack": {k: len(v) for k, v in sorted(stacks.items())},
+    }
+    info.update(_family(tensors, params))
+    info["hyperparameters"], info["hyperparameter_notes"] = _hyperparameters(tensors, metadata, info["family"])
+    return info
+
+
+def _family(tensors, params: int) -> dict[str, Any]:
+    evidence: dict[str, dict[str, Any]] = {}
+
+    def add(cls: str, name: str, numel: int) -> None:
+        e = evidence.setdefault(cls, {"tensors": 0, "params": 0, "examples": []})
+        e["tensors"] += 1
+        e["params"] += numel
+        if len(e["examples"]) < 3:
+            e["examples"].append(name)
+
+    matrices = 0
+    for name, s in tensors:
+        if not is_float_dtype(s.dtype):
+            continue
+        nd = len(s.shape)
+        if is_recurrent(name):
+            add("rnn", name, s.numel)
+        elif is_attention(name):
+            add("transformer", name, s.numel)
+        elif 3 <= nd <= 5 and parts(name)[-1] == "weight" and all(k <= CONV_MAX_KERNEL for k in s.shape[2:]):
+            add("cnn", name, s.numel)
+        elif nd == 2 and kind(name, nd) == "weight":
+            matrices += 1
+    for e in evidence.values():
+        e["share"] = e["params"] / params if params else 0.0
+    present = sorted(c for c, e in evidence.items() if e["share"] >= PRESENT_SHARE)
+    if len(present) > 1:
+        family = "mixed"
+    elif present:
+        family = present[0]
+    elif evidence:
+        family = max(evidence, key=lambda c: evidence[c]["params"])
+    elif matrices:
+        family = "mlp"
+    else:
+        family = "unknown"
+    labels = {"transformer": "attention", "cnn": "convolution", "rnn": "recurrent"}
+    reasons = [f"{labels[c]} tensors hold {e['share']:.1%} of the parameters ({e['tensors']} tensors, "
+               f"e.g. {e['examples'][0]})" for c, e in sorted(evidence.items())]
+    absent = [labels[c] for c in labels if c not in evidence]
+    if absent:
+        reasons.append(f"no {' / '.join(absent)} tensors")
+    if family == "mlp":
+        reasons.append(f"{matrices} weight matrices")
+    if family == "mixed":
+        reasons.append(f"more than one family holds ≥ {PRESENT_SHARE:.0%} of the parameters: {', '.join(present)}")
+    if family == "unknown":
+        reasons.append("no weight matrix: the names and shapes do not show a family")
+    return {"family": family, "family_evidence": evidence, "family_reason": "; ".join(reasons)}
+
+
+def _hyperparameters(tensors, metadata: dict, family: str) -> tuple[dict[str, Any], dict[str, str]]:
+    hp: dict[str, Any] = {}
+    why: dict[str, str] = {}
+    embeds = [(n, s) for n, s in tensors if kind(n, len(s.shape)) == "embedding" and not is_position_embedding(n)]
+    if embeds:
+        n, s = max(embeds, key=lambda e: e[1].shape[0])
+        hp["vocab"], hp["hidden"] = int(s.shape[0]), int(s.shape[1])
+        why["vocab"] = why["hidden"] = f"token embedding {n} {list(s.shape)}"
+    else:
+        norms = Counter(s.shape[0] for n, s in tensors if kind(n, len(s.shape)) == "norm")
+        if norms:
+            hidden, count = norms.most_common(1)[0]
+            hp["hidden"] = int(hidden)
+            why["hidden"] = f"most common length of {sum(norms.values())} norm parameters ({count} of length {hidden})"
+        why["vocab"] = "no token embedding in the file"
+    hidden = hp.get("hidden")
+    if hidden is not None:
+        other = Counter()
+        for n, s in tensors:
+            if (len(s.shape) == 2 and kind(n, 2) == "weight" and not is_attention(n)
+                    and block_index(layer_of(n)) is not None and hidden in s.shape):
+                o = s.shape[1] if s.shape[0] == hidden else s.shape[0]
+                if o != hidden:
+                    other[o] += 1
+        if other:
+            size, count = other.most_common(1)[0]
+            hp["intermediate"] = int(size)
+            why["intermediate"] = f"{count} non-attention block matrices are [{size}, {hidden}] or [{hidden}, {size}]"
+        else:
+            why["intermediate"] = "no [hidden, other] matrix in the blocks"
+    for key, value in metadata.items():
+        leaf = str(key).rsplit(".", 1)[-1]
+        if leaf in HEAD_KEYS and isinstance(value, int) and not isinstance(value, bool):
+            hp["heads"] = value
+            why["heads"] = f"metadata {key} = {value}"
+            break
+    if "heads" not in hp:
+        rel = [(n, s) for n, s in tensors if "relative_attention_bias" in n and len(s.shape) == 2]
+        if rel:
+            n, s = rel[0]
+            hp["heads"] = int(s.shape[1])
+            why["heads"] = f"relative position bias {n} {list(s.shape)} is [buckets, heads]"
+        elif family in ("transformer", "mixed"):
+            why["heads"] = ("not inferable: q/k/v projections are [heads·head_dim, hidden] whatever the split, "
+                            "and the file holds no head-count value")
+    rnn = [(n, s) for n, s in tensors if parts(n)[-1].startswith("weight_hh_l")]
+    if rnn:
+        n, s = rnn[0]
+        gates = s.shape[0] // s.shape[1] if s.shape[1] else 0
+        hp["rnn_hidden"] = int(s.shape[1])
+        hp["rnn_layers"] = len({parts(x)[-1].split("_l")[-1] for x, _ in rnn})
+        cell = {4: "lstm", 3: "gru", 1: "rnn"}.get(gates)
+        if cell:
+            hp["rnn_cell"] = cell
+        why["rnn_hidden"] = f"{n} {list(s.shape)} is [{gates}·hidden, hidden]"
+    return hp, why
+
+
+def _loadable(old_names: set, new_names: set, reshaped: set) -> tuple[str, dict[str, list[str]]]:
+    """How new's tensors load into a module whose state_dict is old's (load_state_dict rules)."""
+    missing = sorted(old_names - new_names)
+    unexpected = sorted(new_names - old_names)
+    common = old_names & new_names
+    detail = {"missing": missing, "unexpected": unexpected, "shape_mismatch": sorted(reshaped & common)}
+    if detail["shape_mismatch"] or not common:
+        return "incompatible", detail
+    if missing or unexpected:
+        return "partial", detail
+    return "strict", detail
+
+
+def _arrow(a: Any, b: Any) -> str:
+    return f"{a}->{b}"
+
+
+def analyze(comparison: Comparison, options) -> AnalysisResult:
+    inspect = comparison.mode == "inspect"
+    new_info = describe(_model_tensors(comparison, "new"), dict(comparison.new_metadata))
+    optimizer_new = sum(1 for d in comparison.diffs if d.new is not None and is_optimizer_state(d.name))
+    notes: list[str] = [f"family evidence: {new_info['family_reason']}"]
+    if inspect:
+        headline = {"family": new_info["family"], "params": new_info["params"], "blocks": new_info["blocks"]}
+        data = {"new": new_info}
+        tables = [
+            Table("Hyperparameters", ("name", "value", "evidence"),
+                  tuple((k, v, new_info["hyperparameter_notes"].get(k, ""))
+                        for k, v in new_info["hyperparameters"].items())),
+            Table("Parameters by dtype", ("dtype", "params"), tuple(new_info["params_by_dtype"].items())),
+            Table("Parameter groups", ("group", "params"), tuple(new_info["params_by_group"].items())),
+        ]
+        notes += [f"{k}: {v}" for k, v in new_info["hyperparameter_notes"].items()
+                  if k not in new_info["hyperparameters"]]
+        notes.append("loadability needs two checkpoints")
+        if optimizer_new:
+            notes.append(f"{optimizer_new} optimizer-state tensors are not counted in the architecture")
+        return AnalysisResult(NAME, headline, data, tuple(tables), tuple(notes), text_keys={"family": ""})
+
+    old_info = describe(_model_tensors(comparison, "old"), dict(comparison.old_metadata))
+    renames, ambiguous, rules = find_renames(comparison)
+    renamed_old = {a for a, _ in renames}
+    renamed_new = {b for _, b in renames}
+    model = [d for d in comparison.diffs if not is_optimizer_state(d.name)]
+    added = [d.name for d in model if d.status == ADDED and d.name not in renamed_new]
+    removed = [d.name for d in model if d.status == REMOVED and d.name not in renamed_old]
+    reshaped = [d for d in model if d.status == RESHAPED]
+    retyped = [d for d in model if d.old is not None and d.new is not None and d.old.dtype != d.new.dtype]
+    old_names = {d.name for d in model if d.old is not None}
+    new_names = {d.name for d in model if d.new is not None}
+    reshaped_names = {d.name for d in reshaped}
+    loadable, load_detail = _loadable(old_names, new_names, reshaped_names)
+    headline: dict[str, Any] = {
+        "family": _arrow(old_info["family"], new_info["family"]),
+        "params": _arrow(old_info["params"], new_info["params"]),
+        "blocks": _arrow(old_info["blocks"], new_info["blocks"]),
+        "loadable": loadable,
+    }
+    data: dict[str, Any] = {
+        "old": old_info, "new": new_info,
+        "params_old": old_info["params"], "params_new": new_info["params"],
+        "params_delta": new_info["params"] - old_info["params"],
+        "added": added, "removed": removed,
+        "renames": [{"old": a, "new": b} for a, b in renames],
+        "reshaped": [{"path": d.name, "old": list(d.old.shape), "new": list(d.new.shape)} for d in reshaped],
+        "retyped": [{"path": d.name, "old": d.old.dtype, "new": d.new.dtype} for d in retyped],
+        "loadable_detail": load_detail,
+    }
+    if renames:
+        mapping = dict((b, a) for a, b in renames)
+        mapped_new = {mapping.get(n, n) for n in new_names}
+        after, after_detail = _loadable(old_names, mapped_new, reshaped_names)
+        headline["renamed"] = len(renames)
+        headline["loadable_after_renames"] = after
+        data["loadable_after_renames_detail"] = after_detail
+        data["rename_rules"] = [{"old_prefix": o, "new_prefix": n, "count": c} for (o, n), c in rules.most_common()]
+        for (o, n), c in rules.most_common(3):
+            notes.append(f"rename rule: {o + '.' if o else '(no prefix)'} -> {n + '.' if n else '(no prefix)'} "
+                         f"for {c} tensors (same shape, dtype and content hash)")
+    if ambiguous:
+        notes.append(f"{len(ambiguous)} identical-content tensors could not be matched to one name: "
+                     + ", ".join(ambiguous[:5]) + (" ..." if len(ambiguous) > 5 else ""))
+        data["rename_ambiguous"] = ambiguous
+    if retyped:
+        notes.append(f"{len(retyped)} tensors changed dtype; load_state_dict casts them to the module's dtype")
+    notes += [f"{k}: {v}" for k, v in new_info["hyperparameter_notes"].items()
+              if k not in new_info["hyperparameters"] and k not in old_info["hyperparameters"]]
+    if load_detail["missing"] or load_detail["unexpected"] or load_detail["shape_mismatch"]:
+        notes.append(f"load_state_dict(new) into old's model: {len(load_detail['missing'])} missing, "
+                     f"{len(load_detail['unexpected'])} unexpected, {len(load_detail['shape_mismatch'])} "
+                     "size mismatches (lists in JSON: loadable_detail)")
+    n_opt_old = sum(1 for d in comparison.diffs if d.old is not None and is_optimizer_state(d.name))
+    if n_opt_old or optimizer_new:
+        notes.append(f"optimizer-state tensors ({n_opt_old}->{optimizer_new}) are not counted in the architecture")
+
+    changes = (
+        ("added", len(added), ", ".join(added[:3])),
+        ("removed", len(removed), ", ".join(removed[:3])),
+        ("renamed", len(renames), ", ".join(f"{a} -> {b}" for a, b in renames[:2])),
+        ("reshaped", len(reshaped),
+         ", ".join(f"{d.name} {list(d.old.shape)}->{list(d.new.shape)}" for d in reshaped[:2])),
+        ("retyped", len(retyped), ", ".join(f"{d.name} {d.old.dtype}->{d.new.dtype}" for d in retyped[:2])),
+    )
+    hp_keys = list(dict.fromkeys(list(old_info["hyperparameters"]) + list(new_info["hyperparameters"])))
+    hp_rows = tuple((k, old_info["hyperparameters"].get(k, "-"), new_info["hyperparameters"].get(k, "-"),
+                     new_info["hyperparameter_notes"].get(k) or old_info["hyperparameter_notes"].get(k, ""))
+                    for k in hp_keys)
+    dtypes = sorted(set(old_info["params_by_dtype"]) | set(new_info["params_by_dtype"]))
+    back = {b: a for a, b in renames}  # renamed tensors are grouped under their old names
+    new_groups: Counter = Counter()
+    for d in model:
+        if d.new is not None:
+            new_groups[layer_of(back.get(d.name, d.name))] += d.new.numel
+    old_groups = old_info["params_by_group"]
+    groups = list(dict.fromkeys(list(old_groups) + list(new_groups)))
+    tables = [
+        Table("Tensor changes", ("change", "count", "examples"), tuple(r for r in changes if r[1])),
+        Table("Hyperparameters", ("name", "old", "new", "evidence"), hp_rows),
+        Table("Parameters by dtype", ("dtype", "old", "new"),
+              tuple((t, old_info["params_by_dtype"].get(t, 0), new_info["params_by_dtype"].get(t, 0)) for t in dtypes)),
+        Table("Changed parameter groups", ("group", "old", "new", "delta"),
+              tuple((g, old_groups.get(g, 0), new_groups.get(g, 0), new_groups.get(g, 0) - old_groups.get(g, 0))
+                    for g in groups if old_groups.get(g, 0) != new_groups.get(g, 0))),
+        Table("Renames", ("old", "new"), tuple(renames[:TABLE_ROWS])),
+    ]
+    if len(renames) > TABLE_ROWS:
+        notes.append(f"renames table shows {TABLE_ROWS} of {len(renames)} (all in JSON: renames)")
+    if old_info["family"] != new_info["family"]:
+        notes.insert(0, f"old family evidence: {old_info['family_reason']}")
+    return AnalysisResult(NAME, headline, data, tuple(tables), tuple(notes), text_keys={"family": ""})

@@ -1,0 +1,292 @@
+"""--change-summary: counts, global rel_l2 and cosine, top tensors and layers, change patterns.
+
+Counts in tensors and parameters, bytes, global rel_l2 and cosine, the share of
+parameters changed, top tensors and layers, and change patterns with their evidence.
+
+Model tensors only (optimizer state is counted apart). Patterns: only biases/norms
+changed, embeddings frozen, only the last k blocks changed, a low-rank update (the
+effective rank of Δ of 2-D weights, from an SVD this analysis' hook computes in the
+engine's pass), uniform drift. Formulas, thresholds and the SVD's cost:
+docs/analyses/change_summary.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+from torchdiff.analyses._tensor_roles import is_float_dtype, is_optimizer_state, kind
+from torchdiff.layers import block_index, layer_of
+from torchdiff.results import (
+    ADDED, CHANGED, REMOVED, RETYPED, STATUSES, UNCHANGED, AnalysisResult, Comparison, Table,
+)
+
+NAME = "change_summary"
+FLAG = "change_summary"
+OPTIONS: dict = {}
+
+TOP = 5                       # rows of the top-tensors and top-layers tables
+ENERGY = 0.99                 # effective rank: fewest singular values holding 99% of ‖Δ‖²
+LOW_RANK_FRACTION = 1 / 8     # low-rank update: rank99 ≤ max(1, min(m, n) / 8)
+LOW_RANK_MIN_DIM = 16         # ... on matrices with min(m, n) ≥ 16
+EXACT_MAX_DIM = 256           # exact spectrum when min(m, n) ≤ 256, else a randomized sketch
+SKETCH = 64                   # sketch width (columns of the Gaussian test matrix)
+GRAM_CHUNK = 1 << 20          # elements per float64 chunk of the exact Gram matrix
+POWER_ITERATIONS = 0          # subspace iterations of the sketch (each adds 2 products)
+UNIFORM_CHANGED = 0.9         # uniform drift: ≥ 90% of model tensors changed ...
+UNIFORM_CV = 0.25             # ... and the coefficient of variation of their rel_l2 ≤ 0.25
+UNIFORM_MIN = 3               # ... over at least 3 tensors
+FROZEN_EMBED_LAYERS = 2       # embeddings frozen: identical while weight matrices changed in ≥ 2 layers
+PATTERNS = ("only_biases_norms", "embeddings_frozen", "last_k_blocks", "low_rank", "uniform_drift")
+
+
+# ---- the hook: effective rank of Δ ---------------------------------------------------
+
+
+class _RankHook:
+    name = NAME
+
+    def wants(self, pair) -> bool:
+        if pair.kind != "common" or len(pair.old.shape) != 2 or is_optimizer_state(pair.name):
+            return False
+        if not (pair.old.dtype.is_floating_point and pair.new.dtype.is_floating_point):
+            return False
+        return min(pair.old.shape) >= LOW_RANK_MIN_DIM and kind(pair.name, 2) == "weight"
+
+    def __call__(self, pair, old: torch.Tensor, new: torch.Tensor) -> dict[str, Any] | None:
+        return delta_rank(new - old)
+
+
+def delta_rank(delta: torch.Tensor) -> dict[str, Any] | None:
+    """Energy rank of a 2-D Δ: the fewest singular values whose squares hold ENERGY of ‖Δ‖_F².
+
+    With A = Δ oriented k × N, k = min(m, n):
+
+    - exact when k ≤ EXACT_MAX_DIM: σ² = eigenvalues of the k × k Gram matrix A Aᵀ,
+      accumulated in float64 over column chunks of GRAM_CHUNK elements (cost m·n·k
+      multiply-adds plus a k³ eigensolve; bounded extra memory);
+    - else a randomized range finder (Halko, Martinsson & Tropp 2011): Y = Δ Ω with
+      Ω an n × SKETCH Gaussian (seeded), POWER_ITERATIONS subspace iterations,
+      Q = qr(Y), σ² = eigenvalues of (QᵀΔ)(QᵀΔ)ᵀ (cost ≈ (2 + 2·POWER_ITERATIONS)
+      matrix products of m·n·SKETCH). The sketch's top-r energy is at most Δ's, so a
+      rank found by it is an upper bound of the true rank; ``rank99`` is None when
+      the sketch holds < ENERGY of ‖Δ‖² (the rank is above SKETCH).
+
+    None when Δ = 0.
+    """
+    norm = float(torch.linalg.vector_norm(delta))  # non-finite when Δ holds NaN/Inf
+    if not math.isfinite(norm):
+        return {"rank99": None, "method": "skipped: non-finite values"}
+    if norm == 0:
+        return None
+    a = delta if delta.shape[0] <= delta.shape[1] else delta.T
+    k = a.shape[0]
+    if k <= EXACT_MAX_DIM:
+        gram = torch.zeros(k, k, dtype=torch.float64, device=delta.device)
+        step = max(1, GRAM_CHUNK // k)
+        for j in range(0, a.shape[1], step):
+            c = a[:, j:j + step].to(torch.float64)
+            gram += c @ c.T
+        s2 = torch.linalg.eigvalsh(gram).flip(0).clamp(min=0)
+        total = float(gram.trace())
+        method, width = "exact", k
+    else:
+        total = norm * norm
+        gen = torch.Generator(device=delta.device).manual_seed(0)
+        omega = torch.randn(a.shape[1], SKETCH, generator=gen, device=delta.device, dtype=delta.dtype)
+        q = torch.linalg.qr(a @ omega).Q
+        for _ in range(POWER_ITERATIONS):
+            q = torch.linalg.qr(a.T @ q).Q
+            q = torch.linalg.qr(a @ q).Q
+        b = (q.T @ a).to(torch.float64)
+        s2 = torch.linalg.eigvalsh(b @ b.T).flip(0).clamp(min=0)
+        method, width = "randomized", SKETCH
+    if total <= 0:
+        return None
+    energy = torch.cumsum(s2, 0) / total
+    captured = float(energy[-1])
+    reached = (energy >= ENERGY).nonzero()
+    rank = int(reached[0]) + 1 if reached.numel() else None
+    return {"rank99": rank, "min_dim": k, "method": method, "width": width, "captured": min(captured, 1.0)}
+
+
+def hooks(options) -> list:
+    return [_RankHook()]
+
+
+# ---- the summary -------------------------------------------------------------------------
+
+
+def _global(diffs) -> dict[str, float]:
+    dsq = sum(d.metrics.l2 ** 2 for d in diffs)
+    old_sq = sum(d.metrics.norm_old ** 2 for d in diffs)
+    new_sq = sum(d.metrics.norm_new ** 2 for d in diffs)
+    dot = sum(d.metrics.dot for d in diffs)
+    rel = math.sqrt(dsq / old_sq) if old_sq > 0 else (math.inf if dsq > 0 else 0.0)
+    denom = math.sqrt(old_sq * new_sq)
+    cos = max(-1.0, min(1.0, dot / denom)) if denom > 0 else (1.0 if old_sq == new_sq else math.nan)
+    changed_el = sum(d.metrics.changed_count for d in diffs)
+    numel = sum(d.metrics.numel for d in diffs)
+    return {"l2": math.sqrt(dsq), "rel_l2": rel, "cosine": cos,
+            "changed_element_fraction": changed_el / numel if numel else 0.0}
+
+
+def _patterns(model, paired) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    moved = [d for d in paired if d.status in (CHANGED, RETYPED)]
+    kinds = {d.name: kind(d.name, len((d.new or d.old).shape)) for d in model}
+    if moved and all(kinds[d.name] in ("bias", "norm") for d in moved):
+        params = sum(d.params for d in moved)
+        found.append({"pattern": "only_biases_norms", "changed_tensors": len(moved), "changed_params": params,
+                      "evidence": f"all {len(moved)} changed tensors ({params} params) are biases or "
+                                  f"normalisation parameters; {len(paired) - len(moved)} other tensors unchanged"})
+    embeds = [d for d in paired if kinds[d.name] == "embedding"]
+    moved_weights = [d for d in moved if kinds[d.name] == "weight"]
+    weight_layers = {layer_of(d.name) for d in moved_weights}
+    if embeds and len(weight_layers) >= FROZEN_EMBED_LAYERS and all(d.status == UNCHANGED for d in embeds):
+        found.append({"pattern": "embeddings_frozen", "tensors": [d.name for d in embeds],
+                      "evidence": f"{len(embeds)} embedding tensors identical "
+                                  f"({', '.join(d.name for d in embeds[:3])}) "
+                                  f"while {len(moved_weights)} weight matrices in {len(weight_layers)} layers changed "
+                                  f"(pattern needs ≥ {FROZEN_EMBED_LAYERS} layers)"})
+    stacks: dict[str, dict[int, bool]] = defaultdict(dict)
+    for d in model:
+        layer = layer_of(d.name)
+        idx = block_index(layer)
+        if idx is None:
+            continue
+        stack = stacks[layer.rsplit(".", 1)[0]]
+        stack[idx] = stack.get(idx, False) or d.status != UNCHANGED
+    for name, blocks in sorted(stacks.items()):
+        order = sorted(blocks)
+        changed = [i for i in order if blocks[i]]
+        if len(order) < 2 or not changed or len(changed) == len(order):
+            continue
+        k = len(changed)
+        if changed == order[-k:]:
+            found.append({"pattern": "last_k_blocks", "stack": name, "k": k, "blocks": len(order),
+                          "changed_blocks": changed,
+                          "evidence": f"in {name}.*, only the last {k} of {len(order)} blocks changed "
+                                      f"({', '.join(str(i) for i in changed)})"})
+    low = []
+    for d in moved:
+        r = d.extras.get(NAME)
+        if not r or r.get("rank99") is None:
+            continue
+        limit = max(1, int(r["min_dim"] * LOW_RANK_FRACTION))
+        if r["rank99"] <= limit:
+            low.append({"path": d.name, "shape": list(d.new.shape), "rank99": r["rank99"], "limit": limit,
+                        "method": r["method"], "captured": r["captured"]})
+    if low:
+        found.append({"pattern": "low_rank", "tensors": low,
+                      "evidence": "; ".join(f"{e['path']} {e['shape']}: Δ has {ENERGY:.0%} of its energy in "
+                                            f"{e['rank99']} singular values (≤ {e['limit']} = min dim/"
+                                            f"{round(1 / LOW_RANK_FRACTION)}, {e['method']} spectrum)" for e in low)})
+    rels = [d.metrics.rel_l2 for d in moved if math.isfinite(d.metrics.rel_l2)]
+    if paired and len(rels) >= UNIFORM_MIN and len(moved) / len(paired) >= UNIFORM_CHANGED:
+        mean = sum(rels) / len(rels)
+        cv = math.sqrt(sum((x - mean) ** 2 for x in rels) / len(rels)) / mean if mean > 0 else math.inf
+        if cv <= UNIFORM_CV:
+            found.append({"pattern": "uniform_drift", "cv": cv, "mean_rel_l2": mean, "tensors": len(rels),
+                          "evidence": f"{len(moved)} of {len(paired)} tensors changed with rel_l2 {mean:.4g} on "
+                                      f"average, coefficient of variation {cv:.3g} ≤ {UNIFORM_CV:g}"})
+    return found
+
+
+def analyze(comparison: Comparison, options) -> AnalysisResult:
+    if comparison.mode == "inspect":
+        return AnalysisResult(NAME, {}, {}, (), ("a change summary needs two checkpoints (torchdiff OLD NEW)",))
+    model = [d for d in comparison.diffs if not is_optimizer_state(d.name)]
+    optimizer = [d for d in comparison.diffs if is_optimizer_state(d.name)]
+    paired = [d for d in model if d.metrics is not None and is_float_dtype(d.old.dtype) and is_float_dtype(d.new.dtype)]
+    tensor_counts = {s: 0 for s in STATUSES}
+    param_counts = {s: 0 for s in STATUSES}
+    for d in model:
+        tensor_counts[d.status] += 1
+        param_counts[d.status] += d.params
+    old_bytes = sum(d.old.nbytes for d in model if d.old is not None)
+    new_bytes = sum(d.new.nbytes for d in model if d.new is not None)
+    g = _global(paired)
+    total_params = sum(d.params for d in paired)
+    moved_params = sum(d.params for d in paired if d.status in (CHANGED, RETYPED))
+
+    paired_names = {d.name for d in paired}
+    layers: dict[str, dict[str, float]] = defaultdict(lambda: {"dsq": 0.0, "old_sq": 0.0, "params": 0, "changed": 0})
+    for d in model:
+        e = layers[layer_of(d.name)]
+        e["params"] += d.params
+        if d.status != UNCHANGED:
+            e["changed"] += 1
+        if d.name in paired_names:
+            e["dsq"] += d.metrics.l2 ** 2
+            e["old_sq"] += d.metrics.norm_old ** 2
+    total_dsq = sum(e["dsq"] for e in layers.values())
+    layer_rows = []
+    for name, e in layers.items():
+        rel = math.sqrt(e["dsq"] / e["old_sq"]) if e["old_sq"] > 0 else (math.inf if e["dsq"] > 0 else 0.0)
+        layer_rows.append({"layer": name, "rel_l2": rel, "energy_share": e["dsq"] / total_dsq if total_dsq else 0.0,
+                           "changed_tensors": e["changed"], "params": e["params"]})
+    layers_changed = sum(1 for r in layer_rows if r["changed_tensors"])
+    top_layers = sorted((r for r in layer_rows if r["changed_tensors"]),
+                        key=lambda r: (-r["energy_share"], r["layer"]))[:TOP]
+    moved = [d for d in paired if d.status in (CHANGED, RETYPED)]
+    top_tensors = sorted(moved, key=lambda d: (-_finite_key(d.metrics.rel_l2), d.name))[:TOP]
+    patterns = _patterns(model, paired)
+
+    headline = {"layers_changed": layers_changed, "magnitude": g["rel_l2"],
+                "patterns": [p["pattern"] for p in patterns]}
+    data: dict[str, Any] = {
+        "tensor_counts": tensor_counts, "param_counts": param_counts,
+        "bytes_old": old_bytes, "bytes_new": new_bytes,
+        "global_l2": g["l2"], "global_rel_l2": g["rel_l2"], "global_cosine": g["cosine"],
+        "changed_param_fraction": moved_params / total_params if total_params else 0.0,
+        "changed_element_fraction": g["changed_element_fraction"],
+        "layers": len(layer_rows),
+        "pattern_evidence": patterns,
+        "thresholds": {"energy": ENERGY, "low_rank_fraction": LOW_RANK_FRACTION, "low_rank_min_dim": LOW_RANK_MIN_DIM,
+                       "exact_max_dim": EXACT_MAX_DIM, "sketch": SKETCH, "uniform_changed": UNIFORM_CHANGED,
+                       "uniform_cv": UNIFORM_CV, "frozen_embed_layers": FROZEN_EMBED_LAYERS},
+    }
+    if optimizer:
+        data["optimizer_tensor_counts"] = {s: sum(1 for d in optimizer if d.status == s) for s in STATUSES}
+    counts_rows = tuple((s, tensor_counts[s], param_counts[s]) for s in STATUSES if tensor_counts[s])
+    tables = (
+        Table("Counts", ("status", "tensors", "params"), counts_rows),
+        Table("Top tensors", ("tensor", "rel_l2", "l2", "cosine", "changed_fraction"),
+              tuple((d.name, d.metrics.rel_l2, d.metrics.l2, d.metrics.cosine, d.metrics.changed_fraction)
+                    for d in top_tensors)),
+        Table("Top layers", ("layer", "energy_share", "rel_l2", "changed_tensors", "params"),
+              tuple((r["layer"], r["energy_share"], r["rel_l2"], r["changed_tensors"], r["params"])
+                    for r in top_layers)),
+    )
+    notes = [f"magnitude = global rel_l2 = sqrt(Σ‖Δ‖² / Σ‖old‖²) = {_fmt(g['rel_l2'])}, global cosine = "
+             f"{_fmt(g['cosine'])}, over {len(paired)} same-shape tensors; params in changed tensors: {moved_params} "
+             f"of {total_params} ({_fmt(data['changed_param_fraction'])}); changed elements: "
+             f"{_fmt(g['changed_element_fraction'])}; bytes {old_bytes}->{new_bytes}"]
+    notes += [f"{p['pattern']}: {p['evidence']}" for p in patterns]
+    if optimizer:
+        c = data["optimizer_tensor_counts"]
+        notes.append(f"optimizer state not summarised: {len(optimizer)} tensors "
+                     f"({c[CHANGED]} changed, {c[ADDED]} added, {c[REMOVED]} removed)")
+    skipped = [d.name for d in moved if str((d.extras.get(NAME) or {}).get("method", "")).startswith("skipped")]
+    if skipped:
+        notes.append(f"low-rank check skipped for {len(skipped)} tensors whose Δ holds NaN/Inf: "
+                     + ", ".join(skipped[:3]) + (" ..." if len(skipped) > 3 else ""))
+    if not any(d.extras.get(NAME) for d in moved) and any(len(d.new.shape) == 2 for d in moved):
+        notes.append(f"low-rank check: no changed 2-D weight with min dim ≥ {LOW_RANK_MIN_DIM}")
+    return AnalysisResult(NAME, headline, data, tables, tuple(notes))
+
+
+def _finite_key(x: float) -> float:
+    return x if math.isfinite(x) else 1e308
+
+
+def _fmt(x: float) -> str:
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf"
+    return f"{x:.4g}"
