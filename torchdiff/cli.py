@@ -231,6 +231,9 @@ def _progress(flags: dict[str, Any]):
     return bar.update
 
 
+_PLACEHOLDERS = {"fail_on_anomaly": "SEVERITY", "output": "FORMAT", "epsilon": "E", "path": "SUBSTRING"}
+
+
 def help_text() -> str:
     table = _flag_table()
     from torchdiff.analyses import ANALYSES
@@ -252,7 +255,7 @@ def help_text() -> str:
     for name, (default, text) in table.items():
         if name in analysis_flags:
             continue
-        value = "" if isinstance(default, bool) else " " + name.upper().split("_")[0]
+        value = "" if isinstance(default, bool) else " " + _PLACEHOLDERS.get(name, name.upper().split("_")[-1])
         lines.append(f"  --{(name.replace('_', '-') + value):32s} {text}")
     lines += [
         "",
