@@ -371,16 +371,19 @@ class Engine:
 
     def _assemble(self, pairs, sides, exact_slots, ms, mp) -> list[TensorDiff]:
         side_stats: dict[int, TensorStats] = {}
-        exact_pairs: set[int] = set()
+        f32 = np.array([R.compute_dtype(side.handle.dtype) == torch.float32 for side in sides], dtype=bool)
+        exact = _exact_sides(ms, f32)
+        exact[list(exact_slots)] = True
+        cols = {k: ms[k].tolist() for k in ("count", "mean", "m2", "min", "max", "sum_abs", "zero")}
         for slot, side in enumerate(sides):
             h = side.handle
-            if slot in exact_slots or not _finite_merge(ms, slot) or _side_underflows(ms, slot, h.dtype):
+            if exact[slot]:
                 totals = R.exact_side(side.view())
             else:
                 totals = R.SideTotals(
-                    count=int(ms["count"][slot]), mean=float(ms["mean"][slot]), m2=float(ms["m2"][slot]),
-                    min=float(ms["min"][slot]), max=float(ms["max"][slot]),
-                    sum_abs=float(ms["sum_abs"][slot]), zero_count=int(round(ms["zero"][slot])),
+                    count=int(cols["count"][slot]), mean=cols["mean"][slot], m2=cols["m2"][slot],
+                    min=cols["min"][slot], max=cols["max"][slot],
+                    sum_abs=cols["sum_abs"][slot], zero_count=int(round(cols["zero"][slot])),
                 )
             side_stats[slot] = _stats(h, totals)
         diffs: list[TensorDiff] = []
@@ -409,14 +412,13 @@ class Engine:
                     dsum_abs=float(mp["dsum_abs"][i]), changed=int(round(mp["changed"][i])),
                     sumsq_old=_sumsq(old_stats), sumsq_new=_sumsq(new_stats),
                 )
-            metrics = _metrics(totals)
             same_nonfinite = (old_stats.nan_count, old_stats.inf_count) == (new_stats.nan_count, new_stats.inf_count)
             if same_nonfinite and nonfinite:
                 same_nonfinite = _same_nonfinite(a_side.view(), b_side.view())
             equal = False
             if totals.dmax == 0 and same_nonfinite and not p.retyped:
                 equal = _bytes_equal(a_side.view(), b_side.view())
-            metrics = PairMetrics(**{**_metric_fields(metrics), "equal": equal})
+            metrics = _metrics(totals, equal)
             if p.retyped:
                 status = RETYPED
             elif equal or (totals.dmax <= self.epsilon and same_nonfinite):
@@ -490,20 +492,21 @@ def _same_nonfinite(a: torch.Tensor, b: torch.Tensor) -> bool:
 _TINY_MEAN_SQUARE = 2.0**-100
 
 
-def _side_underflows(ms: dict, slot: int, dtype: torch.dtype) -> bool:
-    if R.compute_dtype(dtype) != torch.float32:
-        return False
-    return ms["max"][slot] > ms["min"][slot] and ms["m2"][slot] < _TINY_MEAN_SQUARE * ms["count"][slot]
+def _exact_sides(ms: dict, f32: np.ndarray) -> np.ndarray:
+    """Slots whose merged partials cannot be trusted: non-finite, empty, or (float32)
+    a mean square deviation so small that float32 squares underflowed."""
+    with np.errstate(invalid="ignore"):
+        finite = np.ones(len(f32), dtype=bool)
+        for k in ("mean", "m2", "min", "max", "sum_abs"):
+            finite &= np.isfinite(ms[k])
+        underflow = f32 & (ms["max"] > ms["min"]) & (ms["m2"] < _TINY_MEAN_SQUARE * ms["count"])
+    return ~finite | (ms["count"] <= 0) | underflow
 
 
 def _pair_underflows(mp: dict, i: int, count: int, *dtypes: torch.dtype) -> bool:
     if R.compute_dtype(*dtypes) != torch.float32:
         return False
     return mp["dmax"][i] > 0 and mp["dsq"][i] < _TINY_MEAN_SQUARE * count
-
-
-def _finite_merge(ms: dict, slot: int) -> bool:
-    return all(np.isfinite(ms[k][slot]) for k in ("mean", "m2", "min", "max", "sum_abs")) and ms["count"][slot] > 0
 
 
 def _sumsq(s: TensorStats) -> float:
@@ -518,21 +521,17 @@ def _stats(h: TensorHandle, t: R.SideTotals) -> TensorStats:
     )
 
 
-def _metrics(t: R.PairTotals) -> PairMetrics:
+def _metrics(t: R.PairTotals, equal: bool = False) -> PairMetrics:
     norm_old = math.sqrt(max(t.sumsq_old, 0.0))
     norm_new = math.sqrt(max(t.sumsq_new, 0.0))
     # ⟨A,B⟩ = (‖A‖² + ‖B‖² − ‖Δ‖²)/2: exact in float64 from accurate parts, and
     # 1 − cos keeps its precision for nearly equal tensors.
     dot = (t.sumsq_old + t.sumsq_new - t.dsq) / 2
     return PairMetrics(
-        numel=t.count, equal=False, l2=math.sqrt(max(t.dsq, 0.0)), norm_old=norm_old, norm_new=norm_new,
+        numel=t.count, equal=equal, l2=math.sqrt(max(t.dsq, 0.0)), norm_old=norm_old, norm_new=norm_new,
         dot=dot, max_abs=t.dmax if t.count else 0.0,
         mean_abs_diff=t.dsum_abs / t.count if t.count else 0.0, changed_count=t.changed,
     )
-
-
-def _metric_fields(m: PairMetrics) -> dict[str, Any]:
-    return {f: getattr(m, f) for f in PairMetrics.__slots__}
 
 
 def _bytes_equal(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -15,6 +15,7 @@ Row partial layout (columns):
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -27,14 +28,15 @@ DSQ, DMAX, DSUM_ABS, CHANGED = range(4)
 PAIR_WIDTH = 4
 
 
+_WIDE = {torch.float64, torch.int64, torch.int32} | {
+    dt for dt in (getattr(torch, "uint32", None), getattr(torch, "uint64", None)) if dt is not None
+}
+
+
+@functools.lru_cache(maxsize=None)
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     """float64 for float64 and wide integers (exactness), float32 for everything else."""
-    wide = {torch.float64, torch.int64, torch.int32}
-    for name in ("uint32", "uint64"):
-        dt = getattr(torch, name, None)
-        if dt is not None:
-            wide.add(dt)
-    return torch.float64 if any(d in wide for d in dtypes) else torch.float32
+    return torch.float64 if any(d in _WIDE for d in dtypes) else torch.float32
 
 
 def side_rows(x: torch.Tensor, work: torch.Tensor) -> list[torch.Tensor]:

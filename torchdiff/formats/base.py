@@ -61,10 +61,7 @@ class TensorHandle:
     def __post_init__(self) -> None:
         if not self.storage_dtype:
             self.storage_dtype = dtype_name(self.dtype)
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
+        self.numel = math.prod(self.shape)
 
 
 @dataclass(eq=False)
