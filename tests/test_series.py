@@ -1,0 +1,267 @@
+"""torchdiff.series: one pass over ordered checkpoints (docs/SERIES.md)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+import torchdiff.formats as formats
+import torchdiff.series as series_mod
+from torchdiff.cli import main
+from torchdiff.errors import InputNotFoundError, UsageError
+from torchdiff.series import SeriesReport, compare_series
+
+
+def _run(n: int = 4, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """n state dicts of a tiny model drifting with shrinking steps."""
+    g = torch.Generator().manual_seed(seed)
+    base = {"a.0.weight": torch.randn(6, 5, generator=g), "a.0.bias": torch.randn(6, generator=g),
+            "b.weight": torch.randn(3, 6, generator=g)}
+    out = [base]
+    for t in range(1, n):
+        out.append({k: v + 0.5 ** t * torch.randn(v.shape, generator=g) for k, v in out[-1].items()})
+    return out
+
+
+def _save(tmp_path, states, names=None):
+    paths = []
+    for i, sd in enumerate(states):
+        path = tmp_path / (names[i] if names else f"ckpt_{i}.safetensors")
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+        paths.append(str(path))
+    return paths
+
+
+def _flat(sd) -> np.ndarray:
+    return np.concatenate([v.double().numpy().ravel() for v in sd.values()])
+
+
+# ---- reading once ---------------------------------------------------------------------------
+
+def test_each_file_opened_once_and_each_tensor_read_once(tmp_path, monkeypatch):
+    states = _run(4)
+    paths = _save(tmp_path, states)
+    # a training checkpoint with Adam state in the series too
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(4, 3)).sum().backward()
+        opt.step()
+    pt = [str(tmp_path / f"train_{i}.pt") for i in range(3)]
+    for p in pt:
+        opt.zero_grad()
+        model(torch.randn(4, 3)).sum().backward()
+        opt.step()
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "lr": 0.1}, p)
+
+    opened: Counter = Counter()
+    reads: Counter = Counter()
+    real_load = formats.load
+
+    def counting_load(path, format=None):
+        opened[path] += 1
+        ckpt = real_load(path, format)
+        for name, h in ckpt.tensors.items():
+            inner = h.materialize
+
+            def materialize(inner=inner, key=(path, name)):
+                reads[key] += 1
+                return inner()
+
+            h.materialize = materialize
+        return ckpt
+
+    monkeypatch.setattr(formats, "load", counting_load)
+    report = compare_series(paths, analyses=["convergence_analysis", "gradient_analysis", "similarity_matrix"],
+                            base=paths[0])
+    assert dict(opened) == {p: 1 for p in paths}  # the base is one of them: not opened again
+    assert set(reads.values()) == {1}
+    assert len(reads) == sum(len(s) for s in states)
+    assert report.analysis("similarity_matrix").headline["task_vectors"] == 3
+
+    opened.clear()
+    reads.clear()
+    compare_series(pt, analyses=["convergence_analysis", "gradient_analysis", "similarity_matrix"])
+    assert dict(opened) == {p: 1 for p in pt}
+    assert set(reads.values()) == {1}
+
+
+def test_same_file_twice_is_read_once(tmp_path, monkeypatch):
+    paths = _save(tmp_path, _run(2))
+    opened: Counter = Counter()
+    real_load = formats.load
+    monkeypatch.setattr(formats, "load", lambda p, f=None: (opened.update([p]), real_load(p, f))[1])
+    report = compare_series([paths[0], paths[1], paths[0]])
+    assert dict(opened) == {paths[0]: 1, paths[1]: 1}
+    sim = report.analysis("similarity_matrix").data
+    assert sim["cosine"][0][2] == pytest.approx(1.0)
+    assert sim["rel_distance"][0][2] == 0.0
+
+
+# ---- order ------------------------------------------------------------------------------
+
+def test_sort_natural_orders_by_numbers_in_names(tmp_path):
+    states = _run(3)
+    names = ["epoch_10.safetensors", "epoch_2.safetensors", "epoch_1.safetensors"]
+    paths = _save(tmp_path, [states[2], states[1], states[0]], names)
+    given = compare_series(paths)
+    assert [p.rsplit("/", 1)[-1] for p in given.checkpoints] == names
+    assert given.order == "given"
+    natural = compare_series(paths, sort="natural")
+    assert [p.rsplit("/", 1)[-1] for p in natural.checkpoints] == names[::-1]
+    assert natural.labels == ("epoch_1", "epoch_2", "epoch_10")
+    assert natural.order == "natural"
+    # in that order the run drifts away from epoch_1 with shrinking steps
+    per_step = natural.analysis("convergence_analysis").data["per_step"]
+    expected = [np.linalg.norm(_flat(states[t + 1]) - _flat(states[t])) for t in range(2)]
+    assert [s["update_norm"] for s in per_step] == pytest.approx(expected, rel=1e-9)
+
+
+def test_sort_rejects_unknown_value(tmp_path):
+    paths = _save(tmp_path, _run(2))
+    with pytest.raises(UsageError, match="--sort 'random'"):
+        compare_series(paths, sort="random")
+
+
+# ---- figures --------------------------------------------------------------------------------
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(2, 5), seed=st.integers(0, 10_000), dtype=st.sampled_from([torch.float32, torch.float64,
+                                                                                 torch.bfloat16]))
+def test_series_figures_match_numpy(n, seed, dtype):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(7,), (3, 4), (2, 2, 3)]
+    states = [{f"l{k}.w": torch.randn(s, generator=g).to(dtype) for k, s in enumerate(shapes)} for _ in range(n)]
+    report = compare_series(states, analyses=["convergence_analysis", "similarity_matrix"])
+    x = np.stack([_flat(sd) for sd in states])
+    sim = report.analysis("similarity_matrix").data
+    norms = np.linalg.norm(x, axis=1)
+    cos = (x @ x.T) / np.outer(norms, norms)
+    np.testing.assert_allclose(sim["cosine"], cos, rtol=1e-9, atol=1e-12)
+    rel = np.linalg.norm(x[None, :, :] - x[:, None, :], axis=2) / norms[:, None]
+    np.testing.assert_allclose(sim["rel_distance"], rel, rtol=1e-9, atol=1e-12)
+    per_step = report.analysis("convergence_analysis").data["per_step"]
+    u = np.linalg.norm(np.diff(x, axis=0), axis=1)
+    np.testing.assert_allclose([s["update_norm"] for s in per_step], u, rtol=1e-9)
+    np.testing.assert_allclose([s["rel_update"] for s in per_step], u / norms[:-1], rtol=1e-9)
+
+
+def test_small_workspace_and_batches_give_the_same_figures(monkeypatch):
+    states = _run(5, seed=3)
+    expected = compare_series(states, base=states[0]).analysis("similarity_matrix").data
+    monkeypatch.setattr(series_mod, "WORKSPACE_BYTES", {"cpu": 8 * 6 * 7, "cuda": 8 * 6 * 7})
+    monkeypatch.setattr(series_mod, "BATCH_BYTES", 1)
+    got = compare_series(states, base=states[0]).analysis("similarity_matrix").data
+    np.testing.assert_allclose(got["cosine"], expected["cosine"], rtol=1e-12)
+    np.testing.assert_allclose(got["task_vectors"]["cosine"], expected["task_vectors"]["cosine"], rtol=1e-12)
+    assert got["task_vectors"]["pairwise_sign_conflict"] == expected["task_vectors"]["pairwise_sign_conflict"]
+
+
+def test_update_norms_have_no_cancellation_far_from_the_first_checkpoint():
+    """Tiny updates after a large drift: exact differences, not ‖a‖² + ‖b‖² − 2⟨a,b⟩."""
+    g = torch.Generator().manual_seed(1)
+    start = torch.randn(10_000, generator=g, dtype=torch.float64) * 100
+    drift = start + 50
+    tiny = torch.randn(10_000, generator=g, dtype=torch.float64) * 1e-9
+    states = [{"w": start}, {"w": drift}, {"w": drift + tiny}, {"w": drift + 2 * tiny}]
+    per_step = compare_series(states).analysis("convergence_analysis").data["per_step"]
+    want = float(torch.linalg.vector_norm(tiny))
+    assert per_step[2]["update_norm"] == pytest.approx(want, rel=1e-6)
+    cos = compare_series(states).analysis("convergence_analysis").data["per_step"][2]["update_cosine"]
+    assert cos == pytest.approx(1.0, abs=1e-6)
+
+
+# ---- steps, inputs and outputs ---------------------------------------------------------------
+
+def test_steps_are_ordinary_comparisons(tmp_path):
+    states = _run(3)
+    states[2] = dict(states[2])
+    states[2]["c.extra"] = torch.ones(2)
+    del states[2]["b.weight"]
+    report = compare_series({"first": states[0], "second": states[0], "third": states[2]})
+    assert isinstance(report, SeriesReport)
+    assert report.labels == ("first", "second", "third")
+    assert not report.steps[0].has_differences
+    counts = report.steps[1].comparison.counts()
+    assert (counts["added"], counts["removed"], counts["changed"]) == (1, 1, 2)
+    assert report.has_differences
+    assert any("left out of the series figures (not in every checkpoint)" in n for n in report.notes)
+    text = str(report)
+    assert "first -> second: 3 tensors: 0 changed" in text
+
+
+def test_nonfinite_values_are_left_out_and_flagged():
+    states = _run(4)
+    states[3] = {k: v.clone() for k, v in states[3].items()}
+    states[3]["a.0.bias"][0] = float("nan")
+    report = compare_series(states)
+    conv = report.analysis("convergence_analysis")
+    assert conv.headline["status"] == "diverging"
+    assert "non-finite" in conv.data["reason"]
+    assert any("1 element position(s) non-finite" in n for n in report.notes)
+    assert all(math.isfinite(v) for v in report.analysis("similarity_matrix").data["cosine"][0])
+
+
+def test_nonfinite_base_positions_are_left_out():
+    states = _run(3)
+    base = {k: v.clone() for k, v in states[0].items()}
+    base["b.weight"][1, 2] = float("inf")
+    report = compare_series(states[1:], base=base)
+    tv = report.analysis("similarity_matrix").data["task_vectors"]
+    x = np.stack([_flat(s) for s in states[1:]])
+    b = _flat(base)
+    keep = np.isfinite(b)
+    taus = x[:, keep] - b[keep]
+    want = taus[0] @ taus[1] / (np.linalg.norm(taus[0]) * np.linalg.norm(taus[1]))
+    assert tv["cosine"][0][1] == pytest.approx(want, rel=1e-9)
+    assert any("1 element position(s) non-finite" in n for n in report.notes)
+
+
+def test_one_checkpoint_is_not_a_series(tmp_path):
+    paths = _save(tmp_path, _run(1))
+    with pytest.raises(UsageError, match="two or more"):
+        compare_series(paths)
+    with pytest.raises(InputNotFoundError, match="no such file"):
+        compare_series([paths[0], str(tmp_path / "missing.safetensors")])
+
+
+def test_cli_series_text_json_and_errors(tmp_path, capsys):
+    paths = _save(tmp_path, _run(4))
+    assert main(["series", *paths]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("series: 4 checkpoints, order given")
+    assert "\nconvergence_analysis: status=" in out
+    assert "\nsimilarity_matrix: dimensions=(4,4), mean_similarity=" in out
+
+    assert main(["series", *paths[::-1], "--sort", "natural", "--output", "json", "--gradient-analysis"]) == 0
+    items = json.loads(capsys.readouterr().out)
+    assert items[0]["type"] == "series" and items[0]["checkpoints"] == paths
+    assert [i["type"] for i in items[1:4]] == ["series_step"] * 3
+    assert [i["type"] for i in items[4:]] == ["gradient_analysis"]
+
+    assert main(["series", paths[0], paths[0], "--exit-code"]) == 0
+    capsys.readouterr()
+    assert main(["series", *paths, "--brief"]) == 1
+    assert main(["series", paths[0]]) == 2
+    assert main(["series", *paths, "--sort", "sideways"]) == 2
+    assert "--sort 'sideways'" in capsys.readouterr().err
+
+
+def test_cli_series_yaml(tmp_path, capsys):
+    pytest.importorskip("yaml")
+    import yaml
+
+    paths = _save(tmp_path, _run(3))
+    assert main(["series", *paths, "--output", "yaml", "--similarity-matrix"]) == 0
+    items = yaml.safe_load(capsys.readouterr().out)
+    assert items[-1]["type"] == "similarity_matrix"
+    assert items[-1]["dimensions"] == [3, 3]

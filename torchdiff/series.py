@@ -1,0 +1,665 @@
+"""``compare_series(checkpoints, ...) -> SeriesReport``: ordered checkpoints C1 C2 ... CN.
+
+One pass over the data (docs/SERIES.md):
+
+- every checkpoint is opened once (headers only); every tensor of every checkpoint is
+  materialised once, in batches of tensor names (all N versions of a name together,
+  bounded by ``BATCH_BYTES``);
+- the engine measures each consecutive pair (C_t, C_t+1) from those in-memory values,
+  so each step is an ordinary Comparison and the pair analyses run on it unchanged;
+- the series figures are Gram-type sums per layer, accumulated in float64 on the
+  engine's device and chunked along the element axis (``workspace`` bytes of float64):
+  ‖θ_i‖² and the exact pairwise squared distances ‖θ_i − θ_j‖² (differences taken
+  element by element, never as ‖a‖² + ‖b‖² − 2⟨a,b⟩), from which every norm, update,
+  cosine between checkpoints or between successive updates, distance from the first
+  checkpoint and task-vector cosine follows by polarisation without cancellation;
+  with a base, the sign-conflict counts of the task vectors θ_i − θ_base;
+- Adam state (exp_avg, exp_avg_sq, step) is reduced per parameter when the gradient
+  analysis runs;
+- device results stay on the device until the end: one host synchronisation for the
+  series figures, one per engine run.
+
+The series analyses are the modules in ``torchdiff.analyses`` that define
+``analyze_series(series, options) -> AnalysisResult``; the others run per step.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from torchdiff.analyses import ANALYSES, analysis_names
+from torchdiff.analyses._training import (
+    AdamPlan, adam_sums, build_adam_plan, is_float_dtype, is_optimizer_tensor, layer_key, natural_key,
+    optimizer_prefixes, short_labels,
+)
+from torchdiff.api import Options, build_report, make_options, open_checkpoint
+from torchdiff.engine import Engine, resolve_device
+from torchdiff.errors import CorruptFileError, InputNotFoundError, UsageError
+from torchdiff.formats.base import Checkpoint, TensorHandle
+from torchdiff.layers import compile_pattern
+from torchdiff.pairing import Pair, compile_filters, pair_metadata
+from torchdiff.results import AnalysisResult, Comparison, MetadataDiff, Report, TensorStats
+
+#: Analyses a series runs when none is named.
+SERIES_DEFAULT = ("convergence_analysis", "similarity_matrix")
+#: Tensor bytes (all versions of the names in a batch) materialised at once.
+BATCH_BYTES = 256 << 20
+#: float64 workspace of the Gram pass, per device type.
+WORKSPACE_BYTES = {"cpu": 32 << 20, "cuda": 512 << 20}
+_MAX_CHUNK = 1 << 22  # sign counts are float32 matmuls: exact below 2**24 per chunk
+SORTS = ("given", "natural")
+
+
+def series_analysis_names() -> list[str]:
+    """Analyses with a series form, in text-output order."""
+    return [n for n in analysis_names if hasattr(ANALYSES[n], "analyze_series")]
+
+
+# ---- what the pass measures -------------------------------------------------------------
+
+@dataclass
+class SeriesData:
+    """Everything the series pass measured; the input of ``analyze_series``.
+
+    Rows ``0..N-1`` of ``nsq``/``dist2`` are the checkpoints in series order; with a base
+    that is not one of them, row N is the base. Figures cover the *series tensors*:
+    floating-point tensors present with one shape in every checkpoint (and the base),
+    optimizer state excluded; per layer (torchdiff.layers.layer_of), summed over the
+    layer's tensors.
+    """
+
+    labels: tuple[str, ...]  # short display labels
+    names: tuple[str, ...]  # the checkpoints as given (paths)
+    metadata: tuple[dict, ...]
+    layers: tuple[str, ...]
+    layer_params: np.ndarray  # (L,) elements
+    layer_tensors: np.ndarray  # (L,) tensors
+    nsq: np.ndarray  # (L, M) ‖θ_i‖²
+    dist2: np.ndarray  # (L, M, M) ‖θ_i − θ_j‖²
+    nonfinite: np.ndarray  # (L,) element positions left out (non-finite in some checkpoint)
+    steps: tuple[Comparison, ...]
+    device: str
+    order: str = "given"
+    base_row: int | None = None
+    base_label: str | None = None
+    sign_conflicts: np.ndarray | None = None  # (L, N, N) #{τ_i·τ_j < 0}
+    sign_both: np.ndarray | None = None  # (L, N, N) #{τ_i ≠ 0 and τ_j ≠ 0}
+    sign_any_conflict: np.ndarray | None = None  # (L,) #{some τ_i > 0 and some τ_j < 0}
+    sign_multi: np.ndarray | None = None  # (L,) #{at least two τ_i ≠ 0}
+    adam: tuple[dict | None, ...] = ()  # per checkpoint: {"plan": AdamPlan, "sums": {key: (n, Σv̂, Σm̂², Σd²)}}
+    left_out: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return len(self.labels)
+
+    def tensor_stats(self, i: int) -> dict[str, TensorStats]:
+        """Per-tensor statistics of checkpoint i (from the step comparisons)."""
+        out: dict[str, TensorStats] = {}
+        if i < len(self.steps):
+            for d in self.steps[i].diffs:
+                if d.old is not None:
+                    out[d.name] = d.old
+        elif i > 0:
+            for d in self.steps[i - 1].diffs:
+                if d.new is not None:
+                    out[d.name] = d.new
+        return out
+
+
+# ---- the report ------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class SeriesReport:
+    """The result of ``compare_series``: per-step Reports plus the series analyses.
+
+    ``analyses`` holds the series analyses followed by every step's analyses (so a CI
+    gate tripped in any step is seen); ``analysis(name)`` finds a series analysis.
+    """
+
+    checkpoints: tuple[str, ...]
+    labels: tuple[str, ...]
+    steps: tuple[Report, ...]
+    series_analyses: tuple[AnalysisResult, ...]
+    order: str = "given"
+    base: str | None = None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def analyses(self) -> tuple[AnalysisResult, ...]:
+        return self.series_analyses + tuple(a for step in self.steps for a in step.analyses)
+
+    @property
+    def has_differences(self) -> bool:
+        return any(step.has_differences for step in self.steps)
+
+    def analysis(self, name: str) -> AnalysisResult | None:
+        for a in self.series_analyses:
+            if a.name == name:
+                return a
+        return None
+
+    def __len__(self) -> int:
+        return len(self.checkpoints)
+
+    def to_dict(self) -> list[dict[str, Any]]:
+        from torchdiff.render import finite_json
+
+        items: list[dict[str, Any]] = [{
+            "type": "series", "path": "", "checkpoints": list(self.checkpoints), "order": self.order,
+            "base": self.base, "notes": list(self.notes),
+        }]
+        for t, step in enumerate(self.steps):
+            comp = step.comparison
+            items.append({
+                "type": "series_step", "path": f"{self.labels[t]} -> {self.labels[t + 1]}", "step": t,
+                "old": comp.old_name, "new": comp.new_name, "has_differences": step.has_differences,
+                "counts": comp.counts(), "metadata_changed": len(comp.metadata_diffs),
+            })
+            for a in step.analyses:
+                items.append({**a.to_dict(), "step": t})
+        for a in self.series_analyses:
+            items.append(a.to_dict())
+        return finite_json(items)
+
+    def render(self, fmt: str = "text", color: bool = False, indent: int | None = 2) -> str:
+        if fmt == "text":
+            return self._text()
+        if fmt == "json":
+            import json
+
+            return json.dumps(self.to_dict(), indent=indent, allow_nan=False, ensure_ascii=False)
+        if fmt == "yaml":
+            try:
+                import yaml
+            except ImportError:
+                raise UsageError("--output yaml needs PyYAML (pip install pyyaml)") from None
+            return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+        from torchdiff.render import output_formats
+
+        raise UsageError(f"unknown --output {fmt!r} (choose from {', '.join(output_formats)})")
+
+    def _text(self) -> str:
+        from torchdiff.render.text import analysis_section, summary_line
+
+        head = f"series: {len(self.checkpoints)} checkpoints, order {self.order}"
+        if self.base is not None:
+            head += f", base {self.base}"
+        lines = [head]
+        for t, step in enumerate(self.steps):
+            lines.append(f"  {self.labels[t]} -> {self.labels[t + 1]}: {summary_line(step)}")
+        for note in self.notes:
+            lines.append(f"  note: {note}")
+        for t, step in enumerate(self.steps):
+            if step.analyses:
+                lines += ["", f"{self.labels[t]} -> {self.labels[t + 1]}"]
+                for a in step.analyses:
+                    lines += ["  " + line if line else line for line in analysis_section(a)]
+        for a in self.series_analyses:
+            lines.append("")
+            lines += analysis_section(a)
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self._text()
+
+
+# ---- entry point -----------------------------------------------------------------------------
+
+def compare_series(checkpoints: Sequence[Any] | Mapping[str, Any], *, analyses: Sequence[str] = (),
+                   sort: str | None = None, base: Any = None, lr: float | None = None,
+                   device: str = "auto", progress: Callable[[int], None] | None = None,
+                   **kwargs: Any) -> SeriesReport:
+    """Compare ordered checkpoints C1 C2 ... CN in one pass.
+
+    Args:
+        checkpoints: paths, state_dicts or nn.Modules in training order, or a mapping
+            label → source.
+        analyses: analysis names or flags. Series analyses (convergence, gradient,
+            similarity) run over the whole series; the others run on each consecutive
+            pair. None named: convergence and similarity.
+        sort: ``None``/``"given"`` keeps the order; ``"natural"`` sorts by the numbers in
+            the labels (epoch_2 before epoch_10).
+        base: a checkpoint for task vectors τ_i = θ_i − θ_base (similarity matrix).
+        lr: the learning rate, when the checkpoints do not record it (gradient analysis).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        progress: called with the number of elements measured after each batch.
+        **kwargs: the options of ``torchdiff.compare`` (epsilon, ignore_keys_regex, path,
+            format, analysis options).
+
+    Returns:
+        A SeriesReport; ``print`` it for text, ``to_dict()`` for JSON.
+
+    Example:
+        >>> import torch, torchdiff.series as S
+        >>> run = [{"w": torch.full((4,), v)} for v in (1.0, 1.5, 1.75, 1.875)]
+        >>> report = S.compare_series(run, analyses=["convergence_analysis"])
+        >>> report.analysis("convergence_analysis").headline["status"]
+        'converging'
+    """
+    options = _series_options(analyses, sort, base, lr, device, kwargs)
+    labels, sources = _sources(checkpoints)
+    if len(sources) < 2:
+        raise UsageError(f"a series takes two or more checkpoints (got {len(sources)})")
+    if options.sort == "natural":
+        order = sorted(range(len(labels)), key=lambda i: natural_key(labels[i]))
+        labels = [labels[i] for i in order]
+        sources = [sources[i] for i in order]
+    for source in list(sources) + ([options.base] if options.base is not None else []):
+        if isinstance(source, (str, os.PathLike)) and not os.path.exists(source):
+            raise InputNotFoundError(f"{os.fspath(source)}: no such file or directory")
+    engine = Engine(resolve_device(options.device), options.epsilon)
+    opened: dict[Any, Checkpoint] = {}
+    try:
+        ckpts = [_open(s, options, opened) for s in sources]
+        base_ckpt = _open(options.base, options, opened) if options.base is not None else None
+        data = _measure(labels, ckpts, base_ckpt, options, engine, progress)
+    finally:
+        for ckpt in opened.values():
+            ckpt.close()
+    return _build(data, options, base_ckpt.name if base_ckpt is not None else None)
+
+
+def _series_options(analyses, sort, base, lr, device, kwargs) -> Options:
+    extra = dict(kwargs)
+    extra["device"] = device
+    if sort is not None:
+        extra["sort"] = sort
+    if base is not None:
+        extra["base"] = base
+    if lr is not None:
+        extra["lr"] = lr
+    for key in ("sort", "base", "lr"):
+        if key in extra and key not in _known_options():
+            raise UsageError(f"--{key} needs the analysis that defines it (not installed)")
+    from torchdiff.analyses import FLAGS
+
+    named = bool(analyses) or any(v for k, v in extra.items() if k in FLAGS or k in ANALYSES)
+    if not named:  # none named: the series defaults (plus any an option switches on)
+        analyses = [n for n in SERIES_DEFAULT if n in ANALYSES]
+    options = make_options(analyses, **extra)
+    sort_value = options.get("sort")
+    if sort_value in (None, "", "given"):
+        options["sort"] = "given"
+    elif sort_value != "natural":
+        raise UsageError(f"--sort {sort_value!r}: use natural (numbers in names: epoch_2 before epoch_10) "
+                         "or given (the order on the command line)")
+    if "lr" in options:
+        try:
+            options["lr"] = float(options["lr"] or 0.0)
+        except (TypeError, ValueError):
+            raise UsageError(f"--lr must be a number, got {options['lr']!r}") from None
+        if not math.isfinite(options["lr"]) or options["lr"] < 0:
+            raise UsageError(f"--lr must be a positive number, got {options['lr']}")
+    options.setdefault("base", None)
+    compile_pattern(options.get("layer_pattern"))
+    return options
+
+
+def _known_options() -> set[str]:
+    from torchdiff.analyses import options_defaults
+
+    return set(options_defaults())
+
+
+def _sources(checkpoints) -> tuple[list[str], list[Any]]:
+    if isinstance(checkpoints, (str, os.PathLike)):
+        raise UsageError("compare_series takes a list of checkpoints (paths, state_dicts or modules), not one path")
+    if isinstance(checkpoints, Mapping):
+        return [str(k) for k in checkpoints], list(checkpoints.values())
+    sources = list(checkpoints)
+    labels = [os.fspath(s) if isinstance(s, (str, os.PathLike)) else f"#{i}" for i, s in enumerate(sources)]
+    return labels, sources
+
+
+def _open(source: Any, options: Options, opened: dict[Any, Checkpoint]) -> Checkpoint:
+    """Open a source once: the same file (or object) given twice is one Checkpoint."""
+    key = ("path", os.path.realpath(os.fspath(source))) if isinstance(source, (str, os.PathLike)) \
+        else ("object", id(source))
+    if key not in opened:
+        opened[key] = open_checkpoint(source, options)
+    return opened[key]
+
+
+# ---- the pass ------------------------------------------------------------------------------
+
+class _Pass:
+    """The series pass: batches of tensor names, each materialised once per checkpoint."""
+
+    def __init__(self, labels, ckpts, base_ckpt, options, engine, progress):
+        self.labels = list(labels)
+        self.short = short_labels(self.labels)
+        self.options = options
+        self.engine = engine
+        self.device = engine.device
+        self.progress = progress
+        # unique checkpoints (a file given twice, or the base inside the series, is one)
+        self.uniq: list[Checkpoint] = []
+        index: dict[int, int] = {}
+        for c in ckpts + ([base_ckpt] if base_ckpt is not None else []):
+            if id(c) not in index:
+                index[id(c)] = len(self.uniq)
+                self.uniq.append(c)
+        self.rows = [index[id(c)] for c in ckpts]  # series index -> unique checkpoint
+        self.n = len(ckpts)
+        self.base_row: int | None = None
+        if base_ckpt is not None:
+            u = index[id(base_ckpt)]
+            self.base_row = self.rows.index(u) if u in self.rows else self.n
+            if self.base_row == self.n:
+                self.rows.append(u)
+        self.m = len(self.rows)
+
+    def run(self) -> SeriesData:
+        options = self.options
+        keep = compile_filters(options.ignore_keys_regex, options.path)
+        ckpts = [self.uniq[u] for u in self.rows[: self.n]]
+        names: list[str] = []
+        seen: set[str] = set()
+        for c in ckpts:
+            for name in c.tensors:
+                if name not in seen and keep(name):
+                    seen.add(name)
+                    names.append(name)
+        prefixes = tuple(sorted({p for c in ckpts for p in optimizer_prefixes(c.tensors, c.metadata)},
+                                key=len, reverse=True))
+        # series tensors and their layers
+        left_out: dict[str, list[str]] = {"not in every checkpoint": [], "shape differs": [], "not floating point": []}
+        series_names: list[str] = []
+        for name in names:
+            if is_optimizer_tensor(name, prefixes):
+                continue
+            hs = [self.uniq[u].tensors.get(name) for u in self.rows]
+            if any(h is None for h in hs):
+                left_out["not in every checkpoint"].append(name)
+            elif len({tuple(h.shape) for h in hs}) > 1:
+                left_out["shape differs"].append(name)
+            elif not all(is_float_dtype(h.dtype) for h in hs):
+                left_out["not floating point"].append(name)
+            else:
+                series_names.append(name)
+        layers: list[str] = []
+        layer_index: dict[str, int] = {}
+        self.layer_of: dict[str, int] = {}
+        for name in series_names:
+            layer = layer_key(name, options)
+            if layer not in layer_index:
+                layer_index[layer] = len(layers)
+                layers.append(layer)
+            self.layer_of[name] = layer_index[layer]
+        L, M, dev = len(layers), self.m, self.device
+        f64 = torch.float64
+        self.acc_nsq = torch.zeros(L, M, dtype=f64, device=dev)
+        self.acc_d2 = torch.zeros(L, M, M, dtype=f64, device=dev)
+        self.acc_bad = torch.zeros(L, dtype=f64, device=dev)
+        if self.base_row is not None:
+            self.acc_conf = torch.zeros(L, self.n, self.n, dtype=f64, device=dev)
+            self.acc_both = torch.zeros(L, self.n, self.n, dtype=f64, device=dev)
+            self.acc_any = torch.zeros(L, dtype=f64, device=dev)
+            self.acc_multi = torch.zeros(L, dtype=f64, device=dev)
+        layer_params = np.zeros(L)
+        layer_tensors = np.zeros(L)
+        for name in series_names:
+            layer_params[self.layer_of[name]] += _numel(self.uniq[self.rows[0]].tensors[name])
+            layer_tensors[self.layer_of[name]] += 1
+        chunk = WORKSPACE_BYTES.get(dev.type, WORKSPACE_BYTES["cpu"]) // (8 * max(M, 1))
+        largest = int(layer_params.max()) if L else 1  # no bigger workspace than the largest layer
+        self.chunk = max(1, min(chunk, _MAX_CHUNK, largest))
+        self.work = torch.empty(M, self.chunk, dtype=f64, device=dev) if L else None
+        # Adam state
+        want_adam = "gradient_analysis" in options.analyses
+        self.plans: dict[int, AdamPlan] = {}
+        if want_adam:
+            for u in sorted(set(self.rows[: self.n])):
+                c = self.uniq[u]
+                specs = [(n_, tuple(h.shape), is_float_dtype(h.dtype)) for n_, h in c.tensors.items()]
+                plan = build_adam_plan(specs, c.metadata)
+                if plan is not None:
+                    self.plans[u] = plan
+        self.adam_sums: dict[int, dict[str, tuple[float, ...]]] = {u: {} for u in self.plans}
+        # per-step engines and hooks (pair analyses only)
+        self.step_diffs: list[list] = [[] for _ in range(self.n - 1)]
+        pair_modules = [ANALYSES[a] for a in options.analyses
+                        if not hasattr(ANALYSES[a], "analyze_series") and not hasattr(ANALYSES[a], "prepare")]
+        self.step_hooks = [[h for mod in pair_modules for h in (getattr(mod, "hooks", lambda o: [])(options) or [])]
+                           for _ in range(self.n - 1)]
+        series_set = set(series_names)
+        for batch in self._batches(names):
+            self._batch(batch, series_set)
+        # the one synchronisation for the series figures
+        nsq = self.acc_nsq.cpu().numpy()
+        dist2 = self.acc_d2.cpu().numpy()
+        dist2 = (dist2 + dist2.transpose(0, 2, 1)) / 2
+        for k in range(M):
+            dist2[:, k, k] = 0.0
+        data = SeriesData(
+            labels=tuple(self.short), names=tuple(self.labels),
+            metadata=tuple(dict(c.metadata) for c in ckpts), layers=tuple(layers),
+            layer_params=layer_params, layer_tensors=layer_tensors, nsq=nsq, dist2=dist2,
+            nonfinite=self.acc_bad.cpu().numpy(), steps=self._comparisons(ckpts, keep),
+            device=str(dev), order=options.sort, base_row=self.base_row,
+            left_out={k: v for k, v in left_out.items() if v},
+        )
+        if self.base_row is not None:
+            data.base_label = self.uniq[self.rows[self.base_row]].name
+            data.sign_conflicts = self.acc_conf.cpu().numpy()
+            data.sign_both = self.acc_both.cpu().numpy()
+            data.sign_any_conflict = self.acc_any.cpu().numpy()
+            data.sign_multi = self.acc_multi.cpu().numpy()
+        if want_adam:
+            data.adam = tuple(
+                {"plan": self.plans[u], "sums": self.adam_sums[u]} if u in self.plans else None
+                for u in self.rows[: self.n]
+            )
+        return data
+
+    # -- batching --
+
+    def _units(self, names: list[str]) -> list[list[str]]:
+        """Names in order; the tensors of one optimizer state index stay together."""
+        units: list[list[str]] = []
+        last_key = None
+        for name in names:
+            parts = name.split(".")
+            key = None
+            for i in range(len(parts) - 2):
+                if parts[i] == "state" and parts[i + 1].isdigit():
+                    key = ".".join(parts[: i + 2])
+            if key is not None and key == last_key:
+                units[-1].append(name)
+            else:
+                units.append([name])
+            last_key = key
+        return units
+
+    def _batches(self, names: list[str]):
+        batch: list[str] = []
+        size = 0
+        for unit in self._units(names):
+            unit_bytes = sum(h.nbytes for n in unit for c in self.uniq if (h := c.tensors.get(n)) is not None)
+            if batch and size + unit_bytes > BATCH_BYTES:
+                yield batch
+                batch, size = [], 0
+            batch += unit
+            size += unit_bytes
+        if batch:
+            yield batch
+
+    def _batch(self, batch: list[str], series_set: set[str]) -> None:
+        cache: dict[tuple[int, str], torch.Tensor] = {}
+
+        def value(u: int, name: str) -> torch.Tensor:
+            key = (u, name)
+            t = cache.get(key)
+            if t is None:
+                h = self.uniq[u].tensors[name]
+                t = h.materialize()
+                if tuple(t.shape) != tuple(h.shape):
+                    raise CorruptFileError(f"tensor {name!r}: header says shape {list(h.shape)}, "
+                                           f"data has {list(t.shape)}")
+                cache[key] = t
+            return t
+
+        def in_memory(u: int, name: str) -> TensorHandle | None:
+            h = self.uniq[u].tensors.get(name)
+            if h is None:
+                return None
+            return TensorHandle(name=name, shape=tuple(h.shape), dtype=h.dtype, nbytes=h.nbytes,
+                                materialize=lambda: value(u, name), storage_dtype=h.storage_dtype, mapped=False)
+
+        # 1. each consecutive pair through the engine
+        done = 0
+        nonfinite: set[str] = set()  # names with NaN/Inf in some checkpoint (from the engine's counts)
+        for t in range(self.n - 1):
+            pairs = []
+            for name in batch:
+                a = in_memory(self.rows[t], name)
+                b = in_memory(self.rows[t + 1], name)
+                if a is not None or b is not None:
+                    pairs.append(Pair(name, a, b))
+                    done += sum(h.numel for h in (a, b) if h is not None)
+            diffs = self.engine.run(pairs, hooks=self.step_hooks[t]) if pairs else []
+            for d in diffs:
+                if any(s is not None and (s.nan_count or s.inf_count) for s in (d.old, d.new)):
+                    nonfinite.add(d.name)
+            self.step_diffs[t] += diffs
+        # 2. the Gram pass, layer by layer
+        by_layer: dict[int, list[str]] = {}
+        for name in batch:
+            if name in series_set:
+                by_layer.setdefault(self.layer_of[name], []).append(name)
+        for layer, names in by_layer.items():
+            self._gram(layer, [([_flat(value(u, name)) for u in self.rows], name in nonfinite) for name in names])
+        # 3. Adam moments
+        pending = []
+        batch_set = set(batch)
+        for u, plan in self.plans.items():
+            for p in plan.params:
+                if p.exp_avg not in batch_set or p.exp_avg_sq not in batch_set:
+                    continue
+                if p.step is not None and p.step in batch_set:
+                    step: Any = value(u, p.step).to(self.device)
+                elif p.step_value is not None:
+                    step = p.step_value
+                else:
+                    continue
+                m = value(u, p.exp_avg).to(self.device)
+                v = value(u, p.exp_avg_sq).to(self.device)
+                pending.append((u, p, m.numel(), adam_sums(m, v, step, p.beta1, p.beta2, p.eps)))
+        if pending:
+            sums = torch.stack([s for *_, s in pending]).cpu().tolist()
+            for (u, p, n, _), s in zip(pending, sums):
+                self.adam_sums[u][p.key] = (float(n), *s)
+        if self.progress is not None:
+            self.progress(done)
+
+    def _gram(self, layer: int, tensors: list[tuple[list[torch.Tensor], bool]]) -> None:
+        """Stream the layer's tensors (all rows side by side) through the workspace.
+
+        ``tensors``: (the versions in row order, whether some series version holds
+        NaN/Inf). A chunk is masked only when one of its tensors does (or always on the
+        base row when the base is not a series checkpoint: the engine did not count it).
+        """
+        work, C = self.work, self.chunk
+        pos = 0
+        mask = False
+        for versions, nonfinite in tensors:
+            n = versions[0].numel()
+            start = 0
+            while start < n:
+                take = min(C - pos, n - start)
+                for r, v in enumerate(versions):
+                    work[r, pos:pos + take].copy_(v[start:start + take])
+                pos += take
+                start += take
+                mask = mask or nonfinite
+                if pos == C:
+                    self._reduce(layer, work, mask)
+                    pos, mask = 0, False
+        if pos:
+            self._reduce(layer, work[:, :pos], mask)
+
+    def _reduce(self, layer: int, x: torch.Tensor, mask: bool) -> None:
+        bad = None
+        if mask:
+            bad = ~torch.isfinite(x).all(0)
+        elif self.base_row is not None and self.base_row == self.n:
+            bad = ~torch.isfinite(x[self.base_row])
+        if bad is not None:
+            self.acc_bad[layer] += bad.sum()
+            x.masked_fill_(bad.unsqueeze(0), 0.0)
+        d = torch.cdist(x.unsqueeze(0), x.unsqueeze(0), compute_mode="donot_use_mm_for_euclid_dist")[0]
+        self.acc_d2[layer] += d * d
+        self.acc_nsq[layer] += (x * x).sum(1)
+        if self.base_row is not None:
+            tau = x[: self.n] - x[self.base_row]
+            pos = (tau > 0).to(torch.float32)
+            neg = (tau < 0).to(torch.float32)
+            cross = pos @ neg.T
+            self.acc_conf[layer] += (cross + cross.T).to(torch.float64)
+            nz = pos + neg
+            self.acc_both[layer] += (nz @ nz.T).to(torch.float64)
+            self.acc_any[layer] += (pos.amax(0) * neg.amax(0)).sum()
+            self.acc_multi[layer] += (nz.sum(0) >= 2).sum()
+
+    def _comparisons(self, ckpts: list[Checkpoint], keep) -> tuple[Comparison, ...]:
+        out = []
+        for t in range(self.n - 1):
+            old, new = ckpts[t], ckpts[t + 1]
+            meta = tuple(MetadataDiff(k, s, a, b) for k, s, a, b in pair_metadata(old.metadata, new.metadata, keep))
+            out.append(Comparison(
+                old_name=self.labels[t], new_name=self.labels[t + 1], old_format=old.format, new_format=new.format,
+                diffs=tuple(self.step_diffs[t]), metadata_diffs=meta, old_metadata=dict(old.metadata),
+                new_metadata=dict(new.metadata), device=str(self.device), epsilon=self.options.epsilon,
+            ))
+        return tuple(out)
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    return t.reshape(-1)
+
+
+def _numel(h: TensorHandle) -> int:
+    n = h.numel
+    return n * 2 if h.dtype.is_complex else n
+
+
+def _measure(labels, ckpts, base_ckpt, options, engine, progress) -> SeriesData:
+    return _Pass(labels, ckpts, base_ckpt, options, engine, progress).run()
+
+
+def _build(data: SeriesData, options: Options, base_name: str | None) -> SeriesReport:
+    notes: list[str] = []
+    series_results: list[AnalysisResult] = []
+    pair_names: list[str] = []
+    for name in options.analyses:
+        module = ANALYSES[name]
+        if hasattr(module, "analyze_series"):
+            result = module.analyze_series(data, options)
+            if result is not None:
+                series_results.append(result)
+        elif hasattr(module, "prepare"):
+            notes.append(f"{name} transforms a pair before measuring it; compare two checkpoints for it")
+        else:
+            pair_names.append(name)
+    step_options = Options(options)
+    step_options["analyses"] = tuple(pair_names)
+    steps = tuple(build_report(comp, step_options) for comp in data.steps)
+    for reason, names in data.left_out.items():
+        shown = ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+        notes.append(f"{len(names)} tensor(s) left out of the series figures ({reason}): {shown}")
+    bad = float(data.nonfinite.sum()) if data.nonfinite.size else 0.0
+    if bad:
+        notes.append(f"{int(bad)} element position(s) non-finite in some checkpoint, left out of the series figures")
+    return SeriesReport(
+        checkpoints=data.names, labels=data.labels, steps=steps,
+        series_analyses=tuple(series_results), order=data.order, base=base_name, notes=tuple(notes),
+    )
