@@ -110,8 +110,9 @@ class _Side:
         if self.flat is None:
             t = self.handle.materialize()
             if tuple(t.shape) != tuple(self.handle.shape):
+                where = f"{self.handle.source}: " if self.handle.source else ""
                 raise CorruptFileError(
-                    f"tensor {self.handle.name!r}: header says shape {list(self.handle.shape)}, "
+                    f"{where}tensor {self.handle.name!r}: header says shape {list(self.handle.shape)}, "
                     f"data has {list(t.shape)}"
                 )
             if t.is_complex():
@@ -463,20 +464,21 @@ class Engine:
 
 
 def _cat(slices: list[torch.Tensor], out: torch.Tensor) -> None:
-    """Concatenate ``slices`` into ``out``, upcasting. ``torch.cat`` cannot promote
-    float8 with another dtype, so a block mixing float8 rows with other rows is
-    filled slice by slice."""
-    if len({s.dtype for s in slices}) == 1 or not any(_is_float8(s.dtype) for s in slices):
+    """Concatenate ``slices`` into ``out``, upcasting. ``torch.cat`` cannot promote some
+    dtype mixes (float8 with anything, uint16/32/64 with signed integers), so a block
+    mixing dtypes is filled slice by slice when cat refuses."""
+    if len({s.dtype for s in slices}) == 1:
         torch.cat(slices, out=out)
         return
+    try:
+        torch.cat(slices, out=out)
+        return
+    except RuntimeError:
+        pass
     pos = 0
     for s in slices:
         out[pos : pos + s.numel()].copy_(s)
         pos += s.numel()
-
-
-def _is_float8(dtype: torch.dtype) -> bool:
-    return dtype.is_floating_point and dtype.itemsize == 1
 
 
 def _same_nonfinite(a: torch.Tensor, b: torch.Tensor) -> bool:
