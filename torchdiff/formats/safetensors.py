@@ -137,9 +137,10 @@ def load(path: str) -> Checkpoint:
     def reader(name: str, dtype: torch.dtype, shape: tuple[int, ...], begin: int, end: int):
         def materialize() -> torch.Tensor:
             raw = data[begin:end]
-            if begin % max(1, raw.element_size() * _itemsize(dtype)) and end > begin:
-                raw = raw.clone()  # misaligned for a dtype view: copy this tensor's bytes
-            return raw.view(dtype).reshape(shape)
+            try:
+                return raw.view(dtype).reshape(shape)
+            except RuntimeError:  # misaligned for a dtype view: copy this tensor's bytes
+                return raw.clone().view(dtype).reshape(shape)
 
         return materialize
 
@@ -151,10 +152,6 @@ def load(path: str) -> Checkpoint:
             materialize=reader(name, dtype, shape, begin, end), mapped=data_len > 0,
         )
     return Checkpoint(name=path, format="safetensors", tensors=tensors, info={"metadata": dict(file_metadata)})
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def _map(path: str, offset: int, length: int) -> torch.Tensor:
