@@ -88,17 +88,15 @@ def open_checkpoint(source: Any, options: Options) -> Checkpoint:
         path = os.fspath(source)
         if options.get("recursive") and os.path.isdir(path):
             return load_directory(path, options)
-        if options.get("unsafe_pickle") and os.path.isfile(path) and formats.detect_format(path) == "torch":
-            from torchdiff.formats import torch_pickle
-
-            return torch_pickle.load(path, unsafe=True)
+        if options.get("unsafe_pickle"):
+            return formats.load(path, options.get("format"), unsafe_pickle=True)
         return formats.load(path, options.get("format"))
     return formats.from_object(source)
 
 
 def load_directory(root: str, options: Options) -> Checkpoint:
     """Every checkpoint file under ``root`` as one Checkpoint; names ``relpath:tensor``."""
-    tensors, metadata, closers = {}, {}, []
+    tensors, metadata, closers, files = {}, {}, [], {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for filename in sorted(filenames):
@@ -109,13 +107,15 @@ def load_directory(root: str, options: Options) -> Checkpoint:
             rel = os.path.relpath(full, root).replace(os.sep, "/")
             ckpt = formats.load(full, options.get("format"))
             closers.append(ckpt.close)
+            files.update(ckpt.files)
             for name, handle in ckpt.tensors.items():
                 tensors[f"{rel}:{name}"] = handle
             for key, value in ckpt.metadata.items():
                 metadata[f"{rel}:{key}"] = value
     if not tensors and not metadata:
         raise InputNotFoundError(f"{root}: no checkpoint files found (extensions read: {', '.join(formats.extensions)})")
-    return Checkpoint(name=root, format="directory", tensors=tensors, metadata=metadata, _closers=closers)
+    return Checkpoint(name=root, format="directory", tensors=tensors, metadata=metadata, _closers=closers,
+                      files=files)
 
 
 def _check_paths(old: Any, new: Any, options: Options) -> None:
@@ -171,7 +171,11 @@ def compare(old: Any, new: Any, *, analyses: tuple[str, ...] | list[str] = (),
 
 def compare_checkpoints(old: Checkpoint, new: Checkpoint, options: Options, engine: Engine,
                         progress=None, mode: str = "pair") -> Report:
-    """The pipeline on two opened checkpoints: prepare, pair, measure, analyse."""
+    """The pipeline on two opened checkpoints: prepare, pair, measure, analyse.
+
+    Raises CorruptFileError if an input file changed while it was being read.
+    """
+    files = {**old.files, **new.files}
     modules = [ANALYSES[name] for name in options.analyses]
     for module in modules:
         prepare = getattr(module, "prepare", None)
@@ -180,7 +184,9 @@ def compare_checkpoints(old: Checkpoint, new: Checkpoint, options: Options, engi
     keep = compile_filters(options.ignore_keys_regex, options.path)
     pairs = pair(old, new, keep)
     hooks = [h for module in modules for h in (getattr(module, "hooks", lambda o: [])(options) or [])]
-    diffs = engine.run(pairs, hooks=hooks, progress=progress)
+    formats.check_unchanged(files)
+    diffs = engine.run(pairs, hooks=hooks, progress=_checking(files, progress))
+    formats.check_unchanged(files)  # every value is read: figures from a file that changed are not reported
     metadata_diffs = tuple(MetadataDiff(k, s, a, b) for k, s, a, b in pair_metadata(old.metadata, new.metadata, keep))
     comparison = Comparison(
         old_name=old.name, new_name=new.name, old_format=old.format, new_format=new.format,
@@ -189,6 +195,21 @@ def compare_checkpoints(old: Checkpoint, new: Checkpoint, options: Options, engi
         device=str(engine.device), epsilon=options.epsilon, mode=mode,
     )
     return build_report(comparison, options)
+
+
+def _checking(files: dict[str, tuple[int, ...]], progress: Callable[[int], None] | None):
+    """``progress``, checking first that no input changed since it was opened: after
+    every block, so that a file truncated underneath is noticed before the next block
+    reads its mapping (which would kill the process with SIGBUS)."""
+    if not files:
+        return progress
+
+    def step(done: int) -> None:
+        formats.check_unchanged(files)
+        if progress is not None:
+            progress(done)
+
+    return step
 
 
 def build_report(comparison: Comparison, options: Options) -> Report:
@@ -230,11 +251,14 @@ def differs(old: Any, new: Any, **kwargs: Any) -> bool:
         pairs = pair(old_ckpt, new_ckpt, keep)
         if any(p.kind != "common" or p.retyped for p in pairs):
             return True
+        found = False
         for p in pairs:
             if not _bytes_equal(p.old.materialize(), p.new.materialize()):
                 if engine.run([p])[0].is_difference:
-                    return True
-        return False
+                    found = True
+                    break
+        formats.check_unchanged({**old_ckpt.files, **new_ckpt.files})
+        return found
     finally:
         old_ckpt.close()
         new_ckpt.close()

@@ -33,6 +33,11 @@ class UnsafeCheckpointError(TorchDiffError):
     """A pickle that would need to run code to load; torchdiff never runs it."""
 
 
+class TooLargeError(TorchDiffError):
+    """An input that would take more memory to decode than the machine has (a zip bomb,
+    or a machine too small for the file)."""
+
+
 class MissingDependencyError(TorchDiffError):
     """An optional library (scipy, h5py, gguf, PyYAML) needed for this input is absent."""
 

@@ -14,7 +14,9 @@ from typing import Any, Mapping
 import torch
 
 from torchdiff.errors import InputNotFoundError, UnknownFormatError, UsageError
-from torchdiff.formats.base import Checkpoint, TensorHandle, dtype_name, flatten, tensor_handle
+from torchdiff.formats.base import (
+    Checkpoint, TensorHandle, check_unchanged, dtype_name, file_state, flatten, tensor_handle, watch,
+)
 
 # format name -> module (in torchdiff.formats) with a ``load(path) -> Checkpoint``.
 _READERS: dict[str, str] = {
@@ -90,12 +92,17 @@ def detect_format(path: str) -> str:
     return found
 
 
-def load(path: Any, format: str | None = None) -> Checkpoint:
+def load(path: Any, format: str | None = None, *, unsafe_pickle: bool = False) -> Checkpoint:
     """Open a checkpoint lazily (headers only; tensor bytes are read on demand).
+
+    The state of each file read is kept in ``Checkpoint.files`` (see ``check_unchanged``),
+    and every tensor's ``materialize()`` first checks that its file has not changed.
 
     Args:
         path: a file, a sharded checkpoint's ``*.index.json``, or a directory holding one.
         format: one of ``format_names``; None to detect it.
+        unsafe_pickle: load a PyTorch pickle with ``weights_only=False`` (runs code from
+            the file: only for files the user trusts).
 
     Raises:
         TorchDiffError: missing path, unknown format, corrupt or unsafe file.
@@ -109,7 +116,14 @@ def load(path: Any, format: str | None = None) -> Checkpoint:
         raise InputNotFoundError(f"{path}: is a directory (use -r to compare directories file by file)")
     fmt = format or detect_format(path)
     module = importlib.import_module(f"torchdiff.formats.{_READERS[fmt]}")
-    return module.load(path)
+    state = file_state(path) if os.path.isfile(path) else None  # before the first byte is read
+    ckpt = module.load(path, unsafe=True) if unsafe_pickle and fmt == "torch" else module.load(path)
+    if state is not None:
+        ckpt.files.setdefault(path, state)
+    for handle in ckpt.tensors.values():
+        if not handle.source:  # a sharded checkpoint's handles were watched by their shard's load
+            watch(handle, path, state)
+    return ckpt
 
 
 def from_object(obj: Any, name: str = "<memory>") -> Checkpoint:
@@ -131,6 +145,7 @@ def from_object(obj: Any, name: str = "<memory>") -> Checkpoint:
 __all__ = [
     "Checkpoint",
     "TensorHandle",
+    "check_unchanged",
     "dtype_name",
     "detect_format",
     "extensions",

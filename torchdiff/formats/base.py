@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
+
+from torchdiff.errors import CorruptFileError, TooLargeError
 
 # torch dtype -> short name used in reports (and safetensors' names for reference).
 _DTYPE_NAMES: dict[torch.dtype, str] = {
@@ -48,6 +51,7 @@ class TensorHandle:
             into the mapped file (no copy).
         mapped: True when ``materialize()`` returns a view of a file mapping, so that
             the engine may drop its pages once processed (never true for anonymous memory).
+        source: the file the tensor is read from ("" for tensors in memory), for messages.
     """
 
     name: str
@@ -57,6 +61,7 @@ class TensorHandle:
     materialize: Callable[[], torch.Tensor]
     storage_dtype: str = ""
     mapped: bool = False
+    source: str = ""
 
     def __post_init__(self) -> None:
         if not self.storage_dtype:
@@ -71,6 +76,8 @@ class Checkpoint:
     ``metadata`` holds scalar leaves of training checkpoints (lr, epoch, loss, config
     values) by dotted name; ``info`` holds format-level facts (safetensors
     ``__metadata__``, GGUF key/values) that are shown but not diffed as training state.
+    ``files`` holds the state (:func:`file_state`) of every file read, taken when it
+    was opened, for :func:`check_unchanged`.
     """
 
     name: str
@@ -79,6 +86,7 @@ class Checkpoint:
     metadata: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     _closers: list[Callable[[], None]] = field(default_factory=list, repr=False)
+    files: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.tensors)
@@ -112,6 +120,118 @@ class Checkpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def file_state(path: str) -> tuple[int, ...]:
+    """What tells a file's contents changed: (size, mtime, ctime, inode, device)."""
+    st = os.stat(path)
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+
+
+def _changed(path: str, state: tuple[int, ...]) -> str | None:
+    """How ``path`` differs from ``state`` (None when it does not)."""
+    try:
+        now = file_state(path)
+    except OSError:
+        return "it was removed"
+    if now[3:] != state[3:]:
+        return "it was replaced by another file"
+    if now[0] != state[0]:
+        return f"its size went from {state[0]} to {now[0]} bytes"
+    if now != state:
+        return "it was modified"
+    return None
+
+
+def check_unchanged(files: Mapping[str, tuple[int, ...]]) -> None:
+    """Raise CorruptFileError if a file changed since its state was taken.
+
+    Figures computed from a file that changed underneath would mix old and new bytes.
+    """
+    for path, state in files.items():
+        how = _changed(path, state)
+        if how is not None:
+            raise _changed_error(path, how)
+
+
+def _changed_error(path: str, how: str) -> CorruptFileError:
+    return CorruptFileError(
+        f"{path}: changed while being read ({how}); the figures would mix old and new "
+        "contents (rerun once nothing is writing to the file)"
+    )
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate without swapping, as far as Linux tells
+    (MemAvailable, capped by a cgroup v2 limit); None elsewhere."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            found = [line for line in f.read().splitlines() if line.startswith(b"MemAvailable:")]
+        available = int(found[0].split()[1]) * 1024
+    except (OSError, IndexError, ValueError):
+        return None
+    try:
+        with open("/sys/fs/cgroup/memory.max", "rb") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current", "rb") as f:
+            current = int(f.read().strip())
+        if limit != b"max":
+            available = min(available, max(int(limit) - current, 0))
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def check_memory(path: str, what: str, nbytes: int, verb: str) -> None:
+    """Refuse to decode ``nbytes`` into memory when the machine does not have them:
+    a compressed member may legitimately inflate 1000-fold (or lie about it), and one
+    clear error beats the out-of-memory killer."""
+    available = available_memory()
+    if available is not None and nbytes > available:
+        raise TooLargeError(
+            f"{path}: {what} would {verb} to {_human(nbytes)}, more than the {_human(available)} of memory "
+            "available (a zip bomb, or a machine too small for it)"
+        )
+
+
+def _human(nbytes: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= size:
+            return f"{nbytes / size:.1f} {unit}"
+    return f"{nbytes} bytes"
+
+
+# What a reader's materialize() may raise on bytes it did not expect (bugs aside).
+_READ_ERRORS = (RuntimeError, ValueError, TypeError, OverflowError, OSError, EOFError, IndexError, KeyError)
+
+
+def watch(handle: TensorHandle, path: str, state: tuple[int, ...] | None) -> None:
+    """Make ``handle.materialize()`` check its file first and name the file and tensor
+    in every failure.
+
+    With ``state`` (the file's state when opened), a file truncated, rewritten or
+    replaced since raises CorruptFileError instead of handing out values mixed from two
+    versions, or a view of a mapping whose pages are gone (touching a mapping past the
+    end of a truncated file kills the process with SIGBUS). The check narrows that
+    window; it cannot close it: see docs/SECURITY.md.
+    """
+    read = handle.materialize
+    name = handle.name
+
+    def materialize() -> torch.Tensor:
+        if state is not None:
+            how = _changed(path, state)
+            if how is not None:
+                raise _changed_error(path, how)
+        try:
+            return read()
+        except _READ_ERRORS as e:
+            text = str(e).strip()
+            detail = (text.splitlines()[0] if text else "unreadable")[:200]
+            raise CorruptFileError(f"{path}: tensor {name!r} cannot be read ({type(e).__name__}: {detail})") from None
+
+    handle.source = path
+    handle.materialize = materialize
 
 
 def tensor_handle(name: str, tensor: torch.Tensor, mapped: bool = False) -> TensorHandle:

@@ -97,8 +97,8 @@ def _spec(path: str, name: str, spec: object, data_len: int) -> tuple[str, tuple
             f"{path}: tensor {name!r} has dtype {dtype}, which this torch cannot hold "
             f"(readable: {', '.join(sorted(DTYPES))})"
         )
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise _bad(path, f"tensor {name!r} has shape {shape!r}, not a list of non-negative integers")
+    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 1 << 63 for d in shape):
+        raise _bad(path, f"tensor {name!r} has shape {shape!r}, not a list of non-negative integers below 2**63")
     if (not isinstance(offsets, list) or len(offsets) != 2
             or not all(type(o) is int for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
         raise _bad(path, f"tensor {name!r} has data_offsets {offsets!r}")

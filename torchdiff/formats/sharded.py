@@ -153,5 +153,7 @@ def _load_index(path: str) -> Checkpoint:
     if shard_info:
         info["shard_info"] = shard_info
     closers = [checkpoint.close for checkpoint in shards.values()]
-    return Checkpoint(name=path, format="sharded", tensors=tensors, metadata=metadata, info=info, _closers=closers)
+    files = {f: state for checkpoint in shards.values() for f, state in checkpoint.files.items()}
+    return Checkpoint(name=path, format="sharded", tensors=tensors, metadata=metadata, info=info, _closers=closers,
+                      files=files)
 
