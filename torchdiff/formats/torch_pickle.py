@@ -7,6 +7,7 @@ checkpoints are flattened with dotted names; scalar leaves become metadata.
 
 from __future__ import annotations
 
+import os
 import pickle
 import struct
 import warnings
@@ -32,7 +33,9 @@ def load(path: str, unsafe: bool = False) -> Checkpoint:
         raise CorruptFileError(
             f"{path}: not a readable PyTorch checkpoint (BadZipFile: {_first_line(str(e))})"
         ) from None
-    if not mapped:
+    if mapped:
+        _check_members(path)
+    else:
         with open(path, "rb") as f:
             head = f.read(1)
         if head != b"\x80":
@@ -64,6 +67,39 @@ def load(path: str, unsafe: bool = False) -> Checkpoint:
     tensors, metadata = flatten(obj)
     handles = {name: tensor_handle(name, t, mapped=mapped) for name, t in tensors.items()}
     return Checkpoint(name=path, format="torch", tensors=handles, metadata=metadata)
+
+
+def _check_members(path: str) -> None:
+    """Refuse compressed members before torch's zip reader sees them.
+
+    torch.save stores every member uncompressed and torchdiff maps the tensor data, so
+    compressed tensor data cannot be read, and torch's reader allocates a compressed
+    member's declared size before inflating it: a member declaring more bytes than the
+    whole file is refused (a zip bomb), never allocated.
+    """
+    size = os.path.getsize(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, OverflowError, struct.error,
+            NotImplementedError, UnicodeDecodeError) as e:
+        raise CorruptFileError(
+            f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {_first_line(str(e))})"
+        ) from None
+    for info in members:
+        if info.compress_type == zipfile.ZIP_STORED:
+            continue
+        if info.file_size > size:
+            raise CorruptFileError(
+                f"{path}: not a readable PyTorch checkpoint (member {info.filename!r} would inflate to "
+                f"{info.file_size} bytes, more than the whole {size}-byte file; torch.save never compresses: "
+                "a zip bomb?)"
+            )
+        if info.filename.split("/")[1:2] == ["data"]:
+            raise CorruptFileError(
+                f"{path}: not a readable PyTorch checkpoint (tensor data {info.filename!r} is compressed; "
+                "torch.save stores it uncompressed, which torchdiff maps: re-save the file with torch.save)"
+            )
 
 
 def _first_line(text: str) -> str:
