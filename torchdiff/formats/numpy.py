@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 
 from torchdiff.errors import CorruptFileError, MissingDependencyError, UnknownFormatError, UnsafeCheckpointError
-from torchdiff.formats.base import Checkpoint, TensorHandle
+from torchdiff.formats.base import Checkpoint, TensorHandle, check_memory
 
 # (numpy dtype kind, itemsize) -> torch dtype; unsigned wide ints only where this torch has them.
 _TORCH_DTYPES: dict[tuple[str, int], torch.dtype] = {
@@ -208,7 +208,7 @@ def _load_npy(path: str, np: Any, npy_format: Any) -> Checkpoint:
 
 
 def _member_data_offset(f: Any, info: zipfile.ZipInfo, path: str) -> int:
-    """Where a stored zip member's bytes start: after its local file header."""
+    """Where a zip member's (stored or compressed) bytes start: after its local file header."""
     f.seek(info.header_offset)
     local = f.read(30)
     if len(local) < 30 or local[:4] != b"PK\x03\x04":
@@ -234,6 +234,7 @@ def _load_npz(path: str, np: Any, npy_format: Any) -> Checkpoint:
     compressed = 0
     try:
         with open(path, "rb") as raw:
+            _check_layout(raw, archive.infolist(), path, size)
             for info in archive.infolist():
                 if info.is_dir():
                     continue
@@ -280,10 +281,44 @@ def _load_npz(path: str, np: Any, npy_format: Any) -> Checkpoint:
     return Checkpoint(name=path, format="numpy", tensors=tensors, info={"numpy": info_out}, _closers=closers)
 
 
+# A deflate match copies at most 258 bytes and costs at least 2 bits: no stream inflates more than 1032:1.
+_MAX_DEFLATE_RATIO = 1032
+
+
+def _check_layout(f: Any, members: list[zipfile.ZipInfo], path: str, size: int) -> None:
+    """Every member's bytes inside the file and apart from the others' (overlapping
+    members are how a small zip inflates to many copies of one stream), and no deflated
+    member declaring more bytes than deflate can produce from its compressed size."""
+    spans = []
+    for info in members:
+        start = _member_data_offset(f, info, path)
+        end = start + info.compress_size
+        if end > size:
+            raise CorruptFileError(
+                f"{path}: zip member {info.filename!r} runs past the end of the file "
+                "(the file may be truncated; re-save or re-download it)"
+            )
+        if (info.compress_type == zipfile.ZIP_DEFLATED
+                and info.file_size > _MAX_DEFLATE_RATIO * info.compress_size + 1024):
+            raise CorruptFileError(
+                f"{path}: zip member {info.filename!r} declares {info.file_size} bytes from "
+                f"{info.compress_size} compressed bytes, more than deflate can produce (a damaged archive, "
+                "or a zip bomb)"
+            )
+        spans.append((info.header_offset, end, info.filename))
+    spans.sort()
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            raise CorruptFileError(
+                f"{path}: zip members {first!r} and {second!r} overlap (a damaged archive, or a zip bomb)"
+            )
+
+
 def _archive_reader(
     archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: str, name: str, np: Any, npy_format: Any
 ) -> Callable[[], torch.Tensor]:
     def materialize() -> torch.Tensor:
+        check_memory(path, f"array {name!r}", info.file_size, "decompress")
         try:
             with archive.open(info) as member:
                 arr = npy_format.read_array(member, allow_pickle=False)
