@@ -38,8 +38,10 @@ from typing import Any, Callable
 
 import torch
 
-from torchdiff.errors import CorruptFileError, MissingDependencyError, TorchDiffError, UnknownFormatError
-from torchdiff.formats.base import Checkpoint, TensorHandle, is_scalar_leaf, tensor_handle
+from torchdiff.errors import (
+    CorruptFileError, MissingDependencyError, TooLargeError, TorchDiffError, UnknownFormatError,
+)
+from torchdiff.formats.base import Checkpoint, TensorHandle, check_memory, is_scalar_leaf, tensor_handle
 from torchdiff.formats.numpy import describe_dtype, torch_dtype
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -401,7 +403,7 @@ def _read_v5_variable(path: str, header: bytes, endian: str, record: dict[str, A
         if len(raw) != record["end"] - record["pos"]:
             raise ValueError("the file ends inside the variable")
         # Decompress here, so that scipy parses plain bytes that were checked.
-        element = zlib.decompress(memoryview(raw)[8:]) if record["compressed"] else raw
+        element = _inflate(raw, endian, path, name) if record["compressed"] else raw
         del raw
         end = _check_matrix(element, 0, len(element), endian)
         stream = io.BytesIO()
@@ -413,7 +415,7 @@ def _read_v5_variable(path: str, header: bytes, endian: str, record: dict[str, A
             # scipy warns and returns "Read error: ..." for an unreadable variable; we raise instead.
             warnings.simplefilter("ignore")
             value = sio.loadmat(stream)[name]
-    except _HoldsObjects:
+    except (_HoldsObjects, TooLargeError):
         raise
     except Exception as e:  # scipy's MatReadError, ValueError, TypeError, zlib.error... on bad bytes
         raise CorruptFileError(
@@ -423,6 +425,24 @@ def _read_v5_variable(path: str, header: bytes, endian: str, record: dict[str, A
     if isinstance(value, str) and value.startswith("Read error"):
         raise CorruptFileError(f"{path}: variable {name!r} is unreadable ({value}) (re-save or re-download the file)")
     return value
+
+
+def _inflate(raw: bytes, endian: str, path: str, name: str) -> bytes:
+    """A compressed variable's matrix element, inflated no further than the size its
+    tag declares, and only when that fits in memory (a zip bomb is refused, not run)."""
+    inflater = zlib.decompressobj()
+    head = inflater.decompress(memoryview(raw)[8:], 8)
+    if len(head) < 8:
+        raise ValueError("the compressed variable holds no array")
+    declared = 8 + struct.unpack_from(endian + "I", head, 4)[0]
+    check_memory(path, f"variable {name!r}", declared, "decompress")
+    element = head + inflater.decompress(inflater.unconsumed_tail, declared - 8)
+    rest = inflater.decompress(inflater.unconsumed_tail, 64)  # padding at most; reaching the end checks adler32
+    if inflater.unconsumed_tail or len(rest) >= 64:
+        raise ValueError(f"the compressed variable holds more than the {declared} bytes its array declares")
+    if not inflater.eof:
+        raise ValueError("the compressed variable is cut short")
+    return element
 
 
 def _v5_reader(
