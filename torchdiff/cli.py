@@ -313,7 +313,9 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
-        print(f"torchdiff: error: {e}", file=sys.stderr)
+        from torchdiff.render.text import printable  # one line, whatever a file's names hold
+
+        print(f"torchdiff: error: {printable(e)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("torchdiff: interrupted", file=sys.stderr)

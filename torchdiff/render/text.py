@@ -25,10 +25,20 @@ def use_color(no_color: bool = False, stream=None) -> bool:
     return bool(getattr(stream, "isatty", lambda: False)())
 
 
+def printable(text: Any) -> str:
+    """``text`` with non-printing characters escaped (``\\n``, ``\\x1b``, ``\\u202e``): a
+    name or string from a file can neither start a line of its own nor drive the terminal.
+    JSON and YAML output carry the exact strings."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def num(x: Any) -> str:
     """A figure for text output: 4 decimals in [1e-3, 1e5), else 4 significant digits."""
     if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return str(x)
+        return printable(x)
     if isinstance(x, int):
         return str(x)
     if math.isnan(x):
@@ -53,16 +63,16 @@ def _arrow(a: Any, b: Any) -> str:
 def tensor_line(d: TensorDiff, stats: bool) -> tuple[str, str]:
     """(marker, text) of one tensor line."""
     if d.status == ADDED:
-        return "+", f"{d.name}: shape={_shape(d.new.shape)}, dtype={d.new.dtype}"
+        return "+", f"{printable(d.name)}: shape={_shape(d.new.shape)}, dtype={d.new.dtype}"
     if d.status == REMOVED:
-        return "-", f"{d.name}: shape={_shape(d.old.shape)}, dtype={d.old.dtype}"
+        return "-", f"{printable(d.name)}: shape={_shape(d.old.shape)}, dtype={d.old.dtype}"
     if d.status == RESHAPED:
         parts = [f"shape={_shape(d.old.shape)}->{_shape(d.new.shape)}"]
         if d.old.dtype != d.new.dtype:
             parts.append(f"dtype={d.old.dtype}->{d.new.dtype}")
         if stats:
             parts += [f"mean={_arrow(d.old.mean, d.new.mean)}", f"std={_arrow(d.old.std, d.new.std)}"]
-        return "~", f"{d.name}: " + ", ".join(parts)
+        return "~", f"{printable(d.name)}: " + ", ".join(parts)
     parts = []
     if d.status == RETYPED:
         parts.append(f"dtype={d.old.dtype}->{d.new.dtype}")
@@ -79,7 +89,7 @@ def tensor_line(d: TensorDiff, stats: bool) -> tuple[str, str]:
     else:
         m = d.metrics
         parts += [f"rel_l2={num(m.rel_l2)}", f"max_abs={num(m.max_abs)}", f"cosine={num(m.cosine)}"]
-    return "~", f"{d.name}: " + ", ".join(parts)
+    return "~", f"{printable(d.name)}: " + ", ".join(parts)
 
 
 def summary_line(report) -> str:
@@ -112,7 +122,7 @@ def analysis_section(a: AnalysisResult) -> list[str]:
                         tablefmt="simple", disable_numparse=True)
         lines += ["  " + line for line in body.splitlines()]
     for note in a.notes:
-        lines.append(f"  note: {note}")
+        lines.append(f"  note: {printable(note)}")
     return lines
 
 
@@ -120,7 +130,7 @@ def _headline_value(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_headline_value(x) for x in v) + "]"
     if isinstance(v, str):
-        return v
+        return printable(v)
     return num(v)
 
 
@@ -128,7 +138,7 @@ def inspect_table(report) -> list[str]:
     rows = []
     for d in report.ordered_diffs():
         s = d.new
-        rows.append([d.name, _shape(s.shape), s.dtype, s.numel, num(s.mean), num(s.std), num(s.min),
+        rows.append([printable(d.name), _shape(s.shape), s.dtype, s.numel, num(s.mean), num(s.std), num(s.min),
                      num(s.max), s.nan_count, s.inf_count])
     body = tabulate(rows, headers=["name", "shape", "dtype", "params", "mean", "std", "min", "max", "nan", "inf"],
                     tablefmt="simple", disable_numparse=True)
@@ -150,11 +160,11 @@ def render_text(report, color: bool = False) -> str:
             lines.append(_paint(f"  {marker} {text}", marker, color))
         for m in comp.metadata_diffs:
             if m.status == "changed":
-                lines.append(_paint(f"  ~ {m.key}: {_meta(m.old)}->{_meta(m.new)}", "~", color))
+                lines.append(_paint(f"  ~ {printable(m.key)}: {_meta(m.old)}->{_meta(m.new)}", "~", color))
             elif m.status == "added":
-                lines.append(_paint(f"  + {m.key}: {_meta(m.new)}", "+", color))
+                lines.append(_paint(f"  + {printable(m.key)}: {_meta(m.new)}", "+", color))
             else:
-                lines.append(_paint(f"  - {m.key}: {_meta(m.old)}", "-", color))
+                lines.append(_paint(f"  - {printable(m.key)}: {_meta(m.old)}", "-", color))
         lines.append(summary_line(report))
     for a in report.analyses:
         lines.append("")
@@ -165,7 +175,7 @@ def render_text(report, color: bool = False) -> str:
 def _meta(v: Any) -> str:
     if isinstance(v, float):
         return repr(v)
-    return str(v)
+    return printable(v)
 
 
 def _paint(line: str, marker: str, color: bool) -> str:
