@@ -98,12 +98,18 @@ class _Side:
 
     def release(self, upto: int, min_bytes: int = 0) -> None:
         """madvise(DONTNEED) elements [released, upto) of a file-mapped tensor."""
-        if _madvise is None or not self.handle.mapped or self.flat is None or upto <= self.released:
+        if _madvise is None or not self.handle.mapped or upto <= self.released:
             return
-        size = self.flat.element_size()
+        if self.flat is not None:
+            size, start = self.flat.element_size(), self.flat.data_ptr()
+        elif self.handle.span is not None:
+            base, begin, end = self.handle.span
+            size, start = (end - begin) // max(1, self.handle.numel), base.data_ptr() + begin
+        else:
+            return
         if (upto - self.released) * size < min_bytes:
             return
-        _drop_pages(self.flat.data_ptr() + self.released * size, (upto - self.released) * size)
+        _drop_pages(start + self.released * size, (upto - self.released) * size)
         self.released = upto
 
     def view(self) -> torch.Tensor:
@@ -218,6 +224,9 @@ class Engine:
                     if group is None:
                         group = groups[key] = _Group(length, job.b is not None, job.dtype)
                     group.entries.append((job, first, nrows))
+        for group in groups.values():
+            if group.length < self.row:  # small tensors: file order, so runs of them are adjacent
+                group.entries.sort(key=_file_position)
         return list(groups.values()), exact_slots, sides
 
     # ---- the pass over the data ------------------------------------------------
@@ -297,10 +306,7 @@ class Engine:
 
     def _fill(self, pending, L: int, k: int, dtype: torch.dtype, which: str) -> torch.Tensor:
         """The [k, L] block of side ``which`` for the pending rows, on the device."""
-        slices = []
-        for job, first, n in pending:
-            side = job.a if which == "a" else job.b
-            slices.append(side.view()[first : first + n * L])
+        slices = _slices(pending, L, which)
         if all(sl.device == self.device for sl in slices):
             # Values already where the reductions run (CPU files, or live CUDA tensors).
             if len(slices) == 1 and slices[0].dtype == dtype and slices[0].is_contiguous():
@@ -461,6 +467,46 @@ class Engine:
         if t.is_complex():
             t = torch.view_as_real(t)
         return t.to(device=self.device, dtype=dtype)
+
+
+def _file_position(entry) -> tuple:
+    span = entry[0].a.handle.span
+    return (0, id(span[0]), span[1]) if span is not None else (1, 0, 0)
+
+
+def _slices(pending, L: int, which: str) -> list[torch.Tensor]:
+    """The flat slices of side ``which`` for the pending rows. Whole small tensors whose
+    bytes are adjacent in one mapped file (``TensorHandle.span``) and share a dtype are
+    read as one slice, without materialising each tensor."""
+    out: list[torch.Tensor] = []
+    run: list | None = None  # [base, begin, end, dtype]
+    for job, first, n in pending:
+        side = job.a if which == "a" else job.b
+        h = side.handle
+        if h.span is not None and side.flat is None and first == 0 and n * L == h.numel:
+            base, begin, end = h.span
+            if run is not None and run[0] is base and run[2] == begin and run[3] == h.dtype:
+                run[2] = end
+                continue
+            if run is not None:
+                out.append(_run_view(*run))
+            run = [base, begin, end, h.dtype]
+            continue
+        if run is not None:
+            out.append(_run_view(*run))
+            run = None
+        out.append(side.view()[first : first + n * L])
+    if run is not None:
+        out.append(_run_view(*run))
+    return out
+
+
+def _run_view(base: torch.Tensor, begin: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+    raw = base[begin:end]
+    try:
+        return raw.view(dtype)
+    except RuntimeError:  # misaligned for a dtype view
+        return raw.clone().view(dtype)
 
 
 def _cat(slices: list[torch.Tensor], out: torch.Tensor) -> None:

@@ -38,7 +38,7 @@ from torchdiff.analyses._training import (
     AdamPlan, adam_sums, build_adam_plan, is_float_dtype, is_optimizer_tensor, layer_key, natural_key,
     optimizer_prefixes, short_labels,
 )
-from torchdiff.api import Options, build_report, make_options, open_checkpoint
+from torchdiff.api import Options, build_report, make_options, open_checkpoint, without_gc
 from torchdiff.engine import Engine, resolve_device
 from torchdiff.errors import CorruptFileError, InputNotFoundError, UsageError
 from torchdiff.formats.base import Checkpoint, TensorHandle
@@ -212,6 +212,7 @@ class SeriesReport:
 
 # ---- entry point -----------------------------------------------------------------------------
 
+@without_gc
 def compare_series(checkpoints: Sequence[Any] | Mapping[str, Any], *, analyses: Sequence[str] = (),
                    sort: str | None = None, base: Any = None, lr: float | None = None,
                    device: str = "auto", progress: Callable[[int], None] | None = None,

@@ -52,6 +52,9 @@ class TensorHandle:
         mapped: True when ``materialize()`` returns a view of a file mapping, so that
             the engine may drop its pages once processed (never true for anonymous memory).
         source: the file the tensor is read from ("" for tensors in memory), for messages.
+        span: ``(base, begin, end)`` when the tensor's bytes are ``base[begin:end]`` of a
+            uint8 view of a mapped file (safetensors): the engine reads runs of adjacent
+            small tensors as one slice, without materialising each.
     """
 
     name: str
@@ -62,6 +65,7 @@ class TensorHandle:
     storage_dtype: str = ""
     mapped: bool = False
     source: str = ""
+    span: tuple[torch.Tensor, int, int] | None = None
 
     def __post_init__(self) -> None:
         if not self.storage_dtype:
@@ -123,9 +127,10 @@ class Checkpoint:
 
 
 def file_state(path: str) -> tuple[int, ...]:
-    """What tells a file's contents changed: (size, mtime, ctime, inode, device)."""
+    """What tells a file's contents changed: (size, mtime, inode, device). Not ctime,
+    which a chmod or a hard link elsewhere changes too."""
     st = os.stat(path)
-    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
 
 
 def _changed(path: str, state: tuple[int, ...]) -> str | None:
@@ -134,7 +139,7 @@ def _changed(path: str, state: tuple[int, ...]) -> str | None:
         now = file_state(path)
     except OSError:
         return "it was removed"
-    if now[3:] != state[3:]:
+    if now[2:] != state[2:]:
         return "it was replaced by another file"
     if now[0] != state[0]:
         return f"its size went from {state[0]} to {now[0]} bytes"

@@ -150,6 +150,7 @@ def load(path: str) -> Checkpoint:
         tensors[name] = TensorHandle(
             name=name, shape=shape, dtype=dtype, nbytes=end - begin,
             materialize=reader(name, dtype, shape, begin, end), mapped=data_len > 0,
+            span=(data, begin, end) if data_len > 0 and not dtype.is_complex else None,
         )
     return Checkpoint(name=path, format="safetensors", tensors=tensors, info={"metadata": dict(file_metadata)})
 
