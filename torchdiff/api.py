@@ -3,6 +3,7 @@ the training-loop callback."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import os
@@ -179,8 +180,15 @@ def compare(old: Any, new: Any, *, analyses: tuple[str, ...] | list[str] = (),
         [('w', 'changed', 0.5774)]
     """
     options = make_options(analyses, **kwargs)
-    _check_paths(old, new, options)
     engine = Engine(resolve_device(options.device), options.epsilon)
+    with _opened(old, new, options) as (old_ckpt, new_ckpt):
+        return compare_checkpoints(old_ckpt, new_ckpt, options, engine, progress)
+
+
+@contextlib.contextmanager
+def _opened(old: Any, new: Any, options: Options):
+    """Both checkpoints, opened after checking the paths, closed however the block ends."""
+    _check_paths(old, new, options)
     old_ckpt = open_checkpoint(old, options)
     try:
         new_ckpt = open_checkpoint(new, options)
@@ -188,7 +196,7 @@ def compare(old: Any, new: Any, *, analyses: tuple[str, ...] | list[str] = (),
         old_ckpt.close()
         raise
     try:
-        return compare_checkpoints(old_ckpt, new_ckpt, options, engine, progress)
+        yield old_ckpt, new_ckpt
     finally:
         old_ckpt.close()
         new_ckpt.close()
@@ -263,15 +271,8 @@ def differs(old: Any, new: Any, **kwargs: Any) -> bool:
     from torchdiff.engine import _bytes_equal
 
     options = make_options((), **kwargs)
-    _check_paths(old, new, options)
     engine = Engine(resolve_device(options.device), options.epsilon)
-    old_ckpt = open_checkpoint(old, options)
-    try:
-        new_ckpt = open_checkpoint(new, options)
-    except BaseException:
-        old_ckpt.close()
-        raise
-    try:
+    with _opened(old, new, options) as (old_ckpt, new_ckpt):
         keep = compile_filters(options.ignore_keys_regex, options.path)
         if pair_metadata(old_ckpt.metadata, new_ckpt.metadata, keep):
             return True
@@ -286,9 +287,6 @@ def differs(old: Any, new: Any, **kwargs: Any) -> bool:
                     break
         formats.check_unchanged({**old_ckpt.files, **new_ckpt.files})
         return found
-    finally:
-        old_ckpt.close()
-        new_ckpt.close()
 
 
 @without_gc
