@@ -209,8 +209,10 @@ def _load_npy(path: str, np: Any, npy_format: Any) -> Checkpoint:
 
 def _member_data_offset(f: Any, info: zipfile.ZipInfo, path: str) -> int:
     """Where a zip member's (stored or compressed) bytes start: after its local file header."""
-    f.seek(info.header_offset)
-    local = f.read(30)
+    local = b""
+    if info.header_offset >= 0:  # zipfile shifts offsets by bytes missing before the archive: < 0 is possible
+        f.seek(info.header_offset)
+        local = f.read(30)
     if len(local) < 30 or local[:4] != b"PK\x03\x04":
         raise CorruptFileError(
             f"{path}: zip member {info.filename!r} has no local header where the directory points "
@@ -236,7 +238,7 @@ def _load_npz(path: str, np: Any, npy_format: Any) -> Checkpoint:
         with open(path, "rb") as raw:
             _check_layout(raw, archive.infolist(), path, size)
             for info in archive.infolist():
-                if info.is_dir():
+                if info.filename.endswith("/"):  # not is_dir(), which fails on an empty name
                     continue
                 if not info.filename.endswith(".npy"):
                     skipped.append(info.filename)
