@@ -114,7 +114,8 @@ def _load_index(path: str) -> Checkpoint:
                 missing = sum(1 for s in weight_map.values() if s == shard)
                 raise CorruptFileError(
                     f"{path}: tensor {name!r} (and {missing - 1} more) maps to shard {shard!r}, which does not "
-                    f"exist ({shard_path}) (download the missing shard, or fix the index)"
+                    f"exist ({shard_path if shard_path.isprintable() else repr(shard_path)}) "
+                    "(download the missing shard, or fix the index)"
                 )
             shards[shard] = formats.load(shard_path)
 
