@@ -36,6 +36,26 @@ SEEDS: dict[str, tuple[str, str]] = {
 }
 
 
+# Seeds that need an optional library (the gguf and mat extras).
+_LIBRARIES = {"gguf": "gguf", "mat": "scipy", "mat_compressed": "scipy"}
+
+
+def available(kind: str) -> bool:
+    """Whether the library that writes and reads seed ``kind`` is installed."""
+    import importlib.util
+
+    library = _LIBRARIES.get(kind)
+    return library is None or importlib.util.find_spec(library) is not None
+
+
+def require(kind: str) -> None:
+    """Skip the calling test when seed ``kind``'s library is not installed."""
+    if not available(kind):
+        import pytest
+
+        pytest.skip(f"{_LIBRARIES[kind]} is not installed")
+
+
 def _tensors() -> dict[str, torch.Tensor]:
     return {
         "layer.0.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3) / 7,

@@ -21,7 +21,9 @@ from hypothesis import strategies as st
 
 import torchdiff
 
-from hostile_files import INTERESTING, OP_KINDS, SEEDS, apply_ops, only_torchdiff_errors, read_all, write_seed
+from hostile_files import (
+    INTERESTING, OP_KINDS, SEEDS, apply_ops, only_torchdiff_errors, read_all, require, write_seed,
+)
 
 EXAMPLES = 100
 
@@ -80,6 +82,7 @@ def check(path, fmt: str, reference=None) -> None:
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(ops=ops_strategy)
 def test_mutated_file(target, kind, ops):
+    require(kind)
     data, fmt = seed(kind, target), SEEDS[kind][1]
     path = target / SEEDS[kind][0]
     path.write_bytes(apply_ops(data, ops))
@@ -94,6 +97,7 @@ def test_mutated_file(target, kind, ops):
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(body=st.binary(max_size=400))
 def test_random_bytes_behind_the_magic(target, kind, body):
+    require(kind)
     path = target / SEEDS[kind][0]
     path.write_bytes(MAGIC[kind] + body)
     check(path, SEEDS[kind][1])
