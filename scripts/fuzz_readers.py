@@ -23,7 +23,6 @@ docs/SECURITY.md records the runs made.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import re
 import shutil

@@ -112,7 +112,7 @@ def test_long_fuzzer_runs_and_knows_every_reader(tmp_path):
     finally:
         sys.path.remove(str(script.parent))
     assert fuzz_readers.READERS == list(SEEDS)
-    proc = subprocess.run([sys.executable, str(script), "npy", "--seconds", "3", "--fallback", "--workdir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+    argv = [sys.executable, str(script), "npy", "--seconds", "3", "--fallback", "--workdir", str(tmp_path)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert re.search(r"^npy: random-edits, \d+ s, [1-9]\d* executions, 0 finding\(s\)$", proc.stdout, re.M), proc.stdout

@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import pickle
 import re
 import shlex
 import struct
@@ -87,6 +86,17 @@ class Bounded:
         return False
 
 
+def test_the_bounds_measure_what_they_claim():
+    if not _reset_peak_rss():
+        pytest.skip("no /proc/self/clear_refs: peak memory is not measured here")
+    with pytest.raises(AssertionError, match=r"peak memory grew by \d+ MiB"):
+        with Bounded(mib=16):
+            np.ones(8_000_000).sum()  # 64 MB, touched
+    with pytest.raises(AssertionError, match=r"took \d"):
+        with Bounded(seconds=0.01):
+            time.sleep(0.05)
+
+
 def refused(path, error, message, format=None):
     """Reading ``path`` raises ``error`` matching ``message``, bounded, and the message names the file."""
     with Bounded():
@@ -117,8 +127,8 @@ SAFETENSORS_CASES = [
      r"not a valid safetensors file \(header length 9223372036854775808 runs past the end of the 8-byte file"),
     ("shorter_than_length_field", b"\x10\x00\x00", torchdiff.CorruptFileError,
      r"not a valid safetensors file \(3 bytes, shorter than the 8-byte header length\)$"),
-    ("overlapping_offsets", safetensors_bytes({"a": F32_2, "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}},
-                                              bytes(12)),
+    ("overlapping_offsets",
+     safetensors_bytes({"a": F32_2, "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12)),
      torchdiff.CorruptFileError, r"not a valid safetensors file \(tensor 'b' overlaps the tensor before it\)$"),
     ("offsets_past_data", safetensors_bytes({"a": F32_2}, bytes(4)), torchdiff.CorruptFileError,
      r"not a valid safetensors file \(tensor 'a' ends at byte 8 of a 4-byte data region; truncated\?\)$"),
@@ -140,9 +150,11 @@ SAFETENSORS_CASES = [
     ("dimension_2_63_times_zero", safetensors_bytes({"a": {"dtype": "F32", "shape": [0, 2**63],
                                                            "data_offsets": [0, 0]}}),
      torchdiff.CorruptFileError,
-     r"not a valid safetensors file \(tensor 'a' has shape \[0, 9223372036854775808\], not a list of non-negative integers below 2\*\*63\)$"),
+     r"not a valid safetensors file \(tensor 'a' has shape \[0, 9223372036854775808\], "
+     r"not a list of non-negative integers below 2\*\*63\)$"),
     ("negative_dimension", safetensors_bytes({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 8]}}, bytes(8)),
-     torchdiff.CorruptFileError, r"not a valid safetensors file \(tensor 'a' has shape \[-1\], not a list of non-negative integers"),
+     torchdiff.CorruptFileError,
+     r"not a valid safetensors file \(tensor 'a' has shape \[-1\], not a list of non-negative integers"),
     ("unknown_dtype", safetensors_bytes({"a": {"dtype": "F33", "shape": [2], "data_offsets": [0, 8]}}, bytes(8)),
      torchdiff.CorruptFileError,
      rf"tensor 'a' has dtype F33, which this torch cannot hold \(readable: {ST_READABLE}\)$"),
@@ -440,7 +452,8 @@ def test_zip_path_traversal_names_write_nothing(capsys, tmp_path, monkeypatch):
                                r"\(shards must sit beside the index; fix the index\)$"),
     ("/etc/passwd", r"tensor 'w' maps to shard '/etc/passwd', outside the index's directory"),
     ("new\nline.safetensors", r"tensor 'w' \(and 0 more\) maps to shard 'new\\nline\.safetensors', which does not "
-                              r"exist \('.*/new\\nline\.safetensors'\) \(download the missing shard, or fix the index\)$"),
+                              r"exist \('.*/new\\nline\.safetensors'\) "
+                              r"\(download the missing shard, or fix the index\)$"),
     ("other.index.json", r"tensor 'w' maps to 'other\.index\.json', another index, not a shard \(fix the index\)$"),
 ])
 def test_sharded_index_pointing_elsewhere(capsys, tmp_path, shard, message):
@@ -525,7 +538,8 @@ TORCH_PICKLE_LIES = [
     ("negative_shape", lambda p: p.replace(b"K\x00M\xe8\x03\x85", b"K\x00" + _int(-5) + b"\x85"),
      r"not a readable PyTorch checkpoint \(RuntimeError: "),
     ("storage_key_traversal", lambda p: p.replace(b"X\x01\x00\x00\x000", b"X\x09\x00\x00\x00../../../"),
-     r"not a readable PyTorch checkpoint \(RuntimeError: PytorchStreamReader failed locating file data/\.\./\.\./\.\./"),
+     r"not a readable PyTorch checkpoint \(RuntimeError: PytorchStreamReader failed locating file "
+     r"data/\.\./\.\./\.\./"),
 ]
 
 
@@ -548,8 +562,8 @@ def test_legacy_pickle_lying_storage_size(tmp_path, numel, message):
     data = src.read_bytes()
     path = tmp_path / "lying_legacy.pt"
     path.write_bytes(data.replace(b"cpuq\x06M\xe8\x03", b"cpuq\x06" + _int(numel), 1))
-    refused(path, torchdiff.CorruptFileError, re.escape(str(path)) + r": not a readable PyTorch checkpoint \(RuntimeError: "
-            + message)
+    refused(path, torchdiff.CorruptFileError,
+            re.escape(str(path)) + r": not a readable PyTorch checkpoint \(RuntimeError: " + message)
 
 
 class Evil:

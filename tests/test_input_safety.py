@@ -94,7 +94,7 @@ def _commands(p: dict[str, Path]) -> list[tuple[list, int]]:
     runs += [
         ([s, t], 0), ([s, t, "--all", "-o", "json"], 0), ([s, t, "--stats", "-o", "yaml"], 0),
         (["-q", s, t], 1), (["--brief", s, t], 1), ([s, t, "--exit-code"], 1),
-        (["series", s, t, s, "--all"], 0), (["series", str(p["torch_zip"]), str(p["torch_zip"]), str(p["torch_zip"])], 0),
+        (["series", s, t, s, "--all"], 0), (["series", *[str(p["torch_zip"])] * 3], 0),
         ([str(p["npz"]), str(p["npz_compressed"]), "--all"], 0),
         *([([str(p["mat"]), str(p["mat_compressed"])], 0)] if "mat" in p else []),
         ([s, str(p["corrupt"])], 2), (["inspect", str(p["corrupt"])], 2), (["series", s, str(p["corrupt"]), t], 2),
@@ -364,7 +364,8 @@ def test_quiet_mode_checks_too(capsys, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torchdiff.api, "pair", pair_then_replace)
     assert main(["-q", str(a), str(b)]) == 2
-    assert capsys.readouterr().err == f"torchdiff: error: {a}: " + CHANGED.format(how="it was replaced by another file") + "\n"
+    expected = f"torchdiff: error: {a}: " + CHANGED.format(how="it was replaced by another file") + "\n"
+    assert capsys.readouterr().err == expected
 
 
 def test_unchanged_inputs_are_not_flagged(tmp_path):
