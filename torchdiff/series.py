@@ -41,7 +41,7 @@ from torchdiff.analyses._training import (
 from torchdiff.api import Options, build_report, make_options, open_checkpoint, without_gc
 from torchdiff.engine import Engine, resolve_device
 from torchdiff.errors import CorruptFileError, InputNotFoundError, UsageError
-from torchdiff.formats.base import Checkpoint, TensorHandle
+from torchdiff.formats.base import Checkpoint, TensorHandle, check_unchanged
 from torchdiff.layers import compile_pattern
 from torchdiff.pairing import Pair, compile_filters, pair_metadata
 from torchdiff.results import AnalysisResult, Comparison, MetadataDiff, Report, TensorStats
@@ -261,6 +261,8 @@ def compare_series(checkpoints: Sequence[Any] | Mapping[str, Any], *, analyses: 
         ckpts = [_open(s, options, opened) for s in sources]
         base_ckpt = _open(options.base, options, opened) if options.base is not None else None
         data = _measure(labels, ckpts, base_ckpt, options, engine, progress)
+        # No figure from a file that changed while it was read (docs/SECURITY.md).
+        check_unchanged({path: state for ckpt in opened.values() for path, state in ckpt.files.items()})
     finally:
         for ckpt in opened.values():
             ckpt.close()
