@@ -61,7 +61,8 @@ class Parsed:
     flags: dict[str, Any]
 
 
-def _usage(message: str) -> "UsageError":
+def _usage(message: str):
+    """A UsageError (imported here: the CLI module stays cheap to import)."""
     from torchdiff.errors import UsageError
 
     return UsageError(message)
@@ -132,7 +133,7 @@ def parse_argv(argv: list[str]) -> Parsed:
 
 def _suggest(name: str, table: dict) -> str:
     close = difflib.get_close_matches(name.replace("-", "_"), list(table), n=1, cutoff=0.6)
-    return f" (did you mean --{close[0].replace('_', '-')}?)" if close else f" (see torchdiff --help)"
+    return f" (did you mean --{close[0].replace('_', '-')}?)" if close else " (see torchdiff --help)"
 
 
 @dataclass

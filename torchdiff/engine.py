@@ -232,7 +232,6 @@ class Engine:
     # ---- the pass over the data ------------------------------------------------
 
     def _reduce(self, groups: list[_Group], progress):
-        dev = self.device
         side_parts: list[torch.Tensor] = []
         side_ids: list[np.ndarray] = []
         side_lengths: list[np.ndarray] = []
@@ -377,54 +376,66 @@ class Engine:
     # ---- results ---------------------------------------------------------------
 
     def _assemble(self, pairs, sides, exact_slots, ms, mp) -> list[TensorDiff]:
-        side_stats: dict[int, TensorStats] = {}
+        """Merged partials -> TensorDiffs. Figures are derived for all tensors at once
+        (NumPy, float64); tensors whose partials cannot be trusted take the exact path."""
         f32 = np.array([R.compute_dtype(side.handle.dtype) == torch.float32 for side in sides], dtype=bool)
         exact = _exact_sides(ms, f32)
         exact[list(exact_slots)] = True
-        cols = {k: ms[k].tolist() for k in ("count", "mean", "m2", "min", "max", "sum_abs", "zero")}
+        count = ms["count"]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            sumsq = ms["m2"] + count * ms["mean"] ** 2
+            cols = {
+                "mean": ms["mean"], "std": np.sqrt(ms["m2"] / count), "min": ms["min"], "max": ms["max"],
+                "mean_abs": ms["sum_abs"] / count, "rms": np.sqrt(sumsq / count), "zero": np.rint(ms["zero"]),
+            }
+        cols = {k: v.tolist() for k, v in cols.items()}
+        side_stats: list[TensorStats] = []
         for slot, side in enumerate(sides):
             h = side.handle
             if exact[slot]:
-                totals = R.exact_side(side.view())
+                side_stats.append(_stats(h, R.exact_side(side.view())))
             else:
-                totals = R.SideTotals(
-                    count=int(cols["count"][slot]), mean=cols["mean"][slot], m2=cols["m2"][slot],
-                    min=cols["min"][slot], max=cols["max"][slot],
-                    sum_abs=cols["sum_abs"][slot], zero_count=int(round(cols["zero"][slot])),
-                )
-            side_stats[slot] = _stats(h, totals)
+                side_stats.append(TensorStats(
+                    shape=tuple(h.shape), dtype=h.storage_dtype, numel=h.numel, nbytes=h.nbytes,
+                    mean=cols["mean"][slot], std=cols["std"][slot], min=cols["min"][slot], max=cols["max"][slot],
+                    mean_abs=cols["mean_abs"][slot], rms=cols["rms"][slot], zero_count=int(cols["zero"][slot]),
+                    nan_count=0, inf_count=0,
+                ))
+        sumsq_list = sumsq.tolist()
+        dsq, dmax = mp["dsq"].tolist(), mp["dmax"].tolist()
+        dsum_abs, changed = mp["dsum_abs"].tolist(), np.rint(mp["changed"]).tolist()
         diffs: list[TensorDiff] = []
         slot = 0
         for i, p in enumerate(pairs):
             old_stats = new_stats = None
+            a_slot = b_slot = -1
             if p.old is not None:
-                old_stats = side_stats[slot]
-                slot += 1
+                a_slot, slot = slot, slot + 1
+                old_stats = side_stats[a_slot]
             if p.new is not None:
-                new_stats = side_stats[slot]
-                slot += 1
+                b_slot, slot = slot, slot + 1
+                new_stats = side_stats[b_slot]
             kind = p.kind
             if kind != "common":
                 status = {"added": ADDED, "removed": REMOVED, "reshaped": RESHAPED}[kind]
                 diffs.append(TensorDiff(p.name, status, old_stats, new_stats, None))
                 continue
-            a_side, b_side = sides[slot - 2], sides[slot - 1]
+            a_side, b_side = sides[a_slot], sides[b_slot]
             nonfinite = (old_stats.nan_count + old_stats.inf_count + new_stats.nan_count + new_stats.inf_count) > 0
-            if (nonfinite or p.old.numel == 0 or not np.isfinite(mp["dsq"][i])
+            if (nonfinite or exact[a_slot] or exact[b_slot] or p.old.numel == 0 or not math.isfinite(dsq[i])
                     or _pair_underflows(mp, i, p.old.numel, p.old.dtype, p.new.dtype)):
                 totals = R.exact_pair(a_side.view(), b_side.view(), self.epsilon)
             else:
                 totals = R.PairTotals(
-                    count=p.old.numel, dsq=float(mp["dsq"][i]), dmax=float(mp["dmax"][i]),
-                    dsum_abs=float(mp["dsum_abs"][i]), changed=int(round(mp["changed"][i])),
-                    sumsq_old=_sumsq(old_stats), sumsq_new=_sumsq(new_stats),
+                    count=p.old.numel, dsq=dsq[i], dmax=dmax[i], dsum_abs=dsum_abs[i], changed=int(changed[i]),
+                    sumsq_old=sumsq_list[a_slot], sumsq_new=sumsq_list[b_slot],
                 )
             same_nonfinite = (old_stats.nan_count, old_stats.inf_count) == (new_stats.nan_count, new_stats.inf_count)
             if same_nonfinite and nonfinite:
                 same_nonfinite = _same_nonfinite(a_side.view(), b_side.view())
             equal = False
             if totals.dmax == 0 and same_nonfinite and not p.retyped:
-                equal = _bytes_equal(a_side.view(), b_side.view())
+                equal = _sides_bytes_equal(a_side, b_side)
             metrics = _metrics(totals, equal)
             if p.retyped:
                 status = RETYPED
@@ -557,10 +568,6 @@ def _pair_underflows(mp: dict, i: int, count: int, *dtypes: torch.dtype) -> bool
     return mp["dmax"][i] > 0 and mp["dsq"][i] < _TINY_MEAN_SQUARE * count
 
 
-def _sumsq(s: TensorStats) -> float:
-    return s.rms * s.rms * s.finite_count
-
-
 def _stats(h: TensorHandle, t: R.SideTotals) -> TensorStats:
     return TensorStats(
         shape=tuple(h.shape), dtype=h.storage_dtype, numel=h.numel, nbytes=h.nbytes,
@@ -580,6 +587,18 @@ def _metrics(t: R.PairTotals, equal: bool = False) -> PairMetrics:
         dot=dot, max_abs=t.dmax if t.count else 0.0,
         mean_abs_diff=t.dsum_abs / t.count if t.count else 0.0, changed_count=t.changed,
     )
+
+
+def _sides_bytes_equal(a: _Side, b: _Side) -> bool:
+    """Bytes identical; straight from the file mappings when both sides have a span."""
+    ha, hb = a.handle, b.handle
+    if ha.span is not None and hb.span is not None and a.flat is None and b.flat is None:
+        if ha.dtype != hb.dtype or ha.shape != hb.shape:
+            return False
+        base_a, begin_a, end_a = ha.span
+        base_b, begin_b, end_b = hb.span
+        return torch.equal(base_a[begin_a:end_a], base_b[begin_b:end_b])
+    return _bytes_equal(a.view(), b.view())
 
 
 def _bytes_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
