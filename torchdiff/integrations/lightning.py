@@ -26,6 +26,7 @@ import torch
 
 from torchdiff.callbacks import CheckpointMonitor, MonitorRecord
 from torchdiff.errors import MissingDependencyError, UsageError
+from torchdiff.integrations import monitor_options as monitor_options_of
 from torchdiff.results import Report
 
 _FLAVOURS = {"lightning": "lightning.pytorch", "pytorch_lightning": "pytorch_lightning"}
@@ -58,10 +59,7 @@ class _TorchDiffCallbackMixin:
         super().__init__()
         if log_with not in ("loggers", "log_dict"):
             raise UsageError(f"log_with must be 'loggers' or 'log_dict', got {log_with!r}")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise UsageError(f"every must be a positive int, got {every!r}")
-        self.monitor_options = dict(every=every, reference=reference, analyses=tuple(analyses), keep=keep,
-                                    device=device, **monitor_options)
+        self.monitor_options = monitor_options_of(every, reference, analyses, keep, device, **monitor_options)
         self.on_report = on_report
         self.log_figures = log
         self.log_tensors = log_tensors

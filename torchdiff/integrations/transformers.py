@@ -28,7 +28,8 @@ import os
 from typing import Any, Iterable
 
 from torchdiff.callbacks import CheckpointMonitor, MonitorRecord
-from torchdiff.errors import MissingDependencyError, UsageError
+from torchdiff.errors import MissingDependencyError
+from torchdiff.integrations import monitor_options as monitor_options_of
 from torchdiff.results import Report
 
 _CLASS: list[type] = []
@@ -54,10 +55,7 @@ class _TorchDiffCallbackMixin:
                  log_tensors: bool = False, report_on_save: bool = True, json_on_save: bool = True,
                  **monitor_options: Any) -> None:
         super().__init__()
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise UsageError(f"every must be a positive int, got {every!r}")
-        self.monitor_options = dict(every=every, reference=reference, analyses=tuple(analyses), keep=keep,
-                                    device=device, **monitor_options)
+        self.monitor_options = monitor_options_of(every, reference, analyses, keep, device, **monitor_options)
         self.on_report = on_report
         self.log_figures = log
         self.log_tensors = log_tensors
