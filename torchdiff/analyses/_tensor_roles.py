@@ -22,7 +22,8 @@ from functools import lru_cache
 OPTIMIZER_ROOTS = frozenset({"optimizer", "optimizers", "optimizer_state", "optimizer_states", "optim", "opt_state"})
 OPTIMIZER_SLOTS = frozenset({"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg",
                              "acc_delta", "exp_inf"})
-BUFFER_LEAVES = frozenset({"running_mean", "running_var", "num_batches_tracked"})
+# Module buffers, not parameters; masked_bias is the -1e4 constant of Hugging Face GPT-2.
+BUFFER_LEAVES = frozenset({"running_mean", "running_var", "num_batches_tracked", "masked_bias"})
 
 _SPLIT = re.compile(r"[.:/]")
 _NORM = re.compile(r"norm|^(ln|bn)(_?[a-z0-9]*)$")

@@ -25,7 +25,7 @@ OPTIMIZER_FIELDS = frozenset({
     "acc_delta", "sum", "grad_avg", "mu_product", "eta", "ax", "prev", "step_size", "state_sum",
 })
 #: Module buffers that sit in a state_dict between parameters but have no optimizer state.
-BUFFER_NAMES = ("running_mean", "running_var", "num_batches_tracked")
+BUFFER_NAMES = ("running_mean", "running_var", "num_batches_tracked", "masked_bias")
 
 _STATE_RE = re.compile(r"^(?P<opt>(?:.+\.)?)state\.(?P<idx>\d+)\.(?P<field>\w+)$")
 _GROUP_RE = re.compile(r"^(?P<opt>(?:.+\.)?)param_groups\.(?P<group>\d+)\.(?P<key>\w+)$")

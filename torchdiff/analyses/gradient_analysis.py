@@ -26,7 +26,7 @@ import math
 from typing import Any
 
 from torchdiff.analyses._training import (
-    AdamPlan, adam_sums, build_adam_plan, is_float_dtype, is_optimizer_tensor, layer_key, lr_from_metadata,
+    BUFFER_NAMES, AdamPlan, adam_sums, build_adam_plan, is_float_dtype, is_optimizer_tensor, layer_key, lr_from_metadata,
     median_or_nan, optimizer_prefixes, safe_div, step_from_metadata,
 )
 from torchdiff.errors import UsageError
@@ -316,8 +316,8 @@ def analyze(comparison, options) -> AnalysisResult | None:
     params: dict[str, float] = {}
     for d in comparison.diffs:
         m = d.metrics
-        if m is None or is_optimizer_tensor(d.name, prefixes):
-            continue
+        if m is None or is_optimizer_tensor(d.name, prefixes) or d.name.rsplit(".", 1)[-1] in BUFFER_NAMES:
+            continue  # optimizer state and module buffers are not parameters that a gradient moves
         if not (is_float_dtype(d.old.dtype) and is_float_dtype(d.new.dtype)):
             continue
         layer = layer_key(d.name, options)

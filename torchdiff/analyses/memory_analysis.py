@@ -42,6 +42,9 @@ def _is_parameter(name: str, s) -> bool:
     if is_float_dtype(s.dtype):
         return True
     nd = len(s.shape)
+    leaf = name.rsplit(".", 1)[-1].lower()
+    if leaf == "bias" or leaf.endswith("_bias") or "mask" in leaf:
+        return False  # integer "bias"/mask tensors are attention masks (HF GPT-2 attn.bias), not weights
     return s.dtype.startswith(("int", "uint")) and nd >= 2 and kind(name, nd) in ("weight", "embedding")
 
 
