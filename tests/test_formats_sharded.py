@@ -108,20 +108,44 @@ def test_directory_errors(tmp_path):
 
     two_files = tmp_path / "two_files"
     two_files.mkdir()
-    save_file({"a": torch.ones(2)}, str(two_files / "model.safetensors"))
-    torch.save({"a": torch.ones(2)}, two_files / "pytorch_model.bin")
+    save_file({"a": torch.ones(2)}, str(two_files / "a.safetensors"))
+    torch.save({"a": torch.ones(2)}, two_files / "b.bin")
     message = (r"two_files: the directory holds 2 checkpoint files and no index "
-               r"\(model\.safetensors, pytorch_model\.bin\) \(pass the file")
+               r"\(a\.safetensors, b\.bin\) \(pass the file")
     with pytest.raises(UsageError, match=message):
         load(two_files)
 
     two_indexes = tmp_path / "two_indexes"
     two_indexes.mkdir()
     _write_sharded(two_indexes, _state(), 2, "safetensors")
-    _write_sharded(two_indexes, _state(), 2, "bin")
+    (two_indexes / "other.safetensors.index.json").write_text(
+        (two_indexes / "model.safetensors.index.json").read_text())
     message = r"two_indexes: the directory holds 2 checkpoint indexes .*model\.safetensors\.index\.json.*pass the one"
     with pytest.raises(UsageError, match=message):
         load(two_indexes)
+
+
+def test_hugging_face_folders_read_their_weights(tmp_path):
+    """A repo shipping both formats reads the safetensors ones (as transformers does); a
+    Trainer checkpoint folder reads model.safetensors, not optimizer.pt or training_args.bin."""
+    both = tmp_path / "both"
+    both.mkdir()
+    state = _state()
+    _write_sharded(both, state, 2, "safetensors")
+    _write_sharded(both, {k: v * 0 for k, v in state.items()}, 2, "bin")
+    ck = load(both)
+    assert ck.info["sharded"]["index"] == "model.safetensors.index.json"
+    _assert_same(ck, state)
+
+    trainer = tmp_path / "checkpoint-500"
+    trainer.mkdir()
+    small = _state(2)
+    save_file({k: v.contiguous() for k, v in small.items()}, str(trainer / "model.safetensors"))
+    torch.save({"state": {}, "param_groups": []}, trainer / "optimizer.pt")
+    torch.save({"lr": 1.0}, trainer / "training_args.bin")
+    ck = load(trainer)
+    assert ck.format == "safetensors"
+    _assert_same(ck, small)
 
 
 def test_missing_shard(tmp_path):

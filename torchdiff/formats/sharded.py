@@ -6,7 +6,9 @@ through :func:`torchdiff.formats.load`, so safetensors shards stay lazy and mapp
 ``.bin`` shards go through the weights-only torch reader; the checkpoint's handles are
 the shards' own handles, under the index's names and in its order.
 
-A directory is read as: its one ``*.index.json``; else, with no index, its one
+A directory is read as: its one ``*.index.json`` (of two, the safetensors one); else,
+with no index, ``model.safetensors`` or ``pytorch_model.bin`` when present (a Hugging
+Face model or Trainer checkpoint folder), else its one
 checkpoint file (``model.safetensors``), returned as that file's checkpoint. Several
 indexes or several candidate files are an error that lists them.
 
@@ -26,6 +28,7 @@ from torchdiff.errors import CorruptFileError, InputNotFoundError, UsageError
 from torchdiff.formats.base import Checkpoint, TensorHandle
 
 INDEX_SUFFIX = ".index.json"
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 def load(path: str) -> Checkpoint:
@@ -40,6 +43,9 @@ def _load_directory(path: str) -> Checkpoint:
 
     entries = sorted(e for e in os.listdir(path) if os.path.isfile(os.path.join(path, e)))
     indexes = [e for e in entries if e.endswith(INDEX_SUFFIX)]
+    preferred = [e for e in indexes if e.endswith(".safetensors" + INDEX_SUFFIX)]
+    if len(indexes) > 1 and len(preferred) == 1:
+        indexes = preferred  # a Hugging Face repo shipping both formats: safetensors first, as transformers does
     if len(indexes) == 1:
         return _load_index(os.path.join(path, indexes[0]))
     if len(indexes) > 1:
@@ -48,6 +54,13 @@ def _load_directory(path: str) -> Checkpoint:
             "(pass the one to read, e.g. " + os.path.join(path, indexes[0]) + ")"
         )
     files = [e for e in entries if os.path.splitext(e)[1].lower() in formats.extensions]
+    if len(files) > 1:
+        # A Hugging Face model or Trainer checkpoint folder (weights beside optimizer.pt,
+        # training_args.bin, ...): its weights file, in transformers' order of preference.
+        for name in HF_WEIGHT_FILES:
+            if name in files:
+                files = [name]
+                break
     if len(files) == 1:
         return formats.load(os.path.join(path, files[0]))
     if not files:
