@@ -15,18 +15,20 @@ NAN, POS_INF, NEG_INF = "NaN", "Infinity", "-Infinity"
 
 def finite_json(value: Any) -> Any:
     """Replace non-finite floats by the documented strings, recursively."""
-    if isinstance(value, float):
+    if isinstance(value, float):  # numpy.float64 too (a float subclass YAML cannot represent)
         if math.isnan(value):
             return NAN
         if math.isinf(value):
             return POS_INF if value > 0 else NEG_INF
-        return value
+        return float(value)
     if isinstance(value, dict):
         return {str(k): finite_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [finite_json(v) for v in value]
-    if value is None or isinstance(value, (bool, int, str)):
+    if value is None or isinstance(value, (bool, str)):
         return value
+    if isinstance(value, int):
+        return int(value)
     item = getattr(value, "item", None)
     if callable(item):
         try:
