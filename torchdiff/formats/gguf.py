@@ -1,7 +1,9 @@
-"""GGUF files (llama.cpp), through the gguf package's ``GGUFReader``.
+"""GGUF files (llama.cpp): the header parsed here, values through the gguf package.
 
-The reader parses the header (key/values and tensor infos) and maps the file; no
-tensor bytes are read at load time. Names are the file's (``blk.0.attn_q.weight``).
+``_parse_header`` walks the key/values and tensor infos (GGUFReader took 4.6 s for a
+150,000-token vocabulary; it remains the reader for big-endian and old-version files,
+and the reference in tests) and the file is mapped; no tensor bytes are read at load
+time; ``gguf.quants.dequantize`` decodes quantized types. Names are the file's (``blk.0.attn_q.weight``).
 GGUF lists dimensions innermost first (``ne[0]`` is the row length); handles report
 the numpy/torch order the reader's arrays use, i.e. the GGUF dimensions reversed: a
 ``[4096, 11008]`` GGUF tensor is ``(11008, 4096)`` here.
@@ -71,16 +73,20 @@ def load(path: str) -> Checkpoint:
                 f"{path}: not a GGUF file (it does not start with the GGUF magic; the file may be empty or truncated)"
             )
         try:
-            _check_key_values(f)
+            header = _parse_header(f, gguf)
         except (ValueError, struct.error) as e:
             raise CorruptFileError(
                 f"{path}: not a readable GGUF file ({e}) (the file may be truncated or damaged; re-download it)"
             ) from None
     try:
-        # mode "c": a private copy-on-write mapping, so torch gets writable arrays without a copy.
-        reader = gguf.GGUFReader(path, mode="c")
-        tensors = _handles(path, reader, dequantize)
-        kv = _key_values(reader, GGUFValueType)
+        if header is not None:
+            kv, infos, data_start = header
+            tensors = _fast_handles(path, infos, data_start, gguf, dequantize)
+        else:  # big-endian or an old version: the gguf package's own reader
+            # mode "c": a private copy-on-write mapping, so torch gets writable arrays without a copy.
+            reader = gguf.GGUFReader(path, mode="c")
+            tensors = _handles(path, reader, dequantize)
+            kv = _key_values(reader, GGUFValueType)
     except _READ_ERRORS as e:
         raise CorruptFileError(
             f"{path}: not a readable GGUF file ({type(e).__name__}: {_first_line(e)}) "
@@ -94,11 +100,20 @@ _VALUE_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12
 _STRING, _ARRAY = 8, 9
 
 
-def _check_key_values(f: Any) -> None:
-    """Walk the key/value section, checking every length against the file's size.
+_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_TYPE_NAMES = {0: "UINT8", 1: "INT8", 2: "UINT16", 3: "INT16", 4: "UINT32", 5: "INT32", 6: "FLOAT32",
+               7: "BOOL", 8: "STRING", 9: "ARRAY", 10: "UINT64", 11: "INT64", 12: "FLOAT64"}
 
-    GGUFReader reads past the end of a short file as empty arrays, so an array whose
-    length field is damaged (say 2**40 numbers) makes it loop that many times.
+
+def _parse_header(f: Any, gguf: Any):
+    """Parse a little-endian GGUF v2/v3 header: (key/values, tensor infos, data start).
+
+    Every length is checked against the file's size before it is used (GGUFReader reads
+    past the end of a short file as empty arrays, so a damaged array length made it
+    loop 2**40 times). Returns None for a big-endian file once checked: GGUFReader
+    decodes it. Why not GGUFReader always: it builds a NumPy view per vocabulary
+    entry, 4.6 s for a 150,000-token tokenizer on every load; this walk takes ~0.1 s.
+    GGUFReader stays the reference (tests/test_formats_gguf.py).
     """
     with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         size = len(mm)
@@ -106,9 +121,9 @@ def _check_key_values(f: Any) -> None:
             raise ValueError(f"{size} bytes, shorter than a GGUF header")
         version = struct.unpack_from("<I", mm, 4)[0]
         endian = ">" if version & 0xFFFF == 0 else "<"
-        version, _tensor_count, kv_count = struct.unpack_from(endian + "IQQ", mm, 4)
+        version, tensor_count, kv_count = struct.unpack_from(endian + "IQQ", mm, 4)
         if version not in (2, 3):
-            return  # GGUFReader refuses it with its own message
+            raise ValueError(f"GGUF version {version}; torchdiff reads versions 2 and 3")
         u32, u64 = struct.Struct(endian + "I"), struct.Struct(endian + "Q")
 
         def need(offset: int, n: int, what: str) -> int:
@@ -116,39 +131,128 @@ def _check_key_values(f: Any) -> None:
                 raise ValueError(f"the {what} at byte {offset} runs past the end of the file")
             return offset + n
 
-        def string(offset: int, what: str) -> int:
+        def string(offset: int, what: str) -> tuple[str, int]:
             need(offset, 8, what)
-            return need(offset + 8, u64.unpack_from(mm, offset)[0], what)
+            end = need(offset + 8, u64.unpack_from(mm, offset)[0], what)
+            return bytes(mm[offset + 8:end]).decode("utf-8", "replace"), end
 
-        def value(offset: int, kind: int, key: str, depth: int) -> int:
+        def value(offset: int, kind: int, key: str, depth: int, keep: bool) -> tuple[Any, int]:
             if kind in _VALUE_SIZES:
-                return need(offset, _VALUE_SIZES[kind], f"value of {key!r}")
+                end = need(offset, _VALUE_SIZES[kind], f"value of {key!r}")
+                return (struct.unpack_from(endian + _FORMATS[kind], mm, offset)[0] if keep else None), end
             if kind == _STRING:
-                return string(offset, f"value of {key!r}")
+                text, end = string(offset, f"value of {key!r}")
+                return (text if keep else None), end
             if kind == _ARRAY and depth < 8:
                 need(offset, 12, f"array {key!r}")
                 item, count = u32.unpack_from(mm, offset)[0], u64.unpack_from(mm, offset + 4)[0]
                 offset += 12
+                short = keep and count <= MAX_ARRAY_ITEMS and item != _ARRAY
+                summary = {"type": "array", "element_type": _TYPE_NAMES.get(item, "UNKNOWN"), "length": count}
                 if item in _VALUE_SIZES:
-                    return need(offset, count * _VALUE_SIZES[item], f"array {key!r} ({count} items)")
-                if item == _STRING:  # the tokenizer's vocabulary: keep this loop tight
+                    end = need(offset, count * _VALUE_SIZES[item], f"array {key!r} ({count} items)")
+                    if short:
+                        return list(struct.unpack_from(f"{endian}{count}{_FORMATS[item]}", mm, offset)), end
+                    return summary, end
+                if item == _STRING and not short:  # the tokenizer's vocabulary: keep this loop tight
                     read_length = u64.unpack_from
                     for _ in range(count):
                         if offset + 8 > size:
                             break
                         offset += 8 + read_length(mm, offset)[0]
-                    return need(offset, 0, f"array {key!r} ({count} strings)")
+                    return summary, need(offset, 0, f"array {key!r} ({count} strings)")
+                items = []
                 for _ in range(count):  # each item takes >= 8 bytes, so this ends at the file's end
-                    offset = value(offset, item, key, depth + 1)
-                return offset
+                    got, offset = value(offset, item, key, depth + 1, short)
+                    items.append(got)
+                return (items if short else summary), offset
             raise ValueError(f"unknown value type {kind} for key {key!r}")
 
+        # GGUFReader's pseudo-keys first, as it lists them.
+        kv: dict[str, Any] = {"GGUF.version": version, "GGUF.tensor_count": tensor_count, "GGUF.kv_count": kv_count}
         offset = 24
         for _ in range(kv_count):  # each entry takes >= 12 bytes
-            end = string(offset, "key")
-            key = bytes(mm[offset + 8:end]).decode("utf-8", "replace")
+            key, end = string(offset, "key")
             need(end, 4, f"type of {key!r}")
-            offset = value(end + 4, u32.unpack_from(mm, end)[0], key, 0)
+            kv[key], offset = value(end + 4, u32.unpack_from(mm, end)[0], key, 0, True)
+        infos = []
+        for _ in range(tensor_count):  # each entry takes >= 24 bytes
+            name, end = string(offset, "tensor name")
+            need(end, 4, f"tensor {name!r}")
+            n_dims = u32.unpack_from(mm, end)[0]
+            if n_dims > 8:
+                raise ValueError(f"tensor {name!r} has {n_dims} dimensions (GGML allows at most 4)")
+            need(end + 4, 8 * n_dims + 12, f"tensor {name!r}")
+            dims = struct.unpack_from(f"{endian}{n_dims}Q", mm, end + 4)
+            type_id, data_offset = struct.unpack_from(endian + "IQ", mm, end + 4 + 8 * n_dims)
+            infos.append((name, dims, type_id, data_offset))
+            offset = end + 16 + 8 * n_dims
+        alignment = kv.get("general.alignment", 32)
+        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+            raise ValueError(f"general.alignment {alignment!r} is not a power of two")
+        data_start = -(-offset // alignment) * alignment
+        for name, dims, type_id, data_offset in infos:
+            try:
+                qtype = gguf.GGMLQuantizationType(type_id)
+            except ValueError:
+                raise ValueError(f"tensor {name!r} has unknown GGML type {type_id}") from None
+            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+            numel = 1
+            for d in dims:
+                numel *= d
+            if dims and dims[0] % block:
+                raise ValueError(f"tensor {name!r}: row of {dims[0]} is not a multiple of {qtype.name}'s block {block}")
+            need(data_start + data_offset, numel // block * type_size, f"data of tensor {name!r}")
+        if endian == ">":
+            return None  # checked; a big-endian file's values are decoded by GGUFReader
+        return kv, infos, data_start
+
+
+def _fast_handles(path: str, infos, data_start: int, gguf: Any, dequantize: Callable) -> dict[str, TensorHandle]:
+    import numpy as np
+
+    data = np.memmap(path, dtype=np.uint8, mode="c") if infos else None
+    tensors: dict[str, TensorHandle] = {}
+    for name, dims, type_id, offset in infos:
+        qtype = gguf.GGMLQuantizationType(type_id)
+        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        shape = tuple(int(d) for d in reversed(dims))
+        numel = 1
+        for d in dims:
+            numel *= d
+        nbytes = numel // block * type_size
+        plain = _PLAIN_DTYPES.get(qtype.name)
+        begin = data_start + offset
+
+        def raw(begin=begin, nbytes=nbytes, shape=shape, qtype=qtype, block=block, type_size=type_size):
+            chunk = data[begin:begin + nbytes]
+            if _PLAIN_DTYPES.get(qtype.name) is not None:
+                return chunk.view(_NUMPY_DTYPES[qtype.name]).reshape(shape)
+            rows = shape[:-1] + ((shape[-1] // block * type_size),) if shape else (nbytes,)
+            return chunk.reshape(rows)
+
+        info = _Info(name, qtype, raw)
+        tensors[name] = TensorHandle(
+            name=name, shape=shape, dtype=plain if plain is not None else torch.float32, nbytes=nbytes,
+            materialize=_reader(path, info, shape, plain, False, dequantize),
+            storage_dtype=qtype.name, mapped=plain is not None,
+        )
+    return tensors
+
+
+_NUMPY_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2", "F64": "<f8", "I8": "i1", "I16": "<i2", "I32": "<i4",
+                 "I64": "<i8"}
+
+
+class _Info:
+    """The part of GGUFReader's ReaderTensor that ``_reader`` uses."""
+
+    def __init__(self, name: str, tensor_type: Any, raw: Callable) -> None:
+        self.name, self.tensor_type, self._raw = name, tensor_type, raw
+
+    @property
+    def data(self):
+        return self._raw()
 
 
 def _handles(path: str, reader: Any, dequantize: Callable) -> dict[str, TensorHandle]:
