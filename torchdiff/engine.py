@@ -172,6 +172,12 @@ class Engine:
     def run(self, pairs: list[Pair], hooks: Iterable[Hook] = (),
             progress: Callable[[int], None] | None = None) -> list[TensorDiff]:
         """Measure every pair; returns one TensorDiff per pair, in order."""
+        if self.device.type == "cuda":  # streams and events below are those of this device
+            with torch.cuda.device(self.device):
+                return self._run(pairs, hooks, progress)
+        return self._run(pairs, hooks, progress)
+
+    def _run(self, pairs, hooks, progress) -> list[TensorDiff]:
         jobs, exact_slots, sides = self._plan(pairs)
         side_rows, side_ids, side_lengths, pair_rows, pair_ids = self._reduce(jobs, progress)
         n_slots = len(sides)
@@ -334,7 +340,7 @@ class Engine:
         out = self._buffer(which, k * L, dtype)
         out.copy_(staged, non_blocking=True)
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(self.device))
         event_slot[0] = event
         return out.view(k, L)
 
