@@ -451,3 +451,21 @@ class TestCuda:
             assert all(t.is_pinned() for t in monitor._snapshot.values())
         if keep == "device":
             assert all(t.is_cuda for t in monitor._snapshot.values())
+
+
+def test_report_rows_and_dataframe():
+    import math
+
+    g = torch.Generator().manual_seed(3)
+    old = {"a.0.w": torch.randn(4, 3, generator=g), "a.1.w": torch.randn(5, generator=g)}
+    new = {"a.0.w": old["a.0.w"] * 2, "a.1.w": old["a.1.w"].clone()}
+    report = torchdiff.compare(old, new, device="cpu")
+    rows = report.records()
+    assert [r["name"] for r in rows] == ["a.0.w", "a.1.w"]
+    assert [r["status"] for r in rows] == ["changed", "unchanged"]
+    assert math.isclose(rows[0]["rel_l2"], 1.0, rel_tol=1e-6)  # ‖2A − A‖/‖A‖
+    layers = {r["layer"]: r for r in report.records("layer")}
+    assert set(layers) == {"a.0", "a.1"}
+    pd = pytest.importorskip("pandas")
+    frame = report.to_pandas()
+    assert isinstance(frame, pd.DataFrame) and list(frame["name"]) == ["a.0.w", "a.1.w"]

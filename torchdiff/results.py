@@ -306,6 +306,20 @@ class Report:
 
         return scalars(self)
 
+    def records(self, level: str = "tensor") -> list[dict[str, Any]]:
+        """Plain rows: one per tensor (``level="tensor"``) or per layer (``"layer"``)."""
+        from torchdiff.callbacks import layer_records, to_records
+
+        if level not in ("tensor", "layer"):
+            raise ValueError(f"level is 'tensor' or 'layer', got {level!r}")
+        return to_records(self) if level == "tensor" else layer_records(self)
+
+    def to_pandas(self, level: str = "tensor"):
+        """``records(level)`` as a pandas DataFrame (pandas imported here)."""
+        from torchdiff.callbacks import to_pandas
+
+        return to_pandas(self, level)
+
     def __str__(self) -> str:
         from torchdiff.render import render
 
