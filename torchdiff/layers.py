@@ -2,8 +2,9 @@
 
 A layer is the first numbered block in the name — ``h.3``, ``layers.12``,
 ``encoder.layer.5``, ``blk.7``: everything up to and including the first purely
-numeric dotted component — else the module prefix (the name without its last
-component), else the name itself. ``--layer-pattern REGEX`` overrides: the layer
+numeric dotted component — else, for torch's recurrent layers, the stacked layer
+(``lstm.weight_hh_l1`` -> ``lstm.l1``), else the module prefix (the name without its
+last component), else the name itself. ``--layer-pattern REGEX`` overrides: the layer
 is the regex's first match (group 1 if it has groups).
 """
 
@@ -15,12 +16,18 @@ from functools import lru_cache
 from torchdiff.errors import UsageError
 
 
+_RNN_LAYER = re.compile(r"^(?:weight|bias)_(?:ih|hh|hr)_(l\d+)(?:_reverse)?$")
+
+
 @lru_cache(maxsize=65536)
 def _default_layer(name: str) -> str:
     parts = name.split(".")
     for i, part in enumerate(parts[:-1]):
         if part.isdigit() and i > 0:
             return ".".join(parts[: i + 1])
+    rnn = _RNN_LAYER.match(parts[-1])
+    if rnn:  # torch.nn.LSTM/GRU/RNN: weight_ih_l0, bias_hh_l1_reverse -> layer l0, l1
+        return ".".join(parts[:-1] + [rnn.group(1)])
     if len(parts) > 1:
         return ".".join(parts[:-1])
     return name
