@@ -436,3 +436,13 @@ def test_cli_top_k_flag(tmp_path, capsys):
                                "--quantization-top-k", "2", "--output", "json"))
     (item,) = [i for i in items if i["type"] == "quantization_analysis"]
     assert len(item["most_sensitive"]) == 2
+
+
+def test_an_unquantized_change_is_not_labelled_a_precision_loss():
+    g = torch.Generator().manual_seed(5)
+    old = {"w": torch.randn(64, 64, generator=g)}
+    new = {"w": old["w"] + 0.5 * torch.randn(64, 64, generator=g)}  # SQNR ≈ 6 dB: "high" if it were quantization
+    result = torchdiff.compare(old, new, quantization_analysis=True, device="cpu").analysis("quantization_analysis")
+    assert result.headline["precision_loss"] == "not_quantized"
+    a, d = old["w"].double(), (new["w"] - old["w"]).double()
+    assert result.headline["sqnr_db"] == pytest.approx(20 * math.log10(a.norm() / d.norm()), rel=1e-5)

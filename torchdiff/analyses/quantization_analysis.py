@@ -10,7 +10,8 @@ after dequantization, Δ = B − A, all over the positions where both are finite
   nearest-rank 95th percentile of |Δ| (the ⌈0.95·n⌉-th smallest).
 - totals pool the sums: SQNR = 10 · log10(Σ‖A‖² / Σ‖Δ‖²) over every measured tensor.
 - precision_loss from the total SQNR: ≥ 40 dB minimal, 30–40 low, 20–30 moderate,
-  < 20 high; ``none`` when Δ = 0 everywhere.
+  < 20 high; ``none`` when Δ = 0 everywhere; ``not_quantized`` when no tensor was
+  quantized (the SQNR then measures an ordinary change, and is still reported).
 
 Schemes detected (``prepare`` works on headers only; values are dequantized lazily,
 in the engine's single pass):
@@ -88,6 +89,9 @@ def storage_kind(storage: str) -> str:
     if storage in _INT_NAMES:
         return "int"
     return "block"
+
+
+NOT_QUANTIZED = "not_quantized"
 
 
 def precision_loss(sqnr_db: float, lossless: bool = False) -> str:
@@ -454,6 +458,10 @@ def analyze(comparison, options) -> AnalysisResult:
     noise = sum(r["_sq"][2] for r in rows)
     total_sqnr = sqnr_db(signal, noise) if rows else math.nan
     label = precision_loss(total_sqnr, lossless=bool(rows) and noise == 0)
+    if not quantized and noise > 0:
+        # Nothing was quantized: the SQNR measures an ordinary change (training, a merge),
+        # and a "precision loss" label would misname it.
+        label = NOT_QUANTIZED
     q_signal = sum(r["_sq"][0] for r in quantized)
     q_noise = sum(r["_sq"][2] for r in quantized)
     denom = math.sqrt(signal * sum(r["_sq"][1] for r in rows))
