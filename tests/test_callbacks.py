@@ -43,13 +43,7 @@ class Net(nn.Module):
         return self.head(x)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train far faster on one thread (and do not fight a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from helpers import one_thread  # noqa: E402,F401 - autouse: training here runs on one thread
 
 
 def _layer(name: str) -> str:

@@ -16,12 +16,7 @@ from torchdiff.analyses import ANALYSES
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from helpers import one_thread  # noqa: E402,F401 - autouse: training here runs on one thread
 
 
 def load_example(name: str):

@@ -19,12 +19,7 @@ from torchdiff.errors import MissingDependencyError, UsageError
 FRAMEWORKS = ("lightning", "pytorch_lightning", "transformers", "mlflow", "pandas")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from helpers import one_thread  # noqa: E402,F401 - autouse: training here runs on one thread
 
 
 def test_import_torchdiff_imports_no_framework():

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -23,17 +22,7 @@ import torchdiff
 from torchdiff.analyses import layer_impact as li
 from torchdiff.cli import main
 
-GOLDEN = Path(__file__).parent / "golden"
-UPDATE_GOLDEN = os.environ.get("TORCHDIFF_UPDATE_GOLDEN") == "1"
-
-
-def check_golden(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if UPDATE_GOLDEN:
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(text)
-    assert path.exists(), f"{path} missing: run with TORCHDIFF_UPDATE_GOLDEN=1 to write it"
-    assert text == path.read_text(), f"{name} differs from its golden output (TORCHDIFF_UPDATE_GOLDEN=1 refreshes it)"
+from helpers import check_golden
 
 
 def model(rng: np.random.Generator, blocks: int = 4, width: int = 8) -> dict[str, np.ndarray]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from fractions import Fraction
 from pathlib import Path
 
@@ -24,18 +23,8 @@ from torchdiff.analyses import quantization_analysis as qa
 from torchdiff.cli import main
 from torchdiff.formats.base import Checkpoint, TensorHandle
 
-GOLDEN = Path(__file__).parent / "golden"
-UPDATE_GOLDEN = os.environ.get("TORCHDIFF_UPDATE_GOLDEN") == "1"
+from helpers import check_golden
 F8 = getattr(torch, "float8_e4m3fn", None)
-
-
-def check_golden(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if UPDATE_GOLDEN:
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(text)
-    assert path.exists(), f"{path} missing: run with TORCHDIFF_UPDATE_GOLDEN=1 to write it"
-    assert text == path.read_text(), f"{name} differs from its golden output (TORCHDIFF_UPDATE_GOLDEN=1 refreshes it)"
 
 
 def analysis(old, new, **kwargs):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -23,18 +22,8 @@ import torchdiff
 from torchdiff.analyses import sort_by_change_magnitude as sbcm
 from torchdiff.cli import main
 
-GOLDEN = Path(__file__).parent / "golden"
-UPDATE_GOLDEN = os.environ.get("TORCHDIFF_UPDATE_GOLDEN") == "1"
+from helpers import check_golden
 KEYS = ["rel_l2", "l2", "max_abs", "nmse", "cosine"]
-
-
-def check_golden(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if UPDATE_GOLDEN:
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(text)
-    assert path.exists(), f"{path} missing: run with TORCHDIFF_UPDATE_GOLDEN=1 to write it"
-    assert text == path.read_text(), f"{name} differs from its golden output (TORCHDIFF_UPDATE_GOLDEN=1 refreshes it)"
 
 
 def ref_key(a: np.ndarray, b: np.ndarray, key: str) -> float:
