@@ -7,7 +7,7 @@ from typing import Any
 
 from torchdiff.errors import UsageError
 
-output_formats = ["json", "text", "yaml"]
+output_formats = ["github", "json", "markdown", "text", "yaml"]
 
 # How non-finite floats are written in JSON/YAML (JSON has no NaN/Infinity literals).
 NAN, POS_INF, NEG_INF = "NaN", "Infinity", "-Infinity"
@@ -59,6 +59,14 @@ def to_items(report) -> list[dict[str, Any]]:
 
 def render(report, fmt: str = "text", color: bool = False, indent: int | None = 2) -> str:
     """Render a Report; other report kinds (a series) bring their own ``render``."""
+    if fmt == "markdown":
+        from torchdiff.render.markdown import render_markdown
+
+        return render_markdown(report)
+    if fmt == "github":
+        from torchdiff.render.github import render_github
+
+        return render_github(report)
     if getattr(report, "comparison", None) is None:
         return report.render(fmt, color=color, indent=indent)
     if fmt == "text":
