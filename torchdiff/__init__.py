@@ -11,12 +11,14 @@ from torchdiff.errors import (
     DeviceError,
     InputNotFoundError,
     MissingDependencyError,
+    PolicyError,
     TooLargeError,
     TorchDiffError,
     UnknownFormatError,
     UnsafeCheckpointError,
     UsageError,
 )
+from torchdiff.manifest import fingerprint, verify
 from torchdiff.results import AnalysisResult, Comparison, PairMetrics, Report, TensorDiff, TensorStats
 
 __version__ = "0.1.0"
@@ -29,6 +31,7 @@ __all__ = [
     "InputNotFoundError",
     "MissingDependencyError",
     "PairMetrics",
+    "PolicyError",
     "Report",
     "TensorDiff",
     "TensorStats",
@@ -39,6 +42,8 @@ __all__ = [
     "UsageError",
     "__version__",
     "compare",
+    "fingerprint",
     "inspect",
     "load",
+    "verify",
 ]

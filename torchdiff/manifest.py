@@ -180,12 +180,15 @@ class Manifest:
 
 
 def is_manifest(path: Any) -> bool:
-    """True for a path to a manifest file (JSON whose first bytes name the format)."""
+    """True for a path to a manifest file: a ``.json`` file other than a sharded
+    checkpoint's ``*.index.json``, or a file whose first bytes name the format."""
     if not isinstance(path, (str, os.PathLike)):
         return False
     path = os.fspath(path)
     if not os.path.isfile(path) or path.endswith(".index.json"):
         return False
+    if path.endswith(".json"):
+        return True
     with open(path, "rb") as f:
         head = f.read(256)
     return head.lstrip().startswith(b"{") and MANIFEST_FORMAT.encode() in head
@@ -305,12 +308,12 @@ def record(name: str, tensor: torch.Tensor, *, casts: Sequence[str] = (), span: 
     h = _xxh3()
     digest = h(span[0][span[1]:span[2]].numpy()).hexdigest() if span is not None else h(_bytes_of(tensor)).hexdigest()
     cast_hashes = {}
+    dtype = dtype_name(tensor.dtype)
     if tensor.is_floating_point():
         for c in casts:
             dt = _torch_dtype(c)
-            if dt != tensor.dtype:
+            if dt != tensor.dtype and _WIDTH.get(c, 0) <= _WIDTH.get(dtype, 0):  # casts narrow, never widen
                 cast_hashes[c] = h(_bytes_of(tensor.to(dt))).hexdigest()
-    dtype = dtype_name(tensor.dtype)
     nbytes = tensor.numel() * tensor.element_size()
     return TensorRecord(name=name, dtype=dtype, shape=tuple(tensor.shape), nbytes=nbytes, hash=digest,
                         sample=_sample(tensor, count), casts=cast_hashes,
@@ -586,9 +589,9 @@ def _cast_matches(a: TensorRecord, b: TensorRecord) -> bool | str:
     give the expected bytes (the checked side recorded it); else why not."""
     if a.dtype not in CAST_DTYPES or b.dtype not in CAST_DTYPES:
         return f"casts are checked between float dtypes only ({a.dtype} -> {b.dtype})"
-    if b.dtype in a.casts:
+    if b.dtype in a.casts:  # the expected side is the wider: its cast was recorded
         return True if a.casts[b.dtype] == b.hash else f"the manifest's {b.dtype} fingerprint differs"
-    if a.dtype in b.casts:
+    if a.dtype in b.casts:  # the checked side is the wider: cast down to the expected dtype
         return True if b.casts[a.dtype] == a.hash else f"the {b.dtype} values cast to {a.dtype} differ"
     return (f"the manifest has no {b.dtype} fingerprint for this tensor "
             f"(write it with torchdiff hash --cast {b.dtype})")
@@ -617,7 +620,7 @@ def distance(a: TensorRecord, b: TensorRecord) -> dict[str, float]:
         lower = max(lower, estimate)  # every value sampled: the estimate is the figure
     scale = a.norm
     return {
-        "rel_l2_lower": _ratio(lower, scale), "rel_l2_estimate": _ratio(estimate, scale),
+        "rel_l2_lower": _ratio(lower, scale * (1 + ROUNDING)), "rel_l2_estimate": _ratio(estimate, scale),
         "norm_expected": a.norm, "norm_got": b.norm, "sum_expected": a.sum, "sum_got": b.sum,
         "max_abs_sampled": max((abs(d) for d in deltas), default=0.0), "sampled": m,
     }
