@@ -181,6 +181,18 @@ rules:
 def test_role_selector(pair):
     r = results(pair, 'rules: [{name: buffers frozen, select: "role:buffer", unchanged: true}]')["buffers frozen"]
     assert r["selected"] == 1 and r["passed"]
+    # torchdiff.names.roles with the checkpoint as context: W_scale beside an int8 W
+    w = torch.randn(4, 4)
+    scale = w.abs().amax(1) / 127
+    report = torchdiff.compare({"fc.weight": w, "fc.bias": torch.zeros(4)},
+                               {"fc.weight": torch.round(w / scale[:, None]).to(torch.int8),
+                                "fc.weight_scale": scale, "fc.bias": torch.zeros(4)})
+    pol = policy.parse(yaml.safe_load("rules: [{name: c, select: 'role:quant_companion', same_shape: true},"
+                                      " {name: p, select: 'role:parameter', exclude: 'fc.weight', unchanged: true}]"))
+    res = {r["rule"]: r for r in pol.evaluate(report).data["results"]}
+    assert res["c"]["selected"] == 1 and res["c"]["offenders"] == [
+        {"tensor": "fc.weight_scale", "figure": None, "why": "added"}]
+    assert res["p"]["selected"] == 1 and res["p"]["passed"]
 
 
 def test_selector_matching_nothing_fails_unless_allowed(pair):

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from torchdiff.errors import PolicyError
+from torchdiff.names import ROLES, layer_of, roles
 from torchdiff.results import ADDED, REMOVED, UNCHANGED, AnalysisResult, Table, TensorDiff
 
 NAME = "policy"
 SEVERITIES = ("info", "low", "medium", "high", "critical")  # torchdiff.analyses.anomaly_detection's
-ROLES = ("parameter", "buffer", "counter", "optimizer_state", "quant_companion")  # torchdiff.names.role's
 CONVERGED = ("converging", "plateaued")  # convergence_analysis statuses `converging: true` accepts
 OFFENDERS_SHOWN = 3  # names in the text table's offenders column (JSON lists them all)
 
@@ -51,30 +51,6 @@ SERIES_ONLY = ("converging",)
 WHOLE_REPORT = ("converging",)  # conditions that take no selector
 
 
-def role(name: str, dtype: str | None = None, ndim: int | None = None) -> str:
-    """The role of a tensor; torchdiff.names.role once that module exists."""
-    try:
-        from torchdiff.names import role as names_role
-    except ImportError:  # placeholder until the naming module lands (issue 11)
-        return _placeholder_role(name)
-    return names_role(name, dtype, ndim)
-
-
-def _placeholder_role(name: str) -> str:
-    from torchdiff.analyses._tensor_roles import BUFFER_LEAVES, is_optimizer_state
-
-    leaf = name.rsplit(".", 1)[-1]
-    if leaf in ("num_batches_tracked", "step"):
-        return "counter"
-    if is_optimizer_state(name):
-        return "optimizer_state"
-    if leaf in BUFFER_LEAVES:
-        return "buffer"
-    if leaf.endswith(("_scale", "scale", "zero_point", "SCB")):
-        return "quant_companion"
-    return "parameter"
-
-
 # ---- the file ----------------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -85,17 +61,14 @@ class Selector:
     kind: str  # glob | re | layer | role
     pattern: Any
 
-    def matches(self, d: TensorDiff) -> bool:
+    def matches(self, d: TensorDiff, role_of: dict[str, str]) -> bool:
         if self.kind == "glob":
             return fnmatch.fnmatchcase(d.name, self.pattern)
         if self.kind == "re":
             return self.pattern.search(d.name) is not None
         if self.kind == "layer":
-            from torchdiff.layers import layer_of
-
             return fnmatch.fnmatchcase(layer_of(d.name), self.pattern)
-        side = d.new if d.new is not None else d.old
-        return role(d.name, side.dtype if side else None, len(side.shape) if side else None) == self.pattern
+        return role_of.get(d.name) == self.pattern
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,9 +80,9 @@ class Rule:
     exclude: tuple[Selector, ...] = ()
     allow_empty: bool = False
 
-    def selects(self, d: TensorDiff) -> bool:
-        chosen = not self.select or any(s.matches(d) for s in self.select)
-        return chosen and not any(s.matches(d) for s in self.exclude)
+    def selects(self, d: TensorDiff, role_of: dict[str, str]) -> bool:
+        chosen = not self.select or any(s.matches(d, role_of) for s in self.select)
+        return chosen and not any(s.matches(d, role_of) for s in self.exclude)
 
     @property
     def selector_text(self) -> str:
@@ -304,6 +277,16 @@ def _steps(report) -> list[tuple[str | None, Any]]:
     return [(None, report)]
 
 
+def _roles(step) -> dict[str, str]:
+    """torchdiff.names.roles over one comparison's tensors (the new side's dtype and rank,
+    else the old side's), so that ``W_scale`` beside an int8 ``W`` is a quant_companion."""
+    specs = {}
+    for d in step:
+        side = d.new if d.new is not None else d.old
+        specs[d.name] = (side.dtype, len(side.shape))
+    return roles(specs)
+
+
 def _sqnr_db(d: TensorDiff) -> float:
     m = d.metrics
     if m.l2 == 0:
@@ -366,7 +349,8 @@ def _evaluate_rule(rule: Rule, report) -> dict[str, Any]:
     figures: list[float] = []
     selected_names: set[str] = set()
     for label, step in _steps(report):
-        diffs = [d for d in step if rule.selects(d)]
+        role_of = _roles(step) if any(s.kind == "role" for s in rule.select + rule.exclude) else {}
+        diffs = [d for d in step if rule.selects(d, role_of)]
         selected_names.update(d.name for d in diffs)
         figure = _check(rule, step, diffs, label, offenders)
         if figure is not None:
