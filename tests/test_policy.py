@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 from helpers import check_golden
+from helpers import one_thread  # noqa: F401 - autouse: the demo training here runs on one thread
 from safetensors.torch import save_file
 
 import torchdiff
@@ -345,3 +346,53 @@ def test_missing_policy_file_and_policy_on_inspect(pair, capsys, tmp_path):
 def test_yaml_text_numbers_are_accepted():
     pol = policy.parse(yaml.safe_load("rules: [{name: a, max_rel_l2: 1e-3}]"))  # PyYAML reads 1e-3 as text
     assert pol.rules[0].value == 1e-3
+
+
+# ---- the documented policies and the README's CI job --------------------------------------------
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+def test_documented_policies_parse():
+    import re as _re
+
+    text = (ROOT / "docs" / "POLICY.md").read_text()
+    blocks = [b for b in _re.findall(r"```yaml\n(.*?)```", text, _re.S) if b.lstrip().startswith("rules:")]
+    assert len(blocks) >= 4  # the schema and the three worked examples
+    for b in blocks:
+        policy.parse(yaml.safe_load(b), "POLICY.md", series=True)
+    for path in sorted((ROOT / "examples" / "policies").glob("*.yaml")):
+        policy.load(path)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import make_checkpoints
+    finally:
+        sys.path.pop(0)
+    out = tmp_path_factory.mktemp("demo")
+    make_checkpoints.main(str(out), steps=4, every=2)  # the demo's files, 4 training steps instead of 200
+    return out
+
+
+def test_readme_ci_job_on_the_demo_checkpoints(demo, capsys, tmp_path):
+    """The README's job, on the demo's files after 4 steps (step_004 for step_200)."""
+    policies = ROOT / "examples" / "policies"
+    code, out, _ = run(capsys, demo / "step_004.safetensors", demo / "step_004_int8.safetensors",
+                       "--policy", policies / "int8_export.yaml", "--output", "github")
+    assert code == 0 and out.splitlines()[-1].startswith("::notice title=torchdiff::")
+    assert out.rstrip().endswith("policy pass (5 of 5 rules pass)")
+    code, out, _ = run(capsys, demo / "step_002.safetensors", demo / "step_004.safetensors",
+                       "--policy", policies / "training_step.yaml", "--output", "markdown")
+    assert "### Policy: " in out and code == (1 if "**FAIL**" in out else 0)
+    code, out, _ = run(capsys, demo / "step_002.safetensors", demo / "step_004.safetensors",
+                       "--policy", policies / "int8_export.yaml")  # a training step is no int8 export
+    assert code == 1 and "policy: status=fail, rules=5, failed=2" in out
+    code, _, _ = run(capsys, "hash", demo / "step_004.safetensors", "--cast", "bfloat16", "-o", tmp_path / "m.json")
+    assert code == 0
+    code, out, _ = run(capsys, "verify", tmp_path / "m.json", demo / "step_004.safetensors")
+    assert code == 0 and out.strip() == "verify: 15 tensors: 15 bitwise equal, 0 accepted, 0 mismatching -> OK"

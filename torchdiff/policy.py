@@ -104,6 +104,8 @@ class Policy:
         needed = []
         if any(r.condition == "no_anomaly" for r in self.rules):
             needed.append("anomaly_detection")
+        if any(r.condition == "min_sqnr_db" for r in self.rules):
+            needed.append("quantization_analysis")
         if any(r.condition == "converging" for r in self.rules):
             needed.append("convergence_analysis")
         return tuple(needed)
@@ -307,6 +309,22 @@ _PER_TENSOR: dict[str, tuple[Callable[[TensorDiff], Any], Callable[[Any, Any], b
 }
 
 
+# Conditions that read the quantization analysis' figure (after dequantization) when it
+# measured the tensor: condition -> its column in that analysis' "Tensors" table.
+_DEQUANTIZED = {"min_sqnr_db": "sqnr_db", "max_rel_l2": "rel_l2", "min_cosine": "cosine"}
+
+
+def _dequantized(step) -> dict[str, dict[str, Any]]:
+    """Per-tensor rows of the quantization analysis (dequantized figures), when it ran."""
+    a = step.analysis("quantization_analysis") if hasattr(step, "analysis") else None
+    if a is None:
+        return {}
+    for t in a.tables:
+        if t.title == "Tensors":
+            return {r["tensor"]: r for r in t.records()}
+    return {}
+
+
 def _why_no_figure(d: TensorDiff) -> str:
     return {ADDED: "added", REMOVED: "removed"}.get(d.status, d.status)
 
@@ -393,9 +411,10 @@ def _check(rule: Rule, step, diffs: list[TensorDiff], label: str | None, offende
     c, v = rule.condition, rule.value
     if c in _PER_TENSOR:
         get, ok, how = _PER_TENSOR[c]
+        deq = _dequantized(step) if c in _DEQUANTIZED else {}
         found = []
         for d in diffs:
-            f = get(d)
+            f = deq[d.name][_DEQUANTIZED[c]] if d.name in deq else get(d)
             if f is None:
                 offenders.append(_offender(d.name, None, label, f"no figure: {_why_no_figure(d)}"))
                 continue
