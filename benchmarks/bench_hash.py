@@ -11,6 +11,8 @@ same mapped bytes, each a median of --runs passes:
   blake2b     hashlib.blake2b(digest_size=16), the standard library's fastest
   manifest    torchdiff.fingerprint(path): the chosen hash plus the figures (norm,
               sum, min, max) of every tensor, i.e. what ``torchdiff hash`` costs
+  verify      torchdiff.verify(manifest, path) on the same file: equal tensors are
+              only hashed (their figures are the manifest's), i.e. ``torchdiff verify``
 
 and prints GB/s and the share of the floor for each. The chosen hash must reach
 ≥ 50 % of the floor (docs/MANIFEST.md records the run). Usage:
@@ -121,8 +123,9 @@ def main(argv: list[str]) -> int:
 
     import torchdiff
 
-    if hasattr(torchdiff, "fingerprint"):
-        rows.append(("torchdiff.fingerprint (hash + figures)", timed(runs, lambda: torchdiff.fingerprint(path))))
+    manifest = torchdiff.fingerprint(path)
+    rows.append(("torchdiff.fingerprint (hash + figures)", timed(runs, lambda: torchdiff.fingerprint(path))))
+    rows.append(("torchdiff.verify (all equal: hash only)", timed(runs, lambda: torchdiff.verify(manifest, path))))
     view.release()
     mm.close()
     f.close()
