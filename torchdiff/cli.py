@@ -24,7 +24,7 @@ COMMANDS = ("compare", "inspect", "series", "hash", "verify")
 # Core flags: name -> (default, help). Booleans take no value.
 CORE_FLAGS: dict[str, tuple[Any, str]] = {
     "all": (False, "run every analysis"),
-    "output": ("text", "text | json | yaml"),
+    "output": ("text", "text | json | yaml | markdown | github (hash: the manifest file, -o)"),
     "epsilon": (0.0, "|Δ| ≤ EPSILON counts as unchanged"),
     "ignore_keys_regex": (None, "skip tensors (and metadata keys) whose name matches REGEX"),
     "path": (None, "only tensors whose name contains this substring"),
