@@ -177,6 +177,11 @@ rules:
     assert not r["no critical"]["passed"]
     assert [(o["tensor"], o["why"]) for o in r["no critical"]["offenders"]] == [("head.bias", "nan_inf, critical")]
     assert r["encoder healthy"]["passed"] and r["encoder healthy"]["measured"] == 0
+    # evaluated on a report that did not run the analysis: a failure, never a silent pass
+    d, _, _ = pair
+    pol = policy.parse(yaml.safe_load("rules: [{name: h, no_anomaly: info}]"))
+    res = pol.evaluate(torchdiff.compare(d / "old.safetensors", d / "new.safetensors")).data["results"][0]
+    assert (res["passed"], res["measured"]) == (False, "anomaly_detection did not run")
 
 
 def test_role_selector(pair):

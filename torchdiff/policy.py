@@ -374,6 +374,9 @@ def _evaluate_rule(rule: Rule, report) -> dict[str, Any]:
         if figure is not None:
             figures.append(figure)
     out["selected"] = len(selected_names)
+    if rule.condition == "no_anomaly" and any(step.analysis("anomaly_detection") is None for _, step in _steps(report)):
+        out.update(measured="anomaly_detection did not run", passed=False, offenders=[])
+        return out
     if not selected_names and rule.condition != "no_anomaly" and not rule.allow_empty:
         out.update(measured="no tensor selected", passed=False, offenders=[])
         return out
