@@ -6,6 +6,7 @@ module-scoped 100 MB checkpoint written once."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -343,3 +344,30 @@ def test_bad_usage_exit_2(tmp_path, capsys, monkeypatch, state, argv, message):
 def test_public_api_exported():
     assert torchdiff.fingerprint is fingerprint and torchdiff.verify is verify
     assert {"fingerprint", "verify"} <= set(torchdiff.__all__)
+
+
+def test_gguf_and_matlab_files_fingerprint_like_their_values(tmp_path):
+    """GGUF (written by gguf.GGUFWriter; a Q8_0 tensor hashed after dequantization) and
+    MATLAB v5 (scipy.io.savemat): the record equals the one of the values the reader returns."""
+    gguf = pytest.importorskip("gguf")
+    scipy_io = pytest.importorskip("scipy.io")
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 64)).astype(np.float32)
+    writer = gguf.GGUFWriter(str(tmp_path / "m.gguf"), arch="llama")
+    writer.add_tensor("plain.weight", w)
+    writer.add_tensor("q.weight", gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0),
+                      raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    m = fingerprint(tmp_path / "m.gguf")
+    assert dataclasses.replace(m["plain.weight"], storage_dtype="") == record("plain.weight", torch.from_numpy(w))
+    assert m["plain.weight"].storage_dtype == "F32"  # GGML's name, kept beside the torch dtype
+    q = m["q.weight"]
+    assert (q.dtype, q.shape, q.storage_dtype) == ("float32", (4, 64), "Q8_0")
+    deq = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0),
+                                                  gguf.GGMLQuantizationType.Q8_0).reshape(4, 64).copy())
+    assert q.hash == record("q", deq).hash
+    scipy_io.savemat(tmp_path / "m.mat", {"w": w.astype(np.float64)})
+    assert fingerprint(tmp_path / "m.mat")["w"].hash == record("w", torch.from_numpy(w.astype(np.float64))).hash
