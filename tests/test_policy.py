@@ -401,3 +401,18 @@ def test_readme_ci_job_on_the_demo_checkpoints(demo, capsys, tmp_path):
     assert code == 0
     code, out, _ = run(capsys, "verify", tmp_path / "m.json", demo / "step_004.safetensors")
     assert code == 0 and out.strip() == "verify: 15 tensors: 15 bitwise equal, 0 accepted, 0 mismatching -> OK"
+
+
+def test_markdown_and_github_for_inspect_and_series(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    paths = [p.name for p in _series(tmp_path, [0.02, 0.01])]
+    code, out, _ = run(capsys, "inspect", paths[0], "--output", "markdown")
+    assert code == 0 and out.splitlines()[:3] == ["## torchdiff inspect: `c0.safetensors`", "",
+                                                  "2 tensors, 4160 parameters, 16640 bytes"]
+    code, out, _ = run(capsys, "inspect", paths[0], "--output", "github")
+    assert out == "::notice title=torchdiff::c0.safetensors: 2 tensors, 4160 parameters, 16640 bytes\n"
+    code, out, _ = run(capsys, "series", *paths, "--output", "github")
+    assert out == ("::notice title=torchdiff::c0 → c1: 2 tensors: 1 changed, 0 added, 0 removed, 1 unchanged; "
+                   "c1 → c2: 2 tensors: 1 changed, 0 added, 0 removed, 1 unchanged\n")
+    code, out, _ = run(capsys, "series", *paths, "--output", "markdown")
+    assert out.startswith("## torchdiff series: 3 checkpoints\n\n- c0 → c1: 2 tensors: 1 changed")

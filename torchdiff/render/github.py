@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from torchdiff.render.markdown import _analyses, _steps
+from torchdiff.render.markdown import _analyses, _inspect, _steps, inspect_line
 from torchdiff.render.text import num, printable, summary_line
 
 OFFENDERS_SHOWN = 5
@@ -59,6 +59,8 @@ def render_github(report) -> str:
                                          f"(threshold {num(f['threshold'])}), severity critical"))
     if hasattr(report, "steps"):
         summary = "; ".join(f"{label}: {summary_line(step)}" for label, step in _steps(report))
+    elif _inspect(report):
+        summary = f"{printable(report.comparison.new_name)}: {inspect_line(report)}"
     else:
         summary = summary_line(report)
     lines.append(command("notice", "torchdiff", summary + verdict))

@@ -48,6 +48,10 @@ def render_markdown(report) -> str:
         lines.append(f"## torchdiff series: {len(report.checkpoints)} checkpoints")
         lines.append("")
         lines += [f"- {label}: {summary_line(step)}" for label, step in _steps(report)]
+    elif _inspect(report):
+        lines.append(f"## torchdiff inspect: {_code(report.comparison.new_name)}")
+        lines.append("")
+        lines.append(inspect_line(report))
     else:
         comp = report.comparison
         lines.append(f"## torchdiff: {_code(comp.old_name)} → {_code(comp.new_name)}")
@@ -57,7 +61,7 @@ def render_markdown(report) -> str:
     if policy is not None:
         lines += [""] + policy_section(policy)
     lines += anomaly_section(report)
-    if not series:
+    if not series and not _inspect(report):
         lines += top_tensors(report)
     others = [(label, a) for label, a in _analyses(report) if a.name != "policy"]
     if others:
@@ -74,6 +78,16 @@ def render_markdown(report) -> str:
                     lines.append("")
         lines.append("</details>")
     return "\n".join(lines) + "\n"
+
+
+def _inspect(report) -> bool:
+    return getattr(getattr(report, "comparison", None), "mode", "") == "inspect"
+
+
+def inspect_line(report) -> str:
+    """One checkpoint: its tensors, parameters and bytes (as the text form's last line)."""
+    sides = [d.new for d in report]
+    return f"{len(sides)} tensors, {sum(s.numel for s in sides)} parameters, {sum(s.nbytes for s in sides)} bytes"
 
 
 def _analyses(report) -> list[tuple[str | None, Any]]:
