@@ -38,6 +38,7 @@ CORE_FLAGS: dict[str, tuple[Any, str]] = {
     "verbose": (False, "device, threads and timing on stderr; tracebacks on errors"),
     "version": (False, "print the version and exit"),
     "unsafe_pickle": (False, "load pickles with weights_only=False: RUNS CODE from the file; only for files you trust"),
+    "scope": ("params", "what global, layer and summary figures cover: params | model | all"),
     "help": (False, "this help (-h)"),
 }
 SHORT = {"-r": "recursive", "-q": "quiet", "-h": "help", "-o": "output"}
@@ -208,7 +209,8 @@ def _api_options(flags: dict[str, Any], series: bool = False) -> dict[str, Any]:
     options = {k: v for k, v in flags.items() if k not in cli_only}
     if flags.get("all"):
         for module in ANALYSES.values():
-            options[module.FLAG] = True
+            if not (series and getattr(module, "PAIR_ONLY", False)):
+                options[module.FLAG] = True
     return options
 
 
