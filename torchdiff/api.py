@@ -4,6 +4,7 @@ the training-loop callback."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import gc
 import os
@@ -11,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-from torchdiff import formats
+from torchdiff import formats, mapping
 from torchdiff.analyses import ANALYSES, FLAGS, analysis_names, options_defaults
 from torchdiff.engine import Engine, resolve_device
 from torchdiff.errors import InputNotFoundError, UsageError
@@ -28,6 +29,8 @@ CORE_OPTIONS: dict[str, Any] = {
     "recursive": False,
     "device": "auto",
     "unsafe_pickle": False,
+    "map": "auto",
+    "map_heads": None,
 }
 
 
@@ -100,6 +103,8 @@ def make_options(analyses: tuple[str, ...] | list[str] = (), **kwargs: Any) -> O
     compile_filters(options["ignore_keys_regex"], options["path"])
     if options["format"] is not None and options["format"] not in formats.format_names:
         raise UsageError(f"unknown --format {options['format']!r} (choose from {', '.join(formats.format_names)})")
+    options["map"] = mapping.resolve(options["map"])  # a rule file is read and checked here
+    options["map_heads"] = mapping.parse_heads(options["map_heads"])
     for name in options["analyses"]:
         validate = getattr(ANALYSES[name], "validate", None)
         if validate is not None:
@@ -167,7 +172,8 @@ def compare(old: Any, new: Any, *, analyses: tuple[str, ...] | list[str] = (),
             ``"show_layer_impact"``...); flags may also be keywords (``stats=True``).
         progress: called with the number of elements done after each block.
         **kwargs: ``epsilon``, ``ignore_keys_regex``, ``path``, ``format``, ``recursive``,
-            ``device`` and the analyses' own options (``sort_key``...).
+            ``device``, ``map`` (``auto``, ``none`` or a rule file: docs/MAPPING.md),
+            ``map_heads`` and the analyses' own options (``sort_key``...).
 
     Returns:
         A Report: iterate it for TensorDiffs, ``print`` it for text, ``to_dict()`` for JSON.
@@ -210,6 +216,9 @@ def compare_checkpoints(old: Checkpoint, new: Checkpoint, options: Options, engi
     Raises CorruptFileError if an input file changed while it was being read.
     """
     files = {**old.files, **new.files}
+    mapped = None
+    if mode == "pair":
+        old, new, mapped = mapping.apply_mapping(old, new, options.get("map", "auto"), heads=options.get("map_heads"))
     modules = [ANALYSES[name] for name in options.analyses]
     for module in modules:
         prepare = getattr(module, "prepare", None)
@@ -228,7 +237,10 @@ def compare_checkpoints(old: Checkpoint, new: Checkpoint, options: Options, engi
         old_metadata=dict(old.metadata), new_metadata=dict(new.metadata),
         device=str(engine.device), epsilon=options.epsilon, mode=mode,
     )
-    return build_report(comparison, options)
+    report = build_report(comparison, options)
+    if mapped is not None:  # the mapping's own section comes first
+        report = dataclasses.replace(report, analyses=(mapped.to_result(),) + report.analyses)
+    return report
 
 
 def _checking(files: dict[str, tuple[int, ...]], progress: Callable[[int], None] | None):
@@ -276,6 +288,7 @@ def differs(old: Any, new: Any, **kwargs: Any) -> bool:
         keep = compile_filters(options.ignore_keys_regex, options.path)
         if pair_metadata(old_ckpt.metadata, new_ckpt.metadata, keep):
             return True
+        old_ckpt, new_ckpt, _ = mapping.apply_mapping(old_ckpt, new_ckpt, options.map, heads=options.map_heads)
         pairs = pair(old_ckpt, new_ckpt, keep)
         if any(p.kind != "common" or p.retyped for p in pairs):
             return True

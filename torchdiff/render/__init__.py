@@ -44,17 +44,35 @@ def to_items(report) -> list[dict[str, Any]]:
     then one object per analysis. In inspect mode every tensor is an item."""
     items: list[dict[str, Any]] = []
     inspect = report.comparison.mode == "inspect"
+    renamed = mapped_names(report)
     for d in report.ordered_diffs():
         if inspect:
             item = {"type": "tensor", "path": d.name, **d.new.to_dict()}
             items.append(item)
         elif d.is_difference:
-            items.append(d.to_dict())
+            item = d.to_dict()
+            if d.name in renamed:  # paired through --map: the new side's own name
+                item = {"type": item.pop("type"), "path": item.pop("path"), **renamed[d.name], **item}
+            items.append(item)
     for m in report.comparison.metadata_diffs:
         items.append(m.to_dict())
     for a in report.analyses:
         items.append(a.to_dict())
     return finite_json(items)
+
+
+def mapped_names(report) -> dict[str, dict[str, Any]]:
+    """Pair name -> ``{"path_new": ..., ["tied": ...]}`` for tensors paired through a
+    mapping under another name (the ``mapping`` section's ``pairs``)."""
+    analysis = getattr(report, "analysis", None)
+    found = analysis("mapping") if analysis is not None else None
+    if found is None:
+        return {}
+    out = {}
+    for p in found.data.get("pairs", ()):
+        if p["path_new"] != p["path"] or p.get("tied"):
+            out[p["path"]] = {"path_new": p["path_new"], **({"tied": p["tied"]} if p.get("tied") else {})}
+    return out
 
 
 def render(report, fmt: str = "text", color: bool = False, indent: int | None = 2) -> str:
