@@ -366,7 +366,8 @@ def _build(plan: _Plan) -> tuple[Checkpoint, Checkpoint, MappingReport]:
                 for t in steps:
                     counts[t.kind] = counts.get(t.kind, 0) + 1
             old_name, new_name = (key, out.target) if old_is_source else (out.target, desc)
-            pairs.append({"path": old_name, "path_new": new_name, "transforms": [t.describe() for t in steps]})
+            pairs.append({"path": old_name, "path_new": new_name,
+                          "transforms": [t.describe(p) for t, p in zip(steps, out.params)]})
     tgt_t: dict[str, TensorHandle] = {}
     for name, h in target.tensors.items():
         key = key_of.get(name, name) if old_is_source else name
@@ -469,6 +470,12 @@ def _try(rs: RuleSet, old: Checkpoint, new: Checkpoint, old_is_source: bool, hea
     return _build(plan)
 
 
+def _family(ckpt: Checkpoint) -> str:
+    from torchdiff.names import family
+
+    return family(ckpt.tensors, {n: h.shape for n, h in ckpt.tensors.items()})
+
+
 def apply_mapping(old: Checkpoint, new: Checkpoint, mapping: Any = "auto", *,
                   heads: tuple[int, int] | None = None) -> tuple[Checkpoint, Checkpoint, MappingReport | None]:
     """Pair two checkpoints' tensors through a mapping.
@@ -489,18 +496,19 @@ def apply_mapping(old: Checkpoint, new: Checkpoint, mapping: Any = "auto", *,
     if mapping is None or mapping == "none":
         return old, new, None
     if isinstance(mapping, RuleSet):
-        results = []
+        baseline = _matched(old, new)
+        got = None
         for old_is_source in (True, False):
             got = _try(mapping, old, new, old_is_source, heads, require_detect=True)
             if got is not None:
-                return got
-        for old_is_source in (True, False):  # no detect section (or it does not hold): the better direction
-            got = _try(mapping, old, new, old_is_source, heads, require_detect=False)
-            results.append((_matched(got[0], got[1]), -len(results), got))
-        best = max(results, key=lambda r: r[:2])[2]
-        best[2].evidence.append(f"rules from {mapping.path}, applied to the {best[2].source_side} side "
-                                f"({best[2].mapped} tensors pair)")
-        return best
+                break
+        if got is None:  # no detect section, or it holds in neither direction: the better direction
+            tries = [_try(mapping, old, new, s, heads, require_detect=False) for s in (True, False)]
+            got = max(tries, key=lambda t: (_matched(t[0], t[1]), t[2].source_side == "old"))
+            got[2].evidence.append(f"rules matched on the {got[2].source_side} side, where more tensors pair")
+        got[2].evidence.append(f"{_matched(got[0], got[1])} tensors pair by name and shape through it, "
+                               f"{baseline} without")
+        return got
     if mapping != "auto":
         raise MappingError(f"--map {mapping!r}: use auto, none or a rule file")
     if set(old.tensors) == set(new.tensors) and all(old.tensors[n].shape == new.tensors[n].shape
@@ -521,7 +529,14 @@ def apply_mapping(old: Checkpoint, new: Checkpoint, mapping: Any = "auto", *,
             if score > best_score:
                 best, best_score = got, score
     if best is None:
-        return old, new, None
+        if not rejected:
+            return old, new, None
+        unmapped_old = [n for n in old.tensors if n not in new.tensors]
+        return old, new, MappingReport(  # a family was recognised but does not fit: say so
+            name="none", description="no mapping applied", source_side="",
+            families=(_family(old), _family(new)), evidence=[f"not used: {r}" for r in rejected],
+            mapped=len(old.tensors) - len(unmapped_old), unmapped_old=unmapped_old,
+            unmapped_new=[n for n in new.tensors if n not in old.tensors])
     best[2].evidence.append(f"{best_score} tensors pair by name and shape through it, {baseline} without")
     best[2].evidence += [f"not used: {r}" for r in rejected]
     return best

@@ -1,4 +1,4 @@
-"""The rule language: YAML files of ``regex -> name`` rules with ordered transforms.
+r"""The rule language: YAML files of ``regex -> name`` rules with ordered transforms.
 
 A rule file (docs/MAPPING.md has the full grammar)::
 
@@ -104,7 +104,7 @@ class Rule:
     transforms: tuple[Transform, ...]
 
     def label(self) -> str:
-        return f"rule {self.index} ({self.pattern.pattern!r})"
+        return f"rule {self.index} ('{self.pattern.pattern}')"
 
 
 @dataclass(frozen=True)
@@ -200,7 +200,7 @@ def _regex(text: Any, path: str, where: str) -> re.Pattern:
     try:
         return re.compile(text)
     except re.error as e:
-        raise _fail(path, f"{where}: bad regex {text!r} ({e})") from None
+        raise _fail(path, f"{where}: bad regex '{text}' ({e})") from None
 
 
 def _detect(entry: Any, path: str, side: str) -> Detect:
@@ -237,7 +237,7 @@ def _rule(data: Any, index: int, path: str) -> Rule:
     if unknown:
         raise _fail(path, f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(_RULE_KEYS))})")
     pattern = _regex(data.get("match"), path, where)
-    where = f"rule {index} ({pattern.pattern!r})"
+    where = f"rule {index} ('{pattern.pattern}')"
     names = data.get("name")
     if names is not None:
         names = (names,) if isinstance(names, str) else names
@@ -280,9 +280,9 @@ def _check_template(pattern: re.Pattern, template: str, path: str, where: str) -
         ref = ref[0] or ref[1]
         if ref.isdigit():
             if int(ref) > pattern.groups:
-                raise _fail(path, f"{where}: name {template!r} refers to group \\{ref}, the regex has {pattern.groups}")
+                raise _fail(path, f"{where}: name '{template}' refers to group \\{ref}, the regex has {pattern.groups}")
         elif ref not in pattern.groupindex:
-            raise _fail(path, f"{where}: name {template!r} refers to group {ref!r}, which the regex does not define")
+            raise _fail(path, f"{where}: name '{template}' refers to group {ref!r}, which the regex does not define")
 
 
 def _transform(item: Any, path: str, where: str) -> Transform:

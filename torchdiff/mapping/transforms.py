@@ -35,10 +35,12 @@ class Transform:
     kind: str
     params: dict
 
-    def describe(self) -> str:
-        if not self.params:
+    def describe(self, params: dict | None = None) -> str:
+        """``kind(param=value, ...)``, with ``params`` (the bound values) when given."""
+        params = self.params if params is None else params
+        if not params:
             return self.kind
-        inner = ", ".join(f"{k}={_short(v)}" for k, v in self.params.items())
+        inner = ", ".join(f"{k}={_short(v)}" for k, v in params.items())
         return f"{self.kind}({inner})"
 
 
