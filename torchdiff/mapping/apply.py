@@ -457,6 +457,8 @@ def _try(rs: RuleSet, old: Checkpoint, new: Checkpoint, old_is_source: bool, hea
         plan.evidence.append(f"{side_s} is {rs.source}: " + "; ".join(ev_s))
     if ev_t:
         plan.evidence.append(f"{side_t} is {rs.target}: " + "; ".join(ev_t))
+    elif rs.names == "gguf":
+        plan.evidence.append(f"{side_t} is {_family(target)} (torchdiff.names.family)")
     example = next((o for o in plan.outputs if o.rule is not None and o.rule.transforms), None) or next(
         iter(plan.outputs), None)
     if example is not None:
