@@ -518,3 +518,36 @@ def test_parse_rules_rejects_a_detect_entry_with_a_bad_shape():
         parse_rules({"detect": {"source": [{"match": "a", "shape": ["d+1"]}]}, "rules": [{"match": "a"}]}, "r.yaml")
     with pytest.raises(MappingError, match="no such rule file"):
         load_rules("/nonexistent/rules.yaml")
+
+
+def test_two_tensors_onto_one_name_is_one_line_exit_2(tmp_path, capsys):
+    save_file({"a.weight": torch.ones(2), "b.weight": torch.zeros(2)}, str(tmp_path / "old.safetensors"))
+    save_file({"c.weight": torch.ones(2)}, str(tmp_path / "new.safetensors"))
+    rules = _hostile(tmp_path, "rules:\n  - {match: '^(a|b)\\.weight$', name: c.weight}\n")
+    code, out, err = run(capsys, tmp_path / "old.safetensors", tmp_path / "new.safetensors", "--map", rules)
+    assert (code, out) == (2, "")
+    assert err == (f"torchdiff: error: {rules}: a.weight and b.weight both map to c.weight "
+                   "(one tensor of the other side can pair with one tensor only)\n")
+
+
+def test_concat_rule_joins_split_tensors_onto_the_fused_name(tmp_path, capsys):
+    sd = _split_llama()
+    save_file(sd, str(tmp_path / "split.safetensors"))
+    save_file(_fused(sd), str(tmp_path / "fused.safetensors"))
+    rules = _hostile(tmp_path, (
+        "source: split\ntarget: fused\nrules:\n"
+        "  - match: '^(.*)\\.q_proj\\.weight$'\n"
+        "    with: ['\\1.k_proj.weight', '\\1.v_proj.weight']\n"
+        "    name: '\\1.qkv_proj.weight'\n"
+        "    transforms: [concat]\n"
+        "  - match: '^(.*)\\.gate_proj\\.weight$'\n"
+        "    with: ['\\1.up_proj.weight']\n"
+        "    name: '\\1.gate_up_proj.weight'\n"
+        "    transforms: [{concat: {dim: 0}}]\n"))
+    found = items(capsys, tmp_path / "split.safetensors", tmp_path / "fused.safetensors", "--map", rules)
+    assert [i["type"] for i in found] == ["mapping"]
+    m = mapping_item(found)
+    assert m["transforms"] == {"concat": 4} and m["source_side"] == "old"
+    pairs = {p["path"]: p["path_new"] for p in m["pairs"]}
+    joined = "+".join(f"model.layers.0.self_attn.{x}_proj.weight" for x in "qkv")
+    assert pairs[joined] == "model.layers.0.self_attn.qkv_proj.weight"

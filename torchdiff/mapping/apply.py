@@ -25,7 +25,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -237,6 +237,12 @@ def _plan(rs: RuleSet, source: Checkpoint, target: Checkpoint, source_is_old: bo
             h = source.tensors[name]
             outputs.append(_Output(generated[name], (name,), None, (), 0, 1, h.shape, h.dtype, ""))
             consumed.add(name)
+    seen: dict[str, str] = {}
+    for o in outputs:
+        if o.target in seen:
+            raise MappingError(f"{rs.path}: {seen[o.target]} and {'+'.join(o.sources)} both map to {o.target} "
+                               "(one tensor of the other side can pair with one tensor only)")
+        seen[o.target] = "+".join(o.sources)
     tied = []
     if rs.tied is not None:
         head, emb = rs.tied

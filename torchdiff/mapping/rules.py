@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from torchdiff.errors import MissingDependencyError, UsageError
@@ -122,7 +122,6 @@ class RuleSet:
     rules: tuple[Rule, ...] = ()
     tied: tuple[str, str] | None = None  # (head, embedding) in target names
     builtin: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 def _fail(path: str, what: str) -> MappingError:

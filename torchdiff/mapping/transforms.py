@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -238,5 +238,3 @@ KINDS: dict[str, tuple[frozenset, frozenset, str]] = {
 #: parameters that may name metadata keys instead of numbers
 HEAD_PARAMS = ("heads", "kv_heads")
 dtype_names = sorted(_DTYPES)
-
-Lookup = Callable[[str], Any]
