@@ -432,17 +432,29 @@ def _with(ckpt: Checkpoint, tensors: dict[str, TensorHandle]) -> Checkpoint:
 # ---- choosing and applying a mapping --------------------------------------------------------
 
 
-def _detected(entries, ckpt: Checkpoint) -> list[str] | None:
-    """Evidence lines when every entry matches a name of ``ckpt``; None when one does not."""
-    if not entries:
-        return []
-    shapes = {n: h.shape for n, h in ckpt.tensors.items()}
+class _Facts:
+    """One side's shapes, and which name each detect entry found, computed once per run
+    (auto tries every family in both directions)."""
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        self.shapes = {n: h.shape for n, h in ckpt.tensors.items()}
+        self._found: dict[str, str | None] = {}
+
+    def find(self, entry) -> str | None:
+        key = entry.describe()
+        if key not in self._found:
+            self._found[key] = entry.find(self.shapes)
+        return self._found[key]
+
+
+def _detected(entries, facts: _Facts) -> list[str] | None:
+    """Evidence lines when every entry matches a name of the side; None when one does not."""
     found = []
     for entry in entries:
-        name = entry.find(shapes)
+        name = facts.find(entry)
         if name is None:
             return None
-        found.append(f"{name} {list(shapes[name])}" if entry.shape is not None else name)
+        found.append(f"{name} {list(facts.shapes[name])}" if entry.shape is not None else name)
     return found
 
 
@@ -451,12 +463,20 @@ def _matched(old: Checkpoint, new: Checkpoint) -> int:
     return sum(1 for n, h in old.tensors.items() if n in new.tensors and new.tensors[n].shape == h.shape)
 
 
-def _try(rs: RuleSet, old: Checkpoint, new: Checkpoint, old_is_source: bool, heads, *, require_detect: bool):
+def _try(rs: RuleSet, old: Checkpoint, new: Checkpoint, old_is_source: bool, heads, *, require_detect: bool,
+         facts: tuple[_Facts, _Facts] | None = None):
     """(old, new, report) through ``rs`` in one direction; None when detection fails."""
     source, target = (old, new) if old_is_source else (new, old)
-    ev_s, ev_t = _detected(rs.detect_source, source), _detected(rs.detect_target, target)
-    if require_detect and (ev_s is None or ev_t is None or not (rs.detect_source or rs.detect_target)):
-        return None
+    if facts is None:
+        facts = (_Facts(old), _Facts(new))
+    f_source, f_target = facts if old_is_source else facts[::-1]
+    ev_s = _detected(rs.detect_source, f_source)
+    ev_t = _detected(rs.detect_target, f_target) if ev_s is not None else None
+    if require_detect:
+        if ev_s is None or ev_t is None or not (rs.detect_source or rs.detect_target):
+            return None
+        if rs.names == "gguf" and not isinstance(checkpoint_meta(source).get("general.architecture"), str):
+            return None  # blk.N names without GGUF metadata: not a GGUF file
     plan = _plan(rs, source, target, old_is_source, heads)
     side_s, side_t = ("old", "new") if old_is_source else ("new", "old")
     if ev_s:
@@ -519,15 +539,15 @@ def apply_mapping(old: Checkpoint, new: Checkpoint, mapping: Any = "auto", *,
         return got
     if mapping != "auto":
         raise MappingError(f"--map {mapping!r}: use auto, none or a rule file")
-    if set(old.tensors) == set(new.tensors) and all(old.tensors[n].shape == new.tensors[n].shape
-                                                    for n in old.tensors):
+    facts = (_Facts(old), _Facts(new))
+    if facts[0].shapes == facts[1].shapes:
         return old, new, None  # the same names and shapes: one family
     baseline = _matched(old, new)
     best, best_score, rejected = None, baseline, []
     for rs in builtins():
         for old_is_source in (True, False):
             try:
-                got = _try(rs, old, new, old_is_source, heads, require_detect=True)
+                got = _try(rs, old, new, old_is_source, heads, require_detect=True, facts=facts)
             except MappingError as e:
                 rejected.append(f"{rs.name}: {e}")
                 continue
