@@ -551,3 +551,24 @@ def test_concat_rule_joins_split_tensors_onto_the_fused_name(tmp_path, capsys):
     pairs = {p["path"]: p["path_new"] for p in m["pairs"]}
     joined = "+".join(f"model.layers.0.self_attn.{x}_proj.weight" for x in "qkv")
     assert pairs[joined] == "model.layers.0.self_attn.qkv_proj.weight"
+
+
+def test_tied_head_either_way_round(tmp_path, capsys):
+    """GGUF old without output.weight against HF new with lm_head: the pair is named
+    after the head, the GGUF side's embedding stands in for it."""
+    sd = ml.llama_state_dict(seed=23, lm_head=False)
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
+    hf = ml.save_hf(str(tmp_path / "hf"), sd)
+    path = str(tmp_path / "tied.gguf")
+    ml.save_gguf(path, {k: v for k, v in sd.items() if k != "lm_head.weight"})
+    found = items(capsys, path, hf)
+    m = mapping_item(found)
+    assert [i["type"] for i in found] == ["mapping"]
+    assert m["tied_names"] == [{"head": "lm_head.weight", "embedding": "token_embd.weight", "missing_on": "old"}]
+    assert {"path": "lm_head.weight", "path_new": "lm_head.weight", "transforms": [],
+            "tied": "old side: token_embd.weight"} in m["pairs"]
+    sd2 = dict(sd)
+    sd2["lm_head.weight"] = sd["lm_head.weight"] + 1  # not in fact tied: the values say so
+    changed = [i for i in items(capsys, path, ml.save_hf(str(tmp_path / "hf2"), sd2)) if i["type"] == "tensor_changed"]
+    assert [(i["path"], i["path_new"], i["tied"]) for i in changed] == [
+        ("lm_head.weight", "lm_head.weight", "old side: token_embd.weight")]
