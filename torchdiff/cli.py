@@ -31,6 +31,8 @@ CORE_FLAGS: dict[str, tuple[Any, str]] = {
     "format": (None, "force the input format: safetensors | torch | numpy | matlab | gguf | sharded"),
     "recursive": (False, "compare two directories file by file (-r)"),
     "device": ("auto", "auto | cpu | cuda | cuda:N"),
+    "map": ("auto", "pair tensors across formats: auto | none | a family | a YAML rule file (docs/MAPPING.md)"),
+    "map_heads": (None, "HEADS,KV_HEADS for mapping rules the metadata does not give them to"),
     "quiet": (False, "print nothing; exit 1 when the checkpoints differ (-q)"),
     "brief": (False, "print one line saying whether they differ; exit 1 when they do"),
     "exit_code": (False, "exit 1 when the checkpoints differ"),
@@ -38,6 +40,7 @@ CORE_FLAGS: dict[str, tuple[Any, str]] = {
     "verbose": (False, "device, threads and timing on stderr; tracebacks on errors"),
     "version": (False, "print the version and exit"),
     "unsafe_pickle": (False, "load pickles with weights_only=False: RUNS CODE from the file; only for files you trust"),
+    "scope": ("params", "what global, layer and summary figures cover: params | model | all"),
     "policy": (None, "check the rules of a YAML policy file (compare, series); exit 1 when one fails"),
     "cast": (None, "hash: also record each float tensor's fingerprint cast to DTYPE[,DTYPE] (for --allow-cast)"),
     "allow_cast": (False, "verify: accept a float dtype cast whose values equal the expected ones after the cast"),
@@ -248,10 +251,12 @@ def _api_options(flags: dict[str, Any], series: bool = False, policy: Any = None
     options = {k: v for k, v in flags.items() if k not in cli_only}
     if flags.get("all"):
         for module in ANALYSES.values():
-            options[module.FLAG] = True
-    if policy is not None:  # analyses the policy's rules read (no_anomaly, converging)
+            if not (series and getattr(module, "PAIR_ONLY", False)):
+                options[module.FLAG] = True
+    if policy is not None:  # analyses the policy's rules read (no_anomaly, min_sqnr_db, converging)
         for name in policy.analyses:
-            options[ANALYSES[name].FLAG] = True
+            if not (series and getattr(ANALYSES[name], "PAIR_ONLY", False)):
+                options[ANALYSES[name].FLAG] = True
     return options
 
 
@@ -276,7 +281,8 @@ def _progress(flags: dict[str, Any]):
 
 
 _PLACEHOLDERS = {"fail_on_anomaly": "SEVERITY", "output": "FORMAT", "epsilon": "E", "path": "SUBSTRING",
-                 "policy": "FILE", "cast": "DTYPE", "tolerance": "rel_l2=X"}
+                 "map": "auto|none|FILE", "map_heads": "Q,KV", "policy": "FILE", "cast": "DTYPE",
+                 "tolerance": "rel_l2=X"}
 
 
 def help_text() -> str:
