@@ -41,6 +41,7 @@ CORE_FLAGS: dict[str, tuple[Any, str]] = {
     "version": (False, "print the version and exit"),
     "unsafe_pickle": (False, "load pickles with weights_only=False: RUNS CODE from the file; only for files you trust"),
     "scope": ("params", "what global, layer and summary figures cover: params | model | all"),
+    "common_only": (False, "series: compare only the tensors every checkpoint holds (else refused)"),
     "help": (False, "this help (-h)"),
 }
 SHORT = {"-r": "recursive", "-q": "quiet", "-h": "help", "-o": "output"}
@@ -209,6 +210,8 @@ def _api_options(flags: dict[str, Any], series: bool = False) -> dict[str, Any]:
 
     cli_only = {"all", "output", "quiet", "brief", "exit_code", "no_color", "verbose", "version", "help"}
     options = {k: v for k, v in flags.items() if k not in cli_only}
+    if not series and options.pop("common_only", False):
+        print("torchdiff: warning: --common-only applies to torchdiff series; ignored", file=sys.stderr)
     if flags.get("all"):
         for module in ANALYSES.values():
             if not (series and getattr(module, "PAIR_ONLY", False)):
