@@ -41,6 +41,7 @@ CORE_FLAGS: dict[str, tuple[Any, str]] = {
     "version": (False, "print the version and exit"),
     "unsafe_pickle": (False, "load pickles with weights_only=False: RUNS CODE from the file; only for files you trust"),
     "scope": ("params", "what global, layer and summary figures cover: params | model | all"),
+    "common_only": (False, "series: compare only the tensors every checkpoint holds (else refused)"),
     "policy": (None, "check the rules of a YAML policy file (compare, series); exit 1 when one fails"),
     "cast": (None, "hash: also record each float tensor's fingerprint cast to DTYPE[,DTYPE] (for --allow-cast)"),
     "allow_cast": (False, "verify: accept a float dtype cast whose values equal the expected ones after the cast"),
@@ -249,6 +250,8 @@ def _api_options(flags: dict[str, Any], series: bool = False, policy: Any = None
     cli_only = {"all", "output", "quiet", "brief", "exit_code", "no_color", "verbose", "version", "help",
                 "policy", "cast", "allow_cast", "tolerance", "shards"}
     options = {k: v for k, v in flags.items() if k not in cli_only}
+    if not series and options.pop("common_only", False):
+        print("torchdiff: warning: --common-only applies to torchdiff series; ignored", file=sys.stderr)
     if flags.get("all"):
         for module in ANALYSES.values():
             if not (series and getattr(module, "PAIR_ONLY", False)):
