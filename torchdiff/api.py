@@ -16,7 +16,7 @@ from torchdiff.analyses import ANALYSES, FLAGS, analysis_names, options_defaults
 from torchdiff.engine import Engine, resolve_device
 from torchdiff.errors import InputNotFoundError, UsageError
 from torchdiff.formats.base import Checkpoint
-from torchdiff.pairing import compile_filters, pair, pair_metadata
+from torchdiff.pairing import compile_filters, drop_prefix, pair, pair_metadata
 from torchdiff.results import AnalysisResult, Comparison, MetadataDiff, Report
 
 #: Options every comparison takes, with defaults (analysis options come from their modules).
@@ -215,6 +215,9 @@ def compare_checkpoints(old: Checkpoint, new: Checkpoint, options: Options, engi
         prepare = getattr(module, "prepare", None)
         if prepare is not None:
             old, new = prepare(old, new, options)
+    notes: tuple[str, ...] = ()
+    if mode == "pair":
+        old, new, notes = drop_prefix(old, new)
     keep = compile_filters(options.ignore_keys_regex, options.path)
     pairs = pair(old, new, keep)
     hooks = [h for module in modules for h in (getattr(module, "hooks", lambda o: [])(options) or [])]
@@ -226,7 +229,7 @@ def compare_checkpoints(old: Checkpoint, new: Checkpoint, options: Options, engi
         old_name=old.name, new_name=new.name, old_format=old.format, new_format=new.format,
         diffs=tuple(diffs), metadata_diffs=metadata_diffs if mode == "pair" else (),
         old_metadata=dict(old.metadata), new_metadata=dict(new.metadata),
-        device=str(engine.device), epsilon=options.epsilon, mode=mode,
+        device=str(engine.device), epsilon=options.epsilon, mode=mode, notes=notes,
     )
     return build_report(comparison, options)
 

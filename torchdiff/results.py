@@ -233,6 +233,7 @@ class Comparison:
     device: str
     epsilon: float
     mode: str = "pair"  # "pair": old vs new; "inspect": one checkpoint, every tensor on the new side
+    notes: tuple[str, ...] = ()  # how the names were paired (a wrapper prefix dropped), when it matters
 
     def __iter__(self) -> Iterator[TensorDiff]:
         return iter(self.diffs)

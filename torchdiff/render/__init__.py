@@ -52,6 +52,8 @@ def to_items(report) -> list[dict[str, Any]]:
             items.append(d.to_dict())
     for m in report.comparison.metadata_diffs:
         items.append(m.to_dict())
+    for note in report.comparison.notes:
+        items.append({"type": "note", "path": "", "note": note})
     for a in report.analyses:
         items.append(a.to_dict())
     return finite_json(items)

@@ -166,6 +166,7 @@ def render_text(report, color: bool = False) -> str:
             else:
                 lines.append(_paint(f"  - {printable(m.key)}: {_meta(m.old)}", "-", color))
         lines.append(summary_line(report))
+        lines += [f"note: {printable(note)}" for note in comp.notes]
     for a in report.analyses:
         lines.append("")
         lines += analysis_section(a)
