@@ -48,6 +48,7 @@ import os
 import pickle
 import struct
 import warnings
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -283,10 +284,15 @@ def _load_range(files: _Files, c: _Chunk, map_location: str | None) -> Any:
         return torch.load(files.range(c.file, c.begin, c.length), weights_only=True, map_location=map_location)
 
 
+_LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError,
+                IndexError, TypeError, AttributeError, UnicodeDecodeError, MemoryError, OverflowError, AssertionError,
+                struct.error)
+
+
 def _read_chunk(files: _Files, c: _Chunk, name: str, dtype: torch.dtype) -> torch.Tensor:
     """The chunk's values: a view of the mapped data file."""
     where = f"{c.file}: tensor {name!r}, chunk at offsets {list(c.offsets)} (bytes {c.begin}..{c.begin + c.length})"
-    meta = _load_range(files, c, "meta")
+    meta = _load_chunk(files, c, "meta", where)
     if not isinstance(meta, torch.Tensor):
         raise CorruptFileError(f"{where} holds a {type(meta).__name__}, not a tensor")
     if tuple(meta.shape) != c.sizes or meta.dtype != dtype:
@@ -297,8 +303,7 @@ def _read_chunk(files: _Files, c: _Chunk, name: str, dtype: torch.dtype) -> torc
     nbytes = meta.untyped_storage().nbytes()
     if not isinstance(record, int) or not meta.is_contiguous():
         # A torch without record offsets, or a strided chunk: read the range itself.
-        t = _load_range(files, c, "cpu")
-        return t.contiguous()
+        return _load_chunk(files, c, "cpu", where).contiguous()
     start = record + meta.storage_offset() * itemsize
     if record < 0 or record + nbytes > c.length or start + meta.numel() * itemsize > c.length:
         raise CorruptFileError(f"{where}: its data record runs past the chunk's byte range")
@@ -308,6 +313,15 @@ def _read_chunk(files: _Files, c: _Chunk, name: str, dtype: torch.dtype) -> torc
     # A view of the mapping, aligned or not: torch.save aligns records within its archive,
     # not the archive within the data file, and torch reads unaligned CPU data correctly.
     return torch.frombuffer(files.maps[c.file], dtype=dtype, count=meta.numel(), offset=c.begin + start).view(c.sizes)
+
+
+def _load_chunk(files: _Files, c: _Chunk, map_location: str, where: str) -> Any:
+    try:
+        return _load_range(files, c, map_location)
+    except _LOAD_ERRORS as e:
+        detail = (str(e).strip().splitlines() or ["unreadable"])[0][:160]
+        raise CorruptFileError(f"{where} is not a torch.save archive of a tensor ({type(e).__name__}: {detail}) "
+                               "(the file is damaged or the metadata lies)") from None
 
 
 def dtype_text(dtype: torch.dtype) -> str:
@@ -333,6 +347,19 @@ def _directory_of(path: str) -> str:
 
 def load(path: str) -> Checkpoint:
     directory = _directory_of(path)
+    meta_path = os.path.join(directory, METADATA)
+    try:
+        return _load(path, directory)
+    except (AttributeError, TypeError, ValueError, KeyError, IndexError, OverflowError, RuntimeError,
+            RecursionError) as e:  # objects the metadata built without the state they need
+        detail = (str(e).strip().splitlines() or ["unreadable"])[0][:200]
+        raise CorruptFileError(
+            f"{meta_path}: inconsistent DCP metadata ({type(e).__name__}: {detail}) "
+            "(truncated or edited; re-copy the checkpoint)"
+        ) from None
+
+
+def _load(path: str, directory: str) -> Checkpoint:
     meta_path = os.path.join(directory, METADATA)
     if not os.path.isfile(meta_path):
         raise InputNotFoundError(f"{directory}: no {METADATA} file, so not a DCP checkpoint directory")
