@@ -40,6 +40,7 @@ How it is read here:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -149,7 +150,11 @@ def read_metadata(path: str) -> Any:
     except OSError as e:
         raise InputNotFoundError(f"{path}: cannot be read ({e.strerror or e})") from None
     try:
-        found = _MetadataUnpickler(io.BytesIO(raw)).load()
+        # A lying BYTEARRAY8 length makes CPython's unpickler fail to allocate and print a
+        # stray "SystemError: deallocated bytearray" line on stderr; the failure itself is
+        # reported below, as one line.
+        with contextlib.redirect_stderr(io.StringIO()):
+            found = _MetadataUnpickler(io.BytesIO(raw)).load()
     except _Refused as e:
         if e.module.startswith("torch.distributed"):
             why = (f"names {e.module}.{e.name}, which this torch {torch.__version__} does not allow in DCP "
