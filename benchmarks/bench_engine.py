@@ -17,6 +17,9 @@ installs it into .venv). Rows (issue 7):
  5 20,000 small tensors (~80 MB a side)
  6 48 blocks of width 1024 (~2.6 GB a side) fp32
  7 whole-process CLI wall time (500 MB pair, tiny pair) and torch import time
+ 8 peak RSS of compare() on two torch.distributed.checkpoint (DCP) directories against
+   the same weights as safetensors (--dcp-mb MB a side, default 128; issue 13's target
+   is 2 x 2 GB within 1.3x: --dcp-mb 2048)
 """
 
 from __future__ import annotations
@@ -121,6 +124,34 @@ def generate(quick: bool) -> dict[str, tuple[str, str]]:
     return pairs
 
 
+def generate_dcp(mb: int) -> dict[str, tuple[str, str]]:
+    """Two checkpoints of ``mb`` MB a side (fp32 [1024, 1024] weights and their biases),
+    each written by torch.distributed.checkpoint.save (no process group) and as safetensors."""
+    import warnings
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
+
+    base = os.path.join(DATA, f"dcp_{mb}mb")
+    pairs = {"dcp": (base + "_a", base + "_b"), "dcp_st": (base + "_a.safetensors", base + "_b.safetensors")}
+    if all(os.path.exists(p) for ab in pairs.values() for p in ab):
+        return pairs
+    n = max(1, mb // 4)
+    for i, side in enumerate("ab"):
+        g = torch.Generator().manual_seed(10 + i)
+        sd = {}
+        for k in range(n):
+            sd[f"layers.{k}.weight"] = torch.randn(1024, 1024, generator=g)
+            sd[f"layers.{k}.bias"] = torch.randn(1024, generator=g)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.save({"model": sd}, checkpoint_id=pairs["dcp"][i])
+        save_file({f"model.{k}": v for k, v in sd.items()}, pairs["dcp_st"][i])
+        del sd
+    return pairs
+
+
 # ---- measurements, each in a fresh process -------------------------------------
 
 _FLOOR = r"""
@@ -192,11 +223,14 @@ def wall(runs: int, argv: list[str]) -> float:
 
 
 def size(*paths: str) -> int:
-    return sum(os.path.getsize(p) for p in paths)
+    return sum(sum(os.path.getsize(os.path.join(p, f)) for f in os.listdir(p)) if os.path.isdir(p)
+               else os.path.getsize(p) for p in paths)
 
 
 def warm(*paths: str) -> None:
     """Read the files once so every row measures from the page cache, like the floor."""
+    paths = tuple(os.path.join(p, f) for p in paths if os.path.isdir(p) for f in os.listdir(p)) + tuple(
+        p for p in paths if not os.path.isdir(p))
     for p in paths:
         with open(p, "rb") as f:
             while f.read(1 << 24):
@@ -207,13 +241,18 @@ def main(argv: list[str]) -> int:
     quick = "--quick" in argv
     runs = 3
     rows = None
+    dcp_mb = 128
     for i, a in enumerate(argv):
         if a == "--runs":
             runs = int(argv[i + 1])
+        if a == "--dcp-mb":
+            dcp_mb = int(argv[i + 1])
         if a == "--rows":
             rows = {int(x) for x in argv[i + 1].split(",")}
     want = (lambda r: rows is None or r in rows)
     pairs = generate(quick)
+    if want(8):
+        pairs.update(generate_dcp(dcp_mb))
     for ab in pairs.values():
         warm(*ab)
     try:
@@ -285,6 +324,12 @@ def main(argv: list[str]) -> int:
         tiny = wall(runs, cli + [*pairs["tiny"], "--stats"])
         imp = median_of(runs, _IMPORT_TORCH)["seconds"]
         table.append(("7 CLI wall time", f"500 MB pair {big:.2f} s; tiny pair {tiny:.2f} s; import torch {imp:.2f} s"))
+
+    if want(8):
+        r, s = td("dcp"), td("dcp_st")
+        table.append((f"8 DCP vs safetensors ({size(*pairs['dcp']) / 2e9:.2f} GB a side)",
+                      f"peak RSS {r['rss_mb']:.0f} MB vs {s['rss_mb']:.0f} MB = {r['rss_mb'] / s['rss_mb']:.2f}x "
+                      f"(target <= 1.3x); {r['seconds']:.2f} s vs {s['seconds']:.2f} s"))
 
     from tabulate import tabulate
 
