@@ -365,9 +365,15 @@ def test_megatron_torch_dist_layout(tmp_path):
         assert ckpt.info["megatron"]["metadata.json"]["sharded_backend"] == "torch_dist"
         assert "common.pt" in ckpt.info["megatron"]["not_read"] and "argparse" in ckpt.info["megatron"]["not_read"]
         assert ckpt.tensors["decoder.layers.mlp.linear_fc1.weight"].shape == (2, 8, 4)
+    md = metadata_of(path)  # what Megatron's save planner adds to the Metadata it pickles
+    md.mcore_data = {"decoder.layers.mlp.linear_fc1.weight": {"nd_reformulated_orig_global_shape": (2, 32)},
+                     "other": {}}
+    write_metadata(path, md)
     torch.save({"iteration": 10, "checkpoint_version": 3.0}, path / "common.pt")
     with torchdiff.load(path) as ckpt:
         assert ckpt.metadata["common.iteration"] == 10
+        assert ckpt.info["megatron"]["reformulated"] == {"decoder.layers.mlp.linear_fc1.weight": [2, 32]}
+        assert ckpt.tensors["decoder.layers.mlp.linear_fc1.weight"].shape == (2, 8, 4)  # as stored
 
 
 # ---- hostile input --------------------------------------------------------------------------------

@@ -434,8 +434,12 @@ def _load(path: str, directory: str) -> Checkpoint:
     if opaque:
         info["dcp"]["opaque_bytes"] = opaque
     mcore = getattr(md, "mcore_data", None)
-    if isinstance(mcore, dict) and mcore:
-        info.setdefault("megatron", {})["reformulated"] = sorted(str(k) for k in mcore)[:1000]
+    if isinstance(mcore, dict):  # Megatron: tensors stored N-D-reformulated, with their original global shape
+        shapes = {str(k): _ints(v.get("nd_reformulated_orig_global_shape")) for k, v in mcore.items()
+                  if isinstance(v, dict) and "nd_reformulated_orig_global_shape" in v}
+        if shapes:
+            info.setdefault("megatron", {})["reformulated"] = {
+                k: list(v) if v is not None else None for k, v in list(shapes.items())[:1000]}
     _companions(directory, metadata, info, files)
     return Checkpoint(name=path, format="dcp", tensors=tensors, metadata=metadata, info=info,
                       _closers=[shared.close], files=files)
