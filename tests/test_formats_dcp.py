@@ -549,3 +549,10 @@ def test_shutil_copy_of_a_checkpoint_reads_the_same(tmp_path):
     moved = Path(shutil.move(path, tmp_path / "elsewhere"))
     with torchdiff.load(moved) as ckpt:
         assert torch.equal(ckpt["w"], torch.arange(5.0))
+
+
+def test_no_prefix_is_dropped_between_two_other_formats(tmp_path):
+    save_file({"model.w": torch.ones(2)}, str(tmp_path / "a.safetensors"))
+    save_file({"w": torch.ones(2)}, str(tmp_path / "b.safetensors"))
+    report = torchdiff.compare(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    assert sorted(d.status for d in report) == ["added", "removed"] and report.comparison.notes == ()

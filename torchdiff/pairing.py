@@ -80,8 +80,18 @@ def dropped_prefix(old_names, new_names) -> tuple[str, str]:
     return best[1], best[2]
 
 
+#: Formats whose names carry the top-level key the state was saved under (DCP:
+#: ``model.``): only when one side is one of these is a wrapper prefix dropped, so that
+#: other comparisons keep pairing names exactly (and the architecture analysis still
+#: reports ``module.x -> x`` as renames).
+PREFIXED_FORMATS = ("dcp",)
+
+
 def drop_prefix(old: Checkpoint, new: Checkpoint) -> tuple[Checkpoint, Checkpoint, tuple[str, ...]]:
-    """Both checkpoints with :func:`dropped_prefix` applied, and a note saying what was dropped."""
+    """Both checkpoints with :func:`dropped_prefix` applied when one side's format is in
+    :data:`PREFIXED_FORMATS`, and a note saying what was dropped."""
+    if old.format not in PREFIXED_FORMATS and new.format not in PREFIXED_FORMATS:
+        return old, new, ()
     old_prefix, new_prefix = dropped_prefix(old.tensors, new.tensors)
     notes = []
     if old_prefix:
