@@ -556,3 +556,14 @@ def test_no_prefix_is_dropped_between_two_other_formats(tmp_path):
     save_file({"w": torch.ones(2)}, str(tmp_path / "b.safetensors"))
     report = torchdiff.compare(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
     assert sorted(d.status for d in report) == ["added", "removed"] and report.comparison.notes == ()
+
+
+def test_tiling_check_on_many_chunks():
+    """The overlap check compares every pair of chunks (in blocks of 512 rows)."""
+    from torchdiff.formats.dcp import _Chunk, _check_tiling
+
+    rows = [_Chunk((i, 0), (1, 4), "f", 0, 0) for i in range(1500)]
+    _check_tiling("t", (1500, 4), rows)  # an exact tiling
+    overlap = rows[:-1] + [_Chunk((1000, 0), (1, 4), "f", 0, 0)]  # sizes add up; row 1499 missing, 1000 twice
+    with pytest.raises(torchdiff.CorruptFileError, match="two of its chunks overlap"):
+        _check_tiling("t", (1500, 4), overlap)
