@@ -280,6 +280,18 @@ class _Files:
         self.base(path)
         return _RangeFile(memoryview(self.maps[path]), begin, length)
 
+    def drop_pages(self, path: str, begin: int, length: int) -> None:
+        """Release the whole pages of bytes [begin, begin + length) from this process's
+        memory (MADV_DONTNEED: a private mapping never written reads them back from the
+        file if touched again)."""
+        mm = self.maps.get(path)
+        if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = -(-begin // mmap.PAGESIZE) * mmap.PAGESIZE
+        end = (begin + length) // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > start:
+            mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def close(self) -> None:
         self.bases.clear()
         self.maps.clear()  # the mappings close once no tensor views them
@@ -492,6 +504,8 @@ def _tensor(meta_path: str, shared: _Files, fqn: str, entry: Any, ranges: dict,
             for dim, (o, s) in enumerate(zip(c.offsets, c.sizes)):
                 view = view.narrow(dim, o, s)
             view.copy_(piece)
+            del piece, view
+            shared.drop_pages(c.file, c.begin, c.length)  # copied: the mapped pages are not needed again
         return out
 
     handle = TensorHandle(name=fqn, shape=shape, dtype=dtype, nbytes=numel * itemsize, materialize=materialize,
