@@ -567,3 +567,25 @@ def test_tiling_check_on_many_chunks():
     overlap = rows[:-1] + [_Chunk((1000, 0), (1, 4), "f", 0, 0)]  # sizes add up; row 1499 missing, 1000 twice
     with pytest.raises(torchdiff.CorruptFileError, match="two of its chunks overlap"):
         _check_tiling("t", (1500, 4), overlap)
+
+
+def test_fqn_keyed_adam_state_maps_to_parameter_names():
+    from torchdiff.analyses._training import build_adam_plan
+
+    tensors = [("model.enc.fc.weight", (4, 3), True), ("model.dec.fc.weight", (4, 3), True),
+               ("model.head.weight", (2, 4), True)]
+    for fqn, shape in (("enc.fc.weight", (4, 3)), ("dec.fc.weight", (4, 3)), ("fc.weight", (4, 3)),
+                       ("head.weight", (2, 4))):
+        tensors += [(f"optim.state.{fqn}.exp_avg", shape, True), (f"optim.state.{fqn}.exp_avg_sq", shape, True),
+                    (f"optim.state.{fqn}.step", (), True)]
+    metadata = {"optim.param_groups.0.lr": 0.5, "optim.param_groups.0.betas": [0.8, 0.9],
+                "optim.param_groups.0.params": ["enc.fc.weight", "dec.fc.weight", "fc.weight"]}
+    plan = build_adam_plan(tensors, metadata)
+    got = {p.key: (p.param, p.lr, p.beta1, p.step) for p in plan.params}
+    assert got == {
+        "optim.state.enc.fc.weight": ("model.enc.fc.weight", 0.5, 0.8, "optim.state.enc.fc.weight.step"),
+        "optim.state.dec.fc.weight": ("model.dec.fc.weight", 0.5, 0.8, "optim.state.dec.fc.weight.step"),
+        "optim.state.fc.weight": (None, 0.5, 0.8, "optim.state.fc.weight.step"),  # two candidates: not guessed
+        "optim.state.head.weight": ("model.head.weight", None, 0.9, "optim.state.head.weight.step"),  # no group
+    }
+    assert not plan.mapped and "fc.weight" in plan.notes[0]

@@ -239,16 +239,23 @@ def fqn_adam_plan(tensors: Sequence[tuple[str, tuple[int, ...], bool]],
     state = {k: f for k, f in state.items() if {"exp_avg", "exp_avg_sq"} <= set(f)}
     if not state:
         return None
-    model = [n for n in shapes if optimizer_param(n) is None]
+    by_suffix: dict[str, list[str]] = {}  # every dotted suffix of a model tensor's name -> those names
+    for n in shapes:
+        if optimizer_param(n) is None:
+            dotted = n.split(".")
+            for k in range(len(dotted)):
+                by_suffix.setdefault(".".join(dotted[k:]), []).append(n)
+    group_of: dict[tuple[str, str], dict[str, Any]] = {}
+    for opt in {opt for opt, _ in state}:
+        for g in _param_groups(opt, metadata, numbered=False):
+            for fqn in g["params"]:
+                group_of[(opt, fqn)] = g
     params: list[AdamParam] = []
     unmapped: list[str] = []
     for i, ((opt, fqn), f) in enumerate(state.items()):
-        group: dict[str, Any] = {}
-        for g in _param_groups(opt, metadata, numbered=False):
-            if fqn in g["params"]:
-                group = g
+        group = group_of.get((opt, fqn), {})
         shape = shapes[f["exp_avg"]]
-        matches = [n for n in model if (n == fqn or n.endswith("." + fqn)) and shapes[n] == shape]
+        matches = [n for n in by_suffix.get(fqn, []) if shapes[n] == shape]
         param = fqn if fqn in matches else (matches[0] if len(matches) == 1 else None)
         if param is None:
             unmapped.append(fqn)
