@@ -125,6 +125,11 @@ def test_a_distcp_file_alone_names_its_directory(capsys, tmp_path):
     path = dcp_save({"w": torch.arange(6.0)}, tmp_path / "ck")
     err = cli_error(capsys, path / "__0_0.distcp", path / "__0_0.distcp")
     assert "one piece of a DCP checkpoint; pass the directory" in err and str(path) in err
+    (path / ".metadata").unlink()
+    err = cli_error(capsys, path / "__0_0.distcp", path / "__0_0.distcp")
+    assert "its directory has no .metadata (the checkpoint is incomplete" in err
+    err = cli_error(capsys, path, path)  # the directory alone: no checkpoint it can read
+    assert "__0_0.distcp: a .distcp file is one piece of a DCP checkpoint, and its directory has no" in err
 
 
 def test_write_into_a_mapped_tensor_never_reaches_the_file(tmp_path):

@@ -104,7 +104,8 @@ def load(path: Any, format: str | None = None, *, unsafe_pickle: bool = False) -
     and every tensor's ``materialize()`` first checks that its file has not changed.
 
     Args:
-        path: a file, a sharded checkpoint's ``*.index.json``, or a directory holding one.
+        path: a file, a sharded checkpoint's ``*.index.json``, or a directory holding one;
+            a torch.distributed.checkpoint directory (holding ``.metadata``), or that file.
         format: one of ``format_names``; None to detect it.
         unsafe_pickle: load a PyTorch pickle with ``weights_only=False`` (runs code from
             the file: only for files the user trusts).

@@ -357,9 +357,15 @@ def _directory_of(path: str) -> str:
     if name == METADATA:
         return os.path.dirname(path) or "."
     if name.endswith(DATA_SUFFIX):
+        parent = os.path.dirname(path) or "."
+        if not os.path.isfile(os.path.join(parent, METADATA)):
+            raise CorruptFileError(
+                f"{path}: a {DATA_SUFFIX} file is one piece of a DCP checkpoint, and its directory has no {METADATA} "
+                "(the checkpoint is incomplete: copy its .metadata too)"
+            )
         raise UsageError(
             f"{path}: a {DATA_SUFFIX} file is one piece of a DCP checkpoint; pass the directory that holds it "
-            f"and its {METADATA} ({os.path.dirname(path) or '.'})"
+            f"and its {METADATA} ({parent})"
         )
     raise UsageError(f"{path}: not a DCP checkpoint (pass the directory holding {METADATA})")
 
