@@ -114,8 +114,8 @@ def test_reads_every_tensor_as_written(tmp_path):
 
 def test_the_metadata_file_itself_and_format_flag(tmp_path):
     path = dcp_save({"w": torch.arange(6.0)}, tmp_path / "ck")
-    for given in (path / ".metadata", path):
-        with torchdiff.load(given, format="dcp") as ckpt:
+    for where in (path / ".metadata", path):
+        with torchdiff.load(where, format="dcp") as ckpt:
             assert torch.equal(ckpt["w"], torch.arange(6.0))
     with torchdiff.load(path / ".metadata") as ckpt:
         assert ckpt.format == "dcp"
