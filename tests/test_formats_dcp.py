@@ -163,11 +163,15 @@ class _Custom:
 
 
 def figures(report) -> dict[str, tuple]:
+    """Every per-tensor figure, NaN (an empty tensor's mean) compared as equal to NaN."""
+    def same_nan(row):
+        return None if row is None else {k: "nan" if isinstance(v, float) and v != v else v for k, v in row.items()}
+
     out = {}
     for d in report:
         m = d.metrics
-        out[d.name] = (d.status, d.old and d.old.to_dict(), d.new and d.new.to_dict(),
-                       m and m.to_dict())
+        out[d.name] = (d.status, same_nan(d.old and d.old.to_dict()), same_nan(d.new and d.new.to_dict()),
+                       same_nan(m and m.to_dict()))
     return out
 
 
@@ -258,14 +262,17 @@ def test_dcp_against_safetensors_drops_the_model_prefix_and_says_so(capsys, tmp_
     by_name = {d.name: d for d in report}
     assert by_name["embed.weight"].status == "changed" and by_name["optim.state.embed.weight.exp_avg"].status == "removed"
     assert sum(d.status == "changed" for d in report) == len(a) - 1  # all but the empty tensor
-    assert report.comparison.notes == (f"paired names with the prefix 'model.' dropped from the old side "
-                                       f"({tmp_path / 'a'})",)
+    pairing = report.analysis("pairing")
+    assert pairing.headline == {"dropped_prefix": "model.", "side": "old"}
+    assert pairing.notes == (f"paired names with the prefix 'model.' dropped from the old side ({tmp_path / 'a'})",)
     code, out, err = cli(capsys, tmp_path / "b.safetensors", tmp_path / "a")
-    assert "note: paired names with the prefix 'model.' dropped from the new side" in out
+    assert "pairing: dropped_prefix=model., side=new" in out
+    assert "  note: paired names with the prefix 'model.' dropped from the new side" in out
     code, out, err = cli(capsys, tmp_path / "b.safetensors", tmp_path / "a", "-o", "json")
-    assert {"type": "note", "path": "",
-            "note": f"paired names with the prefix 'model.' dropped from the new side ({tmp_path / 'a'})"} \
-        in json.loads(out)
+    item = next(i for i in json.loads(out) if i["type"] == "pairing")
+    assert item == {"type": "pairing", "path": "", "dropped_prefix": "model.", "side": "new", "old_prefix": "",
+                    "new_prefix": "model.",
+                    "notes": [f"paired names with the prefix 'model.' dropped from the new side ({tmp_path / 'a'})"]}
 
 
 @pytest.mark.parametrize("old,new,want", [
@@ -560,7 +567,7 @@ def test_no_prefix_is_dropped_between_two_other_formats(tmp_path):
     save_file({"model.w": torch.ones(2)}, str(tmp_path / "a.safetensors"))
     save_file({"w": torch.ones(2)}, str(tmp_path / "b.safetensors"))
     report = torchdiff.compare(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
-    assert sorted(d.status for d in report) == ["added", "removed"] and report.comparison.notes == ()
+    assert sorted(d.status for d in report) == ["added", "removed"] and report.analysis("pairing") is None
 
 
 def test_tiling_check_on_many_chunks():

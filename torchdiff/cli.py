@@ -31,6 +31,8 @@ CORE_FLAGS: dict[str, tuple[Any, str]] = {
     "format": (None, "force the input format: safetensors | torch | numpy | matlab | gguf | sharded"),
     "recursive": (False, "compare two directories file by file (-r)"),
     "device": ("auto", "auto | cpu | cuda | cuda:N"),
+    "map": ("auto", "pair tensors across formats: auto | none | a family | a YAML rule file (docs/MAPPING.md)"),
+    "map_heads": (None, "HEADS,KV_HEADS for mapping rules the metadata does not give them to"),
     "quiet": (False, "print nothing; exit 1 when the checkpoints differ (-q)"),
     "brief": (False, "print one line saying whether they differ; exit 1 when they do"),
     "exit_code": (False, "exit 1 when the checkpoints differ"),
@@ -38,6 +40,8 @@ CORE_FLAGS: dict[str, tuple[Any, str]] = {
     "verbose": (False, "device, threads and timing on stderr; tracebacks on errors"),
     "version": (False, "print the version and exit"),
     "unsafe_pickle": (False, "load pickles with weights_only=False: RUNS CODE from the file; only for files you trust"),
+    "scope": ("params", "what global, layer and summary figures cover: params | model | all"),
+    "common_only": (False, "series: compare only the tensors every checkpoint holds (else refused)"),
     "help": (False, "this help (-h)"),
 }
 SHORT = {"-r": "recursive", "-q": "quiet", "-h": "help", "-o": "output"}
@@ -206,9 +210,12 @@ def _api_options(flags: dict[str, Any], series: bool = False) -> dict[str, Any]:
 
     cli_only = {"all", "output", "quiet", "brief", "exit_code", "no_color", "verbose", "version", "help"}
     options = {k: v for k, v in flags.items() if k not in cli_only}
+    if not series and options.pop("common_only", False):
+        print("torchdiff: warning: --common-only applies to torchdiff series; ignored", file=sys.stderr)
     if flags.get("all"):
         for module in ANALYSES.values():
-            options[module.FLAG] = True
+            if not (series and getattr(module, "PAIR_ONLY", False)):
+                options[module.FLAG] = True
     return options
 
 
@@ -232,7 +239,8 @@ def _progress(flags: dict[str, Any]):
     return bar.update
 
 
-_PLACEHOLDERS = {"fail_on_anomaly": "SEVERITY", "output": "FORMAT", "epsilon": "E", "path": "SUBSTRING"}
+_PLACEHOLDERS = {"fail_on_anomaly": "SEVERITY", "output": "FORMAT", "epsilon": "E", "path": "SUBSTRING",
+                 "map": "auto|none|FILE", "map_heads": "Q,KV"}
 
 
 def help_text() -> str:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from torchdiff.errors import UsageError
 from torchdiff.formats.base import Checkpoint, TensorHandle
+from torchdiff.names import PARAMETER, roles
 
 
 @dataclass(frozen=True, slots=True)
@@ -14,6 +15,7 @@ class Pair:
     name: str
     old: TensorHandle | None
     new: TensorHandle | None
+    role: str = PARAMETER  # torchdiff.names.ROLES, decided with both checkpoints as context
 
     @property
     def kind(self) -> str:
@@ -87,20 +89,17 @@ def dropped_prefix(old_names, new_names) -> tuple[str, str]:
 PREFIXED_FORMATS = ("dcp",)
 
 
-def drop_prefix(old: Checkpoint, new: Checkpoint) -> tuple[Checkpoint, Checkpoint, tuple[str, ...]]:
+def drop_prefix(old: Checkpoint, new: Checkpoint) -> tuple[Checkpoint, Checkpoint, tuple[str, str]]:
     """Both checkpoints with :func:`dropped_prefix` applied when one side's format is in
-    :data:`PREFIXED_FORMATS`, and a note saying what was dropped."""
+    :data:`PREFIXED_FORMATS`, and (prefix dropped from old, from new)."""
     if old.format not in PREFIXED_FORMATS and new.format not in PREFIXED_FORMATS:
-        return old, new, ()
+        return old, new, ("", "")
     old_prefix, new_prefix = dropped_prefix(old.tensors, new.tensors)
-    notes = []
     if old_prefix:
         old = _without(old, old_prefix)
-        notes.append(f"paired names with the prefix {old_prefix!r} dropped from the old side ({old.name})")
     if new_prefix:
         new = _without(new, new_prefix)
-        notes.append(f"paired names with the prefix {new_prefix!r} dropped from the new side ({new.name})")
-    return old, new, tuple(notes)
+    return old, new, (old_prefix, new_prefix)
 
 
 def _without(ckpt: Checkpoint, prefix: str) -> Checkpoint:
@@ -114,14 +113,18 @@ def _without(ckpt: Checkpoint, prefix: str) -> Checkpoint:
 
 
 def pair(old: Checkpoint, new: Checkpoint, keep=None) -> list[Pair]:
-    """Pair tensors by name: old's order first, then names only new has."""
+    """Pair tensors by name: old's order first, then names only new has. Each pair's role
+    comes from torchdiff.names.roles over both checkpoints (a side's own dtype first)."""
+    specs = {name: (h.storage_dtype, len(h.shape)) for name, h in new.tensors.items()}
+    specs.update((name, (h.storage_dtype, len(h.shape))) for name, h in old.tensors.items())
+    role_of = roles(specs)
     pairs: list[Pair] = []
     for name, handle in old.tensors.items():
         if keep is None or keep(name):
-            pairs.append(Pair(name, handle, new.tensors.get(name)))
+            pairs.append(Pair(name, handle, new.tensors.get(name), role_of[name]))
     for name, handle in new.tensors.items():
         if name not in old.tensors and (keep is None or keep(name)):
-            pairs.append(Pair(name, None, handle))
+            pairs.append(Pair(name, None, handle, role_of[name]))
     return pairs
 
 
