@@ -226,7 +226,7 @@ class Figures(Sequence[TensorDiff]):
         with np.errstate(divide="ignore", invalid="ignore"):
             rmse = np.where(count > 0, l2 / np.sqrt(np.maximum(count, 1)), 0.0)
             changed = np.where(count > 0, self.changed_count[idx] / np.maximum(count, 1), 0.0)
-        pair_columns = [self.equal[idx].tolist(), _json(l2), _json(rel), _json(rel ** 2), _json(self.cosine()[idx]),
+        pair_columns = [self.equal[idx].tolist(), _json(l2), _json(rel), _json(rel * rel), _json(self.cosine()[idx]),
                         _json(rmse), _json(np.where(count > 0, self.max_abs[idx], 0.0)),
                         _json(self.mean_abs_diff[idx]), _json(changed)]
         pairs = [dict(zip(_PAIR_KEYS, values)) for values in zip(*pair_columns)]
@@ -541,7 +541,7 @@ def records(fig: Figures, order: Sequence[int] | None, layer: Callable[[str], st
             for f in stat_fields:
                 row[f"{prefix}_{f}"] = cols[f][i] if present[i] else None
         if measured[i]:
-            row.update(l2=l2[i], rel_l2=rel[i], nmse=rel[i] ** 2, cosine=cos[i], rmse=rmse[i],
+            row.update(l2=l2[i], rel_l2=rel[i], nmse=rel[i] * rel[i], cosine=cos[i], rmse=rmse[i],
                        max_abs=max_abs[i] if count[i] else 0.0, mean_abs_diff=mad[i],
                        changed_fraction=changed_fraction[i])
         else:
