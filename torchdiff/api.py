@@ -28,6 +28,8 @@ CORE_OPTIONS: dict[str, Any] = {
     "recursive": False,
     "device": "auto",
     "unsafe_pickle": False,
+    "histograms": 0,  # value histograms of the top-k changed tensors (torchdiff.histograms)
+    "spectra": 0,  # singular values of Δ for the top-k changed matrices (torchdiff.spectra)
 }
 
 
@@ -98,6 +100,9 @@ def make_options(analyses: tuple[str, ...] | list[str] = (), **kwargs: Any) -> O
     if options["epsilon"] < 0:
         raise UsageError("--epsilon must be ≥ 0")
     compile_filters(options["ignore_keys_regex"], options["path"])
+    from torchdiff.histograms import validate
+
+    options["histograms"], options["spectra"] = validate(options["histograms"], "histograms"), validate(options["spectra"], "spectra")
     if options["format"] is not None and options["format"] not in formats.format_names:
         raise UsageError(f"unknown --format {options['format']!r} (choose from {', '.join(formats.format_names)})")
     for name in options["analyses"]:
@@ -220,6 +225,11 @@ def compare_checkpoints(old: Checkpoint, new: Checkpoint, options: Options, engi
     hooks = [h for module in modules for h in (getattr(module, "hooks", lambda o: [])(options) or [])]
     formats.check_unchanged(files)
     diffs = engine.run(pairs, hooks=hooks, progress=_checking(files, progress))
+    if options.get("histograms") or options.get("spectra"):  # --report / --plots pictures
+        from torchdiff.histograms import add_pictures
+
+        diffs = add_pictures(engine, pairs, diffs, histograms=options.histograms, spectra=options.spectra,
+                             inspect=mode == "inspect")
     formats.check_unchanged(files)  # every value is read: figures from a file that changed are not reported
     metadata_diffs = tuple(MetadataDiff(k, s, a, b) for k, s, a, b in pair_metadata(old.metadata, new.metadata, keep))
     comparison = Comparison(

@@ -38,6 +38,9 @@ CORE_FLAGS: dict[str, tuple[Any, str]] = {
     "verbose": (False, "device, threads and timing on stderr; tracebacks on errors"),
     "version": (False, "print the version and exit"),
     "unsafe_pickle": (False, "load pickles with weights_only=False: RUNS CODE from the file; only for files you trust"),
+    "report": (None, "also write a self-contained HTML report to FILE (docs/REPORT.md)"),
+    "plots": (None, "also write each chart as PNG and SVG into DIR (needs matplotlib)"),
+    "spectra": (0, "with --report/--plots: singular values of Δ for the top K changed matrices"),
     "help": (False, "this help (-h)"),
 }
 SHORT = {"-r": "recursive", "-q": "quiet", "-h": "help", "-o": "output"}
@@ -59,6 +62,7 @@ class Parsed:
     command: str
     positionals: list[str]
     flags: dict[str, Any]
+    argv: list[str] | None = None
 
 
 def _usage(message: str):
@@ -128,7 +132,7 @@ def parse_argv(argv: list[str]) -> Parsed:
     command = "compare"
     if positionals and positionals[0] in COMMANDS[1:]:
         command = positionals.pop(0)
-    return Parsed(command, positionals, flags)
+    return Parsed(command, positionals, flags, list(argv))
 
 
 def _suggest(name: str, table: dict) -> str:
@@ -150,15 +154,16 @@ class Outcome:
 class TorchDiffCLI:
     """torchdiff: compare PyTorch checkpoints and analyse the change."""
 
-    def __init__(self) -> None:
+    def __init__(self, argv: list[str] | None = None) -> None:
         self.outcome: Outcome | None = None
+        self.argv = argv
 
     def compare(self, old, new, **flags):
         """Compare two checkpoints (files, sharded indexes, or directories with -r)."""
         from torchdiff import api
 
         options = _api_options(flags)
-        if (flags.get("quiet") or flags.get("brief")) and not _wants_analysis(options):
+        if (flags.get("quiet") or flags.get("brief")) and not _wants_analysis(options) and not options.get("histograms"):
             differs = api.differs(str(old), str(new), **options)
             text = f"Checkpoints {old} and {new} differ" if differs and flags.get("brief") else None
             self.outcome = Outcome(text, EXIT_DIFFERENT if differs else EXIT_OK)
@@ -184,6 +189,8 @@ class TorchDiffCLI:
         from torchdiff.render import render
         from torchdiff.render.text import use_color
 
+        if flags.get("report") or flags.get("plots"):
+            _write_pictures(report, flags, self.argv)
         differs = report.has_differences if not inspect else False
         code = EXIT_DIFFERENT if differs and (flags.get("exit_code") or flags.get("quiet") or flags.get("brief")) else EXIT_OK
         if any(a.failed for a in report.analyses):
@@ -204,12 +211,60 @@ class TorchDiffCLI:
 def _api_options(flags: dict[str, Any], series: bool = False) -> dict[str, Any]:
     from torchdiff.analyses import ANALYSES
 
-    cli_only = {"all", "output", "quiet", "brief", "exit_code", "no_color", "verbose", "version", "help"}
+    cli_only = {"all", "output", "quiet", "brief", "exit_code", "no_color", "verbose", "version", "help", "report",
+                "plots"}
     options = {k: v for k, v in flags.items() if k not in cli_only}
+    if flags.get("report") or flags.get("plots"):
+        from torchdiff.histograms import TOP_K
+
+        options["histograms"] = TOP_K
     if flags.get("all"):
         for module in ANALYSES.values():
             options[module.FLAG] = True
     return options
+
+
+def _write_pictures(report, flags: dict[str, Any], argv: list[str] | None) -> None:
+    """--report FILE and --plots DIR (torchdiff.render.html, torchdiff.render.plots)."""
+    import shlex
+
+    command = "torchdiff " + shlex.join(argv) if argv is not None else None
+    if flags.get("report"):
+        from torchdiff.render.html import write_html
+
+        write_html(report, str(flags["report"]), command=command)
+        if not flags.get("quiet"):
+            print(f"torchdiff: report written to {flags['report']}", file=sys.stderr)
+    if flags.get("plots"):
+        from torchdiff.render.plots import write_plots
+
+        written = write_plots(report, str(flags["plots"]))
+        if not flags.get("quiet"):
+            print(f"torchdiff: {len(written)} plots written to {flags['plots']}", file=sys.stderr)
+
+
+def _check_outputs(parsed: Parsed) -> None:
+    """--report/--plots/--spectra checked before any input is read: never a write to an input."""
+    report, plots = parsed.flags.get("report"), parsed.flags.get("plots")
+    if parsed.flags.get("spectra") and not (report or plots):
+        raise _usage("--spectra K draws into --report FILE or --plots DIR; give one of them")
+    if parsed.flags.get("spectra", 0) < 0:
+        raise _usage("--spectra must be a whole number ≥ 0")
+    for flag, target in (("report", report), ("plots", plots)):
+        if target is None:
+            continue
+        target = os.path.abspath(str(target))
+        parent = os.path.dirname(target)
+        if not os.path.isdir(parent):
+            raise _usage(f"--{flag} {target}: folder {parent} does not exist")
+        if flag == "report" and os.path.isdir(target):
+            raise _usage(f"--report {target}: is a folder (give a file name such as report.html)")
+        if flag == "plots" and os.path.exists(target) and not os.path.isdir(target):
+            raise _usage(f"--plots {target}: is a file (give a folder)")
+        for p in parsed.positionals:
+            inp = os.path.abspath(p)
+            if inp == target or (os.path.exists(inp) and os.path.exists(target) and os.path.samefile(inp, target)):
+                raise _usage(f"--{flag} {target} is an input; torchdiff never writes to its inputs")
 
 
 def _wants_analysis(options: dict[str, Any]) -> bool:
@@ -300,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"torchdiff {__version__}")
             return EXIT_OK
         _check_arity(parsed)
+        _check_outputs(parsed)
         if parsed.command == "series":
             import importlib.util
 
@@ -341,7 +397,7 @@ def _run(parsed: Parsed, verbose: bool) -> int:
     from torchdiff.engine import use_all_cores
 
     use_all_cores()
-    cli = TorchDiffCLI()
+    cli = TorchDiffCLI(parsed.argv)
     started = time.perf_counter()
     if verbose:
         import torch
