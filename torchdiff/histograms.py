@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from torchdiff.errors import UsageError
+from torchdiff.names import is_float_storage
 from torchdiff.results import CHANGED, RETYPED, TensorDiff
 
 BINS = 64
@@ -72,7 +73,7 @@ def top_changed(diffs: Sequence[TensorDiff], k: int, *, ndim: int | None = None,
 
 
 def _is_float(dtype: str) -> bool:
-    return dtype.startswith(("float", "bfloat"))
+    return is_float_storage(dtype)
 
 
 def histogram(values: torch.Tensor, lo: float, hi: float, bins: int = BINS) -> tuple[list[int], int]:

@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
+from torchdiff.names import layer_of, module_type
 from torchdiff.render import finite_json
 
 SCHEMA = "torchdiff-report/1"
@@ -52,43 +53,6 @@ FORMULAS: dict[str, tuple[str, str]] = {
                   "docs/REPORT.md#histograms"),
     "spectrum": ("singular values of Δ reshaped to [rows, rest]", "docs/REPORT.md#spectra"),
 }
-
-
-def _module_type(name: str) -> str:
-    try:
-        from torchdiff.names import module_type  # the naming module (issue 11)
-    except ImportError:
-        return _placeholder_module_type(name)
-    return module_type(name)
-
-
-def _placeholder_module_type(name: str) -> str:
-    """Until torchdiff.names lands: a few common spellings only."""
-    low = name.lower()
-    parts = low.split(".")
-    leaf = parts[-2] if len(parts) > 1 else parts[-1]
-    table = (
-        (("q_proj", "query", "wq", "attn_q"), "attn_q"), (("k_proj", "key", "wk", "attn_k"), "attn_k"),
-        (("v_proj", "value", "wv", "attn_v"), "attn_v"), (("qkv", "c_attn", "query_key_value", "in_proj"), "attn_qkv"),
-        (("o_proj", "out_proj", "wo", "attn_output", "dense", "c_proj"), "attn_o"),
-        (("up_proj", "fc1", "c_fc", "w1", "ffn_up", "dense_h_to_4h"), "mlp_up"),
-        (("gate_proj", "w3", "ffn_gate"), "mlp_gate"),
-        (("down_proj", "fc2", "w2", "ffn_down", "dense_4h_to_h"), "mlp_down"),
-    )
-    if any(p in ("attn", "attention", "self_attn") for p in parts) and leaf in ("c_proj", "dense"):
-        return "attn_o"
-    if leaf in ("c_proj", "dense") and any(p in ("mlp", "ffn") for p in parts):
-        return "mlp_down"
-    for keys, kind in table:
-        if leaf in keys:
-            return kind
-    if "norm" in leaf or leaf.startswith(("ln", "layernorm")):
-        return "norm"
-    if "embed" in low or leaf in ("wte", "wpe", "tok_embeddings", "token_embd"):
-        return "embedding"
-    if leaf in ("lm_head", "head", "output", "classifier"):
-        return "head"
-    return "other"
 
 
 # ---- the payload --------------------------------------------------------------------------------
@@ -143,14 +107,6 @@ def _natural(name: str) -> tuple:
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name) if p)
 
 
-def _layer_of(name: str, pattern: Any) -> str:
-    try:
-        from torchdiff.names import layer_of
-    except ImportError:
-        from torchdiff.layers import layer_of
-    return layer_of(name, pattern)
-
-
 def payload(report, command: str | None = None) -> dict[str, Any]:
     """The report's data as the page embeds it (JSON-able, non-finite floats as strings)."""
     from torchdiff import __version__
@@ -161,7 +117,17 @@ def payload(report, command: str | None = None) -> dict[str, Any]:
         data = _compare_payload(report)
     data = {"schema": SCHEMA, "torchdiff": __version__, "command": command, **data,
             "formulas": {k: {"formula": f, "doc": doc} for k, (f, doc) in FORMULAS.items()}}
-    return finite_json(data)
+    tensors = data.pop("tensors")  # its rows are already encoded (_finite): 20,000 rows stay cheap
+    data = finite_json(data)
+    data["tensors"] = tensors
+    return data
+
+
+def _finite(x: Any) -> Any:
+    """A float as the JSON output writes it (non-finite as "NaN", "Infinity", "-Infinity")."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return finite_json(x)
+    return x
 
 
 def _verdicts(analyses: Iterable) -> list[dict[str, Any]]:
@@ -187,8 +153,8 @@ def _compare_payload(report) -> dict[str, Any]:
     comp = report.comparison
     inspect = comp.mode == "inspect"
     diffs = list(report.ordered_diffs())
-    items = report.to_dict()
-    by_type = {it["type"]: it for it in items if not it["type"].startswith(("tensor", "metadata"))}
+    # The analyses' JSON items, as report.to_dict() writes them (without its per-tensor items).
+    by_type = {a.name: finite_json(a.to_dict()) for a in report.analyses}
     scalars = report.scalars()
     layer_impact = report.analysis("layer_impact")
     pattern = None
@@ -213,8 +179,8 @@ def _compare_payload(report) -> dict[str, Any]:
     module_of: dict[str, str] = {}
     layer_name: dict[str, str] = {}
     for d in comp.diffs:
-        layer = _layer_of(d.name, pattern)
-        kind = _module_type(d.name)
+        layer = layer_of(d.name, pattern)
+        kind = module_type(d.name)
         module_of[d.name], layer_name[d.name] = kind, layer
         layers.setdefault(layer, _Sums()).add(d)
         cells.setdefault((layer, kind), _Sums()).add(d)
@@ -250,8 +216,9 @@ def _compare_payload(report) -> dict[str, Any]:
         rows = []
         for d in diffs:
             s = d.new
-            rows.append([d.name, layer_name[d.name], module_of[d.name], list(s.shape), s.dtype, s.numel, s.mean,
-                         s.std, s.min, s.max, s.rms, s.zero_fraction, s.nan_count, s.inf_count])
+            rows.append([d.name, layer_name[d.name], module_of[d.name], list(s.shape), s.dtype, s.numel,
+                         *map(_finite, (s.mean, s.std, s.min, s.max, s.rms, s.zero_fraction)), s.nan_count,
+                         s.inf_count])
     else:
         cols = ["name", "layer", "module", "status", "shape", "dtype", "params", "l2", "rel_l2", "cosine",
                 "max_abs", "changed_fraction"] + (["sqnr_db"] if quant else [])
@@ -260,11 +227,13 @@ def _compare_payload(report) -> dict[str, Any]:
             shape = _pair_text(d, lambda s: "×".join(map(str, s.shape)) or "scalar")
             dtype = _pair_text(d, lambda s: s.dtype)
             m = d.metrics
-            row = [d.name, layer_name[d.name], module_of[d.name], d.status, shape, dtype, d.params,
-                   m.l2 if m else None, m.rel_l2 if m else None, m.cosine if m else None,
-                   m.max_abs if m else None, m.changed_fraction if m else None]
+            row = [d.name, layer_name[d.name], module_of[d.name], d.status, shape, dtype, d.params]
+            if m is not None:
+                row += map(_finite, (m.l2, m.rel_l2, m.cosine, m.max_abs, m.changed_fraction))
+            else:
+                row += [None] * 5
             if quant:
-                row.append(sqnr.get(d.name))
+                row.append(sqnr.get(d.name))  # already JSON-encoded (from the analysis item)
             rows.append(row)
 
     histograms, spectra = [], []
@@ -285,7 +254,6 @@ def _compare_payload(report) -> dict[str, Any]:
         "verdicts": _verdicts(report.analyses),
         "layers": {"rows": layer_rows, "share_source": "layer_impact" if layer_impact is not None else "group sums"},
         "heatmap": {"rows": row_names, "columns": columns, **grid},
-        "tensors": {"columns": cols, "rows": rows},
         "histograms": histograms,
         "spectra": spectra,
         "quantization": _quantization(quant, layer_rows) if quant else None,
@@ -298,6 +266,7 @@ def _compare_payload(report) -> dict[str, Any]:
     elif layer_rows and total_dsq > 0:
         top = min(layer_rows, key=lambda r: (-r["share"], _natural(r["layer"])))
         out["layers"]["top_layer"], out["layers"]["top_share"] = top["layer"], top["share"]
+    out["tensors"] = {"columns": cols, "rows": rows}
     return out
 
 
