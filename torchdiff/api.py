@@ -102,7 +102,8 @@ def make_options(analyses: tuple[str, ...] | list[str] = (), **kwargs: Any) -> O
     compile_filters(options["ignore_keys_regex"], options["path"])
     from torchdiff.histograms import validate
 
-    options["histograms"], options["spectra"] = validate(options["histograms"], "histograms"), validate(options["spectra"], "spectra")
+    options["histograms"] = validate(options["histograms"], "histograms")
+    options["spectra"] = validate(options["spectra"], "spectra")
     if options["format"] is not None and options["format"] not in formats.format_names:
         raise UsageError(f"unknown --format {options['format']!r} (choose from {', '.join(formats.format_names)})")
     for name in options["analyses"]:

@@ -43,10 +43,10 @@ TOP_K = 12
 CHUNK = 1 << 22
 
 
-def validate(value: Any, flag: str) -> int:
-    """A count option (``--spectra K``): a whole number ≥ 0."""
+def validate(value: Any, option: str) -> int:
+    """A count option (``histograms=k``, ``spectra=K``): a whole number ≥ 0."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise UsageError(f"--{flag} must be a whole number ≥ 0, got {value!r}")
+        raise UsageError(f"{option} must be a whole number ≥ 0, got {value!r}")
     return value
 
 

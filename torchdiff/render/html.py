@@ -266,6 +266,8 @@ def _compare_payload(report) -> dict[str, Any]:
     elif layer_rows and total_dsq > 0:
         top = min(layer_rows, key=lambda r: (-r["share"], _natural(r["layer"])))
         out["layers"]["top_layer"], out["layers"]["top_share"] = top["layer"], top["share"]
+    if inspect:  # one checkpoint: nothing moved, no layer figures to draw
+        out["layers"] = out["heatmap"] = None
     out["tensors"] = {"columns": cols, "rows": rows}
     return out
 
