@@ -9,6 +9,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +137,8 @@ def wandb_records(run_dir: Path) -> list:
             continue
         _, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
         pos += 7
+        if pos + length > len(raw):  # a chunk still being written
+            break
         if kind == 0 and length == 0:  # zero padding to the end of the block
             pos += left - 7
             continue
@@ -162,7 +165,12 @@ def test_wandb_offline_run_holds_the_figures(report, tmp_path, monkeypatch):
     finally:
         run.finish()
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
-    history = [r.history for r in wandb_records(run_dir) if r.WhichOneof("record_type") == "history"]
+    records = wandb_records(run_dir)
+    deadline = time.monotonic() + 60
+    while not any(r.WhichOneof("record_type") == "exit" for r in records) and time.monotonic() < deadline:
+        time.sleep(0.2)  # finish() can return before wandb-core has written the log out
+        records = wandb_records(run_dir)
+    history = [r.history for r in records if r.WhichOneof("record_type") == "history"]
     assert len(history) == 1
     items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in history[0].item}
     assert items["_step"] == 3
