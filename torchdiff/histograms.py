@@ -156,11 +156,13 @@ def _ranges(d: TensorDiff) -> tuple[float, float, float] | None:
     return lo, hi, dmax if math.isfinite(dmax) else 0.0
 
 
-def add_pictures(engine, pairs: Sequence, diffs: Sequence[TensorDiff], *, histograms: int = 0,
-                 spectra: int = 0, inspect: bool = False, bins: int = BINS) -> list[TensorDiff]:
-    """``diffs`` with ``extras["histogram"]`` for the top ``histograms`` tensors and
-    ``extras["spectrum"]`` for the top ``spectra`` changed matrices (torchdiff.spectra),
-    measured by one engine run over those pairs (see the module doc)."""
+def add_pictures(engine, pairs: Sequence, figures, *, histograms: int = 0, spectra: int = 0,
+                 inspect: bool = False, bins: int = BINS):
+    """Add ``extras["histogram"]`` for the top ``histograms`` tensors and
+    ``extras["spectrum"]`` for the top ``spectra`` changed matrices (torchdiff.spectra) to
+    ``figures`` (the engine's Figures of ``pairs``), measured by one engine run over
+    those pairs (see the module doc); returns ``figures``."""
+    diffs = list(figures)
     hooks: list[Any] = []
     chosen: set[str] = set()
     if histograms:
@@ -181,15 +183,14 @@ def add_pictures(engine, pairs: Sequence, diffs: Sequence[TensorDiff], *, histog
             hooks.append(SpectrumHook(set(names)))
             chosen |= set(names)
     if not hooks:
-        return list(diffs)
+        return figures
     index = {p.name: i for i, p in enumerate(pairs)}
     selected = [pairs[index[n]] for n in sorted(chosen, key=index.__getitem__)]
-    extras = {d.name: d.extras for d in engine.run(selected, hooks=hooks)}
-    out = []
-    for d in diffs:
-        if d.name in extras and extras[d.name]:
-            merged = {**d.extras, **extras[d.name]}
-            d = TensorDiff(d.name, d.status, d.old, d.new, d.metrics, merged)
-        out.append(d)
-    return out
-
+    extra = engine.run(selected, hooks=hooks)
+    for j, p in enumerate(selected):
+        found = extra.extras.get(j)
+        if found:
+            i = index[p.name]
+            figures.extras.setdefault(i, {}).update(found)
+            figures._views[i] = None  # the row's TensorDiff view is rebuilt with its extras
+    return figures

@@ -109,8 +109,9 @@ def _natural(name: str) -> tuple:
 
 def payload(report, command: str | None = None) -> dict[str, Any]:
     """The report's data as the page embeds it (JSON-able, non-finite floats as strings)."""
-    from torchdiff import __version__
+    import sys
 
+    __version__ = getattr(sys.modules.get("torchdiff"), "__version__", None)  # the package, imported before us
     if getattr(report, "comparison", None) is None:
         data = _series_payload(report)
     else:

@@ -89,6 +89,8 @@ def tensor_line(d: TensorDiff, stats: bool) -> tuple[str, str]:
     else:
         m = d.metrics
         parts += [f"rel_l2={num(m.rel_l2)}", f"max_abs={num(m.max_abs)}", f"cosine={num(m.cosine)}"]
+        # The figures cover finite positions only: say when NaN/Inf appeared or went.
+        parts += [f"{key}={a}->{b}" for key, (a, b) in d.nonfinite_change.items()]
     return "~", f"{printable(d.name)}: " + ", ".join(parts)
 
 
@@ -167,6 +169,29 @@ def render_text(report, color: bool = False) -> str:
                 lines.append(_paint(f"  - {printable(m.key)}: {_meta(m.old)}", "-", color))
         lines.append(summary_line(report))
     for a in report.analyses:
+        lines.append("")
+        lines += analysis_section(a)
+    return "\n".join(lines)
+
+
+def render_series_text(series) -> str:
+    """A SeriesReport: one summary line per step, notes, each step's analyses, then the
+    series analyses."""
+    head = f"series: {len(series.checkpoints)} checkpoints, order {series.order}"
+    if series.base is not None:
+        head += f", base {series.base}"
+    lines = [head]
+    labels = series.labels
+    for t, step in enumerate(series.steps):
+        lines.append(f"  {labels[t]} -> {labels[t + 1]}: {summary_line(step)}")
+    for note in series.notes:
+        lines.append(f"  note: {note}")
+    for t, step in enumerate(series.steps):
+        if step.analyses:
+            lines += ["", f"{labels[t]} -> {labels[t + 1]}"]
+            for a in step.analyses:
+                lines += ["  " + line if line else line for line in analysis_section(a)]
+    for a in series.series_analyses:
         lines.append("")
         lines += analysis_section(a)
     return "\n".join(lines)
