@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from torchdiff import formats
+from torchdiff import formats, mapping
 from torchdiff.engine import Engine, bytes_equal, resolve_device
 from torchdiff.errors import UsageError
 from torchdiff.formats.base import Checkpoint
@@ -43,7 +43,8 @@ def compare(
     gradient_analysis: bool = False, similarity_matrix: bool = False,
     epsilon: float = 0.0, ignore_keys_regex: str | None = None, path: str | None = None, format: str | None = None,
     recursive: bool = False, device: str = "auto", unsafe_pickle: bool = False, scope: str = "params",
-    histograms: int = 0, spectra: int = 0, sort_key: str | None = None, layer_pattern: str | None = None, quantization_top_k: int = 10,
+    histograms: int = 0, spectra: int = 0,
+    map: str = "auto", map_heads: str | None = None, sort_key: str | None = None, layer_pattern: str | None = None, quantization_top_k: int = 10,
     fail_on_anomaly: str | None = None, plateau_threshold: float = 1e-3, plateau_steps: int = 2,
     lr: float = 0.0, cross_layer: bool = False, base: Any = None, sort: str | None = None,
     progress: Callable[[int], None] | None = None, **unknown: Any,
@@ -63,6 +64,9 @@ def compare(
         recursive: compare two directories file by file.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         unsafe_pickle: allow pickles that need code (runs code from the file: trusted files only).
+        map: cross-format pairing: ``auto`` (a known name family on each side, e.g. HF ↔ GGUF),
+            ``none``, a family name, or a YAML rule file (docs/MAPPING.md).
+        map_heads: ``"HEADS,KV_HEADS"`` for rules whose head counts no metadata gives.
         scope: what the global, layer and summary figures cover: ``params`` (trainable
             parameters, the default), ``model`` (plus buffers and counters) or ``all``
             (plus optimizer state). Tensor lines always list every tensor.
@@ -93,7 +97,8 @@ def compare(
 @without_gc
 def differs(old: Any, new: Any, *, epsilon: float = 0.0, ignore_keys_regex: str | None = None,
             path: str | None = None, format: str | None = None, recursive: bool = False,
-            device: str = "auto", unsafe_pickle: bool = False, **unknown: Any) -> bool:
+            device: str = "auto", unsafe_pickle: bool = False, map: str = "auto", map_heads: str | None = None,
+            **unknown: Any) -> bool:
     """Whether two checkpoints differ, as cheaply as possible (--quiet, --brief).
 
     Names, shapes, dtypes and metadata first; then each common tensor's bytes,
@@ -102,12 +107,14 @@ def differs(old: Any, new: Any, *, epsilon: float = 0.0, ignore_keys_regex: str 
     """
     _reject(unknown)
     options = make_options((), epsilon=epsilon, ignore_keys_regex=ignore_keys_regex, path=path, format=format,
-                           recursive=recursive, device=device, unsafe_pickle=unsafe_pickle)
+                           recursive=recursive, device=device, unsafe_pickle=unsafe_pickle, map=map,
+                           map_heads=map_heads)
     engine = Engine(resolve_device(options.device), options.epsilon)
     with opened(old, new, options) as (old_ckpt, new_ckpt):
         keep = compile_filters(options.ignore_keys_regex, options.path)
         if pair_metadata(old_ckpt.metadata, new_ckpt.metadata, keep):
             return True
+        old_ckpt, new_ckpt, _ = mapping.apply_mapping(old_ckpt, new_ckpt, options.map, heads=options.map_heads)
         pairs = pair(old_ckpt, new_ckpt, keep)
         if any(p.kind != "common" or p.retyped for p in pairs):
             return True
@@ -130,7 +137,8 @@ def inspect(
     gradient_analysis: bool = False, similarity_matrix: bool = False,
     epsilon: float = 0.0, ignore_keys_regex: str | None = None, path: str | None = None, format: str | None = None,
     recursive: bool = False, device: str = "auto", unsafe_pickle: bool = False, scope: str = "params",
-    histograms: int = 0, spectra: int = 0, sort_key: str | None = None, layer_pattern: str | None = None, quantization_top_k: int = 10,
+    histograms: int = 0, spectra: int = 0,
+    map: str = "auto", map_heads: str | None = None, sort_key: str | None = None, layer_pattern: str | None = None, quantization_top_k: int = 10,
     fail_on_anomaly: str | None = None, plateau_threshold: float = 1e-3, plateau_steps: int = 2,
     lr: float = 0.0, cross_layer: bool = False, base: Any = None, sort: str | None = None,
     progress: Callable[[int], None] | None = None, **unknown: Any,

@@ -31,6 +31,8 @@ CORE_FLAGS: dict[str, tuple[Any, str]] = {
     "format": (None, "force the input format: safetensors | torch | numpy | matlab | gguf | sharded"),
     "recursive": (False, "compare two directories file by file (-r)"),
     "device": ("auto", "auto | cpu | cuda | cuda:N"),
+    "map": ("auto", "pair tensors across formats: auto | none | a family | a YAML rule file (docs/MAPPING.md)"),
+    "map_heads": (None, "HEADS,KV_HEADS for mapping rules the metadata does not give them to"),
     "quiet": (False, "print nothing; exit 1 when the checkpoints differ (-q)"),
     "brief": (False, "print one line saying whether they differ; exit 1 when they do"),
     "exit_code": (False, "exit 1 when the checkpoints differ"),
@@ -289,8 +291,8 @@ def _progress(flags: dict[str, Any]):
     return bar.update
 
 
-_PLACEHOLDERS = {"fail_on_anomaly": "SEVERITY", "output": "FORMAT", "epsilon": "E", "path": "SUBSTRING", "report": "FILE",
-                 "plots": "DIR", "spectra": "K"}
+_PLACEHOLDERS = {"fail_on_anomaly": "SEVERITY", "output": "FORMAT", "epsilon": "E", "path": "SUBSTRING",
+                 "map": "auto|none|FILE", "map_heads": "Q,KV", "report": "FILE", "plots": "DIR", "spectra": "K"}
 
 
 def help_text() -> str:

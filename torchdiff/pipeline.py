@@ -9,12 +9,13 @@ Layer: above analyses and report, below api, series, callbacks and cli
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import gc
 import os
 from typing import Any, Callable
 
-from torchdiff import formats
+from torchdiff import formats, mapping
 from torchdiff.analyses import ANALYSES, FLAGS, analysis_names, options_defaults
 from torchdiff.engine import Engine
 from torchdiff.errors import InputNotFoundError, UsageError
@@ -36,6 +37,8 @@ CORE_OPTIONS: dict[str, Any] = {
     "device": "auto",
     "unsafe_pickle": False,
     "scope": "params",
+    "map": "auto",
+    "map_heads": None,
     "histograms": 0,  # value histograms of the top-k changed tensors (torchdiff.histograms)
     "spectra": 0,  # singular values of Δ for the top-k changed matrices (torchdiff.spectra)
 }
@@ -109,6 +112,8 @@ def make_options(analyses: tuple[str, ...] | list[str] = (), **kwargs: Any) -> O
         raise UsageError("--epsilon must be ≥ 0")
     compile_filters(options["ignore_keys_regex"], options["path"])
     check_scope(options["scope"])
+    options["map"] = mapping.resolve(options["map"])  # a rule file is read and checked here
+    options["map_heads"] = mapping.parse_heads(options["map_heads"])
     from torchdiff.histograms import validate
 
     options["histograms"] = validate(options["histograms"], "histograms")
@@ -197,6 +202,9 @@ def compare_checkpoints(old: Checkpoint, new: Checkpoint, options: Options, engi
     Raises CorruptFileError if an input file changed while it was being read.
     """
     files = {**old.files, **new.files}
+    mapped = None
+    if mode == "pair":  # cross-format pairing (docs/MAPPING.md): lazy handles under the old side's names
+        old, new, mapped = mapping.apply_mapping(old, new, options.get("map", "auto"), heads=options.get("map_heads"))
     modules = [ANALYSES[name] for name in options.analyses]
     state: dict[str, dict] = {name: {} for name in options.analyses}
     for name, module in zip(options.analyses, modules):
@@ -225,7 +233,10 @@ def compare_checkpoints(old: Checkpoint, new: Checkpoint, options: Options, engi
         device=str(engine.device), epsilon=options.epsilon, mode=mode, scope=options.scope,
         layer_pattern=options.get("layer_pattern"),
     )
-    return build_report(comparison, options, state)
+    report = build_report(comparison, options, state)
+    if mapped is not None:  # the mapping's own section comes first
+        report = dataclasses.replace(report, analyses=(mapped.to_result(),) + report.analyses)
+    return report
 
 
 def _no_hooks(options, state) -> list:

@@ -53,8 +53,26 @@ def to_items(report) -> list[dict[str, Any]]:
     # Tensor items come JSON-safe from the columns (no per-value recursion: 100,000
     # tensors are one pass per column); metadata and analyses go through finite_json.
     items: list[dict[str, Any]] = fig.items(rows, one_sided=inspect)
+    renamed = mapped_names(report) if not inspect else {}
+    if renamed:  # paired through --map: the new side's own name after the path
+        items = [{"type": it.pop("type"), "path": it["path"], **renamed[it.pop("path")], **it}
+                 if it["path"] in renamed else it for it in items]
     rest = [m.to_dict() for m in report.comparison.metadata_diffs] + [a.to_dict() for a in report.analyses]
     return items + finite_json(rest)
+
+
+def mapped_names(report) -> dict[str, dict[str, Any]]:
+    """Pair name -> ``{"path_new": ..., ["tied": ...]}`` for tensors paired through a
+    mapping under another name (the ``mapping`` section's ``pairs``)."""
+    analysis = getattr(report, "analysis", None)
+    found = analysis("mapping") if analysis is not None else None
+    if found is None:
+        return {}
+    out = {}
+    for p in found.data.get("pairs", ()):
+        if p["path_new"] != p["path"] or p.get("tied"):
+            out[p["path"]] = {"path_new": p["path_new"], **({"tied": p["tied"]} if p.get("tied") else {})}
+    return out
 
 
 def render(report, fmt: str = "text", color: bool = False, indent: int | None = 2) -> str:

@@ -60,8 +60,11 @@ def _arrow(a: Any, b: Any) -> str:
     return f"{num(a)}->{num(b)}"
 
 
-def tensor_line(d: TensorDiff, stats: bool) -> tuple[str, str]:
-    """(marker, text) of one tensor line."""
+def tensor_line(d: TensorDiff, stats: bool, new_name: str | None = None) -> tuple[str, str]:
+    """(marker, text) of one tensor line; ``new_name``: the new side's name when a
+    mapping paired it under another."""
+    if new_name is not None:
+        d = _Named(f"{d.name} (new: {new_name})", d)
     if d.status == ADDED:
         return "+", f"{printable(d.name)}: shape={_shape(d.new.shape)}, dtype={d.new.dtype}"
     if d.status == REMOVED:
@@ -92,6 +95,16 @@ def tensor_line(d: TensorDiff, stats: bool) -> tuple[str, str]:
         # The figures cover finite positions only: say when NaN/Inf appeared or went.
         parts += [f"{key}={a}->{b}" for key, (a, b) in d.nonfinite_change.items()]
     return "~", f"{printable(d.name)}: " + ", ".join(parts)
+
+
+class _Named:
+    """A TensorDiff shown under another label."""
+
+    def __init__(self, name: str, d: TensorDiff) -> None:
+        self.name, self._d = name, d
+
+    def __getattr__(self, key: str) -> Any:
+        return getattr(self._d, key)
 
 
 def summary_line(report) -> str:
@@ -155,10 +168,13 @@ def render_text(report, color: bool = False) -> str:
     if comp.mode == "inspect":
         lines += inspect_table(report)
     else:
+        from torchdiff.render import mapped_names
+
+        renamed = mapped_names(report)
         for d in report.ordered_diffs():
             if d.status == UNCHANGED:
                 continue
-            marker, text = tensor_line(d, report.stats)
+            marker, text = tensor_line(d, report.stats, renamed.get(d.name, {}).get("path_new"))
             lines.append(_paint(f"  {marker} {text}", marker, color))
         for m in comp.metadata_diffs:
             if m.status == "changed":
