@@ -41,6 +41,7 @@ CORE_FLAGS: dict[str, tuple[Any, str]] = {
     "version": (False, "print the version and exit"),
     "unsafe_pickle": (False, "load pickles with weights_only=False: RUNS CODE from the file; only for files you trust"),
     "scope": ("params", "what global, layer and summary figures cover: params | model | all"),
+    "common_only": (False, "series: compare only the tensors every checkpoint holds (else refused)"),
     "report": (None, "also write a self-contained HTML report to FILE (docs/REPORT.md)"),
     "plots": (None, "also write each chart as PNG and SVG into DIR (needs matplotlib)"),
     "spectra": (0, "with --report/--plots: singular values of Δ for the top K changed matrices"),
@@ -217,6 +218,8 @@ def _api_options(flags: dict[str, Any], series: bool = False) -> dict[str, Any]:
     cli_only = {"all", "output", "quiet", "brief", "exit_code", "no_color", "verbose", "version", "help", "report",
                 "plots"}
     options = {k: v for k, v in flags.items() if k not in cli_only}
+    if not series and options.pop("common_only", False):
+        print("torchdiff: warning: --common-only applies to torchdiff series; ignored", file=sys.stderr)
     if (flags.get("report") or flags.get("plots")) and not series:  # a series report draws no histograms
         from torchdiff.histograms import TOP_K
 
