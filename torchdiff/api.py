@@ -43,6 +43,7 @@ def compare(
     gradient_analysis: bool = False, similarity_matrix: bool = False,
     epsilon: float = 0.0, ignore_keys_regex: str | None = None, path: str | None = None, format: str | None = None,
     recursive: bool = False, device: str = "auto", unsafe_pickle: bool = False, scope: str = "params",
+    histograms: int = 0, spectra: int = 0,
     map: str = "auto", map_heads: str | None = None, sort_key: str | None = None, layer_pattern: str | None = None, quantization_top_k: int = 10,
     fail_on_anomaly: str | None = None, plateau_threshold: float = 1e-3, plateau_steps: int = 2,
     lr: float = 0.0, cross_layer: bool = False, base: Any = None, sort: str | None = None,
@@ -69,6 +70,9 @@ def compare(
         scope: what the global, layer and summary figures cover: ``params`` (trainable
             parameters, the default), ``model`` (plus buffers and counters) or ``all``
             (plus optimizer state). Tensor lines always list every tensor.
+        histograms: value histograms of the k most-changed tensors, in ``d.extras["histogram"]``
+            (docs/REPORT.md; the CLI's --report/--plots set 12).
+        spectra: singular values of Δ for the K most-changed matrices, in ``d.extras["spectrum"]``.
         sort_key, layer_pattern, quantization_top_k, fail_on_anomaly, plateau_threshold,
         plateau_steps, lr, cross_layer, base, sort: the analyses' options (README, "Flags").
         progress: called with the number of elements done after each block.
@@ -133,6 +137,7 @@ def inspect(
     gradient_analysis: bool = False, similarity_matrix: bool = False,
     epsilon: float = 0.0, ignore_keys_regex: str | None = None, path: str | None = None, format: str | None = None,
     recursive: bool = False, device: str = "auto", unsafe_pickle: bool = False, scope: str = "params",
+    histograms: int = 0, spectra: int = 0,
     map: str = "auto", map_heads: str | None = None, sort_key: str | None = None, layer_pattern: str | None = None, quantization_top_k: int = 10,
     fail_on_anomaly: str | None = None, plateau_threshold: float = 1e-3, plateau_steps: int = 2,
     lr: float = 0.0, cross_layer: bool = False, base: Any = None, sort: str | None = None,

@@ -47,6 +47,9 @@ CORE_FLAGS: dict[str, tuple[Any, str]] = {
     "allow_cast": (False, "verify: accept a float dtype cast whose values equal the expected ones after the cast"),
     "tolerance": (None, "verify: accept tensors within rel_l2=X (bound and estimate from the manifest figures)"),
     "shards": (False, "verify: reassemble tensor-parallel pieces (rank-suffixed names or one file per rank)"),
+    "report": (None, "also write a self-contained HTML report to FILE (docs/REPORT.md)"),
+    "plots": (None, "also write each chart as PNG and SVG into DIR (needs matplotlib)"),
+    "spectra": (0, "with --report/--plots: singular values of Δ for the top K changed matrices"),
     "help": (False, "this help (-h)"),
 }
 # Flags only some commands take (the others refuse them).
@@ -71,6 +74,7 @@ class Parsed:
     command: str
     positionals: list[str]
     flags: dict[str, Any]
+    argv: list[str] | None = None
     policy: Any = None  # the loaded --policy (torchdiff.policy.Policy)
 
 
@@ -141,7 +145,7 @@ def parse_argv(argv: list[str]) -> Parsed:
     command = "compare"
     if positionals and positionals[0] in COMMANDS[1:]:
         command = positionals.pop(0)
-    return Parsed(command, positionals, flags)
+    return Parsed(command, positionals, flags, list(argv))
 
 
 def _suggest(name: str, table: dict) -> str:
@@ -163,16 +167,18 @@ class Outcome:
 class TorchDiffCLI:
     """torchdiff: compare PyTorch checkpoints and analyse the change."""
 
-    def __init__(self, policy: Any = None) -> None:
+    def __init__(self, policy: Any = None, argv: list[str] | None = None) -> None:
         self.outcome: Outcome | None = None
         self.policy = policy  # a loaded torchdiff.policy.Policy (--policy)
+        self.argv = argv
 
     def compare(self, old, new, **flags):
         """Compare two checkpoints (files, sharded indexes, or directories with -r)."""
         from torchdiff import api
 
         options = _api_options(flags, policy=self.policy)
-        if (flags.get("quiet") or flags.get("brief")) and not _wants_analysis(options) and self.policy is None:
+        if ((flags.get("quiet") or flags.get("brief")) and not _wants_analysis(options) and self.policy is None
+                and not options.get("histograms")):
             differs = api.differs(str(old), str(new), **options)
             text = f"Checkpoints {old} and {new} differ" if differs and flags.get("brief") else None
             self.outcome = Outcome(text, EXIT_DIFFERENT if differs else EXIT_OK)
@@ -227,6 +233,8 @@ class TorchDiffCLI:
 
         if self.policy is not None:
             report = self.policy.apply(report)
+        if flags.get("report") or flags.get("plots"):
+            _write_pictures(report, flags, self.argv)
         differs = report.has_differences if not inspect else False
         code = EXIT_DIFFERENT if differs and (flags.get("exit_code") or flags.get("quiet") or flags.get("brief")) else EXIT_OK
         if any(a.failed for a in report.analyses):
@@ -248,10 +256,14 @@ def _api_options(flags: dict[str, Any], series: bool = False, policy: Any = None
     from torchdiff.analyses import ANALYSES
 
     cli_only = {"all", "output", "quiet", "brief", "exit_code", "no_color", "verbose", "version", "help",
-                "policy", "cast", "allow_cast", "tolerance", "shards"}
+                "policy", "cast", "allow_cast", "tolerance", "shards", "report", "plots"}
     options = {k: v for k, v in flags.items() if k not in cli_only}
     if not series and options.pop("common_only", False):
         print("torchdiff: warning: --common-only applies to torchdiff series; ignored", file=sys.stderr)
+    if (flags.get("report") or flags.get("plots")) and not series:  # a series report draws no histograms
+        from torchdiff.histograms import TOP_K
+
+        options["histograms"] = TOP_K
     if flags.get("all"):
         for module in ANALYSES.values():
             if not (series and getattr(module, "PAIR_ONLY", False)):
@@ -261,6 +273,49 @@ def _api_options(flags: dict[str, Any], series: bool = False, policy: Any = None
             if not (series and getattr(ANALYSES[name], "PAIR_ONLY", False)):
                 options[ANALYSES[name].FLAG] = True
     return options
+
+
+def _write_pictures(report, flags: dict[str, Any], argv: list[str] | None) -> None:
+    """--report FILE and --plots DIR (torchdiff.render.html, torchdiff.render.plots)."""
+    import shlex
+
+    command = "torchdiff " + shlex.join(argv) if argv is not None else None
+    if flags.get("report"):
+        from torchdiff.render.html import write_html
+
+        write_html(report, str(flags["report"]), command=command)
+        if not flags.get("quiet"):
+            print(f"torchdiff: report written to {flags['report']}", file=sys.stderr)
+    if flags.get("plots"):
+        from torchdiff.render.plots import write_plots
+
+        written = write_plots(report, str(flags["plots"]))
+        if not flags.get("quiet"):
+            print(f"torchdiff: {len(written)} plots written to {flags['plots']}", file=sys.stderr)
+
+
+def _check_outputs(parsed: Parsed) -> None:
+    """--report/--plots/--spectra checked before any input is read: never a write to an input."""
+    report, plots = parsed.flags.get("report"), parsed.flags.get("plots")
+    if parsed.flags.get("spectra") and not (report or plots):
+        raise _usage("--spectra K draws into --report FILE or --plots DIR; give one of them")
+    if parsed.flags.get("spectra", 0) < 0:
+        raise _usage("--spectra must be a whole number ≥ 0")
+    for flag, target in (("report", report), ("plots", plots)):
+        if target is None:
+            continue
+        target = os.path.abspath(str(target))
+        parent = os.path.dirname(target)
+        if not os.path.isdir(parent):
+            raise _usage(f"--{flag} {target}: folder {parent} does not exist")
+        if flag == "report" and os.path.isdir(target):
+            raise _usage(f"--report {target}: is a folder (give a file name such as report.html)")
+        if flag == "plots" and os.path.exists(target) and not os.path.isdir(target):
+            raise _usage(f"--plots {target}: is a file (give a folder)")
+        for p in parsed.positionals:
+            inp = os.path.abspath(p)
+            if inp == target or (os.path.exists(inp) and os.path.exists(target) and os.path.samefile(inp, target)):
+                raise _usage(f"--{flag} {target} is an input; torchdiff never writes to its inputs")
 
 
 def _wants_analysis(options: dict[str, Any]) -> bool:
@@ -285,7 +340,7 @@ def _progress(flags: dict[str, Any]):
 
 _PLACEHOLDERS = {"fail_on_anomaly": "SEVERITY", "output": "FORMAT", "epsilon": "E", "path": "SUBSTRING",
                  "map": "auto|none|FILE", "map_heads": "Q,KV", "policy": "FILE", "cast": "DTYPE",
-                 "tolerance": "rel_l2=X"}
+                 "tolerance": "rel_l2=X", "report": "FILE", "plots": "DIR", "spectra": "K"}
 
 
 def help_text() -> str:
@@ -372,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"torchdiff {__version__}")
             return EXIT_OK
         _check_arity(parsed)
+        _check_outputs(parsed)
         if parsed.command == "series":
             import importlib.util
 
@@ -413,7 +469,7 @@ def _run(parsed: Parsed, verbose: bool) -> int:
     from torchdiff.engine import use_all_cores
 
     use_all_cores()
-    cli = TorchDiffCLI(policy=parsed.policy)
+    cli = TorchDiffCLI(policy=parsed.policy, argv=parsed.argv)
     started = time.perf_counter()
     if verbose:
         import torch

@@ -39,6 +39,8 @@ CORE_OPTIONS: dict[str, Any] = {
     "scope": "params",
     "map": "auto",
     "map_heads": None,
+    "histograms": 0,  # value histograms of the top-k changed tensors (torchdiff.histograms)
+    "spectra": 0,  # singular values of Δ for the top-k changed matrices (torchdiff.spectra)
 }
 
 
@@ -112,6 +114,10 @@ def make_options(analyses: tuple[str, ...] | list[str] = (), **kwargs: Any) -> O
     check_scope(options["scope"])
     options["map"] = mapping.resolve(options["map"])  # a rule file is read and checked here
     options["map_heads"] = mapping.parse_heads(options["map_heads"])
+    from torchdiff.histograms import validate
+
+    options["histograms"] = validate(options["histograms"], "histograms")
+    options["spectra"] = validate(options["spectra"], "spectra")
     if options["format"] is not None and options["format"] not in formats.format_names:
         raise UsageError(f"unknown --format {options['format']!r} (choose from {', '.join(formats.format_names)})")
     for name in options["analyses"]:
@@ -214,6 +220,11 @@ def compare_checkpoints(old: Checkpoint, new: Checkpoint, options: Options, engi
              for h in (getattr(module, "hooks", None) or _no_hooks)(options, state[name]) or []]
     formats.check_unchanged(files)
     figures = engine.run(pairs, hooks=hooks, progress=_checking(files, progress))
+    if options.get("histograms") or options.get("spectra"):  # --report / --plots pictures
+        from torchdiff.histograms import add_pictures
+
+        add_pictures(engine, pairs, figures, histograms=options.histograms, spectra=options.spectra,
+                     inspect=mode == "inspect")
     formats.check_unchanged(files)  # every value is read: figures from a file that changed are not reported
     if mode == "inspect":  # one checkpoint: every tensor is present, not "added"
         figures.status[:] = [PRESENT] * len(figures.status)
