@@ -219,8 +219,16 @@ def compare_checkpoints(old: Checkpoint, new: Checkpoint, options: Options, engi
     pairs = pair(old, new, keep)
     hooks = [h for module in modules for h in (getattr(module, "hooks", lambda o: [])(options) or [])]
     formats.check_unchanged(files)
-    diffs = engine.run(pairs, hooks=hooks, progress=_checking(files, progress))
+    from torchdiff import distributed
+
+    ctx = distributed.active()
+    if ctx is not None:  # under torchrun: this rank measures its share; rank 0 gets all diffs
+        diffs = distributed.run(ctx, engine, pairs, hooks=hooks, progress=_checking(files, progress))
+    else:
+        diffs = engine.run(pairs, hooks=hooks, progress=_checking(files, progress))
     formats.check_unchanged(files)  # every value is read: figures from a file that changed are not reported
+    if diffs is None:
+        return None
     metadata_diffs = tuple(MetadataDiff(k, s, a, b) for k, s, a, b in pair_metadata(old.metadata, new.metadata, keep))
     comparison = Comparison(
         old_name=old.name, new_name=new.name, old_format=old.format, new_format=new.format,

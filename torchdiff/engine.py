@@ -18,6 +18,7 @@ How it is fast (see docs/ENGINE.md):
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import os
@@ -179,15 +180,140 @@ class Engine:
 
     def _run(self, pairs, hooks, progress) -> list[TensorDiff]:
         jobs, exact_slots, sides = self._plan(pairs)
-        side_rows, side_ids, side_lengths, pair_rows, pair_ids = self._reduce(jobs, progress)
-        n_slots = len(sides)
-        merged_side = R.merge_side(side_rows, side_lengths, side_ids, n_slots)
-        merged_pair = R.merge_pair(pair_rows, pair_ids, len(pairs))
-        diffs = self._assemble(pairs, sides, exact_slots, merged_side, merged_pair)
+        rows = self._reduce(jobs, progress)
+        diffs = self._finish(pairs, sides, exact_slots, rows)
         hooks = list(hooks)
         if hooks:
             diffs = self._run_hooks(pairs, diffs, hooks)
         return diffs
+
+    def _finish(self, pairs, sides, exact_slots, rows) -> list[TensorDiff]:
+        """Merge row partials per tensor (Chan's update, rows in array order) and assemble."""
+        side_rows, side_ids, side_lengths, pair_rows, pair_ids = rows
+        merged_side = R.merge_side(side_rows, side_lengths, side_ids, len(sides))
+        merged_pair = R.merge_pair(pair_rows, pair_ids, len(pairs))
+        return self._assemble(pairs, sides, exact_slots, merged_side, merged_pair)
+
+    # ---- partial figures of some pairs (torch.distributed: torchdiff/distributed.py) ----
+
+    def measure(self, pairs: list[Pair], owned: Iterable[int], hooks: Iterable[Hook] = (),
+                progress: Callable[[int], None] | None = None) -> Partials:
+        """Measure only the pairs ``owned`` (indices into ``pairs``); returns their row
+        partials and value-derived figures under GLOBAL pair and slot ids, for
+        :meth:`merge` on another process. Reads only the owned tensors' values."""
+        if self.device.type == "cuda":
+            with torch.cuda.device(self.device):
+                return self._measure(pairs, list(owned), list(hooks), progress)
+        return self._measure(pairs, list(owned), list(hooks), progress)
+
+    def _measure(self, pairs, owned, hooks, progress) -> Partials:
+        sub = [pairs[i] for i in owned]
+        jobs, exact_slots, sides = self._plan(sub)
+        rows = self._reduce(jobs, progress)
+        record = _Values(record=True)
+        self._values = record
+        try:
+            diffs = self._finish(sub, sides, exact_slots, rows)
+        finally:
+            self._values = None
+        if hooks:
+            diffs = self._run_hooks(sub, diffs, hooks)
+        first = global_slots(pairs)
+        pair_map = np.asarray(owned, dtype=np.int64)
+        slot_map = np.asarray([s for i in owned for s in _slots_of(pairs[i], first[i])], dtype=np.int64)
+        side_rows, side_ids, side_lengths, pair_rows, pair_ids = rows
+        return Partials(
+            side_rows=side_rows, side_ids=slot_map[side_ids], side_lengths=side_lengths,
+            pair_rows=pair_rows, pair_ids=pair_map[pair_ids],
+            exact_side={int(slot_map[k]): v for k, v in record.exact_side.items()},
+            exact_pair={int(pair_map[k]): v for k, v in record.exact_pair.items()},
+            same_nonfinite={int(pair_map[k]): v for k, v in record.same_nonfinite.items()},
+            equal={int(pair_map[k]): v for k, v in record.equal.items()},
+            extras={int(pair_map[k]): d.extras for k, d in enumerate(diffs) if d.extras},
+        )
+
+    def merge(self, pairs: list[Pair], parts: list[Partials]) -> list[TensorDiff]:
+        """TensorDiffs of all ``pairs`` from the Partials of processes that measured
+        disjoint subsets. Rows are merged in the order of ``parts`` (rank order); all
+        rows of one tensor come from one part, in that part's order, so every figure is
+        the one a single process computes (docs/DISTRIBUTED.md). Value-derived figures
+        (exact path, byte equality) are looked up, not recomputed."""
+        _, exact_slots, sides = self._plan_sides(pairs)
+
+        def cat(name, width=None):
+            arrays = [getattr(p, name) for p in parts]
+            return np.concatenate(arrays) if arrays else np.zeros((0, width) if width else 0)
+
+        rows = (cat("side_rows", R.SIDE_WIDTH), cat("side_ids").astype(np.int64), cat("side_lengths"),
+                cat("pair_rows", R.PAIR_WIDTH), cat("pair_ids").astype(np.int64))
+        known = _Values(lookup=True)
+        for p in parts:
+            known.exact_side.update(p.exact_side)
+            known.exact_pair.update(p.exact_pair)
+            known.same_nonfinite.update(p.same_nonfinite)
+            known.equal.update(p.equal)
+        self._values = known
+        try:
+            diffs = self._finish(pairs, sides, exact_slots, rows)
+        finally:
+            self._values = None
+        extras: dict[int, dict] = {}
+        for p in parts:
+            extras.update(p.extras)
+        return [TensorDiff(d.name, d.status, d.old, d.new, d.metrics, extras[i]) if i in extras else d
+                for i, d in enumerate(diffs)]
+
+    def _plan_sides(self, pairs: list[Pair]):
+        """The sides and the empty (exact-path) slots of ``pairs``, without cutting rows."""
+        sides: list[_Side] = []
+        exact_slots: set[int] = set()
+        for p in pairs:
+            for h in (p.old, p.new):
+                if h is not None:
+                    if h.numel == 0:
+                        exact_slots.add(len(sides))
+                    sides.append(_Side(h))
+        return None, exact_slots, sides
+
+    # Figures only the values give. Normally computed here; when measuring for another
+    # process they are recorded, and when merging they are looked up (global ids).
+    _values: "_Values | None" = None
+
+    def _exact_side(self, slot: int, side: _Side) -> R.SideTotals:
+        v = self._values
+        if v is not None and v.lookup and slot in v.exact_side:
+            return v.exact_side[slot]
+        t = R.exact_side(side.view())
+        if v is not None and v.record:
+            v.exact_side[slot] = t
+        return t
+
+    def _exact_pair(self, i: int, a: _Side, b: _Side) -> R.PairTotals:
+        v = self._values
+        if v is not None and v.lookup and i in v.exact_pair:
+            return v.exact_pair[i]
+        t = R.exact_pair(a.view(), b.view(), self.epsilon)
+        if v is not None and v.record:
+            v.exact_pair[i] = t
+        return t
+
+    def _same_nonfinite(self, i: int, a: _Side, b: _Side) -> bool:
+        v = self._values
+        if v is not None and v.lookup and i in v.same_nonfinite:
+            return v.same_nonfinite[i]
+        same = _same_nonfinite(a.view(), b.view())
+        if v is not None and v.record:
+            v.same_nonfinite[i] = same
+        return same
+
+    def _equal(self, i: int, a: _Side, b: _Side) -> bool:
+        v = self._values
+        if v is not None and v.lookup and i in v.equal:
+            return v.equal[i]
+        same = _sides_bytes_equal(a, b)
+        if v is not None and v.record:
+            v.equal[i] = same
+        return same
 
     # ---- planning -------------------------------------------------------------
 
@@ -233,7 +359,11 @@ class Engine:
         for group in groups.values():
             if group.length < self.row:  # small tensors: file order, so runs of them are adjacent
                 group.entries.sort(key=_file_position)
-        return list(groups.values()), exact_slots, sides
+        # Full-row groups first: every tensor's rows then come in the same order (full rows
+        # ascending, then its remainder) whatever other tensors are planned with it, so its
+        # merged figures do not depend on how pairs are split between processes.
+        ordered = sorted(groups.values(), key=lambda g: g.length != self.row)
+        return ordered, exact_slots, sides
 
     # ---- the pass over the data ------------------------------------------------
 
@@ -263,15 +393,21 @@ class Engine:
                     if pending_rows < k_max and qi < len(queue):
                         continue
                 k = pending_rows
+                # One row of ≥ 32768 elements is reduced by several threads splitting it
+                # (another summation order than the same row inside a larger block): one
+                # thread here, so a row's partials never depend on its block neighbours.
+                serial = k == 1 and L >= _TORCH_GRAIN
                 a = self._fill(pending, L, k, group.dtype, "a")
                 work = self._buffer("work", k * L, group.dtype).view(k, L)
-                parts = R.side_rows(a, work)
+                with _serial(serial):
+                    parts = R.side_rows(a, work)
                 lengths = np.full(k, L, dtype=np.float64)
                 if group.paired:
                     b = self._fill(pending, L, k, group.dtype, "b")
-                    parts += R.side_rows(b, work)
                     delta = self._buffer("delta", k * L, group.dtype).view(k, L)
-                    parts += R.pair_rows(a, b, self.epsilon, work, delta)
+                    with _serial(serial):
+                        parts += R.side_rows(b, work)
+                        parts += R.pair_rows(a, b, self.epsilon, work, delta)
                     block = torch.stack(parts, 1).to(torch.float64)
                     side_parts += [block[:, : R.SIDE_WIDTH], block[:, R.SIDE_WIDTH : 2 * R.SIDE_WIDTH]]
                     pair_parts.append(block[:, 2 * R.SIDE_WIDTH :])
@@ -399,7 +535,7 @@ class Engine:
         for slot, side in enumerate(sides):
             h = side.handle
             if exact[slot]:
-                side_stats.append(_stats(h, R.exact_side(side.view())))
+                side_stats.append(_stats(h, self._exact_side(slot, side)))
             else:
                 side_stats.append(TensorStats(
                     shape=tuple(h.shape), dtype=h.storage_dtype, numel=h.numel, nbytes=h.nbytes,
@@ -430,7 +566,7 @@ class Engine:
             nonfinite = (old_stats.nan_count + old_stats.inf_count + new_stats.nan_count + new_stats.inf_count) > 0
             if (nonfinite or exact[a_slot] or exact[b_slot] or p.old.numel == 0 or not math.isfinite(dsq[i])
                     or _pair_underflows(mp, i, p.old.numel, p.old.dtype, p.new.dtype)):
-                totals = R.exact_pair(a_side.view(), b_side.view(), self.epsilon)
+                totals = self._exact_pair(i, a_side, b_side)
             else:
                 totals = R.PairTotals(
                     count=p.old.numel, dsq=dsq[i], dmax=dmax[i], dsum_abs=dsum_abs[i], changed=int(changed[i]),
@@ -438,10 +574,10 @@ class Engine:
                 )
             same_nonfinite = (old_stats.nan_count, old_stats.inf_count) == (new_stats.nan_count, new_stats.inf_count)
             if same_nonfinite and nonfinite:
-                same_nonfinite = _same_nonfinite(a_side.view(), b_side.view())
+                same_nonfinite = self._same_nonfinite(i, a_side, b_side)
             equal = False
             if totals.dmax == 0 and same_nonfinite and not p.retyped:
-                equal = _sides_bytes_equal(a_side, b_side)
+                equal = self._equal(i, a_side, b_side)
             metrics = _metrics(totals, equal)
             if p.retyped:
                 status = RETYPED
@@ -484,6 +620,67 @@ class Engine:
         if t.is_complex():
             t = torch.view_as_real(t)
         return t.to(device=self.device, dtype=dtype)
+
+
+_TORCH_GRAIN = 32768  # at::internal::GRAIN_SIZE: below it torch reduces on one thread anyway
+
+
+@contextlib.contextmanager
+def _serial(on: bool):
+    """torch on one thread inside the block when ``on``."""
+    threads = torch.get_num_threads()
+    if not on or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@dataclass
+class _Values:
+    """Value-derived figures by id: recorded by the process that read the values, looked
+    up by the one that merges (Engine.measure / Engine.merge)."""
+
+    record: bool = False
+    lookup: bool = False
+    exact_side: dict = field(default_factory=dict)
+    exact_pair: dict = field(default_factory=dict)
+    same_nonfinite: dict = field(default_factory=dict)
+    equal: dict = field(default_factory=dict)
+
+
+@dataclass
+class Partials:
+    """What one process measured of some pairs, under global ids: row partials (the
+    engine's fixed layout, reductions.py), exact-path totals and byte/non-finite
+    equality of the tensors whose values it read, and hook extras (JSON-able)."""
+
+    side_rows: np.ndarray
+    side_ids: np.ndarray
+    side_lengths: np.ndarray
+    pair_rows: np.ndarray
+    pair_ids: np.ndarray
+    exact_side: dict[int, R.SideTotals]
+    exact_pair: dict[int, R.PairTotals]
+    same_nonfinite: dict[int, bool]
+    equal: dict[int, bool]
+    extras: dict[int, dict]
+
+
+def global_slots(pairs: list[Pair]) -> list[int]:
+    """The first side slot of each pair (slots count old then new, in pair order)."""
+    first, slot = [], 0
+    for p in pairs:
+        first.append(slot)
+        slot += (p.old is not None) + (p.new is not None)
+    return first
+
+
+def _slots_of(p: Pair, first: int) -> list[int]:
+    return list(range(first, first + (p.old is not None) + (p.new is not None)))
 
 
 def _file_position(entry) -> tuple:

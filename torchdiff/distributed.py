@@ -1,0 +1,481 @@
+"""torchdiff on torch.distributed: ``torchrun ... -m torchdiff OLD NEW`` and
+``torchdiff.compare(..., process_group=pg)`` inside a training job.
+
+Nothing here schedules or talks on its own: the process group is torch's (gloo on the
+CPU, NCCL on CUDA), and every exchange is a torch collective on fixed-layout int64,
+float64 or uint8 tensors. No Python object is pickled between ranks.
+
+A torchrun run (docs/DISTRIBUTED.md):
+
+1. every rank opens both checkpoints (headers and indexes only) and pairs the tensors;
+2. :func:`assign` gives every pair to one rank, balanced by bytes (deterministic);
+3. each rank measures its pairs (``Engine.measure``): row partials with global ids,
+   plus the figures that need values (exact path, byte equality, hook extras);
+4. a status round (all_gather of a fixed header), then the payloads are gathered on
+   rank 0, which merges them in rank order (``Engine.merge``), runs the analyses and
+   renders; the others print nothing;
+5. a final round agrees on one exit code, which every rank returns.
+
+Any failure on any rank turns the next round into a failure round: the failing rank's
+one-line message travels to rank 0 as UTF-8 bytes, rank 0 prints it naming the rank,
+and every rank exits 2. A collective that fails (a rank died, or did not arrive within
+``--dist-timeout``) is reported with the ranks that did not reach it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from torchdiff import reductions as R
+from torchdiff.errors import TorchDiffError
+
+DEFAULT_TIMEOUT = 300.0
+_TORCH_DTYPES = {np.dtype(np.float64): torch.float64, np.dtype(np.int64): torch.int64,
+                 np.dtype(np.uint8): torch.uint8}
+_HEADER = 12  # int64 slots of a status round
+_ACTIVE: "Context | None" = None
+
+
+class RankFailed(TorchDiffError):
+    """A rank failed (or went missing); every rank raises this with the same code."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class Context:
+    """One process's place in a process group."""
+
+    group: Any
+    rank: int
+    world: int
+    device: torch.device  # where collective tensors live (cpu for gloo, cuda:N for NCCL)
+    owns_group: bool = False
+    phase: int = 0
+    failed: tuple[int, str] | None = None
+
+    @property
+    def backend(self) -> str:
+        import torch.distributed as dist
+
+        return dist.get_backend(self.group)
+
+
+# ---- launch ------------------------------------------------------------------------
+
+
+def launched() -> bool:
+    """True under torchrun (or any launcher that sets RANK and WORLD_SIZE)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def active() -> Context | None:
+    return _ACTIVE
+
+
+def rank() -> int:
+    return _ACTIVE.rank if _ACTIVE is not None else 0
+
+
+def init_from_env(device: str = "auto", timeout: float = DEFAULT_TIMEOUT) -> Context:
+    """Join the process group torchrun describes: NCCL when the engine runs on CUDA
+    (each rank on ``cuda:LOCAL_RANK``), gloo otherwise; collectives time out after
+    ``timeout`` seconds."""
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = str(device).startswith("cuda") or (str(device) == "auto" and torch.cuda.is_available())
+    if cuda:
+        torch.cuda.set_device(local)
+    backend = "nccl" if cuda else "gloo"
+    kwargs: dict[str, Any] = {}
+    if cuda:
+        kwargs["device_id"] = torch.device("cuda", local)
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout), **kwargs)
+    return Context(None, dist.get_rank(), dist.get_world_size(),
+                   torch.device("cuda", local) if cuda else torch.device("cpu"), owns_group=True)
+
+
+def from_group(group: Any) -> Context:
+    """A Context over an existing process group (inside a training job)."""
+    import torch.distributed as dist
+
+    backend = dist.get_backend(group)
+    dev = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    return Context(group, dist.get_rank(group), dist.get_world_size(group), dev)
+
+
+def engine_device(device: str) -> str:
+    """The engine's device on this rank: ``cuda`` means ``cuda:LOCAL_RANK``."""
+    if str(device) in ("cuda", "auto") and torch.cuda.is_available():
+        return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    return device
+
+
+def share_cores() -> int:
+    """Split this machine's cores between the ranks on it (LOCAL_WORLD_SIZE)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    per = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    torch.set_num_threads(per)
+    return per
+
+
+# ---- work split --------------------------------------------------------------------
+
+
+def assign(sizes: list[int], world: int) -> list[int]:
+    """The rank of each unit: largest first, each to the least-loaded rank (ties: the
+    lower rank; equal sizes: the lower index first). Deterministic, so every rank
+    computes the same split without talking."""
+    owner = [0] * len(sizes)
+    load = [0] * world
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        owner[i] = r
+        load[r] += sizes[i]
+    return owner
+
+
+def _colocation_keys(hook, pair) -> list:
+    """Keys of pairs a stateful hook must see in one process: similarity_matrix's
+    cross-layer groups, gradient_analysis's (exp_avg, exp_avg_sq, step) of one parameter."""
+    keys = []
+    colocate = getattr(hook, "colocate", None)
+    if colocate is not None:
+        key = colocate(pair)
+        return [key] if key is not None else []
+    member = getattr(hook, "member", None)
+    if isinstance(member, dict) and pair.name in member:
+        keys.append((hook.name, "group", member[pair.name]))
+    index = getattr(hook, "index", None)
+    if isinstance(index, dict):
+        for side, table in index.items():
+            entry = table.get(pair.name) if isinstance(table, dict) else None
+            if entry is not None:
+                keys.append((hook.name, side, getattr(entry[0], "key", id(entry[0]))))
+    return keys
+
+
+def owners(pairs, hooks, world: int) -> list[int]:
+    """The rank that measures each pair: pairs a stateful hook needs together form one
+    unit; units are balanced by bytes (both sides)."""
+    parent = list(range(len(pairs)))
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict = {}
+    for i, p in enumerate(pairs):
+        for h in hooks:
+            for key in _colocation_keys(h, p):
+                j = first.setdefault(key, i)
+                ri, rj = find(i), find(j)
+                if ri != rj:
+                    parent[max(ri, rj)] = min(ri, rj)
+    units: dict[int, list[int]] = {}
+    for i in range(len(pairs)):
+        units.setdefault(find(i), []).append(i)
+    roots = sorted(units)
+    sizes = [sum(_nbytes(pairs[i]) for i in units[r]) for r in roots]
+    unit_owner = assign(sizes, world)
+    out = [0] * len(pairs)
+    for r, o in zip(roots, unit_owner):
+        for i in units[r]:
+            out[i] = o
+    return out
+
+
+def _nbytes(p) -> int:
+    return sum(h.nbytes for h in (p.old, p.new) if h is not None)
+
+
+# ---- rounds ------------------------------------------------------------------------
+
+
+def _store():
+    try:
+        import torch.distributed.distributed_c10d as c10d
+
+        return c10d._get_default_store()
+    except Exception:  # noqa: BLE001 - naming the missing rank is best effort
+        return None
+
+
+def _collective(ctx: Context, what: str, fn: Callable[[], Any]) -> Any:
+    """Run a collective; on failure (a peer died, or the timeout passed) raise
+    RankFailed naming the ranks that never reached this point."""
+    store = _store()
+    key = f"torchdiff/{ctx.phase}"
+    if store is not None and ctx.group is None:
+        try:
+            store.set(f"{key}/{ctx.rank}", "1")
+        except Exception:  # noqa: BLE001
+            store = None
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - gloo/NCCL raise RuntimeError or DistBackendError
+        missing = []
+        if store is not None and ctx.group is None:
+            for r in range(ctx.world):
+                try:
+                    if not store.check([f"{key}/{r}"]):
+                        missing.append(r)
+                except Exception:  # noqa: BLE001
+                    break
+        who = (f"rank {', '.join(map(str, missing))} of {ctx.world} did not reach the {what}"
+               if missing else f"a rank of {ctx.world} failed during the {what}")
+        first_line = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        ctx.failed = (2, f"{who} (it died, or took longer than the collective timeout; {first_line})")
+        raise RankFailed(ctx.failed[1]) from None
+
+
+def _round(ctx: Context, header: list[int], what: str) -> np.ndarray:
+    """All-gather one fixed int64 header per rank. Slot 0 is a failure code: when any
+    rank sends one, every rank takes the failure path (message to rank 0, RankFailed)."""
+    import torch.distributed as dist
+
+    ctx.phase += 1
+    mine = torch.zeros(_HEADER, dtype=torch.int64, device=ctx.device)
+    mine[: len(header)] = torch.tensor(header, dtype=torch.int64)
+    out = [torch.empty_like(mine) for _ in range(ctx.world)]
+    _collective(ctx, what, lambda: dist.all_gather(out, mine, group=ctx.group))
+    return torch.stack(out).cpu().numpy()
+
+
+def _fail_tail(ctx: Context, headers: np.ndarray, message: str) -> RankFailed:
+    """Everyone: send this rank's message (empty when it did not fail) to rank 0."""
+    failed = [r for r in range(ctx.world) if headers[r, 0] != 0]
+    code = int(max(headers[r, 0] for r in failed))
+    texts = _gather_arrays(ctx, [np.frombuffer(message.encode("utf-8"), dtype=np.uint8)], "error report")
+    line = ""
+    if ctx.rank == 0:
+        r = failed[0]
+        text = bytes(texts[r][0]).decode("utf-8", "replace") or "failed"
+        more = f" (ranks {', '.join(map(str, failed))} failed)" if len(failed) > 1 else ""
+        line = f"rank {r} of {ctx.world}: {text}{more}"
+    ctx.failed = (code, line)
+    return RankFailed(line, code)
+
+
+def _gather_arrays(ctx: Context, arrays: list[np.ndarray], what: str) -> list[list[np.ndarray]] | None:
+    """Gather 1-D arrays (same dtypes on every rank) on rank 0: sizes first (all_gather
+    of int64), then one padded gather per array. Returns [rank][array] on rank 0."""
+    import torch.distributed as dist
+
+    ctx.phase += 1
+    sizes_t = torch.tensor([a.size for a in arrays], dtype=torch.int64, device=ctx.device)
+    all_sizes = [torch.empty_like(sizes_t) for _ in range(ctx.world)]
+    _collective(ctx, what, lambda: dist.all_gather(all_sizes, sizes_t, group=ctx.group))
+    sizes = torch.stack(all_sizes).cpu().numpy()
+    out: list[list[np.ndarray]] = [[] for _ in range(ctx.world)]
+    for j, a in enumerate(arrays):
+        width = max(1, int(sizes[:, j].max()))
+        t = torch.zeros(width, dtype=_TORCH_DTYPES[a.dtype], device=ctx.device)
+        if a.size:
+            t[: a.size] = torch.from_numpy(np.array(a)).to(ctx.device)
+        bucket = [torch.empty_like(t) for _ in range(ctx.world)] if ctx.rank == 0 else None
+        ctx.phase += 1
+        _collective(ctx, what, lambda: dist.gather(t, bucket, dst=0, group=ctx.group))
+        if ctx.rank == 0:
+            for r in range(ctx.world):
+                out[r].append(bucket[r][: int(sizes[r, j])].cpu().numpy())
+    return out if ctx.rank == 0 else None
+
+
+def check(ctx: Context, error: TorchDiffError | None, what: str) -> None:
+    """A status round: raises RankFailed on every rank if any rank brings an error."""
+    code = 0 if error is None else int(getattr(error, "exit_code", 2) or 2)
+    headers = _round(ctx, [code], what)
+    if headers[:, 0].any():
+        raise _fail_tail(ctx, headers, "" if error is None else str(error))
+
+
+# ---- the measured pairs, across ranks ------------------------------------------------
+
+_SIDE_FIELDS = [f.name for f in dataclasses.fields(R.SideTotals)]
+_PAIR_FIELDS = [f.name for f in dataclasses.fields(R.PairTotals)]
+
+
+def _encode(part) -> list[np.ndarray]:
+    es = sorted(part.exact_side)
+    ep = sorted(part.exact_pair)
+    sn = sorted(part.same_nonfinite)
+    eq = sorted(part.equal)
+    f64 = np.concatenate([
+        part.side_rows.reshape(-1), part.side_lengths, part.pair_rows.reshape(-1),
+        np.array([[getattr(part.exact_side[k], f) for f in _SIDE_FIELDS] for k in es], dtype=np.float64).reshape(-1),
+        np.array([[getattr(part.exact_pair[k], f) for f in _PAIR_FIELDS] for k in ep], dtype=np.float64).reshape(-1),
+    ]).astype(np.float64)
+    i64 = np.concatenate([
+        part.side_ids, part.pair_ids, es, ep, sn, [int(part.same_nonfinite[k]) for k in sn],
+        eq, [int(part.equal[k]) for k in eq],
+    ]).astype(np.int64)
+    counts = np.array([len(part.side_ids), len(part.pair_ids), len(es), len(ep), len(sn), len(eq)], dtype=np.int64)
+    extras = json.dumps({str(k): v for k, v in part.extras.items()}, separators=(",", ":"), allow_nan=True)
+    return [counts, f64, i64, np.frombuffer(extras.encode("utf-8"), dtype=np.uint8)]
+
+
+def _decode(arrays: list[np.ndarray]):
+    from torchdiff.engine import Partials
+
+    counts, f64, i64, raw = arrays
+    n_side, n_pair, n_es, n_ep, n_sn, n_eq = (int(c) for c in counts)
+    pos = 0
+
+    def take(a, n):
+        nonlocal pos
+        out = a[pos : pos + n]
+        pos += n
+        return out
+
+    side_rows = take(f64, n_side * R.SIDE_WIDTH).reshape(n_side, R.SIDE_WIDTH)
+    side_lengths = take(f64, n_side)
+    pair_rows = take(f64, n_pair * R.PAIR_WIDTH).reshape(n_pair, R.PAIR_WIDTH)
+    es_vals = take(f64, n_es * len(_SIDE_FIELDS)).reshape(n_es, len(_SIDE_FIELDS))
+    ep_vals = take(f64, n_ep * len(_PAIR_FIELDS)).reshape(n_ep, len(_PAIR_FIELDS))
+    pos = 0
+    side_ids, pair_ids = take(i64, n_side), take(i64, n_pair)
+    es, ep = take(i64, n_es), take(i64, n_ep)
+    sn, sn_v = take(i64, n_sn), take(i64, n_sn)
+    eq, eq_v = take(i64, n_eq), take(i64, n_eq)
+    extras = json.loads(bytes(raw).decode("utf-8")) if raw.size else {}
+    return Partials(
+        side_rows=side_rows, side_ids=side_ids, side_lengths=side_lengths, pair_rows=pair_rows, pair_ids=pair_ids,
+        exact_side={int(k): _totals(R.SideTotals, v) for k, v in zip(es, es_vals)},
+        exact_pair={int(k): _totals(R.PairTotals, v) for k, v in zip(ep, ep_vals)},
+        same_nonfinite={int(k): bool(v) for k, v in zip(sn, sn_v)},
+        equal={int(k): bool(v) for k, v in zip(eq, eq_v)},
+        extras={int(k): v for k, v in extras.items()},
+    )
+
+
+def _totals(cls, values: np.ndarray):
+    kwargs = {}
+    for f, v in zip(dataclasses.fields(cls), values.tolist()):
+        kwargs[f.name] = int(v) if f.type in ("int", int) else float(v)
+    return cls(**kwargs)
+
+
+def run(ctx: Context, engine, pairs, hooks=(), progress=None):
+    """Measure ``pairs`` across the ranks of ``ctx``; the TensorDiffs of all pairs on
+    rank 0, None on the others. Every rank must call it with the same pairs."""
+    hooks = list(hooks)
+    mine = [i for i, o in enumerate(owners(pairs, hooks, ctx.world)) if o == ctx.rank]
+    error = None
+    payload = None
+    try:
+        payload = _encode(engine.measure(pairs, mine, hooks, progress))
+    except TorchDiffError as e:
+        error = e
+    except MemoryError:
+        error = TorchDiffError("out of memory")
+    except Exception as e:  # noqa: BLE001 - one line on rank 0, not a hang of the others
+        error = TorchDiffError(f"internal error: {type(e).__name__}: {e}")
+    check(ctx, error, "exchange of figures")
+    gathered = _gather_arrays(ctx, payload, "gather of figures")
+    if ctx.rank != 0:
+        return None
+    return engine.merge(pairs, [_decode(g) for g in gathered])
+
+
+# ---- the command line ----------------------------------------------------------------
+
+
+def _flag(argv: list[str], name: str, default: str) -> str:
+    """A flag's value read leniently (before the real parse, which may fail)."""
+    for i, token in enumerate(argv):
+        for spelling in (f"--{name}", f"--{name.replace('-', '_')}"):
+            if token == spelling and i + 1 < len(argv):
+                return argv[i + 1]
+            if token.startswith(spelling + "="):
+                return token.split("=", 1)[1]
+    return default
+
+
+def cli_main(argv: list[str], run_local: Callable[[list[str]], tuple[int, str | None]]) -> int:
+    """The CLI on one rank: join the group, run, agree on the exit code, leave."""
+    import torch.distributed as dist
+
+    me = int(os.environ.get("RANK", "0"))
+    try:
+        timeout = float(_flag(argv, "dist-timeout", str(DEFAULT_TIMEOUT)))
+        if not timeout > 0:
+            raise ValueError
+    except ValueError:
+        if me == 0:
+            print("torchdiff: error: --dist-timeout must be a number of seconds > 0", file=sys.stderr)
+        return 2
+    try:
+        ctx = init_from_env(_flag(argv, "device", "auto"), timeout)
+    except Exception as e:  # noqa: BLE001
+        print(f"torchdiff: error: rank {me}: cannot join the process group ({type(e).__name__}: "
+              f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''})", file=sys.stderr)
+        return 2
+    try:
+        return run_command(ctx, argv, run_local)
+    finally:
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def run_command(ctx: Context, argv: list[str], run_local: Callable[[list[str]], tuple[int, str | None]]) -> int:
+    """One command on every rank of ``ctx`` (already joined): rank 0 prints, every rank
+    returns the same exit code."""
+    global _ACTIVE
+    import contextlib
+    import io
+
+    _ACTIVE = ctx
+    ctx.failed = None
+    try:
+        with contextlib.ExitStack() as quiet:
+            if ctx.rank != 0:  # one output: rank 0's (other ranks keep stderr only with --verbose)
+                quiet.enter_context(contextlib.redirect_stdout(io.StringIO()))
+                if "--verbose" not in argv:
+                    quiet.enter_context(contextlib.redirect_stderr(io.StringIO()))
+            code, line = run_local(argv)
+        if ctx.failed is not None:  # the failure was agreed inside the run
+            code, line = ctx.failed[0], (f"torchdiff: error: {ctx.failed[1]}" if ctx.rank == 0 else None)
+        else:
+            code, line = _final(ctx, code, line)
+        if ctx.rank == 0 and line:
+            print(line, file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        return code
+    finally:
+        _ACTIVE = None
+
+
+def _final(ctx: Context, code: int, line: str | None) -> tuple[int, str | None]:
+    """Agree on one exit code: a failure anywhere is every rank's exit 2 (the failing
+    rank's line printed by rank 0); otherwise the largest code (rank 0's 0 or 1)."""
+    failure = code if code >= 2 else 0
+    try:
+        headers = _round(ctx, [failure, code if failure == 0 else 0], "final agreement")
+        if headers[:, 0].any():
+            message = (line or "").removeprefix("torchdiff: error: ") if failure else ""
+            err = _fail_tail(ctx, headers, message)
+            return err.exit_code, f"torchdiff: error: {err}" if ctx.rank == 0 else None
+    except RankFailed as e:
+        return e.exit_code, f"torchdiff: error: {e}"
+    return int(headers[:, 1].max()), None
