@@ -353,3 +353,51 @@ def test_partials_travel_as_arrays():
     assert back.equal == part.equal and back.same_nonfinite == part.same_nonfinite
     assert back.extras[0]["h"]["n"] == 3 and math.isnan(back.extras[0]["h"]["x"][1])
     assert part.exact_side, "the odd state has exact-path tensors"
+
+
+# ---- inside training: FSDP2 fully_shard on 2 gloo ranks ------------------------------------
+
+
+def _f64_reference(old: np.ndarray, new: np.ndarray) -> dict:
+    d = new - old
+    side = lambda x: [x.mean(), x.std(), x.min(), x.max(), np.abs(x).mean(), np.sqrt((x * x).mean())]  # noqa: E731
+    return {"old": side(old), "new": side(new),
+            "pair": [np.sqrt((d * d).sum()), np.sqrt((old * old).sum()), np.sqrt((new * new).sum()),
+                     np.abs(d).max(), np.abs(d).mean(), int((d != 0).sum())]}
+
+
+def test_fsdp2_monitor_equals_full_recomputation(tmp_path):
+    """CheckpointMonitor(process_group=...) under fully_shard: each rank snapshots its
+    local shards (1/N of the bytes) and both ranks get the same report, whose figures
+    are those of float64 NumPy on the full state_dicts (gathered by the test only) and
+    of single-process torchdiff on them, to the engine's float32 accumulation precision
+    (tests/test_metrics.py's rtol)."""
+    port = _free_port()
+    out = tmp_path / "fsdp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(port), str(Path(__file__).parent / "dist_fsdp_worker.py"), str(out)]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    res = [json.loads(Path(f"{out}.r{r}").read_text()) for r in (0, 1)]
+    for r in res:
+        assert "error" not in r, r.get("error", "") + proc.stderr[-2000:]
+        assert r["how"] == "fully_shard", r["how"]
+        assert r["monitor_bytes"] == r["local_bytes"] < r["full_bytes"]
+    assert res[0]["monitor_bytes"] + res[1]["monitor_bytes"] == res[0]["full_bytes"], "snapshots are 1/N each"
+    assert res[0]["monitor"] == res[1]["monitor"], "every rank gets the same report"
+    rtol = 2e-5
+    for mon, ref, selfcmp in zip(res[0]["monitor"], res[0]["reference"], res[0]["self"]):
+        name = mon["name"]
+        assert (mon["name"], mon["status"]) == (ref["name"], ref["status"]) == (name, "changed")
+        assert selfcmp["status"] == "unchanged" and selfcmp["metrics"][1] is True, "a state equals itself"
+        assert mon["old"][:2] == ref["old"][:2] and mon["new"][:2] == ref["new"][:2], "shape and numel"
+        assert mon["old"][8:] == ref["old"][8:] and mon["new"][8:] == ref["new"][8:], "zero, NaN, Inf counts"
+        old, new = (np.array(v) for v in res[0]["values"][name])
+        f = _f64_reference(old, new)
+        for side in ("old", "new"):
+            got = mon[side][2:8]
+            for k, (g, e) in enumerate(zip(got, f[side])):
+                np.testing.assert_allclose(g, e, rtol=rtol, atol=rtol * f[side][4], err_msg=f"{name} {side} {k}")
+            np.testing.assert_allclose(got, ref[side][2:8], rtol=rtol, atol=rtol * f[side][4])
+        m = mon["metrics"]
+        assert m[0] == ref["metrics"][0] == old.size and m[7] == f["pair"][5]
+        np.testing.assert_allclose([m[2], m[3], m[4], m[5], m[6]], f["pair"][:5], rtol=rtol, err_msg=name)

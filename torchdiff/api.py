@@ -28,6 +28,7 @@ CORE_OPTIONS: dict[str, Any] = {
     "recursive": False,
     "device": "auto",
     "unsafe_pickle": False,
+    "process_group": None,  # torch.distributed group: tensors are DTensors sharded over it (docs/DISTRIBUTED.md)
 }
 
 
@@ -167,7 +168,11 @@ def compare(old: Any, new: Any, *, analyses: tuple[str, ...] | list[str] = (),
             ``"show_layer_impact"``...); flags may also be keywords (``stats=True``).
         progress: called with the number of elements done after each block.
         **kwargs: ``epsilon``, ``ignore_keys_regex``, ``path``, ``format``, ``recursive``,
-            ``device`` and the analyses' own options (``sort_key``...).
+            ``device`` and the analyses' own options (``sort_key``...). ``process_group``: a
+            torch.distributed group (or True for the default one) when the tensors are
+            DTensors sharded over it (FSDP2, tensor parallel): every rank of the group calls
+            compare, reduces its local shards, and gets the same Report; parameters are
+            never gathered (docs/DISTRIBUTED.md).
 
     Returns:
         A Report: iterate it for TensorDiffs, ``print`` it for text, ``to_dict()`` for JSON.
@@ -222,7 +227,9 @@ def compare_checkpoints(old: Checkpoint, new: Checkpoint, options: Options, engi
     from torchdiff import distributed
 
     ctx = distributed.active()
-    if ctx is not None:  # under torchrun: this rank measures its share; rank 0 gets all diffs
+    if options.get("process_group") is not None:  # inside training: each rank reduces its local shards
+        diffs = distributed.run_sharded(distributed.from_group(options.process_group), engine, pairs, hooks=hooks)
+    elif ctx is not None:  # under torchrun: this rank measures its share; rank 0 gets all diffs
         diffs = distributed.run(ctx, engine, pairs, hooks=hooks, progress=_checking(files, progress))
     else:
         diffs = engine.run(pairs, hooks=hooks, progress=_checking(files, progress))

@@ -25,6 +25,7 @@ and every rank exits 2. A collective that fails (a rank died, or did not arrive 
 from __future__ import annotations
 
 import dataclasses
+import math
 import datetime
 import json
 import os
@@ -111,6 +112,8 @@ def from_group(group: Any) -> Context:
     """A Context over an existing process group (inside a training job)."""
     import torch.distributed as dist
 
+    if group is True:
+        group = dist.group.WORLD
     backend = dist.get_backend(group)
     dev = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
     return Context(group, dist.get_rank(group), dist.get_world_size(group), dev)
@@ -479,3 +482,169 @@ def _final(ctx: Context, code: int, line: str | None) -> tuple[int, str | None]:
     except RankFailed as e:
         return e.exit_code, f"torchdiff: error: {e}"
     return int(headers[:, 1].max()), None
+
+
+# ---- inside a training job: DTensors (FSDP2 fully_shard, tensor parallel) ----------------
+
+
+def local_part(t: torch.Tensor, ctx: Context) -> torch.Tensor | None:
+    """The part of ``t`` this rank counts: a DTensor's local shard (``to_local()``, no
+    communication) unless the shard is a replica of another rank's (a Replicate mesh
+    dimension where this rank's coordinate is not 0); a plain tensor counts on rank 0
+    of the group only. None when this rank counts nothing of it."""
+    try:
+        from torch.distributed.tensor import DTensor, Partial, Replicate
+    except ImportError:  # torch without DTensor
+        DTensor = None  # noqa: N806
+    if DTensor is not None and isinstance(t, DTensor):
+        coord = t.device_mesh.get_coordinate()
+        if coord is None:  # this rank is not in the tensor's mesh
+            return None
+        for dim, placement in enumerate(t.placements):
+            if isinstance(placement, Partial):
+                from torchdiff.errors import UsageError
+
+                raise UsageError("a DTensor with a Partial placement holds unreduced sums; reduce it "
+                                 "(redistribute to Shard/Replicate) before comparing")
+            if isinstance(placement, Replicate) and coord[dim] != 0:
+                return None
+        return t.to_local()
+    return t if ctx.rank == 0 else None
+
+
+def _side_values(s) -> list[float]:
+    """A TensorStats as mergeable totals: count (finite), mean, M2, min, max, Σ|x|,
+    zeros, NaN, Inf."""
+    count = s.numel - s.nan_count - s.inf_count
+    if count <= 0:
+        return [0.0, 0.0, 0.0, math.inf, -math.inf, 0.0, 0.0, float(s.nan_count), float(s.inf_count)]
+    return [float(count), s.mean, s.std * s.std * count, s.min, s.max, s.mean_abs * count,
+            float(s.zero_count), float(s.nan_count), float(s.inf_count)]
+
+
+_SIDE_W, _PAIR_W = 9, 9
+
+
+def run_sharded(ctx: Context, engine, pairs, hooks=()):
+    """TensorDiffs of ``pairs`` whose handles hold DTensors (or replicated plain
+    tensors), on every rank of ``ctx``: each rank measures its local shards with the
+    engine, the per-tensor totals (9 + 9 + 9 float64 a pair) are all-gathered, and each
+    rank merges them in rank order (Chan's update for M2; sums, min/max, AND of the
+    equality flags). Parameters are never gathered."""
+    import torch.distributed as dist
+
+    from torchdiff.engine import _metrics, _stats
+    from torchdiff.errors import UsageError
+    from torchdiff.formats.base import tensor_handle
+    from torchdiff.pairing import Pair
+    from torchdiff.results import ADDED, CHANGED, REMOVED, RESHAPED, RETYPED, UNCHANGED, TensorDiff
+
+    if list(hooks):
+        raise UsageError("with process_group=, analyses that read values through engine hooks "
+                         "(anomaly_detection, change_summary, quantization_analysis, similarity_matrix "
+                         "cross-layer, gradient_analysis, architecture_comparison renames) are not available: "
+                         "their figures need whole tensors (docs/DISTRIBUTED.md)")
+    local_pairs = []
+    for p in pairs:
+        sides = []
+        for h in (p.old, p.new):
+            if h is None:
+                sides.append(None)
+                continue
+            part = local_part(h.materialize(), ctx)
+            if part is None:
+                part = torch.empty(0, dtype=h.dtype)
+            sides.append(tensor_handle(p.name, part.detach().reshape(-1) if part.numel() else part.reshape(0)))
+        if p.kind == "common" and sides[0].numel != sides[1].numel:
+            raise UsageError(f"{p.name}: the two sides are sharded differently on rank {ctx.rank} "
+                             f"({sides[0].numel} vs {sides[1].numel} local elements); compare tensors with "
+                             "the same placements")
+        local_pairs.append(Pair(p.name, *sides))
+    local = engine.run(local_pairs)
+    n = len(pairs)
+    mine = np.zeros((n, 2 * _SIDE_W + _PAIR_W), dtype=np.float64)
+    for i, (p, d) in enumerate(zip(pairs, local)):
+        if d.old is not None:
+            mine[i, :_SIDE_W] = _side_values(d.old)
+        if d.new is not None:
+            mine[i, _SIDE_W:2 * _SIDE_W] = _side_values(d.new)
+        m = d.metrics
+        if p.kind == "common" and m is not None:
+            mine[i, 2 * _SIDE_W:] = [m.numel, m.l2 * m.l2, m.max_abs if m.numel else -math.inf,
+                                     m.mean_abs_diff * m.numel, m.changed_count, m.norm_old * m.norm_old,
+                                     m.norm_new * m.norm_new, float(m.equal or local_pairs[i].old.numel == 0),
+                                     float(d.status == UNCHANGED)]
+        elif p.kind == "common":
+            mine[i, 2 * _SIDE_W + 7:] = 1.0
+    ctx.phase += 1
+    count = torch.tensor([n], dtype=torch.int64, device=ctx.device)
+    counts = [torch.empty_like(count) for _ in range(ctx.world)]
+    _collective(ctx, "exchange of tensor counts", lambda: dist.all_gather(counts, count, group=ctx.group))
+    if len({int(c) for c in counts}) != 1:
+        raise UsageError(f"the ranks hold different tensors ({[int(c) for c in counts]} tensors a rank)")
+    t = torch.from_numpy(mine).to(ctx.device)
+    out = [torch.empty_like(t) for _ in range(ctx.world)]
+    ctx.phase += 1
+    _collective(ctx, "exchange of figures", lambda: dist.all_gather(out, t, group=ctx.group))
+    parts = np.stack([o.cpu().numpy() for o in out])  # [rank, pair, column]
+
+    def side(cols) -> R.SideTotals:
+        c, mean, m2, lo, hi, sabs, zero, nan, inf = (cols[:, k] for k in range(_SIDE_W))
+        total = c.sum()
+        nan_n, inf_n = int(nan.sum()), int(inf.sum())
+        if total <= 0:
+            return R.SideTotals(0, math.nan, 0.0, math.nan, math.nan, 0.0, 0, nan_n, inf_n)
+        mu = float((c * mean).sum() / total)
+        spread = 0.0
+        for r in range(len(c)):  # rank order
+            if c[r] > 0:
+                spread += m2[r] + c[r] * (mean[r] - mu) ** 2
+        return R.SideTotals(int(total), mu, float(spread), float(lo.min()), float(hi.max()), float(sabs.sum()),
+                            int(zero.sum()), nan_n, inf_n)
+
+    diffs = []
+    for i, p in enumerate(pairs):
+        old = _stats(p.old, side(parts[:, i, :_SIDE_W])) if p.old is not None else None
+        new = _stats(p.new, side(parts[:, i, _SIDE_W:2 * _SIDE_W])) if p.new is not None else None
+        if p.kind != "common":
+            status = {"added": ADDED, "removed": REMOVED, "reshaped": RESHAPED}[p.kind]
+            diffs.append(TensorDiff(p.name, status, old, new, None))
+            continue
+        q = parts[:, i, 2 * _SIDE_W:]
+        cnt = int(q[:, 0].sum())
+        dmax = float(q[:, 2].max())
+        totals = R.PairTotals(count=cnt, dsq=float(q[:, 1].sum()), dmax=dmax if cnt else 0.0,
+                              dsum_abs=float(q[:, 3].sum()), changed=int(q[:, 4].sum()),
+                              sumsq_old=float(q[:, 5].sum()), sumsq_new=float(q[:, 6].sum()))
+        equal = bool(q[:, 7].all()) and not p.retyped
+        unchanged = bool(q[:, 8].all())
+        status = RETYPED if p.retyped else (UNCHANGED if unchanged else CHANGED)
+        diffs.append(TensorDiff(p.name, status, old, new, _metrics(totals, equal)))
+    return diffs
+
+
+def to_local(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, tuple]]:
+    """DTensors -> their local shards, plus what re-wraps them (mesh, placements, global
+    shape and stride); plain tensors pass through."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return state, {}
+    out, specs = {}, {}
+    for k, v in state.items():
+        if isinstance(v, DTensor):
+            specs[k] = (v.device_mesh, v.placements, v.shape, v.stride())
+            out[k] = v.to_local()
+        else:
+            out[k] = v
+    return out, specs
+
+
+def from_local(state: dict[str, torch.Tensor], specs: dict[str, tuple]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`to_local`, without communication (``run_check=False``)."""
+    if not specs:
+        return state
+    from torch.distributed.tensor import DTensor
+
+    return {k: DTensor.from_local(v, specs[k][0], specs[k][1], run_check=False, shape=specs[k][2],
+                                  stride=specs[k][3]) if k in specs else v for k, v in state.items()}
