@@ -44,6 +44,9 @@ _TORCH_DTYPES = {np.dtype(np.float64): torch.float64, np.dtype(np.int64): torch.
                  np.dtype(np.uint8): torch.uint8}
 _HEADER = 12  # int64 slots of a status round
 _ACTIVE: "Context | None" = None
+#: Seconds of the last :func:`run` on this rank: measure (own pairs), exchange (status
+#: round + gathers, waiting for the slowest rank included), merge (rank 0).
+TIMINGS: dict[str, float] = {}
 
 
 class RankFailed(TorchDiffError):
@@ -379,7 +382,10 @@ def _totals(cls, values: np.ndarray):
 def run(ctx: Context, engine, pairs, hooks=(), progress=None):
     """Measure ``pairs`` across the ranks of ``ctx``; the TensorDiffs of all pairs on
     rank 0, None on the others. Every rank must call it with the same pairs."""
+    import time
+
     hooks = list(hooks)
+    started = time.perf_counter()
     mine = [i for i, o in enumerate(owners(pairs, hooks, ctx.world)) if o == ctx.rank]
     error = None
     payload = None
@@ -391,11 +397,17 @@ def run(ctx: Context, engine, pairs, hooks=(), progress=None):
         error = TorchDiffError("out of memory")
     except Exception as e:  # noqa: BLE001 - one line on rank 0, not a hang of the others
         error = TorchDiffError(f"internal error: {type(e).__name__}: {e}")
+    measured = time.perf_counter()
     check(ctx, error, "exchange of figures")
     gathered = _gather_arrays(ctx, payload, "gather of figures")
+    exchanged = time.perf_counter()
+    TIMINGS.update(pairs=len(pairs), owned=len(mine), measure=measured - started, exchange=exchanged - measured,
+                   merge=0.0)
     if ctx.rank != 0:
         return None
-    return engine.merge(pairs, [_decode(g) for g in gathered])
+    diffs = engine.merge(pairs, [_decode(g) for g in gathered])
+    TIMINGS["merge"] = time.perf_counter() - exchanged
+    return diffs
 
 
 # ---- the command line ----------------------------------------------------------------
