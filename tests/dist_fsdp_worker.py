@@ -84,6 +84,28 @@ try:
     result["monitor"] = figures(report)
     result["reference"] = figures(reference)
     result["self"] = figures(sharded_report)
+    # Replicate placements and plain tensors count once; a sharding mismatch on one
+    # rank is every rank's error (no rank left waiting).
+    from torch.distributed.tensor import Replicate
+
+    torch.manual_seed(5)
+    a = {"w": torch.randn(7, 5), "r": torch.randn(4), "p": torch.randn(3)}
+    b = {k: v * 1.1 for k, v in a.items()}
+
+    def dt(s):
+        return {"w": distribute_tensor(s["w"], mesh, [Shard(0)]), "r": distribute_tensor(s["r"], mesh, [Replicate()]),
+                "p": s["p"]}
+
+    da, db = dt(a), dt(b)
+    result["mixed"] = figures(torchdiff.compare(da, db, process_group=dist.group.WORLD))
+    result["mixed_reference"] = figures(torchdiff.compare(a, b))
+    if rank == 1:
+        db["w"] = DTensor.from_local(torch.zeros(2, 5), mesh, [Shard(0)], run_check=False, shape=(7, 5), stride=(5, 1))
+    try:
+        torchdiff.compare(da, db, process_group=dist.group.WORLD)
+        result["mismatch"] = None
+    except torchdiff.TorchDiffError as e:
+        result["mismatch"] = str(e)
 except Exception as e:  # noqa: BLE001
     import traceback
 

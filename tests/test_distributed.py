@@ -146,12 +146,13 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _launch(jobs: list[tuple[str, list[str]]], out: Path, cwds=None, nodes: int = 1, nproc: int = 2):
-    """Run ``jobs`` (name, argv) under torchrun; one launch per node. Returns, per job,
+def _launch(jobs: list[tuple], out: Path, cwds=None, nodes: int = 1, nproc: int = 2, timeout: float = 120):
+    """Run ``jobs`` (name, argv[, (rank, seconds it stalls first)]) under torchrun; one
+    launch per node; collectives time out after ``timeout`` s. Returns, per job,
     {rank: {"code", "stdout", "stderr"}}."""
     out.mkdir(parents=True, exist_ok=True)
     spec = out / "jobs.json"
-    spec.write_text(json.dumps([[str(out / name), argv] for name, argv in jobs]))
+    spec.write_text(json.dumps([[str(out / job[0]), job[1], job[2] if len(job) > 2 else None] for job in jobs]))
     port = _free_port()
     procs = []
     for node in range(nodes):
@@ -161,7 +162,7 @@ def _launch(jobs: list[tuple[str, list[str]]], out: Path, cwds=None, nodes: int 
             launch = ["--nnodes", str(nodes), "--node-rank", str(node), "--nproc-per-node", str(nproc),
                       "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}"]
         cmd = [sys.executable, "-m", "torch.distributed.run", *launch, str(WORKER), str(spec)]
-        procs.append(subprocess.Popen(cmd, cwd=(cwds or [None] * nodes)[node], env=_env(),
+        procs.append(subprocess.Popen(cmd, cwd=(cwds or [None] * nodes)[node], env={**_env(), "TORCHDIFF_TEST_TIMEOUT": str(timeout)},
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     logs = []
     for p in procs:
@@ -172,7 +173,7 @@ def _launch(jobs: list[tuple[str, list[str]]], out: Path, cwds=None, nodes: int 
                 q.kill()
             pytest.fail("a torchrun launch hung")
     results = {}
-    for name, _ in jobs:
+    for name, *_ in jobs:
         results[name] = {}
         for r in range(nodes * nproc):
             f = out / f"{name}.r{r}"
@@ -279,7 +280,8 @@ def test_outputs_are_not_trivial(two_ranks):
 def test_two_nodes_and_a_failing_rank(data):
     """Two torchrun launches (--nnodes 2, c10d rendezvous on 127.0.0.1). Node directories
     hold the same relative paths; in the second job one node's copy of a shard is
-    truncated, so only the rank(s) of that node fail at opening it."""
+    truncated, so only the rank(s) of that node fail at opening it. In the third, rank 1
+    stalls past the collective timeout: rank 0 gives up and names it."""
     nodes = [data / "node0", data / "node1"]
     for n in nodes:
         (n / "hf_old").mkdir(parents=True, exist_ok=True)
@@ -290,8 +292,9 @@ def test_two_nodes_and_a_failing_rank(data):
     shard = nodes[1] / "hf_new" / "model-00002-of-00003.safetensors"
     shard.write_bytes(shard.read_bytes()[:-100])
     jobs = [("ok", [str(data / "hf_old"), str(data / "hf_new"), "--all", "-o", "json"]),
-            ("truncated", ["hf_old", "hf_new", "--all", "-o", "json", "--dist-timeout", "60"])]
-    res = _launch(jobs, data / "out_2n", cwds=nodes, nodes=2, nproc=1)
+            ("truncated", ["hf_old", "hf_new", "--all", "-o", "json"]),
+            ("stalled", [str(data / "hf_old"), str(data / "hf_new")], (1, 25))]
+    res = _launch(jobs, data / "out_2n", cwds=nodes, nodes=2, nproc=1, timeout=15)
     single = _single(jobs[0][1])
     assert [res["ok"][r]["code"] for r in (0, 1)] == [0, 0]
     _close(json.loads(single["stdout"]), json.loads(res["ok"][0]["stdout"]))
@@ -305,6 +308,12 @@ def test_two_nodes_and_a_failing_rank(data):
     assert lines[0].startswith("torchdiff: error: rank ") and "of 2" in lines[0]
     assert "model-00002-of-00003.safetensors" in lines[0] and "truncated" in lines[0]
     assert bad[0]["stderr"].strip() == lines[0], "rank 0 prints it"
+
+    late = res["stalled"]
+    assert [late[r]["code"] for r in (0, 1)] == [2, 2]
+    line = late[0]["stderr"].strip()
+    assert line.startswith("torchdiff: error: rank 1 of 2 did not reach the exchange of figures"), line
+    assert late[1]["stderr"] == "" and late[0]["stdout"] == late[1]["stdout"] == ""
 
 
 # ---- in-process pieces: split, measure, merge -----------------------------------------------
@@ -401,3 +410,11 @@ def test_fsdp2_monitor_equals_full_recomputation(tmp_path):
         m = mon["metrics"]
         assert m[0] == ref["metrics"][0] == old.size and m[7] == f["pair"][5]
         np.testing.assert_allclose([m[2], m[3], m[4], m[5], m[6]], f["pair"][:5], rtol=rtol, err_msg=name)
+    # Shard(0), Replicate and a plain tensor: each counted once
+    for got, ref in zip(res[0]["mixed"], res[0]["mixed_reference"]):
+        assert (got["name"], got["status"], got["new"][:2], got["new"][8:]) == \
+            (ref["name"], ref["status"], ref["new"][:2], ref["new"][8:])
+        np.testing.assert_allclose(got["new"][2:8] + got["metrics"][2:7], ref["new"][2:8] + ref["metrics"][2:7],
+                                   rtol=rtol, atol=1e-7, err_msg=got["name"])
+    assert res[0]["mixed"] == res[1]["mixed"]
+    assert res[0]["mismatch"] == res[1]["mismatch"] and res[0]["mismatch"].startswith("rank 1 of 2: w: the two sides")

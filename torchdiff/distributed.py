@@ -269,9 +269,10 @@ def _fail_tail(ctx: Context, headers: np.ndarray, message: str) -> RankFailed:
     """Everyone: send this rank's message (empty when it did not fail) to rank 0."""
     failed = [r for r in range(ctx.world) if headers[r, 0] != 0]
     code = int(max(headers[r, 0] for r in failed))
-    texts = _gather_arrays(ctx, [np.frombuffer(message.encode("utf-8"), dtype=np.uint8)], "error report")
+    texts = _gather_arrays(ctx, [np.frombuffer(message.encode("utf-8"), dtype=np.uint8)], "error report",
+                           everyone=True)
     line = ""
-    if ctx.rank == 0:
+    if texts is not None:
         r = failed[0]
         text = bytes(texts[r][0]).decode("utf-8", "replace") or "failed"
         more = f" (ranks {', '.join(map(str, failed))} failed)" if len(failed) > 1 else ""
@@ -280,9 +281,11 @@ def _fail_tail(ctx: Context, headers: np.ndarray, message: str) -> RankFailed:
     return RankFailed(line, code)
 
 
-def _gather_arrays(ctx: Context, arrays: list[np.ndarray], what: str) -> list[list[np.ndarray]] | None:
-    """Gather 1-D arrays (same dtypes on every rank) on rank 0: sizes first (all_gather
-    of int64), then one padded gather per array. Returns [rank][array] on rank 0."""
+def _gather_arrays(ctx: Context, arrays: list[np.ndarray], what: str,
+                   everyone: bool = False) -> list[list[np.ndarray]] | None:
+    """Gather 1-D arrays (same dtypes on every rank) on rank 0 (on every rank with
+    ``everyone``): sizes first (all_gather of int64), then one padded gather (or
+    all_gather) per array. Returns [rank][array] where gathered, else None."""
     import torch.distributed as dist
 
     ctx.phase += 1
@@ -296,21 +299,35 @@ def _gather_arrays(ctx: Context, arrays: list[np.ndarray], what: str) -> list[li
         t = torch.zeros(width, dtype=_TORCH_DTYPES[a.dtype], device=ctx.device)
         if a.size:
             t[: a.size] = torch.from_numpy(np.array(a)).to(ctx.device)
-        bucket = [torch.empty_like(t) for _ in range(ctx.world)] if ctx.rank == 0 else None
+        here = everyone or ctx.rank == 0
+        bucket = [torch.empty_like(t) for _ in range(ctx.world)] if here else None
         ctx.phase += 1
-        _collective(ctx, what, lambda: dist.gather(t, bucket, dst=0, group=ctx.group))
-        if ctx.rank == 0:
+        if everyone:
+            _collective(ctx, what, lambda: dist.all_gather(bucket, t, group=ctx.group))
+        else:
+            _collective(ctx, what, lambda: dist.gather(t, bucket, dst=_global_rank(ctx, 0), group=ctx.group))
+        if here:
             for r in range(ctx.world):
                 out[r].append(bucket[r][: int(sizes[r, j])].cpu().numpy())
-    return out if ctx.rank == 0 else None
+    return out if (everyone or ctx.rank == 0) else None
+
+
+def _global_rank(ctx: Context, group_rank: int) -> int:
+    if ctx.group is None:
+        return group_rank
+    import torch.distributed as dist
+
+    return dist.get_global_rank(ctx.group, group_rank)
 
 
 def check(ctx: Context, error: TorchDiffError | None, what: str) -> None:
     """A status round: raises RankFailed on every rank if any rank brings an error."""
+    from torchdiff.render.text import printable
+
     code = 0 if error is None else int(getattr(error, "exit_code", 2) or 2)
     headers = _round(ctx, [code], what)
     if headers[:, 0].any():
-        raise _fail_tail(ctx, headers, "" if error is None else str(error))
+        raise _fail_tail(ctx, headers, "" if error is None else printable(error))
 
 
 # ---- the measured pairs, across ranks ------------------------------------------------
@@ -556,24 +573,34 @@ def run_sharded(ctx: Context, engine, pairs, hooks=()):
                          "(anomaly_detection, change_summary, quantization_analysis, similarity_matrix "
                          "cross-layer, gradient_analysis, architecture_comparison renames) are not available: "
                          "their figures need whole tensors (docs/DISTRIBUTED.md)")
-    local_pairs = []
-    for p in pairs:
-        sides = []
-        for h in (p.old, p.new):
-            if h is None:
-                sides.append(None)
-                continue
-            part = local_part(h.materialize(), ctx)
-            if part is None:
-                part = torch.empty(0, dtype=h.dtype)
-            sides.append(tensor_handle(p.name, part.detach().reshape(-1) if part.numel() else part.reshape(0)))
-        if p.kind == "common" and sides[0].numel != sides[1].numel:
-            raise UsageError(f"{p.name}: the two sides are sharded differently on rank {ctx.rank} "
-                             f"({sides[0].numel} vs {sides[1].numel} local elements); compare tensors with "
-                             "the same placements")
-        local_pairs.append(Pair(p.name, *sides))
-    local = engine.run(local_pairs)
+    def measure_local():
+        local_pairs = []
+        for p in pairs:
+            sides = []
+            for h in (p.old, p.new):
+                if h is None:
+                    sides.append(None)
+                    continue
+                part = local_part(h.materialize(), ctx)
+                if part is None:
+                    part = torch.empty(0, dtype=h.dtype)
+                sides.append(tensor_handle(p.name, part.detach().reshape(-1) if part.numel() else part.reshape(0)))
+            if p.kind == "common" and sides[0].numel != sides[1].numel:
+                raise UsageError(f"{p.name}: the two sides are sharded differently on rank {ctx.rank} "
+                                 f"({sides[0].numel} vs {sides[1].numel} local elements); compare tensors with "
+                                 "the same placements")
+            local_pairs.append(Pair(p.name, *sides))
+        return local_pairs, engine.run(local_pairs)
+
+    error = None
+    local_pairs = local = None
+    try:
+        local_pairs, local = measure_local()
+    except TorchDiffError as e:  # every rank learns it (no rank left waiting in a collective)
+        error = e
     n = len(pairs)
+    count = torch.tensor([n], dtype=torch.int64, device=ctx.device)
+    check(ctx, error, "measure of local shards")
     mine = np.zeros((n, 2 * _SIDE_W + _PAIR_W), dtype=np.float64)
     for i, (p, d) in enumerate(zip(pairs, local)):
         if d.old is not None:
@@ -589,7 +616,6 @@ def run_sharded(ctx: Context, engine, pairs, hooks=()):
         elif p.kind == "common":
             mine[i, 2 * _SIDE_W + 7:] = 1.0
     ctx.phase += 1
-    count = torch.tensor([n], dtype=torch.int64, device=ctx.device)
     counts = [torch.empty_like(count) for _ in range(ctx.world)]
     _collective(ctx, "exchange of tensor counts", lambda: dist.all_gather(counts, count, group=ctx.group))
     if len({int(c) for c in counts}) != 1:
