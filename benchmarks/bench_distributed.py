@@ -136,8 +136,8 @@ def main() -> None:
     print(f"  exchange + merge: {overhead:.3f} s = {overhead / args.small * 1e6:.1f} us a tensor "
           f"(exchange {statistics.median(r['exchange'] for r in sm):.3f} s, merge "
           f"{statistics.median(r['merge'] for r in sm):.3f} s)")
-    print(f"  single-process compare of the pair, 1 thread: {single:.3f} s = {single / args.small * 1e6:.1f} us a tensor; "
-          f"overhead = {overhead / single:.2f} x of it")
+    print(f"  single-process compare of the pair, 1 thread: {single:.3f} s = "
+          f"{single / args.small * 1e6:.1f} us a tensor; overhead = {overhead / single:.2f} x of it")
     print(f"  2-rank compare wall (rank 0): {statistics.median(r['wall'] for r in sm):.3f} s")
 
 

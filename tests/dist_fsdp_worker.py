@@ -5,8 +5,6 @@ The reference is the single-process comparison of the FULL state_dicts before an
 ``OUT.rRANK`` (JSON) with what the test checks."""
 
 import json
-import math
-import os
 import sys
 
 import torch
@@ -106,7 +104,7 @@ try:
         result["mismatch"] = None
     except torchdiff.TorchDiffError as e:
         result["mismatch"] = str(e)
-except Exception as e:  # noqa: BLE001
+except Exception:  # noqa: BLE001
     import traceback
 
     result["error"] = traceback.format_exc()

@@ -162,7 +162,8 @@ def _launch(jobs: list[tuple], out: Path, cwds=None, nodes: int = 1, nproc: int 
             launch = ["--nnodes", str(nodes), "--node-rank", str(node), "--nproc-per-node", str(nproc),
                       "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}"]
         cmd = [sys.executable, "-m", "torch.distributed.run", *launch, str(WORKER), str(spec)]
-        procs.append(subprocess.Popen(cmd, cwd=(cwds or [None] * nodes)[node], env={**_env(), "TORCHDIFF_TEST_TIMEOUT": str(timeout)},
+        env = {**_env(), "TORCHDIFF_TEST_TIMEOUT": str(timeout)}
+        procs.append(subprocess.Popen(cmd, cwd=(cwds or [None] * nodes)[node], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     logs = []
     for p in procs:
@@ -357,7 +358,8 @@ def test_partials_travel_as_arrays():
     assert all(isinstance(a, np.ndarray) and a.ndim == 1 and a.dtype in (np.float64, np.int64, np.uint8)
                for a in arrays)
     back = _decode(arrays)
-    assert np.array_equal(back.side_rows, part.side_rows, equal_nan=True) and np.array_equal(back.pair_ids, part.pair_ids)
+    assert np.array_equal(back.side_rows, part.side_rows, equal_nan=True)
+    assert np.array_equal(back.pair_ids, part.pair_ids)
     assert repr(back.exact_side) == repr(part.exact_side) and repr(back.exact_pair) == repr(part.exact_pair)
     assert back.equal == part.equal and back.same_nonfinite == part.same_nonfinite
     assert back.extras[0]["h"]["n"] == 3 and math.isnan(back.extras[0]["h"]["x"][1])

@@ -190,7 +190,8 @@ class TorchDiffCLI:
         if ctx is not None and ctx.rank != 0:  # series runs on rank 0 alone (docs/DISTRIBUTED.md)
             self.outcome = Outcome(None)
             return None
-        report = series.compare_series([str(c) for c in checkpoints], **_api_options(flags, series=True))
+        with distributed.suspended():  # rank 0 alone: no collective inside
+            report = series.compare_series([str(c) for c in checkpoints], **_api_options(flags, series=True))
         return self._finish(report, flags)
 
     def _finish(self, report, flags, inspect: bool = False):

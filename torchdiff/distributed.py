@@ -24,10 +24,11 @@ and every rank exits 2. A collective that fails (a rank died, or did not arrive 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import math
 import datetime
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -86,6 +87,17 @@ def launched() -> bool:
 
 def active() -> Context | None:
     return _ACTIVE
+
+
+@contextlib.contextmanager
+def suspended():
+    """No distributed context inside the block (work that one rank does alone)."""
+    global _ACTIVE
+    saved, _ACTIVE = _ACTIVE, None
+    try:
+        yield
+    finally:
+        _ACTIVE = saved
 
 
 def rank() -> int:
