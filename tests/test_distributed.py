@@ -294,7 +294,7 @@ def test_two_nodes_and_a_failing_rank(data):
     shard.write_bytes(shard.read_bytes()[:-100])
     jobs = [("ok", [str(data / "hf_old"), str(data / "hf_new"), "--all", "-o", "json"]),
             ("truncated", ["hf_old", "hf_new", "--all", "-o", "json"]),
-            ("stalled", [str(data / "hf_old"), str(data / "hf_new")], (1, 25))]
+            ("stalled", [str(data / "hf_old"), str(data / "hf_new")], (1, 18))]
     res = _launch(jobs, data / "out_2n", cwds=nodes, nodes=2, nproc=1, timeout=15)
     single = _single(jobs[0][1])
     assert [res["ok"][r]["code"] for r in (0, 1)] == [0, 0]
