@@ -31,6 +31,8 @@ CORE_FLAGS: dict[str, tuple[Any, str]] = {
     "format": (None, "force the input format: safetensors | torch | numpy | matlab | gguf | sharded"),
     "recursive": (False, "compare two directories file by file (-r)"),
     "device": ("auto", "auto | cpu | cuda | cuda:N"),
+    "map": ("auto", "pair tensors across formats: auto | none | a family | a YAML rule file (docs/MAPPING.md)"),
+    "map_heads": (None, "HEADS,KV_HEADS for mapping rules the metadata does not give them to"),
     "quiet": (False, "print nothing; exit 1 when the checkpoints differ (-q)"),
     "brief": (False, "print one line saying whether they differ; exit 1 when they do"),
     "exit_code": (False, "exit 1 when the checkpoints differ"),
@@ -39,6 +41,7 @@ CORE_FLAGS: dict[str, tuple[Any, str]] = {
     "version": (False, "print the version and exit"),
     "dist_timeout": (300.0, "under torchrun: seconds a rank waits for the others at an exchange"),
     "unsafe_pickle": (False, "load pickles with weights_only=False: RUNS CODE from the file; only for files you trust"),
+    "scope": ("params", "what global, layer and summary figures cover: params | model | all"),
     "help": (False, "this help (-h)"),
 }
 SHORT = {"-r": "recursive", "-q": "quiet", "-h": "help", "-o": "output"}
@@ -227,7 +230,8 @@ def _api_options(flags: dict[str, Any], series: bool = False) -> dict[str, Any]:
         options["device"] = distributed.engine_device(options.get("device", "auto"))
     if flags.get("all"):
         for module in ANALYSES.values():
-            options[module.FLAG] = True
+            if not (series and getattr(module, "PAIR_ONLY", False)):
+                options[module.FLAG] = True
     return options
 
 
@@ -253,7 +257,8 @@ def _progress(flags: dict[str, Any]):
     return bar.update
 
 
-_PLACEHOLDERS = {"fail_on_anomaly": "SEVERITY", "output": "FORMAT", "epsilon": "E", "path": "SUBSTRING"}
+_PLACEHOLDERS = {"fail_on_anomaly": "SEVERITY", "output": "FORMAT", "epsilon": "E", "path": "SUBSTRING",
+                 "map": "auto|none|FILE", "map_heads": "Q,KV"}
 
 
 def help_text() -> str:

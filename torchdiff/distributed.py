@@ -574,11 +574,12 @@ def run_sharded(ctx: Context, engine, pairs, hooks=()):
     equality flags). Parameters are never gathered."""
     import torch.distributed as dist
 
-    from torchdiff.engine import _metrics, _stats
     from torchdiff.errors import UsageError
+    from torchdiff.figures import Figures
     from torchdiff.formats.base import tensor_handle
     from torchdiff.pairing import Pair
-    from torchdiff.results import ADDED, CHANGED, REMOVED, RESHAPED, RETYPED, UNCHANGED, TensorDiff
+    from torchdiff.results import TensorDiff
+    from torchdiff.status import ADDED, CHANGED, REMOVED, RESHAPED, RETYPED, UNCHANGED
 
     if list(hooks):
         raise UsageError("with process_group=, analyses that read values through engine hooks "
@@ -601,7 +602,7 @@ def run_sharded(ctx: Context, engine, pairs, hooks=()):
                 raise UsageError(f"{p.name}: the two sides are sharded differently on rank {ctx.rank} "
                                  f"({sides[0].numel} vs {sides[1].numel} local elements); compare tensors with "
                                  "the same placements")
-            local_pairs.append(Pair(p.name, *sides))
+            local_pairs.append(Pair(p.name, *sides, role=p.role))
         return local_pairs, engine.run(local_pairs)
 
     error = None
@@ -658,7 +659,7 @@ def run_sharded(ctx: Context, engine, pairs, hooks=()):
         new = _stats(p.new, side(parts[:, i, _SIDE_W:2 * _SIDE_W])) if p.new is not None else None
         if p.kind != "common":
             status = {"added": ADDED, "removed": REMOVED, "reshaped": RESHAPED}[p.kind]
-            diffs.append(TensorDiff(p.name, status, old, new, None))
+            diffs.append(TensorDiff(p.name, status, old, new, None, role=p.role))
             continue
         q = parts[:, i, 2 * _SIDE_W:]
         cnt = int(q[:, 0].sum())
@@ -669,8 +670,8 @@ def run_sharded(ctx: Context, engine, pairs, hooks=()):
         equal = bool(q[:, 7].all()) and not p.retyped
         unchanged = bool(q[:, 8].all())
         status = RETYPED if p.retyped else (UNCHANGED if unchanged else CHANGED)
-        diffs.append(TensorDiff(p.name, status, old, new, _metrics(totals, equal)))
-    return diffs
+        diffs.append(TensorDiff(p.name, status, old, new, _metrics(totals, equal), role=p.role))
+    return Figures.from_diffs(diffs)
 
 
 def to_local(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, tuple]]:
@@ -698,3 +699,26 @@ def from_local(state: dict[str, torch.Tensor], specs: dict[str, tuple]) -> dict[
 
     return {k: DTensor.from_local(v, specs[k][0], specs[k][1], run_check=False, shape=specs[k][2],
                                   stride=specs[k][3]) if k in specs else v for k, v in state.items()}
+
+
+def _stats(h, t: R.SideTotals):
+    """TensorStats of a handle (global shape) from merged totals (as the engine derives them)."""
+    from torchdiff.results import TensorStats
+
+    return TensorStats(
+        shape=tuple(h.shape), dtype=h.storage_dtype, numel=h.numel, nbytes=h.nbytes,
+        mean=t.mean, std=t.std, min=t.min, max=t.max, mean_abs=t.mean_abs, rms=t.rms,
+        zero_count=t.zero_count, nan_count=t.nan_count, inf_count=t.inf_count,
+    )
+
+
+def _metrics(t: R.PairTotals, equal: bool):
+    """PairMetrics from merged totals, with the engine's formulas (docs/METRICS.md)."""
+    from torchdiff.results import PairMetrics
+
+    return PairMetrics(
+        numel=t.count, equal=equal, l2=math.sqrt(max(t.dsq, 0.0)), norm_old=math.sqrt(max(t.sumsq_old, 0.0)),
+        norm_new=math.sqrt(max(t.sumsq_new, 0.0)), dot=(t.sumsq_old + t.sumsq_new - t.dsq) / 2,
+        max_abs=t.dmax if t.count else 0.0, mean_abs_diff=t.dsum_abs / t.count if t.count else 0.0,
+        changed_count=t.changed,
+    )

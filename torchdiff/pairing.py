@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from torchdiff.errors import UsageError
 from torchdiff.formats.base import Checkpoint, TensorHandle
+from torchdiff.names import PARAMETER, roles
 
 
 @dataclass(frozen=True, slots=True)
@@ -14,6 +15,7 @@ class Pair:
     name: str
     old: TensorHandle | None
     new: TensorHandle | None
+    role: str = PARAMETER  # torchdiff.names.ROLES, decided with both checkpoints as context
 
     @property
     def kind(self) -> str:
@@ -53,14 +55,18 @@ def compile_filters(ignore_keys_regex: str | None, path: str | None):
 
 
 def pair(old: Checkpoint, new: Checkpoint, keep=None) -> list[Pair]:
-    """Pair tensors by name: old's order first, then names only new has."""
+    """Pair tensors by name: old's order first, then names only new has. Each pair's role
+    comes from torchdiff.names.roles over both checkpoints (a side's own dtype first)."""
+    specs = {name: (h.storage_dtype, len(h.shape)) for name, h in new.tensors.items()}
+    specs.update((name, (h.storage_dtype, len(h.shape))) for name, h in old.tensors.items())
+    role_of = roles(specs)
     pairs: list[Pair] = []
     for name, handle in old.tensors.items():
         if keep is None or keep(name):
-            pairs.append(Pair(name, handle, new.tensors.get(name)))
+            pairs.append(Pair(name, handle, new.tensors.get(name), role_of[name]))
     for name, handle in new.tensors.items():
         if name not in old.tensors and (keep is None or keep(name)):
-            pairs.append(Pair(name, None, handle))
+            pairs.append(Pair(name, None, handle, role_of[name]))
     return pairs
 
 

@@ -30,7 +30,7 @@ from typing import Any, Iterable
 from torchdiff.callbacks import CheckpointMonitor, MonitorRecord
 from torchdiff.errors import MissingDependencyError
 from torchdiff.integrations import monitor_options as monitor_options_of
-from torchdiff.results import Report
+from torchdiff.report import Report
 
 _CLASS: list[type] = []
 

@@ -60,8 +60,11 @@ def _arrow(a: Any, b: Any) -> str:
     return f"{num(a)}->{num(b)}"
 
 
-def tensor_line(d: TensorDiff, stats: bool) -> tuple[str, str]:
-    """(marker, text) of one tensor line."""
+def tensor_line(d: TensorDiff, stats: bool, new_name: str | None = None) -> tuple[str, str]:
+    """(marker, text) of one tensor line; ``new_name``: the new side's name when a
+    mapping paired it under another."""
+    if new_name is not None:
+        d = _Named(f"{d.name} (new: {new_name})", d)
     if d.status == ADDED:
         return "+", f"{printable(d.name)}: shape={_shape(d.new.shape)}, dtype={d.new.dtype}"
     if d.status == REMOVED:
@@ -89,7 +92,19 @@ def tensor_line(d: TensorDiff, stats: bool) -> tuple[str, str]:
     else:
         m = d.metrics
         parts += [f"rel_l2={num(m.rel_l2)}", f"max_abs={num(m.max_abs)}", f"cosine={num(m.cosine)}"]
+        # The figures cover finite positions only: say when NaN/Inf appeared or went.
+        parts += [f"{key}={a}->{b}" for key, (a, b) in d.nonfinite_change.items()]
     return "~", f"{printable(d.name)}: " + ", ".join(parts)
+
+
+class _Named:
+    """A TensorDiff shown under another label."""
+
+    def __init__(self, name: str, d: TensorDiff) -> None:
+        self.name, self._d = name, d
+
+    def __getattr__(self, key: str) -> Any:
+        return getattr(self._d, key)
 
 
 def summary_line(report) -> str:
@@ -153,10 +168,13 @@ def render_text(report, color: bool = False) -> str:
     if comp.mode == "inspect":
         lines += inspect_table(report)
     else:
+        from torchdiff.render import mapped_names
+
+        renamed = mapped_names(report)
         for d in report.ordered_diffs():
             if d.status == UNCHANGED:
                 continue
-            marker, text = tensor_line(d, report.stats)
+            marker, text = tensor_line(d, report.stats, renamed.get(d.name, {}).get("path_new"))
             lines.append(_paint(f"  {marker} {text}", marker, color))
         for m in comp.metadata_diffs:
             if m.status == "changed":
@@ -167,6 +185,29 @@ def render_text(report, color: bool = False) -> str:
                 lines.append(_paint(f"  - {printable(m.key)}: {_meta(m.old)}", "-", color))
         lines.append(summary_line(report))
     for a in report.analyses:
+        lines.append("")
+        lines += analysis_section(a)
+    return "\n".join(lines)
+
+
+def render_series_text(series) -> str:
+    """A SeriesReport: one summary line per step, notes, each step's analyses, then the
+    series analyses."""
+    head = f"series: {len(series.checkpoints)} checkpoints, order {series.order}"
+    if series.base is not None:
+        head += f", base {series.base}"
+    lines = [head]
+    labels = series.labels
+    for t, step in enumerate(series.steps):
+        lines.append(f"  {labels[t]} -> {labels[t + 1]}: {summary_line(step)}")
+    for note in series.notes:
+        lines.append(f"  note: {note}")
+    for t, step in enumerate(series.steps):
+        if step.analyses:
+            lines += ["", f"{labels[t]} -> {labels[t + 1]}"]
+            for a in step.analyses:
+                lines += ["  " + line if line else line for line in analysis_section(a)]
+    for a in series.series_analyses:
         lines.append("")
         lines += analysis_section(a)
     return "\n".join(lines)
