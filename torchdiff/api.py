@@ -141,7 +141,7 @@ def inspect(
     map: str = "auto", map_heads: str | None = None, sort_key: str | None = None, layer_pattern: str | None = None, quantization_top_k: int = 10,
     fail_on_anomaly: str | None = None, plateau_threshold: float = 1e-3, plateau_steps: int = 2,
     lr: float = 0.0, cross_layer: bool = False, base: Any = None, sort: str | None = None,
-    progress: Callable[[int], None] | None = None, **unknown: Any,
+    process_group: Any = None, progress: Callable[[int], None] | None = None, **unknown: Any,
 ) -> Report:
     """One checkpoint: every tensor's statistics, plus the analyses that make sense for one
     file (memory, anomalies, architecture). The Report is one-sided: every tensor's status

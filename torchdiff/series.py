@@ -131,7 +131,8 @@ def compare_series(
     recursive: bool = False, unsafe_pickle: bool = False, scope: str = "params",
     map: str = "auto", map_heads: str | None = None, sort_key: str | None = None, layer_pattern: str | None = None, quantization_top_k: int = 10,
     fail_on_anomaly: str | None = None, plateau_threshold: float = 1e-3, plateau_steps: int = 2,
-    cross_layer: bool = False, progress: Callable[[int], None] | None = None, **unknown: Any,
+    cross_layer: bool = False, process_group: Any = None, progress: Callable[[int], None] | None = None,
+    **unknown: Any,
 ) -> SeriesReport:
     """Compare ordered checkpoints C1 C2 ... CN in one pass.
 
@@ -146,6 +147,7 @@ def compare_series(
         base: a checkpoint for task vectors τ_i = θ_i − θ_base (similarity matrix).
         lr: the learning rate, when the checkpoints do not record it (gradient analysis).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        process_group: not supported for series (a UsageError when given; docs/DISTRIBUTED.md).
         progress: called with the number of elements measured after each batch.
         The other keywords: as ``torchdiff.compare``; pair analyses (stats, layer impact,
         anomalies, architecture...) run on each consecutive pair, and
@@ -163,6 +165,9 @@ def compare_series(
     """
     if unknown:
         raise UsageError(unknown_option(next(iter(unknown)), [*CORE_OPTIONS, *_known_options(), "sort", "base", "lr"]))
+    if process_group is not None:
+        raise UsageError("compare_series does not take process_group= (series runs in one process; "
+                         "docs/DISTRIBUTED.md)")
     given = {k: v for k, v in locals().items()
              if k not in ("checkpoints", "analyses", "sort", "base", "lr", "device", "progress", "unknown")}
     options = _series_options(analyses, sort, base, lr, device, given)
