@@ -51,6 +51,8 @@ def test_public_entry_points_name_every_option(entry):
     params = pyinspect.signature(getattr(torchdiff, entry)).parameters
     keyword_only = {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY}
     expected = set(CORE_OPTIONS) | set(FLAGS) | set(options_defaults()) | {"analyses", "progress"}
+    if entry == "compare_series":
+        expected |= {"common_only"}
     assert keyword_only == expected
 
 

@@ -90,7 +90,7 @@ def test_batchnorm_counters_do_not_drive_the_global_figure():
 def test_series_runs_pair_analyses_per_step_and_finds_them():
     states = [{"w": torch.full((4, 4), v), "b": torch.zeros(4)} for v in (1.0, 2.0, 3.0)]
     states[2] = {**states[2], "extra": torch.ones(2)}
-    report = torchdiff.compare_series(states, architecture_comparison=True, anomaly_detection=True)
+    report = torchdiff.compare_series(states, architecture_comparison=True, anomaly_detection=True, common_only=True)
     per_step = [step.analysis("architecture_comparison") for step in report]
     assert all(a is not None for a in per_step)
     assert report.analysis("anomaly_detection") is report.steps[0].analysis("anomaly_detection")
@@ -250,3 +250,20 @@ def test_report_getitem_and_missing_name():
     with pytest.raises(KeyError, match="no tensor named 'v'"):
         report["v"]
     assert isinstance(report.figures, Figures)
+
+
+def test_series_refuses_a_checkpoint_that_lacks_tensors(tmp_path, capsys):
+    """0.1 silently left such tensors out of every pair, which moved every figure."""
+    paths = []
+    for i, names in enumerate((["a", "b"], ["a", "b"], ["a"])):
+        paths.append(tmp_path / f"c{i}.safetensors")
+        save_file({n: torch.full((3,), float(i + 1)) for n in names}, str(paths[-1]))
+    assert main(["series", *map(str, paths)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"torchdiff: error: {paths[2]}: lacks 1 tensor(s) other checkpoints of the series hold: b "
+                   "(--common-only compares the tensors every checkpoint holds)\n")
+    assert main(["series", *map(str, paths), "--common-only"]) == 0
+    out = capsys.readouterr().out
+    assert "note: --common-only: 1 tensor(s) not in every checkpoint left out of every pair: b" in out
+    report = torchdiff.compare_series(list(map(str, paths)), common_only=True)
+    assert all(d.name == "a" for step in report for d in step)

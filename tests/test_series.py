@@ -9,6 +9,8 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+
+import torchdiff
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
@@ -187,16 +189,21 @@ def test_steps_are_ordinary_comparisons(tmp_path):
     states[2] = dict(states[2])
     states[2]["c.extra"] = torch.ones(2)
     del states[2]["b.weight"]
-    report = compare_series({"first": states[0], "second": states[0], "third": states[2]})
+    run = {"first": states[0], "second": states[0], "third": states[2]}
+    # a checkpoint that lacks tensors is refused by default: leaving them out moves every figure
+    with pytest.raises(torchdiff.UsageError, match=r"^first: lacks 1 tensor\(s\) other checkpoints of the series "
+                                                   r"hold: c.extra \(--common-only"):
+        compare_series(run)
+    report = compare_series(run, common_only=True)
     assert isinstance(report, SeriesReport)
     assert report.labels == ("first", "second", "third")
     assert not report.steps[0].has_differences
     counts = report.steps[1].comparison.counts()
-    assert (counts["added"], counts["removed"], counts["changed"]) == (1, 1, 2)
+    assert (counts["added"], counts["removed"], counts["changed"]) == (0, 0, 2)
     assert report.has_differences
-    assert any("left out of the series figures (not in every checkpoint)" in n for n in report.notes)
+    assert any("--common-only: 2 tensor(s) not in every checkpoint" in n for n in report.notes)
     text = str(report)
-    assert "first -> second: 3 tensors: 0 changed" in text
+    assert "first -> second: 2 tensors: 0 changed" in text
 
 
 def test_nonfinite_values_are_left_out_and_flagged():

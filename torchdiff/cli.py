@@ -42,6 +42,7 @@ CORE_FLAGS: dict[str, tuple[Any, str]] = {
     "dist_timeout": (300.0, "under torchrun: seconds a rank waits for the others at an exchange"),
     "unsafe_pickle": (False, "load pickles with weights_only=False: RUNS CODE from the file; only for files you trust"),
     "scope": ("params", "what global, layer and summary figures cover: params | model | all"),
+    "common_only": (False, "series: compare only the tensors every checkpoint holds (else refused)"),
     "help": (False, "this help (-h)"),
 }
 SHORT = {"-r": "recursive", "-q": "quiet", "-h": "help", "-o": "output"}
@@ -228,6 +229,8 @@ def _api_options(flags: dict[str, Any], series: bool = False) -> dict[str, Any]:
     options = {k: v for k, v in flags.items() if k not in cli_only}
     if distributed.active() is not None:  # each rank on its own GPU (cuda:LOCAL_RANK)
         options["device"] = distributed.engine_device(options.get("device", "auto"))
+    if not series and options.pop("common_only", False):
+        print("torchdiff: warning: --common-only applies to torchdiff series; ignored", file=sys.stderr)
     if flags.get("all"):
         for module in ANALYSES.values():
             if not (series and getattr(module, "PAIR_ONLY", False)):

@@ -604,66 +604,6 @@ class Comparison:
             return False
         return bool(self.metadata_diffs) or any(s != UNCHANGED for s in self.figures.status)
 
-    def items(self, rows: Sequence[int], one_sided: bool = False) -> list[dict[str, Any]]:
-        """The JSON items of ``rows``, built from the columns, JSON-safe (non-finite floats
-        as the strings of results.NAN/POS_INF/NEG_INF): each equals
-        ``finite_json(self[i].to_dict())``, or with ``one_sided`` (inspect) the item
-        ``{"type": "tensor", "path": name, **new side}``."""
-        rows = list(rows)
-        if not rows:
-            return []
-        idx = np.asarray(rows, dtype=np.int64)
-        sides = {}
-        for label, side in (("old", self.old), ("new", self.new)):
-            if one_sided and label == "old":
-                continue
-            numel = side.numel[idx]
-            with np.errstate(divide="ignore", invalid="ignore"):
-                zero_fraction = np.where(numel > 0, side.zero_count[idx] / np.maximum(numel, 1), 0.0)
-            cols = {f: _json(getattr(side, f)[idx]) for f in ("mean", "std", "min", "max", "mean_abs", "rms")}
-            cols.update({f: getattr(side, f)[idx].tolist() for f in ("numel", "nbytes", "nan_count", "inf_count")})
-            cols["zero_fraction"] = _json(zero_fraction)
-            sides[label] = (side.present[idx].tolist(), cols)
-        stat_order = ("numel", "nbytes", "mean", "std", "min", "max", "mean_abs", "rms", "zero_fraction",
-                      "nan_count", "inf_count")
-        measured = self.measured[idx].tolist()
-        if not one_sided:
-            count = self.count[idx]
-            l2, norm_old = self.l2[idx], self.norm_old[idx]
-            rel = self.rel_l2()[idx]
-            with np.errstate(divide="ignore", invalid="ignore"):
-                rmse = np.where(count > 0, l2 / np.sqrt(np.maximum(count, 1)), 0.0)
-                changed = np.where(count > 0, self.changed_count[idx] / np.maximum(count, 1), 0.0)
-            pair = {"equal": self.equal[idx].tolist(), "l2": _json(l2), "rel_l2": _json(rel),
-                    "nmse": _json(rel ** 2), "cosine": _json(self.cosine()[idx]), "rmse": _json(rmse),
-                    "max_abs": _json(np.where(count > 0, self.max_abs[idx], 0.0)),
-                    "mean_abs_diff": _json(self.mean_abs_diff[idx]), "changed_fraction": _json(changed)}
-        out = []
-        for j, i in enumerate(rows):
-            if one_sided:
-                item: dict[str, Any] = {"type": "tensor", "path": self.names[i]}
-            else:
-                item = {"type": f"tensor_{self.status[i]}", "path": self.names[i]}
-            for label, (present, cols) in sides.items():
-                if present[j]:
-                    side_item = {"shape": list(self.new.shape[i] if label == "new" else self.old.shape[i]),
-                                 "dtype": (self.new if label == "new" else self.old).dtype[i]}
-                    for f in stat_order:
-                        side_item[f] = cols[f][j]
-                    if one_sided:
-                        item.update(side_item)
-                    else:
-                        item[label] = side_item
-            if not one_sided and measured[j]:
-                for f, col in pair.items():
-                    item[f] = col[j]
-                for key in ("nan", "inf"):
-                    a, b = int(getattr(self.old, f"{key}_count")[i]), int(getattr(self.new, f"{key}_count")[i])
-                    if a != b:
-                        item[f"{key}_count_change"] = [a, b]
-            out.append(item)
-        return out
-
     def counts(self) -> dict[str, int]:
         return self.figures.counts()
 

@@ -97,6 +97,7 @@ class SeriesData:
     sign_multi: np.ndarray | None = None  # (L,) #{at least two τ_i ≠ 0}
     adam: tuple[dict | None, ...] = ()  # per checkpoint: {"plan": AdamPlan, "sums": {key: (n, Σv̂, Σm̂², Σd²)}}
     step_states: tuple[dict, ...] = ()  # per step: {analysis: its per-run state}
+    dropped: tuple[str, ...] = ()  # --common-only: tensors not in every checkpoint
     left_out: dict[str, list[str]] = field(default_factory=dict)
 
     @property
@@ -131,7 +132,8 @@ def compare_series(
     recursive: bool = False, unsafe_pickle: bool = False, scope: str = "params",
     map: str = "auto", map_heads: str | None = None, sort_key: str | None = None, layer_pattern: str | None = None, quantization_top_k: int = 10,
     fail_on_anomaly: str | None = None, plateau_threshold: float = 1e-3, plateau_steps: int = 2,
-    cross_layer: bool = False, process_group: Any = None, progress: Callable[[int], None] | None = None,
+    cross_layer: bool = False, common_only: bool = False, process_group: Any = None,
+    progress: Callable[[int], None] | None = None,
     **unknown: Any,
 ) -> SeriesReport:
     """Compare ordered checkpoints C1 C2 ... CN in one pass.
@@ -145,6 +147,9 @@ def compare_series(
         sort: ``None``/``"given"`` keeps the order; ``"natural"`` sorts by the numbers in
             the labels (epoch_2 before epoch_10).
         base: a checkpoint for task vectors τ_i = θ_i − θ_base (similarity matrix).
+        common_only: compare only the tensors every checkpoint holds. Without it a
+            checkpoint that lacks tensors the others hold is refused (UsageError naming
+            the file and the tensors): leaving them out would move every figure.
         lr: the learning rate, when the checkpoints do not record it (gradient analysis).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         process_group: not supported for series (a UsageError when given; docs/DISTRIBUTED.md).
@@ -169,8 +174,10 @@ def compare_series(
         raise UsageError("compare_series does not take process_group= (series runs in one process; "
                          "docs/DISTRIBUTED.md)")
     given = {k: v for k, v in locals().items()
-             if k not in ("checkpoints", "analyses", "sort", "base", "lr", "device", "progress", "unknown")}
+             if k not in ("checkpoints", "analyses", "sort", "base", "lr", "device", "progress", "unknown",
+                          "common_only")}
     options = _series_options(analyses, sort, base, lr, device, given)
+    options["common_only"] = bool(common_only)
     labels, sources = _sources(checkpoints)
     if len(sources) < 2:
         raise UsageError(f"a series takes two or more checkpoints (got {len(sources)})")
@@ -301,6 +308,19 @@ class _Pass:
                 if name not in seen and keep(name):
                     seen.add(name)
                     names.append(name)
+        # Tensors some checkpoint lacks: refused unless --common-only, which drops them
+        # from every pair and says so in the header.
+        self.dropped: list[str] = []
+        for label, c in zip(self.labels, ckpts):
+            missing = [n for n in names if n not in c.tensors]
+            if missing and not options.get("common_only"):
+                shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+                raise UsageError(f"{label}: lacks {len(missing)} tensor(s) other checkpoints of the series hold: "
+                                 f"{shown} (--common-only compares the tensors every checkpoint holds)")
+            self.dropped += [n for n in missing if n not in self.dropped]
+        if self.dropped:
+            dropped = set(self.dropped)
+            names = [n for n in names if n not in dropped]
         specs = {n: (h.storage_dtype, len(h.shape)) for c in ckpts for n, h in c.tensors.items()}
         self.roles = roles(specs)
         # series tensors (in scope, names.SCOPES) and their layers
@@ -390,6 +410,7 @@ class _Pass:
             nonfinite=self.acc_bad.cpu().numpy(), steps=self._comparisons(ckpts, keep),
             device=str(dev), order=options.sort, base_row=self.base_row,
             left_out={k: v for k, v in left_out.items() if v}, step_states=tuple(self.step_states),
+            dropped=tuple(self.dropped),
         )
         if self.base_row is not None:
             data.base_label = self.uniq[self.rows[self.base_row]].name
@@ -595,6 +616,10 @@ def _build(data: SeriesData, options: Options, base_name: str | None) -> SeriesR
     step_options["analyses"] = tuple(pair_names)
     steps = tuple(build_report(comp, step_options, dict(state))
                   for comp, state in zip(data.steps, data.step_states))
+    if data.dropped:
+        shown = ", ".join(data.dropped[:5]) + (f" (+{len(data.dropped) - 5} more)" if len(data.dropped) > 5 else "")
+        notes.insert(0, f"--common-only: {len(data.dropped)} tensor(s) not in every checkpoint left out of every "
+                        f"pair: {shown}")
     for reason, names in data.left_out.items():
         shown = ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
         notes.append(f"{len(names)} tensor(s) left out of the series figures ({reason}): {shown}")
