@@ -17,6 +17,10 @@ installs it into .venv). Rows (issue 7):
  5 20,000 small tensors (~80 MB a side)
  6 48 blocks of width 1024 (~2.6 GB a side) fp32
  7 whole-process CLI wall time (500 MB pair, tiny pair) and torch import time
+ 8 peak RSS of compare() on two torch.distributed.checkpoint (DCP) directories against
+   the same weights as safetensors, and with every weight in 2 chunks as FSDP saves it
+   (--dcp-mb MB a side, default 128; issue 13's target
+   is 2 x 2 GB within 1.3x: --dcp-mb 2048)
 """
 
 from __future__ import annotations
@@ -121,6 +125,70 @@ def generate(quick: bool) -> dict[str, tuple[str, str]]:
     return pairs
 
 
+def generate_dcp(mb: int) -> dict[str, tuple[str, str]]:
+    """Two checkpoints of ``mb`` MB a side (fp32 [1024, 1024] weights and their biases),
+    each written by torch.distributed.checkpoint.save (no process group), again with every
+    weight in two row chunks (the layout of a 2-rank FSDP save), and as safetensors."""
+    import warnings
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
+
+    base = os.path.join(DATA, f"dcp_{mb}mb")
+    pairs = {"dcp": (base + "_a", base + "_b"), "dcp_split": (base + "_split_a", base + "_split_b"),
+             "dcp_st": (base + "_a.safetensors", base + "_b.safetensors")}
+    if all(os.path.exists(p) for ab in pairs.values() for p in ab):
+        return pairs
+    n = max(1, mb // 4)
+    for i, side in enumerate("ab"):
+        g = torch.Generator().manual_seed(10 + i)
+        sd = {}
+        for k in range(n):
+            sd[f"layers.{k}.weight"] = torch.randn(1024, 1024, generator=g)
+            sd[f"layers.{k}.bias"] = torch.randn(1024, generator=g)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.save({"model": sd}, checkpoint_id=pairs["dcp"][i])
+            # The layout of a 2-rank FSDP save: each weight in two row chunks.
+            halves = {}
+            for k, v in sd.items():
+                if v.ndim == 2:
+                    halves[f"{k}.__half0"], halves[f"{k}.__half1"] = v[:512].clone(), v[512:].clone()
+                else:
+                    halves[k] = v
+            dcp.save({"model": halves}, checkpoint_id=pairs["dcp_split"][i])
+        _join_halves(pairs["dcp_split"][i])
+        save_file({f"model.{k}": v for k, v in sd.items()}, pairs["dcp_st"][i])
+        del sd, halves
+    return pairs
+
+
+def _join_halves(path: str) -> None:
+    """Rewrite a DCP directory's metadata so that ``X.__half0`` / ``X.__half1`` (rows
+    0-511 and 512-1023) become two chunks of one tensor ``X`` (this benchmark's own file)."""
+    import pickle
+
+    import torch
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
+
+    with open(os.path.join(path, ".metadata"), "rb") as f:
+        md = pickle.load(f)
+    for name in [n for n in md.state_dict_metadata if n.endswith(".__half0")]:
+        whole = name[: -len(".__half0")]
+        entry = md.state_dict_metadata.pop(name)
+        md.state_dict_metadata.pop(whole + ".__half1")
+        chunks = []
+        for h in range(2):
+            offset = torch.Size([512 * h, 0])
+            chunks.append(ChunkStorageMetadata(offsets=offset, sizes=torch.Size([512, 1024])))
+            md.storage_data[MetadataIndex(whole, offset)] = md.storage_data.pop(
+                MetadataIndex(f"{whole}.__half{h}", [0, 0]))
+        md.state_dict_metadata[whole] = TensorStorageMetadata(entry.properties, torch.Size([1024, 1024]), chunks)
+    with open(os.path.join(path, ".metadata"), "wb") as f:
+        pickle.dump(md, f)
+
+
 # ---- measurements, each in a fresh process -------------------------------------
 
 _FLOOR = r"""
@@ -140,7 +208,20 @@ for p in paths:
 print(json.dumps({"seconds": time.perf_counter() - t}))
 """
 
-_TORCHDIFF = r"""
+# Peak RSS of the measuring process: VmHWM, which exec resets. (ru_maxrss is carried
+# over fork and exec on Linux: a child of this script would report at least this
+# script's own peak, e.g. after it generated the inputs.)
+_PEAK = r"""
+def peak_rss_mb():
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+"""
+
+_TORCHDIFF = _PEAK + r"""
 import json, resource, sys, time, warnings
 warnings.simplefilter("ignore")
 import torchdiff
@@ -151,18 +232,17 @@ seconds = time.perf_counter() - t
 items = report.to_dict()  # the JSON items, from the figures table's columns
 with_dict = time.perf_counter() - t
 assert len(report) > 0 and len(items) > 0
-print(json.dumps({"seconds": seconds, "with_dict": with_dict,
-                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+print(json.dumps({"seconds": seconds, "with_dict": with_dict, "rss_mb": peak_rss_mb()}))
 """
 
-_DIFFAI = r"""
+_DIFFAI = _PEAK + r"""
 import json, resource, sys, time
 import diffai
 a, b = sys.argv[1:3]
 t = time.perf_counter()
 out = diffai.diff_paths(a, b)
 seconds = time.perf_counter() - t
-print(json.dumps({"seconds": seconds, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "items": len(out)}))
+print(json.dumps({"seconds": seconds, "rss_mb": peak_rss_mb(), "items": len(out)}))
 """
 
 _IMPORT_TORCH = r"""
@@ -195,11 +275,14 @@ def wall(runs: int, argv: list[str]) -> float:
 
 
 def size(*paths: str) -> int:
-    return sum(os.path.getsize(p) for p in paths)
+    return sum(sum(os.path.getsize(os.path.join(p, f)) for f in os.listdir(p)) if os.path.isdir(p)
+               else os.path.getsize(p) for p in paths)
 
 
 def warm(*paths: str) -> None:
     """Read the files once so every row measures from the page cache, like the floor."""
+    paths = tuple(os.path.join(p, f) for p in paths if os.path.isdir(p) for f in os.listdir(p)) + tuple(
+        p for p in paths if not os.path.isdir(p))
     for p in paths:
         with open(p, "rb") as f:
             while f.read(1 << 24):
@@ -210,13 +293,18 @@ def main(argv: list[str]) -> int:
     quick = "--quick" in argv
     runs = 3
     rows = None
+    dcp_mb = 128
     for i, a in enumerate(argv):
         if a == "--runs":
             runs = int(argv[i + 1])
+        if a == "--dcp-mb":
+            dcp_mb = int(argv[i + 1])
         if a == "--rows":
             rows = {int(x) for x in argv[i + 1].split(",")}
     want = (lambda r: rows is None or r in rows)
     pairs = generate(quick)
+    if want(8):
+        pairs.update(generate_dcp(dcp_mb))
     for ab in pairs.values():
         warm(*ab)
     try:
@@ -289,6 +377,13 @@ def main(argv: list[str]) -> int:
         tiny = wall(runs, cli + [*pairs["tiny"], "--stats"])
         imp = median_of(runs, _IMPORT_TORCH)["seconds"]
         table.append(("7 CLI wall time", f"500 MB pair {big:.2f} s; tiny pair {tiny:.2f} s; import torch {imp:.2f} s"))
+
+    if want(8):
+        r, s, x = td("dcp"), td("dcp_st"), td("dcp_split")
+        table.append((f"8 DCP vs safetensors ({size(*pairs['dcp']) / 2e9:.2f} GB a side)",
+                      f"peak RSS {r['rss_mb']:.0f} MB vs {s['rss_mb']:.0f} MB = {r['rss_mb'] / s['rss_mb']:.2f}x "
+                      f"(target <= 1.3x); {r['seconds']:.2f} s vs {s['seconds']:.2f} s; weights in 2 chunks "
+                      f"(FSDP's layout): {x['rss_mb']:.0f} MB = {x['rss_mb'] / s['rss_mb']:.2f}x, {x['seconds']:.2f} s"))
 
     from tabulate import tabulate
 

@@ -94,7 +94,7 @@ def _commands(p: dict[str, Path]) -> list[tuple[list, int]]:
     runs += [
         ([s, t], 0), ([s, t, "--all", "-o", "json"], 0), ([s, t, "--stats", "-o", "yaml"], 0),
         (["-q", s, t], 1), (["--brief", s, t], 1), ([s, t, "--exit-code"], 1),
-        (["series", s, t, s, "--all"], 0), (["series", *[str(p["torch_zip"])] * 3], 0),
+        (["series", s, t, s, "--all", "--common-only"], 0), (["series", *[str(p["torch_zip"])] * 3], 0),
         ([str(p["npz"]), str(p["npz_compressed"]), "--all"], 0),
         *([([str(p["mat"]), str(p["mat_compressed"])], 0)] if "mat" in p else []),
         ([s, str(p["corrupt"])], 2), (["inspect", str(p["corrupt"])], 2), (["series", s, str(p["corrupt"]), t], 2),
@@ -124,7 +124,7 @@ def test_ctrl_c_mid_run_leaves_inputs_untouched(capsys, inputs, monkeypatch, whe
 
     monkeypatch.setattr(engine_module.R, where, interrupt)
     s, t = str(inputs["safetensors"]), str(inputs["twin"])
-    argvs = [[s, t], [str(inputs["torch_zip"]), str(inputs["torch_zip"])], ["series", s, t, s],
+    argvs = [[s, t], [str(inputs["torch_zip"]), str(inputs["torch_zip"])], ["series", s, t, s, "--common-only"],
              [str(inputs["npz_compressed"]), str(inputs["npz"])]]
     if "gguf" in inputs:
         argvs.append([str(inputs["gguf"]), str(inputs["gguf"])])

@@ -12,6 +12,7 @@ from torchdiff.errors import (
     DeviceError,
     InputNotFoundError,
     MissingDependencyError,
+    PolicyError,
     TooLargeError,
     TorchDiffError,
     UnknownFormatError,
@@ -19,6 +20,7 @@ from torchdiff.errors import (
     UsageError,
 )
 from torchdiff.figures import Comparison, Figures, GroupFigures, GroupSums
+from torchdiff.manifest import fingerprint, verify
 from torchdiff.report import Report, SeriesReport
 from torchdiff.results import AnalysisResult, PairMetrics, TensorDiff, TensorStats
 from torchdiff.series import compare_series
@@ -37,6 +39,7 @@ __all__ = [
     "InputNotFoundError",
     "MissingDependencyError",
     "PairMetrics",
+    "PolicyError",
     "Report",
     "SeriesReport",
     "TensorDiff",
@@ -50,6 +53,8 @@ __all__ = [
     "compare",
     "compare_series",
     "differs",
+    "fingerprint",
     "inspect",
     "load",
+    "verify",
 ]

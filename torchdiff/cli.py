@@ -19,12 +19,12 @@ from typing import Any
 
 EXIT_OK, EXIT_DIFFERENT, EXIT_ERROR = 0, 1, 2
 
-COMMANDS = ("compare", "inspect", "series")
+COMMANDS = ("compare", "inspect", "series", "hash", "verify")
 
 # Core flags: name -> (default, help). Booleans take no value.
 CORE_FLAGS: dict[str, tuple[Any, str]] = {
     "all": (False, "run every analysis"),
-    "output": ("text", "text | json | yaml"),
+    "output": ("text", "text | json | yaml | markdown | github (hash: the manifest file, -o)"),
     "epsilon": (0.0, "|Δ| ≤ EPSILON counts as unchanged"),
     "ignore_keys_regex": (None, "skip tensors (and metadata keys) whose name matches REGEX"),
     "path": (None, "only tensors whose name contains this substring"),
@@ -43,8 +43,16 @@ CORE_FLAGS: dict[str, tuple[Any, str]] = {
     "unsafe_pickle": (False, "load pickles with weights_only=False: RUNS CODE from the file; only for files you trust"),
     "scope": ("params", "what global, layer and summary figures cover: params | model | all"),
     "common_only": (False, "series: compare only the tensors every checkpoint holds (else refused)"),
+    "policy": (None, "check the rules of a YAML policy file (compare, series); exit 1 when one fails"),
+    "cast": (None, "hash: also record each float tensor's fingerprint cast to DTYPE[,DTYPE] (for --allow-cast)"),
+    "allow_cast": (False, "verify: accept a float dtype cast whose values equal the expected ones after the cast"),
+    "tolerance": (None, "verify: accept tensors within rel_l2=X (bound and estimate from the manifest figures)"),
+    "shards": (False, "verify: reassemble tensor-parallel pieces (rank-suffixed names or one file per rank)"),
     "help": (False, "this help (-h)"),
 }
+# Flags only some commands take (the others refuse them).
+COMMAND_FLAGS = {"policy": ("compare", "series"), "cast": ("hash",), "allow_cast": ("verify",),
+                 "tolerance": ("verify",), "shards": ("verify",)}
 SHORT = {"-r": "recursive", "-q": "quiet", "-h": "help", "-o": "output"}
 
 
@@ -64,6 +72,7 @@ class Parsed:
     command: str
     positionals: list[str]
     flags: dict[str, Any]
+    policy: Any = None  # the loaded --policy (torchdiff.policy.Policy)
 
 
 def _usage(message: str):
@@ -155,17 +164,19 @@ class Outcome:
 class TorchDiffCLI:
     """torchdiff: compare PyTorch checkpoints and analyse the change."""
 
-    def __init__(self) -> None:
+    def __init__(self, policy: Any = None) -> None:
         self.outcome: Outcome | None = None
+        self.policy = policy  # a loaded torchdiff.policy.Policy (--policy)
 
     def compare(self, old, new, **flags):
         """Compare two checkpoints (files, sharded indexes, or directories with -r)."""
         from torchdiff import api
 
-        options = _api_options(flags)
+        options = _api_options(flags, policy=self.policy)
         from torchdiff import distributed
 
-        if (flags.get("quiet") or flags.get("brief")) and not _wants_analysis(options) and distributed.active() is None:
+        if ((flags.get("quiet") or flags.get("brief")) and not _wants_analysis(options) and self.policy is None
+                and distributed.active() is None):
             differs = api.differs(str(old), str(new), **options)
             text = f"Checkpoints {old} and {new} differ" if differs and flags.get("brief") else None
             self.outcome = Outcome(text, EXIT_DIFFERENT if differs else EXIT_OK)
@@ -195,13 +206,42 @@ class TorchDiffCLI:
             self.outcome = Outcome(None)
             return None
         with distributed.suspended():  # rank 0 alone: no collective inside
-            report = series.compare_series([str(c) for c in checkpoints], **_api_options(flags, series=True))
+            report = series.compare_series([str(c) for c in checkpoints],
+                                           **_api_options(flags, series=True, policy=self.policy))
         return self._finish(report, flags)
+
+    def hash(self, checkpoint, **flags):
+        """Write a manifest: per-tensor fingerprint and figures (docs/MANIFEST.md)."""
+        from torchdiff.manifest import fingerprint
+
+        casts = [c.strip() for c in str(flags["cast"]).split(",") if c.strip()] if flags.get("cast") else []
+        manifest = fingerprint(str(checkpoint), casts=casts, format=flags.get("format"))
+        target = flags.get("output")
+        if target in (None, "text", "json", "-"):
+            self.outcome = Outcome(manifest.to_json())
+            return self.outcome
+        manifest.save(str(target))
+        self.outcome = Outcome(None)
+        return None
+
+    def verify(self, manifest, *others, **flags):
+        """Check a checkpoint (or a second manifest) against a manifest, tensor by tensor."""
+        from torchdiff.manifest import verify
+
+        other = [str(o) for o in others] if flags.get("shards") and len(others) > 1 else str(others[0])
+        result = verify(str(manifest), other, allow_cast=bool(flags.get("allow_cast")),
+                        tolerance=flags.get("tolerance"), shards=bool(flags.get("shards")),
+                        format=flags.get("format"))
+        text = None if flags.get("quiet") else result.render(flags.get("output", "text"))
+        self.outcome = Outcome(text, result.exit_code)
+        return self.outcome if text else None
 
     def _finish(self, report, flags, inspect: bool = False):
         from torchdiff.render import render
         from torchdiff.render.text import use_color
 
+        if self.policy is not None:
+            report = self.policy.apply(report)
         differs = report.has_differences if not inspect else False
         code = EXIT_DIFFERENT if differs and (flags.get("exit_code") or flags.get("quiet") or flags.get("brief")) else EXIT_OK
         if any(a.failed for a in report.analyses):
@@ -219,13 +259,13 @@ class TorchDiffCLI:
         return self.outcome if text else None
 
 
-def _api_options(flags: dict[str, Any], series: bool = False) -> dict[str, Any]:
+def _api_options(flags: dict[str, Any], series: bool = False, policy: Any = None) -> dict[str, Any]:
     from torchdiff.analyses import ANALYSES
 
     from torchdiff import distributed
 
     cli_only = {"all", "output", "quiet", "brief", "exit_code", "no_color", "verbose", "version", "help",
-                "dist_timeout"}
+                "policy", "cast", "allow_cast", "tolerance", "shards", "dist_timeout"}
     options = {k: v for k, v in flags.items() if k not in cli_only}
     if distributed.active() is not None:  # each rank on its own GPU (cuda:LOCAL_RANK)
         options["device"] = distributed.engine_device(options.get("device", "auto"))
@@ -235,6 +275,10 @@ def _api_options(flags: dict[str, Any], series: bool = False) -> dict[str, Any]:
         for module in ANALYSES.values():
             if not (series and getattr(module, "PAIR_ONLY", False)):
                 options[module.FLAG] = True
+    if policy is not None:  # analyses the policy's rules read (no_anomaly, min_sqnr_db, converging)
+        for name in policy.analyses:
+            if not (series and getattr(ANALYSES[name], "PAIR_ONLY", False)):
+                options[ANALYSES[name].FLAG] = True
     return options
 
 
@@ -261,7 +305,8 @@ def _progress(flags: dict[str, Any]):
 
 
 _PLACEHOLDERS = {"fail_on_anomaly": "SEVERITY", "output": "FORMAT", "epsilon": "E", "path": "SUBSTRING",
-                 "map": "auto|none|FILE", "map_heads": "Q,KV"}
+                 "map": "auto|none|FILE", "map_heads": "Q,KV", "policy": "FILE", "cast": "DTYPE",
+                 "tolerance": "rel_l2=X"}
 
 
 def help_text() -> str:
@@ -273,6 +318,8 @@ def help_text() -> str:
         "usage: torchdiff OLD NEW [flags]          compare two checkpoints",
         "       torchdiff inspect FILE [flags]     one checkpoint",
         "       torchdiff series C1 C2 C3 ... [flags]  ordered checkpoints",
+        "       torchdiff hash CKPT [-o MANIFEST] [--cast DTYPE]   per-tensor fingerprints",
+        "       torchdiff verify MANIFEST CKPT|MANIFEST [--allow-cast] [--tolerance rel_l2=X] [--shards]",
         "",
         "Formats: safetensors, sharded HF (index.json), .pt .pth .bin .ckpt, .npy .npz, .mat, .gguf",
         "",
@@ -290,7 +337,8 @@ def help_text() -> str:
     lines += [
         "",
         "Exit codes: 0 ran (differences or not); 1 differences found with --exit-code, --quiet or",
-        "--brief, or a finding at --fail-on-anomaly's severity; 2 bad usage or unreadable input.",
+        "--brief, a finding at --fail-on-anomaly's severity, a failed --policy rule, or a verify",
+        "mismatch; 2 bad usage, a bad policy file, or unreadable input.",
     ]
     return "\n".join(lines)
 
@@ -311,6 +359,22 @@ def _check_arity(parsed: Parsed) -> None:
         raise _usage(f"inspect takes one checkpoint (got {n})")
     if parsed.command == "series" and n < 2:
         raise _usage(f"series takes two or more checkpoints (got {n})")
+    if parsed.command == "hash" and n != 1:
+        raise _usage(f"hash takes one checkpoint (got {n})")
+    if parsed.command == "verify" and (n < 2 or n > 2 and not parsed.flags.get("shards")):
+        raise _usage(f"verify takes a manifest and one checkpoint or manifest (got {n} paths; "
+                     "several rank files need --shards)")
+    for flag, commands in COMMAND_FLAGS.items():
+        if parsed.flags.get(flag) not in (None, False) and parsed.command not in commands:
+            raise _usage(f"--{flag.replace('_', '-')} works with {' and '.join(commands)}, not {parsed.command}")
+    if parsed.command == "verify":
+        from torchdiff.manifest import parse_tolerance
+
+        parse_tolerance(parsed.flags.get("tolerance"))
+    if parsed.flags.get("policy"):  # a bad policy file is an error before any checkpoint is read
+        from torchdiff import policy
+
+        parsed.policy = policy.load(parsed.flags["policy"], series=parsed.command == "series")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -382,7 +446,7 @@ def _run(parsed: Parsed, verbose: bool) -> int:
 
     if distributed.active() is not None:
         distributed.share_cores()  # the ranks on one machine split its cores
-    cli = TorchDiffCLI()
+    cli = TorchDiffCLI(policy=parsed.policy)
     started = time.perf_counter()
     if verbose:
         import torch

@@ -44,3 +44,7 @@ class MissingDependencyError(TorchDiffError):
 
 class DeviceError(TorchDiffError):
     """A device that was asked for is not available."""
+
+
+class PolicyError(UsageError):
+    """A --policy file that cannot be used: not YAML, an unknown key, a bad regex, a wrong type."""

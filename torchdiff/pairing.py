@@ -54,6 +54,64 @@ def compile_filters(ignore_keys_regex: str | None, path: str | None):
     return keep
 
 
+#: Wrapper prefixes one side's names may carry and the other's not: a state_dict saved
+#: under ``model`` (DCP, Lightning), or from ``nn.DataParallel`` / DDP (``module.``).
+WRAPPER_PREFIXES = ("model.", "module.")
+
+
+def dropped_prefix(old_names, new_names) -> tuple[str, str]:
+    """(prefix to drop from old's names, from new's): at most one side drops one.
+
+    A prefix P of :data:`WRAPPER_PREFIXES` is dropped from side A when the other side
+    has no name starting with P and dropping it from A's names pairs more names than
+    keeping it. Names of A without P (``optim.state...``) stay as they are; so does a
+    name whose stripped form A already holds.
+    """
+    old_names, new_names = list(old_names), list(new_names)
+    old_set, new_set = set(old_names), set(new_names)
+    common = len(old_set & new_set)
+    best = (common, "", "")
+    for prefix in WRAPPER_PREFIXES:
+        for a, b_set, a_set, side in ((old_names, new_set, old_set, "old"), (new_names, old_set, new_set, "new")):
+            if any(n.startswith(prefix) for n in b_set):
+                continue
+            stripped = {n[len(prefix):] if n.startswith(prefix) and n[len(prefix):] not in a_set else n for n in a}
+            found = len(stripped & b_set)
+            if found > best[0]:
+                best = (found, prefix, "") if side == "old" else (found, "", prefix)
+    return best[1], best[2]
+
+
+#: Formats whose names carry the top-level key the state was saved under (DCP:
+#: ``model.``): only when one side is one of these is a wrapper prefix dropped, so that
+#: other comparisons keep pairing names exactly (and the architecture analysis still
+#: reports ``module.x -> x`` as renames).
+PREFIXED_FORMATS = ("dcp",)
+
+
+def drop_prefix(old: Checkpoint, new: Checkpoint) -> tuple[Checkpoint, Checkpoint, tuple[str, str]]:
+    """Both checkpoints with :func:`dropped_prefix` applied when one side's format is in
+    :data:`PREFIXED_FORMATS`, and (prefix dropped from old, from new)."""
+    if old.format not in PREFIXED_FORMATS and new.format not in PREFIXED_FORMATS:
+        return old, new, ("", "")
+    old_prefix, new_prefix = dropped_prefix(old.tensors, new.tensors)
+    if old_prefix:
+        old = _without(old, old_prefix)
+    if new_prefix:
+        new = _without(new, new_prefix)
+    return old, new, (old_prefix, new_prefix)
+
+
+def _without(ckpt: Checkpoint, prefix: str) -> Checkpoint:
+    """A view of ``ckpt`` (same handles; closing stays with the original) under stripped names."""
+    tensors = {}
+    for name, handle in ckpt.tensors.items():
+        short = name[len(prefix):] if name.startswith(prefix) else name
+        tensors[short if short not in ckpt.tensors else name] = handle
+    return Checkpoint(name=ckpt.name, format=ckpt.format, tensors=tensors, metadata=ckpt.metadata, info=ckpt.info,
+                      files=ckpt.files)
+
+
 def pair(old: Checkpoint, new: Checkpoint, keep=None) -> list[Pair]:
     """Pair tensors by name: old's order first, then names only new has. Each pair's role
     comes from torchdiff.names.roles over both checkpoints (a side's own dtype first)."""

@@ -22,7 +22,7 @@ from torchdiff.errors import InputNotFoundError, UsageError
 from torchdiff.figures import Comparison
 from torchdiff.formats.base import Checkpoint
 from torchdiff.names import check_scope
-from torchdiff.pairing import compile_filters, pair, pair_metadata
+from torchdiff.pairing import compile_filters, drop_prefix, pair, pair_metadata
 from torchdiff.report import Report
 from torchdiff.results import AnalysisResult, MetadataDiff
 from torchdiff.status import PRESENT
@@ -198,6 +198,9 @@ def compare_checkpoints(old: Checkpoint, new: Checkpoint, options: Options, engi
     """
     files = {**old.files, **new.files}
     mapped = None
+    dropped = ("", "")
+    if mode == "pair":  # a DCP side's model./module. prefix the other side lacks (docs/FORMATS.md)
+        old, new, dropped = drop_prefix(old, new)
     if mode == "pair":  # cross-format pairing (docs/MAPPING.md): lazy handles under the old side's names
         old, new, mapped = mapping.apply_mapping(old, new, options.get("map", "auto"), heads=options.get("map_heads"))
     modules = [ANALYSES[name] for name in options.analyses]
@@ -236,7 +239,18 @@ def compare_checkpoints(old: Checkpoint, new: Checkpoint, options: Options, engi
     report = build_report(comparison, options, state)
     if mapped is not None:  # the mapping's own section comes first
         report = dataclasses.replace(report, analyses=(mapped.to_result(),) + report.analyses)
+    if any(dropped):
+        report = dataclasses.replace(report, analyses=(_pairing_result(old, new, dropped),) + report.analyses)
     return report
+
+
+def _pairing_result(old: Checkpoint, new: Checkpoint, dropped: tuple[str, str]) -> AnalysisResult:
+    """What pairing dropped, as a section named ``pairing`` (a text section, a JSON item)."""
+    side, prefix, name = ("old", dropped[0], old.name) if dropped[0] else ("new", dropped[1], new.name)
+    return AnalysisResult(
+        name="pairing", headline={"dropped_prefix": prefix, "side": side}, data={"old_prefix": dropped[0], "new_prefix": dropped[1]},
+        notes=(f"paired names with the prefix {prefix!r} dropped from the {side} side ({name})",),
+    )
 
 
 def _no_hooks(options, state) -> list:

@@ -111,6 +111,9 @@ def build_adam_plan(tensors: Sequence[tuple[str, tuple[int, ...], bool]],
     Returns:
         None when the checkpoint holds no Adam state.
     """
+    by_name = fqn_adam_plan(tensors, metadata)
+    if by_name is not None:
+        return by_name
     names = [t[0] for t in tensors]
     shapes = {t[0]: tuple(t[1]) for t in tensors}
     prefixes = optimizer_prefixes(names, metadata)
@@ -181,7 +184,70 @@ def build_adam_plan(tensors: Sequence[tuple[str, tuple[int, ...], bool]],
     return AdamPlan(params, notes, mapped_all)
 
 
-def _param_groups(opt: str, metadata: Mapping[str, Any]) -> list[dict[str, Any]]:
+def fqn_adam_plan(tensors: Sequence[tuple[str, tuple[int, ...], bool]],
+                  metadata: Mapping[str, Any]) -> AdamPlan | None:
+    """Adam state keyed by parameter name, as FSDP/DCP's ``get_state_dict`` saves it
+    (``P.state.<fqn>.exp_avg``, ``P.param_groups.G.params`` a list of fqns): each fqn maps
+    to the model tensor named ``<fqn>``, else to the one tensor named ``<prefix>.<fqn>``
+    (``model.<fqn>`` when the model's state_dict sits under ``model``) of the state's
+    shape. None when no state is keyed so (see :func:`build_adam_plan` for torch's
+    numbered state)."""
+    from torchdiff.names import optimizer_param
+
+    shapes = {t[0]: tuple(t[1]) for t in tensors}
+    state: dict[tuple[str, str], dict[str, str]] = {}
+    for name in shapes:
+        found = optimizer_param(name)
+        if found is None or _NUMBERED.fullmatch(found[0]):
+            continue
+        fqn, field_name = found
+        opt = name[: len(name) - len(f"state.{fqn}.{field_name}")]  # "optim."
+        state.setdefault((opt, fqn), {})[field_name] = name
+    state = {k: f for k, f in state.items() if {"exp_avg", "exp_avg_sq"} <= set(f)}
+    if not state:
+        return None
+    by_suffix: dict[str, list[str]] = {}  # every dotted suffix of a model tensor's name -> those names
+    for n in shapes:
+        if optimizer_param(n) is None:
+            dotted = n.split(".")
+            for k in range(len(dotted)):
+                by_suffix.setdefault(".".join(dotted[k:]), []).append(n)
+    group_of: dict[tuple[str, str], dict[str, Any]] = {}
+    for opt in {opt for opt, _ in state}:
+        for g in _param_groups(opt, metadata, numbered=False):
+            for fqn in g["params"]:
+                group_of[(opt, fqn)] = g
+    params: list[AdamParam] = []
+    unmapped: list[str] = []
+    for i, ((opt, fqn), f) in enumerate(state.items()):
+        group = group_of.get((opt, fqn), {})
+        shape = shapes[f["exp_avg"]]
+        matches = [n for n in by_suffix.get(fqn, []) if shapes[n] == shape]
+        param = fqn if fqn in matches else (matches[0] if len(matches) == 1 else None)
+        if param is None:
+            unmapped.append(fqn)
+        betas = group.get("betas")
+        beta1, beta2 = (float(betas[0]), float(betas[1])) if isinstance(betas, (list, tuple)) and len(betas) == 2 \
+            else (0.9, 0.999)
+        step_value = metadata.get(f"{opt}state.{fqn}.step")
+        params.append(AdamParam(
+            key=f"{opt}state.{fqn}", index=i, shape=shape, exp_avg=f["exp_avg"], exp_avg_sq=f["exp_avg_sq"],
+            step=f.get("step"), step_value=float(step_value) if _is_number(step_value) else None,
+            lr=float(group["lr"]) if _is_number(group.get("lr")) else None, beta1=beta1, beta2=beta2,
+            eps=float(group["eps"]) if _is_number(group.get("eps")) else 1e-8, param=param,
+        ))
+    notes = []
+    if unmapped:
+        shown = ", ".join(unmapped[:5]) + (f" (+{len(unmapped) - 5} more)" if len(unmapped) > 5 else "")
+        notes.append(f"optimizer state of {len(unmapped)} parameter name(s) matches no model tensor of its shape: "
+                     f"{shown}")
+    return AdamPlan(params, notes, not unmapped)
+
+
+_NUMBERED = re.compile(r"(?:.+\.)?state\.\d+")
+
+
+def _param_groups(opt: str, metadata: Mapping[str, Any], numbered: bool = True) -> list[dict[str, Any]]:
     groups: dict[int, dict[str, Any]] = {}
     for key, value in metadata.items():
         m = _GROUP_RE.match(str(key))
@@ -191,7 +257,11 @@ def _param_groups(opt: str, metadata: Mapping[str, Any]) -> list[dict[str, Any]]
     for g in sorted(groups):
         group = groups[g]
         params = group.get("params")
-        group["params"] = [int(i) for i in params] if isinstance(params, list) else []
+        if not numbered:  # parameter names (get_state_dict)
+            group["params"] = [str(p) for p in params] if isinstance(params, list) else []
+        else:
+            group["params"] = [int(i) for i in params] if isinstance(params, list) and all(
+                isinstance(i, int) or str(i).isdigit() for i in params) else []
         out.append(group)
     return out
 

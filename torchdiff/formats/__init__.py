@@ -26,6 +26,7 @@ _READERS: dict[str, str] = {
     "matlab": "matlab",
     "gguf": "gguf",
     "sharded": "sharded",
+    "dcp": "dcp",
 }
 format_names = sorted(_READERS)
 
@@ -39,6 +40,7 @@ _EXTENSIONS: dict[str, str] = {
     ".npz": "numpy",
     ".mat": "matlab",
     ".gguf": "gguf",
+    ".distcp": "dcp",
 }
 extensions = sorted(_EXTENSIONS)
 
@@ -76,8 +78,11 @@ def sniff(path: str) -> str | None:
 
 def detect_format(path: str) -> str:
     if os.path.isdir(path):
-        return "sharded"
+        # torch.distributed.checkpoint (FSDP, torchtitan, Lightning, Megatron torch_dist)
+        return "dcp" if os.path.isfile(os.path.join(path, ".metadata")) else "sharded"
     name = os.path.basename(path)
+    if name == ".metadata":
+        return "dcp"
     if name.endswith(".index.json"):
         return "sharded"
     ext = os.path.splitext(name)[1].lower()
@@ -99,7 +104,8 @@ def load(path: Any, format: str | None = None, *, unsafe_pickle: bool = False) -
     and every tensor's ``materialize()`` first checks that its file has not changed.
 
     Args:
-        path: a file, a sharded checkpoint's ``*.index.json``, or a directory holding one.
+        path: a file, a sharded checkpoint's ``*.index.json``, or a directory holding one;
+            a torch.distributed.checkpoint directory (holding ``.metadata``), or that file.
         format: one of ``format_names``; None to detect it.
         unsafe_pickle: load a PyTorch pickle with ``weights_only=False`` (runs code from
             the file: only for files the user trusts).
@@ -112,7 +118,7 @@ def load(path: Any, format: str | None = None, *, unsafe_pickle: bool = False) -
         raise UsageError(f"unknown --format {format!r} (choose from {', '.join(format_names)})")
     if not os.path.exists(path):
         raise InputNotFoundError(f"{path}: no such file or directory")
-    if os.path.isdir(path) and format not in (None, "sharded"):
+    if os.path.isdir(path) and format not in (None, "sharded", "dcp"):
         raise InputNotFoundError(f"{path}: is a directory (use -r to compare directories file by file)")
     fmt = format or detect_format(path)
     module = importlib.import_module(f"torchdiff.formats.{_READERS[fmt]}")

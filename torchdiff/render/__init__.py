@@ -8,7 +8,7 @@ from typing import Any
 from torchdiff.errors import UsageError
 from torchdiff.status import UNCHANGED
 
-output_formats = ["json", "text", "yaml"]
+output_formats = ["github", "json", "markdown", "text", "yaml"]
 
 from torchdiff.results import NAN, NEG_INF, POS_INF  # noqa: F401 - how JSON/YAML write non-finite floats
 
@@ -77,7 +77,15 @@ def mapped_names(report) -> dict[str, dict[str, Any]]:
 
 def render(report, fmt: str = "text", color: bool = False, indent: int | None = 2) -> str:
     """Render any report of the Report family (torchdiff.report): JSON and YAML from its
-    ``to_dict()``, text from render.text."""
+    ``to_dict()``, text from render.text, markdown and github from render.markdown/github."""
+    if fmt == "markdown":
+        from torchdiff.render.markdown import render_markdown
+
+        return render_markdown(report)
+    if fmt == "github":
+        from torchdiff.render.github import render_github
+
+        return render_github(report)
     if fmt == "text":
         from torchdiff.render.text import render_series_text, render_text
 
