@@ -47,7 +47,7 @@ def compare(
     map: str = "auto", map_heads: str | None = None, sort_key: str | None = None, layer_pattern: str | None = None, quantization_top_k: int = 10,
     fail_on_anomaly: str | None = None, plateau_threshold: float = 1e-3, plateau_steps: int = 2,
     lr: float = 0.0, cross_layer: bool = False, base: Any = None, sort: str | None = None,
-    progress: Callable[[int], None] | None = None, **unknown: Any,
+    process_group: Any = None, progress: Callable[[int], None] | None = None, **unknown: Any,
 ) -> Report:
     """Compare two checkpoints.
 
@@ -75,10 +75,15 @@ def compare(
         spectra: singular values of Δ for the K most-changed matrices, in ``d.extras["spectrum"]``.
         sort_key, layer_pattern, quantization_top_k, fail_on_anomaly, plateau_threshold,
         plateau_steps, lr, cross_layer, base, sort: the analyses' options (README, "Flags").
+        process_group: a torch.distributed group (or True for the default one) when the
+            tensors are DTensors sharded over it (FSDP2, tensor parallel): every rank of the
+            group calls compare, reduces its local shards, and gets the same Report;
+            parameters are never gathered (docs/DISTRIBUTED.md).
         progress: called with the number of elements done after each block.
 
     Returns:
         A Report: iterate it for TensorDiffs, ``print`` it for text, ``to_dict()`` for JSON.
+        Under torchrun (``torchrun -m torchdiff``), None on ranks other than 0.
 
     Example:
         >>> import torch, torchdiff
@@ -141,7 +146,7 @@ def inspect(
     map: str = "auto", map_heads: str | None = None, sort_key: str | None = None, layer_pattern: str | None = None, quantization_top_k: int = 10,
     fail_on_anomaly: str | None = None, plateau_threshold: float = 1e-3, plateau_steps: int = 2,
     lr: float = 0.0, cross_layer: bool = False, base: Any = None, sort: str | None = None,
-    progress: Callable[[int], None] | None = None, **unknown: Any,
+    process_group: Any = None, progress: Callable[[int], None] | None = None, **unknown: Any,
 ) -> Report:
     """One checkpoint: every tensor's statistics, plus the analyses that make sense for one
     file (memory, anomalies, architecture). The Report is one-sided: every tensor's status

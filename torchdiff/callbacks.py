@@ -211,7 +211,7 @@ class CheckpointMonitor:
                  keep: str = "cpu", on_report: OnReport | None = None, *,
                  include_buffers: bool = True, keep_reports: bool = False,
                  save_dir: str | os.PathLike | None = None, start_step: int = 0,
-                 tensor_history: bool = True, **compare_options: Any) -> None:
+                 tensor_history: bool = True, process_group: Any = None, **compare_options: Any) -> None:
         if not isinstance(model, torch.nn.Module):
             raise UsageError(f"CheckpointMonitor watches an nn.Module, got a {type(model).__name__}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
@@ -235,6 +235,13 @@ class CheckpointMonitor:
         self.tensor_history = bool(tensor_history)
         self.save_dir = os.fspath(save_dir) if save_dir is not None else None
         self._compare_options = dict(compare_options)
+        # FSDP2 / tensor parallel: snapshots hold this rank's local shards (1/N of the
+        # model); compares re-wrap them as DTensors (no communication) and the engine
+        # reduces local shards on each rank (torchdiff.distributed.run_sharded).
+        self.process_group = process_group
+        self._dtensor_specs: dict[str, tuple] = {}
+        if process_group is not None and keep == "stats":
+            raise UsageError("process_group= needs keep='cpu' or 'device' (keep='stats' merges no shards)")
         live = self._live()
         self._model_device = next((t.device for t in live.values() if t.device.type != "cpu"), torch.device("cpu"))
         if device is None:
@@ -242,6 +249,7 @@ class CheckpointMonitor:
             if self._model_device.type == "cuda":
                 device = str(self._model_device)
         self.options = pipeline.make_options(tuple(analyses), device=str(device), **compare_options)
+        self.options["process_group"] = process_group
         if keep == "stats":
             bad = [n for n in self.options.analyses if n not in STATS_ANALYSES]
             if bad:
@@ -369,8 +377,14 @@ class CheckpointMonitor:
     def _live(self) -> dict[str, torch.Tensor]:
         if self.include_buffers:
             sd = self.model.state_dict()
-            return {k: v.detach() for k, v in sd.items() if isinstance(v, torch.Tensor)}
-        return {k: p.detach() for k, p in self.model.named_parameters()}
+            live = {k: v.detach() for k, v in sd.items() if isinstance(v, torch.Tensor)}
+        else:
+            live = {k: p.detach() for k, p in self.model.named_parameters()}
+        if self.process_group is not None:
+            from torchdiff.distributed import to_local
+
+            live, self._dtensor_specs = to_local(live)
+        return live
 
     def _host(self, live: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Host tensors of the live state for the engine (which reads host tensors):
@@ -470,6 +484,10 @@ class CheckpointMonitor:
         if self.save_dir is not None and self._pending_reference_save:
             self._save(self._reference_step, old_host)
             self._pending_reference_save = False
+        if self.process_group is not None:
+            from torchdiff.distributed import from_local
+
+            old_host, new_host = from_local(old_host, self._dtensor_specs), from_local(new_host, self._dtensor_specs)
         old = formats.from_object(old_host, name=f"step {self._reference_step}")
         new = formats.from_object(new_host, name=f"step {self._step}")
         return pipeline.compare_checkpoints(old, new, self.options, self.engine), new_host

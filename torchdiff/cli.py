@@ -39,6 +39,7 @@ CORE_FLAGS: dict[str, tuple[Any, str]] = {
     "no_color": (False, "no colour even on a terminal (also NO_COLOR=1)"),
     "verbose": (False, "device, threads and timing on stderr; tracebacks on errors"),
     "version": (False, "print the version and exit"),
+    "dist_timeout": (300.0, "under torchrun: seconds a rank waits for the others at an exchange"),
     "unsafe_pickle": (False, "load pickles with weights_only=False: RUNS CODE from the file; only for files you trust"),
     "scope": ("params", "what global, layer and summary figures cover: params | model | all"),
     "common_only": (False, "series: compare only the tensors every checkpoint holds (else refused)"),
@@ -177,13 +178,18 @@ class TorchDiffCLI:
         from torchdiff import api
 
         options = _api_options(flags, policy=self.policy)
+        from torchdiff import distributed
+
         if ((flags.get("quiet") or flags.get("brief")) and not _wants_analysis(options) and self.policy is None
-                and not options.get("histograms")):
+                and not options.get("histograms") and distributed.active() is None):
             differs = api.differs(str(old), str(new), **options)
             text = f"Checkpoints {old} and {new} differ" if differs and flags.get("brief") else None
             self.outcome = Outcome(text, EXIT_DIFFERENT if differs else EXIT_OK)
             return self.outcome if text else None
         report = api.compare(str(old), str(new), progress=_progress(flags), **options)
+        if report is None:  # a torchrun rank other than 0: it measured its share, rank 0 reports
+            self.outcome = Outcome(None)
+            return None
         return self._finish(report, flags)
 
     def inspect(self, file, **flags):
@@ -191,14 +197,22 @@ class TorchDiffCLI:
         from torchdiff import api
 
         report = api.inspect(str(file), **_api_options(flags))
+        if report is None:
+            self.outcome = Outcome(None)
+            return None
         return self._finish(report, flags, inspect=True)
 
     def series(self, *checkpoints, **flags):
         """Ordered checkpoints C1 C2 C3 ...: convergence and similarity over the run."""
-        from torchdiff import series
+        from torchdiff import distributed, series
 
-        report = series.compare_series([str(c) for c in checkpoints],
-                                       **_api_options(flags, series=True, policy=self.policy))
+        ctx = distributed.active()
+        if ctx is not None and ctx.rank != 0:  # series runs on rank 0 alone (docs/DISTRIBUTED.md)
+            self.outcome = Outcome(None)
+            return None
+        with distributed.suspended():  # rank 0 alone: no collective inside
+            report = series.compare_series([str(c) for c in checkpoints],
+                                           **_api_options(flags, series=True, policy=self.policy))
         return self._finish(report, flags)
 
     def hash(self, checkpoint, **flags):
@@ -255,9 +269,13 @@ class TorchDiffCLI:
 def _api_options(flags: dict[str, Any], series: bool = False, policy: Any = None) -> dict[str, Any]:
     from torchdiff.analyses import ANALYSES
 
+    from torchdiff import distributed
+
     cli_only = {"all", "output", "quiet", "brief", "exit_code", "no_color", "verbose", "version", "help",
-                "policy", "cast", "allow_cast", "tolerance", "shards", "report", "plots"}
+                "policy", "cast", "allow_cast", "tolerance", "shards", "report", "plots", "dist_timeout"}
     options = {k: v for k, v in flags.items() if k not in cli_only}
+    if distributed.active() is not None:  # each rank on its own GPU (cuda:LOCAL_RANK)
+        options["device"] = distributed.engine_device(options.get("device", "auto"))
     if not series and options.pop("common_only", False):
         print("torchdiff: warning: --common-only applies to torchdiff series; ignored", file=sys.stderr)
     if (flags.get("report") or flags.get("plots")) and not series:  # a series report draws no histograms
@@ -328,7 +346,9 @@ def _wants_analysis(options: dict[str, Any]) -> bool:
 
 def _progress(flags: dict[str, Any]):
     """A tqdm bar on stderr, only for text output on a terminal."""
-    if flags.get("output", "text") != "text" or flags.get("quiet") or not sys.stderr.isatty():
+    from torchdiff import distributed
+
+    if flags.get("output", "text") != "text" or flags.get("quiet") or not sys.stderr.isatty() or distributed.rank():
         return None
     try:
         from tqdm import tqdm
@@ -413,6 +433,18 @@ def _check_arity(parsed: Parsed) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from torchdiff import distributed
+
+    if distributed.launched():  # under torchrun: every rank runs this, rank 0 prints (docs/DISTRIBUTED.md)
+        return distributed.cli_main(argv, _main)
+    code, line = _main(argv)
+    if line:
+        print(line, file=sys.stderr)
+    return code
+
+
+def _main(argv: list[str]) -> tuple[int, str | None]:
+    """Run the command; returns the exit code and the error line to print (if any)."""
     verbose = any(a in ("--verbose",) for a in argv)
     from torchdiff.errors import TorchDiffError
 
@@ -420,12 +452,12 @@ def main(argv: list[str] | None = None) -> int:
         parsed = parse_argv(argv)
         if parsed.flags.get("help") or not argv:
             print(help_text())
-            return EXIT_OK
+            return EXIT_OK, None
         if parsed.flags.get("version"):
             from torchdiff import __version__
 
             print(f"torchdiff {__version__}")
-            return EXIT_OK
+            return EXIT_OK, None
         _check_arity(parsed)
         _check_outputs(parsed)
         if parsed.command == "series":
@@ -436,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         if parsed.flags.get("unsafe_pickle"):
             print("torchdiff: warning: --unsafe-pickle loads pickles with weights_only=False; "
                   "a malicious file can run code", file=sys.stderr)
-        return _run(parsed, verbose)
+        return _run(parsed, verbose), None
     except TorchDiffError as e:
         if verbose:
             import traceback
@@ -444,22 +476,18 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         from torchdiff.render.text import printable  # one line, whatever a file's names hold
 
-        print(f"torchdiff: error: {printable(e)}", file=sys.stderr)
-        return e.exit_code
+        return e.exit_code, f"torchdiff: error: {printable(e)}"
     except KeyboardInterrupt:
-        print("torchdiff: interrupted", file=sys.stderr)
-        return 130
+        return 130, "torchdiff: interrupted"
     except BrokenPipeError:
-        return EXIT_OK
+        return EXIT_OK, None
     except MemoryError:
-        print("torchdiff: error: out of memory", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_ERROR, "torchdiff: error: out of memory"
     except Exception as e:  # noqa: BLE001 - the one place a bug becomes one line, not a traceback
         if verbose:
             raise
-        print(f"torchdiff: error: internal error: {type(e).__name__}: {e} (rerun with --verbose for the traceback)",
-              file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_ERROR, (f"torchdiff: error: internal error: {type(e).__name__}: {e} "
+                            "(rerun with --verbose for the traceback)")
 
 
 def _run(parsed: Parsed, verbose: bool) -> int:
@@ -469,6 +497,10 @@ def _run(parsed: Parsed, verbose: bool) -> int:
     from torchdiff.engine import use_all_cores
 
     use_all_cores()
+    from torchdiff import distributed
+
+    if distributed.active() is not None:
+        distributed.share_cores()  # the ranks on one machine split its cores
     cli = TorchDiffCLI(policy=parsed.policy, argv=parsed.argv)
     started = time.perf_counter()
     if verbose:

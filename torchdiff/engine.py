@@ -18,6 +18,7 @@ How it is fast (see docs/ENGINE.md):
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import os
@@ -178,15 +179,139 @@ class Engine:
 
     def _run(self, pairs, hooks, progress) -> Figures:
         jobs, exact_slots, sides = self._plan(pairs)
-        side_rows, side_ids, side_lengths, pair_rows, pair_ids = self._reduce(jobs, progress)
-        n_slots = len(sides)
-        merged_side = R.merge_side(side_rows, side_lengths, side_ids, n_slots)
-        merged_pair = R.merge_pair(pair_rows, pair_ids, len(pairs))
-        fig = self._assemble(pairs, sides, exact_slots, merged_side, merged_pair)
+        rows = self._reduce(jobs, progress)
+        fig = self._finish(pairs, sides, exact_slots, rows)
         hooks = list(hooks)
         if hooks:
             self._run_hooks(pairs, fig, hooks)
         return fig
+
+    def _finish(self, pairs, sides, exact_slots, rows) -> Figures:
+        """Merge row partials per tensor (Chan's update, rows in array order) and assemble."""
+        side_rows, side_ids, side_lengths, pair_rows, pair_ids = rows
+        merged_side = R.merge_side(side_rows, side_lengths, side_ids, len(sides))
+        merged_pair = R.merge_pair(pair_rows, pair_ids, len(pairs))
+        return self._assemble(pairs, sides, exact_slots, merged_side, merged_pair)
+
+    # ---- partial figures of some pairs (torch.distributed: torchdiff/distributed.py) ----
+
+    def measure(self, pairs: list[Pair], owned: Iterable[int], hooks: Iterable[Hook] = (),
+                progress: Callable[[int], None] | None = None) -> Partials:
+        """Measure only the pairs ``owned`` (indices into ``pairs``); returns their row
+        partials and value-derived figures under GLOBAL pair and slot ids, for
+        :meth:`merge` on another process. Reads only the owned tensors' values."""
+        if self.device.type == "cuda":
+            with torch.cuda.device(self.device):
+                return self._measure(pairs, list(owned), list(hooks), progress)
+        return self._measure(pairs, list(owned), list(hooks), progress)
+
+    def _measure(self, pairs, owned, hooks, progress) -> Partials:
+        sub = [pairs[i] for i in owned]
+        jobs, exact_slots, sides = self._plan(sub)
+        rows = self._reduce(jobs, progress)
+        record = _Values(record=True)
+        self._values = record
+        try:
+            diffs = self._finish(sub, sides, exact_slots, rows)
+        finally:
+            self._values = None
+        if hooks:
+            self._run_hooks(sub, diffs, hooks)
+        first = global_slots(pairs)
+        pair_map = np.asarray(owned, dtype=np.int64)
+        slot_map = np.asarray([s for i in owned for s in _slots_of(pairs[i], first[i])], dtype=np.int64)
+        side_rows, side_ids, side_lengths, pair_rows, pair_ids = rows
+        return Partials(
+            side_rows=side_rows, side_ids=slot_map[side_ids], side_lengths=side_lengths,
+            pair_rows=pair_rows, pair_ids=pair_map[pair_ids],
+            exact_side={int(slot_map[k]): v for k, v in record.exact_side.items()},
+            exact_pair={int(pair_map[k]): v for k, v in record.exact_pair.items()},
+            same_nonfinite={int(pair_map[k]): v for k, v in record.same_nonfinite.items()},
+            equal={int(pair_map[k]): v for k, v in record.equal.items()},
+            extras={int(pair_map[k]): v for k, v in diffs.extras.items() if v},
+        )
+
+    def merge(self, pairs: list[Pair], parts: list[Partials]) -> Figures:
+        """TensorDiffs of all ``pairs`` from the Partials of processes that measured
+        disjoint subsets. Rows are merged in the order of ``parts`` (rank order); all
+        rows of one tensor come from one part, in that part's order, so every figure is
+        the one a single process computes (docs/DISTRIBUTED.md). Value-derived figures
+        (exact path, byte equality) are looked up, not recomputed."""
+        _, exact_slots, sides = self._plan_sides(pairs)
+
+        def cat(name, width=None):
+            arrays = [getattr(p, name) for p in parts]
+            return np.concatenate(arrays) if arrays else np.zeros((0, width) if width else 0)
+
+        rows = (cat("side_rows", R.SIDE_WIDTH), cat("side_ids").astype(np.int64), cat("side_lengths"),
+                cat("pair_rows", R.PAIR_WIDTH), cat("pair_ids").astype(np.int64))
+        known = _Values(lookup=True)
+        for p in parts:
+            known.exact_side.update(p.exact_side)
+            known.exact_pair.update(p.exact_pair)
+            known.same_nonfinite.update(p.same_nonfinite)
+            known.equal.update(p.equal)
+        self._values = known
+        try:
+            fig = self._finish(pairs, sides, exact_slots, rows)
+        finally:
+            self._values = None
+        for p in parts:
+            fig.extras.update(p.extras)
+        return fig
+
+    def _plan_sides(self, pairs: list[Pair]):
+        """The sides and the empty (exact-path) slots of ``pairs``, without cutting rows."""
+        sides: list[_Side] = []
+        exact_slots: set[int] = set()
+        for p in pairs:
+            for h in (p.old, p.new):
+                if h is not None:
+                    if h.numel == 0:
+                        exact_slots.add(len(sides))
+                    sides.append(_Side(h))
+        return None, exact_slots, sides
+
+    # Figures only the values give. Normally computed here; when measuring for another
+    # process they are recorded, and when merging they are looked up (global ids).
+    _values: "_Values | None" = None
+
+    def _exact_side(self, slot: int, side: _Side) -> R.SideTotals:
+        v = self._values
+        if v is not None and v.lookup and slot in v.exact_side:
+            return v.exact_side[slot]
+        t = R.exact_side(side.view())
+        if v is not None and v.record:
+            v.exact_side[slot] = t
+        return t
+
+    def _exact_pair(self, i: int, a: _Side, b: _Side) -> R.PairTotals:
+        v = self._values
+        if v is not None and v.lookup and i in v.exact_pair:
+            return v.exact_pair[i]
+        t = R.exact_pair(a.view(), b.view(), self.epsilon)
+        if v is not None and v.record:
+            v.exact_pair[i] = t
+        return t
+
+    def _same_nonfinite(self, i: int, a: _Side, b: _Side) -> bool:
+        v = self._values
+        if v is not None and v.lookup and i in v.same_nonfinite:
+            return v.same_nonfinite[i]
+        same = _same_nonfinite(a.view(), b.view())
+        if v is not None and v.record:
+            v.same_nonfinite[i] = same
+        return same
+
+    def _equal(self, i: int, a: _Side, b: _Side) -> bool:
+        v = self._values
+        if v is not None and v.lookup and i in v.equal:
+            return v.equal[i]
+        same = _sides_bytes_equal(a, b)
+        if v is not None and v.record:
+            v.equal[i] = same
+        return same
+
 
     # ---- planning -------------------------------------------------------------
 
@@ -232,7 +357,11 @@ class Engine:
         for group in groups.values():
             if group.length < self.row:  # small tensors: file order, so runs of them are adjacent
                 group.entries.sort(key=_file_position)
-        return list(groups.values()), exact_slots, sides
+        # Full-row groups first: every tensor's rows then come in the same order (full rows
+        # ascending, then its remainder) whatever other tensors are planned with it, so its
+        # merged figures do not depend on how pairs are split between processes.
+        ordered = sorted(groups.values(), key=lambda g: g.length != self.row)
+        return ordered, exact_slots, sides
 
     # ---- the pass over the data ------------------------------------------------
 
@@ -262,15 +391,21 @@ class Engine:
                     if pending_rows < k_max and qi < len(queue):
                         continue
                 k = pending_rows
+                # One row of ≥ 32768 elements is reduced by several threads splitting it
+                # (another summation order than the same row inside a larger block): one
+                # thread here, so a row's partials never depend on its block neighbours.
+                serial = k == 1 and L >= _TORCH_GRAIN
                 a = self._fill(pending, L, k, group.dtype, "a")
                 work = self._buffer("work", k * L, group.dtype).view(k, L)
-                parts = R.side_rows(a, work)
+                with _serial(serial):
+                    parts = R.side_rows(a, work)
                 lengths = np.full(k, L, dtype=np.float64)
                 if group.paired:
                     b = self._fill(pending, L, k, group.dtype, "b")
-                    parts += R.side_rows(b, work)
                     delta = self._buffer("delta", k * L, group.dtype).view(k, L)
-                    parts += [t.to(torch.float64) for t in R.pair_rows(a, b, self.epsilon, work, delta)]
+                    with _serial(serial):
+                        parts += R.side_rows(b, work)
+                        parts += [t.to(torch.float64) for t in R.pair_rows(a, b, self.epsilon, work, delta)]
                     block = torch.stack(parts, 1).to(torch.float64)
                     side_parts += [block[:, : R.SIDE_WIDTH], block[:, R.SIDE_WIDTH : 2 * R.SIDE_WIDTH]]
                     pair_parts.append(block[:, 2 * R.SIDE_WIDTH :])
@@ -418,7 +553,7 @@ class Engine:
             side_cols.nbytes[rows] = [h.nbytes for h in handles]
             for i, s_ in zip(rows.tolist(), src.tolist()):
                 if exact[s_]:
-                    t = R.exact_side(sides[s_].view())
+                    t = self._exact_side(s_, sides[s_])
                     for name in ("mean", "std", "min", "max", "mean_abs", "rms", "zero_count", "nan_count",
                                  "inf_count"):
                         getattr(side_cols, name)[i] = getattr(t, name)
@@ -447,17 +582,17 @@ class Engine:
         # Tensors whose partials cannot be trusted: float64 with masks, one at a time.
         for j in np.flatnonzero(slow).tolist():
             i = int(rows[j])
-            t = R.exact_pair(sides[int(a[j])].view(), sides[int(b[j])].view(), self.epsilon)
+            t = self._exact_pair(i, sides[int(a[j])], sides[int(b[j])])
             n[j], d2[j], d_max[j], d_abs[j], changed[j] = t.count, t.dsq, t.dmax, t.dsum_abs, t.changed
             sq_old[j], sq_new[j] = t.sumsq_old, t.sumsq_new
         same_nonfinite = ((fig.old.nan_count[rows] == fig.new.nan_count[rows])
                           & (fig.old.inf_count[rows] == fig.new.inf_count[rows]))
         for j in np.flatnonzero(same_nonfinite & nonfinite).tolist():
-            same_nonfinite[j] = _same_nonfinite(sides[int(a[j])].view(), sides[int(b[j])].view())
+            same_nonfinite[j] = self._same_nonfinite(int(rows[j]), sides[int(a[j])], sides[int(b[j])])
         retyped = np.array([pairs[i].retyped for i in rows.tolist()], dtype=bool)
         equal = np.zeros(rows.size, dtype=bool)
         for j in np.flatnonzero((d_max == 0) & same_nonfinite & ~retyped).tolist():
-            equal[j] = _sides_bytes_equal(sides[int(a[j])], sides[int(b[j])])
+            equal[j] = self._equal(int(rows[j]), sides[int(a[j])], sides[int(b[j])])
         fig.measured[rows] = True
         fig.equal[rows] = equal
         fig.count[rows] = n
@@ -509,6 +644,67 @@ class Engine:
         if t.is_complex():
             t = torch.view_as_real(t)
         return t.to(device=self.device, dtype=dtype)
+
+
+_TORCH_GRAIN = 32768  # at::internal::GRAIN_SIZE: below it torch reduces on one thread anyway
+
+
+@contextlib.contextmanager
+def _serial(on: bool):
+    """torch on one thread inside the block when ``on``."""
+    threads = torch.get_num_threads()
+    if not on or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@dataclass
+class _Values:
+    """Value-derived figures by id: recorded by the process that read the values, looked
+    up by the one that merges (Engine.measure / Engine.merge)."""
+
+    record: bool = False
+    lookup: bool = False
+    exact_side: dict = field(default_factory=dict)
+    exact_pair: dict = field(default_factory=dict)
+    same_nonfinite: dict = field(default_factory=dict)
+    equal: dict = field(default_factory=dict)
+
+
+@dataclass
+class Partials:
+    """What one process measured of some pairs, under global ids: row partials (the
+    engine's fixed layout, reductions.py), exact-path totals and byte/non-finite
+    equality of the tensors whose values it read, and hook extras (JSON-able)."""
+
+    side_rows: np.ndarray
+    side_ids: np.ndarray
+    side_lengths: np.ndarray
+    pair_rows: np.ndarray
+    pair_ids: np.ndarray
+    exact_side: dict[int, R.SideTotals]
+    exact_pair: dict[int, R.PairTotals]
+    same_nonfinite: dict[int, bool]
+    equal: dict[int, bool]
+    extras: dict[int, dict]
+
+
+def global_slots(pairs: list[Pair]) -> list[int]:
+    """The first side slot of each pair (slots count old then new, in pair order)."""
+    first, slot = [], 0
+    for p in pairs:
+        first.append(slot)
+        slot += (p.old is not None) + (p.new is not None)
+    return first
+
+
+def _slots_of(p: Pair, first: int) -> list[int]:
+    return list(range(first, first + (p.old is not None) + (p.new is not None)))
 
 
 def _file_position(entry) -> tuple:

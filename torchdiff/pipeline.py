@@ -41,6 +41,7 @@ CORE_OPTIONS: dict[str, Any] = {
     "map_heads": None,
     "histograms": 0,  # value histograms of the top-k changed tensors (torchdiff.histograms)
     "spectra": 0,  # singular values of Δ for the top-k changed matrices (torchdiff.spectra)
+    "process_group": None,  # torch.distributed group: tensors are DTensors sharded over it (docs/DISTRIBUTED.md)
 }
 
 
@@ -219,13 +220,23 @@ def compare_checkpoints(old: Checkpoint, new: Checkpoint, options: Options, engi
     hooks = [h for name, module in zip(options.analyses, modules)
              for h in (getattr(module, "hooks", None) or _no_hooks)(options, state[name]) or []]
     formats.check_unchanged(files)
-    figures = engine.run(pairs, hooks=hooks, progress=_checking(files, progress))
-    if options.get("histograms") or options.get("spectra"):  # --report / --plots pictures
+    from torchdiff import distributed
+
+    ctx = distributed.active()
+    if options.get("process_group") is not None:  # inside training: each rank reduces its local shards
+        figures = distributed.run_sharded(distributed.from_group(options.process_group), engine, pairs, hooks=hooks)
+    elif ctx is not None:  # under torchrun: this rank measures its share; rank 0 gets every pair's figures
+        figures = distributed.run(ctx, engine, pairs, hooks=hooks, progress=_checking(files, progress))
+    else:
+        figures = engine.run(pairs, hooks=hooks, progress=_checking(files, progress))
+    if figures is not None and (options.get("histograms") or options.get("spectra")):  # --report / --plots
         from torchdiff.histograms import add_pictures
 
         add_pictures(engine, pairs, figures, histograms=options.histograms, spectra=options.spectra,
                      inspect=mode == "inspect")
     formats.check_unchanged(files)  # every value is read: figures from a file that changed are not reported
+    if figures is None:  # a torchrun rank other than 0
+        return None
     if mode == "inspect":  # one checkpoint: every tensor is present, not "added"
         figures.status[:] = [PRESENT] * len(figures.status)
     metadata_diffs = tuple(MetadataDiff(k, s, a, b) for k, s, a, b in pair_metadata(old.metadata, new.metadata, keep))

@@ -133,7 +133,8 @@ def compare_series(
     histograms: int = 0, spectra: int = 0,
     map: str = "auto", map_heads: str | None = None, sort_key: str | None = None, layer_pattern: str | None = None, quantization_top_k: int = 10,
     fail_on_anomaly: str | None = None, plateau_threshold: float = 1e-3, plateau_steps: int = 2,
-    cross_layer: bool = False, common_only: bool = False, progress: Callable[[int], None] | None = None,
+    cross_layer: bool = False, common_only: bool = False, process_group: Any = None,
+    progress: Callable[[int], None] | None = None,
     **unknown: Any,
 ) -> SeriesReport:
     """Compare ordered checkpoints C1 C2 ... CN in one pass.
@@ -152,6 +153,7 @@ def compare_series(
             the file and the tensors): leaving them out would move every figure.
         lr: the learning rate, when the checkpoints do not record it (gradient analysis).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        process_group: not supported for series (a UsageError when given; docs/DISTRIBUTED.md).
         progress: called with the number of elements measured after each batch.
         The other keywords: as ``torchdiff.compare``; pair analyses (stats, layer impact,
         anomalies, architecture...) run on each consecutive pair, and
@@ -170,6 +172,9 @@ def compare_series(
     """
     if unknown:
         raise UsageError(unknown_option(next(iter(unknown)), [*CORE_OPTIONS, *_known_options(), "sort", "base", "lr"]))
+    if process_group is not None:
+        raise UsageError("compare_series does not take process_group= (series runs in one process; "
+                         "docs/DISTRIBUTED.md)")
     given = {k: v for k, v in locals().items()
              if k not in ("checkpoints", "analyses", "sort", "base", "lr", "device", "progress", "unknown",
                           "common_only")}

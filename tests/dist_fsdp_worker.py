@@ -1,0 +1,113 @@
+"""One rank of the FSDP2 test (tests/test_distributed.py): a small model under
+``fully_shard`` on gloo, trained a few steps with a CheckpointMonitor(process_group=...).
+The reference is the single-process comparison of the FULL state_dicts before and after
+(gathered here by the test with ``full_tensor()``, never by torchdiff). Writes
+``OUT.rRANK`` (JSON) with what the test checks."""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import torchdiff
+from torchdiff.callbacks import CheckpointMonitor
+
+out = sys.argv[1]
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+result = {"how": None}
+try:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 33), nn.ReLU(), nn.LayerNorm(33), nn.Linear(33, 7))
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    try:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in (model[0], model[3]):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        result["how"] = "fully_shard"
+    except Exception as e:  # noqa: BLE001 - fall back as the issue allows, and say so
+        for name, p in list(model.named_parameters()):
+            mod = model.get_submodule(name.rsplit(".", 1)[0])
+            setattr(mod, name.rsplit(".", 1)[1], nn.Parameter(distribute_tensor(p.detach(), mesh, [Shard(0)])))
+        result["how"] = f"distribute_tensor Shard(0) ({type(e).__name__}: {e})"
+
+    def full():
+        return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
+                for k, v in model.state_dict().items()}
+
+    before = full()
+    local_bytes = sum(v.to_local().nbytes if isinstance(v, DTensor) else v.nbytes for v in model.state_dict().values())
+    monitor = CheckpointMonitor(model, every=3, process_group=dist.group.WORLD, analyses=("show_layer_impact",))
+    result["monitor_bytes"], result["local_bytes"] = monitor.memory_bytes(), local_bytes
+    result["full_bytes"] = sum(v.nbytes for v in before.values())
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(1)
+    report = None
+    for _ in range(3):
+        x = torch.randn(8, 16, generator=g)
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        report = monitor.step() or report
+    after = full()
+    sharded_report = torchdiff.compare({k: v for k, v in model.state_dict().items()},
+                                       {k: v for k, v in model.state_dict().items()}, process_group=dist.group.WORLD)
+    reference = torchdiff.compare(before, after, analyses=("show_layer_impact",))
+
+    def figures(rep):
+        rows = []
+        for d in rep:
+            row = {"name": d.name, "status": d.status}
+            for side in ("old", "new"):
+                s = getattr(d, side)
+                row[side] = None if s is None else [list(s.shape), s.numel, s.mean, s.std, s.min, s.max, s.mean_abs,
+                                                    s.rms, s.zero_count, s.nan_count, s.inf_count]
+            m = d.metrics
+            row["metrics"] = None if m is None else [m.numel, m.equal, m.l2, m.norm_old, m.norm_new, m.max_abs,
+                                                     m.mean_abs_diff, m.changed_count, m.rel_l2, m.cosine]
+            rows.append(row)
+        return rows
+
+    result["values"] = {k: [before[k].double().reshape(-1).tolist(), after[k].double().reshape(-1).tolist()]
+                        for k in before}
+    result["monitor"] = figures(report)
+    result["reference"] = figures(reference)
+    result["self"] = figures(sharded_report)
+    # Replicate placements and plain tensors count once; a sharding mismatch on one
+    # rank is every rank's error (no rank left waiting).
+    from torch.distributed.tensor import Replicate
+
+    torch.manual_seed(5)
+    a = {"w": torch.randn(7, 5), "r": torch.randn(4), "p": torch.randn(3)}
+    b = {k: v * 1.1 for k, v in a.items()}
+
+    def dt(s):
+        return {"w": distribute_tensor(s["w"], mesh, [Shard(0)]), "r": distribute_tensor(s["r"], mesh, [Replicate()]),
+                "p": s["p"]}
+
+    da, db = dt(a), dt(b)
+    result["mixed"] = figures(torchdiff.compare(da, db, process_group=dist.group.WORLD))
+    result["mixed_reference"] = figures(torchdiff.compare(a, b))
+    if rank == 1:
+        db["w"] = DTensor.from_local(torch.zeros(2, 5), mesh, [Shard(0)], run_check=False, shape=(7, 5), stride=(5, 1))
+    try:
+        torchdiff.compare(da, db, process_group=dist.group.WORLD)
+        result["mismatch"] = None
+    except torchdiff.TorchDiffError as e:
+        result["mismatch"] = str(e)
+except Exception:  # noqa: BLE001
+    import traceback
+
+    result["error"] = traceback.format_exc()
+with open(f"{out}.r{rank}", "w") as f:
+    json.dump(result, f, default=str)
+dist.destroy_process_group()
