@@ -485,3 +485,15 @@ def test_import_stays_lean():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.stdout.strip() == "False", proc.stderr
+
+
+def test_report_to_html_writes_the_page(tmp_path):
+    import torch
+
+    import torchdiff
+
+    report = torchdiff.compare({"l.w": torch.ones(4)}, {"l.w": torch.arange(4.0)}, show_layer_impact=True)
+    path = report.to_html(tmp_path / "r.html")
+    text = open(path, encoding="utf-8").read()
+    assert text.startswith("<!DOCTYPE html>") or text.lower().startswith("<!doctype html>")
+    assert "l.w" in text

@@ -115,6 +115,11 @@ class Figures(Sequence[TensorDiff]):
                 getattr(self, f)[i] = getattr(m, f)
         self._views[i] = None
 
+    def set_extras(self, i: int, extras: Mapping[str, Any]) -> None:
+        """Add to row ``i``'s extras (what hooks return); its TensorDiff view is rebuilt."""
+        self.extras.setdefault(i, {}).update(extras)
+        self._views[i] = None
+
     # ---- Sequence[TensorDiff] --------------------------------------------------------
 
     def __len__(self) -> int:

@@ -191,6 +191,5 @@ def add_pictures(engine, pairs: Sequence, figures, *, histograms: int = 0, spect
         found = extra.extras.get(j)
         if found:
             i = index[p.name]
-            figures.extras.setdefault(i, {}).update(found)
-            figures._views[i] = None  # the row's TensorDiff view is rebuilt with its extras
+            figures.set_extras(i, found)
     return figures

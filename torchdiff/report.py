@@ -55,6 +55,12 @@ class _Family:
         """``records(level)`` as a pandas DataFrame (pandas imported here)."""
         return _dataframe(self.records(level))  # type: ignore[attr-defined]
 
+    def to_html(self, path, command: str | None = None) -> str:
+        """A self-contained HTML report of this report at ``path`` (docs/REPORT.md); returns the path."""
+        from torchdiff.render.html import write_html
+
+        return write_html(self, path, command=command)
+
     def __str__(self) -> str:
         return render(self, "text", color=False)
 
