@@ -94,6 +94,7 @@ class _Side:
     handle: TensorHandle
     flat: torch.Tensor | None = None
     released: int = 0  # elements [0, released) of a mapped tensor already dropped from RSS
+    done: int = 0  # elements already reduced
 
     def release(self, upto: int, min_bytes: int = 0) -> None:
         """madvise(DONTNEED) elements [released, upto) of a file-mapped tensor."""
@@ -502,7 +503,15 @@ class Engine:
 
     def _release(self, pending, L: int) -> None:
         """Drop the mapped pages of rows already reduced, in chunks of at least
-        ``_RELEASE_MIN_BYTES`` (madvise is a syscall with a TLB flush: not per block)."""
+        ``_RELEASE_MIN_BYTES`` (madvise is a syscall with a TLB flush: not per block).
+        A tensor assembled in memory (DCP chunks, a legacy pickle) is dropped once all its
+        rows are reduced; the exact path, if it needs it, reads it again."""
+        for job, _, n in pending:
+            for side in (job.a, job.b):
+                if side is not None:
+                    side.done += n * L
+                    if side.done >= job.numel and not side.handle.mapped and side.handle.span is None:
+                        side.flat = None
         if _madvise is None:
             return
         for job, first, n in pending:
