@@ -4,6 +4,7 @@ the training-loop callback."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import gc
 import os
@@ -14,10 +15,14 @@ import torch
 from torchdiff import formats
 from torchdiff.analyses import ANALYSES, FLAGS, analysis_names, options_defaults
 from torchdiff.engine import Engine, resolve_device
-from torchdiff.errors import InputNotFoundError, UsageError
+from torchdiff.errors import CorruptFileError, InputNotFoundError, TorchDiffError, UsageError
 from torchdiff.formats.base import Checkpoint
-from torchdiff.pairing import compile_filters, pair, pair_metadata
-from torchdiff.results import AnalysisResult, Comparison, MetadataDiff, Report
+from torchdiff.pairing import annotate, check_selected, compile_filters, pair, pair_metadata
+from torchdiff.dequant import dequantize_pair, dequantized_result
+from torchdiff.results import AnalysisResult, Comparison, MetadataDiff, Report, Table
+
+#: The item naming the files of a -r comparison that could not be read.
+UNREADABLE = "unreadable_files"
 
 #: Options every comparison takes, with defaults (analysis options come from their modules).
 CORE_OPTIONS: dict[str, Any] = {
@@ -28,6 +33,7 @@ CORE_OPTIONS: dict[str, Any] = {
     "recursive": False,
     "device": "auto",
     "unsafe_pickle": False,
+    "raw": False,  # compare stored values: no dequantization of int8/fp8 weights with scale companions
 }
 
 
@@ -113,15 +119,24 @@ def open_checkpoint(source: Any, options: Options) -> Checkpoint:
         path = os.fspath(source)
         if options.get("recursive") and os.path.isdir(path):
             return load_directory(path, options)
-        if options.get("unsafe_pickle"):
-            return formats.load(path, options.get("format"), unsafe_pickle=True)
-        return formats.load(path, options.get("format"))
+        ckpt = formats.load(path, options.get("format"), unsafe_pickle=bool(options.get("unsafe_pickle")))
+        if not ckpt.tensors:
+            ckpt.close()
+            what = f"{len(ckpt.metadata)} non-tensor values" if ckpt.metadata else "nothing"
+            raise CorruptFileError(f"{path}: no tensors found (the file holds {what}; "
+                                   "a checkpoint to compare holds tensors)")
+        return ckpt
     return formats.from_object(source)
 
 
 def load_directory(root: str, options: Options) -> Checkpoint:
-    """Every checkpoint file under ``root`` as one Checkpoint; names ``relpath:tensor``."""
-    tensors, metadata, closers, files = {}, {}, [], {}
+    """Every checkpoint file under ``root`` as one Checkpoint; names ``relpath:tensor``.
+
+    Every option reaches each file (``format``, ``unsafe_pickle``). A file that cannot be
+    read does not stop the others: its error is kept in ``info["unreadable"]``
+    (relpath -> message), reported as an item, and the CLI exits 2.
+    """
+    tensors, metadata, closers, files, unreadable = {}, {}, [], {}, {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for filename in sorted(filenames):
@@ -130,7 +145,11 @@ def load_directory(root: str, options: Options) -> Checkpoint:
                 continue
             full = os.path.join(dirpath, filename)
             rel = os.path.relpath(full, root).replace(os.sep, "/")
-            ckpt = formats.load(full, options.get("format"))
+            try:
+                ckpt = formats.load(full, options.get("format"), unsafe_pickle=bool(options.get("unsafe_pickle")))
+            except TorchDiffError as e:
+                unreadable[rel] = str(e)
+                continue
             closers.append(ckpt.close)
             files.update(ckpt.files)
             for name, handle in ckpt.tensors.items():
@@ -138,9 +157,13 @@ def load_directory(root: str, options: Options) -> Checkpoint:
             for key, value in ckpt.metadata.items():
                 metadata[f"{rel}:{key}"] = value
     if not tensors and not metadata:
+        for close in closers:
+            close()
+        if unreadable:
+            raise CorruptFileError(next(iter(unreadable.values())))
         raise InputNotFoundError(f"{root}: no checkpoint files found (extensions read: {', '.join(formats.extensions)})")
     return Checkpoint(name=root, format="directory", tensors=tensors, metadata=metadata, _closers=closers,
-                      files=files)
+                      files=files, info={"unreadable": unreadable} if unreadable else {})
 
 
 def _check_paths(old: Any, new: Any, options: Options) -> None:
@@ -210,16 +233,20 @@ def compare_checkpoints(old: Checkpoint, new: Checkpoint, options: Options, engi
     Raises CorruptFileError if an input file changed while it was being read.
     """
     files = {**old.files, **new.files}
+    unreadable = _unreadable(old, new)
     modules = [ANALYSES[name] for name in options.analyses]
+    if not options.get("raw"):  # int8/fp8 weights with scale companions compare as the values they stand for
+        old, new = dequantize_pair(old, new, options)
     for module in modules:
         prepare = getattr(module, "prepare", None)
         if prepare is not None:
             old, new = prepare(old, new, options)
     keep = compile_filters(options.ignore_keys_regex, options.path)
     pairs = pair(old, new, keep)
+    check_selected(pairs, old, new, options.ignore_keys_regex, options.path)
     hooks = [h for module in modules for h in (getattr(module, "hooks", lambda o: [])(options) or [])]
     formats.check_unchanged(files)
-    diffs = engine.run(pairs, hooks=hooks, progress=_checking(files, progress))
+    diffs = annotate(pairs, engine.run(pairs, hooks=hooks, progress=_checking(files, progress)))
     formats.check_unchanged(files)  # every value is read: figures from a file that changed are not reported
     metadata_diffs = tuple(MetadataDiff(k, s, a, b) for k, s, a, b in pair_metadata(old.metadata, new.metadata, keep))
     comparison = Comparison(
@@ -228,7 +255,21 @@ def compare_checkpoints(old: Checkpoint, new: Checkpoint, options: Options, engi
         old_metadata=dict(old.metadata), new_metadata=dict(new.metadata),
         device=str(engine.device), epsilon=options.epsilon, mode=mode,
     )
-    return build_report(comparison, options)
+    report = build_report(comparison, options)
+    extra = tuple(r for r in (dequantized_result(options), unreadable) if r is not None)
+    return dataclasses.replace(report, analyses=extra + report.analyses) if extra else report
+
+
+def _unreadable(old: Checkpoint, new: Checkpoint) -> AnalysisResult | None:
+    """The files of a -r comparison that could not be read, as one item (the CLI exits 2)."""
+    found = [(side, rel, message) for side, ckpt in (("old", old), ("new", new))
+             for rel, message in ckpt.info.get("unreadable", {}).items()]
+    if not found:
+        return None
+    rows = tuple((side, rel, message) for side, rel, message in found)
+    return AnalysisResult(UNREADABLE, {"files": len(found)},
+                          {"files": [{"side": s, "path": r, "error": m} for s, r, m in found]},
+                          tables=(Table("Unreadable files", ("side", "file", "error"), rows),))
 
 
 def _checking(files: dict[str, tuple[int, ...]], progress: Callable[[int], None] | None):
@@ -274,9 +315,10 @@ def differs(old: Any, new: Any, **kwargs: Any) -> bool:
     engine = Engine(resolve_device(options.device), options.epsilon)
     with _opened(old, new, options) as (old_ckpt, new_ckpt):
         keep = compile_filters(options.ignore_keys_regex, options.path)
+        pairs = pair(old_ckpt, new_ckpt, keep)
+        check_selected(pairs, old_ckpt, new_ckpt, options.ignore_keys_regex, options.path)
         if pair_metadata(old_ckpt.metadata, new_ckpt.metadata, keep):
             return True
-        pairs = pair(old_ckpt, new_ckpt, keep)
         if any(p.kind != "common" or p.retyped for p in pairs):
             return True
         found = False

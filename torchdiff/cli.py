@@ -25,6 +25,7 @@ COMMANDS = ("compare", "inspect", "series")
 CORE_FLAGS: dict[str, tuple[Any, str]] = {
     "all": (False, "run every analysis"),
     "output": ("text", "text | json | yaml"),
+    "top": (0, "text: print at most N tensor lines, then '… and M more' (0: all)"),
     "epsilon": (0.0, "|Δ| ≤ EPSILON counts as unchanged"),
     "ignore_keys_regex": (None, "skip tensors (and metadata keys) whose name matches REGEX"),
     "path": (None, "only tensors whose name contains this substring"),
@@ -38,6 +39,7 @@ CORE_FLAGS: dict[str, tuple[Any, str]] = {
     "verbose": (False, "device, threads and timing on stderr; tracebacks on errors"),
     "version": (False, "print the version and exit"),
     "unsafe_pickle": (False, "load pickles with weights_only=False: RUNS CODE from the file; only for files you trust"),
+    "raw": (False, "compare stored values: int8/fp8 weights with scale companions are not dequantized"),
     "help": (False, "this help (-h)"),
 }
 SHORT = {"-r": "recursive", "-q": "quiet", "-h": "help", "-o": "output"}
@@ -132,7 +134,9 @@ def parse_argv(argv: list[str]) -> Parsed:
 
 
 def _suggest(name: str, table: dict) -> str:
-    close = difflib.get_close_matches(name.replace("-", "_"), list(table), n=1, cutoff=0.6)
+    name = name.replace("-", "_")
+    prefixed = sorted(f for f in table if f.startswith(name)) if len(name) >= 3 else []
+    close = prefixed[:1] or difflib.get_close_matches(name, list(table), n=1, cutoff=0.6)
     return f" (did you mean --{close[0].replace('_', '-')}?)" if close else " (see torchdiff --help)"
 
 
@@ -163,6 +167,7 @@ class TorchDiffCLI:
             text = f"Checkpoints {old} and {new} differ" if differs and flags.get("brief") else None
             self.outcome = Outcome(text, EXIT_DIFFERENT if differs else EXIT_OK)
             return self.outcome if text else None
+        _warn_inapplicable(flags, "a two-checkpoint compare")
         report = api.compare(str(old), str(new), progress=_progress(flags), **options)
         return self._finish(report, flags)
 
@@ -170,6 +175,7 @@ class TorchDiffCLI:
         """One checkpoint: every tensor's statistics, plus memory/anomaly/architecture analyses."""
         from torchdiff import api
 
+        _warn_inapplicable(flags, "inspect")
         report = api.inspect(str(file), **_api_options(flags))
         return self._finish(report, flags, inspect=True)
 
@@ -188,6 +194,11 @@ class TorchDiffCLI:
         code = EXIT_DIFFERENT if differs and (flags.get("exit_code") or flags.get("quiet") or flags.get("brief")) else EXIT_OK
         if any(a.failed for a in report.analyses):
             code = EXIT_DIFFERENT
+        unreadable = report.analysis(api_unreadable()) if hasattr(report, "analysis") else None
+        if unreadable is not None:  # -r: the rest was compared, but an input could not be read
+            for item in unreadable.data["files"]:
+                print(f"torchdiff: error: {item['error']}", file=sys.stderr)
+            code = EXIT_ERROR
         if flags.get("quiet"):
             text = None
         elif flags.get("brief"):
@@ -196,15 +207,39 @@ class TorchDiffCLI:
             text = f"Checkpoints{names} differ" if differs else None
         else:
             fmt = flags.get("output", "text")
-            text = render(report, fmt, color=fmt == "text" and use_color(flags.get("no_color", False)))
+            color = fmt == "text" and use_color(flags.get("no_color", False))
+            if fmt == "text" and getattr(report, "comparison", None) is not None:
+                from torchdiff.render.text import render_text
+
+                text = render_text(report, color=color, top=flags.get("top") or None)
+            else:
+                text = render(report, fmt, color=color)
         self.outcome = Outcome(text, code)
         return self.outcome if text else None
+
+
+#: Options that only a series uses; given to compare or inspect they would do nothing.
+SERIES_ONLY = ("sort", "plateau_threshold", "plateau_steps")
+
+
+def _warn_inapplicable(flags: dict[str, Any], what: str) -> None:
+    """One stderr line per flag that has no effect on ``what`` (never silent)."""
+    for name in SERIES_ONLY:
+        if name in flags:
+            print(f"torchdiff: warning: --{name.replace('_', '-')} applies to a series "
+                  f"(torchdiff series C1 C2 C3 ...) and does nothing on {what}", file=sys.stderr)
+
+
+def api_unreadable() -> str:
+    from torchdiff.api import UNREADABLE
+
+    return UNREADABLE
 
 
 def _api_options(flags: dict[str, Any], series: bool = False) -> dict[str, Any]:
     from torchdiff.analyses import ANALYSES
 
-    cli_only = {"all", "output", "quiet", "brief", "exit_code", "no_color", "verbose", "version", "help"}
+    cli_only = {"all", "output", "top", "quiet", "brief", "exit_code", "no_color", "verbose", "version", "help"}
     options = {k: v for k, v in flags.items() if k not in cli_only}
     if flags.get("all"):
         for module in ANALYSES.values():
@@ -232,37 +267,54 @@ def _progress(flags: dict[str, Any]):
     return bar.update
 
 
-_PLACEHOLDERS = {"fail_on_anomaly": "SEVERITY", "output": "FORMAT", "epsilon": "E", "path": "SUBSTRING"}
+_PLACEHOLDERS = {"fail_on_anomaly": "SEVERITY", "output": "FORMAT", "epsilon": "E", "path": "SUBSTRING", "top": "N"}
 
 
-def help_text() -> str:
+def help_text(width: int | None = None) -> str:
+    """The --help screen, wrapped to the terminal (``COLUMNS``), 100 columns at most."""
+    import shutil
+    import textwrap
+
+    width = width or min(shutil.get_terminal_size((100, 24)).columns, 100)
     table = _flag_table()
     from torchdiff.analyses import ANALYSES
 
     analysis_flags = {m.FLAG for m in ANALYSES.values()}
+    short = {name: flag for flag, name in SHORT.items()}
     lines = [
         "usage: torchdiff OLD NEW [flags]          compare two checkpoints",
         "       torchdiff inspect FILE [flags]     one checkpoint",
         "       torchdiff series C1 C2 C3 ... [flags]  ordered checkpoints",
         "",
-        "Formats: safetensors, sharded HF (index.json), .pt .pth .bin .ckpt, .npy .npz, .mat, .gguf",
+        "OLD and NEW: files, sharded HF checkpoints (index.json or a folder), or Hugging Face Hub ids",
+        "(gpt2, org/name; a path that exists wins). Formats: safetensors, .pt .pth .bin .ckpt, .npy .npz,",
+        ".mat, .gguf",
         "",
         "Analyses:",
     ]
+    column = 34
+
+    def entry(left: str, text: str) -> list[str]:
+        left = f"  {left}"
+        wrapped = textwrap.wrap(text, max(width - column, 30)) or [""]
+        if len(left) >= column:
+            return [left] + [" " * column + w for w in wrapped]
+        return [left.ljust(column) + wrapped[0]] + [" " * column + w for w in wrapped[1:]]
+
     for name in sorted(analysis_flags):
-        lines.append(f"  --{name.replace('_', '-'):32s} {table[name][1]}")
+        lines += entry(f"--{name.replace('_', '-')}", table[name][1])
     lines.append("")
     lines.append("Options:")
     for name, (default, text) in table.items():
         if name in analysis_flags:
             continue
         value = "" if isinstance(default, bool) else " " + _PLACEHOLDERS.get(name, name.upper().split("_")[-1])
-        lines.append(f"  --{(name.replace('_', '-') + value):32s} {text}")
-    lines += [
-        "",
-        "Exit codes: 0 ran (differences or not); 1 differences found with --exit-code, --quiet or",
-        "--brief, or a finding at --fail-on-anomaly's severity; 2 bad usage or unreadable input.",
-    ]
+        flag = f"--{name.replace('_', '-')}{value}"
+        lines += entry(f"{short[name]}, {flag}" if name in short else flag, text)
+    lines.append("")
+    lines += textwrap.wrap(
+        "Exit codes: 0 ran (differences or not); 1 differences found with --exit-code, --quiet or --brief, "
+        "or a finding at --fail-on-anomaly's severity; 2 bad usage or unreadable input.", width)
     return "\n".join(lines)
 
 

@@ -49,7 +49,14 @@ def to_items(report) -> list[dict[str, Any]]:
             item = {"type": "tensor", "path": d.name, **d.new.to_dict()}
             items.append(item)
         elif d.is_difference:
-            items.append(d.to_dict())
+            item = d.to_dict()
+            m = d.metrics
+            if m is not None and m.norm_old == 0 and m.l2 > 0:
+                item["old_all_zero"] = True  # rel_l2 is inf and cosine NaN by definition; l2 measures it
+            tied = d.extras.get("tied_to")
+            if tied:
+                item["tied_to"] = tied
+            items.append(item)
     for m in report.comparison.metadata_diffs:
         items.append(m.to_dict())
     for a in report.analyses:
