@@ -119,7 +119,7 @@ def open_checkpoint(source: Any, options: Options) -> Checkpoint:
         path = os.fspath(source)
         if options.get("recursive") and os.path.isdir(path):
             return load_directory(path, options)
-        ckpt = formats.load(path, options.get("format"), unsafe_pickle=bool(options.get("unsafe_pickle")))
+        ckpt = _load(path, options)
         if not ckpt.tensors:
             ckpt.close()
             what = f"{len(ckpt.metadata)} non-tensor values" if ckpt.metadata else "nothing"
@@ -127,6 +127,12 @@ def open_checkpoint(source: Any, options: Options) -> Checkpoint:
                                    "a checkpoint to compare holds tensors)")
         return ckpt
     return formats.from_object(source)
+
+
+def _load(path: str, options: Options) -> Checkpoint:
+    if options.get("unsafe_pickle"):
+        return formats.load(path, options.get("format"), unsafe_pickle=True)
+    return formats.load(path, options.get("format"))
 
 
 def load_directory(root: str, options: Options) -> Checkpoint:
@@ -146,7 +152,7 @@ def load_directory(root: str, options: Options) -> Checkpoint:
             full = os.path.join(dirpath, filename)
             rel = os.path.relpath(full, root).replace(os.sep, "/")
             try:
-                ckpt = formats.load(full, options.get("format"), unsafe_pickle=bool(options.get("unsafe_pickle")))
+                ckpt = _load(full, options)
             except TorchDiffError as e:
                 unreadable[rel] = str(e)
                 continue

@@ -106,11 +106,20 @@ def annotate(pairs: list[Pair], diffs: list) -> list:
         tied = {side: getattr(getattr(p, side), "tied_to", None) for side in ("old", "new")}
         if any(tied.values()):
             extras["tied_to"] = tied
+        deq = [side for side in ("old", "new") if _dequantized(getattr(p, side))]
+        if deq:
+            extras["dequantized"] = deq
         nbytes = {side: stored[side].get(p.name) for side in ("old", "new") if getattr(p, side) is not None}
         if any(n != getattr(p, side).nbytes for side, n in nbytes.items()):
             extras["stored_nbytes"] = nbytes
         out.append(replace(d, extras={**d.extras, **extras}) if extras else d)
     return out
+
+
+def _dequantized(handle: TensorHandle | None) -> bool:
+    """Integer (or float8) codes read as float values (torchdiff.dequant folded a scale in)."""
+    return (handle is not None and handle.dtype.is_floating_point
+            and handle.storage_dtype.startswith(("int", "uint", "float8")))
 
 
 def tied(d, side: str) -> bool:

@@ -201,7 +201,8 @@ def analyze(comparison: Comparison, options) -> AnalysisResult:
         return AnalysisResult(NAME, {}, {}, (), ("a change summary needs two checkpoints (torchdiff OLD NEW)",))
     model = [d for d in comparison.diffs if not is_optimizer_state(d.name)]
     optimizer = [d for d in comparison.diffs if is_optimizer_state(d.name)]
-    paired = [d for d in model if d.metrics is not None and is_float_dtype(d.old.dtype) and is_float_dtype(d.new.dtype)]
+    paired = [d for d in model if d.metrics is not None and all(  # int8 codes dequantized by compare count as floats
+        is_float_dtype(getattr(d, s).dtype) or s in d.extras.get("dequantized", ()) for s in ("old", "new"))]
     tensor_counts = {s: 0 for s in STATUSES}
     param_counts = {s: 0 for s in STATUSES}
     for d in model:

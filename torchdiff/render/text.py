@@ -75,8 +75,9 @@ def num(x: Any) -> str:
 
     Whole numbers (ints, and floats that are exactly whole below 10^15: ``0``, ``1``,
     a parameter count) print as integers with thousands separators; other floats with
-    4 significant digits (``0.5774``, ``1.000`` for 0.99999, ``2.085e-04``,
-    ``1.235e+04``); ``nan``, ``inf``, ``-inf`` as such.
+    at most 4 significant digits (``0.5774``, ``0.5``, ``0.0005``, ``2.085e-05``,
+    ``1.235e+04``), and a float that only rounds to a whole number keeps its digits
+    (``1.000`` for 0.99999, never ``1``); ``nan``, ``inf``, ``-inf`` as such.
     """
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         return printable(x)
@@ -90,8 +91,11 @@ def num(x: Any) -> str:
         return f"{int(x):,}"
     a = abs(x)
     if 1e-4 <= a < 1e4:
-        text = f"{x:#.4g}"
-        return text[:-1] if text.endswith(".") else text
+        text = f"{x:.4g}"
+        if text.lstrip("-").isdigit():  # rounds to a whole number but is not one: show that
+            text = f"{x:#.4g}"
+            return text[:-1] if text.endswith(".") else text
+        return text
     return f"{x:.3e}"
 
 
