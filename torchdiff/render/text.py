@@ -42,7 +42,7 @@ DEFAULT_WIDTH = 120
 METADATA_LINES = 10
 #: A table name cell is never elided below this many characters.
 MIN_NAME = 16
-_NAME_COLUMNS = ("tensor", "name", "layer", "path", "file", "scheme", "checkpoint")
+_NAME_COLUMNS = ("tensor", "layer", "name", "path", "file", "checkpoint", "group")
 _SORT = "sort_by_change_magnitude"
 _DEQUANTIZED = "dequantized"
 
@@ -151,8 +151,9 @@ def tensor_line(d: TensorDiff, stats: bool, sort_key: str | None = None, dequant
     if stats:
         o, n = d.old, d.new
         if sort_key is not None and d.metrics is not None:
-            parts.append(f"{sort_key}={num(getattr(d.metrics, sort_key))}" if not zero
-                         else f"l2={num(d.metrics.l2)}")
+            value = getattr(d.metrics, sort_key)
+            parts.append(f"{sort_key}={num(value)}" if not (zero and not math.isfinite(value))
+                         else f"l2={num(d.metrics.l2)}")  # what the sort used for it
         parts += [f"mean={_arrow(o.mean, n.mean)}", f"std={_arrow(o.std, n.std)}"]
         if o.min != n.min:
             parts.append(f"min={_arrow(o.min, n.min)}")
@@ -200,7 +201,9 @@ def elide(text: str, limit: int) -> str:
     """``text`` cut in the middle to ``limit`` characters (``layers.1…fc1.weight``)."""
     if len(text) <= limit:
         return text
-    keep = max(limit - 1, 2)
+    if limit < 3:
+        return text[:limit]
+    keep = limit - 1
     head = keep // 2
     return text[:head] + "…" + text[len(text) - (keep - head):]
 
@@ -232,9 +235,10 @@ def table_lines(headers, rows, width: int, rank=None) -> list[str]:
 
     With ``rank``, a table listed by name (rows in alphabetical order of their tensor or
     layer column) follows the report's order instead; a table in an order of its own
-    (ranked, top-N) keeps it. Too wide: the longest name column is elided in the middle
-    (down to :data:`MIN_NAME` characters), then the columns wrap into groups, each
-    repeating the name column.
+    (ranked, top-N) keeps it. Too wide: a long text column (a formula, evidence) wraps
+    inside its cells; then the name column is elided in the middle (down to
+    :data:`MIN_NAME` characters) when that alone makes it fit; else the columns wrap
+    into groups, each led by the whole name column.
     """
     headers = tuple(headers)
     rows = list(rows)
@@ -242,50 +246,76 @@ def table_lines(headers, rows, width: int, rank=None) -> list[str]:
     name_col = next((i for i, h in enumerate(lowered) if h in ("tensor", "layer")), None)
     if rank is not None and name_col is not None and len(rows) > 1:
         names = [str(r[name_col]) for r in rows]
-        if names == sorted(names):
+        if names == sorted(names) or names == sorted(names, key=_natural):  # listed by name, not ranked
             rows.sort(key=lambda r: rank(str(r[name_col])))
     cells = [[size(v) if _is_bytes(h) else num(v) for h, v in zip(headers, row)] for row in rows]
+    candidates = [i for i, h in enumerate(lowered) if h in _NAME_COLUMNS] or [0]
+    col = candidates[0]  # the tensor (or layer, or other name) column: elided, then leading each group
 
-    def render(columns, body) -> list[str]:
+    def render(columns, body, limits=None) -> list[str]:
         text = tabulate([[r[i] for i in columns] for r in body], headers=[headers[i] for i in columns],
-                        tablefmt="simple", disable_numparse=True)
+                        tablefmt="simple", disable_numparse=True,
+                        maxcolwidths=[limits.get(i) for i in columns] if limits else None)
         return ["  " + line for line in text.splitlines()]
+
+    def widest(lines: list[str]) -> int:
+        return max(len(line) for line in lines)
 
     every = list(range(len(headers)))
     out = render(every, cells)
-    over = max(len(line) for line in out) - width
-    if over <= 0:
+    if widest(out) <= width:
         return out
-    candidates = [i for i, h in enumerate(lowered) if h in _NAME_COLUMNS] or [0]
-    col = max(candidates, key=lambda i: max(len(r[i]) for r in cells))
+    widths = _column_widths(out)
+    # A text column holding long prose (wider than half the line) wraps inside its cells.
+    limits = {}
+    for i in every:
+        if i != col and widths[i] > width // 2 and any(" " in r[i] for r in cells):
+            limits[i] = max(20, width - (sum(widths) - widths[i]) - 2 * len(every) - 2)
+    if limits:
+        out = render(every, cells, limits)
+        if widest(out) <= width:
+            return out
+        widths = _column_widths(out)
+    over = widest(out) - width
     longest = max(len(r[col]) for r in cells)
     limit = max(MIN_NAME, longest - over, len(headers[col]))
     if limit < longest:
-        cells = [[elide(c, limit) if i == col else c for i, c in enumerate(r)] for r in cells]
-        out = render(every, cells)
-        if max(len(line) for line in out) <= width:
-            return out
-    # Wrap: groups of columns that fit, each led by the name column.
-    widths = [max([len(headers[i])] + [len(r[i]) for r in cells]) + 2 for i in every]
-    lead = col
+        elided = [[elide(c, limit) if i == col else c for i, c in enumerate(r)] for r in cells]
+        attempt = render(every, elided, limits)
+        if widest(attempt) <= width:
+            return attempt
+    # Wrap (names whole): groups of columns that fit, each led by the name column.
     groups: list[list[int]] = []
-    current = [lead]
-    used = 2 + widths[lead]
+    current = [col]
+    used = 2 + widths[col]
     for i in every:
-        if i == lead:
+        if i == col:
             continue
-        if used + widths[i] > width and len(current) > 1:
+        if used + 2 + widths[i] > width and len(current) > 1:
             groups.append(current)
-            current, used = [lead], 2 + widths[lead]
+            current, used = [col], 2 + widths[col]
         current.append(i)
-        used += widths[i]
+        used += 2 + widths[i]
     groups.append(current)
     out = []
     for n, group in enumerate(groups):
         if n:
             out.append("")
-        out += render(group, cells)
+        out += render(group, cells, limits)
     return out
+
+
+def _natural(name: str) -> list:
+    """Sort key reading numbers as numbers (``layers.9`` before ``layers.10``)."""
+    import re
+
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
+
+
+def _column_widths(lines: list[str]) -> list[int]:
+    """Column widths of a tabulate "simple" table, read off its dash rule."""
+    rule = next(line for line in lines if line.strip().startswith("-"))
+    return [len(dashes) for dashes in rule.split()]
 
 
 def _headline_value(key: str, v: Any) -> str:
