@@ -34,6 +34,7 @@ CORE_OPTIONS: dict[str, Any] = {
     "device": "auto",
     "unsafe_pickle": False,
     "raw": False,  # compare stored values: no dequantization of int8/fp8 weights with scale companions
+    "revision": None,  # a Hugging Face Hub id's branch, tag or commit (formats/hub.py)
 }
 
 
@@ -172,6 +173,16 @@ def load_directory(root: str, options: Options) -> Checkpoint:
                       files=files, info={"unreadable": unreadable} if unreadable else {})
 
 
+def _resolve(source: Any, options: Options) -> Any:
+    """A Hugging Face Hub id (a string that is no existing path: ``gpt2``, ``org/name``)
+    as its local snapshot folder; anything else unchanged (formats/hub.py)."""
+    if isinstance(source, str) and not os.path.exists(source):
+        from torchdiff.formats import hub
+
+        return hub.resolve_source(source, options.get("revision"))
+    return source
+
+
 def _check_paths(old: Any, new: Any, options: Options) -> None:
     """Missing paths and file/directory mix-ups, before reading anything."""
     for side in (old, new):
@@ -217,6 +228,7 @@ def compare(old: Any, new: Any, *, analyses: tuple[str, ...] | list[str] = (),
 @contextlib.contextmanager
 def _opened(old: Any, new: Any, options: Options):
     """Both checkpoints, opened after checking the paths, closed however the block ends."""
+    old, new = _resolve(old, options), _resolve(new, options)
     _check_paths(old, new, options)
     old_ckpt = open_checkpoint(old, options)
     try:
@@ -342,6 +354,7 @@ def inspect(source: Any, *, analyses: tuple[str, ...] | list[str] = (), **kwargs
     """One checkpoint: every tensor's statistics (as the new side), plus the analyses
     that make sense for one file (memory, anomalies, architecture)."""
     options = make_options(analyses, **kwargs)
+    source = _resolve(source, options)
     _check_paths(source, source, options)
     engine = Engine(resolve_device(options.device), options.epsilon)
     ckpt = open_checkpoint(source, options)

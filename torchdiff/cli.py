@@ -40,6 +40,7 @@ CORE_FLAGS: dict[str, tuple[Any, str]] = {
     "version": (False, "print the version and exit"),
     "unsafe_pickle": (False, "load pickles with weights_only=False: RUNS CODE from the file; only for files you trust"),
     "raw": (False, "compare stored values: int8/fp8 weights with scale companions are not dequantized"),
+    "revision": (None, "branch, tag or commit of a Hugging Face Hub id given as OLD/NEW (gpt2, org/name)"),
     "help": (False, "this help (-h)"),
 }
 SHORT = {"-r": "recursive", "-q": "quiet", "-h": "help", "-o": "output"}
