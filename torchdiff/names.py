@@ -1,0 +1,394 @@
+"""What a tensor's name says: its layer, its role, its module type and its naming family.
+
+The one home of these facts (docs/ARCHITECTURE.md, "One table for one fact"): every
+analysis, render, the monitor and the policy gates ask here; nothing else guesses from
+names. Pure functions on names, dtype names and shapes; no tensor maths, no I/O.
+
+- ``layer_of(name)``: the first numbered block (``h.3``, ``layers.12``, ``blk.7``), else a
+  recurrent layer (``lstm.l1``), else the module prefix, else the name.
+- ``role(name, dtype, ndim)``: ``parameter`` | ``buffer`` | ``counter`` |
+  ``optimizer_state`` | ``quant_companion``; ``roles(specs)`` decides them for a whole
+  checkpoint, where a tensor's neighbours help (``W`` + ``W_scale``).
+- ``module_type(name)``: ``attn_q`` ... ``mlp_down``, ``norm``, ``embedding``, ``head``, ``other``.
+- ``family(names)``: ``gguf`` | ``megatron`` | ``timm`` | ``lightning`` | ``nanogpt`` | ``hf`` | ``torch``.
+- ``is_float_storage(dtype)``: whether values are real numbers measured as floats.
+- ``optimizer_param(name)``: (parameter key, state field) of an optimizer-state tensor.
+
+tests/test_names.py pins the answers for HF, timm, Lightning, nanoGPT, GGUF, Megatron
+and DCP/FSDP names.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from typing import Any, Iterable, Mapping
+
+from torchdiff.errors import UsageError
+
+# ---- roles ------------------------------------------------------------------------
+
+PARAMETER = "parameter"
+BUFFER = "buffer"
+COUNTER = "counter"
+OPTIMIZER_STATE = "optimizer_state"
+QUANT_COMPANION = "quant_companion"
+ROLES = (PARAMETER, BUFFER, COUNTER, OPTIMIZER_STATE, QUANT_COMPANION)
+
+#: ``--scope``: which roles the summary, global and layer figures cover.
+SCOPES: dict[str, frozenset[str]] = {
+    "params": frozenset({PARAMETER}),
+    "model": frozenset({PARAMETER, BUFFER, COUNTER, QUANT_COMPANION}),
+    "all": frozenset(ROLES),
+}
+scope_names = list(SCOPES)
+
+#: Path components under which everything is optimizer state.
+OPTIMIZER_ROOTS = frozenset({"optimizer", "optimizers", "optimizer_state", "optimizer_states", "optim",
+                             "opt_state", "optim_state"})
+#: Per-parameter state fields of torch optimizers (Adam/AdamW, SGD, RMSprop, Adagrad, ...).
+OPTIMIZER_FIELDS = frozenset({
+    "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step", "momentum_buffer", "square_avg",
+    "acc_delta", "sum", "grad_avg", "mu_product", "eta", "ax", "prev", "step_size", "state_sum",
+    "exp_inf",
+})
+#: Module buffers: statistics, masks, constants (masked_bias: HF GPT-2's -1e4).
+BUFFER_LEAVES = frozenset({"running_mean", "running_var", "masked_bias", "position_ids", "inv_freq",
+                           "token_type_ids", "causal_mask"})
+#: Integer counters: they grow by one per step, whatever the model learns.
+COUNTER_LEAVES = frozenset({"num_batches_tracked", "n_averaged"})
+#: Leaves that only quantization companions carry (bitsandbytes, GPTQ/AWQ, fp8, torch.ao).
+_COMPANION_LEAVES = frozenset({"SCB", "absmax", "quant_map", "nested_absmax", "nested_quant_map", "qzeros",
+                               "scales", "g_idx", "zero_point", "weight_scale", "weight_scale_inv",
+                               "weight_zero_point", "input_scale", "scale_inv", "quant_state"})
+#: Suffixes that make ``W<suffix>`` a companion of ``W`` when ``W`` is stored quantized.
+COMPANION_SUFFIXES = ("_scale", ".scale", "_scale_inv", ".scale_inv", "_zero_point", ".zero_point", "_zp", ".zp")
+
+_SPLIT = re.compile(r"[.:/]")
+# DCP / FSDP get_state_dict: optim.state.<fully qualified parameter name>.<field>
+_FQN_STATE = re.compile(r"^(?P<opt>(?:.*\.)?(?:optim|optimizer|optimizer_state|optim_state)\.)state\."
+                        r"(?P<fqn>.+)\.(?P<field>\w+)$")
+# torch's Optimizer.state_dict(): [prefix.]state.<index>.<field>
+_INDEX_STATE = re.compile(r"^(?P<opt>(?:.+\.)?)state\.(?P<idx>\d+)\.(?P<field>\w+)$")
+_PARAM_GROUPS = re.compile(r"^(?P<opt>(?:.+\.)?)param_groups\.\d+\.\w+$")
+
+
+@lru_cache(maxsize=65536)
+def parts(name: str) -> tuple[str, ...]:
+    """Name components split at ``.``, ``:`` and ``/``."""
+    return tuple(p for p in _SPLIT.split(name) if p)
+
+
+@lru_cache(maxsize=65536)
+def optimizer_param(name: str) -> tuple[str, str] | None:
+    """(parameter key, state field) of an optimizer-state tensor name, else None.
+
+    ``optimizer.state.3.exp_avg`` -> ``("optimizer.state.3", "exp_avg")`` (torch numbers
+    parameters; the gradient analysis maps numbers to names);
+    ``optim.state.model.fc.weight.exp_avg`` -> ``("model.fc.weight", "exp_avg")`` (DCP,
+    FSDP's get_state_dict: the parameter's own name). A name with an optimizer root
+    component (``optimizer_states.0...``) is optimizer state whatever its leaf. A leaf
+    such as ``exp_avg`` alone (``encoder.norm_stats.exp_avg``) is not enough.
+    """
+    m = _FQN_STATE.match(name)
+    if m and m["field"] in OPTIMIZER_FIELDS and not m["fqn"].isdigit():
+        return m["fqn"], m["field"]
+    m = _INDEX_STATE.match(name)
+    if m and m["field"] in OPTIMIZER_FIELDS:
+        return f"{m['opt']}state.{m['idx']}", m["field"]
+    ps = parts(name)
+    if any(p.lower() in OPTIMIZER_ROOTS for p in ps[:-1]):
+        return ".".join(ps[:-1]), ps[-1]
+    return None
+
+
+def optimizer_prefixes(names: Iterable[str], metadata: Mapping[str, Any] = {}) -> tuple[str, ...]:
+    """Prefixes under which a checkpoint holds torch optimizer state (``"optimizer."``,
+    ``""`` for a bare optimizer state_dict), longest first; from tensor names
+    ``P.state.K.FIELD`` and metadata keys ``P.param_groups.G.KEY``."""
+    found: set[str] = set()
+    for key in metadata:
+        m = _PARAM_GROUPS.match(str(key))
+        if m:
+            found.add(m["opt"])
+    for name in names:
+        m = _INDEX_STATE.match(name)
+        if m and m["field"] in OPTIMIZER_FIELDS:
+            found.add(m["opt"])
+    return tuple(sorted(found, key=len, reverse=True))
+
+
+def is_optimizer_state(name: str) -> bool:
+    return optimizer_param(name) is not None
+
+
+@lru_cache(maxsize=65536)
+def role(name: str, dtype: str | None = None, ndim: int | None = None) -> str:
+    """The role of one tensor from its own name (and dtype, when known).
+
+    ``roles()`` is the same with a checkpoint's other names as context, which also finds
+    ``W_scale`` companions of a quantized ``W``.
+    """
+    opt = optimizer_param(name)
+    ps = parts(name) or (name,)
+    leaf = ps[-1]
+    if opt is not None:
+        return COUNTER if opt[1] == "step" else OPTIMIZER_STATE
+    if leaf in COUNTER_LEAVES:
+        return COUNTER
+    if leaf in BUFFER_LEAVES:
+        return BUFFER
+    if dtype in ("bool", "uint8") and leaf == "bias" and (ndim or 0) >= 2:
+        return BUFFER  # HF GPT-2's causal masks: attn.bias of shape [1, 1, n, n]
+    if leaf in _COMPANION_LEAVES:
+        return QUANT_COMPANION
+    return PARAMETER
+
+
+def roles(specs: Mapping[str, tuple[str, int]]) -> dict[str, str]:
+    """Roles for a checkpoint: ``specs`` maps name -> (storage dtype name, ndim).
+
+    As ``role()``, plus: ``W<suffix>`` (``_scale``, ``.zero_point``...) is a
+    quantization companion when ``W`` is stored in a non-float (or float8) dtype.
+    """
+    out = {name: role(name, dtype, ndim) for name, (dtype, ndim) in specs.items()}
+    for name in out:
+        if out[name] != PARAMETER:
+            continue
+        for suffix in COMPANION_SUFFIXES:
+            if name.endswith(suffix):
+                base = specs.get(name[: -len(suffix)])
+                if base is not None and (not is_float_storage(base[0]) or base[0].startswith("float8")):
+                    out[name] = QUANT_COMPANION
+                break
+    return out
+
+
+def in_scope(tensor_role: str, scope: str) -> bool:
+    return tensor_role in SCOPES[scope]
+
+
+def check_scope(scope: str) -> str:
+    if scope not in SCOPES:
+        raise UsageError(f"unknown --scope {scope!r} (choose from {', '.join(scope_names)})")
+    return scope
+
+
+# ---- dtypes ---------------------------------------------------------------------------
+
+_INT_STORAGE = re.compile(r"^(u?int\d*|bool|I\d+|sparse bool|sparse u?int\d*)$")
+_FLOAT_STORAGE = re.compile(
+    r"^(sparse )?(float\d*|bfloat16|float8_\w+|complex\d*|half|double)$"  # torch / numpy names
+    r"|^(F64|F32|F16|BF16|Q\d\w*|IQ\d\w*|TQ\d\w*|MXFP4)$"  # GGUF: plain floats and block-quantized
+)
+
+
+@lru_cache(maxsize=1024)
+def is_float_storage(dtype: Any) -> bool:
+    """Whether a storage dtype holds real values measured as floats: float*, bfloat16,
+    float8_*, complex* (measured as real pairs), and GGUF's float and block-quantized
+    types (dequantized). Integers, bool and anything unknown are not."""
+    text = str(dtype).removeprefix("torch.")
+    return _FLOAT_STORAGE.match(text) is not None
+
+
+# ---- layers -------------------------------------------------------------------------
+
+_RNN_LAYER = re.compile(r"^(?:weight|bias)_(?:ih|hh|hr)_(l\d+)(?:_reverse)?$")
+
+
+@lru_cache(maxsize=65536)
+def _default_layer(name: str) -> str:
+    ps = name.split(".")
+    for i, part in enumerate(ps[:-1]):
+        if part.isdigit() and i > 0:
+            return ".".join(ps[: i + 1])
+    rnn = _RNN_LAYER.match(ps[-1])
+    if rnn:  # torch.nn.LSTM/GRU/RNN: weight_ih_l0, bias_hh_l1_reverse -> layer l0, l1
+        return ".".join(ps[:-1] + [rnn.group(1)])
+    if len(ps) > 1:
+        return ".".join(ps[:-1])
+    return name
+
+
+def compile_pattern(pattern: "str | re.Pattern[str] | None") -> "re.Pattern[str] | None":
+    if not pattern:
+        return None
+    if isinstance(pattern, re.Pattern):
+        return pattern
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise UsageError(f"--layer-pattern {pattern!r} is not a valid regex ({e})") from None
+
+
+def layer_of(name: str, pattern: "re.Pattern[str] | str | None" = None) -> str:
+    """The layer of a tensor.
+
+    ``pattern`` (``--layer-pattern``) overrides: the layer is the regex's first match
+    (group 1 if it has groups).
+    """
+    if pattern is not None:
+        m = compile_pattern(pattern).search(name)
+        if m is not None:
+            return m.group(1) if m.re.groups else m.group(0)
+    return _default_layer(name)
+
+
+def block_index(layer: str) -> int | None:
+    """The block number of a numbered layer name (``h.3`` -> 3), else None."""
+    last = layer.rsplit(".", 1)[-1]
+    return int(last) if last.isdigit() else None
+
+
+@lru_cache(maxsize=65536)
+def pattern(name: str) -> str:
+    """The name with numeric components as ``*``: ``layers.3.fc1.weight`` ->
+    ``layers.*.fc1.weight``; tensors of one pattern do one job in different blocks."""
+    return ".".join("*" if p.isdigit() else p for p in name.split("."))
+
+
+# ---- structure ------------------------------------------------------------------------
+
+_NORM = re.compile(r"norm|^(ln|bn)(_?[a-z0-9]*)$")
+_EMBED = re.compile(r"emb|^(wte|wpe|shared|tok_embeddings|token_embd)$")
+_POSITION = re.compile(r"pos|position|wpe|token_type")
+_ATTENTION = re.compile(
+    r"attn|attention|^(q|k|v|o|qkv|query|key|value|wq|wk|wv|wo|q_proj|k_proj|v_proj|o_proj|out_proj|c_attn)$"
+)
+_RNN_LEAF = re.compile(r"^(weight|bias)_(ih|hh)_l\d+(_reverse)?$")
+_RNN_PART = re.compile(r"^(lstm|gru|rnn)\w*$")
+
+
+@lru_cache(maxsize=65536)
+def kind(name: str, ndim: int) -> str:
+    """Structural kind: ``optimizer`` | ``buffer`` | ``norm`` (1-D parameters of a
+    normalisation) | ``bias`` | ``embedding`` | ``weight`` (≥ 2-D) | ``other``."""
+    r = role(name)
+    if r == OPTIMIZER_STATE or (r == COUNTER and optimizer_param(name) is not None):
+        return "optimizer"
+    if r in (BUFFER, COUNTER):
+        return "buffer"
+    ps = [p.lower() for p in parts(name)] or [name.lower()]
+    leaf, owners = ps[-1], ps[:-1]
+    if ndim == 1 and any(_NORM.search(p) for p in owners):
+        return "norm"
+    if leaf == "bias" or leaf.endswith("_bias"):
+        return "bias" if ndim <= 1 else "weight"
+    if ndim == 2 and any(_EMBED.search(p) for p in ps):
+        return "embedding"
+    if ndim >= 2:
+        return "weight"
+    return "other"
+
+
+def is_position_embedding(name: str) -> bool:
+    return any(_POSITION.search(p.lower()) for p in parts(name))
+
+
+def is_attention(name: str) -> bool:
+    ps = [p.lower() for p in parts(name)]
+    return any(_ATTENTION.search(p) for p in ps[:-1]) or (bool(ps) and ps[-1].startswith("in_proj"))
+
+
+def is_recurrent(name: str) -> bool:
+    ps = [p.lower() for p in parts(name)]
+    return bool(ps) and (_RNN_LEAF.match(ps[-1]) is not None or any(_RNN_PART.match(p) for p in ps[:-1]))
+
+
+MODULE_TYPES = ("attn_q", "attn_k", "attn_v", "attn_o", "attn_qkv", "mlp_gate", "mlp_up", "mlp_gate_up",
+                "mlp_down", "norm", "embedding", "head", "other")
+
+# The module component -> type, across HF (llama, GPT-2, BERT, T5), nanoGPT, timm,
+# GGUF (llama.cpp) and Megatron-core names. Matched on the lower-cased component.
+_MODULE_TABLE: dict[str, str] = {
+    **dict.fromkeys(("q_proj", "q", "query", "wq", "attn_q", "q_lin"), "attn_q"),
+    **dict.fromkeys(("k_proj", "k", "key", "wk", "attn_k", "k_lin"), "attn_k"),
+    **dict.fromkeys(("v_proj", "v", "value", "wv", "attn_v", "v_lin"), "attn_v"),
+    **dict.fromkeys(("o_proj", "out_proj", "o", "wo", "attn_output", "linear_proj", "out_lin", "dense_out"),
+                    "attn_o"),
+    **dict.fromkeys(("qkv_proj", "qkv", "c_attn", "query_key_value", "linear_qkv", "wqkv", "attn_qkv",
+                     "in_proj"), "attn_qkv"),
+    **dict.fromkeys(("gate_proj", "w1", "ffn_gate", "gate"), "mlp_gate"),
+    **dict.fromkeys(("up_proj", "w3", "ffn_up", "c_fc", "fc1", "lin1", "dense_h_to_4h", "intermediate",
+                     "wi", "wi_0", "wi_1"), "mlp_up"),
+    **dict.fromkeys(("gate_up_proj", "linear_fc1"), "mlp_gate_up"),
+    **dict.fromkeys(("down_proj", "w2", "ffn_down", "fc2", "lin2", "dense_4h_to_h", "linear_fc2"), "mlp_down"),
+    **dict.fromkeys(("lm_head", "output", "head", "classifier", "score", "output_layer"), "head"),
+    **dict.fromkeys(("wte", "wpe", "embed_tokens", "word_embeddings", "position_embeddings",
+                     "token_type_embeddings", "tok_embeddings", "token_embd", "embeddings", "embedding",
+                     "embed", "shared", "patch_embed", "pos_embed", "cls_token"), "embedding"),
+}
+_MLP_PARENT = re.compile(r"^(mlp|ffn|feed_forward|feedforward|ff)$")
+
+
+@lru_cache(maxsize=65536)
+def module_type(name: str) -> str:
+    """The kind of module a tensor belongs to (one of ``MODULE_TYPES``); the columns
+    of the report's layer × module heatmap."""
+    ps = [p.lower() for p in parts(name)] or [name.lower()]
+    leaf, owners = ps[-1], ps[:-1]
+    if leaf.startswith("in_proj"):  # torch.nn.MultiheadAttention: in_proj_weight / in_proj_bias
+        return "attn_qkv"
+    if leaf in ("cls_token", "pos_embed"):
+        return "embedding"
+    for i in range(len(owners) - 1, -1, -1):
+        p = owners[i]
+        if _NORM.search(p) or p in ("ln_f", "final_layernorm"):
+            return "norm"
+        found = _MODULE_TABLE.get(p)
+        if found == "attn_o" or p == "c_proj" or p == "dense":
+            parent = owners[i - 1] if i else ""
+            if _MLP_PARENT.match(parent) or parent == "output" and p == "dense" and "attention" not in owners:
+                return "mlp_down"  # GPT-2 mlp.c_proj; BERT layer.N.output.dense
+            if p in ("c_proj", "dense") and not any(_ATTENTION.search(o) for o in owners[:i]):
+                continue
+            return "attn_o"
+        if found == "embedding" and p == "output":
+            continue
+        if found is not None:
+            return found
+    if leaf in _MODULE_TABLE and _MODULE_TABLE[leaf] in ("embedding", "head"):
+        return _MODULE_TABLE[leaf]
+    return "other"
+
+
+FAMILIES = ("gguf", "megatron", "timm", "lightning", "nanogpt", "hf", "torch")
+_GGUF = re.compile(r"^(blk\.\d+\.|token_embd\.|output_norm\.|output\.weight$|rope_freqs\.)")
+_MEGATRON = re.compile(r"(^|\.)(decoder|encoder)\.layers\.\d+\.(self_attention|mlp)\.|language_model\.")
+_TIMM = re.compile(r"^(blocks\.\d+\.|stages\.\d+\.|patch_embed\.|cls_token$|pos_embed$|stem\.)")
+_LIGHTNING = re.compile(r"^(state_dict\.|optimizer_states\.|lr_schedulers\.|loops\.)")
+_HF = re.compile(r"(^|\.)(model\.layers\.\d+|h\.\d+\.(attn|mlp)|encoder\.layer\.\d+|decoder\.layers\.\d+"
+                 r"|model\.decoder\.|embed_tokens|word_embeddings|lm_head)\b")
+
+
+def family(names: Iterable[str], shapes: Mapping[str, tuple[int, ...]] | None = None) -> str:
+    """The naming family of a checkpoint's tensor names (one of ``FAMILIES``).
+
+    GPT-2 names are shared by Hugging Face (Conv1D, weight [in, out]) and nanoGPT
+    (Linear, [out, in]); with ``shapes`` the ``c_attn`` weight's layout decides.
+    """
+    names = list(names)
+    counts = dict.fromkeys(FAMILIES, 0)
+    for n in names:
+        if _GGUF.search(n):
+            counts["gguf"] += 1
+        elif _LIGHTNING.search(n):
+            counts["lightning"] += 1
+        elif _MEGATRON.search(n):
+            counts["megatron"] += 1
+        elif _TIMM.search(n):
+            counts["timm"] += 1
+        elif _HF.search(n):
+            counts["hf"] += 1
+    best = max(FAMILIES, key=lambda f: counts[f])
+    if counts[best] == 0:
+        return "torch"
+    if best == "hf" and shapes:
+        for n in names:
+            if n.endswith("attn.c_attn.weight") and len(shapes.get(n, ())) == 2:
+                rows, cols = shapes[n]
+                if rows == 3 * cols:
+                    return "nanogpt"
+                break
+    return best
