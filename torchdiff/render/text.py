@@ -1,7 +1,7 @@
 """The text form: a summary line, the seed's diff lines, the summary again, then one
 section per analysis (tabulate).
 
-Reading rules (docs/OUTPUT.md):
+Reading rules (docs/OUTPUT.md has them in full):
 
 - the verdict first: one summary line before the tensor lines and the same line after;
   ``top`` limits the tensor lines (``… and M more``); metadata lines follow the tensors
