@@ -310,6 +310,21 @@ def test_log_report(mlflow_store):
     assert json.loads(open(path).read()) == json.loads(report.to_json())
 
 
+def test_sqlite_tracking_unless_configured(mlflow_store, tmp_path, monkeypatch):
+    mlflow, _ = mlflow_store
+    from torchdiff.integrations.mlflow import sqlite_tracking
+
+    before = mlflow.get_tracking_uri()
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", before)
+        assert sqlite_tracking(str(tmp_path / "x.db")) == before  # a configured store is kept
+        monkeypatch.delenv("MLFLOW_TRACKING_URI")
+        uri = sqlite_tracking(str(tmp_path / "x.db"))
+        assert uri == f"sqlite:///{tmp_path / 'x.db'}" and mlflow.get_tracking_uri() == uri
+    finally:
+        mlflow.set_tracking_uri(before)
+
+
 def test_report_logger_with_a_monitor(mlflow_store):
     mlflow, root = mlflow_store
     from torchdiff.callbacks import CheckpointMonitor

@@ -137,3 +137,20 @@ def test_tied_item_in_json(tmp_path, capsys):
     items = {i["path"]: i for i in json.loads(capsys.readouterr().out)}
     assert items["head.weight"]["tied_to"] == {"old": "emb.weight", "new": "emb.weight"}
     assert "tied_to" not in items["emb.weight"]
+
+
+def test_global_figures_count_a_tied_tensor_once(tmp_path):
+    model = Tied()
+    torch.save(model.state_dict(), tmp_path / "a.pt")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.emb.weight.mul_(1.5)
+        model.mid.weight.add_(0.1)
+    torch.save(model.state_dict(), tmp_path / "b.pt")
+    after = model.state_dict()
+    once = [k for k in before if k != "head.weight"]  # head.weight is emb.weight
+    dsq = sum(float((after[k].double() - before[k].double()).norm() ** 2) for k in once)
+    osq = sum(float(before[k].double().norm() ** 2) for k in once)
+    scalars = torchdiff.compare(str(tmp_path / "a.pt"), str(tmp_path / "b.pt")).scalars()
+    assert scalars["torchdiff/global_rel_l2"] == pytest.approx((dsq / osq) ** 0.5, rel=1e-6)
+    assert scalars["torchdiff/global_l2"] == pytest.approx(dsq ** 0.5, rel=1e-6)

@@ -103,13 +103,15 @@ def scalars(report) -> dict[str, float]:
         m = d.metrics
         if m is None:
             continue
+        if d.is_difference:
+            out[f"torchdiff/rel_l2/{d.name}"] = m.rel_l2
+        if d.extras.get("tied_to") and all(d.extras["tied_to"].values()):
+            continue  # tied on both sides: a copy of another tensor, whose values are already summed
         measured += 1
         dsq += m.l2**2
         old_sq += m.norm_old**2
         new_sq += m.norm_new**2
         dot += m.dot
-        if d.is_difference:
-            out[f"torchdiff/rel_l2/{d.name}"] = m.rel_l2
     if measured:  # global figures only when some pair of equal shape was measured
         out["torchdiff/global_l2"] = math.sqrt(dsq)
         out["torchdiff/global_rel_l2"] = math.sqrt(dsq / old_sq) if old_sq > 0 else (math.inf if dsq else 0.0)
