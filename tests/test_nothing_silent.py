@@ -147,6 +147,14 @@ def test_recursive_reports_an_unreadable_file_and_compares_the_rest(capsys, tmp_
     assert code == 2
 
 
+@pytest.mark.parametrize("flag", ["--quiet", "--brief"])
+def test_recursive_quiet_still_exits_2_on_an_unreadable_file(capsys, tmp_path, flag):
+    old = _trainer_dir(tmp_path / "checkpoint-1", 1.0)
+    new = _trainer_dir(tmp_path / "checkpoint-2", 2.0)
+    code, out, err = run(capsys, "-r", old, new, flag)
+    assert code == 2 and out == "" and "rng_state.pth: refused" in err
+
+
 def test_recursive_passes_format_to_every_file(capsys, tmp_path):
     for name, scale in (("a", 1.0), ("b", 2.0)):
         (tmp_path / name).mkdir()

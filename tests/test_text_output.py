@@ -67,6 +67,8 @@ def test_top_limits_tensor_lines(capsys, many):
     assert tensor_lines[0].startswith(f"  ~ {first.name}: rel_l2=")  # the largest change first
     full = run(capsys, *many, "--top", "0")[1]
     assert "more (--top" not in full
+    code, _, err = run(capsys, *many, "--top", "-1")
+    assert code == 2 and "--top must be a whole number ≥ 0" in err
 
 
 def test_metadata_follows_the_tensors_and_collapses(capsys, tmp_path):

@@ -332,6 +332,9 @@ def differs(old: Any, new: Any, **kwargs: Any) -> bool:
     options = make_options((), **kwargs)
     engine = Engine(resolve_device(options.device), options.epsilon)
     with _opened(old, new, options) as (old_ckpt, new_ckpt):
+        for ckpt in (old_ckpt, new_ckpt):  # -r: an unreadable file is an error here (no report to list it)
+            for message in ckpt.info.get("unreadable", {}).values():
+                raise CorruptFileError(message)
         keep = compile_filters(options.ignore_keys_regex, options.path)
         pairs = pair(old_ckpt, new_ckpt, keep)
         check_selected(pairs, old_ckpt, new_ckpt, options.ignore_keys_regex, options.path)

@@ -168,6 +168,7 @@ class TorchDiffCLI:
             text = f"Checkpoints {old} and {new} differ" if differs and flags.get("brief") else None
             self.outcome = Outcome(text, EXIT_DIFFERENT if differs else EXIT_OK)
             return self.outcome if text else None
+        _check_top(flags)
         _warn_inapplicable(flags, "a two-checkpoint compare")
         report = api.compare(str(old), str(new), progress=_progress(flags), **options)
         return self._finish(report, flags)
@@ -176,6 +177,7 @@ class TorchDiffCLI:
         """One checkpoint: every tensor's statistics, plus memory/anomaly/architecture analyses."""
         from torchdiff import api
 
+        _check_top(flags)
         _warn_inapplicable(flags, "inspect")
         report = api.inspect(str(file), **_api_options(flags))
         return self._finish(report, flags, inspect=True)
@@ -229,6 +231,11 @@ def _warn_inapplicable(flags: dict[str, Any], what: str) -> None:
         if name in flags:
             print(f"torchdiff: warning: --{name.replace('_', '-')} applies to a series "
                   f"(torchdiff series C1 C2 C3 ...) and does nothing on {what}", file=sys.stderr)
+
+
+def _check_top(flags: dict[str, Any]) -> None:
+    if flags.get("top", 0) < 0:
+        raise _usage(f"--top must be a whole number ≥ 0 (0 prints every tensor line), got {flags['top']}")
 
 
 def api_unreadable() -> str:

@@ -93,33 +93,53 @@ def check_selected(pairs: list[Pair], old: Checkpoint, new: Checkpoint, ignore_k
 
 def annotate(pairs: list[Pair], diffs: list) -> list:
     """Diffs with ``extras["tied_to"]`` (``{"old": name|None, "new": name|None}``) for tied
-    tensors and ``extras["stored_nbytes"]`` (``{"old": n, "new": n}``) where the bytes the
-    file holds for a tensor differ from its own (a storage shared or larger than the
-    view): the pieces that count parameters once and bytes as stored."""
-    stored = {side: stored_bytes([getattr(p, side) for p in pairs if getattr(p, side) is not None])
-              for side in ("old", "new")}
-    by_name = {p.name: p for p in pairs}
-    out = []
-    for d in diffs:  # the engine may return them in another order than the pairs
-        p = by_name[d.name]
+    tensors, ``extras["dequantized"]`` (the sides read as dequantized codes) and
+    ``extras["stored_nbytes"]`` (``{"old": n, "new": n}``) where the bytes the file holds
+    for a tensor differ from its own (a storage shared or larger than the view): the
+    pieces that count parameters once and bytes as stored. Diffs without any of these
+    are returned as they are (one cheap pass over the handles)."""
+    special = []
+    for p in pairs:  # the common case (nothing tied, shared or dequantized) in one tight pass
+        for h in (p.old, p.new):
+            if h is not None and (h.tied_to is not None or h.storage_key is not None
+                                  or (h.storage_dtype.startswith(_CODES) and h.dtype.is_floating_point)):
+                special.append(p)
+                break
+    if not special:
+        return diffs
+    stored = {}
+    for side in ("old", "new"):
+        held = [(p.name, getattr(p, side)) for p in pairs if getattr(p, side) is not None]
+        if any(h.storage_key is not None or h.tied_to is not None for _, h in held):
+            stored[side] = stored_bytes([h for _, h in held], [n for n, _ in held])  # pair names: -r prefixes them
+    found: dict[str, dict] = {}
+    for p in special:
         extras = {}
-        tied = {side: getattr(getattr(p, side), "tied_to", None) for side in ("old", "new")}
-        if any(tied.values()):
-            extras["tied_to"] = tied
+        tied_to = {"old": getattr(p.old, "tied_to", None), "new": getattr(p.new, "tied_to", None)}
+        if tied_to["old"] or tied_to["new"]:
+            extras["tied_to"] = tied_to
         deq = [side for side in ("old", "new") if _dequantized(getattr(p, side))]
         if deq:
             extras["dequantized"] = deq
-        nbytes = {side: stored[side].get(p.name) for side in ("old", "new") if getattr(p, side) is not None}
+        nbytes = {side: stored[side][p.name] for side in stored if getattr(p, side) is not None}
         if any(n != getattr(p, side).nbytes for side, n in nbytes.items()):
-            extras["stored_nbytes"] = nbytes
-        out.append(replace(d, extras={**d.extras, **extras}) if extras else d)
-    return out
+            extras["stored_nbytes"] = {side: nbytes.get(side, getattr(p, side).nbytes)
+                                       for side in ("old", "new") if getattr(p, side) is not None}
+        if extras:
+            found[p.name] = extras
+    if not found:
+        return diffs
+    # the engine may return the diffs in another order than the pairs: match by name
+    return [replace(d, extras={**d.extras, **found[d.name]}) if d.name in found else d for d in diffs]
+
+
+_CODES = ("int", "uint", "float8")  # storage dtypes of quantization codes
 
 
 def _dequantized(handle: TensorHandle | None) -> bool:
     """Integer (or float8) codes read as float values (torchdiff.dequant folded a scale in)."""
     return (handle is not None and handle.dtype.is_floating_point
-            and handle.storage_dtype.startswith(("int", "uint", "float8")))
+            and handle.storage_dtype.startswith(_CODES))
 
 
 def tied(d, side: str) -> bool:

@@ -149,20 +149,21 @@ class Checkpoint:
         self.close()
 
 
-def stored_bytes(handles) -> dict[str, int]:
+def stored_bytes(handles, names=None) -> dict[str, int]:
     """Bytes each handle stands for in the file, so that the sum is what the file holds:
     the first handle of a storage carries the whole storage, the others (tied weights,
-    views of one storage) 0."""
+    views of one storage) 0. Keyed by ``names`` (one per handle) or the handles' names."""
     out: dict[str, int] = {}
     seen: set = set()
-    for h in handles:
+    handles = list(handles)
+    for name, h in zip(names if names is not None else [h.name for h in handles], handles):
         if h.storage_key is None:
-            out[h.name] = 0 if h.tied_to is not None else h.nbytes
+            out[name] = 0 if h.tied_to is not None else h.nbytes
         elif h.storage_key in seen:
-            out[h.name] = 0
+            out[name] = 0
         else:
             seen.add(h.storage_key)
-            out[h.name] = h.storage_nbytes if h.storage_nbytes is not None else h.nbytes
+            out[name] = h.storage_nbytes if h.storage_nbytes is not None else h.nbytes
     return out
 
 
