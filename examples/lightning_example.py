@@ -86,9 +86,9 @@ def main(argv: list[str] | None = None) -> int:
               + ", ".join(f"{name} {f.rel_l2:.4f}" for name, f in r.layers.items()))
     if metrics_csv:
         with open(metrics_csv, newline="") as f:
-            rows = [row for row in csv.DictReader(f) if row.get("torchdiff/update_rel_l2")]
+            rows = [row for row in csv.DictReader(f) if row.get("torchdiff/global_rel_l2")]
         print(f"\n{metrics_csv}: {len(rows)} rows with torchdiff figures, e.g. "
-              f"step {rows[-1]['step']} torchdiff/update_rel_l2={float(rows[-1]['torchdiff/update_rel_l2']):.4f}"
+              f"step {rows[-1]['step']} torchdiff/global_rel_l2={float(rows[-1]['torchdiff/global_rel_l2']):.4f}"
               if rows else f"\n{metrics_csv}: no torchdiff figures")
     return 0
 

@@ -15,8 +15,7 @@ from torch import nn
 import torchdiff
 from torchdiff.analyses import ANALYSES
 from torchdiff.callbacks import (
-    STATS_ANALYSES, CheckpointMonitor, MonitorRecord, history_records, layer_records, record_of, to_pandas,
-    to_records,
+    STATS_ANALYSES, CheckpointMonitor, MonitorRecord, history_records, record_of, to_pandas,
 )
 from torchdiff.errors import DeviceError, TorchDiffError, UsageError
 
@@ -44,6 +43,9 @@ class Net(nn.Module):
 
 
 from helpers import one_thread  # noqa: E402,F401 - autouse: training here runs on one thread
+
+#: Names of Net's parameters as its state_dict lists them (the tied head.weight too).
+PARAMETERS = {n for n, _ in Net().named_parameters(remove_duplicate=False)}
 
 
 def _layer(name: str) -> str:
@@ -98,7 +100,8 @@ def _reference_figures(a: dict[str, np.ndarray], b: dict[str, np.ndarray]):
     for name in a:
         x, y = a[name].astype(np.float64).ravel(), b[name].astype(np.float64).ravel()
         per_tensor[name] = (np.linalg.norm(y - x), np.linalg.norm(x), np.linalg.norm(y), float(x @ y))
-    floats = [n for n in a if a[n].dtype.kind == "f"]
+    # The default scope: trainable parameters (BatchNorm's running statistics are buffers).
+    floats = [n for n in a if a[n].dtype.kind == "f" and n in PARAMETERS]
 
     def group(names):
         l2 = math.sqrt(sum(per_tensor[n][0] ** 2 for n in names))
@@ -174,7 +177,7 @@ def test_keep_stats_has_only_statistics(run):
         for name, f in r.layers.items():
             assert _close(f.norm_new, layers[name]["norm_new"], 1e-6)
         scalars = r.scalars()
-        assert "torchdiff/update_rel_l2" not in scalars and "torchdiff/param_norm_change" in scalars
+        assert "torchdiff/global_rel_l2" not in scalars and "torchdiff/param_norm_change" in scalars
         assert any(k.startswith("torchdiff/layer_norm_change/") for k in scalars)
     report = monitors["stats"].last_report
     assert report.stats and all(d.metrics is None for d in report)
@@ -241,10 +244,10 @@ def test_tied_weights_share_one_snapshot_buffer():
 def test_rows_and_pandas(run):
     _, monitors, _, _ = run
     report = monitors["previous"].last_report
-    rows = to_records(report)
+    rows = report.records()
     assert len(rows) == len(report) and rows[0]["name"] == "embed.weight" and rows[0]["layer"] == "embed"
     assert rows[0]["rel_l2"] == report.comparison.diffs[0].metrics.rel_l2
-    layers = layer_records(report)
+    layers = report.records("layer")
     assert {r["layer"] for r in layers} == {"embed", "blocks.0", "blocks.1", "head"}
     hist = history_records(monitors["previous"].history, "layer")
     assert len(hist) == 4 * (STEPS // EVERY) and set(hist[0]) >= {"step", "layer", "rel_l2", "cosine"}

@@ -118,6 +118,6 @@ def test_mlflow_example(checkpoints, tmp_path_factory, monkeypatch, capsys):
         assert {a.path for a in client.list_artifacts(comparison.info.run_id)} == {
             "model_comparison.json", "torchdiff.json"}
         training = by_name["training_with_monitor"]
-        assert len(client.get_metric_history(training.info.run_id, "torchdiff/update_rel_l2")) == 3
+        assert len(client.get_metric_history(training.info.run_id, "torchdiff/global_rel_l2")) == 3
     finally:
         mlflow.set_tracking_uri(None)

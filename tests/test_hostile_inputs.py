@@ -285,13 +285,11 @@ def test_100k_tiny_tensors_end_to_end(capsys, tmp_path):
     save_file({f"blk.{i}.w": values[i].clone() for i in range(n)}, str(tmp_path / "a.safetensors"))
     values[::3] += 1
     save_file({f"blk.{i}.w": values[i].clone() for i in range(n)}, str(tmp_path / "b.safetensors"))
-    started = time.perf_counter()
+    # Its speed is a benchmark row (benchmarks/bench_engine.py), not a timed assertion here.
     assert main([str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "-o", "json"]) == 0
-    elapsed = time.perf_counter() - started
     items = json.loads(capsys.readouterr().out)
     assert len(items) == len(range(0, n, 3))
     assert {i["path"] for i in items} == {f"blk.{i}.w" for i in range(0, n, 3)}
-    assert elapsed < 60, elapsed
 
 
 # ---- npy / npz: lying shapes, bombs, traversal ----------------------------------------------------

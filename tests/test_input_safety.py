@@ -323,12 +323,12 @@ def test_file_truncated_underneath_is_an_error_not_sigbus(tmp_path, when):
     size = a.stat().st_size
     hook = {
         "after_opening": """
-            import torchdiff.api as api
-            real = api.pair
+            import torchdiff.pipeline as pipeline
+            real = pipeline.pair
             def pair(*args, **kwargs):  # the checkpoints are open (and mapped), nothing read yet
                 os.truncate(A, 100)
                 return real(*args, **kwargs)
-            api.pair = pair
+            pipeline.pair = pair
             progress = None
             """,
         "between_blocks": """

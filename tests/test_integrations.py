@@ -152,15 +152,16 @@ def test_lightning_callback_logs_each_report_once():
     history = callback.history
     assert [(r.step, r.reference_step) for r in history] == [(5, 0), (10, 5), (15, 10), (20, 15)]
     assert reports == [5, 10, 15, 20]
-    logged = [(step, m) for step, m in logger.rows if "torchdiff/update_rel_l2" in m]
+    logged = [(step, m) for step, m in logger.rows if "torchdiff/global_rel_l2" in m]
     assert [step for step, _ in logged] == [5, 10, 15, 20]  # once per report, at its step
     for (step, metrics), record in zip(logged, history):
         assert metrics == pytest.approx(record.scalars())
     # the figures are the engine's on the states at those steps
     direct = torchdiff.compare(states[15], states[20], device="cpu")
     assert history[-1].total.l2 == pytest.approx(math.sqrt(sum(
-        d.metrics.l2**2 for d in direct if d.metrics is not None and d.new.dtype.startswith("float"))))
-    assert float(trainer.callback_metrics["torchdiff/update_rel_l2"]) == pytest.approx(history[-1].total.rel_l2)
+        d.metrics.l2**2 for d in direct
+        if d.metrics is not None and d.role == "parameter" and d.new.dtype.startswith("float"))))
+    assert float(trainer.callback_metrics["torchdiff/global_rel_l2"]) == pytest.approx(history[-1].total.rel_l2)
     assert "torchdiff/layer_rel_l2/net.0" in history[-1].scalars()
 
 
@@ -172,7 +173,7 @@ def test_lightning_log_dict_mode():
     callback = cls(every=4, log_with="log_dict")
     trainer, _ = _fit(pl, [callback], _memory_logger(pl), steps=8)
     assert [r.step for r in callback.history] == [4, 8]
-    assert trainer.logged_metrics["torchdiff/update_rel_l2"] == pytest.approx(callback.history[-1].total.rel_l2)
+    assert trainer.logged_metrics["torchdiff/global_rel_l2"] == pytest.approx(callback.history[-1].total.rel_l2)
     with pytest.raises(UsageError, match="log_with"):
         cls(log_with="print")
     with pytest.raises(UsageError, match="every"):
@@ -223,12 +224,12 @@ def test_transformers_callback(tmp_path):
     trainer.train()
     history = callback.history
     assert [(r.step, r.reference_step) for r in history] == [(5, 0), (10, 5)]
-    logged = [e for e in trainer.state.log_history if "torchdiff/update_rel_l2" in e]
+    logged = [e for e in trainer.state.log_history if "torchdiff/global_rel_l2" in e]
     assert [e["step"] for e in logged] == [5, 10]
-    assert logged[-1]["torchdiff/update_rel_l2"] == pytest.approx(history[-1].total.rel_l2)
+    assert logged[-1]["torchdiff/global_rel_l2"] == pytest.approx(history[-1].total.rel_l2)
     # the default key set: the global update, the top layer, findings; no counts of added tensors
     keys = {k for k in logged[-1] if k.startswith("torchdiff/")}
-    assert keys == {"torchdiff/update_rel_l2", "torchdiff/update_cosine", "torchdiff/top_layer_rel_l2"}
+    assert keys == {"torchdiff/global_rel_l2", "torchdiff/global_cosine", "torchdiff/top_layer_rel_l2"}
     layers = {k: v for k, v in history[-1].scalars().items() if k.startswith("torchdiff/layer_rel_l2/")}
     assert logged[-1]["torchdiff/top_layer_rel_l2"] == max(layers.values())
     # a torchdiff.json in every checkpoint; at a report step it is that report
@@ -262,11 +263,11 @@ def mlflow_store(tmp_path_factory):
 def test_callback_keys_choose_the_logged_figures():
     from torchdiff.integrations.transformers import select_scalars
 
-    figures = {"torchdiff/changed": 3.0, "torchdiff/added": 0.0, "torchdiff/update_l2": 2.0,
-               "torchdiff/update_rel_l2": 0.5, "torchdiff/update_cosine": 0.9, "torchdiff/param_norm": 4.0,
+    figures = {"torchdiff/changed": 3.0, "torchdiff/added": 0.0, "torchdiff/global_l2": 2.0,
+               "torchdiff/global_rel_l2": 0.5, "torchdiff/global_cosine": 0.9, "torchdiff/param_norm": 4.0,
                "torchdiff/layer_rel_l2/a": 0.1, "torchdiff/layer_rel_l2/b": 0.7,
                "torchdiff/anomaly_detection/findings": 2.0, "torchdiff/anomaly_detection/critical": 0.0}
-    assert select_scalars(figures) == {"torchdiff/update_rel_l2": 0.5, "torchdiff/update_cosine": 0.9,
+    assert select_scalars(figures) == {"torchdiff/global_rel_l2": 0.5, "torchdiff/global_cosine": 0.9,
                                        "torchdiff/top_layer_rel_l2": 0.7, "torchdiff/anomaly_detection/findings": 2.0}
     assert select_scalars(figures, "all") == figures
     assert select_scalars(figures, ["counts", "torchdiff/param_norm"]) == {
@@ -339,7 +340,7 @@ def test_report_logger_with_a_monitor(mlflow_store):
                 model.weight.mul_(1.1)
             monitor.step()
     client = mlflow.tracking.MlflowClient()
-    history = client.get_metric_history(run.info.run_id, "torchdiff/update_rel_l2")
+    history = client.get_metric_history(run.info.run_id, "torchdiff/global_rel_l2")
     points = sorted((m.step, m.value) for m in history)
     assert [s for s, _ in points] == [r.step for r in monitor.history] == [2, 4]
     assert [v for _, v in points] == pytest.approx([r.total.rel_l2 for r in monitor.history])

@@ -85,7 +85,7 @@ def test_mostly_one_block_trained_is_about_100_percent():
     new = {k: (v + rng.standard_normal(v.shape) * (0.05 if k.startswith("layers.1.") else 1e-4)).astype(np.float32)
            for k, v in old.items()}
     _, result, by_layer = layer_result(old, new)
-    ref = reference(old, new, torchdiff.layers.layer_of)
+    ref = reference(old, new, torchdiff.names.layer_of)
     assert result.headline["top_layer"] == "layers.1" and by_layer["layers.1"]["rank"] == 1
     assert 0.99 < by_layer["layers.1"]["share"] == pytest.approx(ref["layers.1"]["share"], rel=1e-5)
 
@@ -99,7 +99,7 @@ def test_figures_match_the_float64_reference(seed, blocks, scales):
     new = {k: (v * (1 + scales[i % 8]) + rng.standard_normal(v.shape) * scales[(i + 3) % 8]).astype(np.float32)
            for i, (k, v) in enumerate(old.items())}
     _, result, by_layer = layer_result(old, new)
-    ref = reference(old, new, torchdiff.layers.layer_of)
+    ref = reference(old, new, torchdiff.names.layer_of)
     assert set(by_layer) == set(ref)
     # The engine sums float32 rows and merges in float64: relative error ≲ n·2^-24 on sums of squares.
     for layer, r in ref.items():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from torchdiff.layers import block_index, layer_of
+from torchdiff.names import block_index, layer_of
 
 
 @pytest.mark.parametrize("name, layer", [

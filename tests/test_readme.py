@@ -45,10 +45,12 @@ def demo_dir(tmp_path_factory):
     sys.path.insert(0, os.path.join(ROOT, "examples"))
     try:
         import make_checkpoints
+        import make_llama_gguf
     finally:
         sys.path.pop(0)
     out = tmp_path_factory.mktemp("demo")
     make_checkpoints.main(str(out))
+    make_llama_gguf.main(str(out))  # the HF + GGUF pair of "Comparing across formats"
     return out
 
 
@@ -58,7 +60,7 @@ def test_readme_example(command, shown, demo_dir, capsys, monkeypatch):
     # fixture's folder holds the same files.
     argv = [a.removeprefix("examples/data/") for word in shlex.split(command.split(";")[0].split("#")[0])[1:]
             for a in braces(word)]
-    files = [a for a in argv if re.search(r"\.(safetensors|pt)$", a)]
+    files = [a for a in argv if re.search(r"\.(safetensors|pt|gguf)$", a)]
     if not all((demo_dir / f).exists() for f in files):
         pytest.skip("an illustration with files the demo does not make")
     monkeypatch.chdir(demo_dir)

@@ -5,7 +5,8 @@
 >>> print(report)  # doctest: +SKIP
 """
 
-from torchdiff.api import compare, inspect, load
+from torchdiff.api import compare, differs, inspect, load
+from torchdiff.callbacks import CheckpointMonitor
 from torchdiff.errors import (
     CorruptFileError,
     DeviceError,
@@ -17,19 +18,27 @@ from torchdiff.errors import (
     UnsafeCheckpointError,
     UsageError,
 )
-from torchdiff.results import AnalysisResult, Comparison, PairMetrics, Report, TensorDiff, TensorStats
+from torchdiff.figures import Comparison, Figures, GroupFigures, GroupSums
+from torchdiff.report import Report, SeriesReport
+from torchdiff.results import AnalysisResult, PairMetrics, TensorDiff, TensorStats
+from torchdiff.series import compare_series
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AnalysisResult",
+    "CheckpointMonitor",
     "Comparison",
     "CorruptFileError",
     "DeviceError",
+    "Figures",
+    "GroupFigures",
+    "GroupSums",
     "InputNotFoundError",
     "MissingDependencyError",
     "PairMetrics",
     "Report",
+    "SeriesReport",
     "TensorDiff",
     "TensorStats",
     "TooLargeError",
@@ -39,6 +48,8 @@ __all__ = [
     "UsageError",
     "__version__",
     "compare",
+    "compare_series",
+    "differs",
     "inspect",
     "load",
 ]

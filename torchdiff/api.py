@@ -1,202 +1,54 @@
-"""``compare(old, new, ...) -> Report``: the one orchestrator, shared by the CLI and
-the training-loop callback."""
+"""The public entry points: ``compare``, ``inspect``, ``differs``, ``load`` (and
+``compare_series`` from torchdiff.series). Each takes explicit keyword-only options, so
+an editor completes them; an unknown keyword is a UsageError naming the closest one.
+The pipeline behind them is torchdiff.pipeline.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import functools
-import gc
-import os
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
-import torch
-
-from torchdiff import formats
-from torchdiff.analyses import ANALYSES, FLAGS, analysis_names, options_defaults
-from torchdiff.engine import Engine, resolve_device
-from torchdiff.errors import CorruptFileError, InputNotFoundError, TorchDiffError, UsageError
+from torchdiff import formats, mapping
+from torchdiff.engine import Engine, bytes_equal, resolve_device
+from torchdiff.errors import CorruptFileError, UsageError
 from torchdiff.formats.base import Checkpoint
-from torchdiff.pairing import annotate, check_selected, compile_filters, pair, pair_metadata
-from torchdiff.dequant import dequantize_pair, dequantized_result
-from torchdiff.results import AnalysisResult, Comparison, MetadataDiff, Report, Table
-
-#: The item naming the files of a -r comparison that could not be read.
-UNREADABLE = "unreadable_files"
-
-#: Options every comparison takes, with defaults (analysis options come from their modules).
-CORE_OPTIONS: dict[str, Any] = {
-    "epsilon": 0.0,
-    "ignore_keys_regex": None,
-    "path": None,
-    "format": None,
-    "recursive": False,
-    "device": "auto",
-    "unsafe_pickle": False,
-    "raw": False,  # compare stored values: no dequantization of int8/fp8 weights with scale companions
-    "revision": None,  # a Hugging Face Hub id's branch, tag or commit (formats/hub.py)
-}
+from torchdiff.pairing import check_selected, compile_filters, pair, pair_metadata
+from torchdiff.pipeline import (
+    CORE_OPTIONS, check_paths, compare_checkpoints, make_options, open_checkpoint, opened, resolve,
+    unknown_option, without_gc,
+)
+from torchdiff.report import Report
 
 
-def without_gc(func):
-    """Run ``func`` with Python's cyclic garbage collector paused.
+def _reject(unknown: dict[str, Any], known: Sequence[str] = ()) -> None:
+    if unknown:
+        from torchdiff.analyses import FLAGS, options_defaults
 
-    A checkpoint of 20,000 tensors means hundreds of thousands of small objects; the
-    collector rescanning them on every allocation burst cost 0.55 s of a 0.63 s load
-    (benchmarks/bench_engine.py row 5). A run creates no cycles that must be freed
-    before it ends; the collector resumes afterwards.
-    """
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        was_enabled = gc.isenabled()
-        gc.disable()
-        try:
-            return func(*args, **kwargs)
-        finally:
-            if was_enabled:
-                gc.enable()
-
-    return wrapper
+        names = list(CORE_OPTIONS) + list(FLAGS) + list(options_defaults()) + list(known)
+        raise UsageError(unknown_option(next(iter(unknown)), names))
 
 
-class Options(dict):
-    """Resolved options: a dict that also reads as attributes (``options.sort_key``)."""
-
-    def __getattr__(self, key: str) -> Any:
-        try:
-            return self[key]
-        except KeyError:
-            raise AttributeError(key) from None
-
-
-def make_options(analyses: tuple[str, ...] | list[str] = (), **kwargs: Any) -> Options:
-    """Resolve and validate options before any I/O.
-
-    ``analyses`` lists analysis names; analysis flags (``quantization_analysis=True``,
-    ``show_layer_impact=True``, ``stats=True``) may be passed as keywords too.
-    """
-    extra = options_defaults()
-    options = Options(CORE_OPTIONS)
-    options.update({k: default for k, (default, _) in extra.items()})
-    chosen: list[str] = []
-    for name in analyses:
-        if name in FLAGS:
-            name = FLAGS[name]
-        if name not in ANALYSES:
-            raise UsageError(f"unknown analysis {name!r} (available: {', '.join(analysis_names)})")
-        chosen.append(name)
-    for key, value in kwargs.items():
-        if key in FLAGS or key in ANALYSES:
-            if value:
-                chosen.append(FLAGS.get(key, key))
-        elif key in options:
-            options[key] = value
-        else:
-            raise UsageError(f"unknown option {key!r}")
-    for name, module in ANALYSES.items():  # an option such as --fail-on-anomaly switches its analysis on
-        if any(options.get(o) not in (None, False) for o in getattr(module, "ENABLED_BY", ())):
-            chosen.append(name)
-    options["analyses"] = tuple(n for n in analysis_names if n in chosen)
-    try:
-        options["epsilon"] = float(options["epsilon"])
-    except (TypeError, ValueError):
-        raise UsageError(f"--epsilon must be a number, got {options['epsilon']!r}") from None
-    if options["epsilon"] < 0:
-        raise UsageError("--epsilon must be ≥ 0")
-    compile_filters(options["ignore_keys_regex"], options["path"])
-    if options["format"] is not None and options["format"] not in formats.format_names:
-        raise UsageError(f"unknown --format {options['format']!r} (choose from {', '.join(formats.format_names)})")
-    for name in options["analyses"]:
-        validate = getattr(ANALYSES[name], "validate", None)
-        if validate is not None:
-            validate(options)
-    return options
-
-
-def open_checkpoint(source: Any, options: Options) -> Checkpoint:
-    """A Checkpoint from a path, a state_dict, an nn.Module, or a Checkpoint."""
-    if isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
-        if options.get("recursive") and os.path.isdir(path):
-            return load_directory(path, options)
-        ckpt = _load(path, options)
-        if not ckpt.tensors:
-            ckpt.close()
-            what = f"{len(ckpt.metadata)} non-tensor values" if ckpt.metadata else "nothing"
-            raise CorruptFileError(f"{path}: no tensors found (the file holds {what}; "
-                                   "a checkpoint to compare holds tensors)")
-        return ckpt
-    return formats.from_object(source)
-
-
-def _load(path: str, options: Options) -> Checkpoint:
-    if options.get("unsafe_pickle"):
-        return formats.load(path, options.get("format"), unsafe_pickle=True)
-    return formats.load(path, options.get("format"))
-
-
-def load_directory(root: str, options: Options) -> Checkpoint:
-    """Every checkpoint file under ``root`` as one Checkpoint; names ``relpath:tensor``.
-
-    Every option reaches each file (``format``, ``unsafe_pickle``). A file that cannot be
-    read does not stop the others: its error is kept in ``info["unreadable"]``
-    (relpath -> message), reported as an item, and the CLI exits 2.
-    """
-    tensors, metadata, closers, files, unreadable = {}, {}, [], {}, {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for filename in sorted(filenames):
-            ext = os.path.splitext(filename)[1].lower()
-            if ext not in formats.extensions:
-                continue
-            full = os.path.join(dirpath, filename)
-            rel = os.path.relpath(full, root).replace(os.sep, "/")
-            try:
-                ckpt = _load(full, options)
-            except TorchDiffError as e:
-                unreadable[rel] = str(e)
-                continue
-            closers.append(ckpt.close)
-            files.update(ckpt.files)
-            for name, handle in ckpt.tensors.items():
-                tensors[f"{rel}:{name}"] = handle
-            for key, value in ckpt.metadata.items():
-                metadata[f"{rel}:{key}"] = value
-    if not tensors and not metadata:
-        for close in closers:
-            close()
-        if unreadable:
-            raise CorruptFileError(next(iter(unreadable.values())))
-        raise InputNotFoundError(f"{root}: no checkpoint files found (extensions read: {', '.join(formats.extensions)})")
-    return Checkpoint(name=root, format="directory", tensors=tensors, metadata=metadata, _closers=closers,
-                      files=files, info={"unreadable": unreadable} if unreadable else {})
-
-
-def _resolve(source: Any, options: Options) -> Any:
-    """A Hugging Face Hub id (a string that is no existing path: ``gpt2``, ``org/name``)
-    as its local snapshot folder; anything else unchanged (formats/hub.py)."""
-    if isinstance(source, str) and not os.path.exists(source):
-        from torchdiff.formats import hub
-
-        return hub.resolve_source(source, options.get("revision"))
-    return source
-
-
-def _check_paths(old: Any, new: Any, options: Options) -> None:
-    """Missing paths and file/directory mix-ups, before reading anything."""
-    for side in (old, new):
-        if isinstance(side, (str, os.PathLike)) and not os.path.exists(side):
-            raise InputNotFoundError(f"{os.fspath(side)}: no such file or directory")
-    if options.get("recursive"):
-        kinds = [os.path.isdir(s) for s in (old, new) if isinstance(s, (str, os.PathLike))]
-        if len(kinds) == 2 and kinds[0] != kinds[1]:
-            raise InputNotFoundError("-r compares two directories, or two files; got a directory and a file")
+def _options(analyses, given: dict[str, Any]):
+    """Resolved options from the explicit keyword parameters of an entry point."""
+    given = {k: v for k, v in given.items() if k not in ("old", "new", "source", "analyses", "progress", "unknown")}
+    return make_options(analyses, **given)
 
 
 @without_gc
-def compare(old: Any, new: Any, *, analyses: tuple[str, ...] | list[str] = (),
-            progress: Callable[[int], None] | None = None, **kwargs: Any) -> Report:
+def compare(
+    old: Any, new: Any, *, analyses: Sequence[str] = (),
+    stats: bool = False, quantization_analysis: bool = False, sort_by_change_magnitude: bool = False,
+    show_layer_impact: bool = False, architecture_comparison: bool = False, memory_analysis: bool = False,
+    anomaly_detection: bool = False, change_summary: bool = False, convergence_analysis: bool = False,
+    gradient_analysis: bool = False, similarity_matrix: bool = False,
+    epsilon: float = 0.0, ignore_keys_regex: str | None = None, path: str | None = None, format: str | None = None,
+    recursive: bool = False, device: str = "auto", unsafe_pickle: bool = False, scope: str = "params",
+    raw: bool = False, revision: str | None = None,
+    map: str = "auto", map_heads: str | None = None, sort_key: str | None = None, layer_pattern: str | None = None, quantization_top_k: int = 10,
+    fail_on_anomaly: str | None = None, plateau_threshold: float = 1e-3, plateau_steps: int = 2,
+    lr: float = 0.0, cross_layer: bool = False, base: Any = None, sort: str | None = None,
+    progress: Callable[[int], None] | None = None, **unknown: Any,
+) -> Report:
     """Compare two checkpoints.
 
     Args:
@@ -204,10 +56,26 @@ def compare(old: Any, new: Any, *, analyses: tuple[str, ...] | list[str] = (),
             a state_dict (nested dicts allowed), an ``nn.Module``, or a Checkpoint.
         new: the same, for the other side.
         analyses: analysis names or flags to run (``"quantization_analysis"``,
-            ``"show_layer_impact"``...); flags may also be keywords (``stats=True``).
+            ``"show_layer_impact"``...); each is also a boolean keyword (``stats=True``).
+        epsilon: |Δ| ≤ epsilon counts as unchanged.
+        ignore_keys_regex: leave out tensors and metadata whose name matches.
+        path: keep only names containing this substring.
+        format: force a reader (``safetensors``, ``torch``, ``numpy``, ``matlab``, ``gguf``, ``sharded``).
+        recursive: compare two directories file by file.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        unsafe_pickle: allow pickles that need code (runs code from the file: trusted files only).
+        raw: compare stored values: int8/fp8 weights with scale companions are not dequantized
+            (by default they are, and a ``dequantized`` item lists them).
+        revision: branch, tag or commit of a Hugging Face Hub id given as ``old``/``new``.
+        map: cross-format pairing: ``auto`` (a known name family on each side, e.g. HF ↔ GGUF),
+            ``none``, a family name, or a YAML rule file (docs/MAPPING.md).
+        map_heads: ``"HEADS,KV_HEADS"`` for rules whose head counts no metadata gives.
+        scope: what the global, layer and summary figures cover: ``params`` (trainable
+            parameters, the default), ``model`` (plus buffers and counters) or ``all``
+            (plus optimizer state). Tensor lines always list every tensor.
+        sort_key, layer_pattern, quantization_top_k, fail_on_anomaly, plateau_threshold,
+        plateau_steps, lr, cross_layer, base, sort: the analyses' options (README, "Flags").
         progress: called with the number of elements done after each block.
-        **kwargs: ``epsilon``, ``ignore_keys_regex``, ``path``, ``format``, ``recursive``,
-            ``device`` and the analyses' own options (``sort_key``...).
 
     Returns:
         A Report: iterate it for TensorDiffs, ``print`` it for text, ``to_dict()`` for JSON.
@@ -219,123 +87,35 @@ def compare(old: Any, new: Any, *, analyses: tuple[str, ...] | list[str] = (),
         >>> [(d.name, d.status, round(d.metrics.rel_l2, 4)) for d in report]
         [('w', 'changed', 0.5774)]
     """
-    options = make_options(analyses, **kwargs)
+    _reject(unknown)
+    options = _options(analyses, locals())
     engine = Engine(resolve_device(options.device), options.epsilon)
-    with _opened(old, new, options) as (old_ckpt, new_ckpt):
+    with opened(old, new, options) as (old_ckpt, new_ckpt):
         return compare_checkpoints(old_ckpt, new_ckpt, options, engine, progress)
 
 
-@contextlib.contextmanager
-def _opened(old: Any, new: Any, options: Options):
-    """Both checkpoints, opened after checking the paths, closed however the block ends."""
-    old, new = _resolve(old, options), _resolve(new, options)
-    _check_paths(old, new, options)
-    old_ckpt = open_checkpoint(old, options)
-    try:
-        new_ckpt = open_checkpoint(new, options)
-    except BaseException:
-        old_ckpt.close()
-        raise
-    try:
-        yield old_ckpt, new_ckpt
-    finally:
-        old_ckpt.close()
-        new_ckpt.close()
-
-
 @without_gc
-def compare_checkpoints(old: Checkpoint, new: Checkpoint, options: Options, engine: Engine,
-                        progress=None, mode: str = "pair") -> Report:
-    """The pipeline on two opened checkpoints: prepare, pair, measure, analyse.
-
-    Raises CorruptFileError if an input file changed while it was being read.
-    """
-    files = {**old.files, **new.files}
-    unreadable = _unreadable(old, new)
-    modules = [ANALYSES[name] for name in options.analyses]
-    if not options.get("raw"):  # int8/fp8 weights with scale companions compare as the values they stand for
-        old, new = dequantize_pair(old, new, options)
-    for module in modules:
-        prepare = getattr(module, "prepare", None)
-        if prepare is not None:
-            old, new = prepare(old, new, options)
-    keep = compile_filters(options.ignore_keys_regex, options.path)
-    pairs = pair(old, new, keep)
-    check_selected(pairs, old, new, options.ignore_keys_regex, options.path)
-    hooks = [h for module in modules for h in (getattr(module, "hooks", lambda o: [])(options) or [])]
-    formats.check_unchanged(files)
-    diffs = annotate(pairs, engine.run(pairs, hooks=hooks, progress=_checking(files, progress)))
-    formats.check_unchanged(files)  # every value is read: figures from a file that changed are not reported
-    metadata_diffs = tuple(MetadataDiff(k, s, a, b) for k, s, a, b in pair_metadata(old.metadata, new.metadata, keep))
-    comparison = Comparison(
-        old_name=old.name, new_name=new.name, old_format=old.format, new_format=new.format,
-        diffs=tuple(diffs), metadata_diffs=metadata_diffs if mode == "pair" else (),
-        old_metadata=dict(old.metadata), new_metadata=dict(new.metadata),
-        device=str(engine.device), epsilon=options.epsilon, mode=mode,
-    )
-    report = build_report(comparison, options)
-    extra = tuple(r for r in (dequantized_result(options), unreadable) if r is not None)
-    return dataclasses.replace(report, analyses=extra + report.analyses) if extra else report
-
-
-def _unreadable(old: Checkpoint, new: Checkpoint) -> AnalysisResult | None:
-    """The files of a -r comparison that could not be read, as one item (the CLI exits 2)."""
-    found = [(side, rel, message) for side, ckpt in (("old", old), ("new", new))
-             for rel, message in ckpt.info.get("unreadable", {}).items()]
-    if not found:
-        return None
-    rows = tuple((side, rel, message) for side, rel, message in found)
-    return AnalysisResult(UNREADABLE, {"files": len(found)},
-                          {"files": [{"side": s, "path": r, "error": m} for s, r, m in found]},
-                          tables=(Table("Unreadable files", ("side", "file", "error"), rows),))
-
-
-def _checking(files: dict[str, tuple[int, ...]], progress: Callable[[int], None] | None):
-    """``progress``, then a check that no input changed since it was opened: after every
-    block, so that a file truncated underneath is noticed before the next block reads
-    its mapping (which would kill the process with SIGBUS)."""
-    if not files:
-        return progress
-
-    def step(done: int) -> None:
-        if progress is not None:
-            progress(done)
-        formats.check_unchanged(files)
-
-    return step
-
-
-def build_report(comparison: Comparison, options: Options) -> Report:
-    results: list[AnalysisResult] = []
-    order = None
-    for name in options.analyses:
-        module = ANALYSES[name]
-        ordering = getattr(module, "order", None)
-        if ordering is not None:
-            order = tuple(ordering(comparison, options))
-        result = module.analyze(comparison, options)
-        if result is not None:
-            results.append(result)
-    return Report(comparison, tuple(results), order=order, stats="stats" in options.analyses)
-
-
-@without_gc
-def differs(old: Any, new: Any, **kwargs: Any) -> bool:
+def differs(old: Any, new: Any, *, epsilon: float = 0.0, ignore_keys_regex: str | None = None,
+            path: str | None = None, format: str | None = None, recursive: bool = False,
+            device: str = "auto", unsafe_pickle: bool = False, map: str = "auto", map_heads: str | None = None,
+            revision: str | None = None, **unknown: Any) -> bool:
     """Whether two checkpoints differ, as cheaply as possible (--quiet, --brief).
 
     Names, shapes, dtypes and metadata first; then each common tensor's bytes,
     stopping at the first difference; the engine measures only pairs whose bytes
     differ (their values may still be equal: -0.0 vs 0.0, or within --epsilon).
     """
-    from torchdiff.engine import _bytes_equal
-
-    options = make_options((), **kwargs)
+    _reject(unknown)
+    options = make_options((), epsilon=epsilon, ignore_keys_regex=ignore_keys_regex, path=path, format=format,
+                           recursive=recursive, device=device, unsafe_pickle=unsafe_pickle, map=map,
+                           map_heads=map_heads, revision=revision)
     engine = Engine(resolve_device(options.device), options.epsilon)
-    with _opened(old, new, options) as (old_ckpt, new_ckpt):
+    with opened(old, new, options) as (old_ckpt, new_ckpt):
         for ckpt in (old_ckpt, new_ckpt):  # -r: an unreadable file is an error here (no report to list it)
             for message in ckpt.info.get("unreadable", {}).values():
                 raise CorruptFileError(message)
         keep = compile_filters(options.ignore_keys_regex, options.path)
+        old_ckpt, new_ckpt, _ = mapping.apply_mapping(old_ckpt, new_ckpt, options.map, heads=options.map_heads)
         pairs = pair(old_ckpt, new_ckpt, keep)
         check_selected(pairs, old_ckpt, new_ckpt, options.ignore_keys_regex, options.path)
         if pair_metadata(old_ckpt.metadata, new_ckpt.metadata, keep):
@@ -344,7 +124,7 @@ def differs(old: Any, new: Any, **kwargs: Any) -> bool:
             return True
         found = False
         for p in pairs:
-            if not _bytes_equal(p.old.materialize(), p.new.materialize()):
+            if not bytes_equal(p.old.materialize(), p.new.materialize()):
                 if engine.run([p])[0].is_difference:
                     found = True
                     break
@@ -353,12 +133,30 @@ def differs(old: Any, new: Any, **kwargs: Any) -> bool:
 
 
 @without_gc
-def inspect(source: Any, *, analyses: tuple[str, ...] | list[str] = (), **kwargs: Any) -> Report:
-    """One checkpoint: every tensor's statistics (as the new side), plus the analyses
-    that make sense for one file (memory, anomalies, architecture)."""
-    options = make_options(analyses, **kwargs)
-    source = _resolve(source, options)
-    _check_paths(source, source, options)
+def inspect(
+    source: Any, *, analyses: Sequence[str] = (),
+    stats: bool = False, quantization_analysis: bool = False, sort_by_change_magnitude: bool = False,
+    show_layer_impact: bool = False, architecture_comparison: bool = False, memory_analysis: bool = False,
+    anomaly_detection: bool = False, change_summary: bool = False, convergence_analysis: bool = False,
+    gradient_analysis: bool = False, similarity_matrix: bool = False,
+    epsilon: float = 0.0, ignore_keys_regex: str | None = None, path: str | None = None, format: str | None = None,
+    recursive: bool = False, device: str = "auto", unsafe_pickle: bool = False, scope: str = "params",
+    raw: bool = False, revision: str | None = None,
+    map: str = "auto", map_heads: str | None = None, sort_key: str | None = None, layer_pattern: str | None = None, quantization_top_k: int = 10,
+    fail_on_anomaly: str | None = None, plateau_threshold: float = 1e-3, plateau_steps: int = 2,
+    lr: float = 0.0, cross_layer: bool = False, base: Any = None, sort: str | None = None,
+    progress: Callable[[int], None] | None = None, **unknown: Any,
+) -> Report:
+    """One checkpoint: every tensor's statistics, plus the analyses that make sense for one
+    file (memory, anomalies, architecture). The Report is one-sided: every tensor's status
+    is ``present``, its figures are ``d.new``, and ``has_differences`` is False.
+
+    Args: as ``compare``, for one source; analyses that need two checkpoints say so in a note.
+    """
+    _reject(unknown)
+    options = _options(analyses, locals())
+    source = resolve(source, options)
+    check_paths(source, source, options)
     engine = Engine(resolve_device(options.device), options.epsilon)
     ckpt = open_checkpoint(source, options)
     try:
@@ -371,7 +169,3 @@ def inspect(source: Any, *, analyses: tuple[str, ...] | list[str] = (), **kwargs
 def load(path: Any, format: str | None = None) -> Checkpoint:
     """Open one checkpoint lazily (see torchdiff.formats.load)."""
     return formats.load(path, format)
-
-
-def torch_threads() -> int:
-    return torch.get_num_threads()

@@ -27,22 +27,21 @@ copy on the model's device; ``keep="stats"`` holds only per-tensor statistics
 
 from __future__ import annotations
 
-import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from torchdiff import api, formats
+from torchdiff import formats, pipeline
 from torchdiff.engine import Engine, resolve_device
 from torchdiff.errors import MissingDependencyError, TorchDiffError, UsageError
 from torchdiff.formats.base import Checkpoint
-from torchdiff.layers import layer_of
-from torchdiff.results import (
-    ADDED, CHANGED, REMOVED, RESHAPED, RETYPED, UNCHANGED,
-    Comparison, Report, TensorDiff, TensorStats,
-)
+from torchdiff.names import layer_of, role
+from torchdiff.figures import Comparison, Figures, GroupFigures, group, scalars_of, summary_mask
+from torchdiff.report import Report
+from torchdiff.results import TensorDiff, TensorStats
+from torchdiff.status import ADDED, CHANGED, REMOVED, RESHAPED, RETYPED, UNCHANGED
 
 KEEP_MODES = ("cpu", "device", "stats")
 REFERENCES = ("previous", "initial")
@@ -55,96 +54,30 @@ OnReport = Callable[[int, Report], Any]
 
 # ---- figures kept in the history ----------------------------------------------------
 
-
-@dataclass(frozen=True, slots=True)
-class UpdateFigures:
-    """The update of one tensor, one layer, or the whole model between two snapshots.
-
-    ``l2`` = ‖Δ‖ and ``dot`` = ⟨A, B⟩ are NaN with ``keep="stats"`` (no values kept);
-    ``norm_old``/``norm_new`` = ‖A‖, ‖B‖ are always known. Groups combine tensors by
-    sums of squares: ‖Δ_g‖ = sqrt(Σ‖Δ_k‖²), as ``--show-layer-impact``.
-    """
-
-    params: int
-    l2: float
-    norm_old: float
-    norm_new: float
-    dot: float
-
-    @property
-    def rel_l2(self) -> float:
-        """r = ‖Δ‖/‖A‖ (∞ when ‖A‖ = 0 < ‖Δ‖; NaN with keep="stats")."""
-        if math.isnan(self.l2):
-            return math.nan
-        if self.norm_old > 0:
-            return self.l2 / self.norm_old
-        return math.inf if self.l2 > 0 else 0.0
-
-    @property
-    def cosine(self) -> float:
-        """cos(A, B) (NaN with keep="stats", or when one side is zero)."""
-        denom = self.norm_old * self.norm_new
-        if math.isnan(self.dot):
-            return math.nan
-        if denom == 0:
-            return 1.0 if self.norm_old == self.norm_new else math.nan
-        return max(-1.0, min(1.0, self.dot / denom))
-
-    @property
-    def norm_change(self) -> float:
-        """(‖B‖ − ‖A‖)/‖A‖: the relative change of the norm (known in every keep mode)."""
-        if self.norm_old > 0:
-            return (self.norm_new - self.norm_old) / self.norm_old
-        return math.inf if self.norm_new > 0 else 0.0
-
-    @property
-    def rel_l2_lower_bound(self) -> float:
-        """|‖B‖ − ‖A‖|/‖A‖ ≤ rel_l2 (triangle inequality): what keep="stats" can bound."""
-        return abs(self.norm_change)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"params": self.params, "l2": self.l2, "rel_l2": self.rel_l2, "cosine": self.cosine,
-                "norm_old": self.norm_old, "norm_new": self.norm_new, "norm_change": self.norm_change}
-
-
-class _Sum:
-    __slots__ = ("params", "dsq", "old_sq", "new_sq", "dot")
-
-    def __init__(self) -> None:
-        self.params = 0
-        self.dsq = self.old_sq = self.new_sq = self.dot = 0.0
-
-    def add(self, f: UpdateFigures) -> None:
-        self.params += f.params
-        self.dsq += f.l2 * f.l2
-        self.old_sq += f.norm_old * f.norm_old
-        self.new_sq += f.norm_new * f.norm_new
-        self.dot += f.dot
-
-    def figures(self) -> UpdateFigures:
-        return UpdateFigures(self.params, math.sqrt(self.dsq), math.sqrt(self.old_sq),
-                             math.sqrt(self.new_sq), self.dot)
+#: The update of one tensor, one layer, or the whole model between two snapshots: the
+#: group figures of torchdiff.figures (‖Δ‖ and ⟨A, B⟩ are NaN with ``keep="stats"``).
+UpdateFigures = GroupFigures
 
 
 @dataclass(frozen=True, slots=True)
 class MonitorRecord:
     """What one report step measured: the light entry of ``CheckpointMonitor.history``.
 
-    ``total`` and ``layers`` cover the floating-point tensors present on both sides
-    with the same shape (integer and bool buffers such as ``num_batches_tracked`` are
-    in the report but not in the update figures); ``tensors`` covers every such pair.
-    With ``reference="previous"``, ``total.rel_l2`` is the convergence analysis's
+    ``total`` and ``layers`` cover the tensors in the monitor's ``scope`` (trainable
+    parameters by default) with a float dtype and the same shape on both sides, as a
+    Report's global figures; ``tensors`` covers every such pair of any role. With
+    ``reference="previous"``, ``total.rel_l2`` is the convergence analysis's
     r_t = ‖θ_t − θ_{t−every}‖/‖θ_{t−every}‖.
     """
 
     step: int
     reference_step: int
     keep: str
-    total: UpdateFigures
-    layers: Mapping[str, UpdateFigures]
-    tensors: Mapping[str, UpdateFigures]
+    total: GroupFigures | None
+    layers: Mapping[str, GroupFigures]
+    tensors: Mapping[str, GroupFigures]
     counts: Mapping[str, int]
-    analysis_scalars: Mapping[str, float] = field(default_factory=dict)
+    analyses: tuple = ()
     report: Report | None = None
 
     @property
@@ -152,120 +85,52 @@ class MonitorRecord:
         """False with keep="stats": only statistics-based figures are known."""
         return self.keep != "stats"
 
-    def scalars(self, tensors: bool = False) -> dict[str, float]:
-        """A flat dict for a metrics logger.
+    def analysis(self, name: str):
+        for a in self.analyses:
+            if a.name == name:
+                return a
+        return None
 
-        Keys: ``torchdiff/<status>`` counts; ``torchdiff/update_l2``,
-        ``torchdiff/update_rel_l2``, ``torchdiff/update_cosine`` (exact modes only);
-        ``torchdiff/param_norm`` and ``torchdiff/param_norm_change``;
-        ``torchdiff/layer_rel_l2/<layer>`` (exact) or ``torchdiff/layer_norm_change/<layer>``
-        (keep="stats"); ``torchdiff/rel_l2/<tensor>`` with ``tensors=True``;
-        ``torchdiff/<analysis>/<figure>`` for the analyses' numeric headline figures.
-        """
-        out: dict[str, float] = {f"torchdiff/{s}": float(n) for s, n in self.counts.items()}
-        t = self.total
-        if self.exact:
-            out["torchdiff/update_l2"] = t.l2
-            out["torchdiff/update_rel_l2"] = t.rel_l2
-            out["torchdiff/update_cosine"] = t.cosine
-        out["torchdiff/param_norm"] = t.norm_new
-        out["torchdiff/param_norm_change"] = t.norm_change
-        for name, f in self.layers.items():
-            if self.exact:
-                out[f"torchdiff/layer_rel_l2/{name}"] = f.rel_l2
-            else:
-                out[f"torchdiff/layer_norm_change/{name}"] = f.norm_change
-        if tensors:
-            for name, f in self.tensors.items():
-                if self.exact:
-                    out[f"torchdiff/rel_l2/{name}"] = f.rel_l2
-                else:
-                    out[f"torchdiff/norm_change/{name}"] = f.norm_change
-        out.update(self.analysis_scalars)
-        return out
+    def scalars(self, tensors: bool = False) -> dict[str, float]:
+        """A flat dict for a metrics logger, in the naming scheme of every report
+        (torchdiff.figures.scalars_of); per-tensor figures with ``tensors=True``."""
+        return scalars_of(self.counts, self.total, self.layers, self.tensors if tensors else None,
+                          self.analyses, exact=self.exact)
+
+    def records(self, level: str = "layer") -> list[dict[str, Any]]:
+        """Plain rows of this step: ``"global"`` one, ``"layer"`` one per layer,
+        ``"tensor"`` one per tensor."""
+        return history_records([self], level)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "step": self.step, "reference_step": self.reference_step, "keep": self.keep,
-            "total": self.total.to_dict(),
+            "total": self.total.to_dict() if self.total is not None else None,
             "layers": {k: v.to_dict() for k, v in self.layers.items()},
             "counts": dict(self.counts),
         }
-
-
-def _is_float(dtype: str) -> bool:
-    return dtype.startswith(("float", "bfloat", "complex"))
 
 
 def record_of(step: int, reference_step: int, report: Report, keep: str = "cpu",
               layer_pattern: str | None = None, keep_report: bool = False,
               tensor_figures: bool = True) -> MonitorRecord:
     """The MonitorRecord of a Report (``keep="stats"`` reports carry no pair metrics);
-    ``tensor_figures=False`` leaves ``record.tensors`` empty (layers and total only)."""
-    total, layers = _Sum(), {}
-    tensors: dict[str, UpdateFigures] = {}
-    for d in report.comparison.diffs:
-        if d.status not in (CHANGED, UNCHANGED, RETYPED) or d.old is None or d.new is None:
-            continue
-        if d.metrics is not None:
-            m = d.metrics
-            f = UpdateFigures(d.params, m.l2, m.norm_old, m.norm_new, m.dot)
-        else:
-            f = UpdateFigures(d.params, math.nan, d.old.norm, d.new.norm, math.nan)
-        if tensor_figures:
-            tensors[d.name] = f
-        if not (_is_float(d.old.dtype) and _is_float(d.new.dtype)):
-            continue
-        total.add(f)
-        layer = layer_of(d.name, layer_pattern)
-        if layer not in layers:
-            layers[layer] = _Sum()
-        layers[layer].add(f)
-    analysis_scalars = {}
-    for a in report.analyses:
-        for key, value in a.headline.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                analysis_scalars[f"torchdiff/{a.name}/{key}"] = float(value)
+    ``tensor_figures=False`` leaves ``record.tensors`` empty (layers and total only).
+    Every figure comes from torchdiff.figures.GroupSums over the report's table."""
+    fig = report.figures
+    scope = report.comparison.scope
+    mask = summary_mask(fig, scope)
+    total = group(fig, "all", mask)["all"] if mask.any() else None
+    layers = group(fig, lambda n: layer_of(n, layer_pattern), mask) if mask.any() else {}
+    tensors: dict[str, GroupFigures] = {}
+    if tensor_figures:  # every pair of one shape, any role and dtype
+        pairs = fig.old.present & fig.new.present & fig.status_mask(CHANGED, UNCHANGED, RETYPED)
+        tensors = group(fig, lambda n: n, pairs) if pairs.any() else {}
     return MonitorRecord(
-        step=step, reference_step=reference_step, keep=keep, total=total.figures(),
-        layers={k: s.figures() for k, s in layers.items()}, tensors=tensors,
-        counts=report.comparison.counts(), analysis_scalars=analysis_scalars,
+        step=step, reference_step=reference_step, keep=keep, total=total, layers=layers, tensors=tensors,
+        counts=report.comparison.counts(), analyses=tuple(report.analyses),
         report=report if keep_report else None,
     )
-
-
-# ---- rows for pandas and plain Python -----------------------------------------------
-
-_STAT_FIELDS = ("mean", "std", "min", "max", "mean_abs", "rms", "zero_fraction", "nan_count", "inf_count")
-_METRIC_FIELDS = ("l2", "rel_l2", "nmse", "cosine", "rmse", "max_abs", "mean_abs_diff", "changed_fraction")
-
-
-def to_records(report: Report, layer_pattern: str | None = None) -> list[dict[str, Any]]:
-    """One plain dict per tensor (every tensor, in output order): name, layer, status,
-    shape, dtype, params, ``old_<stat>``/``new_<stat>`` and the pair metrics (None where
-    a figure does not apply)."""
-    rows = []
-    for d in report.ordered_diffs():
-        side = d.new if d.new is not None else d.old
-        row: dict[str, Any] = {
-            "name": d.name, "layer": layer_of(d.name, layer_pattern), "status": d.status,
-            "shape": tuple(side.shape) if side is not None else None,
-            "dtype": side.dtype if side is not None else None, "params": d.params,
-        }
-        for prefix, stats in (("old", d.old), ("new", d.new)):
-            for f in _STAT_FIELDS:
-                row[f"{prefix}_{f}"] = getattr(stats, f) if stats is not None else None
-        for f in _METRIC_FIELDS:
-            row[f] = getattr(d.metrics, f) if d.metrics is not None else None
-        rows.append(row)
-    return rows
-
-
-def layer_records(report: Report, layer_pattern: str | None = None) -> list[dict[str, Any]]:
-    """One plain dict per layer (floating-point tensors present on both sides):
-    layer, params, l2, rel_l2, cosine, norm_old, norm_new, norm_change."""
-    record = record_of(0, 0, report, "cpu" if _has_metrics(report) else "stats", layer_pattern)
-    return [{"layer": name, **f.to_dict()} for name, f in record.layers.items()]
 
 
 def history_records(history: Iterable[MonitorRecord], level: str = "global") -> list[dict[str, Any]]:
@@ -277,7 +142,8 @@ def history_records(history: Iterable[MonitorRecord], level: str = "global") -> 
     for r in history:
         base = {"step": r.step, "reference_step": r.reference_step}
         if level == "global":
-            rows.append({**base, **r.total.to_dict(), **{k: v for k, v in r.counts.items()}})
+            total = r.total.to_dict() if r.total is not None else {}
+            rows.append({**base, **total, **{k: v for k, v in r.counts.items()}})
         else:
             items = r.layers if level == "layer" else r.tensors
             for name, f in items.items():
@@ -286,31 +152,19 @@ def history_records(history: Iterable[MonitorRecord], level: str = "global") -> 
 
 
 def to_pandas(source: Report | Iterable[MonitorRecord] | list[dict[str, Any]], level: str = "tensor"):
-    """A pandas DataFrame of ``to_records(report)`` (``level="tensor"``) or
-    ``layer_records(report)`` (``"layer"``); for a monitor history, ``history_records``
-    at ``level`` (``"global"``, ``"layer"``, ``"tensor"``). pandas is imported here."""
+    """A pandas DataFrame: of a Report (``report.to_pandas(level)``), of a monitor
+    history (``history_records`` at ``level``: ``"global"``, ``"layer"``, ``"tensor"``),
+    or of plain rows. pandas is imported here."""
     try:
         import pandas as pd
     except ImportError:
         raise MissingDependencyError("to_pandas needs pandas (pip install pandas)") from None
     if isinstance(source, Report):
-        if level not in ("tensor", "layer"):
-            raise UsageError(f"a Report's level is tensor or layer, got {level!r}")
-        rows = to_records(source) if level == "tensor" else layer_records(source)
-    else:
-        source = list(source)
-        if source and isinstance(source[0], MonitorRecord):
-            rows = history_records(source, level)
-        else:
-            rows = source
-    return pd.DataFrame(rows)
-
-
-def _has_metrics(report: Report) -> bool:
-    return any(d.metrics is not None for d in report.comparison.diffs)
-
-
-# ---- the monitor ------------------------------------------------------------------
+        return source.to_pandas(level)
+    source = list(source)
+    if source and isinstance(source[0], MonitorRecord):
+        return pd.DataFrame(history_records(source, level))
+    return pd.DataFrame(source)
 
 
 def _storage_key(t: torch.Tensor) -> tuple:
@@ -387,7 +241,7 @@ class CheckpointMonitor:
             device = "cuda" if self._model_device.type == "cuda" else "cpu"
             if self._model_device.type == "cuda":
                 device = str(self._model_device)
-        self.options = api.make_options(tuple(analyses), device=str(device), **compare_options)
+        self.options = pipeline.make_options(tuple(analyses), device=str(device), **compare_options)
         if keep == "stats":
             bad = [n for n in self.options.analyses if n not in STATS_ANALYSES]
             if bad:
@@ -618,7 +472,7 @@ class CheckpointMonitor:
             self._pending_reference_save = False
         old = formats.from_object(old_host, name=f"step {self._reference_step}")
         new = formats.from_object(new_host, name=f"step {self._step}")
-        return api.compare_checkpoints(old, new, self.options, self.engine), new_host
+        return pipeline.compare_checkpoints(old, new, self.options, self.engine), new_host
 
     def _measure(self, host: dict[str, torch.Tensor], options=None) -> dict[str, TensorStats]:
         report = self._inspect(host, options)
@@ -626,11 +480,11 @@ class CheckpointMonitor:
 
     def _inspect(self, host, options=None) -> Report:
         if options is None:
-            options = api.Options(self.options)
+            options = pipeline.Options(self.options)
             options["analyses"] = ()
         empty = Checkpoint(name="", format="module", tensors={})
         new = formats.from_object(host, name=f"step {self._step}")
-        return api.compare_checkpoints(empty, new, options, self.engine, mode="inspect")
+        return pipeline.compare_checkpoints(empty, new, options, self.engine, mode="inspect")
 
     def _report_stats(self, live):
         """keep="stats": measure the live state (with the one-checkpoint analyses) and
@@ -638,6 +492,7 @@ class CheckpointMonitor:
         host = self._host(live)
         inspected = self._inspect(host, self.options)
         new_stats = {d.name: d.new for d in inspected.comparison.diffs}
+        role_of = dict(zip(inspected.figures.names, inspected.figures.role))
         diffs = []
         for name, old in self._ref_stats.items():
             new = new_stats.get(name)
@@ -649,15 +504,17 @@ class CheckpointMonitor:
                 status = RETYPED
             else:
                 status = UNCHANGED if old == new else CHANGED
-            diffs.append(TensorDiff(name, status, old, new, None))
+            diffs.append(TensorDiff(name, status, old, new, None, {}, role_of.get(name) or role(name)))
         for name, new in new_stats.items():
             if name not in self._ref_stats:
-                diffs.append(TensorDiff(name, ADDED, None, new, None))
+                diffs.append(TensorDiff(name, ADDED, None, new, None, {}, role_of[name]))
+        figures = Figures.from_diffs(diffs)
+        figures.values_kept = False
         comparison = Comparison(
             old_name=f"step {self._reference_step}", new_name=f"step {self._step}",
-            old_format="stats", new_format="module", diffs=tuple(diffs), metadata_diffs=(),
-            old_metadata={}, new_metadata={}, device=str(self.engine.device),
-            epsilon=self.options.epsilon, mode="pair",
+            old_format="stats", new_format="module", figures=figures, metadata_diffs=(),
+            device=str(self.engine.device), epsilon=self.options.epsilon, mode="pair",
+            scope=self.options.scope, layer_pattern=self.options.get("layer_pattern"),
         )
         return Report(comparison, inspected.analyses, stats=True), host
 
@@ -702,8 +559,6 @@ __all__ = [
     "MonitorRecord",
     "UpdateFigures",
     "history_records",
-    "layer_records",
     "record_of",
     "to_pandas",
-    "to_records",
 ]

@@ -32,6 +32,8 @@ CORE_FLAGS: dict[str, tuple[Any, str]] = {
     "format": (None, "force the input format: safetensors | torch | numpy | matlab | gguf | sharded"),
     "recursive": (False, "compare two directories file by file (-r)"),
     "device": ("auto", "auto | cpu | cuda | cuda:N"),
+    "map": ("auto", "pair tensors across formats: auto | none | a family | a YAML rule file (docs/MAPPING.md)"),
+    "map_heads": (None, "HEADS,KV_HEADS for mapping rules the metadata does not give them to"),
     "quiet": (False, "print nothing; exit 1 when the checkpoints differ (-q)"),
     "brief": (False, "print one line saying whether they differ; exit 1 when they do"),
     "exit_code": (False, "exit 1 when the checkpoints differ"),
@@ -41,6 +43,7 @@ CORE_FLAGS: dict[str, tuple[Any, str]] = {
     "unsafe_pickle": (False, "load pickles with weights_only=False: RUNS CODE from the file; only for files you trust"),
     "raw": (False, "compare stored values: int8/fp8 weights with scale companions are not dequantized"),
     "revision": (None, "branch, tag or commit of a Hugging Face Hub id given as OLD/NEW (gpt2, org/name)"),
+    "scope": ("params", "what global, layer and summary figures cover: params | model | all"),
     "help": (False, "this help (-h)"),
 }
 SHORT = {"-r": "recursive", "-q": "quiet", "-h": "help", "-o": "output"}
@@ -239,7 +242,7 @@ def _check_top(flags: dict[str, Any]) -> None:
 
 
 def api_unreadable() -> str:
-    from torchdiff.api import UNREADABLE
+    from torchdiff.pipeline import UNREADABLE
 
     return UNREADABLE
 
@@ -251,7 +254,8 @@ def _api_options(flags: dict[str, Any], series: bool = False) -> dict[str, Any]:
     options = {k: v for k, v in flags.items() if k not in cli_only}
     if flags.get("all"):
         for module in ANALYSES.values():
-            options[module.FLAG] = True
+            if not (series and getattr(module, "PAIR_ONLY", False)):
+                options[module.FLAG] = True
     return options
 
 
@@ -275,7 +279,8 @@ def _progress(flags: dict[str, Any]):
     return bar.update
 
 
-_PLACEHOLDERS = {"fail_on_anomaly": "SEVERITY", "output": "FORMAT", "epsilon": "E", "path": "SUBSTRING", "top": "N"}
+_PLACEHOLDERS = {"fail_on_anomaly": "SEVERITY", "output": "FORMAT", "epsilon": "E", "path": "SUBSTRING",
+                 "map": "auto|none|FILE", "map_heads": "Q,KV", "top": "N"}
 
 
 def help_text(width: int | None = None) -> str:

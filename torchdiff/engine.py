@@ -1,5 +1,5 @@
 """The diff engine: walks the pairs, streams their values through reused row blocks
-on the device, and turns the merged partials into TensorDiffs.
+on the device, and writes the merged partials into the Figures table.
 
 How it is fast (see docs/ENGINE.md):
 - every tensor is cut into *rows*: full rows of ``row`` elements plus one remainder
@@ -32,10 +32,8 @@ from torchdiff import reductions as R
 from torchdiff.errors import CorruptFileError, DeviceError
 from torchdiff.formats.base import TensorHandle
 from torchdiff.pairing import Pair
-from torchdiff.results import (
-    ADDED, CHANGED, REMOVED, RESHAPED, RETYPED, UNCHANGED,
-    PairMetrics, TensorDiff, TensorStats,
-)
+from torchdiff.figures import Figures
+from torchdiff.status import ADDED, CHANGED, REMOVED, RESHAPED, RETYPED, UNCHANGED
 
 ROW = 65536
 CPU_BLOCK = 262144
@@ -149,7 +147,7 @@ class _Group:
 
 
 class Engine:
-    """Computes TensorDiffs for a list of pairs.
+    """Measures a list of pairs into a Figures table.
 
     Args:
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
@@ -170,24 +168,25 @@ class Engine:
     # ---- public -------------------------------------------------------------
 
     def run(self, pairs: list[Pair], hooks: Iterable[Hook] = (),
-            progress: Callable[[int], None] | None = None) -> list[TensorDiff]:
-        """Measure every pair; returns one TensorDiff per pair, in order."""
+            progress: Callable[[int], None] | None = None) -> Figures:
+        """Measure every pair: the Figures table, one row per pair, in order (also a
+        sequence of TensorDiff views)."""
         if self.device.type == "cuda":  # streams and events below are those of this device
             with torch.cuda.device(self.device):
                 return self._run(pairs, hooks, progress)
         return self._run(pairs, hooks, progress)
 
-    def _run(self, pairs, hooks, progress) -> list[TensorDiff]:
+    def _run(self, pairs, hooks, progress) -> Figures:
         jobs, exact_slots, sides = self._plan(pairs)
         side_rows, side_ids, side_lengths, pair_rows, pair_ids = self._reduce(jobs, progress)
         n_slots = len(sides)
         merged_side = R.merge_side(side_rows, side_lengths, side_ids, n_slots)
         merged_pair = R.merge_pair(pair_rows, pair_ids, len(pairs))
-        diffs = self._assemble(pairs, sides, exact_slots, merged_side, merged_pair)
+        fig = self._assemble(pairs, sides, exact_slots, merged_side, merged_pair)
         hooks = list(hooks)
         if hooks:
-            diffs = self._run_hooks(pairs, diffs, hooks)
-        return diffs
+            self._run_hooks(pairs, fig, hooks)
+        return fig
 
     # ---- planning -------------------------------------------------------------
 
@@ -271,7 +270,7 @@ class Engine:
                     b = self._fill(pending, L, k, group.dtype, "b")
                     parts += R.side_rows(b, work)
                     delta = self._buffer("delta", k * L, group.dtype).view(k, L)
-                    parts += R.pair_rows(a, b, self.epsilon, work, delta)
+                    parts += [t.to(torch.float64) for t in R.pair_rows(a, b, self.epsilon, work, delta)]
                     block = torch.stack(parts, 1).to(torch.float64)
                     side_parts += [block[:, : R.SIDE_WIDTH], block[:, R.SIDE_WIDTH : 2 * R.SIDE_WIDTH]]
                     pair_parts.append(block[:, 2 * R.SIDE_WIDTH :])
@@ -381,9 +380,10 @@ class Engine:
 
     # ---- results ---------------------------------------------------------------
 
-    def _assemble(self, pairs, sides, exact_slots, ms, mp) -> list[TensorDiff]:
-        """Merged partials -> TensorDiffs. Figures are derived for all tensors at once
-        (NumPy, float64); tensors whose partials cannot be trusted take the exact path."""
+    def _assemble(self, pairs, sides, exact_slots, ms, mp) -> Figures:
+        """Merged partials -> the Figures table. Figures are derived for all tensors at
+        once (NumPy, float64) and written into the columns; tensors whose partials cannot
+        be trusted take the exact path, one at a time."""
         f32 = np.array([R.compute_dtype(side.handle.dtype) == torch.float32 for side in sides], dtype=bool)
         exact = _exact_sides(ms, f32)
         exact[list(exact_slots)] = True
@@ -392,81 +392,107 @@ class Engine:
             sumsq = ms["m2"] + count * ms["mean"] ** 2
             cols = {
                 "mean": ms["mean"], "std": np.sqrt(ms["m2"] / count), "min": ms["min"], "max": ms["max"],
-                "mean_abs": ms["sum_abs"] / count, "rms": np.sqrt(sumsq / count), "zero": np.rint(ms["zero"]),
+                "mean_abs": ms["sum_abs"] / count, "rms": np.sqrt(sumsq / count), "zero_count": np.rint(ms["zero"]),
             }
-        cols = {k: v.tolist() for k, v in cols.items()}
-        side_stats: list[TensorStats] = []
-        for slot, side in enumerate(sides):
-            h = side.handle
-            if exact[slot]:
-                side_stats.append(_stats(h, R.exact_side(side.view())))
-            else:
-                side_stats.append(TensorStats(
-                    shape=tuple(h.shape), dtype=h.storage_dtype, numel=h.numel, nbytes=h.nbytes,
-                    mean=cols["mean"][slot], std=cols["std"][slot], min=cols["min"][slot], max=cols["max"][slot],
-                    mean_abs=cols["mean_abs"][slot], rms=cols["rms"][slot], zero_count=int(cols["zero"][slot]),
-                    nan_count=0, inf_count=0,
-                ))
-        sumsq_list = sumsq.tolist()
-        dsq, dmax = mp["dsq"].tolist(), mp["dmax"].tolist()
-        dsum_abs, changed = mp["dsum_abs"].tolist(), np.rint(mp["changed"]).tolist()
-        diffs: list[TensorDiff] = []
+        fig = Figures([p.name for p in pairs], [""] * len(pairs), [p.role for p in pairs])
+        status = fig.status
+        # Slot of each side: pairs list their old side, then their new side, in order.
+        a_slots = np.full(len(pairs), -1, dtype=np.int64)
+        b_slots = np.full(len(pairs), -1, dtype=np.int64)
         slot = 0
         for i, p in enumerate(pairs):
-            old_stats = new_stats = None
-            a_slot = b_slot = -1
             if p.old is not None:
-                a_slot, slot = slot, slot + 1
-                old_stats = side_stats[a_slot]
+                a_slots[i], slot = slot, slot + 1
             if p.new is not None:
-                b_slot, slot = slot, slot + 1
-                new_stats = side_stats[b_slot]
-            kind = p.kind
+                b_slots[i], slot = slot, slot + 1
+        for side_cols, slots in ((fig.old, a_slots), (fig.new, b_slots)):
+            rows = np.flatnonzero(slots >= 0)
+            src = slots[rows]
+            side_cols.present[rows] = True
+            for name in ("mean", "std", "min", "max", "mean_abs", "rms", "zero_count"):
+                getattr(side_cols, name)[rows] = cols[name][src]
+            handles = [sides[s_].handle for s_ in src.tolist()]
+            for i, h in zip(rows.tolist(), handles):
+                side_cols.shape[i], side_cols.dtype[i] = tuple(h.shape), h.storage_dtype
+            side_cols.numel[rows] = [h.numel for h in handles]
+            side_cols.nbytes[rows] = [h.nbytes for h in handles]
+            for i, s_ in zip(rows.tolist(), src.tolist()):
+                if exact[s_]:
+                    t = R.exact_side(sides[s_].view())
+                    for name in ("mean", "std", "min", "max", "mean_abs", "rms", "zero_count", "nan_count",
+                                 "inf_count"):
+                        getattr(side_cols, name)[i] = getattr(t, name)
+        kinds = [p.kind for p in pairs]
+        for i, kind in enumerate(kinds):
             if kind != "common":
-                status = {"added": ADDED, "removed": REMOVED, "reshaped": RESHAPED}[kind]
-                diffs.append(TensorDiff(p.name, status, old_stats, new_stats, None))
-                continue
-            a_side, b_side = sides[a_slot], sides[b_slot]
-            nonfinite = (old_stats.nan_count + old_stats.inf_count + new_stats.nan_count + new_stats.inf_count) > 0
-            if (nonfinite or exact[a_slot] or exact[b_slot] or p.old.numel == 0 or not math.isfinite(dsq[i])
-                    or _pair_underflows(mp, i, p.old.numel, p.old.dtype, p.new.dtype)):
-                totals = R.exact_pair(a_side.view(), b_side.view(), self.epsilon)
-            else:
-                totals = R.PairTotals(
-                    count=p.old.numel, dsq=dsq[i], dmax=dmax[i], dsum_abs=dsum_abs[i], changed=int(changed[i]),
-                    sumsq_old=sumsq_list[a_slot], sumsq_new=sumsq_list[b_slot],
-                )
-            same_nonfinite = (old_stats.nan_count, old_stats.inf_count) == (new_stats.nan_count, new_stats.inf_count)
-            if same_nonfinite and nonfinite:
-                same_nonfinite = _same_nonfinite(a_side.view(), b_side.view())
-            equal = False
-            if totals.dmax == 0 and same_nonfinite and not p.retyped:
-                equal = _sides_bytes_equal(a_side, b_side)
-            metrics = _metrics(totals, equal)
-            if p.retyped:
-                status = RETYPED
-            elif equal or (totals.dmax <= self.epsilon and same_nonfinite):
-                status = UNCHANGED
-            else:
-                status = CHANGED
-            diffs.append(TensorDiff(p.name, status, old_stats, new_stats, metrics))
+                status[i] = {"added": ADDED, "removed": REMOVED, "reshaped": RESHAPED}[kind]
+        common = np.array([k == "common" for k in kinds], dtype=bool)
+        if not common.any():
+            return self._released(sides, fig)
+        # The fast figures, for every common pair at once (float64, from the merged partials).
+        rows = np.flatnonzero(common)
+        a, b = a_slots[rows], b_slots[rows]
+        n = fig.old.numel[rows]
+        nonfinite = (fig.old.nan_count[rows] + fig.old.inf_count[rows] + fig.new.nan_count[rows]
+                     + fig.new.inf_count[rows]) > 0
+        f32_pair = np.array([R.compute_dtype(pairs[i].old.dtype, pairs[i].new.dtype) == torch.float32
+                             for i in rows.tolist()], dtype=bool)
+        dsq, dmax = mp["dsq"][rows], mp["dmax"][rows]
+        with np.errstate(invalid="ignore"):
+            underflow = f32_pair & (dmax > 0) & (dsq < _TINY_MEAN_SQUARE * n)
+        slow = nonfinite | exact[a] | exact[b] | (n == 0) | ~np.isfinite(dsq) | underflow
+        d2, d_max, d_abs = dsq.copy(), dmax.copy(), mp["dsum_abs"][rows].copy()
+        changed = np.rint(mp["changed"][rows])
+        sq_old, sq_new = sumsq[a].copy(), sumsq[b].copy()
+        # Tensors whose partials cannot be trusted: float64 with masks, one at a time.
+        for j in np.flatnonzero(slow).tolist():
+            i = int(rows[j])
+            t = R.exact_pair(sides[int(a[j])].view(), sides[int(b[j])].view(), self.epsilon)
+            n[j], d2[j], d_max[j], d_abs[j], changed[j] = t.count, t.dsq, t.dmax, t.dsum_abs, t.changed
+            sq_old[j], sq_new[j] = t.sumsq_old, t.sumsq_new
+        same_nonfinite = ((fig.old.nan_count[rows] == fig.new.nan_count[rows])
+                          & (fig.old.inf_count[rows] == fig.new.inf_count[rows]))
+        for j in np.flatnonzero(same_nonfinite & nonfinite).tolist():
+            same_nonfinite[j] = _same_nonfinite(sides[int(a[j])].view(), sides[int(b[j])].view())
+        retyped = np.array([pairs[i].retyped for i in rows.tolist()], dtype=bool)
+        equal = np.zeros(rows.size, dtype=bool)
+        for j in np.flatnonzero((d_max == 0) & same_nonfinite & ~retyped).tolist():
+            equal[j] = _sides_bytes_equal(sides[int(a[j])], sides[int(b[j])])
+        fig.measured[rows] = True
+        fig.equal[rows] = equal
+        fig.count[rows] = n
+        fig.changed_count[rows] = changed
+        fig.l2[rows] = np.sqrt(np.maximum(d2, 0.0))
+        fig.norm_old[rows] = np.sqrt(np.maximum(sq_old, 0.0))
+        fig.norm_new[rows] = np.sqrt(np.maximum(sq_new, 0.0))
+        # ⟨A,B⟩ = (‖A‖² + ‖B‖² − ‖Δ‖²)/2: exact in float64 from accurate parts, and
+        # 1 − cos keeps its precision for nearly equal tensors.
+        fig.dot[rows] = (sq_old + sq_new - d2) / 2
+        with np.errstate(invalid="ignore", divide="ignore"):
+            fig.max_abs[rows] = np.where(n > 0, d_max, 0.0)
+            fig.mean_abs_diff[rows] = np.where(n > 0, d_abs / np.maximum(n, 1), 0.0)
+        unchanged = equal | ((d_max <= self.epsilon) & same_nonfinite)
+        for j, i in enumerate(rows.tolist()):
+            status[i] = RETYPED if retyped[j] else UNCHANGED if unchanged[j] else CHANGED
+        return self._released(sides, fig)
+
+    @staticmethod
+    def _released(sides, fig: Figures) -> Figures:
         for side in sides:
             if side.flat is not None:
                 side.release(side.flat.numel())
             side.flat = None
-        return diffs
+        return fig
 
-    def _run_hooks(self, pairs, diffs, hooks) -> list[TensorDiff]:
-        out = []
-        for p, d in zip(pairs, diffs):
+    def _run_hooks(self, pairs, fig: Figures, hooks) -> Figures:
+        for i, p in enumerate(pairs):
             wanted = [h for h in hooks if h.wants(p)]
             if not wanted:
-                out.append(d)
                 continue
             dtype = R.compute_dtype(*[h.dtype for h in (p.old, p.new) if h is not None])
             old = self._full(p.old, dtype)
             new = self._full(p.new, dtype)
-            extras = dict(d.extras)
+            extras = fig.extras.setdefault(i, {})
             for h in wanted:
                 extras[h.name] = h(p, old, new)
             del old, new
@@ -474,8 +500,7 @@ class Engine:
                 if handle is not None and handle.mapped:  # drop the pages the hooks touched again
                     side = _Side(handle)
                     side.release(side.view().numel())
-            out.append(TensorDiff(d.name, d.status, d.old, d.new, d.metrics, extras))
-        return out
+        return fig
 
     def _full(self, handle: TensorHandle | None, dtype: torch.dtype) -> torch.Tensor | None:
         if handle is None:
@@ -568,33 +593,6 @@ def _exact_sides(ms: dict, f32: np.ndarray) -> np.ndarray:
     return ~finite | (ms["count"] <= 0) | underflow
 
 
-def _pair_underflows(mp: dict, i: int, count: int, *dtypes: torch.dtype) -> bool:
-    if R.compute_dtype(*dtypes) != torch.float32:
-        return False
-    return mp["dmax"][i] > 0 and mp["dsq"][i] < _TINY_MEAN_SQUARE * count
-
-
-def _stats(h: TensorHandle, t: R.SideTotals) -> TensorStats:
-    return TensorStats(
-        shape=tuple(h.shape), dtype=h.storage_dtype, numel=h.numel, nbytes=h.nbytes,
-        mean=t.mean, std=t.std, min=t.min, max=t.max, mean_abs=t.mean_abs, rms=t.rms,
-        zero_count=t.zero_count, nan_count=t.nan_count, inf_count=t.inf_count,
-    )
-
-
-def _metrics(t: R.PairTotals, equal: bool = False) -> PairMetrics:
-    norm_old = math.sqrt(max(t.sumsq_old, 0.0))
-    norm_new = math.sqrt(max(t.sumsq_new, 0.0))
-    # ⟨A,B⟩ = (‖A‖² + ‖B‖² − ‖Δ‖²)/2: exact in float64 from accurate parts, and
-    # 1 − cos keeps its precision for nearly equal tensors.
-    dot = (t.sumsq_old + t.sumsq_new - t.dsq) / 2
-    return PairMetrics(
-        numel=t.count, equal=equal, l2=math.sqrt(max(t.dsq, 0.0)), norm_old=norm_old, norm_new=norm_new,
-        dot=dot, max_abs=t.dmax if t.count else 0.0,
-        mean_abs_diff=t.dsum_abs / t.count if t.count else 0.0, changed_count=t.changed,
-    )
-
-
 def _sides_bytes_equal(a: _Side, b: _Side) -> bool:
     """Bytes identical; straight from the file mappings when both sides have a span."""
     ha, hb = a.handle, b.handle
@@ -604,10 +602,10 @@ def _sides_bytes_equal(a: _Side, b: _Side) -> bool:
         base_a, begin_a, end_a = ha.span
         base_b, begin_b, end_b = hb.span
         return torch.equal(base_a[begin_a:end_a], base_b[begin_b:end_b])
-    return _bytes_equal(a.view(), b.view())
+    return bytes_equal(a.view(), b.view())
 
 
-def _bytes_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+def bytes_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
     try:

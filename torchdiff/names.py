@@ -153,7 +153,7 @@ def roles(specs: Mapping[str, tuple[str, int]]) -> dict[str, str]:
     """
     out = {name: role(name, dtype, ndim) for name, (dtype, ndim) in specs.items()}
     for name in out:
-        if out[name] != PARAMETER:
+        if out[name] != PARAMETER or not name.endswith(COMPANION_SUFFIXES):
             continue
         for suffix in COMPANION_SUFFIXES:
             if name.endswith(suffix):

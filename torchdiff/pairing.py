@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 
 from torchdiff.errors import UsageError
 from torchdiff.formats.base import Checkpoint, TensorHandle, stored_bytes
+from torchdiff.names import PARAMETER, roles
 
 
 @dataclass(frozen=True, slots=True)
@@ -14,6 +15,7 @@ class Pair:
     name: str
     old: TensorHandle | None
     new: TensorHandle | None
+    role: str = PARAMETER  # torchdiff.names.ROLES, decided with both checkpoints as context
 
     @property
     def kind(self) -> str:
@@ -53,19 +55,23 @@ def compile_filters(ignore_keys_regex: str | None, path: str | None):
 
 
 def pair(old: Checkpoint, new: Checkpoint, keep=None) -> list[Pair]:
-    """Pair tensors by name: old's order first, then names only new has.
+    """Pair tensors by name: old's order first, then names only new has. Each pair's role
+    comes from torchdiff.names.roles over both checkpoints (a side's own dtype first).
 
     A name one side holds and the other side knows only as tied (``Checkpoint.ties``:
     a duplicate the file dropped) pairs with the tensor it is tied to, marked
     ``tied_to``: tied, not added or removed.
     """
+    specs = {name: (h.storage_dtype, len(h.shape)) for name, h in new.tensors.items()}
+    specs.update((name, (h.storage_dtype, len(h.shape))) for name, h in old.tensors.items())
+    role_of = roles(specs)
     pairs: list[Pair] = []
     for name, handle in old.tensors.items():
         if keep is None or keep(name):
-            pairs.append(Pair(name, handle, new.tensors.get(name) or _tied(new, name)))
+            pairs.append(Pair(name, handle, new.tensors.get(name) or _tied(new, name), role_of[name]))
     for name, handle in new.tensors.items():
         if name not in old.tensors and (keep is None or keep(name)):
-            pairs.append(Pair(name, _tied(old, name), handle))
+            pairs.append(Pair(name, _tied(old, name), handle, role_of[name]))
     return pairs
 
 
@@ -129,7 +135,13 @@ def annotate(pairs: list[Pair], diffs: list) -> list:
             found[p.name] = extras
     if not found:
         return diffs
-    # the engine may return the diffs in another order than the pairs: match by name
+    names = getattr(diffs, "names", None)
+    if names is not None and isinstance(getattr(diffs, "extras", None), dict):  # the columnar Figures: in place
+        rows = {n: i for i, n in enumerate(names)}
+        for name, extra in found.items():
+            diffs.extras.setdefault(rows[name], {}).update(extra)
+        return diffs
+    # a list of TensorDiffs, maybe in another order than the pairs: match by name
     return [replace(d, extras={**d.extras, **found[d.name]}) if d.name in found else d for d in diffs]
 
 

@@ -1,6 +1,8 @@
 """Frozen result types: plain Python numbers and tuples, never tensors.
 
 Every figure here is defined in docs/METRICS.md (the "Metric definitions" of DESIGN.md).
+The figures of a whole comparison live in columns (torchdiff.figures); a TensorDiff is
+a view of one row. The Report family that renders itself is torchdiff.report.
 """
 
 from __future__ import annotations
@@ -8,16 +10,15 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
-# Status of a tensor in a comparison.
-UNCHANGED = "unchanged"
-CHANGED = "changed"
-ADDED = "added"
-REMOVED = "removed"
-RESHAPED = "reshaped"
-RETYPED = "retyped"
-STATUSES = (UNCHANGED, CHANGED, ADDED, REMOVED, RESHAPED, RETYPED)
+from torchdiff.status import ADDED, CHANGED, PRESENT, REMOVED, RESHAPED, RETYPED, STATUSES, UNCHANGED
+
+#: How non-finite floats are written in JSON/YAML (JSON has no NaN/Infinity literals).
+NAN, POS_INF, NEG_INF = "NaN", "Infinity", "-Infinity"
+
+__all__ = ["NAN", "NEG_INF", "POS_INF", "ADDED", "CHANGED", "PRESENT", "REMOVED", "RESHAPED", "RETYPED", "STATUSES", "UNCHANGED",
+           "AnalysisResult", "MetadataDiff", "PairMetrics", "Table", "TensorDiff", "TensorStats"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +141,7 @@ class TensorDiff:
     new: TensorStats | None
     metrics: PairMetrics | None
     extras: Mapping[str, Any] = field(default_factory=dict)
+    role: str = "parameter"  # torchdiff.names.ROLES
 
     @property
     def params(self) -> int:
@@ -148,7 +150,21 @@ class TensorDiff:
 
     @property
     def is_difference(self) -> bool:
-        return self.status != UNCHANGED
+        return self.status not in (UNCHANGED, PRESENT)
+
+    @property
+    def nonfinite_change(self) -> dict[str, tuple[int, int]]:
+        """``{"nan": (old, new), "inf": (old, new)}`` for the counts that differ between
+        the sides: the pair figures cover finite positions only, so a tensor that gained
+        NaN/Inf must say so beside them."""
+        if self.old is None or self.new is None:
+            return {}
+        out = {}
+        for key in ("nan", "inf"):
+            a, b = getattr(self.old, f"{key}_count"), getattr(self.new, f"{key}_count")
+            if a != b:
+                out[key] = (a, b)
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"type": f"tensor_{self.status}", "path": self.name}
@@ -158,6 +174,8 @@ class TensorDiff:
             d["new"] = self.new.to_dict()
         if self.metrics is not None:
             d.update(self.metrics.to_dict())
+        for key, (a, b) in self.nonfinite_change.items():
+            d[f"{key}_count_change"] = [a, b]
         return d
 
 
@@ -216,114 +234,6 @@ class AnalysisResult:
         if self.notes:
             d["notes"] = list(self.notes)
         return d
-
-
-@dataclass(frozen=True, slots=True)
-class Comparison:
-    """Everything the engine measured about two checkpoints."""
-
-    old_name: str
-    new_name: str
-    old_format: str
-    new_format: str
-    diffs: tuple[TensorDiff, ...]
-    metadata_diffs: tuple[MetadataDiff, ...]
-    old_metadata: Mapping[str, Any]
-    new_metadata: Mapping[str, Any]
-    device: str
-    epsilon: float
-    mode: str = "pair"  # "pair": old vs new; "inspect": one checkpoint, every tensor on the new side
-
-    def __iter__(self) -> Iterator[TensorDiff]:
-        return iter(self.diffs)
-
-    def by_status(self, *statuses: str) -> list[TensorDiff]:
-        return [d for d in self.diffs if d.status in statuses]
-
-    @property
-    def has_differences(self) -> bool:
-        return bool(self.metadata_diffs) or any(d.is_difference for d in self.diffs)
-
-    def counts(self) -> dict[str, int]:
-        counts = {s: 0 for s in STATUSES}
-        for d in self.diffs:
-            counts[d.status] += 1
-        return counts
-
-
-@dataclass(frozen=True, slots=True)
-class Report:
-    """A comparison plus the analyses that ran on it.
-
-    Iterates over the TensorDiffs; ``str(report)`` is the text form;
-    ``to_dict()`` is the single source of the JSON and YAML forms.
-    """
-
-    comparison: Comparison
-    analyses: tuple[AnalysisResult, ...] = ()
-    order: tuple[str, ...] | None = None  # tensor names in output order (sorting)
-    stats: bool = False
-
-    def __iter__(self) -> Iterator[TensorDiff]:
-        return iter(self.ordered_diffs())
-
-    def __len__(self) -> int:
-        return len(self.comparison.diffs)
-
-    def ordered_diffs(self) -> list[TensorDiff]:
-        if self.order is None:
-            return list(self.comparison.diffs)
-        by_name = {d.name: d for d in self.comparison.diffs}
-        return [by_name[n] for n in self.order]
-
-    def analysis(self, name: str) -> AnalysisResult | None:
-        for a in self.analyses:
-            if a.name == name:
-                return a
-        return None
-
-    @property
-    def has_differences(self) -> bool:
-        return self.comparison.has_differences
-
-    def to_dict(self) -> list[dict[str, Any]]:
-        from torchdiff.render import to_items
-
-        return to_items(self)
-
-    def to_json(self, indent: int | None = 2) -> str:
-        from torchdiff.render import render
-
-        return render(self, "json", indent=indent)
-
-    def to_yaml(self) -> str:
-        from torchdiff.render import render
-
-        return render(self, "yaml")
-
-    def scalars(self) -> dict[str, float]:
-        from torchdiff.render import scalars
-
-        return scalars(self)
-
-    def records(self, level: str = "tensor") -> list[dict[str, Any]]:
-        """Plain rows: one per tensor (``level="tensor"``) or per layer (``"layer"``)."""
-        from torchdiff.callbacks import layer_records, to_records
-
-        if level not in ("tensor", "layer"):
-            raise ValueError(f"level is 'tensor' or 'layer', got {level!r}")
-        return to_records(self) if level == "tensor" else layer_records(self)
-
-    def to_pandas(self, level: str = "tensor"):
-        """``records(level)`` as a pandas DataFrame (pandas imported here)."""
-        from torchdiff.callbacks import to_pandas
-
-        return to_pandas(self, level)
-
-    def __str__(self) -> str:
-        from torchdiff.render import render
-
-        return render(self, "text", color=False)
 
 
 def json_default(value: Any) -> Any:

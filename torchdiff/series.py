@@ -35,16 +35,19 @@ import torch
 
 from torchdiff.analyses import ANALYSES, analysis_names
 from torchdiff.analyses._training import (
-    AdamPlan, adam_sums, build_adam_plan, is_float_dtype, is_optimizer_tensor, layer_key, natural_key,
-    optimizer_prefixes, short_labels,
+    AdamPlan, adam_sums, build_adam_plan, layer_key, natural_key, short_labels,
 )
-from torchdiff.api import Options, build_report, make_options, open_checkpoint, without_gc
 from torchdiff.engine import Engine, resolve_device
 from torchdiff.errors import CorruptFileError, InputNotFoundError, UsageError
+from torchdiff.figures import Comparison, Figures
 from torchdiff.formats.base import Checkpoint, TensorHandle, check_unchanged
-from torchdiff.layers import compile_pattern
+from torchdiff.names import SCOPES, compile_pattern, is_float_storage, optimizer_param, roles
 from torchdiff.pairing import Pair, compile_filters, pair_metadata
-from torchdiff.results import AnalysisResult, Comparison, MetadataDiff, Report, TensorStats
+from torchdiff.pipeline import (
+    CORE_OPTIONS, Options, build_report, make_options, open_checkpoint, unknown_option, without_gc,
+)
+from torchdiff.report import SeriesReport
+from torchdiff.results import AnalysisResult, MetadataDiff, TensorStats
 
 #: Analyses a series runs when none is named.
 SERIES_DEFAULT = ("convergence_analysis", "similarity_matrix")
@@ -70,7 +73,7 @@ class SeriesData:
     Rows ``0..N-1`` of ``nsq``/``dist2`` are the checkpoints in series order; with a base
     that is not one of them, row N is the base. Figures cover the *series tensors*:
     floating-point tensors present with one shape in every checkpoint (and the base),
-    optimizer state excluded; per layer (torchdiff.layers.layer_of), summed over the
+    optimizer state excluded; per layer (torchdiff.names.layer_of), summed over the
     layer's tensors.
     """
 
@@ -93,6 +96,7 @@ class SeriesData:
     sign_any_conflict: np.ndarray | None = None  # (L,) #{some τ_i > 0 and some τ_j < 0}
     sign_multi: np.ndarray | None = None  # (L,) #{at least two τ_i ≠ 0}
     adam: tuple[dict | None, ...] = ()  # per checkpoint: {"plan": AdamPlan, "sums": {key: (n, Σv̂, Σm̂², Σd²)}}
+    step_states: tuple[dict, ...] = ()  # per step: {analysis: its per-run state}
     left_out: dict[str, list[str]] = field(default_factory=dict)
 
     @property
@@ -113,110 +117,22 @@ class SeriesData:
         return out
 
 
-# ---- the report ------------------------------------------------------------------------------
-
-@dataclass(frozen=True, slots=True)
-class SeriesReport:
-    """The result of ``compare_series``: per-step Reports plus the series analyses.
-
-    ``analyses`` holds the series analyses followed by every step's analyses (so a CI
-    gate tripped in any step is seen); ``analysis(name)`` finds a series analysis.
-    """
-
-    checkpoints: tuple[str, ...]
-    labels: tuple[str, ...]
-    steps: tuple[Report, ...]
-    series_analyses: tuple[AnalysisResult, ...]
-    order: str = "given"
-    base: str | None = None
-    notes: tuple[str, ...] = ()
-
-    @property
-    def analyses(self) -> tuple[AnalysisResult, ...]:
-        return self.series_analyses + tuple(a for step in self.steps for a in step.analyses)
-
-    @property
-    def has_differences(self) -> bool:
-        return any(step.has_differences for step in self.steps)
-
-    def analysis(self, name: str) -> AnalysisResult | None:
-        for a in self.series_analyses:
-            if a.name == name:
-                return a
-        return None
-
-    def __len__(self) -> int:
-        return len(self.checkpoints)
-
-    def to_dict(self) -> list[dict[str, Any]]:
-        from torchdiff.render import finite_json
-
-        items: list[dict[str, Any]] = [{
-            "type": "series", "path": "", "checkpoints": list(self.checkpoints), "order": self.order,
-            "base": self.base, "notes": list(self.notes),
-        }]
-        for t, step in enumerate(self.steps):
-            comp = step.comparison
-            items.append({
-                "type": "series_step", "path": f"{self.labels[t]} -> {self.labels[t + 1]}", "step": t,
-                "old": comp.old_name, "new": comp.new_name, "has_differences": step.has_differences,
-                "counts": comp.counts(), "metadata_changed": len(comp.metadata_diffs),
-            })
-            for a in step.analyses:
-                items.append({**a.to_dict(), "step": t})
-        for a in self.series_analyses:
-            items.append(a.to_dict())
-        return finite_json(items)
-
-    def render(self, fmt: str = "text", color: bool = False, indent: int | None = 2) -> str:
-        if fmt == "text":
-            return self._text()
-        if fmt == "json":
-            import json
-
-            return json.dumps(self.to_dict(), indent=indent, allow_nan=False, ensure_ascii=False)
-        if fmt == "yaml":
-            try:
-                import yaml
-            except ImportError:
-                raise UsageError("--output yaml needs PyYAML (pip install pyyaml)") from None
-            return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
-        from torchdiff.render import output_formats
-
-        raise UsageError(f"unknown --output {fmt!r} (choose from {', '.join(output_formats)})")
-
-    def _text(self) -> str:
-        from torchdiff.render.text import analysis_section, summary_line
-
-        head = f"series: {len(self.checkpoints)} checkpoints, order {self.order}"
-        if self.base is not None:
-            head += f", base {self.base}"
-        lines = [head]
-        for t, step in enumerate(self.steps):
-            lines.append(f"  {self.labels[t]} -> {self.labels[t + 1]}: {summary_line(step)}")
-        for note in self.notes:
-            lines.append(f"  note: {note}")
-        for t, step in enumerate(self.steps):
-            if step.analyses:
-                lines += ["", f"{self.labels[t]} -> {self.labels[t + 1]}"]
-                for a in step.analyses:
-                    lines += ["  " + line if line else line for line in analysis_section(a)]
-        for a in self.series_analyses:
-            lines.append("")
-            lines += analysis_section(a)
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self._text()
-
-
 # ---- entry point -----------------------------------------------------------------------------
 
 @without_gc
-def compare_series(checkpoints: Sequence[Any] | Mapping[str, Any], *, analyses: Sequence[str] = (),
-                   sort: str | None = None, base: Any = None, lr: float | None = None,
-                   device: str = "auto", progress: Callable[[int], None] | None = None,
-                   **kwargs: Any) -> SeriesReport:
+def compare_series(
+    checkpoints: Sequence[Any] | Mapping[str, Any], *, analyses: Sequence[str] = (),
+    sort: str | None = None, base: Any = None, lr: float | None = None, device: str = "auto",
+    stats: bool = False, quantization_analysis: bool = False, sort_by_change_magnitude: bool = False,
+    show_layer_impact: bool = False, architecture_comparison: bool = False, memory_analysis: bool = False,
+    anomaly_detection: bool = False, change_summary: bool = False, convergence_analysis: bool = False,
+    gradient_analysis: bool = False, similarity_matrix: bool = False,
+    epsilon: float = 0.0, ignore_keys_regex: str | None = None, path: str | None = None, format: str | None = None,
+    recursive: bool = False, unsafe_pickle: bool = False, scope: str = "params",
+    map: str = "auto", map_heads: str | None = None, sort_key: str | None = None, layer_pattern: str | None = None, quantization_top_k: int = 10,
+    fail_on_anomaly: str | None = None, plateau_threshold: float = 1e-3, plateau_steps: int = 2,
+    cross_layer: bool = False, progress: Callable[[int], None] | None = None, **unknown: Any,
+) -> SeriesReport:
     """Compare ordered checkpoints C1 C2 ... CN in one pass.
 
     Args:
@@ -231,8 +147,9 @@ def compare_series(checkpoints: Sequence[Any] | Mapping[str, Any], *, analyses: 
         lr: the learning rate, when the checkpoints do not record it (gradient analysis).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         progress: called with the number of elements measured after each batch.
-        **kwargs: the options of ``torchdiff.compare`` (epsilon, ignore_keys_regex, path,
-            format, analysis options).
+        The other keywords: as ``torchdiff.compare``; pair analyses (stats, layer impact,
+        anomalies, architecture...) run on each consecutive pair, and
+        ``quantization_analysis`` (it transforms a pair) is refused.
 
     Returns:
         A SeriesReport; ``print`` it for text, ``to_dict()`` for JSON.
@@ -244,7 +161,11 @@ def compare_series(checkpoints: Sequence[Any] | Mapping[str, Any], *, analyses: 
         >>> report.analysis("convergence_analysis").headline["status"]
         'converging'
     """
-    options = _series_options(analyses, sort, base, lr, device, kwargs)
+    if unknown:
+        raise UsageError(unknown_option(next(iter(unknown)), [*CORE_OPTIONS, *_known_options(), "sort", "base", "lr"]))
+    given = {k: v for k, v in locals().items()
+             if k not in ("checkpoints", "analyses", "sort", "base", "lr", "device", "progress", "unknown")}
+    options = _series_options(analyses, sort, base, lr, device, given)
     labels, sources = _sources(checkpoints)
     if len(sources) < 2:
         raise UsageError(f"a series takes two or more checkpoints (got {len(sources)})")
@@ -284,6 +205,11 @@ def _series_options(analyses, sort, base, lr, device, kwargs) -> Options:
     from torchdiff.analyses import FLAGS
 
     named = bool(analyses) or any(v for k, v in extra.items() if k in FLAGS or k in ANALYSES)
+    for name in list(analyses) + [k for k, v in extra.items() if v and k in FLAGS]:
+        module = ANALYSES.get(FLAGS.get(name, name))
+        if module is not None and getattr(module, "PAIR_ONLY", False):
+            raise UsageError(f"--{module.FLAG.replace('_', '-')} compares two checkpoints (torchdiff OLD NEW), "
+                             "not a series")
     if not named:  # none named: the series defaults (plus any an option switches on)
         analyses = [n for n in SERIES_DEFAULT if n in ANALYSES]
     options = make_options(analyses, **extra)
@@ -306,9 +232,9 @@ def _series_options(analyses, sort, base, lr, device, kwargs) -> Options:
 
 
 def _known_options() -> set[str]:
-    from torchdiff.analyses import options_defaults
+    from torchdiff.analyses import FLAGS, options_defaults
 
-    return set(options_defaults())
+    return set(options_defaults()) | set(FLAGS)
 
 
 def _sources(checkpoints) -> tuple[list[str], list[Any]]:
@@ -370,20 +296,20 @@ class _Pass:
                 if name not in seen and keep(name):
                     seen.add(name)
                     names.append(name)
-        prefixes = tuple(sorted({p for c in ckpts for p in optimizer_prefixes(c.tensors, c.metadata)},
-                                key=len, reverse=True))
-        # series tensors and their layers
+        specs = {n: (h.storage_dtype, len(h.shape)) for c in ckpts for n, h in c.tensors.items()}
+        self.roles = roles(specs)
+        # series tensors (in scope, names.SCOPES) and their layers
         left_out: dict[str, list[str]] = {"not in every checkpoint": [], "shape differs": [], "not floating point": []}
         series_names: list[str] = []
         for name in names:
-            if is_optimizer_tensor(name, prefixes):
+            if self.roles[name] not in SCOPES[options.scope]:
                 continue
             hs = [self.uniq[u].tensors.get(name) for u in self.rows]
             if any(h is None for h in hs):
                 left_out["not in every checkpoint"].append(name)
             elif len({tuple(h.shape) for h in hs}) > 1:
                 left_out["shape differs"].append(name)
-            elif not all(is_float_dtype(h.dtype) for h in hs):
+            elif not all(is_float_storage(h.storage_dtype) for h in hs):
                 left_out["not floating point"].append(name)
             else:
                 series_names.append(name)
@@ -421,17 +347,28 @@ class _Pass:
         if want_adam:
             for u in sorted(set(self.rows[: self.n])):
                 c = self.uniq[u]
-                specs = [(n_, tuple(h.shape), is_float_dtype(h.dtype)) for n_, h in c.tensors.items()]
-                plan = build_adam_plan(specs, c.metadata)
+                plan = build_adam_plan([(n_, tuple(h.shape), is_float_storage(h.storage_dtype))
+                                        for n_, h in c.tensors.items()], c.metadata)
                 if plan is not None:
                     self.plans[u] = plan
         self.adam_sums: dict[int, dict[str, tuple[float, ...]]] = {u: {} for u in self.plans}
-        # per-step engines and hooks (pair analyses only)
+        # per-step analyses: each step has its own state, prepared on its two checkpoints
         self.step_diffs: list[list] = [[] for _ in range(self.n - 1)]
-        pair_modules = [ANALYSES[a] for a in options.analyses
-                        if not hasattr(ANALYSES[a], "analyze_series") and not hasattr(ANALYSES[a], "prepare")]
-        self.step_hooks = [[h for mod in pair_modules for h in (getattr(mod, "hooks", lambda o: [])(options) or [])]
-                           for _ in range(self.n - 1)]
+        pair_names = [a for a in options.analyses if not hasattr(ANALYSES[a], "analyze_series")]
+        self.step_states = [{a: {} for a in pair_names} for _ in range(self.n - 1)]
+        self.step_hooks = []
+        for t, state in enumerate(self.step_states):
+            hooks = []
+            for a in pair_names:
+                module = ANALYSES[a]
+                prepare = getattr(module, "prepare", None)
+                if prepare is not None:
+                    old, new = prepare(ckpts[t], ckpts[t + 1], options, state[a])
+                    if old is not ckpts[t] or new is not ckpts[t + 1]:
+                        raise UsageError(f"--{module.FLAG.replace('_', '-')} transforms the checkpoints of a pair "
+                                         "before measuring them; compare two checkpoints for it (torchdiff OLD NEW)")
+                hooks += getattr(module, "hooks", None) and module.hooks(options, state[a]) or []
+            self.step_hooks.append(hooks)
         series_set = set(series_names)
         for batch in self._batches(names):
             self._batch(batch, series_set)
@@ -447,7 +384,7 @@ class _Pass:
             layer_params=layer_params, layer_tensors=layer_tensors, nsq=nsq, dist2=dist2,
             nonfinite=self.acc_bad.cpu().numpy(), steps=self._comparisons(ckpts, keep),
             device=str(dev), order=options.sort, base_row=self.base_row,
-            left_out={k: v for k, v in left_out.items() if v},
+            left_out={k: v for k, v in left_out.items() if v}, step_states=tuple(self.step_states),
         )
         if self.base_row is not None:
             data.base_label = self.uniq[self.rows[self.base_row]].name
@@ -469,11 +406,8 @@ class _Pass:
         units: list[list[str]] = []
         last_key = None
         for name in names:
-            parts = name.split(".")
-            key = None
-            for i in range(len(parts) - 2):
-                if parts[i] == "state" and parts[i + 1].isdigit():
-                    key = ".".join(parts[: i + 2])
+            opt = optimizer_param(name)
+            key = opt[0] if opt is not None else None
             if key is not None and key == last_key:
                 units[-1].append(name)
             else:
@@ -525,7 +459,7 @@ class _Pass:
                 a = in_memory(self.rows[t], name)
                 b = in_memory(self.rows[t + 1], name)
                 if a is not None or b is not None:
-                    pairs.append(Pair(name, a, b))
+                    pairs.append(Pair(name, a, b, self.roles.get(name, "parameter")))
                     done += sum(h.numel for h in (a, b) if h is not None)
             diffs = self.engine.run(pairs, hooks=self.step_hooks[t]) if pairs else []
             for d in diffs:
@@ -618,8 +552,9 @@ class _Pass:
             meta = tuple(MetadataDiff(k, s, a, b) for k, s, a, b in pair_metadata(old.metadata, new.metadata, keep))
             out.append(Comparison(
                 old_name=self.labels[t], new_name=self.labels[t + 1], old_format=old.format, new_format=new.format,
-                diffs=tuple(self.step_diffs[t]), metadata_diffs=meta, old_metadata=dict(old.metadata),
+                figures=Figures.from_diffs(self.step_diffs[t]), metadata_diffs=meta, old_metadata=dict(old.metadata),
                 new_metadata=dict(new.metadata), device=str(self.device), epsilon=self.options.epsilon,
+                scope=self.options.scope, layer_pattern=self.options.get("layer_pattern"),
             ))
         return tuple(out)
 
@@ -649,13 +584,12 @@ def _build(data: SeriesData, options: Options, base_name: str | None) -> SeriesR
             result = module.analyze_series(data, options)
             if result is not None:
                 series_results.append(result)
-        elif hasattr(module, "prepare"):
-            notes.append(f"{name} transforms a pair before measuring it; compare two checkpoints for it")
         else:
             pair_names.append(name)
     step_options = Options(options)
     step_options["analyses"] = tuple(pair_names)
-    steps = tuple(build_report(comp, step_options) for comp in data.steps)
+    steps = tuple(build_report(comp, step_options, dict(state))
+                  for comp, state in zip(data.steps, data.step_states))
     for reason, names in data.left_out.items():
         shown = ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
         notes.append(f"{len(names)} tensor(s) left out of the series figures ({reason}): {shown}")

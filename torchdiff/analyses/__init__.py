@@ -1,22 +1,9 @@
 """The analyses: one module each, one name everywhere.
 
-Each module in this package defines:
-
-- ``NAME``: the analysis name (JSON ``type``, key in ``ANALYSES``);
-- ``FLAG``: its CLI flag without dashes (``layer_impact`` is ``show_layer_impact``);
-- ``OPTIONS``: ``{option: (default, help)}`` of extra options it reads (may be empty);
-- ``analyze(comparison, options) -> AnalysisResult | None``: a pure function of the
-  Comparison (plus what its hooks stored in ``TensorDiff.extras[NAME]``);
-
-and optionally:
-
-- ``validate(options)``: raise UsageError before any I/O;
-- ``hooks(options) -> list[engine.Hook]``: per-tensor value access in the engine's pass;
-- ``prepare(old, new, options) -> (old, new)``: a transform of the two Checkpoints
-  before pairing (e.g. dequantization);
-- ``order(comparison, options) -> list[str]``: tensor names in output order.
-- ``ENABLED_BY``: option names that switch the analysis on when set (not None/False),
-  e.g. ``--fail-on-anomaly`` runs anomaly_detection.
+Each module in this package satisfies the ``Analysis`` protocol below. Per-run state
+(what ``prepare`` found, for its ``hooks`` and ``analyze``) lives in the ``state`` dict
+the orchestrator gives each analysis for one run, never in the options, which stay
+the resolved user options.
 
 An analysis appears here (and as a CLI flag) only once its module exists.
 """
@@ -25,6 +12,37 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import Any, Protocol
+
+
+class Analysis(Protocol):
+    """What every module in torchdiff.analyses defines.
+
+    Required:
+        NAME: the analysis name (JSON ``type``, key in ``ANALYSES``).
+        FLAG: its CLI flag without dashes (``layer_impact`` is ``show_layer_impact``).
+        OPTIONS: ``{option: (default, help)}`` of the extra options it reads (may be empty).
+        analyze(comparison, options, state) -> AnalysisResult | None: a pure function of
+            the Comparison (its Figures table, what its hooks stored in
+            ``TensorDiff.extras[NAME]``, and its own ``state``).
+
+    Optional (looked up with getattr):
+        validate(options): raise UsageError before any I/O (may normalise its own options).
+        prepare(old, new, options, state) -> (old, new): a transform of the two
+            Checkpoints before pairing (e.g. dequantization); records what it found in ``state``.
+        hooks(options, state) -> list[engine.Hook]: per-tensor value access in the engine's pass.
+        order(comparison, options) -> list[str]: tensor names in output order.
+        analyze_series(series, options) -> AnalysisResult: the series form.
+        ENABLED_BY: option names that switch the analysis on when set (not None/False),
+            e.g. ``--fail-on-anomaly`` runs anomaly_detection.
+        SERIES_ONLY: True when the analysis has no per-pair form.
+    """
+
+    NAME: str
+    FLAG: str
+    OPTIONS: dict[str, tuple[Any, str]]
+
+    def analyze(self, comparison: Any, options: Any, state: dict) -> Any: ...
 
 # Fixed text-output order of sections; (name, module).
 _REGISTRY: tuple[tuple[str, str], ...] = (
@@ -53,7 +71,7 @@ def _load() -> dict[str, ModuleType]:
     return found
 
 
-ANALYSES: dict[str, ModuleType] = _load()
+ANALYSES: dict[str, ModuleType] = _load()  # each module satisfies Analysis
 analysis_names: list[str] = list(ANALYSES)  # in text-output order
 FLAGS: dict[str, str] = {module.FLAG: name for name, module in ANALYSES.items()}  # flag -> name
 

@@ -15,50 +15,17 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from torchdiff.layers import layer_of
+from torchdiff.names import PARAMETER, in_scope, is_float_storage, layer_of, optimizer_prefixes, role
 
 # ---- optimizer state ----------------------------------------------------------------
-
-#: Per-parameter state fields of torch optimizers (Adam/AdamW, SGD, RMSprop, Adagrad, ...).
-OPTIMIZER_FIELDS = frozenset({
-    "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step", "momentum_buffer", "square_avg",
-    "acc_delta", "sum", "grad_avg", "mu_product", "eta", "ax", "prev", "step_size", "state_sum",
-})
-#: Module buffers that sit in a state_dict between parameters but have no optimizer state.
-BUFFER_NAMES = ("running_mean", "running_var", "num_batches_tracked", "masked_bias")
 
 _STATE_RE = re.compile(r"^(?P<opt>(?:.+\.)?)state\.(?P<idx>\d+)\.(?P<field>\w+)$")
 _GROUP_RE = re.compile(r"^(?P<opt>(?:.+\.)?)param_groups\.(?P<group>\d+)\.(?P<key>\w+)$")
 
 
-def optimizer_prefixes(names: Iterable[str], metadata: Mapping[str, Any]) -> tuple[str, ...]:
-    """Prefixes under which a checkpoint holds optimizer state (``"optimizer."``...).
-
-    A prefix P is found from metadata keys ``P.param_groups.G.*`` or from tensor names
-    ``P.state.K.FIELD`` whose FIELD is a known optimizer state field.
-    """
-    found: set[str] = set()
-    for key in metadata:
-        m = _GROUP_RE.match(str(key))
-        if m:
-            found.add(m["opt"])
-    for name in names:
-        m = _STATE_RE.match(name)
-        if m and m["field"] in OPTIMIZER_FIELDS:
-            found.add(m["opt"])
-    return tuple(sorted(found, key=len, reverse=True))
-
-
-def is_optimizer_tensor(name: str, prefixes: Sequence[str]) -> bool:
-    return any(name.startswith(p + "state.") or name.startswith(p + "param_groups.") for p in prefixes)
-
-
-def is_float_dtype(dtype: Any) -> bool:
-    """Floating (or complex) dtypes: torch dtypes, or the storage names reports use."""
-    if isinstance(dtype, torch.dtype):
-        return dtype.is_floating_point or dtype.is_complex
-    text = str(dtype)
-    return text.startswith(("float", "bfloat", "complex"))
+def is_model_tensor(name: str, dtype: str, ndim: int, scope: str = "params") -> bool:
+    """A float tensor in ``scope`` (names.SCOPES): what the training analyses measure."""
+    return is_float_storage(dtype) and in_scope(role(name, dtype, ndim), scope)
 
 
 def lr_from_metadata(metadata: Mapping[str, Any]) -> float | None:
@@ -158,7 +125,7 @@ def build_adam_plan(tensors: Sequence[tuple[str, tuple[int, ...], bool]],
     params: list[AdamParam] = []
     candidates = [
         (name, tuple(shape)) for name, shape, is_float in tensors
-        if is_float and not is_optimizer_tensor(name, prefixes) and name.rsplit(".", 1)[-1] not in BUFFER_NAMES
+        if is_float and role(name) == PARAMETER
     ]
     mapped_all = True
     for opt in prefixes:

@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
-from torchdiff.analyses._tensor_roles import is_float_dtype, is_optimizer_state, kind, role
+from torchdiff.names import is_float_storage, is_optimizer_state, kind, pattern
 from torchdiff.errors import UsageError
-from torchdiff.results import CHANGED, RETYPED, UNCHANGED, AnalysisResult, Comparison, Table, TensorStats
+from torchdiff.figures import Comparison
+from torchdiff.results import CHANGED, RETYPED, UNCHANGED, AnalysisResult, Table, TensorStats
 
 NAME = "anomaly_detection"
 FLAG = "anomaly_detection"
@@ -88,7 +89,11 @@ def _side_figures(t: torch.Tensor | None, handle) -> dict[str, Any] | None:
         figures += list(torch.aminmax(t))  # NaN propagates: then count
     rows = t.shape[0] if t.ndim >= 2 else 0
     if rows:
-        norms = torch.linalg.vector_norm(t.reshape(rows, -1), dim=1)
+        # Row norms of W / max|W| (then scaled back): squares of weights near 1e-30 underflow
+        # in float32, which made every row of a tiny-but-healthy weight look dead.
+        finite_abs = torch.where(torch.isfinite(t), t.abs(), 0)
+        scale = finite_abs.amax().clamp(min=torch.finfo(finite_abs.dtype).tiny)
+        norms = torch.linalg.vector_norm(t.reshape(rows, -1) / scale, dim=1) * scale
         finite = torch.isfinite(norms)
         typical = torch.sqrt((torch.where(finite, norms, 0) ** 2).sum() / finite.sum().clamp(min=1))
         dead = (finite & (norms <= DEAD_REL * typical)).sum()
@@ -107,7 +112,7 @@ def _side_figures(t: torch.Tensor | None, handle) -> dict[str, Any] | None:
     return out
 
 
-def hooks(options) -> list:
+def hooks(options, state: dict) -> list:
     return [_ValueHook()]
 
 
@@ -128,7 +133,7 @@ def _sides(d):
 
 
 def _eligible_weight(name: str, s: TensorStats) -> bool:
-    return is_float_dtype(s.dtype) and s.numel >= 2 and kind(name, len(s.shape)) not in ("optimizer", "buffer")
+    return is_float_storage(s.dtype) and s.numel >= 2 and kind(name, len(s.shape)) not in ("optimizer", "buffer")
 
 
 def _value_findings(comp: Comparison) -> list[dict[str, Any]]:
@@ -142,7 +147,7 @@ def _value_findings(comp: Comparison) -> list[dict[str, Any]]:
                 found.append(_finding(
                     "nan_inf", d.name, side, "critical", "nonfinite_count", nonfinite, 0,
                     f"nan={s.nan_count}, inf={s.inf_count} of {s.numel} values; any non-finite value is critical"))
-            if not is_float_dtype(s.dtype) or s.numel < 2:
+            if not is_float_storage(s.dtype) or s.numel < 2:
                 continue
             k = kind(d.name, len(s.shape))
             if k == "optimizer":
@@ -202,10 +207,10 @@ def _scale_findings(comp: Comparison) -> list[dict[str, Any]]:
         by_role: dict[str, list] = defaultdict(list)
         by_kind: dict[tuple, list] = defaultdict(list)
         for e in entries:
-            by_role[role(e[0])].append(e)
+            by_role[pattern(e[0])].append(e)
             by_kind[(kind(e[0], len(e[1].shape)), len(e[1].shape))].append(e)
         for name, s, log_rms in entries:
-            group, label = by_role[role(name)], f"role {role(name)!r}"
+            group, label = by_role[pattern(name)], f"role {pattern(name)!r}"
             if len(group) < MIN_GROUP:
                 k = (kind(name, len(s.shape)), len(s.shape))
                 group, label = by_kind[k], f"all {k[1]}-D {k[0]} tensors"
@@ -295,7 +300,7 @@ def _merge_sides(findings: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(merged.values())
 
 
-def analyze(comparison: Comparison, options) -> AnalysisResult:
+def analyze(comparison: Comparison, options, state: dict) -> AnalysisResult:
     findings = _merge_sides(_value_findings(comparison) + _scale_findings(comparison) + _frozen_findings(comparison))
     findings.sort(key=lambda f: (-_RANK[f["severity"]], TYPES.index(f["type"]), f["tensor"]))
     headline: dict[str, Any]

@@ -19,12 +19,13 @@ from typing import Any
 
 import torch
 
-from torchdiff.analyses._tensor_roles import (
-    is_attention, is_float_dtype, is_optimizer_state, is_position_embedding, is_recurrent, kind, parts,
+from torchdiff.figures import Comparison
+from torchdiff.names import (
+    block_index, is_attention, is_float_storage, is_optimizer_state, is_position_embedding, is_recurrent, kind,
+    layer_of, parts,
 )
-from torchdiff.layers import block_index, layer_of
 from torchdiff.pairing import tied
-from torchdiff.results import ADDED, REMOVED, RESHAPED, AnalysisResult, Comparison, Table
+from torchdiff.results import ADDED, REMOVED, RESHAPED, AnalysisResult, Table
 
 NAME = "architecture_comparison"
 FLAG = "architecture_comparison"
@@ -34,13 +35,13 @@ PRESENT_SHARE = 0.05     # a family's evidence counts when its tensors hold ≥ 
 CONV_MAX_KERNEL = 32     # a 3-5-D weight is a convolution kernel when every spatial dim is ≤ 32
 TABLE_ROWS = 20          # rows of the renamed table in text (JSON lists them all)
 HEAD_KEYS = ("num_attention_heads", "n_head", "n_heads", "num_heads", "nhead", "num_attention_head")
-_CANDIDATES = "_architecture_comparison_candidates"  # per-call key in options, set by prepare()
+_CANDIDATES = "candidates"  # per-run state key, set by prepare()
 
 
 # ---- renames: candidates from the headers, hashes in the engine's pass ------------------
 
 
-def prepare(old, new, options):
+def prepare(old, new, options, state: dict):
     """Record the names worth hashing: only-old and only-new tensors whose (shape, dtype)
     also occurs among the other side's unmatched names. Checkpoints pass unchanged."""
     only_old = {n: h for n, h in old.tensors.items() if n not in new.tensors}
@@ -48,7 +49,7 @@ def prepare(old, new, options):
     sig_old = {(tuple(h.shape), h.storage_dtype) for h in only_old.values()}
     sig_new = {(tuple(h.shape), h.storage_dtype) for h in only_new.values()}
     both = sig_old & sig_new
-    options[_CANDIDATES] = frozenset(
+    state[_CANDIDATES] = frozenset(
         [n for n, h in only_old.items() if (tuple(h.shape), h.storage_dtype) in both]
         + [n for n, h in only_new.items() if (tuple(h.shape), h.storage_dtype) in both]
     )
@@ -75,8 +76,8 @@ def content_hash(t: torch.Tensor) -> str:
     return hashlib.blake2b(memoryview(raw), digest_size=16).hexdigest()
 
 
-def hooks(options) -> list:
-    candidates = options.get(_CANDIDATES) or frozenset()
+def hooks(options, state: dict) -> list:
+    candidates = state.get(_CANDIDATES) or frozenset()
     return [_HashHook(candidates)] if candidates else []
 
 
@@ -185,7 +186,7 @@ def _family(tensors, params: int) -> dict[str, Any]:
 
     matrices = 0
     for name, s in tensors:
-        if not is_float_dtype(s.dtype):
+        if not is_float_storage(s.dtype):
             continue
         nd = len(s.shape)
         if is_recurrent(name):
@@ -299,7 +300,7 @@ def _arrow(a: Any, b: Any) -> str:
     return f"{a}->{b}"
 
 
-def analyze(comparison: Comparison, options) -> AnalysisResult:
+def analyze(comparison: Comparison, options, state: dict) -> AnalysisResult:
     inspect = comparison.mode == "inspect"
     new_info = describe(_model_tensors(comparison, "new"), dict(comparison.new_metadata))
     optimizer_new = sum(1 for d in comparison.diffs if d.new is not None and is_optimizer_state(d.name))

@@ -16,13 +16,12 @@ import math
 from collections import defaultdict
 from typing import Any
 
+import numpy as np
 import torch
 
-from torchdiff.analyses._tensor_roles import is_float_dtype, is_optimizer_state, kind
-from torchdiff.layers import block_index, layer_of
-from torchdiff.results import (
-    ADDED, CHANGED, REMOVED, RETYPED, STATUSES, UNCHANGED, AnalysisResult, Comparison, Table,
-)
+from torchdiff.names import SCOPES, block_index, kind, layer_of
+from torchdiff.figures import Comparison, group, summary_mask
+from torchdiff.results import ADDED, CHANGED, REMOVED, RETYPED, STATUSES, UNCHANGED, AnalysisResult, Table
 
 NAME = "change_summary"
 FLAG = "change_summary"
@@ -49,8 +48,11 @@ PATTERNS = ("only_biases_norms", "embeddings_frozen", "last_k_blocks", "low_rank
 class _RankHook:
     name = NAME
 
+    def __init__(self, scope: str = "params"):
+        self.roles = SCOPES[scope]
+
     def wants(self, pair) -> bool:
-        if pair.kind != "common" or len(pair.old.shape) != 2 or is_optimizer_state(pair.name):
+        if pair.kind != "common" or len(pair.old.shape) != 2 or pair.role not in self.roles:
             return False
         if not (pair.old.dtype.is_floating_point and pair.new.dtype.is_floating_point):
             return False
@@ -77,11 +79,15 @@ def delta_rank(delta: torch.Tensor) -> dict[str, Any] | None:
 
     None when Δ = 0.
     """
-    norm = float(torch.linalg.vector_norm(delta))  # non-finite when Δ holds NaN/Inf
-    if not math.isfinite(norm):
+    peak = float(delta.abs().amax()) if delta.numel() else 0.0  # non-finite when Δ holds NaN/Inf
+    if not math.isfinite(peak):
         return {"rank99": None, "method": "skipped: non-finite values"}
-    if norm == 0:
+    if peak == 0:
         return None
+    # The rank does not depend on Δ's scale: measure Δ / max|Δ|, so that an update of
+    # magnitude 1e-25 (squares 1e-50: zero in float32) is not taken for no update.
+    delta = delta / peak
+    norm = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
     a = delta if delta.shape[0] <= delta.shape[1] else delta.T
     k = a.shape[0]
     if k <= EXACT_MAX_DIM:
@@ -113,25 +119,11 @@ def delta_rank(delta: torch.Tensor) -> dict[str, Any] | None:
     return {"rank99": rank, "min_dim": k, "method": method, "width": width, "captured": min(captured, 1.0)}
 
 
-def hooks(options) -> list:
-    return [_RankHook()]
+def hooks(options, state: dict) -> list:
+    return [_RankHook(options.get("scope", "params"))]
 
 
 # ---- the summary -------------------------------------------------------------------------
-
-
-def _global(diffs) -> dict[str, float]:
-    dsq = sum(d.metrics.l2 ** 2 for d in diffs)
-    old_sq = sum(d.metrics.norm_old ** 2 for d in diffs)
-    new_sq = sum(d.metrics.norm_new ** 2 for d in diffs)
-    dot = sum(d.metrics.dot for d in diffs)
-    rel = math.sqrt(dsq / old_sq) if old_sq > 0 else (math.inf if dsq > 0 else 0.0)
-    denom = math.sqrt(old_sq * new_sq)
-    cos = max(-1.0, min(1.0, dot / denom)) if denom > 0 else (1.0 if old_sq == new_sq else math.nan)
-    changed_el = sum(d.metrics.changed_count for d in diffs)
-    numel = sum(d.metrics.numel for d in diffs)
-    return {"l2": math.sqrt(dsq), "rel_l2": rel, "cosine": cos,
-            "changed_element_fraction": changed_el / numel if numel else 0.0}
 
 
 def _patterns(model, paired) -> list[dict[str, Any]]:
@@ -196,40 +188,33 @@ def _patterns(model, paired) -> list[dict[str, Any]]:
     return found
 
 
-def analyze(comparison: Comparison, options) -> AnalysisResult:
+def analyze(comparison: Comparison, options, state: dict) -> AnalysisResult:
     if comparison.mode == "inspect":
         return AnalysisResult(NAME, {}, {}, (), ("a change summary needs two checkpoints (torchdiff OLD NEW)",))
-    model = [d for d in comparison.diffs if not is_optimizer_state(d.name)]
-    optimizer = [d for d in comparison.diffs if is_optimizer_state(d.name)]
-    paired = [d for d in model if d.metrics is not None and all(  # int8 codes dequantized by compare count as floats
-        is_float_dtype(getattr(d, s).dtype) or s in d.extras.get("dequantized", ()) for s in ("old", "new"))]
+    fig = comparison.figures
+    in_scope = fig.in_scope(comparison.scope)
+    summarised = summary_mask(fig, comparison.scope)
+    model = [fig[i] for i in np.flatnonzero(in_scope)]
+    others = [fig[i] for i in np.flatnonzero(~in_scope)]
+    paired = [fig[i] for i in np.flatnonzero(summarised)]
     tensor_counts = {s: 0 for s in STATUSES}
     param_counts = {s: 0 for s in STATUSES}
     for d in model:
         tensor_counts[d.status] += 1
         param_counts[d.status] += d.params
-    old_bytes = sum(d.old.nbytes for d in model if d.old is not None)
-    new_bytes = sum(d.new.nbytes for d in model if d.new is not None)
-    g = _global(paired)
+    old_bytes = int(fig.old.nbytes[in_scope].sum())
+    new_bytes = int(fig.new.nbytes[in_scope].sum())
+    total = group(fig, "all", summarised).get("all") if summarised.any() else None
+    numel = int(fig.count[summarised].sum())
+    g = {"l2": total.l2 if total else 0.0, "rel_l2": total.rel_l2 if total else 0.0,
+         "cosine": total.cosine if total else 1.0,
+         "changed_element_fraction": int(fig.changed_count[summarised].sum()) / numel if numel else 0.0}
     total_params = sum(d.params for d in paired)
     moved_params = sum(d.params for d in paired if d.status in (CHANGED, RETYPED))
 
-    paired_names = {d.name for d in paired}
-    layers: dict[str, dict[str, float]] = defaultdict(lambda: {"dsq": 0.0, "old_sq": 0.0, "params": 0, "changed": 0})
-    for d in model:
-        e = layers[layer_of(d.name)]
-        e["params"] += d.params
-        if d.status != UNCHANGED:
-            e["changed"] += 1
-        if d.name in paired_names:
-            e["dsq"] += d.metrics.l2 ** 2
-            e["old_sq"] += d.metrics.norm_old ** 2
-    total_dsq = sum(e["dsq"] for e in layers.values())
-    layer_rows = []
-    for name, e in layers.items():
-        rel = math.sqrt(e["dsq"] / e["old_sq"]) if e["old_sq"] > 0 else (math.inf if e["dsq"] > 0 else 0.0)
-        layer_rows.append({"layer": name, "rel_l2": rel, "energy_share": e["dsq"] / total_dsq if total_dsq else 0.0,
-                           "changed_tensors": e["changed"], "params": e["params"]})
+    layer_figures = group(fig, comparison.layer, in_scope, sum_mask=summarised)
+    layer_rows = [{"layer": name, "rel_l2": f.rel_l2, "energy_share": f.share, "changed_tensors": f.changed,
+                   "params": f.params} for name, f in layer_figures.items()]
     layers_changed = sum(1 for r in layer_rows if r["changed_tensors"])
     top_layers = sorted((r for r in layer_rows if r["changed_tensors"]),
                         key=lambda r: (-r["energy_share"], r["layer"]))[:TOP]
@@ -246,13 +231,17 @@ def analyze(comparison: Comparison, options) -> AnalysisResult:
         "changed_param_fraction": moved_params / total_params if total_params else 0.0,
         "changed_element_fraction": g["changed_element_fraction"],
         "layers": len(layer_rows),
+        "scope": comparison.scope,
         "pattern_evidence": patterns,
         "thresholds": {"energy": ENERGY, "low_rank_fraction": LOW_RANK_FRACTION, "low_rank_min_dim": LOW_RANK_MIN_DIM,
                        "exact_max_dim": EXACT_MAX_DIM, "sketch": SKETCH, "uniform_changed": UNIFORM_CHANGED,
                        "uniform_cv": UNIFORM_CV, "frozen_embed_layers": FROZEN_EMBED_LAYERS},
     }
-    if optimizer:
-        data["optimizer_tensor_counts"] = {s: sum(1 for d in optimizer if d.status == s) for s in STATUSES}
+    by_role: dict[str, list] = defaultdict(list)
+    for d in others:
+        by_role[d.role].append(d)
+    if by_role:  # buffers, counters, optimizer state: their own groups, counted, not summarised
+        data["other_roles"] = {r: {s: sum(1 for d in ds if d.status == s) for s in STATUSES} for r, ds in by_role.items()}
     counts_rows = tuple((s, tensor_counts[s], param_counts[s]) for s in STATUSES if tensor_counts[s])
     tables = (
         Table("Counts", ("status", "tensors", "params"), counts_rows),
@@ -268,9 +257,8 @@ def analyze(comparison: Comparison, options) -> AnalysisResult:
              f"of {total_params} ({_fmt(data['changed_param_fraction'])}); changed elements: "
              f"{_fmt(g['changed_element_fraction'])}; bytes {old_bytes}->{new_bytes}"]
     notes += [f"{p['pattern']}: {p['evidence']}" for p in patterns]
-    if optimizer:
-        c = data["optimizer_tensor_counts"]
-        notes.append(f"optimizer state not summarised: {len(optimizer)} tensors "
+    for r, c in data.get("other_roles", {}).items():
+        notes.append(f"{r.replace('_', ' ')} not summarised (--scope {comparison.scope}): {sum(c.values())} tensors "
                      f"({c[CHANGED]} changed, {c[ADDED]} added, {c[REMOVED]} removed)")
     skipped = [d.name for d in moved if str((d.extras.get(NAME) or {}).get("method", "")).startswith("skipped")]
     if skipped:

@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 
 from torchdiff.analyses._training import (
-    fit_line, is_float_dtype, is_optimizer_tensor, layer_key, optimizer_prefixes, safe_div,
+    fit_line, layer_key, safe_div,
 )
+from torchdiff.names import is_float_storage
 from torchdiff.errors import UsageError
 from torchdiff.results import AnalysisResult, Table
 
@@ -156,20 +157,17 @@ def _f(x: Any) -> float:
 
 # ---- pair -------------------------------------------------------------------------------
 
-def analyze(comparison, options) -> AnalysisResult | None:
+def analyze(comparison, options, state: dict) -> AnalysisResult | None:
     """Pair mode: r = ‖Δθ‖/‖θ_old‖ globally and per layer (parameters only)."""
     if comparison.mode != "pair":
         return None
-    prefixes = tuple(sorted(set(optimizer_prefixes([d.name for d in comparison.diffs], comparison.old_metadata))
-                            | set(optimizer_prefixes([d.name for d in comparison.diffs], comparison.new_metadata)),
-                            key=len, reverse=True))
     layers: dict[str, list[float]] = {}
     nonfinite = 0
     for d in comparison.diffs:
         m = d.metrics
-        if m is None or is_optimizer_tensor(d.name, prefixes):
+        if m is None or not comparison.in_scope(d):
             continue
-        if not (is_float_dtype(d.old.dtype) and is_float_dtype(d.new.dtype)):
+        if not (is_float_storage(d.old.dtype) and is_float_storage(d.new.dtype)):
             continue
         nonfinite += d.new.nan_count + d.new.inf_count
         acc = layers.setdefault(layer_key(d.name, options), [0, 0.0, 0.0, 0.0])

@@ -26,9 +26,10 @@ import math
 from typing import Any
 
 from torchdiff.analyses._training import (
-    BUFFER_NAMES, AdamPlan, adam_sums, build_adam_plan, is_float_dtype, is_optimizer_tensor, layer_key, lr_from_metadata,
-    median_or_nan, optimizer_prefixes, safe_div, step_from_metadata,
+    AdamPlan, adam_sums, build_adam_plan, layer_key, lr_from_metadata, median_or_nan, safe_div,
+    step_from_metadata,
 )
+from torchdiff.names import PARAMETER, is_float_storage
 from torchdiff.errors import UsageError
 from torchdiff.results import AnalysisResult, Table
 
@@ -42,7 +43,7 @@ ENABLED_BY = ("lr",)
 FLOW_VANISHING = 0.01
 FLOW_EXPLODING = 100.0
 ADAM, SGD, UPDATES = "adam_state", "sgd_implied", "update_statistics"
-_STASH = f"_{NAME}_plans"
+_STASH = "plans"  # per-run state key, set by prepare()
 
 
 def validate(options) -> None:
@@ -63,13 +64,13 @@ def flow_rule() -> str:
 # ---- pair: Adam moments through an engine hook -----------------------------------------
 
 def _plan_of(ckpt) -> AdamPlan | None:
-    specs = [(name, tuple(h.shape), is_float_dtype(h.dtype)) for name, h in ckpt.tensors.items()]
+    specs = [(name, tuple(h.shape), is_float_storage(h.storage_dtype)) for name, h in ckpt.tensors.items()]
     return build_adam_plan(specs, ckpt.metadata)
 
 
-def prepare(old, new, options):
+def prepare(old, new, options, state: dict):
     """Finds the Adam state of both sides (headers only) for the hook; changes nothing."""
-    options[_STASH] = {"old": _plan_of(old), "new": _plan_of(new)}
+    state[_STASH] = {"old": _plan_of(old), "new": _plan_of(new)}
     return old, new
 
 
@@ -111,8 +112,8 @@ class _AdamHook:
         return out or None
 
 
-def hooks(options):
-    plans = options.get(_STASH) or {}
+def hooks(options, state: dict):
+    plans = state.get(_STASH) or {}
     if not any(plans.values()):
         return []
     return [_AdamHook(plans)]
@@ -267,11 +268,11 @@ def _update_result(layers: dict[str, dict[str, float]], scale: float | None, lr:
 # ---- pair -----------------------------------------------------------------------------
 
 def _specs(comparison, side: str):
-    return [(d.name, tuple(getattr(d, side).shape), is_float_dtype(getattr(d, side).dtype))
+    return [(d.name, tuple(getattr(d, side).shape), is_float_storage(getattr(d, side).dtype))
             for d in comparison.diffs if getattr(d, side) is not None]
 
 
-def analyze(comparison, options) -> AnalysisResult | None:
+def analyze(comparison, options, state: dict) -> AnalysisResult | None:
     sums: dict[str, dict[str, tuple]] = {"old": {}, "new": {}}
     for d in comparison.diffs:
         e = d.extras.get(NAME)
@@ -309,16 +310,14 @@ def analyze(comparison, options) -> AnalysisResult | None:
         return AnalysisResult(NAME, {"source": "none"},
                               notes=("no optimizer state in the checkpoint: gradients need Adam state, "
                                      "or two checkpoints and a learning rate",))
-    prefixes = tuple(set(optimizer_prefixes([d.name for d in comparison.diffs], comparison.old_metadata))
-                     | set(optimizer_prefixes([d.name for d in comparison.diffs], comparison.new_metadata)))
     u2: dict[str, float] = {}
     w2: dict[str, float] = {}
     params: dict[str, float] = {}
     for d in comparison.diffs:
         m = d.metrics
-        if m is None or is_optimizer_tensor(d.name, prefixes) or d.name.rsplit(".", 1)[-1] in BUFFER_NAMES:
-            continue  # optimizer state and module buffers are not parameters that a gradient moves
-        if not (is_float_dtype(d.old.dtype) and is_float_dtype(d.new.dtype)):
+        if m is None or d.role != PARAMETER:
+            continue  # optimizer state, buffers and counters are not parameters that a gradient moves
+        if not (is_float_storage(d.old.dtype) and is_float_storage(d.new.dtype)):
             continue
         layer = layer_key(d.name, options)
         u2[layer] = u2.get(layer, 0.0) + m.l2 ** 2

@@ -1,6 +1,6 @@
 """--show-layer-impact: which layers moved most, with their share of the update and rotation.
 
-Tensors are grouped into layers by torchdiff.layers.layer_of (numbered blocks such as
+Tensors are grouped into layers by torchdiff.names.layer_of (numbered blocks such as
 ``h.3``, ``layers.12``, ``encoder.layer.5``, ``blk.7``, else the module prefix;
 ``--layer-pattern REGEX`` overrides). For a layer g, over its tensors k of equal shape
 on both sides (docs/analyses/layer_impact.md):
@@ -12,6 +12,11 @@ on both sides (docs/analyses/layer_impact.md):
   (‖Δ_g‖² − (‖A_g‖ − ‖B_g‖)²) / (2‖A_g‖‖B_g‖), the same value without cancellation;
 - rank: by ‖Δ_g‖, largest first, ties by layer name; params count every tensor of the layer.
 
+The layers hold the tensors in ``--scope`` (trainable parameters by default: buffers,
+counters and optimizer state are left out, so Adam's step counters cannot top the
+table); the sums cover float pairs of equal shape. The figures come from
+torchdiff.figures.GroupSums, the one aggregation.
+
 Rows are in natural layer order (``layers.2`` before ``layers.10``); the bar draws the
 share, 20 characters = 100 %. JSON and YAML carry the same rows under ``layers``.
 """
@@ -22,7 +27,8 @@ import math
 import re
 from typing import Any
 
-from torchdiff.layers import compile_pattern, layer_of
+from torchdiff.figures import group
+from torchdiff.names import compile_pattern
 from torchdiff.results import AnalysisResult, Table
 
 NAME = "layer_impact"
@@ -52,57 +58,38 @@ def natural_key(name: str) -> tuple:
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name) if p)
 
 
-def rotation(dsq: float, asq: float, bsq: float) -> float:
-    """1 − cos(A, B) from ‖Δ‖², ‖A‖², ‖B‖² (NaN when a side is all zero)."""
-    a, b = math.sqrt(asq), math.sqrt(bsq)
-    if a == 0 or b == 0:
-        return 0.0 if a == b else math.nan
-    return min(2.0, max(0.0, (dsq - (a - b) ** 2) / (2 * a * b)))
-
-
-def analyze(comparison, options) -> AnalysisResult | None:
+def analyze(comparison, options, state: dict) -> AnalysisResult | None:
     if comparison.mode == "inspect":
         return None  # one checkpoint: nothing moved
-    pattern = compile_pattern(options.get("layer_pattern"))
-    groups: dict[str, dict[str, float]] = {}
-    for d in comparison.diffs:
-        g = groups.setdefault(layer_of(d.name, pattern),
-                              {"tensors": 0, "params": 0, "dsq": 0.0, "asq": 0.0, "bsq": 0.0, "unmeasured": 0})
-        g["tensors"] += 1
-        g["params"] += d.params
-        m = d.metrics
-        if m is None:
-            g["unmeasured"] += 1
-            continue
-        g["dsq"] += m.l2**2
-        g["asq"] += m.norm_old**2
-        g["bsq"] += m.norm_new**2
-    total = sum(g["dsq"] for g in groups.values())
-    ranked = sorted(groups, key=lambda n: (-groups[n]["dsq"], natural_key(n)))
+    fig = comparison.figures
+    in_scope = fig.in_scope(comparison.scope)
+    groups = group(fig, comparison.layer, in_scope, sum_mask=fig.float_pairs())
+    total = sum(g.dsq for g in groups.values())
+    ranked = sorted(groups, key=lambda n: (-groups[n].dsq, natural_key(n)))
     rank = {name: i + 1 for i, name in enumerate(ranked)}
     headers = ("layer", "tensors", "params", "l2", "rel_l2", "share", "rotation", "rank", "bar")
     rows = []
     for name in sorted(groups, key=natural_key):
         g = groups[name]
-        l2 = math.sqrt(g["dsq"])
-        norm_old = math.sqrt(g["asq"])
-        rel = l2 / norm_old if norm_old > 0 else (math.inf if l2 > 0 else 0.0)
-        share = g["dsq"] / total if total > 0 else 0.0
-        rows.append((name, int(g["tensors"]), int(g["params"]), l2, rel, share,
-                     rotation(g["dsq"], g["asq"], g["bsq"]), rank[name], bar(share)))
+        rows.append((name, g.tensors, g.params, g.l2, g.rel_l2, g.share, g.rotation, rank[name], bar(g.share)))
     top = ranked[0] if ranked else None
     headline = {
         "top_layer": top if top is not None and total > 0 else "none",
-        "top_share": groups[top]["dsq"] / total if top is not None and total > 0 else 0.0,
+        "top_share": groups[top].share if top is not None and total > 0 else 0.0,
         "l2": math.sqrt(total),
     }
     notes = []
-    unmeasured = [(n, int(groups[n]["unmeasured"])) for n in sorted(groups, key=natural_key) if groups[n]["unmeasured"]]
+    unmeasured = [(n, groups[n].tensors - groups[n].measured) for n in sorted(groups, key=natural_key)
+                  if groups[n].tensors > groups[n].measured]
     if unmeasured:
         listed = ", ".join(f"{n} ({k})" for n, k in unmeasured)
         notes.append(f"added, removed or reshaped tensors count in params, not in the figures: {listed}")
+    left = len(fig) - int(in_scope.sum())
+    if left:
+        notes.append(f"scope {comparison.scope}: {left} tensor(s) of other roles (buffers, counters, optimizer "
+                     "state) not in the figures; --scope all includes them")
     if total == 0:
         notes.append("no tensor changed: every share is 0")
     notes.append(f"share = ‖Δ_layer‖² / Σ‖Δ‖²; rotation = 1 − cos(old, new); bar: share, {BAR_WIDTH} characters = 100 %")
-    data = {"ranking": ranked, "layer_pattern": options.get("layer_pattern")}
+    data = {"ranking": ranked, "layer_pattern": options.get("layer_pattern"), "scope": comparison.scope}
     return AnalysisResult(NAME, headline, data, tables=(Table("Layers", headers, tuple(rows)),), notes=tuple(notes))

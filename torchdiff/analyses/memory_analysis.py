@@ -16,10 +16,10 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from typing import Any
 
-from torchdiff.analyses._tensor_roles import is_float_dtype, is_optimizer_state, kind, mb, parts
-from torchdiff.layers import layer_of
+from torchdiff.names import is_float_storage, is_optimizer_state, kind, layer_of, parts
+from torchdiff.figures import Comparison
 from torchdiff.pairing import stored_nbytes, tied
-from torchdiff.results import AnalysisResult, Comparison, Table
+from torchdiff.results import AnalysisResult, Table
 
 NAME = "memory_analysis"
 FLAG = "memory_analysis"
@@ -40,7 +40,7 @@ OPTIMIZER_ROW = "(optimizer state)"
 
 def _is_parameter(name: str, s) -> bool:
     """Float tensors, plus integer weights of ≥ 2 dimensions (quantized weights: int8, uint8 packs)."""
-    if is_float_dtype(s.dtype):
+    if is_float_storage(s.dtype):
         return True
     nd = len(s.shape)
     leaf = name.rsplit(".", 1)[-1].lower()
@@ -81,7 +81,7 @@ def _side(comp: Comparison, side: str) -> dict[str, Any] | None:
         if _is_parameter(name, s):
             float_params += s.numel
             float_bytes += nbytes
-            quantized += not is_float_dtype(s.dtype)
+            quantized += not is_float_storage(s.dtype)
         else:
             other_bytes += nbytes
     total = model_bytes + optimizer_bytes
@@ -153,7 +153,7 @@ def _gb_list(values: list[int] | None) -> str:
     return ", ".join(str(v) for v in values) if values else "none"
 
 
-def analyze(comparison: Comparison, options) -> AnalysisResult:
+def analyze(comparison: Comparison, options, state: dict) -> AnalysisResult:
     inspect = comparison.mode == "inspect"
     new = _side(comparison, "new")
     old = None if inspect else _side(comparison, "old")
@@ -221,3 +221,11 @@ def analyze(comparison: Comparison, options) -> AnalysisResult:
     notes.append(f"fits: estimate ≤ N·2^30 bytes for N in {', '.join(str(g) for g in DEVICES_GB)} GB; "
                  "leave room for the framework and other processes")
     return AnalysisResult(NAME, headline, data, tuple(tables), tuple(notes))
+
+
+def mb(nbytes: float) -> str:
+    """Bytes as megabytes (10^6 bytes) for text: 4 significant digits, 1 decimal from 100 MB."""
+    value = nbytes / 1e6
+    if abs(value) >= 100:
+        return f"{value:.1f}MB"
+    return f"{value:.4g}MB"

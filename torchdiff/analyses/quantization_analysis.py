@@ -48,6 +48,8 @@ from torchdiff.results import ADDED, REMOVED, RESHAPED, AnalysisResult, Table
 
 NAME = "quantization_analysis"
 FLAG = "quantization_analysis"
+#: It transforms the two checkpoints of a pair (dequantization): no series form.
+PAIR_ONLY = True
 OPTIONS: dict[str, tuple[Any, str]] = {
     "quantization_top_k": (10, "with --quantization-analysis: how many most sensitive tensors (lowest SQNR) to list"),
 }
@@ -64,7 +66,7 @@ THRESHOLDS_TEXT = "precision_loss from SQNR: " + ", ".join(
 FAKE_QUANT_LEVELS = 256
 _LEVEL_SAMPLE = 4096
 
-_STATE = "_quantization_analysis"  # options key: what prepare() found
+_STATE = "found"  # per-run state key: what prepare() found
 
 # GGUF's names of plain types -> torch's.
 _CANONICAL = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
@@ -117,10 +119,10 @@ def validate(options) -> None:
 # ---- prepare: detect companions, wrap weights with dequantizing handles (torchdiff/dequant.py) ----
 
 
-def prepare(old: Checkpoint, new: Checkpoint, options) -> tuple[Checkpoint, Checkpoint]:
+def prepare(old: Checkpoint, new: Checkpoint, options, state: dict) -> tuple[Checkpoint, Checkpoint]:
     old, found_old = dequantize_checkpoint(old)
     new, found_new = dequantize_checkpoint(new)
-    options[_STATE] = {"old": found_old, "new": found_new}
+    state[_STATE] = {"old": found_old, "new": found_new}
     return old, new
 
 
@@ -176,7 +178,7 @@ class PrecisionHook:
         return out
 
 
-def hooks(options) -> list:
+def hooks(options, state: dict) -> list:
     return [PrecisionHook()]
 
 
@@ -243,8 +245,8 @@ def _storage_only(comparison, found: dict[str, Detected]) -> AnalysisResult:
                           notes=tuple(notes))
 
 
-def analyze(comparison, options) -> AnalysisResult:
-    state = options.get(_STATE) or {"old": {}, "new": {}}
+def analyze(comparison, options, state: dict) -> AnalysisResult:
+    state = state.get(_STATE) or {"old": {}, "new": {}}
     found_old: dict[str, Detected] = state["old"]
     found_new: dict[str, Detected] = state["new"]
     top_k = int(options.get("quantization_top_k", 10))

@@ -23,9 +23,10 @@ import numpy as np
 import torch
 
 from torchdiff.analyses._training import (
-    OUTLIER_MIN_ROTATION, OUTLIER_Z, SHADES, cosine_from_sq, cosine_outliers, is_float_dtype, is_optimizer_tensor,
-    layer_key, optimizer_prefixes, safe_div, shade, shade_legend, shade_scale,
+    OUTLIER_MIN_ROTATION, OUTLIER_Z, SHADES, cosine_from_sq, cosine_outliers, layer_key, safe_div, shade,
+    shade_legend, shade_scale,
 )
+from torchdiff.names import SCOPES, is_float_storage, roles
 from torchdiff.results import AnalysisResult, Table
 
 NAME = "similarity_matrix"
@@ -41,7 +42,7 @@ MOVED_MARGIN = 0.1
 TEXT_TENSORS = 40  # per-tensor table in text up to this many tensors, else the lowest ones
 TEXT_MATRIX = 12  # numeric matrix in text up to this size
 TEXT_HEATMAP = 40  # shaded heatmap in text up to this size
-_STASH = f"_{NAME}_groups"
+_STASH = "groups"  # per-run state key, set by prepare()
 
 
 def outlier_rule() -> str:
@@ -55,7 +56,7 @@ def _dims(n: int) -> str:
 
 # ---- pair: the cross-layer hook ------------------------------------------------------------
 
-def prepare(old, new, options):
+def prepare(old, new, options, state: dict):
     """With --cross-layer, plans the groups of same-shaped tensors for the hook (headers
     only; the checkpoints are returned unchanged)."""
     if not options.get("cross_layer"):
@@ -63,17 +64,17 @@ def prepare(old, new, options):
     from torchdiff.pairing import compile_filters
 
     keep = compile_filters(options.get("ignore_keys_regex"), options.get("path"))
-    prefixes = tuple(set(optimizer_prefixes(old.tensors, old.metadata))
-                     | set(optimizer_prefixes(new.tensors, new.metadata)))
+    role_of = roles({n: (h.storage_dtype, len(h.shape)) for c in (new, old) for n, h in c.tensors.items()})
+    in_scope = SCOPES[options.get("scope", "params")]
     groups: dict[tuple[int, ...], list[str]] = {}
     for name, a in old.tensors.items():
         b = new.tensors.get(name)
         if b is None or not keep(name) or tuple(a.shape) != tuple(b.shape) or a.numel < 2:
             continue
-        if not (is_float_dtype(a.dtype) and is_float_dtype(b.dtype)) or is_optimizer_tensor(name, prefixes):
+        if not (is_float_storage(a.storage_dtype) and is_float_storage(b.storage_dtype)) or role_of[name] not in in_scope:
             continue
         groups.setdefault(tuple(a.shape), []).append(name)
-    options[_STASH] = [names for names in groups.values() if len(names) >= 2]
+    state[_STASH] = [names for names in groups.values() if len(names) >= 2]
     return old, new
 
 
@@ -116,8 +117,8 @@ def _unit(t: torch.Tensor) -> torch.Tensor:
     return torch.where(norm > 0, v / norm, torch.full_like(v, math.nan))
 
 
-def hooks(options):
-    groups = options.get(_STASH)
+def hooks(options, state: dict):
+    groups = state.get(_STASH)
     if not options.get("cross_layer") or not groups:
         return []
     return [_CrossLayerHook(groups)]
@@ -125,16 +126,14 @@ def hooks(options):
 
 # ---- pair -----------------------------------------------------------------------------------
 
-def analyze(comparison, options) -> AnalysisResult | None:
+def analyze(comparison, options, state: dict) -> AnalysisResult | None:
     if comparison.mode != "pair":
         return None
-    prefixes = tuple(set(optimizer_prefixes([d.name for d in comparison.diffs], comparison.old_metadata))
-                     | set(optimizer_prefixes([d.name for d in comparison.diffs], comparison.new_metadata)))
     tensors = []
     layers: dict[str, list[float]] = {}
     for d in comparison.diffs:
         m = d.metrics
-        if m is None or is_optimizer_tensor(d.name, prefixes):
+        if m is None or not comparison.in_scope(d):
             continue
         tensors.append((d.name, d.old.shape, m.cosine, m.rel_l2))
         acc = layers.setdefault(layer_key(d.name, options), [0, 0.0, 0.0, 0.0, math.inf])

@@ -76,6 +76,6 @@ def order(comparison, options) -> list[str]:
     return [d.name for d in measured + structural + rest]
 
 
-def analyze(comparison, options) -> AnalysisResult:
+def analyze(comparison, options, state: dict) -> AnalysisResult:
     key = _key(options)
     return AnalysisResult(NAME, {"sort_key": key, "order": "largest first" if SORT_KEYS[key] else "smallest first"})

@@ -12,5 +12,5 @@ FLAG = "stats"
 OPTIONS: dict = {}
 
 
-def analyze(comparison, options):
+def analyze(comparison, options, state: dict):
     return None

@@ -27,7 +27,7 @@ import torch
 from torchdiff.callbacks import CheckpointMonitor, MonitorRecord
 from torchdiff.errors import MissingDependencyError, UsageError
 from torchdiff.integrations import monitor_options as monitor_options_of
-from torchdiff.results import Report
+from torchdiff.report import Report
 
 _FLAVOURS = {"lightning": "lightning.pytorch", "pytorch_lightning": "pytorch_lightning"}
 _CLASSES: dict[str, type] = {}
@@ -95,7 +95,7 @@ class _TorchDiffCallbackMixin:
         step = int(trainer.global_step)
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=step)
-        # visible to EarlyStopping / ModelCheckpoint(monitor="torchdiff/update_rel_l2")
+        # visible to EarlyStopping / ModelCheckpoint(monitor="torchdiff/global_rel_l2")
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in scalars.items()})
 
 

@@ -33,17 +33,17 @@ from typing import Any, Iterable
 from torchdiff.callbacks import CheckpointMonitor, MonitorRecord
 from torchdiff.errors import MissingDependencyError
 from torchdiff.integrations import monitor_options as monitor_options_of
-from torchdiff.results import Report
+from torchdiff.report import Report
 
 _CLASS: list[type] = []
 
 #: Key groups for ``keys=``: what each adds to the Trainer's log line.
 KEY_GROUPS: dict[str, str] = {
-    "global": "torchdiff/update_rel_l2 and torchdiff/update_cosine (torchdiff/param_norm_change with keep='stats')",
+    "global": "torchdiff/global_rel_l2 and torchdiff/global_cosine (torchdiff/param_norm_change with keep='stats')",
     "top_layer": "torchdiff/top_layer_rel_l2 (or top_layer_norm_change): the largest layer figure",
     "findings": "torchdiff/anomaly_detection/findings and every other analysis' findings count",
     "counts": "torchdiff/<status> tensor counts (changed, added, removed...)",
-    "norms": "torchdiff/param_norm, torchdiff/param_norm_change, torchdiff/update_l2",
+    "norms": "torchdiff/param_norm, torchdiff/param_norm_change, torchdiff/global_l2",
     "layers": "torchdiff/layer_rel_l2/<layer> for every layer",
     "analyses": "every numeric headline figure of the analyses that ran",
 }
@@ -65,10 +65,10 @@ def select_scalars(scalars: dict[str, float], keys: Any = DEFAULT_KEYS) -> dict[
     layer_prefixes = ("torchdiff/layer_rel_l2/", "torchdiff/layer_norm_change/")
     for key in keys:
         if key == "global":
-            for name in ("torchdiff/update_rel_l2", "torchdiff/update_cosine"):
+            for name in ("torchdiff/global_rel_l2", "torchdiff/global_cosine"):
                 if name in scalars:
                     out[name] = scalars[name]
-            if "torchdiff/update_rel_l2" not in scalars and "torchdiff/param_norm_change" in scalars:
+            if "torchdiff/global_rel_l2" not in scalars and "torchdiff/param_norm_change" in scalars:
                 out["torchdiff/param_norm_change"] = scalars["torchdiff/param_norm_change"]
         elif key == "top_layer":
             for prefix in layer_prefixes:
@@ -82,7 +82,7 @@ def select_scalars(scalars: dict[str, float], keys: Any = DEFAULT_KEYS) -> dict[
             out.update({k: v for k, v in scalars.items() if k.count("/") == 1 and k[10:] in _STATUSES})
         elif key == "norms":
             out.update({k: v for k, v in scalars.items()
-                        if k in ("torchdiff/param_norm", "torchdiff/param_norm_change", "torchdiff/update_l2")})
+                        if k in ("torchdiff/param_norm", "torchdiff/param_norm_change", "torchdiff/global_l2")})
         elif key == "layers":
             out.update({k: v for k, v in scalars.items() if k.startswith(layer_prefixes)})
         elif key == "analyses":

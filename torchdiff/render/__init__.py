@@ -6,11 +6,11 @@ import math
 from typing import Any
 
 from torchdiff.errors import UsageError
+from torchdiff.status import UNCHANGED
 
 output_formats = ["json", "text", "yaml"]
 
-# How non-finite floats are written in JSON/YAML (JSON has no NaN/Infinity literals).
-NAN, POS_INF, NEG_INF = "NaN", "Infinity", "-Infinity"
+from torchdiff.results import NAN, NEG_INF, POS_INF  # noqa: F401 - how JSON/YAML write non-finite floats
 
 
 def finite_json(value: Any) -> Any:
@@ -39,86 +39,74 @@ def finite_json(value: Any) -> Any:
 
 
 def to_items(report) -> list[dict[str, Any]]:
-    """The top-level list of JSON/YAML: one object per reported item, each with
-    ``type`` and ``path``: differing tensors (in output order), differing metadata,
-    then one object per analysis. In inspect mode every tensor is an item."""
-    items: list[dict[str, Any]] = []
+    """The top-level list of JSON/YAML for a compare or inspect Report: one object per
+    reported item, each with ``type`` and ``path``: differing tensors (in output order),
+    differing metadata, then one object per analysis. In inspect mode every tensor is an
+    item."""
+    fig = report.comparison.figures
+    rows = report.row_order()
+    if rows is None:
+        rows = range(len(fig))
     inspect = report.comparison.mode == "inspect"
-    for d in report.ordered_diffs():
-        if inspect:
-            item = {"type": "tensor", "path": d.name, **d.new.to_dict()}
-            items.append(item)
-        elif d.is_difference:
-            item = d.to_dict()
-            m = d.metrics
-            if m is not None and m.norm_old == 0 and m.l2 > 0:
-                item["old_all_zero"] = True  # rel_l2 is inf and cosine NaN by definition; l2 measures it
-            tied = d.extras.get("tied_to")
-            if tied:
-                item["tied_to"] = tied
-            items.append(item)
-    for m in report.comparison.metadata_diffs:
-        items.append(m.to_dict())
-    for a in report.analyses:
-        items.append(a.to_dict())
-    return finite_json(items)
+    if not inspect:
+        rows = [i for i in rows if fig.status[i] != UNCHANGED]
+    # Tensor items come JSON-safe from the columns (no per-value recursion: 100,000
+    # tensors are one pass per column); metadata and analyses go through finite_json.
+    items: list[dict[str, Any]] = fig.items(rows, one_sided=inspect)
+    if not inspect:
+        _flags(fig, rows, items)
+    renamed = mapped_names(report) if not inspect else {}
+    if renamed:  # paired through --map: the new side's own name after the path
+        items = [{"type": it.pop("type"), "path": it["path"], **renamed[it.pop("path")], **it}
+                 if it["path"] in renamed else it for it in items]
+    rest = [m.to_dict() for m in report.comparison.metadata_diffs] + [a.to_dict() for a in report.analyses]
+    return items + finite_json(rest)
+
+
+def _flags(fig, rows, items: list[dict[str, Any]]) -> None:
+    """Mark items, in place: ``old_all_zero`` where the old side is all zero (rel_l2 is
+    inf and cosine NaN by definition; l2 measures the change), ``tied_to`` where the
+    tensor is tied to another (pairing.annotate)."""
+    norms = fig.old.norm()
+    for i, item in zip(rows, items):
+        if fig.measured[i] and fig.old.present[i] and norms[i] == 0 and item.get("l2", 0):
+            item["old_all_zero"] = True
+        tied = (fig.extras.get(i) or {}).get("tied_to")
+        if tied:
+            item["tied_to"] = tied
+
+
+def mapped_names(report) -> dict[str, dict[str, Any]]:
+    """Pair name -> ``{"path_new": ..., ["tied": ...]}`` for tensors paired through a
+    mapping under another name (the ``mapping`` section's ``pairs``)."""
+    analysis = getattr(report, "analysis", None)
+    found = analysis("mapping") if analysis is not None else None
+    if found is None:
+        return {}
+    out = {}
+    for p in found.data.get("pairs", ()):
+        if p["path_new"] != p["path"] or p.get("tied"):
+            out[p["path"]] = {"path_new": p["path_new"], **({"tied": p["tied"]} if p.get("tied") else {})}
+    return out
 
 
 def render(report, fmt: str = "text", color: bool = False, indent: int | None = 2) -> str:
-    """Render a Report; other report kinds (a series) bring their own ``render``."""
-    if getattr(report, "comparison", None) is None:
-        return report.render(fmt, color=color, indent=indent)
+    """Render any report of the Report family (torchdiff.report): JSON and YAML from its
+    ``to_dict()``, text from render.text."""
     if fmt == "text":
-        from torchdiff.render.text import render_text
+        from torchdiff.render.text import render_series_text, render_text
 
+        if getattr(report, "kind", "") == "series":
+            return render_series_text(report)
         return render_text(report, color=color)
     if fmt == "json":
         import json
 
-        return json.dumps(to_items(report), indent=indent, allow_nan=False, ensure_ascii=False)
+        return json.dumps(report.to_dict(), indent=indent, allow_nan=False, ensure_ascii=False)
     if fmt == "yaml":
         try:
             import yaml
         except ImportError:
             raise UsageError("--output yaml needs PyYAML (pip install pyyaml)") from None
-        return yaml.safe_dump(to_items(report), sort_keys=False, allow_unicode=True)
+        return yaml.safe_dump(report.to_dict(), sort_keys=False, allow_unicode=True)
     raise UsageError(f"unknown --output {fmt!r} (choose from {', '.join(output_formats)})")
-
-
-def scalars(report) -> dict[str, float]:
-    """A flat dict of named figures, ready for any metrics logger.
-
-    Keys: ``torchdiff/<figure>`` for global figures, ``torchdiff/rel_l2/<tensor>``
-    per changed tensor, and ``torchdiff/<analysis>/<key>`` for numeric headline
-    figures of the analyses.
-    """
-    comp = report.comparison
-    out: dict[str, float] = {}
-    counts = comp.counts()
-    for status, n in counts.items():
-        out[f"torchdiff/{status}"] = float(n)
-    dsq = old_sq = new_sq = dot = 0.0
-    measured = 0
-    for d in comp.diffs:
-        m = d.metrics
-        if m is None:
-            continue
-        if d.is_difference:
-            out[f"torchdiff/rel_l2/{d.name}"] = m.rel_l2
-        if d.extras.get("tied_to") and all(d.extras["tied_to"].values()):
-            continue  # tied on both sides: a copy of another tensor, whose values are already summed
-        measured += 1
-        dsq += m.l2**2
-        old_sq += m.norm_old**2
-        new_sq += m.norm_new**2
-        dot += m.dot
-    if measured:  # global figures only when some pair of equal shape was measured
-        out["torchdiff/global_l2"] = math.sqrt(dsq)
-        out["torchdiff/global_rel_l2"] = math.sqrt(dsq / old_sq) if old_sq > 0 else (math.inf if dsq else 0.0)
-        denom = math.sqrt(old_sq * new_sq)
-        out["torchdiff/global_cosine"] = dot / denom if denom > 0 else math.nan
-    for a in report.analyses:
-        for key, value in a.headline.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                out[f"torchdiff/{a.name}/{key}"] = float(value)
-    return out

@@ -127,8 +127,12 @@ def old_all_zero(d: TensorDiff) -> bool:
         and d.old.inf_count == 0
 
 
-def tensor_line(d: TensorDiff, stats: bool, sort_key: str | None = None, dequantized: bool = False) -> tuple[str, str]:
-    """(marker, text) of one tensor line."""
+def tensor_line(d: TensorDiff, stats: bool, sort_key: str | None = None, dequantized: bool = False,
+                new_name: str | None = None) -> tuple[str, str]:
+    """(marker, text) of one tensor line; ``new_name``: the new side's name when a
+    mapping paired it under another."""
+    if new_name is not None:
+        d = _Named(f"{d.name} (new: {new_name})", d)
     if d.status == ADDED:
         return "+", f"{printable(d.name)}: shape={_shape(d.new.shape)}, dtype={d.new.dtype}"
     if d.status == REMOVED:
@@ -168,7 +172,19 @@ def tensor_line(d: TensorDiff, stats: bool, sort_key: str | None = None, dequant
             parts += [f"l2={num(m.l2)}", f"max_abs={num(m.max_abs)}"]
         else:
             parts += [f"rel_l2={num(m.rel_l2)}", f"max_abs={num(m.max_abs)}", f"cosine={num(m.cosine)}"]
+        # The figures cover finite positions only: say when NaN/Inf appeared or went.
+        parts += [f"{key}={a}->{b}" for key, (a, b) in d.nonfinite_change.items()]
     return "~", f"{printable(d.name)}: " + ", ".join(parts)
+
+
+class _Named:
+    """A TensorDiff shown under another label."""
+
+    def __init__(self, name: str, d: TensorDiff) -> None:
+        self.name, self._d = name, d
+
+    def __getattr__(self, key: str) -> Any:
+        return getattr(self._d, key)
 
 
 def summary_line(report) -> str:
@@ -377,13 +393,17 @@ def render_text(report, color: bool = False, top: int | None = None, width: int 
     if comp.mode == "inspect":
         lines += inspect_table(report, width, top)
     else:
+        from torchdiff.render import mapped_names
+
+        renamed = mapped_names(report)
         summary = summary_line(report)
         changed = [d for d in report.ordered_diffs() if d.status != UNCHANGED]
         if changed or comp.metadata_diffs:
             lines.append(summary)
         shown = changed[:top] if top else changed
         for d in shown:
-            marker, text = tensor_line(d, report.stats, sort_key, d.name in dequantized)
+            marker, text = tensor_line(d, report.stats, sort_key, d.name in dequantized,
+                                       renamed.get(d.name, {}).get("path_new"))
             for line in wrap(f"  {marker} {text}", width, indent="    "):
                 lines.append(_paint(line, marker, color))
         if len(shown) < len(changed):
@@ -408,6 +428,29 @@ def render_text(report, color: bool = False, top: int | None = None, width: int 
     for a in report.analyses:
         lines.append("")
         lines += analysis_section(a, width, rank)
+    return "\n".join(lines)
+
+
+def render_series_text(series) -> str:
+    """A SeriesReport: one summary line per step, notes, each step's analyses, then the
+    series analyses."""
+    head = f"series: {len(series.checkpoints)} checkpoints, order {series.order}"
+    if series.base is not None:
+        head += f", base {series.base}"
+    lines = [head]
+    labels = series.labels
+    for t, step in enumerate(series.steps):
+        lines.append(f"  {labels[t]} -> {labels[t + 1]}: {summary_line(step)}")
+    for note in series.notes:
+        lines.append(f"  note: {note}")
+    for t, step in enumerate(series.steps):
+        if step.analyses:
+            lines += ["", f"{labels[t]} -> {labels[t + 1]}"]
+            for a in step.analyses:
+                lines += ["  " + line if line else line for line in analysis_section(a)]
+    for a in series.series_analyses:
+        lines.append("")
+        lines += analysis_section(a)
     return "\n".join(lines)
 
 

@@ -1,0 +1,252 @@
+"""Issue 11, one columnar core: the figures table, the one aggregation, one Report family,
+and a regression test for each bug the redesign fixed. References are float64 NumPy."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+import torchdiff
+from torchdiff.cli import main
+from torchdiff.figures import Figures, GroupSums, group
+from torchdiff.render import finite_json
+
+
+def _adam_checkpoint(model, optimizer, steps, gen):
+    for _ in range(steps):
+        x = torch.randn(8, 4, generator=gen)
+        loss = model(x).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return {"model": {k: v.clone() for k, v in model.state_dict().items()},
+            "optimizer": optimizer.state_dict()}
+
+
+@pytest.fixture(scope="module")
+def adam_pair(tmp_path_factory):
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    d = tmp_path_factory.mktemp("adam")
+    t2 = _adam_checkpoint(model, optimizer, 3, gen)
+    torch.save(t2, d / "t2.pt")
+    import copy
+    t5 = copy.deepcopy(_adam_checkpoint(model, optimizer, 3, gen))
+    torch.save(t5, d / "t5.pt")
+    return d / "t2.pt", d / "t5.pt"
+
+
+def test_adam_step_counters_do_not_top_the_layer_table(adam_pair, capsys):
+    """0.1 said top_layer=optimizer.state.0, share 0.50: Adam's step counters (3 -> 6)
+    dominated ‖Δ‖². The default scope is the trainable parameters."""
+    a, b = adam_pair
+    report = torchdiff.compare(str(a), str(b), show_layer_impact=True)
+    impact = report.analysis("layer_impact")
+    assert impact.headline["top_layer"] == "model"
+    assert impact.headline["top_share"] == pytest.approx(1.0)
+    old, new = torch.load(a, weights_only=True)["model"], torch.load(b, weights_only=True)["model"]
+    dsq = sum(float(((new[k].double() - old[k].double()) ** 2).sum()) for k in old)
+    assert impact.headline["l2"] == pytest.approx(math.sqrt(dsq), rel=1e-6)
+    everything = torchdiff.compare(str(a), str(b), show_layer_impact=True, scope="all").analysis("layer_impact")
+    assert everything.headline["top_layer"].startswith("optimizer.state")  # the counters, when asked for
+
+
+def test_roles_come_from_one_place(adam_pair):
+    a, b = adam_pair
+    report = torchdiff.compare(str(a), str(b))
+    roles = {d.name: d.role for d in report}
+    assert roles["model.weight"] == "parameter"
+    assert roles["optimizer.state.0.exp_avg"] == "optimizer_state"
+    assert roles["optimizer.state.0.step"] == "counter"
+    # a parameter whose leaf happens to be an optimizer field is still a parameter
+    named = torchdiff.compare({"encoder.norm_stats.exp_avg": torch.ones(3)}, {"encoder.norm_stats.exp_avg": torch.ones(3) * 2},
+                              change_summary=True)
+    assert named["encoder.norm_stats.exp_avg"].role == "parameter"
+    assert named.analysis("change_summary").data["tensor_counts"]["changed"] == 1
+
+
+def test_batchnorm_counters_do_not_drive_the_global_figure():
+    """0.1's scalars printed 100/num_batches_tracked as global_rel_l2."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    old = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    for _ in range(5):
+        model(torch.randn(16, 3))
+    new = model.state_dict()  # only the BatchNorm statistics and counter moved
+    scalars = torchdiff.compare(old, new).scalars()
+    assert scalars["torchdiff/global_rel_l2"] == 0.0
+    model_scope = torchdiff.compare(old, new, scope="model").scalars()
+    assert model_scope["torchdiff/global_rel_l2"] > 0
+
+
+def test_series_runs_pair_analyses_per_step_and_finds_them():
+    states = [{"w": torch.full((4, 4), v), "b": torch.zeros(4)} for v in (1.0, 2.0, 3.0)]
+    states[2] = {**states[2], "extra": torch.ones(2)}
+    report = torchdiff.compare_series(states, architecture_comparison=True, anomaly_detection=True)
+    per_step = [step.analysis("architecture_comparison") for step in report]
+    assert all(a is not None for a in per_step)
+    assert report.analysis("anomaly_detection") is report.steps[0].analysis("anomaly_detection")
+    assert not any("transforms a pair" in n for n in report.notes)
+    with pytest.raises(torchdiff.UsageError, match="quantization-analysis compares two checkpoints"):
+        torchdiff.compare_series(states, quantization_analysis=True)
+
+
+def test_series_report_has_the_family_surface():
+    states = [{"w": torch.full((4,), v)} for v in (1.0, 1.5, 1.75)]
+    report = torchdiff.compare_series(states)
+    assert [type(s).__name__ for s in report] == ["Report", "Report"]
+    rows = report.records("step")
+    assert [r["step"] for r in rows] == [0, 1] and rows[0]["global_rel_l2"] == pytest.approx(0.5)
+    assert report.scalars()["torchdiff/convergence_analysis/rel_update"] == pytest.approx(0.25 / 1.5)
+    assert json.loads(report.to_json())[0]["type"] == "series"
+
+
+def test_one_scalar_scheme_for_reports_and_the_monitor():
+    model = torch.nn.Linear(3, 2)
+    monitor = torchdiff.CheckpointMonitor(model, every=1)
+    with torch.no_grad():
+        model.weight.add_(0.1)
+    report = monitor.step()
+    record = monitor.history[-1]
+    r, m = report.scalars(tensors=False), record.scalars()
+    for key in ("torchdiff/global_rel_l2", "torchdiff/global_l2", "torchdiff/global_cosine", "torchdiff/param_norm"):
+        assert r[key] == pytest.approx(m[key], rel=1e-12)
+    assert not any(k.startswith("torchdiff/update_") for k in list(r) + list(m))
+
+
+def test_inspect_is_one_sided():
+    report = torchdiff.inspect({"w": torch.ones(3), "b": torch.zeros(2)})
+    assert {d.status for d in report} == {"present"} and not report.has_differences
+    rows = report.records()
+    assert set(rows[0]) >= {"name", "mean", "std", "dtype"} and not any(k.startswith(("old_", "new_")) for k in rows[0])
+    assert report["w"].new.mean == 1.0
+
+
+def test_tiny_weights_have_no_dead_units(tmp_path, capsys):
+    """An 8×8 fc.weight of randn·1e-30: float32 row norms underflowed and all 8 rows were dead."""
+    path = tmp_path / "tiny.safetensors"
+    save_file({"fc.weight": torch.randn(8, 8, generator=torch.Generator().manual_seed(0)) * 1e-30}, str(path))
+    assert main(["inspect", str(path), "--fail-on-anomaly", "high", "-o", "json"]) == 0
+    items = json.loads(capsys.readouterr().out)
+    anomalies = [i for i in items if i["type"] == "anomaly_detection"][0]["anomalies"]
+    assert not [a for a in anomalies if a["type"] == "dead_units"]
+
+
+def test_tiny_low_rank_update_is_found():
+    """A rank-1 update of magnitude 1e-25 was hidden: its float32 norm underflowed to 0."""
+    g = torch.Generator().manual_seed(0)
+    old = {"layers.0.fc.weight": torch.randn(64, 64, generator=g) * 1e-24}
+    u, v = torch.randn(64, 1, generator=g), torch.randn(1, 64, generator=g)
+    new = {"layers.0.fc.weight": old["layers.0.fc.weight"] + 1e-25 * (u @ v)}
+    summary = torchdiff.compare(old, new, change_summary=True)
+    low = [p for p in summary.analysis("change_summary").data["pattern_evidence"] if p["pattern"] == "low_rank"]
+    assert low and low[0]["tensors"][0]["rank99"] == 1
+
+
+def test_gained_nan_is_said_beside_the_figures(capsys):
+    old = {"w": torch.ones(10)}
+    new = {"w": torch.tensor([1.0] * 7 + [math.nan] * 3)}
+    d = torchdiff.compare(old, new)["w"]
+    assert d.status == "changed" and d.nonfinite_change == {"nan": (0, 3)}
+    from torchdiff.render.text import tensor_line
+
+    # the figures cover the positions finite on both sides; the suffix says what they leave out
+    assert tensor_line(d, stats=False)[1] == "w: rel_l2=0.0, max_abs=0.0, cosine=1.0000, nan=0->3"
+    item = torchdiff.compare(old, new).to_dict()[0]
+    assert item["nan_count_change"] == [0, 3]
+
+
+def test_std_keeps_float32_precision_on_a_large_mean():
+    """Mean 1, std 1e-6: the row centring lost 4e-5 relative of the std."""
+    x = (1 + 1e-6 * torch.randn(300_000, generator=torch.Generator().manual_seed(0))).float()
+    d = torchdiff.inspect({"w": x})["w"]
+    ref = np.asarray(x, dtype=np.float64)
+    assert abs(d.new.std - ref.std()) / ref.std() < 1e-6
+    assert d.new.mean == pytest.approx(ref.mean(), rel=1e-12)
+
+
+# ---- the figures table and the aggregation --------------------------------------------------
+
+finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)
+
+
+@st.composite
+def state_pairs(draw):
+    n = draw(st.integers(1, 6))
+    old, new = {}, {}
+    for i in range(n):
+        size = draw(st.integers(1, 5))
+        a = draw(st.lists(finite, min_size=size, max_size=size))
+        kind = draw(st.sampled_from(["changed", "same", "added", "removed", "nan"]))
+        name = f"blocks.{i % 3}.t{i}"
+        if kind != "added":
+            old[name] = torch.tensor(a)
+        if kind != "removed":
+            b = draw(st.lists(finite, min_size=size, max_size=size)) if kind != "same" else a
+            t = torch.tensor(b)
+            if kind == "nan":
+                t[0] = math.nan
+            new[name] = t
+    return old, new
+
+
+@settings(max_examples=40, deadline=None)
+@given(state_pairs())
+def test_items_from_columns_equal_the_objects(pair):
+    old, new = pair
+    report = torchdiff.compare(old, new)
+    fig = report.figures
+    rows = [i for i, s in enumerate(fig.status) if s != "unchanged"]
+    assert fig.items(rows) == finite_json([fig[i].to_dict() for i in rows])
+
+
+@settings(max_examples=40, deadline=None)
+@given(state_pairs(), st.integers(0, 5))
+def test_group_sums_merge_and_match_numpy(pair, cut):
+    old, new = pair
+    fig = torchdiff.compare(old, new).figures
+    layer = [n.rsplit(".", 1)[0] for n in fig.names]
+    whole = GroupSums().update(fig, layer).compute()
+    halves = np.arange(len(fig)) < cut
+    merged = GroupSums().update(fig, layer, halves).merge(GroupSums().update(fig, layer, ~halves)).compute()
+    assert set(whole) == set(merged)
+    for key in whole:
+        a, b = whole[key], merged[key]
+        assert (a.tensors, a.params) == (b.tensors, b.params)
+        assert a.dsq == pytest.approx(b.dsq, rel=1e-12, abs=1e-300)
+    for key, g in whole.items():
+        names = [n for n in fig.names if n.rsplit(".", 1)[0] == key]
+        both = [n for n in names if n in old and n in new and old[n].shape == new[n].shape]
+        fin = [n for n in both if torch.isfinite(old[n]).all() and torch.isfinite(new[n]).all()]
+        dsq = sum(float(((new[n].double() - old[n].double()) ** 2).sum()) for n in fin)
+        osq = sum(float((old[n].double() ** 2).sum()) for n in fin)
+        if len(fin) == len(both):
+            assert g.dsq == pytest.approx(dsq, rel=1e-6, abs=1e-9)
+            assert g.old_sq == pytest.approx(osq, rel=1e-6, abs=1e-9)
+        assert g.tensors == len(names)
+
+
+def test_group_figures_by_hand():
+    # ‖Δ‖² = 9 + 16 = 25, ‖A‖² = 1 + 4 = 5 (hand-computed)
+    report = torchdiff.compare({"l.a": torch.tensor([1.0, 0.0]), "l.b": torch.tensor([0.0, 2.0])},
+                               {"l.a": torch.tensor([4.0, 0.0]), "l.b": torch.tensor([0.0, -2.0])})
+    g = group(report.figures, lambda n: "l")["l"]
+    assert (g.dsq, g.old_sq, g.new_sq) == (25.0, 5.0, 20.0)
+    assert g.rel_l2 == pytest.approx(math.sqrt(5.0))
+    assert g.cosine == pytest.approx((4.0 - 4.0) / math.sqrt(5.0 * 20.0))
+
+
+def test_report_getitem_and_missing_name():
+    report = torchdiff.compare({"w": torch.ones(2)}, {"w": torch.zeros(2)})
+    assert report["w"].metrics.l2 == pytest.approx(math.sqrt(2))
+    with pytest.raises(KeyError, match="no tensor named 'v'"):
+        report["v"]
+    assert isinstance(report.figures, Figures)

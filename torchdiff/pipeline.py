@@ -1,0 +1,329 @@
+"""The comparison pipeline shared by every entry point (api, series, the monitor):
+options resolved and validated before any I/O, checkpoints opened, pairs measured by
+the engine, analyses run, the Report built.
+
+Layer: above analyses and report, below api, series, callbacks and cli
+(docs/ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import gc
+import os
+from typing import Any, Callable
+
+from torchdiff import formats, mapping
+from torchdiff.analyses import ANALYSES, FLAGS, analysis_names, options_defaults
+from torchdiff.engine import Engine
+from torchdiff.dequant import dequantize_pair, dequantized_result
+from torchdiff.errors import CorruptFileError, InputNotFoundError, TorchDiffError, UsageError
+from torchdiff.figures import Comparison
+from torchdiff.formats.base import Checkpoint
+from torchdiff.names import check_scope
+from torchdiff.pairing import annotate, check_selected, compile_filters, pair, pair_metadata
+from torchdiff.report import Report
+from torchdiff.results import AnalysisResult, MetadataDiff, Table
+from torchdiff.status import PRESENT
+
+#: Options every comparison takes, with defaults (analysis options come from their modules).
+CORE_OPTIONS: dict[str, Any] = {
+    "epsilon": 0.0,
+    "ignore_keys_regex": None,
+    "path": None,
+    "format": None,
+    "recursive": False,
+    "device": "auto",
+    "unsafe_pickle": False,
+    "scope": "params",
+    "map": "auto",
+    "map_heads": None,
+    "raw": False,  # compare stored values: no dequantization of int8/fp8 weights with scale companions
+    "revision": None,  # a Hugging Face Hub id's branch, tag or commit (formats/hub.py)
+}
+
+#: The item naming the files of a -r comparison that could not be read.
+UNREADABLE = "unreadable_files"
+
+
+def without_gc(func):
+    """Run ``func`` with Python's cyclic garbage collector paused.
+
+    A checkpoint of 20,000 tensors means hundreds of thousands of small objects; the
+    collector rescanning them on every allocation burst cost 0.55 s of a 0.63 s load
+    (benchmarks/bench_engine.py row 5). A run creates no cycles that must be freed
+    before it ends; the collector resumes afterwards.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return func(*args, **kwargs)
+        finally:
+            if was_enabled:
+                gc.enable()
+
+    return wrapper
+
+
+class Options(dict):
+    """Resolved options: a dict that also reads as attributes (``options.sort_key``)."""
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+
+def make_options(analyses: tuple[str, ...] | list[str] = (), **kwargs: Any) -> Options:
+    """Resolve and validate options before any I/O.
+
+    ``analyses`` lists analysis names; analysis flags (``quantization_analysis=True``,
+    ``show_layer_impact=True``, ``stats=True``) may be passed as keywords too.
+    """
+    extra = options_defaults()
+    options = Options(CORE_OPTIONS)
+    options.update({k: default for k, (default, _) in extra.items()})
+    chosen: list[str] = []
+    for name in analyses:
+        if name in FLAGS:
+            name = FLAGS[name]
+        if name not in ANALYSES:
+            raise UsageError(f"unknown analysis {name!r} (available: {', '.join(analysis_names)})")
+        chosen.append(name)
+    for key, value in kwargs.items():
+        if key in FLAGS or key in ANALYSES:
+            if value:
+                chosen.append(FLAGS.get(key, key))
+        elif key in options:
+            options[key] = value
+        else:
+            raise UsageError(unknown_option(key, list(options) + list(FLAGS) + list(ANALYSES)))
+    for name, module in ANALYSES.items():  # an option such as --fail-on-anomaly switches its analysis on
+        if any(options.get(o) not in (None, False) for o in getattr(module, "ENABLED_BY", ())):
+            chosen.append(name)
+    options["analyses"] = tuple(n for n in analysis_names if n in chosen)
+    try:
+        options["epsilon"] = float(options["epsilon"])
+    except (TypeError, ValueError):
+        raise UsageError(f"--epsilon must be a number, got {options['epsilon']!r}") from None
+    if options["epsilon"] < 0:
+        raise UsageError("--epsilon must be ≥ 0")
+    compile_filters(options["ignore_keys_regex"], options["path"])
+    check_scope(options["scope"])
+    options["map"] = mapping.resolve(options["map"])  # a rule file is read and checked here
+    options["map_heads"] = mapping.parse_heads(options["map_heads"])
+    if options["format"] is not None and options["format"] not in formats.format_names:
+        raise UsageError(f"unknown --format {options['format']!r} (choose from {', '.join(formats.format_names)})")
+    for name in options["analyses"]:
+        validate = getattr(ANALYSES[name], "validate", None)
+        if validate is not None:
+            validate(options)
+    return options
+
+
+def open_checkpoint(source: Any, options: Options) -> Checkpoint:
+    """A Checkpoint from a path, a state_dict, an nn.Module, or a Checkpoint."""
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if options.get("recursive") and os.path.isdir(path):
+            return load_directory(path, options)
+        ckpt = _load(path, options)
+        if not ckpt.tensors:
+            ckpt.close()
+            what = f"{len(ckpt.metadata)} non-tensor values" if ckpt.metadata else "nothing"
+            raise CorruptFileError(f"{path}: no tensors found (the file holds {what}; "
+                                   "a checkpoint to compare holds tensors)")
+        return ckpt
+    return formats.from_object(source)
+
+
+def _load(path: str, options: Options) -> Checkpoint:
+    if options.get("unsafe_pickle"):
+        return formats.load(path, options.get("format"), unsafe_pickle=True)
+    return formats.load(path, options.get("format"))
+
+
+def load_directory(root: str, options: Options) -> Checkpoint:
+    """Every checkpoint file under ``root`` as one Checkpoint; names ``relpath:tensor``.
+
+    Every option reaches each file (``format``, ``unsafe_pickle``). A file that cannot be
+    read does not stop the others: its error is kept in ``info["unreadable"]``
+    (relpath -> message), reported as an item, and the CLI exits 2.
+    """
+    tensors, metadata, closers, files, unreadable = {}, {}, [], {}, {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for filename in sorted(filenames):
+            ext = os.path.splitext(filename)[1].lower()
+            if ext not in formats.extensions:
+                continue
+            full = os.path.join(dirpath, filename)
+            rel = os.path.relpath(full, root).replace(os.sep, "/")
+            try:
+                ckpt = _load(full, options)
+            except TorchDiffError as e:
+                unreadable[rel] = str(e)
+                continue
+            closers.append(ckpt.close)
+            files.update(ckpt.files)
+            for name, handle in ckpt.tensors.items():
+                tensors[f"{rel}:{name}"] = handle
+            for key, value in ckpt.metadata.items():
+                metadata[f"{rel}:{key}"] = value
+    if not tensors and not metadata:
+        for close in closers:
+            close()
+        if unreadable:
+            raise CorruptFileError(next(iter(unreadable.values())))
+        raise InputNotFoundError(f"{root}: no checkpoint files found (extensions read: {', '.join(formats.extensions)})")
+    return Checkpoint(name=root, format="directory", tensors=tensors, metadata=metadata, _closers=closers,
+                      files=files, info={"unreadable": unreadable} if unreadable else {})
+
+
+def resolve(source: Any, options: Options) -> Any:
+    """A Hugging Face Hub id (a string that is no existing path: ``gpt2``, ``org/name``)
+    as its local snapshot folder; anything else unchanged (formats/hub.py)."""
+    if isinstance(source, str) and not os.path.exists(source):
+        from torchdiff.formats import hub
+
+        return hub.resolve_source(source, options.get("revision"))
+    return source
+
+
+def check_paths(old: Any, new: Any, options: Options) -> None:
+    """Missing paths and file/directory mix-ups, before reading anything."""
+    for side in (old, new):
+        if isinstance(side, (str, os.PathLike)) and not os.path.exists(side):
+            raise InputNotFoundError(f"{os.fspath(side)}: no such file or directory")
+    if options.get("recursive"):
+        kinds = [os.path.isdir(s) for s in (old, new) if isinstance(s, (str, os.PathLike))]
+        if len(kinds) == 2 and kinds[0] != kinds[1]:
+            raise InputNotFoundError("-r compares two directories, or two files; got a directory and a file")
+
+
+@contextlib.contextmanager
+def opened(old: Any, new: Any, options: Options):
+    """Both checkpoints, opened after checking the paths, closed however the block ends."""
+    old, new = resolve(old, options), resolve(new, options)
+    check_paths(old, new, options)
+    old_ckpt = open_checkpoint(old, options)
+    try:
+        new_ckpt = open_checkpoint(new, options)
+    except BaseException:
+        old_ckpt.close()
+        raise
+    try:
+        yield old_ckpt, new_ckpt
+    finally:
+        old_ckpt.close()
+        new_ckpt.close()
+
+
+@without_gc
+def compare_checkpoints(old: Checkpoint, new: Checkpoint, options: Options, engine: Engine,
+                        progress=None, mode: str = "pair") -> Report:
+    """The pipeline on two opened checkpoints: prepare, pair, measure, analyse.
+
+    Each analysis gets its own ``state`` dict for this run (what its ``prepare`` found,
+    read by its ``hooks`` and ``analyze``).
+
+    Raises CorruptFileError if an input file changed while it was being read.
+    """
+    files = {**old.files, **new.files}
+    unreadable = _unreadable(old, new)
+    if not options.get("raw"):  # int8/fp8 weights with scale companions compare as the values they stand for
+        old, new = dequantize_pair(old, new, options)
+    mapped = None
+    if mode == "pair":  # cross-format pairing (docs/MAPPING.md): lazy handles under the old side's names
+        old, new, mapped = mapping.apply_mapping(old, new, options.get("map", "auto"), heads=options.get("map_heads"))
+    modules = [ANALYSES[name] for name in options.analyses]
+    state: dict[str, dict] = {name: {} for name in options.analyses}
+    for name, module in zip(options.analyses, modules):
+        prepare = getattr(module, "prepare", None)
+        if prepare is not None:
+            old, new = prepare(old, new, options, state[name])
+    keep = compile_filters(options.ignore_keys_regex, options.path)
+    pairs = pair(old, new, keep)
+    check_selected(pairs, old, new, options.ignore_keys_regex, options.path)
+    hooks = [h for name, module in zip(options.analyses, modules)
+             for h in (getattr(module, "hooks", None) or _no_hooks)(options, state[name]) or []]
+    formats.check_unchanged(files)
+    figures = annotate(pairs, engine.run(pairs, hooks=hooks, progress=_checking(files, progress)))
+    formats.check_unchanged(files)  # every value is read: figures from a file that changed are not reported
+    if mode == "inspect":  # one checkpoint: every tensor is present, not "added"
+        figures.status[:] = [PRESENT] * len(figures.status)
+    metadata_diffs = tuple(MetadataDiff(k, s, a, b) for k, s, a, b in pair_metadata(old.metadata, new.metadata, keep))
+    comparison = Comparison(
+        old_name=old.name, new_name=new.name, old_format=old.format, new_format=new.format,
+        figures=figures, metadata_diffs=metadata_diffs if mode == "pair" else (),
+        old_metadata=dict(old.metadata), new_metadata=dict(new.metadata),
+        device=str(engine.device), epsilon=options.epsilon, mode=mode, scope=options.scope,
+        layer_pattern=options.get("layer_pattern"),
+    )
+    report = build_report(comparison, options, state)
+    if mapped is not None:  # the mapping's own section comes first
+        report = dataclasses.replace(report, analyses=(mapped.to_result(),) + report.analyses)
+    extra = tuple(r for r in (dequantized_result(options), unreadable) if r is not None)
+    if extra:  # what was dequantized, what could not be read: before the analyses
+        report = dataclasses.replace(report, analyses=extra + report.analyses)
+    return report
+
+
+def _unreadable(old: Checkpoint, new: Checkpoint) -> AnalysisResult | None:
+    """The files of a -r comparison that could not be read, as one item (the CLI exits 2)."""
+    found = [(side, rel, message) for side, ckpt in (("old", old), ("new", new))
+             for rel, message in ckpt.info.get("unreadable", {}).items()]
+    if not found:
+        return None
+    return AnalysisResult(UNREADABLE, {"files": len(found)},
+                          {"files": [{"side": s, "path": r, "error": m} for s, r, m in found]},
+                          tables=(Table("Unreadable files", ("side", "file", "error"), tuple(found)),))
+
+
+def _no_hooks(options, state) -> list:
+    return []
+
+
+def _checking(files: dict[str, tuple[int, ...]], progress: Callable[[int], None] | None):
+    """``progress``, then a check that no input changed since it was opened: after every
+    block, so that a file truncated underneath is noticed before the next block reads
+    its mapping (which would kill the process with SIGBUS)."""
+    if not files:
+        return progress
+
+    def step(done: int) -> None:
+        if progress is not None:
+            progress(done)
+        formats.check_unchanged(files)
+
+    return step
+
+
+def build_report(comparison: Comparison, options: Options, state: dict[str, dict] | None = None) -> Report:
+    results: list[AnalysisResult] = []
+    order = None
+    state = state if state is not None else {}
+    for name in options.analyses:
+        module = ANALYSES[name]
+        ordering = getattr(module, "order", None)
+        if ordering is not None:
+            order = tuple(ordering(comparison, options))
+        result = module.analyze(comparison, options, state.setdefault(name, {}))
+        if result is not None:
+            results.append(result)
+    return Report(comparison, tuple(results), order=order, stats="stats" in options.analyses)
+
+
+def unknown_option(key: str, known: list[str]) -> str:
+    """The message for an unknown keyword, with the closest known name."""
+    import difflib
+
+    close = difflib.get_close_matches(key, sorted(set(known)), n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown option {key!r}{hint}"
