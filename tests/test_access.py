@@ -77,7 +77,7 @@ def test_py_typed_ships():
     assert (ROOT / "torchdiff" / "py.typed").is_file()
     cfg = configparser.ConfigParser()
     cfg.read(ROOT / "setup.cfg")
-    assert "py.typed" in cfg["options.package_data"]["torchdiff"]
+    assert "py.typed" in cfg["options.package_data"]["torchdiff"].split()
 
 
 def test_demo_installs_only_the_cli_extras_and_test_everything():

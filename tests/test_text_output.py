@@ -186,7 +186,7 @@ def test_tables_follow_the_sort(capsys, many):
     assert listed == [n for n in order if n in listed] and len(listed) == 32
     layers = text.split("layer_impact:", 1)[1].split("  Layers\n", 1)[1].splitlines()[2:]
     names = [line.split()[0] for line in layers if line.startswith("  model")]
-    from torchdiff.layers import layer_of
+    from torchdiff.names import layer_of
 
     first = {}
     for i, n in enumerate(order):

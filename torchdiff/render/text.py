@@ -364,7 +364,7 @@ def _ranker(report):
     layer's by its first tensor; None when the report is not sorted."""
     if report.order is None or report.analysis(_SORT) is None:
         return None
-    from torchdiff.layers import layer_of
+    from torchdiff.names import layer_of
 
     place: dict[str, int] = {}
     for i, name in enumerate(report.order):
