@@ -8,8 +8,7 @@ Exit codes: 0 the candidate passes; 1 it fails a check (each failure is printed)
 
 Checks:
 - architecture: a tensor added, removed, reshaped or retyped fails (unless
-  ``--allow-architecture-change``) — the seed's CI example failed on shape changes
-  of critical layers with ``jq`` over the JSON; this does it over the Report;
+  ``--allow-architecture-change``), read from the Report rather than from the JSON;
 - anomalies: a finding on the candidate at or above ``--fail-on-anomaly``
   (default high; ``none`` to skip) — NaN/Inf, exploding or dead tensors...;
 - drift: the global relative change ‖Δ‖/‖baseline‖ above ``--max-rel-l2``;
@@ -45,7 +44,9 @@ def check(baseline: str, candidate: str, fail_on_anomaly: str = "high", max_rel_
     failures: list[str] = []
     if not allow_architecture_change:
         for d in report:
-            if d.status in (ADDED, REMOVED, RESHAPED, RETYPED):
+            if d.status == RETYPED:  # the dtype changed, the shape did not
+                failures.append(f"architecture: {d.name} retyped ({d.old.dtype} -> {d.new.dtype})")
+            elif d.status in (ADDED, REMOVED, RESHAPED):
                 side_old = list(d.old.shape) if d.old else None
                 side_new = list(d.new.shape) if d.new else None
                 failures.append(f"architecture: {d.name} {d.status} ({side_old} -> {side_new})")

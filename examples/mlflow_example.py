@@ -1,19 +1,12 @@
-"""The seed's MLflow example, adapted to torchdiff: compare two checkpoints and log the result.
+"""Compare two checkpoints and log the result to MLflow, then log a monitored training run.
 
     python examples/mlflow_example.py [OLD NEW] [--tracking-dir DIR]
 
-The seed ran the CLI in a subprocess and parsed its JSON::
-
-    result = subprocess.run(['diffai', model1_path, model2_path, '--output', 'json'], ...)
-    diff_data = json.loads(result.stdout)
-    with mlflow.start_run():
-        mlflow.log_dict(diff_data, "model_comparison.json")
-        mlflow.log_metric("total_changes", len(diff_data))
-
-``log_model_diff`` below does the same in-process (``diff_data`` is the same list the
-CLI's ``--output json`` prints), then logs torchdiff's own figures with
-``torchdiff.integrations.mlflow.log_report``. ``log_training`` shows the monitor side:
-a training loop whose reports are logged as they happen.
+``log_model_diff`` logs the JSON list that ``torchdiff OLD NEW --output json`` prints
+(``report.to_dict()``, no subprocess needed) with a few counts, then torchdiff's own
+figures with ``torchdiff.integrations.mlflow.log_report``. ``log_training`` shows the
+monitor side: a training loop whose reports are logged as they happen. Each run is
+opened with ``with mlflow.start_run()``, so it ends FINISHED.
 
 Without OLD NEW, two checkpoints of examples/make_checkpoints.py are used (made if
 absent). MLflow's tracking URI is $MLFLOW_TRACKING_URI if set, else a SQLite store in
@@ -38,7 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def log_model_diff(model1_path: str, model2_path: str) -> dict[str, float]:
-    """The seed's function: compare, then log the JSON and the change counts to a new run."""
+    """Compare, then log the JSON and the change counts to a new run."""
     analyses = [n for n in ("change_summary", "anomaly_detection") if n in ANALYSES]
     report = torchdiff.compare(model1_path, model2_path, analyses=analyses, stats=True)
     diff_data = report.to_dict()  # what `torchdiff OLD NEW --output json` prints

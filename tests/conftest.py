@@ -65,3 +65,10 @@ def write_pt(tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture(autouse=True)
+def terminal_width(monkeypatch):
+    """Text output wraps to the terminal (COLUMNS): every test sees 120 columns, so that
+    golden files and README lines do not depend on the shell running the suite."""
+    monkeypatch.setenv("COLUMNS", "120")

@@ -71,7 +71,7 @@ def test_lora_rank4_merge_is_low_rank_and_nothing_else():
     assert t["path"] == target and t["rank99"] == expected and expected <= 4
     assert t["method"] == "exact" and t["limit"] == 4
     rel, _ = global_figures(pre, new)
-    assert f"change_summary: layers_changed=1, magnitude={rel:.4f}, patterns=[low_rank]" in str(report)
+    assert f"change_summary: layers_changed=1, magnitude={rel:.4g}, patterns=[low_rank]" in str(report)
 
 
 def test_only_biases_and_norms_changed():

@@ -159,7 +159,7 @@ def test_gained_nan_is_said_beside_the_figures(capsys):
     from torchdiff.render.text import tensor_line
 
     # the figures cover the positions finite on both sides; the suffix says what they leave out
-    assert tensor_line(d, stats=False)[1] == "w: rel_l2=0.0, max_abs=0.0, cosine=1.0000, nan=0->3"
+    assert tensor_line(d, stats=False)[1] == "w: rel_l2=0, max_abs=0, cosine=1.000, nan=0->3"
     item = torchdiff.compare(old, new).to_dict()[0]
     assert item["nan_count_change"] == [0, 3]
 

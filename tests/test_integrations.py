@@ -227,6 +227,11 @@ def test_transformers_callback(tmp_path):
     logged = [e for e in trainer.state.log_history if "torchdiff/global_rel_l2" in e]
     assert [e["step"] for e in logged] == [5, 10]
     assert logged[-1]["torchdiff/global_rel_l2"] == pytest.approx(history[-1].total.rel_l2)
+    # the default key set: the global update, the top layer, findings; no counts of added tensors
+    keys = {k for k in logged[-1] if k.startswith("torchdiff/")}
+    assert keys == {"torchdiff/global_rel_l2", "torchdiff/global_cosine", "torchdiff/top_layer_rel_l2"}
+    layers = {k: v for k, v in history[-1].scalars().items() if k.startswith("torchdiff/layer_rel_l2/")}
+    assert logged[-1]["torchdiff/top_layer_rel_l2"] == max(layers.values())
     # a torchdiff.json in every checkpoint; at a report step it is that report
     for step in (4, 8, 10):
         items = json.loads((tmp_path / f"checkpoint-{step}" / "torchdiff.json").read_text())
@@ -255,6 +260,23 @@ def mlflow_store(tmp_path_factory):
     mlflow.set_tracking_uri(None)
 
 
+def test_callback_keys_choose_the_logged_figures():
+    from torchdiff.integrations.transformers import select_scalars
+
+    figures = {"torchdiff/changed": 3.0, "torchdiff/added": 0.0, "torchdiff/global_l2": 2.0,
+               "torchdiff/global_rel_l2": 0.5, "torchdiff/global_cosine": 0.9, "torchdiff/param_norm": 4.0,
+               "torchdiff/layer_rel_l2/a": 0.1, "torchdiff/layer_rel_l2/b": 0.7,
+               "torchdiff/anomaly_detection/findings": 2.0, "torchdiff/anomaly_detection/critical": 0.0}
+    assert select_scalars(figures) == {"torchdiff/global_rel_l2": 0.5, "torchdiff/global_cosine": 0.9,
+                                       "torchdiff/top_layer_rel_l2": 0.7, "torchdiff/anomaly_detection/findings": 2.0}
+    assert select_scalars(figures, "all") == figures
+    assert select_scalars(figures, ["counts", "torchdiff/param_norm"]) == {
+        "torchdiff/changed": 3.0, "torchdiff/added": 0.0, "torchdiff/param_norm": 4.0}
+    assert set(select_scalars(figures, ["layers"])) == {"torchdiff/layer_rel_l2/a", "torchdiff/layer_rel_l2/b"}
+    with pytest.raises(ValueError, match=r"unknown keys \['globl'\]"):
+        select_scalars(figures, ["globl"])
+
+
 def test_metric_names_are_sanitised():
     from torchdiff.integrations.mlflow import metric_name, metrics_of
 
@@ -272,9 +294,13 @@ def test_log_report(mlflow_store):
     new = {"layers.0.w": torch.full((4,), 2.0), "layers.0.b[x]": torch.ones(2), "head": torch.ones(3)}
     report = torchdiff.compare(old, new)
     with mlflow.start_run() as run:
-        logged = log_report(report, step=7)
+        with pytest.warns(UserWarning, match=r"1 figure\(s\) not logged to MLflow, which cannot store NaN or "
+                                             r"infinity .*: torchdiff/rel_l2/layers\.0\.b\[x\]=inf"):
+            logged = log_report(report, step=7)
     client = mlflow.tracking.MlflowClient()
     data = client.get_run(run.info.run_id).data
+    assert data.tags["torchdiff.dropped_metrics"] == "torchdiff/rel_l2/layers.0.b[x]=inf"
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
     assert data.metrics["torchdiff/global_rel_l2"] == pytest.approx(report.scalars()["torchdiff/global_rel_l2"])
     assert data.metrics["torchdiff/total_changes"] == len(report.to_dict())
     assert "torchdiff/rel_l2/layers.0.b_x_" not in data.metrics  # rel_l2 of a zero tensor is ∞: left out
@@ -283,6 +309,21 @@ def test_log_report(mlflow_store):
     assert [m.step for m in history] == [7]
     path = client.download_artifacts(run.info.run_id, "torchdiff.json", str(root / "download"))
     assert json.loads(open(path).read()) == json.loads(report.to_json())
+
+
+def test_sqlite_tracking_unless_configured(mlflow_store, tmp_path, monkeypatch):
+    mlflow, _ = mlflow_store
+    from torchdiff.integrations.mlflow import sqlite_tracking
+
+    before = mlflow.get_tracking_uri()
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", before)
+        assert sqlite_tracking(str(tmp_path / "x.db")) == before  # a configured store is kept
+        monkeypatch.delenv("MLFLOW_TRACKING_URI")
+        uri = sqlite_tracking(str(tmp_path / "x.db"))
+        assert uri == f"sqlite:///{tmp_path / 'x.db'}" and mlflow.get_tracking_uri() == uri
+    finally:
+        mlflow.set_tracking_uri(before)
 
 
 def test_report_logger_with_a_monitor(mlflow_store):

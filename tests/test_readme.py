@@ -31,6 +31,15 @@ def examples() -> list[tuple[str, list[str]]]:
     return found
 
 
+def braces(word: str) -> list[str]:
+    """The shell's brace expansion of one word (``step_{000,050}.pt``), as bash does it."""
+    found = re.search(r"\{([^{}]*,[^{}]*)\}", word)
+    if found is None:
+        return [word]
+    return [x for part in found.group(1).split(",")
+            for x in braces(word[:found.start()] + part + word[found.end():])]
+
+
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
     sys.path.insert(0, os.path.join(ROOT, "examples"))
@@ -47,12 +56,16 @@ def demo_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("command, shown", examples(), ids=[c for c, _ in examples()])
 def test_readme_example(command, shown, demo_dir, capsys, monkeypatch):
-    argv = shlex.split(command.split(";")[0].split("#")[0])[1:]
+    # The README names files where ./scripts/demo writes them (examples/data/); the
+    # fixture's folder holds the same files.
+    argv = [a.removeprefix("examples/data/") for word in shlex.split(command.split(";")[0].split("#")[0])[1:]
+            for a in braces(word)]
     files = [a for a in argv if re.search(r"\.(safetensors|pt|gguf)$", a)]
     if not all((demo_dir / f).exists() for f in files):
         pytest.skip("an illustration with files the demo does not make")
     monkeypatch.chdir(demo_dir)
     monkeypatch.setenv("NO_COLOR", "1")
+    monkeypatch.setenv("COLUMNS", "120")
     capsys.readouterr()
     assert main(argv) == 0
     out = capsys.readouterr().out.splitlines()

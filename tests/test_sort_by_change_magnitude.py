@@ -84,12 +84,23 @@ def test_structural_changes_follow_by_parameter_count_then_unchanged():
     assert [d.name for d in report] == ["changed", "removed", "reshaped", "added", "same_a", "same_b"]
 
 
-def test_undefined_and_infinite_keys_count_as_most_changed():
-    old = {"from_zero": torch.zeros(4), "small": torch.ones(4)}
-    new = {"from_zero": torch.ones(4), "small": torch.tensor([1.0, 1.0, 1.0, 1.1])}
-    for key in ("rel_l2", "cosine"):  # rel_l2 = ∞, cosine = NaN for a tensor that was all zero
+def test_zero_initialised_tensors_follow_the_measured_ones_by_l2():
+    # rel_l2 = ∞ and cosine = NaN for a tensor that was all zero: no relative change to rank
+    old = {"from_zero": torch.zeros(4), "bigger_from_zero": torch.zeros(4), "small": torch.ones(4)}
+    new = {"from_zero": torch.ones(4), "bigger_from_zero": torch.full((4,), 3.0),
+           "small": torch.tensor([1.0, 1.0, 1.0, 1.1])}
+    for key in ("rel_l2", "cosine", "nmse"):
         report = torchdiff.compare(old, new, sort_by_change_magnitude=True, sort_key=key)
-        assert [d.name for d in report][0] == "from_zero"
+        assert [d.name for d in report] == ["small", "bigger_from_zero", "from_zero"]
+    report = torchdiff.compare(old, new, sort_by_change_magnitude=True, sort_key="l2")
+    assert [d.name for d in report] == ["bigger_from_zero", "from_zero", "small"]
+
+
+def test_an_undefined_cosine_counts_as_most_changed():
+    old = {"to_zero": torch.ones(4), "small": torch.ones(4)}
+    new = {"to_zero": torch.zeros(4), "small": torch.tensor([1.0, 1.0, 1.0, 1.1])}
+    report = torchdiff.compare(old, new, sort_by_change_magnitude=True, sort_key="cosine")
+    assert [d.name for d in report][0] == "to_zero"
 
 
 @settings(max_examples=25, deadline=None)

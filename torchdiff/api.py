@@ -10,12 +10,12 @@ from typing import Any, Callable, Sequence
 
 from torchdiff import formats, mapping
 from torchdiff.engine import Engine, bytes_equal, resolve_device
-from torchdiff.errors import UsageError
+from torchdiff.errors import CorruptFileError, UsageError
 from torchdiff.formats.base import Checkpoint
-from torchdiff.pairing import compile_filters, pair, pair_metadata
+from torchdiff.pairing import check_selected, compile_filters, pair, pair_metadata
 from torchdiff.pipeline import (
-    CORE_OPTIONS, check_paths, compare_checkpoints, make_options, open_checkpoint, opened, unknown_option,
-    without_gc,
+    CORE_OPTIONS, check_paths, compare_checkpoints, make_options, open_checkpoint, opened, resolve,
+    unknown_option, without_gc,
 )
 from torchdiff.report import Report
 
@@ -43,7 +43,7 @@ def compare(
     gradient_analysis: bool = False, similarity_matrix: bool = False,
     epsilon: float = 0.0, ignore_keys_regex: str | None = None, path: str | None = None, format: str | None = None,
     recursive: bool = False, device: str = "auto", unsafe_pickle: bool = False, scope: str = "params",
-    histograms: int = 0, spectra: int = 0,
+    histograms: int = 0, spectra: int = 0, raw: bool = False, revision: str | None = None,
     map: str = "auto", map_heads: str | None = None, sort_key: str | None = None, layer_pattern: str | None = None, quantization_top_k: int = 10,
     fail_on_anomaly: str | None = None, plateau_threshold: float = 1e-3, plateau_steps: int = 2,
     lr: float = 0.0, cross_layer: bool = False, base: Any = None, sort: str | None = None,
@@ -64,6 +64,9 @@ def compare(
         recursive: compare two directories file by file.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         unsafe_pickle: allow pickles that need code (runs code from the file: trusted files only).
+        raw: compare stored values: int8/fp8 weights with scale companions are not dequantized
+            (by default they are, and a ``dequantized`` item lists them).
+        revision: branch, tag or commit of a Hugging Face Hub id given as ``old``/``new``.
         map: cross-format pairing: ``auto`` (a known name family on each side, e.g. HF ↔ GGUF),
             ``none``, a family name, or a YAML rule file (docs/MAPPING.md).
         map_heads: ``"HEADS,KV_HEADS"`` for rules whose head counts no metadata gives.
@@ -103,7 +106,7 @@ def compare(
 def differs(old: Any, new: Any, *, epsilon: float = 0.0, ignore_keys_regex: str | None = None,
             path: str | None = None, format: str | None = None, recursive: bool = False,
             device: str = "auto", unsafe_pickle: bool = False, map: str = "auto", map_heads: str | None = None,
-            **unknown: Any) -> bool:
+            revision: str | None = None, **unknown: Any) -> bool:
     """Whether two checkpoints differ, as cheaply as possible (--quiet, --brief).
 
     Names, shapes, dtypes and metadata first; then each common tensor's bytes,
@@ -113,14 +116,18 @@ def differs(old: Any, new: Any, *, epsilon: float = 0.0, ignore_keys_regex: str 
     _reject(unknown)
     options = make_options((), epsilon=epsilon, ignore_keys_regex=ignore_keys_regex, path=path, format=format,
                            recursive=recursive, device=device, unsafe_pickle=unsafe_pickle, map=map,
-                           map_heads=map_heads)
+                           map_heads=map_heads, revision=revision)
     engine = Engine(resolve_device(options.device), options.epsilon)
     with opened(old, new, options) as (old_ckpt, new_ckpt):
+        for ckpt in (old_ckpt, new_ckpt):  # -r: an unreadable file is an error here (no report to list it)
+            for message in ckpt.info.get("unreadable", {}).values():
+                raise CorruptFileError(message)
         keep = compile_filters(options.ignore_keys_regex, options.path)
-        if pair_metadata(old_ckpt.metadata, new_ckpt.metadata, keep):
-            return True
         old_ckpt, new_ckpt, _ = mapping.apply_mapping(old_ckpt, new_ckpt, options.map, heads=options.map_heads)
         pairs = pair(old_ckpt, new_ckpt, keep)
+        check_selected(pairs, old_ckpt, new_ckpt, options.ignore_keys_regex, options.path)
+        if pair_metadata(old_ckpt.metadata, new_ckpt.metadata, keep):
+            return True
         if any(p.kind != "common" or p.retyped for p in pairs):
             return True
         found = False
@@ -142,7 +149,7 @@ def inspect(
     gradient_analysis: bool = False, similarity_matrix: bool = False,
     epsilon: float = 0.0, ignore_keys_regex: str | None = None, path: str | None = None, format: str | None = None,
     recursive: bool = False, device: str = "auto", unsafe_pickle: bool = False, scope: str = "params",
-    histograms: int = 0, spectra: int = 0,
+    histograms: int = 0, spectra: int = 0, raw: bool = False, revision: str | None = None,
     map: str = "auto", map_heads: str | None = None, sort_key: str | None = None, layer_pattern: str | None = None, quantization_top_k: int = 10,
     fail_on_anomaly: str | None = None, plateau_threshold: float = 1e-3, plateau_steps: int = 2,
     lr: float = 0.0, cross_layer: bool = False, base: Any = None, sort: str | None = None,
@@ -156,6 +163,7 @@ def inspect(
     """
     _reject(unknown)
     options = _options(analyses, locals())
+    source = resolve(source, options)
     check_paths(source, source, options)
     engine = Engine(resolve_device(options.device), options.epsilon)
     ckpt = open_checkpoint(source, options)

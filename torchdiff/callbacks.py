@@ -511,6 +511,9 @@ class CheckpointMonitor:
         inspected = self._inspect(host, self.options)
         new_stats = {d.name: d.new for d in inspected.comparison.diffs}
         role_of = dict(zip(inspected.figures.names, inspected.figures.role))
+        # a tensor tied to another in the live model (pairing.annotate) counts once, as in the exact modes
+        ties = {d.name: d.extras["tied_to"]["new"] for d in inspected.comparison.diffs
+                if (d.extras.get("tied_to") or {}).get("new")}
         diffs = []
         for name, old in self._ref_stats.items():
             new = new_stats.get(name)
@@ -522,7 +525,8 @@ class CheckpointMonitor:
                 status = RETYPED
             else:
                 status = UNCHANGED if old == new else CHANGED
-            diffs.append(TensorDiff(name, status, old, new, None, {}, role_of.get(name) or role(name)))
+            extras = {"tied_to": {"old": ties[name], "new": ties[name]}} if name in ties else {}
+            diffs.append(TensorDiff(name, status, old, new, None, extras, role_of.get(name) or role(name)))
         for name, new in new_stats.items():
             if name not in self._ref_stats:
                 diffs.append(TensorDiff(name, ADDED, None, new, None, {}, role_of[name]))

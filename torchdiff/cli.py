@@ -25,6 +25,7 @@ COMMANDS = ("compare", "inspect", "series", "hash", "verify")
 CORE_FLAGS: dict[str, tuple[Any, str]] = {
     "all": (False, "run every analysis"),
     "output": ("text", "text | json | yaml | markdown | github (hash: the manifest file, -o)"),
+    "top": (0, "text: print at most N tensor lines, then '… and M more' (0: all)"),
     "epsilon": (0.0, "|Δ| ≤ EPSILON counts as unchanged"),
     "ignore_keys_regex": (None, "skip tensors (and metadata keys) whose name matches REGEX"),
     "path": (None, "only tensors whose name contains this substring"),
@@ -41,6 +42,8 @@ CORE_FLAGS: dict[str, tuple[Any, str]] = {
     "version": (False, "print the version and exit"),
     "dist_timeout": (300.0, "under torchrun: seconds a rank waits for the others at an exchange"),
     "unsafe_pickle": (False, "load pickles with weights_only=False: RUNS CODE from the file; only for files you trust"),
+    "raw": (False, "compare stored values: int8/fp8 weights with scale companions are not dequantized"),
+    "revision": (None, "branch, tag or commit of a Hugging Face Hub id given as OLD/NEW (gpt2, org/name)"),
     "scope": ("params", "what global, layer and summary figures cover: params | model | all"),
     "common_only": (False, "series: compare only the tensors every checkpoint holds (else refused)"),
     "policy": (None, "check the rules of a YAML policy file (compare, series); exit 1 when one fails"),
@@ -150,7 +153,9 @@ def parse_argv(argv: list[str]) -> Parsed:
 
 
 def _suggest(name: str, table: dict) -> str:
-    close = difflib.get_close_matches(name.replace("-", "_"), list(table), n=1, cutoff=0.6)
+    name = name.replace("-", "_")
+    prefixed = sorted(f for f in table if f.startswith(name)) if len(name) >= 3 else []
+    close = prefixed[:1] or difflib.get_close_matches(name, list(table), n=1, cutoff=0.6)
     return f" (did you mean --{close[0].replace('_', '-')}?)" if close else " (see torchdiff --help)"
 
 
@@ -186,6 +191,8 @@ class TorchDiffCLI:
             text = f"Checkpoints {old} and {new} differ" if differs and flags.get("brief") else None
             self.outcome = Outcome(text, EXIT_DIFFERENT if differs else EXIT_OK)
             return self.outcome if text else None
+        _check_top(flags)
+        _warn_inapplicable(flags, "a two-checkpoint compare")
         report = api.compare(str(old), str(new), progress=_progress(flags), **options)
         if report is None:  # a torchrun rank other than 0: it measured its share, rank 0 reports
             self.outcome = Outcome(None)
@@ -196,6 +203,8 @@ class TorchDiffCLI:
         """One checkpoint: every tensor's statistics, plus memory/anomaly/architecture analyses."""
         from torchdiff import api
 
+        _check_top(flags)
+        _warn_inapplicable(flags, "inspect")
         report = api.inspect(str(file), **_api_options(flags))
         if report is None:
             self.outcome = Outcome(None)
@@ -253,6 +262,11 @@ class TorchDiffCLI:
         code = EXIT_DIFFERENT if differs and (flags.get("exit_code") or flags.get("quiet") or flags.get("brief")) else EXIT_OK
         if any(a.failed for a in report.analyses):
             code = EXIT_DIFFERENT
+        unreadable = report.analysis(api_unreadable()) if hasattr(report, "analysis") else None
+        if unreadable is not None:  # -r: the rest was compared, but an input could not be read
+            for item in unreadable.data["files"]:
+                print(f"torchdiff: error: {item['error']}", file=sys.stderr)
+            code = EXIT_ERROR
         if flags.get("quiet"):
             text = None
         elif flags.get("brief"):
@@ -261,9 +275,38 @@ class TorchDiffCLI:
             text = f"Checkpoints{names} differ" if differs else None
         else:
             fmt = flags.get("output", "text")
-            text = render(report, fmt, color=fmt == "text" and use_color(flags.get("no_color", False)))
+            color = fmt == "text" and use_color(flags.get("no_color", False))
+            if fmt == "text" and getattr(report, "comparison", None) is not None:
+                from torchdiff.render.text import render_text
+
+                text = render_text(report, color=color, top=flags.get("top") or None)
+            else:
+                text = render(report, fmt, color=color)
         self.outcome = Outcome(text, code)
         return self.outcome if text else None
+
+
+#: Options that only a series uses; given to compare or inspect they would do nothing.
+SERIES_ONLY = ("sort", "plateau_threshold", "plateau_steps")
+
+
+def _warn_inapplicable(flags: dict[str, Any], what: str) -> None:
+    """One stderr line per flag that has no effect on ``what`` (never silent)."""
+    for name in SERIES_ONLY:
+        if name in flags:
+            print(f"torchdiff: warning: --{name.replace('_', '-')} applies to a series "
+                  f"(torchdiff series C1 C2 C3 ...) and does nothing on {what}", file=sys.stderr)
+
+
+def _check_top(flags: dict[str, Any]) -> None:
+    if flags.get("top", 0) < 0:
+        raise _usage(f"--top must be a whole number ≥ 0 (0 prints every tensor line), got {flags['top']}")
+
+
+def api_unreadable() -> str:
+    from torchdiff.pipeline import UNREADABLE
+
+    return UNREADABLE
 
 
 def _api_options(flags: dict[str, Any], series: bool = False, policy: Any = None) -> dict[str, Any]:
@@ -272,7 +315,8 @@ def _api_options(flags: dict[str, Any], series: bool = False, policy: Any = None
     from torchdiff import distributed
 
     cli_only = {"all", "output", "quiet", "brief", "exit_code", "no_color", "verbose", "version", "help",
-                "policy", "cast", "allow_cast", "tolerance", "shards", "report", "plots", "dist_timeout"}
+                "policy", "cast", "allow_cast", "tolerance", "shards", "report", "plots", "dist_timeout",
+                "top"}
     options = {k: v for k, v in flags.items() if k not in cli_only}
     if distributed.active() is not None:  # each rank on its own GPU (cuda:LOCAL_RANK)
         options["device"] = distributed.engine_device(options.get("device", "auto"))
@@ -360,14 +404,20 @@ def _progress(flags: dict[str, Any]):
 
 _PLACEHOLDERS = {"fail_on_anomaly": "SEVERITY", "output": "FORMAT", "epsilon": "E", "path": "SUBSTRING",
                  "map": "auto|none|FILE", "map_heads": "Q,KV", "policy": "FILE", "cast": "DTYPE",
-                 "tolerance": "rel_l2=X", "report": "FILE", "plots": "DIR", "spectra": "K"}
+                 "tolerance": "rel_l2=X", "report": "FILE", "plots": "DIR", "spectra": "K", "top": "N"}
 
 
-def help_text() -> str:
+def help_text(width: int | None = None) -> str:
+    """The --help screen, wrapped to the terminal (``COLUMNS``), 100 columns at most."""
+    import shutil
+    import textwrap
+
+    width = width or min(shutil.get_terminal_size((100, 24)).columns, 100)
     table = _flag_table()
     from torchdiff.analyses import ANALYSES
 
     analysis_flags = {m.FLAG for m in ANALYSES.values()}
+    short = {name: flag for flag, name in SHORT.items()}
     lines = [
         "usage: torchdiff OLD NEW [flags]          compare two checkpoints",
         "       torchdiff inspect FILE [flags]     one checkpoint",
@@ -375,25 +425,36 @@ def help_text() -> str:
         "       torchdiff hash CKPT [-o MANIFEST] [--cast DTYPE]   per-tensor fingerprints",
         "       torchdiff verify MANIFEST CKPT|MANIFEST [--allow-cast] [--tolerance rel_l2=X] [--shards]",
         "",
-        "Formats: safetensors, sharded HF (index.json), .pt .pth .bin .ckpt, .npy .npz, .mat, .gguf",
+        "OLD and NEW: files, sharded HF checkpoints (index.json or a folder), or Hugging Face Hub ids",
+        "(gpt2, org/name; a path that exists wins). Formats: safetensors, .pt .pth .bin .ckpt, .npy .npz,",
+        ".mat, .gguf",
         "",
         "Analyses:",
     ]
+    column = 34
+
+    def entry(left: str, text: str) -> list[str]:
+        left = f"  {left}"
+        wrapped = textwrap.wrap(text, max(width - column, 30)) or [""]
+        if len(left) >= column:
+            return [left] + [" " * column + w for w in wrapped]
+        return [left.ljust(column) + wrapped[0]] + [" " * column + w for w in wrapped[1:]]
+
     for name in sorted(analysis_flags):
-        lines.append(f"  --{name.replace('_', '-'):32s} {table[name][1]}")
+        lines += entry(f"--{name.replace('_', '-')}", table[name][1])
     lines.append("")
     lines.append("Options:")
     for name, (default, text) in table.items():
         if name in analysis_flags:
             continue
         value = "" if isinstance(default, bool) else " " + _PLACEHOLDERS.get(name, name.upper().split("_")[-1])
-        lines.append(f"  --{(name.replace('_', '-') + value):32s} {text}")
-    lines += [
-        "",
-        "Exit codes: 0 ran (differences or not); 1 differences found with --exit-code, --quiet or",
-        "--brief, a finding at --fail-on-anomaly's severity, a failed --policy rule, or a verify",
-        "mismatch; 2 bad usage, a bad policy file, or unreadable input.",
-    ]
+        flag = f"--{name.replace('_', '-')}{value}"
+        lines += entry(f"{short[name]}, {flag}" if name in short else flag, text)
+    lines.append("")
+    lines += textwrap.wrap(
+        "Exit codes: 0 ran (differences or not); 1 differences found with --exit-code, --quiet or --brief, "
+        "a finding at --fail-on-anomaly's severity, a failed --policy rule, or a verify mismatch; "
+        "2 bad usage, a bad policy file, or unreadable input.", width)
     return "\n".join(lines)
 
 

@@ -424,7 +424,15 @@ def summary_mask(fig: Figures, scope: str) -> np.ndarray:
     """The rows global and layer figures cover: same-shape float pairs in ``scope``
     (measured pairs; with statistics only, tensors of one shape on both sides)."""
     both = fig.float_pairs() if fig.values_kept else fig.float_sides()
-    return both & fig.in_scope(scope) & fig.status_mask(CHANGED, UNCHANGED, RETYPED)
+    wanted = fig.in_scope(scope) & fig.status_mask(CHANGED, UNCHANGED, RETYPED)
+    mask = both & wanted
+    for i, extras in fig.extras.items():  # sparse: rows pairing.annotate marked
+        tied = extras.get("tied_to") or {}
+        if tied.get("old") and tied.get("new"):
+            mask[i] = False  # a tied copy of another row: its values count once, there
+        elif extras.get("dequantized") and fig.measured[i]:
+            mask[i] = wanted[i]  # integer codes measured as their dequantized float values
+    return mask
 
 
 def global_figures(fig: Figures, scope: str = "params") -> GroupFigures | None:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torchdiff.errors import UsageError
-from torchdiff.formats.base import Checkpoint, TensorHandle
+from torchdiff.formats.base import Checkpoint, TensorHandle, stored_bytes
 from torchdiff.names import PARAMETER, roles
 
 
@@ -114,18 +114,113 @@ def _without(ckpt: Checkpoint, prefix: str) -> Checkpoint:
 
 def pair(old: Checkpoint, new: Checkpoint, keep=None) -> list[Pair]:
     """Pair tensors by name: old's order first, then names only new has. Each pair's role
-    comes from torchdiff.names.roles over both checkpoints (a side's own dtype first)."""
+    comes from torchdiff.names.roles over both checkpoints (a side's own dtype first).
+
+    A name one side holds and the other side knows only as tied (``Checkpoint.ties``:
+    a duplicate the file dropped) pairs with the tensor it is tied to, marked
+    ``tied_to``: tied, not added or removed.
+    """
     specs = {name: (h.storage_dtype, len(h.shape)) for name, h in new.tensors.items()}
     specs.update((name, (h.storage_dtype, len(h.shape))) for name, h in old.tensors.items())
     role_of = roles(specs)
     pairs: list[Pair] = []
     for name, handle in old.tensors.items():
         if keep is None or keep(name):
-            pairs.append(Pair(name, handle, new.tensors.get(name), role_of[name]))
+            pairs.append(Pair(name, handle, new.tensors.get(name) or _tied(new, name), role_of[name]))
     for name, handle in new.tensors.items():
         if name not in old.tensors and (keep is None or keep(name)):
-            pairs.append(Pair(name, None, handle, role_of[name]))
+            pairs.append(Pair(name, _tied(old, name), handle, role_of[name]))
     return pairs
+
+
+def _tied(ckpt: Checkpoint, name: str) -> TensorHandle | None:
+    """The handle standing for a dropped tied name: its target's, renamed and marked."""
+    target = ckpt.ties.get(name)
+    handle = ckpt.tensors.get(target) if target is not None else None
+    if handle is None:
+        return None
+    return replace(handle, name=name, tied_to=target, storage_key=None, storage_nbytes=None)
+
+
+def check_selected(pairs: list[Pair], old: Checkpoint, new: Checkpoint, ignore_keys_regex: str | None,
+                   path: str | None) -> None:
+    """A filter that selects no tensor is a usage error naming the filter (a typo in a CI
+    gate must not pass as "0 tensors")."""
+    if pairs or not (ignore_keys_regex or path) or not (old.tensors or new.tensors):
+        return
+    given = " and ".join(f for f in (f"--path {path!r}" if path else "",
+                                     f"--ignore-keys-regex {ignore_keys_regex!r}" if ignore_keys_regex else "") if f)
+    total = len(set(old.tensors) | set(new.tensors))
+    example = next(iter(new.tensors or old.tensors))
+    raise UsageError(f"{given} selects no tensor of the {total} compared (a name looks like {example!r})")
+
+
+def annotate(pairs: list[Pair], diffs: list) -> list:
+    """Diffs with ``extras["tied_to"]`` (``{"old": name|None, "new": name|None}``) for tied
+    tensors, ``extras["dequantized"]`` (the sides read as dequantized codes) and
+    ``extras["stored_nbytes"]`` (``{"old": n, "new": n}``) where the bytes the file holds
+    for a tensor differ from its own (a storage shared or larger than the view): the
+    pieces that count parameters once and bytes as stored. Diffs without any of these
+    are returned as they are (one cheap pass over the handles)."""
+    special = []
+    for p in pairs:  # the common case (nothing tied, shared or dequantized) in one tight pass
+        for h in (p.old, p.new):
+            if h is not None and (h.tied_to is not None or h.storage_key is not None
+                                  or (h.storage_dtype.startswith(_CODES) and h.dtype.is_floating_point)):
+                special.append(p)
+                break
+    if not special:
+        return diffs
+    stored = {}
+    for side in ("old", "new"):
+        held = [(p.name, getattr(p, side)) for p in pairs if getattr(p, side) is not None]
+        if any(h.storage_key is not None or h.tied_to is not None for _, h in held):
+            stored[side] = stored_bytes([h for _, h in held], [n for n, _ in held])  # pair names: -r prefixes them
+    found: dict[str, dict] = {}
+    for p in special:
+        extras = {}
+        tied_to = {"old": getattr(p.old, "tied_to", None), "new": getattr(p.new, "tied_to", None)}
+        if tied_to["old"] or tied_to["new"]:
+            extras["tied_to"] = tied_to
+        deq = [side for side in ("old", "new") if _dequantized(getattr(p, side))]
+        if deq:
+            extras["dequantized"] = deq
+        nbytes = {side: stored[side][p.name] for side in stored if getattr(p, side) is not None}
+        if any(n != getattr(p, side).nbytes for side, n in nbytes.items()):
+            extras["stored_nbytes"] = {side: nbytes.get(side, getattr(p, side).nbytes)
+                                       for side in ("old", "new") if getattr(p, side) is not None}
+        if extras:
+            found[p.name] = extras
+    if not found:
+        return diffs
+    names = getattr(diffs, "names", None)
+    if names is not None and isinstance(getattr(diffs, "extras", None), dict):  # the columnar Figures: in place
+        rows = {n: i for i, n in enumerate(names)}
+        for name, extra in found.items():
+            diffs.extras.setdefault(rows[name], {}).update(extra)
+        return diffs
+    # a list of TensorDiffs, maybe in another order than the pairs: match by name
+    return [replace(d, extras={**d.extras, **found[d.name]}) if d.name in found else d for d in diffs]
+
+
+_CODES = ("int", "uint", "float8")  # storage dtypes of quantization codes
+
+
+def _dequantized(handle: TensorHandle | None) -> bool:
+    """Integer (or float8) codes read as float values (torchdiff.dequant folded a scale in)."""
+    return (handle is not None and handle.dtype.is_floating_point
+            and handle.storage_dtype.startswith(_CODES))
+
+
+def tied(d, side: str) -> bool:
+    """Whether a TensorDiff's ``side`` is a tied copy of another tensor (count it once)."""
+    return bool((d.extras.get("tied_to") or {}).get(side))
+
+
+def stored_nbytes(d, side: str) -> int:
+    """Bytes the file holds for a TensorDiff's ``side`` (each storage counted once)."""
+    found = (d.extras.get("stored_nbytes") or {}).get(side)
+    return found if found is not None else getattr(d, side).nbytes
 
 
 def pair_metadata(old: dict, new: dict, keep=None) -> list[tuple[str, str, object, object]]:

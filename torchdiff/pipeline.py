@@ -18,13 +18,14 @@ from typing import Any, Callable
 from torchdiff import formats, mapping
 from torchdiff.analyses import ANALYSES, FLAGS, analysis_names, options_defaults
 from torchdiff.engine import Engine
-from torchdiff.errors import InputNotFoundError, UsageError
+from torchdiff.dequant import dequantize_pair, dequantized_result
+from torchdiff.errors import CorruptFileError, InputNotFoundError, TorchDiffError, UsageError
 from torchdiff.figures import Comparison
 from torchdiff.formats.base import Checkpoint
 from torchdiff.names import check_scope
-from torchdiff.pairing import compile_filters, drop_prefix, pair, pair_metadata
+from torchdiff.pairing import annotate, check_selected, compile_filters, drop_prefix, pair, pair_metadata
 from torchdiff.report import Report
-from torchdiff.results import AnalysisResult, MetadataDiff
+from torchdiff.results import AnalysisResult, MetadataDiff, Table
 from torchdiff.status import PRESENT
 
 #: Options every comparison takes, with defaults (analysis options come from their modules).
@@ -42,7 +43,12 @@ CORE_OPTIONS: dict[str, Any] = {
     "histograms": 0,  # value histograms of the top-k changed tensors (torchdiff.histograms)
     "spectra": 0,  # singular values of Δ for the top-k changed matrices (torchdiff.spectra)
     "process_group": None,  # torch.distributed group: tensors are DTensors sharded over it (docs/DISTRIBUTED.md)
+    "raw": False,  # compare stored values: no dequantization of int8/fp8 weights with scale companions
+    "revision": None,  # a Hugging Face Hub id's branch, tag or commit (formats/hub.py)
 }
+
+#: The item naming the files of a -r comparison that could not be read.
+UNREADABLE = "unreadable_files"
 
 
 def without_gc(func):
@@ -134,15 +140,30 @@ def open_checkpoint(source: Any, options: Options) -> Checkpoint:
         path = os.fspath(source)
         if options.get("recursive") and os.path.isdir(path):
             return load_directory(path, options)
-        if options.get("unsafe_pickle"):
-            return formats.load(path, options.get("format"), unsafe_pickle=True)
-        return formats.load(path, options.get("format"))
+        ckpt = _load(path, options)
+        if not ckpt.tensors:
+            ckpt.close()
+            what = f"{len(ckpt.metadata)} non-tensor values" if ckpt.metadata else "nothing"
+            raise CorruptFileError(f"{path}: no tensors found (the file holds {what}; "
+                                   "a checkpoint to compare holds tensors)")
+        return ckpt
     return formats.from_object(source)
 
 
+def _load(path: str, options: Options) -> Checkpoint:
+    if options.get("unsafe_pickle"):
+        return formats.load(path, options.get("format"), unsafe_pickle=True)
+    return formats.load(path, options.get("format"))
+
+
 def load_directory(root: str, options: Options) -> Checkpoint:
-    """Every checkpoint file under ``root`` as one Checkpoint; names ``relpath:tensor``."""
-    tensors, metadata, closers, files = {}, {}, [], {}
+    """Every checkpoint file under ``root`` as one Checkpoint; names ``relpath:tensor``.
+
+    Every option reaches each file (``format``, ``unsafe_pickle``). A file that cannot be
+    read does not stop the others: its error is kept in ``info["unreadable"]``
+    (relpath -> message), reported as an item, and the CLI exits 2.
+    """
+    tensors, metadata, closers, files, unreadable = {}, {}, [], {}, {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for filename in sorted(filenames):
@@ -151,7 +172,11 @@ def load_directory(root: str, options: Options) -> Checkpoint:
                 continue
             full = os.path.join(dirpath, filename)
             rel = os.path.relpath(full, root).replace(os.sep, "/")
-            ckpt = formats.load(full, options.get("format"))
+            try:
+                ckpt = _load(full, options)
+            except TorchDiffError as e:
+                unreadable[rel] = str(e)
+                continue
             closers.append(ckpt.close)
             files.update(ckpt.files)
             for name, handle in ckpt.tensors.items():
@@ -159,9 +184,23 @@ def load_directory(root: str, options: Options) -> Checkpoint:
             for key, value in ckpt.metadata.items():
                 metadata[f"{rel}:{key}"] = value
     if not tensors and not metadata:
+        for close in closers:
+            close()
+        if unreadable:
+            raise CorruptFileError(next(iter(unreadable.values())))
         raise InputNotFoundError(f"{root}: no checkpoint files found (extensions read: {', '.join(formats.extensions)})")
     return Checkpoint(name=root, format="directory", tensors=tensors, metadata=metadata, _closers=closers,
-                      files=files)
+                      files=files, info={"unreadable": unreadable} if unreadable else {})
+
+
+def resolve(source: Any, options: Options) -> Any:
+    """A Hugging Face Hub id (a string that is no existing path: ``gpt2``, ``org/name``)
+    as its local snapshot folder; anything else unchanged (formats/hub.py)."""
+    if isinstance(source, str) and not os.path.exists(source):
+        from torchdiff.formats import hub
+
+        return hub.resolve_source(source, options.get("revision"))
+    return source
 
 
 def check_paths(old: Any, new: Any, options: Options) -> None:
@@ -178,6 +217,7 @@ def check_paths(old: Any, new: Any, options: Options) -> None:
 @contextlib.contextmanager
 def opened(old: Any, new: Any, options: Options):
     """Both checkpoints, opened after checking the paths, closed however the block ends."""
+    old, new = resolve(old, options), resolve(new, options)
     check_paths(old, new, options)
     old_ckpt = open_checkpoint(old, options)
     try:
@@ -203,6 +243,9 @@ def compare_checkpoints(old: Checkpoint, new: Checkpoint, options: Options, engi
     Raises CorruptFileError if an input file changed while it was being read.
     """
     files = {**old.files, **new.files}
+    unreadable = _unreadable(old, new)
+    if not options.get("raw"):  # int8/fp8 weights with scale companions compare as the values they stand for
+        old, new = dequantize_pair(old, new, options)
     mapped = None
     dropped = ("", "")
     if mode == "pair":  # a DCP side's model./module. prefix the other side lacks (docs/FORMATS.md)
@@ -217,6 +260,7 @@ def compare_checkpoints(old: Checkpoint, new: Checkpoint, options: Options, engi
             old, new = prepare(old, new, options, state[name])
     keep = compile_filters(options.ignore_keys_regex, options.path)
     pairs = pair(old, new, keep)
+    check_selected(pairs, old, new, options.ignore_keys_regex, options.path)
     hooks = [h for name, module in zip(options.analyses, modules)
              for h in (getattr(module, "hooks", None) or _no_hooks)(options, state[name]) or []]
     formats.check_unchanged(files)
@@ -229,6 +273,8 @@ def compare_checkpoints(old: Checkpoint, new: Checkpoint, options: Options, engi
         figures = distributed.run(ctx, engine, pairs, hooks=hooks, progress=_checking(files, progress))
     else:
         figures = engine.run(pairs, hooks=hooks, progress=_checking(files, progress))
+    if figures is not None:  # ties and dequantization marks (pairing.annotate)
+        figures = annotate(pairs, figures)
     if figures is not None and (options.get("histograms") or options.get("spectra")):  # --report / --plots
         from torchdiff.histograms import add_pictures
 
@@ -250,10 +296,12 @@ def compare_checkpoints(old: Checkpoint, new: Checkpoint, options: Options, engi
     report = build_report(comparison, options, state)
     if mapped is not None:  # the mapping's own section comes first
         report = dataclasses.replace(report, analyses=(mapped.to_result(),) + report.analyses)
+    extra = tuple(r for r in (dequantized_result(options), unreadable) if r is not None)
     if any(dropped):
-        report = dataclasses.replace(report, analyses=(_pairing_result(old, new, dropped),) + report.analyses)
+        extra = (_pairing_result(old, new, dropped),) + extra
+    if extra:  # what pairing dropped, what was dequantized, what could not be read: before the analyses
+        report = dataclasses.replace(report, analyses=extra + report.analyses)
     return report
-
 
 def _pairing_result(old: Checkpoint, new: Checkpoint, dropped: tuple[str, str]) -> AnalysisResult:
     """What pairing dropped, as a section named ``pairing`` (a text section, a JSON item)."""
@@ -262,6 +310,17 @@ def _pairing_result(old: Checkpoint, new: Checkpoint, dropped: tuple[str, str]) 
         name="pairing", headline={"dropped_prefix": prefix, "side": side}, data={"old_prefix": dropped[0], "new_prefix": dropped[1]},
         notes=(f"paired names with the prefix {prefix!r} dropped from the {side} side ({name})",),
     )
+
+
+def _unreadable(old: Checkpoint, new: Checkpoint) -> AnalysisResult | None:
+    """The files of a -r comparison that could not be read, as one item (the CLI exits 2)."""
+    found = [(side, rel, message) for side, ckpt in (("old", old), ("new", new))
+             for rel, message in ckpt.info.get("unreadable", {}).items()]
+    if not found:
+        return None
+    return AnalysisResult(UNREADABLE, {"files": len(found)},
+                          {"files": [{"side": s, "path": r, "error": m} for s, r, m in found]},
+                          tables=(Table("Unreadable files", ("side", "file", "error"), tuple(found)),))
 
 
 def _no_hooks(options, state) -> list:

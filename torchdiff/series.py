@@ -130,7 +130,7 @@ def compare_series(
     gradient_analysis: bool = False, similarity_matrix: bool = False,
     epsilon: float = 0.0, ignore_keys_regex: str | None = None, path: str | None = None, format: str | None = None,
     recursive: bool = False, unsafe_pickle: bool = False, scope: str = "params",
-    histograms: int = 0, spectra: int = 0,
+    histograms: int = 0, spectra: int = 0, raw: bool = False, revision: str | None = None,
     map: str = "auto", map_heads: str | None = None, sort_key: str | None = None, layer_pattern: str | None = None, quantization_top_k: int = 10,
     fail_on_anomaly: str | None = None, plateau_threshold: float = 1e-3, plateau_steps: int = 2,
     cross_layer: bool = False, common_only: bool = False, process_group: Any = None,

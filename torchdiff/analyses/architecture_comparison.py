@@ -24,6 +24,7 @@ from torchdiff.names import (
     block_index, is_attention, is_float_storage, is_optimizer_state, is_position_embedding, is_recurrent, kind,
     layer_of, parts,
 )
+from torchdiff.pairing import tied
 from torchdiff.results import ADDED, REMOVED, RESHAPED, AnalysisResult, Table
 
 NAME = "architecture_comparison"
@@ -143,7 +144,7 @@ def _model_tensors(comp: Comparison, side: str) -> list[tuple[str, Any]]:
     out = []
     for d in comp.diffs:
         s = getattr(d, side)
-        if s is not None and not is_optimizer_state(d.name):
+        if s is not None and not is_optimizer_state(d.name) and not tied(d, side):  # a tied tensor counts once
             out.append((d.name, s))
     return out
 
@@ -393,7 +394,7 @@ def analyze(comparison: Comparison, options, state: dict) -> AnalysisResult:
     back = {b: a for a, b in renames}  # renamed tensors are grouped under their old names
     new_groups: Counter = Counter()
     for d in model:
-        if d.new is not None:
+        if d.new is not None and not tied(d, "new"):
             new_groups[layer_of(back.get(d.name, d.name))] += d.new.numel
     old_groups = old_info["params_by_group"]
     groups = list(dict.fromkeys(list(old_groups) + list(new_groups)))

@@ -18,6 +18,7 @@ from typing import Any
 
 from torchdiff.names import is_float_storage, is_optimizer_state, kind, layer_of, parts
 from torchdiff.figures import Comparison
+from torchdiff.pairing import stored_nbytes, tied
 from torchdiff.results import AnalysisResult, Table
 
 NAME = "memory_analysis"
@@ -50,6 +51,9 @@ def _is_parameter(name: str, s) -> bool:
 
 def _side(comp: Comparison, side: str) -> dict[str, Any] | None:
     """Exact byte counts of one side."""
+    # Bytes as the file holds them: each storage once (tied weights, slices of a larger
+    # saved storage: pairing.stored_nbytes); parameters of a tied tensor count once.
+    stored = {d.name: (stored_nbytes(d, side), tied(d, side)) for d in comp.diffs if getattr(d, side) is not None}
     tensors = [(d.name, getattr(d, side)) for d in comp.diffs if getattr(d, side) is not None]
     if not tensors and side == "old" and comp.mode == "inspect":
         return None
@@ -59,24 +63,27 @@ def _side(comp: Comparison, side: str) -> dict[str, Any] | None:
     model_bytes = optimizer_bytes = float_params = float_bytes = other_bytes = 0
     optimizer_tensors = quantized = 0
     for name, s in tensors:
+        nbytes, is_tied = stored[name]
         e = by_dtype[s.dtype]
         e["tensors"] += 1
-        e["params"] += s.numel
-        e["bytes"] += s.nbytes
+        e["params"] += 0 if is_tied else s.numel
+        e["bytes"] += nbytes
         if is_optimizer_state(name):
-            optimizer_bytes += s.nbytes
+            optimizer_bytes += nbytes
             optimizer_tensors += 1
-            by_layer[OPTIMIZER_ROW] += s.nbytes
-            by_slot[parts(name)[-1] if parts(name) else name] += s.nbytes
+            by_layer[OPTIMIZER_ROW] += nbytes
+            by_slot[parts(name)[-1] if parts(name) else name] += nbytes
             continue
-        model_bytes += s.nbytes
-        by_layer[layer_of(name)] += s.nbytes
+        model_bytes += nbytes
+        by_layer[layer_of(name)] += nbytes
+        if is_tied:
+            continue
         if _is_parameter(name, s):
             float_params += s.numel
-            float_bytes += s.nbytes
+            float_bytes += nbytes
             quantized += not is_float_storage(s.dtype)
         else:
-            other_bytes += s.nbytes
+            other_bytes += nbytes
     total = model_bytes + optimizer_bytes
     largest = sorted(tensors, key=lambda t: (-t[1].nbytes, t[0]))[:LARGEST]
     return {

@@ -37,13 +37,13 @@ precision figures; their bytes still count.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from torchdiff.dequant import Detected, dequantize_checkpoint, fit_scale  # noqa: F401 - fit_scale: public here since 0.1
 from torchdiff.errors import UsageError
-from torchdiff.formats.base import Checkpoint, TensorHandle
+from torchdiff.formats.base import Checkpoint
 from torchdiff.results import ADDED, REMOVED, RESHAPED, AnalysisResult, Table
 
 NAME = "quantization_analysis"
@@ -73,13 +73,6 @@ _CANONICAL = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfl
               "I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64"}
 _FLOAT_NAMES = {"float64", "float32", "float16", "bfloat16"}
 _INT_NAMES = {"int8", "uint8", "int16", "int32", "int64", "uint16", "uint32", "uint64", "bool"}
-_QUANT_WEIGHT_DTYPES = {torch.int8, torch.uint8, torch.int16} | {
-    dt for dt in (getattr(torch, n, None) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
-                                                    "float8_e5m2fnuz")) if dt is not None
-}
-_SCALE_SUFFIXES = ("_scale", ".scale", "_scale_inv", ".scale_inv")
-_ZERO_SUFFIXES = ("_zero_point", ".zero_point", "_zp", ".zp")
-_BNB4_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
 _LOOKED_FOR = "W_scale, W.scale, W_scale_inv, W.scale_inv, <module>.SCB"
 
 
@@ -123,145 +116,7 @@ def validate(options) -> None:
         raise UsageError(f"--quantization-top-k must be a whole number ≥ 0, got {k!r}")
 
 
-# ---- prepare: detect companions, wrap weights with dequantizing handles ------------
-
-
-@dataclass(frozen=True, slots=True)
-class Detected:
-    """What prepare() found for one weight on one side."""
-
-    scheme: str
-    companions: tuple[str, ...]
-    error: str | None = None  # why it could not be dequantized
-
-
-def fit_scale(wshape: tuple[int, ...], sshape: tuple[int, ...]):
-    """How a scale (or zero point) of shape ``sshape`` maps onto a weight of ``wshape``.
-
-    Returns ``(granularity, expand)`` where ``expand(scale)`` broadcasts against the
-    weight, or an error string.
-    """
-    n = math.prod(sshape)
-    if n == 1:
-        return "per-tensor", lambda s: s.reshape(())
-    if wshape and len(sshape) == 1 and sshape[0] == wshape[0]:
-        return "per-channel", lambda s: s.reshape((wshape[0],) + (1,) * (len(wshape) - 1))
-    if wshape and len(sshape) == len(wshape):
-        if all(sd in (1, wd) for sd, wd in zip(sshape, wshape)):
-            axes = [i for i, (sd, wd) in enumerate(zip(sshape, wshape)) if sd == wd and sd != 1]
-            label = "per-channel" if axes == [0] else f"per-channel (axes {','.join(map(str, axes))})"
-            return label, lambda s: s.reshape(sshape)
-        if all(sd > 0 for sd in sshape):
-            blocks = [-(-wd // sd) for sd, wd in zip(sshape, wshape)]
-            if all(-(-wd // b) == sd for b, sd, wd in zip(blocks, sshape, wshape)):
-                def expand(s: torch.Tensor) -> torch.Tensor:
-                    for dim, b in enumerate(blocks):
-                        if b > 1:
-                            s = s.repeat_interleave(b, dim=dim)
-                    return s[tuple(slice(0, wd) for wd in wshape)]
-
-                return "block " + "×".join(map(str, blocks)), expand
-    return (f"scale shape {list(sshape)} fits no layout of weight shape {list(wshape)} "
-            f"(one value, one per output channel, or one per block)")
-
-
-def _dequantizer(weight: TensorHandle, scale: TensorHandle, expand, zero: TensorHandle | None, zexpand,
-                 divisor: float) -> Callable[[], torch.Tensor]:
-    def materialize() -> torch.Tensor:
-        q = weight.materialize().to(torch.float32)
-        if zero is not None:
-            q = q - zexpand(zero.materialize().to(torch.float32))
-        out = q * expand(scale.materialize().to(torch.float32))
-        return out / divisor if divisor != 1 else out
-
-    return materialize
-
-
-def _first(names, tensors) -> str | None:
-    for name in names:
-        if name in tensors:
-            return name
-    return None
-
-
-def _detect(name: str, handle: TensorHandle, tensors: dict[str, TensorHandle]):
-    """(Detected, new handle) for a weight with companions, else None."""
-    module = name.rsplit(".", 1)[0] if "." in name else ""
-    prefix = f"{module}." if module else ""
-    bnb4 = [name + s for s in _BNB4_SUFFIXES if name + s in tensors]
-    bnb4 += [k for k in tensors if k.startswith(f"{name}.quant_state.")]
-    if bnb4 and handle.dtype == torch.uint8:
-        fmt = next((k.rsplit("__", 1)[-1] for k in bnb4 if "__" in k), "4-bit")
-        return Detected(f"bitsandbytes {fmt}", tuple(bnb4),
-                        f"bitsandbytes {fmt} packs 4-bit codes with a quant_map; its layout is not dequantized here"), None
-    leaf = name.rsplit(".", 1)[-1]
-    scb = _first(((f"{prefix}SCB",) if leaf == "weight" else ()) + (f"{name}.SCB",), tensors)
-    scale_name = scb or _first([name + s for s in _SCALE_SUFFIXES], tensors)
-    if scale_name is None:
-        return None
-    scale = tensors[scale_name]
-    if not scale.dtype.is_floating_point or scale_name == name:
-        return None
-    companions = [scale_name]
-    if scb and f"{prefix}weight_format" in tensors:
-        companions.append(f"{prefix}weight_format")
-    zero_name = None if scb else _first([name + s for s in _ZERO_SUFFIXES], tensors)
-    if zero_name is not None:
-        companions.append(zero_name)
-    storage = handle.storage_dtype
-    if handle.dtype not in _QUANT_WEIGHT_DTYPES:
-        if handle.dtype.is_floating_point:
-            return None  # a float tensor that happens to have a *_scale neighbour
-        return Detected(f"{storage} + scale", tuple(companions),
-                        f"{storage} weights with a scale are packed sub-byte codes; that layout is not dequantized here"), None
-    fitted = fit_scale(tuple(handle.shape), tuple(scale.shape))
-    if isinstance(fitted, str):
-        return Detected(f"{storage} + scale", tuple(companions), fitted), None
-    granularity, expand = fitted
-    zero, zexpand = None, None
-    if zero_name is not None:
-        zfit = fit_scale(tuple(handle.shape), tuple(tensors[zero_name].shape))
-        if isinstance(zfit, str):
-            return Detected(f"{storage} + scale", tuple(companions), "zero point: " + zfit), None
-        zero, zexpand = tensors[zero_name], zfit[1]
-    if scb:
-        scheme = f"{storage} per-channel (bitsandbytes SCB)"
-    else:
-        scheme = f"{storage} {granularity}"
-        if scale_name.endswith("scale_inv"):
-            scheme += " (scale_inv)"
-        if zero is not None:
-            scheme += " + zero point"
-    wrapped = TensorHandle(
-        name=name, shape=tuple(handle.shape), dtype=torch.float32,
-        nbytes=handle.nbytes + sum(tensors[c].nbytes for c in companions),
-        materialize=_dequantizer(handle, scale, expand, zero, zexpand, 127.0 if scb else 1.0),
-        storage_dtype=storage, mapped=False,
-    )
-    return Detected(scheme, tuple(companions)), wrapped
-
-
-def dequantize_checkpoint(ckpt: Checkpoint) -> tuple[Checkpoint, dict[str, Detected]]:
-    """Fold companions into their weights (headers only; values dequantize lazily)."""
-    found: dict[str, Detected] = {}
-    replaced: dict[str, TensorHandle] = {}
-    for name, handle in ckpt.tensors.items():
-        if not handle.shape or (handle.dtype.is_floating_point and handle.dtype not in _QUANT_WEIGHT_DTYPES):
-            continue
-        hit = _detect(name, handle, ckpt.tensors)
-        if hit is None:
-            continue
-        detected, wrapped = hit
-        if wrapped is None:  # cannot dequantize: keep the raw codes, count the companions' bytes
-            wrapped = replace(handle, nbytes=handle.nbytes + sum(ckpt.tensors[c].nbytes for c in detected.companions))
-        found[name] = detected
-        replaced[name] = wrapped
-    if not found:
-        return ckpt, found
-    folded = {c for d in found.values() for c in d.companions} - set(found)
-    tensors = {n: replaced.get(n, h) for n, h in ckpt.tensors.items() if n not in folded}
-    return Checkpoint(name=ckpt.name, format=ckpt.format, tensors=tensors, metadata=ckpt.metadata,
-                      info=ckpt.info), found
+# ---- prepare: detect companions, wrap weights with dequantizing handles (torchdiff/dequant.py) ----
 
 
 def prepare(old: Checkpoint, new: Checkpoint, options, state: dict) -> tuple[Checkpoint, Checkpoint]:
@@ -481,7 +336,7 @@ def analyze(comparison, options, state: dict) -> AnalysisResult:
         bn = sum(r["bytes_new"] for r in members)
         scheme_rows.append((scheme, len(members), sum(r["params"] for r in members), bo, bn, _ratio(bn, bo),
                             sqnr_db(sum(r["_sq"][0] for r in members), sum(r["_sq"][2] for r in members))))
-    candidates = quantized or rows
+    candidates = [r for r in (quantized or rows) if r["_sq"][0] > 0]  # an all-zero old side has no SQNR to rank
     sensitive = sorted(candidates, key=lambda r: (r["sqnr_db"], r["tensor"]))[:top_k]
     columns = ("tensor", "scheme", "bits_old", "bits_new", "compression", "sqnr_db", "rel_l2", "cosine",
                "max_err_over_rms", "p95_abs_err")

@@ -6,7 +6,8 @@ The order (docs/analyses/sort_by_change_magnitude.md):
    switches sorting on), most changed first: largest first for rel_l2, l2, max_abs and
    nmse; smallest first for cosine (the least aligned direction is the largest change);
    an undefined key (NaN: a cosine with one all-zero side) counts as the most changed;
-   ties by name;
+   ties by name; a tensor whose old side is all zero (zero-initialised: rel_l2 = ∞,
+   cosine undefined) follows the measured ones, ordered by ‖Δ‖ (l2), largest first;
 2. then added, removed and reshaped tensors (no Δ to measure) by parameter count,
    largest first, ties by name;
 3. then unchanged tensors by name (not printed, but a Report iterates them).
@@ -52,7 +53,10 @@ def validate(options) -> None:
 
 
 def _change_key(d, key: str, descending: bool):
-    value = getattr(d.metrics, key)
+    m = d.metrics
+    if m.norm_old == 0 and m.l2 > 0 and key not in ("l2", "max_abs"):  # zero-initialised: rel_l2 = inf
+        return (2, -m.l2, d.name)
+    value = getattr(m, key)
     if math.isnan(value):
         return (0, 0.0, d.name)  # undefined: most changed
     return (1, -value if descending else value, d.name)

@@ -15,8 +15,10 @@ import torch
 
 from torchdiff.errors import InputNotFoundError, UnknownFormatError, UsageError
 from torchdiff.formats.base import (
-    Checkpoint, TensorHandle, check_unchanged, dtype_name, file_state, flatten, tensor_handle, watch,
+    Checkpoint, TensorHandle, check_unchanged, dtype_name, file_state, flatten, mark_shared, stored_bytes,
+    tensor_handle, watch,
 )
+from torchdiff.formats.ties import find_ties
 
 # format name -> module (in torchdiff.formats) with a ``load(path) -> Checkpoint``.
 _READERS: dict[str, str] = {
@@ -126,6 +128,7 @@ def load(path: Any, format: str | None = None, *, unsafe_pickle: bool = False) -
     ckpt = module.load(path, unsafe=True) if unsafe_pickle and fmt == "torch" else module.load(path)
     if state is not None:
         ckpt.files.setdefault(path, state)
+    find_ties(ckpt, path)  # dropped duplicates (safetensors metadata), tie_word_embeddings in config.json
     for handle in ckpt.tensors.values():
         if not handle.source:  # a sharded checkpoint's handles were watched by their shard's load
             watch(handle, path, state)
@@ -144,7 +147,9 @@ def from_object(obj: Any, name: str = "<memory>") -> Checkpoint:
     else:
         raise UsageError(f"cannot compare a {type(obj).__name__}: pass a path, a state_dict or an nn.Module")
     tensors, metadata = flatten(obj)
-    handles = {k: tensor_handle(k, v.detach()) for k, v in tensors.items()}
+    tensors = {k: v.detach() for k, v in tensors.items()}
+    handles = {k: tensor_handle(k, v) for k, v in tensors.items()}
+    mark_shared(handles, tensors, storages=False)  # tied weights: the same data_ptr, offset, shape, strides
     return Checkpoint(name=name, format=fmt, tensors=handles, metadata=metadata)
 
 

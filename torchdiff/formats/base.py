@@ -55,6 +55,15 @@ class TensorHandle:
         span: ``(base, begin, end)`` when the tensor's bytes are ``base[begin:end]`` of a
             uint8 view of a mapped file (safetensors): the engine reads runs of adjacent
             small tensors as one slice, without materialising each.
+        tied_to: the name of the tensor this one shares its values with (tied weights:
+            the same storage, offset, shape and strides in a pickle or a live module, a
+            duplicate that safetensors' ``save_model`` dropped, or ``tie_word_embeddings``
+            in a neighbouring config.json); None when not tied. A tied tensor is the
+            same parameter as its target: counted once.
+        storage_key: identity of the storage the file holds this tensor in (tensors of
+            one storage share it); None when the tensor has its own bytes.
+        storage_nbytes: bytes of that whole storage as the file holds it (a saved slice
+            ``b[:10]`` of a 100,000-float storage stores all 400,000 bytes).
     """
 
     name: str
@@ -66,6 +75,9 @@ class TensorHandle:
     mapped: bool = False
     source: str = ""
     span: tuple[torch.Tensor, int, int] | None = None
+    tied_to: str | None = None
+    storage_key: Any = None
+    storage_nbytes: int | None = None
 
     def __post_init__(self) -> None:
         if not self.storage_dtype:
@@ -91,6 +103,10 @@ class Checkpoint:
     info: dict[str, Any] = field(default_factory=dict)
     _closers: list[Callable[[], None]] = field(default_factory=list, repr=False)
     files: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
+    #: tied names the file does not hold -> the held tensor they share values with
+    #: (``lm_head.weight -> transformer.wte.weight`` in an HF safetensors file); names
+    #: held and tied carry ``TensorHandle.tied_to`` instead.
+    ties: dict[str, str] = field(default_factory=dict)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.tensors)
@@ -113,7 +129,14 @@ class Checkpoint:
 
     @property
     def params(self) -> int:
-        return sum(h.numel for h in self.tensors.values())
+        """Parameters, each tied tensor counted once."""
+        return sum(h.numel for h in self.tensors.values() if h.tied_to is None)
+
+    @property
+    def stored_nbytes(self) -> int:
+        """Bytes the file holds for its tensors: each storage once, whole (see
+        :func:`stored_bytes`)."""
+        return sum(stored_bytes(self.tensors.values()).values())
 
     def close(self) -> None:
         while self._closers:
@@ -124,6 +147,51 @@ class Checkpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def stored_bytes(handles, names=None) -> dict[str, int]:
+    """Bytes each handle stands for in the file, so that the sum is what the file holds:
+    the first handle of a storage carries the whole storage, the others (tied weights,
+    views of one storage) 0. Keyed by ``names`` (one per handle) or the handles' names."""
+    out: dict[str, int] = {}
+    seen: set = set()
+    handles = list(handles)
+    for name, h in zip(names if names is not None else [h.name for h in handles], handles):
+        if h.storage_key is None:
+            out[name] = 0 if h.tied_to is not None else h.nbytes
+        elif h.storage_key in seen:
+            out[name] = 0
+        else:
+            seen.add(h.storage_key)
+            out[name] = h.storage_nbytes if h.storage_nbytes is not None else h.nbytes
+    return out
+
+
+def mark_shared(handles: dict[str, TensorHandle], tensors: Mapping[str, torch.Tensor], key_prefix: Any = None,
+                storages: bool = True) -> None:
+    """Set ``tied_to`` (and, with ``storages``, ``storage_key``/``storage_nbytes``) on
+    handles of in-memory or mapped tensors: two tensors with the same storage, offset,
+    shape, strides and dtype are tied; the first name in order is the target."""
+    first: dict[tuple, str] = {}
+    for name, t in tensors.items():
+        handle = handles.get(name)
+        if handle is None or t.layout != torch.strided or t.is_sparse:
+            continue
+        try:
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+        except (RuntimeError, NotImplementedError):
+            continue
+        if storages:
+            handle.storage_key = (key_prefix, ptr, storage.nbytes()) if ptr else (key_prefix, "empty", name)
+            handle.storage_nbytes = storage.nbytes()
+        if not ptr or t.numel() == 0:
+            continue
+        view = (ptr, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if view in first:
+            handle.tied_to = first[view]
+        else:
+            first[view] = name
 
 
 def file_state(path: str) -> tuple[int, ...]:
@@ -283,10 +351,42 @@ def flatten(
                 flatten(value, f"{prefix}.{i}" if prefix else str(i), tensors, metadata)
     elif is_scalar_leaf(obj):
         metadata[prefix or "value"] = obj
+    elif isinstance(obj, torch.nn.Module):  # a pickled module (--unsafe-pickle): its state_dict
+        flatten(obj.state_dict(), prefix, tensors, metadata)
+    elif _is_namespace(obj):  # argparse.Namespace / SimpleNamespace: its values are metadata
+        flatten(dict(vars(obj)), prefix, tensors, metadata)
     else:
         item = getattr(obj, "item", None)
-        if callable(item) and getattr(obj, "shape", None) == ():
+        array = _numpy_tensor(obj)
+        if array is not None:
+            if array.ndim == 0 and not prefix:
+                metadata["value"] = array.item()
+            else:
+                tensors[prefix or "tensor"] = array
+        elif callable(item) and getattr(obj, "shape", None) == ():
             metadata[prefix] = item()
         else:
-            metadata[prefix] = f"<{type(obj).__name__}>"
+            # Kept as a visible placeholder: what was skipped is listed, never dropped silently.
+            metadata[prefix or "value"] = f"<{type(obj).__name__}>"
     return tensors, metadata
+
+
+def _is_namespace(obj: Any) -> bool:
+    import argparse
+    import types
+
+    return isinstance(obj, (argparse.Namespace, types.SimpleNamespace))
+
+
+def _numpy_tensor(obj: Any) -> torch.Tensor | None:
+    """A numpy array of a numeric or bool dtype as a tensor (shares its memory); else None."""
+    if type(obj).__module__ != "numpy" or getattr(obj, "ndim", None) is None or not hasattr(obj, "dtype"):
+        return None
+    import numpy as np
+
+    if not isinstance(obj, np.ndarray) or obj.dtype.kind not in "biufc":
+        return None
+    try:
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    except (TypeError, ValueError):  # a dtype torch lacks (uint16 in old torch, float128)
+        return None

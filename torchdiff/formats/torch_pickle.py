@@ -3,6 +3,10 @@
 Zip-format files are memory-mapped (``mmap=True``) so tensors are views of the file;
 legacy (pre-zip) files cannot be mapped and are read into memory. Nested training
 checkpoints are flattened with dotted names; scalar leaves become metadata.
+
+Tensors sharing a storage are marked (``TensorHandle.storage_key``/``storage_nbytes``),
+and two names viewing the same bytes with the same offset, shape and strides are tied
+(``tied_to``): GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import zipfile
 import torch
 
 from torchdiff.errors import CorruptFileError, UnsafeCheckpointError
-from torchdiff.formats.base import Checkpoint, flatten, tensor_handle
+from torchdiff.formats.base import Checkpoint, flatten, mark_shared, tensor_handle
 
 # Messages of torch's weights-only unpickler that mean "this needs code to load".
 _UNSAFE_MARKERS = ("GLOBAL", "Unsupported global", "Unsupported class", "is blocked", "not an allowed global")
@@ -66,6 +70,10 @@ def load(path: str, unsafe: bool = False) -> Checkpoint:
         ) from None
     tensors, metadata = flatten(obj)
     handles = {name: tensor_handle(name, t, mapped=mapped) for name, t in tensors.items()}
+    # torch.save writes each storage once, whole; tensors of one storage (tied weights, a
+    # slice of a bigger tensor) are views of it. mark_shared records that identity, so
+    # bytes count each stored storage once and tied weights count once.
+    mark_shared(handles, tensors, key_prefix=path)
     return Checkpoint(name=path, format="torch", tensors=handles, metadata=metadata)
 
 

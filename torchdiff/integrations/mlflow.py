@@ -2,20 +2,31 @@
 
 >>> import mlflow, torchdiff                                       # doctest: +SKIP
 >>> from torchdiff.integrations.mlflow import log_report           # doctest: +SKIP
+>>> mlflow.set_tracking_uri("sqlite:///mlflow.db")                 # doctest: +SKIP
 >>> with mlflow.start_run():                                       # doctest: +SKIP
 ...     log_report(torchdiff.compare("old.safetensors", "new.safetensors"))
 
-The seed's MLflow example (``diffai ... --output json`` in a subprocess, then
-``mlflow.log_dict`` and ``log_metric("total_changes", len(diff_data))``), done
-in-process: the JSON artifact is the CLI's ``--output json`` list, and the metrics
-are ``report.scalars()`` plus ``torchdiff/total_changes`` (= len of that list).
-MLflow is imported when a function here is called, never before.
+A comparison logged to MLflow in-process: the JSON artifact is the CLI's ``--output
+json`` list, and the metrics are ``report.scalars()`` plus ``torchdiff/total_changes``
+(= the length of that list). MLflow is imported when a function here is called, never
+before.
+
+Tracking store: MLflow 3 refuses a plain ``./mlruns`` folder unless
+``MLFLOW_ALLOW_FILE_STORE=true``; give it a SQLite store instead
+(``mlflow.set_tracking_uri("sqlite:///mlflow.db")`` or ``MLFLOW_TRACKING_URI``).
+:func:`sqlite_tracking` does that when nothing else is configured.
+
+Figures MLflow cannot store (NaN, ±∞: a tensor whose old side is all zero has an
+infinite rel_l2) are not logged as metrics: ``log_report`` warns with their names and
+values and sets the run tag ``torchdiff.dropped_metrics``; the JSON artifact keeps them.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
+import warnings
 from typing import Any, Callable, Mapping
 
 from torchdiff.errors import MissingDependencyError
@@ -39,10 +50,27 @@ def metric_name(key: str) -> str:
     return name[:_MAX_NAME]
 
 
+def sqlite_tracking(path: str = "mlflow.db") -> str:
+    """Point MLflow at a SQLite store (``sqlite:///<path>``) unless a tracking URI is
+    configured (``MLFLOW_TRACKING_URI``); returns the URI in use."""
+    mlflow = _mlflow()
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return mlflow.get_tracking_uri()
+    uri = f"sqlite:///{os.path.abspath(path)}"
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def non_finite(scalars: Mapping[str, float]) -> dict[str, float]:
+    """The figures of ``scalars`` that are NaN or ±∞ (what :func:`metrics_of` leaves out)."""
+    return {k: float(v) for k, v in scalars.items() if not math.isfinite(float(v))}
+
+
 def metrics_of(scalars: Mapping[str, float], prefix: str = "") -> dict[str, float]:
     """MLflow-safe names for the finite figures of ``scalars`` (NaN and ±∞ are left
-    out: MLflow would store ∞ as the largest double). Names that collide after
-    sanitising get a ``_2``, ``_3``... suffix."""
+    out: MLflow stores ∞ as the largest double and NaN as a missing point; see
+    :func:`non_finite`). Names that collide after sanitising get a ``_2``, ``_3``...
+    suffix."""
     out: dict[str, float] = {}
     for key, value in scalars.items():
         value = float(value)
@@ -73,13 +101,23 @@ def log_report(report, artifact_file: str | None = "torchdiff.json", step: int |
         prefix: prepended to every metric name.
 
     Returns:
-        The metrics logged, by their MLflow names.
+        The metrics logged, by their MLflow names. Figures that are NaN or ±∞ are not
+        among them: a warning names each with its value (MLflow stores ∞ as the largest
+        double and NaN as a gap, either of which would read as a figure), and the run tag
+        ``torchdiff.dropped_metrics`` lists them; the JSON artifact keeps them.
     """
     mlflow = _mlflow()
     if scalars is None:
         items = report.to_dict()
         scalars = {**report.scalars(), "torchdiff/total_changes": float(len(items))}
     metrics = metrics_of(scalars, prefix)
+    dropped = non_finite(scalars)
+    if dropped:
+        listed = ", ".join(f"{prefix}{k}={v}" for k, v in dropped.items())
+        warnings.warn(f"torchdiff: {len(dropped)} figure(s) not logged to MLflow, which cannot store NaN or "
+                      f"infinity as a metric (an infinite rel_l2 means the old side was all zero): {listed}",
+                      stacklevel=2)
+        mlflow.set_tag("torchdiff.dropped_metrics", listed[:5000])
     if metrics:
         mlflow.log_metrics(metrics, step=step)
     if artifact_file:
@@ -104,4 +142,4 @@ def report_logger(artifact_dir: str | None = "torchdiff", tensors: bool = False,
     return on_report
 
 
-__all__ = ["log_report", "metric_name", "metrics_of", "report_logger"]
+__all__ = ["log_report", "metric_name", "metrics_of", "non_finite", "report_logger", "sqlite_tracking"]

@@ -7,8 +7,11 @@
 - ``on_train_begin``: the monitor is created on the world-process-zero (snapshot of
   the model as training starts).
 - ``on_step_end``: ``monitor(state.global_step)``; at a report step it asks the
-  Trainer to log (``control.should_log``), and ``on_log`` adds the figures
-  (``MonitorRecord.scalars()``) to that log entry and to ``state.log_history``.
+  Trainer to log (``control.should_log``), and ``on_log`` adds the figures to that
+  log entry and to ``state.log_history``: by default a short set (``keys=DEFAULT_KEYS``:
+  the global update, the top layer's update, the anomaly findings), ``keys="all"`` for
+  every ``MonitorRecord.scalars()`` figure, or a list of groups (:data:`KEY_GROUPS`)
+  and exact ``torchdiff/...`` names.
   Reporting callbacks (MLflow, W&B, TensorBoard) placed *before* this one in the
   Trainer's list see the entry before the figures are added: ``add_callback``
   puts this callback first so that every reporter receives them.
@@ -34,6 +37,64 @@ from torchdiff.report import Report
 
 _CLASS: list[type] = []
 
+#: Key groups for ``keys=``: what each adds to the Trainer's log line.
+KEY_GROUPS: dict[str, str] = {
+    "global": "torchdiff/global_rel_l2 and torchdiff/global_cosine (torchdiff/param_norm_change with keep='stats')",
+    "top_layer": "torchdiff/top_layer_rel_l2 (or top_layer_norm_change): the largest layer figure",
+    "findings": "torchdiff/anomaly_detection/findings and every other analysis' findings count",
+    "counts": "torchdiff/<status> tensor counts (changed, added, removed...)",
+    "norms": "torchdiff/param_norm, torchdiff/param_norm_change, torchdiff/global_l2",
+    "layers": "torchdiff/layer_rel_l2/<layer> for every layer",
+    "analyses": "every numeric headline figure of the analyses that ran",
+}
+#: The default: three figures a training log line can carry without drowning the loss.
+DEFAULT_KEYS = ("global", "top_layer", "findings")
+
+
+def select_scalars(scalars: dict[str, float], keys: Any = DEFAULT_KEYS) -> dict[str, float]:
+    """The figures of ``scalars`` (``MonitorRecord.scalars()``) that ``keys`` chooses:
+    ``"all"``, or groups of :data:`KEY_GROUPS` and exact ``torchdiff/...`` names."""
+    if keys == "all":
+        return dict(scalars)
+    keys = (keys,) if isinstance(keys, str) else tuple(keys)
+    unknown = [k for k in keys if k not in KEY_GROUPS and not k.startswith("torchdiff/")]
+    if unknown:
+        raise ValueError(f"unknown keys {unknown} (groups: {', '.join(KEY_GROUPS)}; or 'all'; "
+                         "or exact torchdiff/... names)")
+    out: dict[str, float] = {}
+    layer_prefixes = ("torchdiff/layer_rel_l2/", "torchdiff/layer_norm_change/")
+    for key in keys:
+        if key == "global":
+            for name in ("torchdiff/global_rel_l2", "torchdiff/global_cosine"):
+                if name in scalars:
+                    out[name] = scalars[name]
+            if "torchdiff/global_rel_l2" not in scalars and "torchdiff/param_norm_change" in scalars:
+                out["torchdiff/param_norm_change"] = scalars["torchdiff/param_norm_change"]
+        elif key == "top_layer":
+            for prefix in layer_prefixes:
+                layers = {k: v for k, v in scalars.items() if k.startswith(prefix) and v == v}
+                if layers:
+                    figure = prefix.split("/")[1].replace("layer_", "")
+                    out[f"torchdiff/top_layer_{figure}"] = max(layers.values(), key=abs)
+        elif key == "findings":
+            out.update({k: v for k, v in scalars.items() if k.endswith("/findings")})
+        elif key == "counts":
+            out.update({k: v for k, v in scalars.items() if k.count("/") == 1 and k[10:] in _STATUSES})
+        elif key == "norms":
+            out.update({k: v for k, v in scalars.items()
+                        if k in ("torchdiff/param_norm", "torchdiff/param_norm_change", "torchdiff/global_l2")})
+        elif key == "layers":
+            out.update({k: v for k, v in scalars.items() if k.startswith(layer_prefixes)})
+        elif key == "analyses":
+            out.update({k: v for k, v in scalars.items() if k.count("/") == 2 and not k.startswith(layer_prefixes)
+                        and not k.startswith(("torchdiff/rel_l2/", "torchdiff/norm_change/"))})
+        elif key in scalars:
+            out[key] = scalars[key]
+    return out
+
+
+_STATUSES = ("unchanged", "changed", "added", "removed", "reshaped", "retyped")
+
 
 class _TorchDiffCallbackMixin:
     """The framework-independent part; see the module docstring.
@@ -44,6 +105,9 @@ class _TorchDiffCallbackMixin:
         on_report: called as ``on_report(step, report)`` after each report.
         log: add the figures to the Trainer's logs.
         log_tensors: include per-tensor rel_l2 (one metric per tensor).
+        keys: which figures join the Trainer's log line: :data:`DEFAULT_KEYS` (the
+            global update, the top layer, the findings), ``"all"``, or groups of
+            :data:`KEY_GROUPS` and exact ``torchdiff/...`` names.
         report_on_save: at a checkpoint save off the ``every`` grid, compare anyway (not
             recorded in the history) for the checkpoint's ``torchdiff.json``.
         json_on_save: write ``torchdiff.json`` into each checkpoint folder.
@@ -53,8 +117,10 @@ class _TorchDiffCallbackMixin:
     def __init__(self, every: int = 100, reference: str = "previous", analyses: Iterable[str] = (),
                  keep: str = "cpu", device: Any = None, on_report=None, *, log: bool = True,
                  log_tensors: bool = False, report_on_save: bool = True, json_on_save: bool = True,
-                 **monitor_options: Any) -> None:
+                 keys: Any = DEFAULT_KEYS, **monitor_options: Any) -> None:
         super().__init__()
+        select_scalars({}, keys)  # an unknown key fails here, not at the first report
+        self.keys = keys
         self.monitor_options = monitor_options_of(every, reference, analyses, keep, device, **monitor_options)
         self.on_report = on_report
         self.log_figures = log
@@ -117,7 +183,12 @@ class _TorchDiffCallbackMixin:
 
     def _queue(self) -> None:
         if self.log_figures:
-            self._pending.update(self.monitor.history[-1].scalars(tensors=self.log_tensors))
+            figures = self.monitor.history[-1].scalars(tensors=self.log_tensors)
+            chosen = select_scalars(figures, self.keys)
+            if self.log_tensors:
+                chosen.update({k: v for k, v in figures.items() if k.startswith(("torchdiff/rel_l2/",
+                                                                                  "torchdiff/norm_change/"))})
+            self._pending.update(chosen)
 
 
 def _build() -> type:
@@ -153,4 +224,4 @@ def __getattr__(name: str) -> type:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["TorchDiffCallback", "add_callback"]
+__all__ = ["DEFAULT_KEYS", "KEY_GROUPS", "TorchDiffCallback", "add_callback", "select_scalars"]

@@ -53,12 +53,27 @@ def to_items(report) -> list[dict[str, Any]]:
     # Tensor items come JSON-safe from the columns (no per-value recursion: 100,000
     # tensors are one pass per column); metadata and analyses go through finite_json.
     items: list[dict[str, Any]] = fig.items(rows, one_sided=inspect)
+    if not inspect:
+        _flags(fig, rows, items)
     renamed = mapped_names(report) if not inspect else {}
     if renamed:  # paired through --map: the new side's own name after the path
         items = [{"type": it.pop("type"), "path": it["path"], **renamed[it.pop("path")], **it}
                  if it["path"] in renamed else it for it in items]
     rest = [m.to_dict() for m in report.comparison.metadata_diffs] + [a.to_dict() for a in report.analyses]
     return items + finite_json(rest)
+
+
+def _flags(fig, rows, items: list[dict[str, Any]]) -> None:
+    """Mark items, in place: ``old_all_zero`` where the old side is all zero (rel_l2 is
+    inf and cosine NaN by definition; l2 measures the change), ``tied_to`` where the
+    tensor is tied to another (pairing.annotate)."""
+    norms = fig.old.norm
+    for i, item in zip(rows, items):
+        if fig.measured[i] and fig.old.present[i] and norms[i] == 0 and item.get("l2", 0):
+            item["old_all_zero"] = True
+        tied = (fig.extras.get(i) or {}).get("tied_to")
+        if tied:
+            item["tied_to"] = tied
 
 
 def mapped_names(report) -> dict[str, dict[str, Any]]:

@@ -1,10 +1,29 @@
-"""The text form: the seed's diff lines, then one section per analysis (tabulate)."""
+"""The text form: a summary line, the seed's diff lines, the summary again, then one
+section per analysis (tabulate).
+
+Reading rules (docs/OUTPUT.md has them in full):
+
+- the verdict first: one summary line before the tensor lines and the same line after;
+  ``top`` limits the tensor lines (``… and M more``); metadata lines follow the tensors
+  and collapse to a count beyond :data:`METADATA_LINES`;
+- width: no line wider than the terminal (``COLUMNS``, else the terminal, else
+  :data:`DEFAULT_WIDTH`) except one holding a single long tensor name: tensor lines
+  wrap after a comma, headlines and notes wrap, tables elide long names in the middle
+  (``layers.1…fc1.weight``) and, when still too wide, print one row per line;
+- numbers for people: floats with 4 significant digits, exact whole numbers (0, 1,
+  a count) as integers with thousands separators, byte sizes in B/KB/MB/GB;
+- order: with ``--sort-by-change-magnitude`` every table with a tensor or layer column
+  follows the report's order (a table ranked by its own figure, with a ``rank``
+  column, keeps its rank), and ``--stats`` lines keep the sort key visible.
+"""
 
 from __future__ import annotations
 
 import math
 import os
+import shutil
 import sys
+import textwrap
 from typing import Any
 
 from tabulate import tabulate
@@ -12,9 +31,20 @@ from tabulate import tabulate
 from torchdiff.results import (
     ADDED, CHANGED, REMOVED, RESHAPED, RETYPED, UNCHANGED, AnalysisResult, TensorDiff,
 )
+from torchdiff.units import human_bytes
 
 _COLORS = {"~": "\033[33m", "+": "\033[32m", "-": "\033[31m"}
 _RESET = "\033[0m"
+
+#: Width when neither COLUMNS nor a terminal says (a pipe, a file, a test).
+DEFAULT_WIDTH = 120
+#: Metadata lines printed before they collapse to a count (JSON lists every one).
+METADATA_LINES = 10
+#: A table name cell is never elided below this many characters.
+MIN_NAME = 16
+_NAME_COLUMNS = ("tensor", "layer", "name", "path", "file", "checkpoint", "group")
+_SORT = "sort_by_change_magnitude"
+_DEQUANTIZED = "dequantized"
 
 
 def use_color(no_color: bool = False, stream=None) -> bool:
@@ -23,6 +53,11 @@ def use_color(no_color: bool = False, stream=None) -> bool:
     if no_color or os.environ.get("NO_COLOR"):
         return False
     return bool(getattr(stream, "isatty", lambda: False)())
+
+
+def terminal_width() -> int:
+    """``COLUMNS`` if set, else the terminal's width, else :data:`DEFAULT_WIDTH`."""
+    return max(shutil.get_terminal_size((DEFAULT_WIDTH, 24)).columns, 40)
 
 
 def printable(text: Any) -> str:
@@ -36,20 +71,44 @@ def printable(text: Any) -> str:
 
 
 def num(x: Any) -> str:
-    """A figure for text output: 4 decimals in [1e-3, 1e5), else 4 significant digits."""
+    """A figure for text output.
+
+    Whole numbers (ints, and floats that are exactly whole below 10^15: ``0``, ``1``,
+    a parameter count) print as integers with thousands separators; other floats with
+    at most 4 significant digits (``0.5774``, ``0.5``, ``0.0005``, ``2.085e-05``,
+    ``1.235e+04``), and a float that only rounds to a whole number keeps its digits
+    (``1.000`` for 0.99999, never ``1``); ``nan``, ``inf``, ``-inf`` as such.
+    """
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         return printable(x)
     if isinstance(x, int):
-        return str(x)
+        return f"{x:,}"
     if math.isnan(x):
         return "nan"
     if math.isinf(x):
         return "inf" if x > 0 else "-inf"
-    if x == 0:
-        return "0.0"
-    if 1e-3 <= abs(x) < 1e5:
-        return f"{x:.4f}"
+    if x == int(x) and abs(x) < 1e15:
+        return f"{int(x):,}"
+    a = abs(x)
+    if 1e-4 <= a < 1e4:
+        text = f"{x:.4g}"
+        if text.lstrip("-").isdigit():  # rounds to a whole number but is not one: show that
+            text = f"{x:#.4g}"
+            return text[:-1] if text.endswith(".") else text
+        return text
     return f"{x:.3e}"
+
+
+def size(x: Any) -> str:
+    """A byte count (int) in B/KB/MB/GB; anything else as :func:`num`."""
+    if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x):
+        return human_bytes(x)
+    return num(x)
+
+
+def _is_bytes(header: str) -> bool:
+    h = header.lower()
+    return h == "bytes" or h.startswith("bytes_") or h.endswith("_bytes") or h in ("size", "stored")
 
 
 def _shape(shape) -> str:
@@ -60,7 +119,16 @@ def _arrow(a: Any, b: Any) -> str:
     return f"{num(a)}->{num(b)}"
 
 
-def tensor_line(d: TensorDiff, stats: bool, new_name: str | None = None) -> tuple[str, str]:
+def old_all_zero(d: TensorDiff) -> bool:
+    """The old side is all zero and the new is not: rel_l2 is ∞ and cosine undefined, so
+    the line says so and gives ‖Δ‖ (zero-initialised tensors: biases, LayerNorm shifts)."""
+    m = d.metrics
+    return m is not None and m.norm_old == 0 and m.l2 > 0 and d.old is not None and d.old.nan_count == 0 \
+        and d.old.inf_count == 0
+
+
+def tensor_line(d: TensorDiff, stats: bool, sort_key: str | None = None, dequantized: bool = False,
+                new_name: str | None = None) -> tuple[str, str]:
     """(marker, text) of one tensor line; ``new_name``: the new side's name when a
     mapping paired it under another."""
     if new_name is not None:
@@ -78,9 +146,18 @@ def tensor_line(d: TensorDiff, stats: bool, new_name: str | None = None) -> tupl
         return "~", f"{printable(d.name)}: " + ", ".join(parts)
     parts = []
     if d.status == RETYPED:
-        parts.append(f"dtype={d.old.dtype}->{d.new.dtype}")
+        parts.append(f"dtype={d.old.dtype}->{d.new.dtype}" + (" (dequantized)" if dequantized else ""))
+    elif dequantized:
+        parts.append("dequantized")
+    zero = old_all_zero(d)
+    if zero:
+        parts.append("old all zero")
     if stats:
         o, n = d.old, d.new
+        if sort_key is not None and d.metrics is not None:
+            value = getattr(d.metrics, sort_key)
+            parts.append(f"{sort_key}={num(value)}" if not (zero and not math.isfinite(value))
+                         else f"l2={num(d.metrics.l2)}")  # what the sort used for it
         parts += [f"mean={_arrow(o.mean, n.mean)}", f"std={_arrow(o.std, n.std)}"]
         if o.min != n.min:
             parts.append(f"min={_arrow(o.min, n.min)}")
@@ -89,9 +166,12 @@ def tensor_line(d: TensorDiff, stats: bool, new_name: str | None = None) -> tupl
         for field in ("nan_count", "inf_count"):
             if getattr(o, field) or getattr(n, field):
                 parts.append(f"{field}={getattr(o, field)}->{getattr(n, field)}")
-    else:
+    elif d.metrics is not None:
         m = d.metrics
-        parts += [f"rel_l2={num(m.rel_l2)}", f"max_abs={num(m.max_abs)}", f"cosine={num(m.cosine)}"]
+        if zero:
+            parts += [f"l2={num(m.l2)}", f"max_abs={num(m.max_abs)}"]
+        else:
+            parts += [f"rel_l2={num(m.rel_l2)}", f"max_abs={num(m.max_abs)}", f"cosine={num(m.cosine)}"]
         # The figures cover finite positions only: say when NaN/Inf appeared or went.
         parts += [f"{key}={a}->{b}" for key, (a, b) in d.nonfinite_change.items()]
     return "~", f"{printable(d.name)}: " + ", ".join(parts)
@@ -110,83 +190,244 @@ class _Named:
 def summary_line(report) -> str:
     c = report.comparison.counts()
     total = sum(c.values())
-    parts = [f"{c[CHANGED]} changed", f"{c[ADDED]} added", f"{c[REMOVED]} removed"]
+    parts = [f"{c[CHANGED]:,} changed", f"{c[ADDED]:,} added", f"{c[REMOVED]:,} removed"]
     if c[RESHAPED]:
-        parts.append(f"{c[RESHAPED]} reshaped")
+        parts.append(f"{c[RESHAPED]:,} reshaped")
     if c[RETYPED]:
-        parts.append(f"{c[RETYPED]} retyped")
-    parts.append(f"{c[UNCHANGED]} unchanged")
+        parts.append(f"{c[RETYPED]:,} retyped")
+    parts.append(f"{c[UNCHANGED]:,} unchanged")
     meta = len(report.comparison.metadata_diffs)
-    line = f"{total} tensors: " + ", ".join(parts)
+    line = f"{total:,} tensors: " + ", ".join(parts)
     if meta:
-        line += f"; {meta} metadata value{'s' if meta != 1 else ''} differ"
+        line += f"; {meta:,} metadata value{'s' if meta != 1 else ''} differ"
     return line
 
 
-def analysis_section(a: AnalysisResult) -> list[str]:
+def wrap(line: str, width: int, indent: str = "    ") -> list[str]:
+    """``line`` wrapped at spaces to ``width``; continuation lines start with ``indent``.
+    A single word longer than the width (a long name) stays whole on its own line."""
+    if len(line) <= width:
+        return [line]
+    lead = line[: len(line) - len(line.lstrip())]
+    return textwrap.wrap(line, width, initial_indent="", subsequent_indent=lead + indent,
+                         break_long_words=False, break_on_hyphens=False) or [line]
+
+
+def elide(text: str, limit: int) -> str:
+    """``text`` cut in the middle to ``limit`` characters (``layers.1…fc1.weight``)."""
+    if len(text) <= limit:
+        return text
+    if limit < 3:
+        return text[:limit]
+    keep = limit - 1
+    head = keep // 2
+    return text[:head] + "…" + text[len(text) - (keep - head):]
+
+
+def analysis_section(a: AnalysisResult, width: int | None = None, rank=None) -> list[str]:
+    """The headline, tables and notes of one analysis.
+
+    ``rank`` (a function of a table row's name cell, or None) orders the rows of tables
+    with a tensor or layer column, unless the table has its own ``rank`` column.
+    """
+    width = width or terminal_width()
     labels = {k: a.text_keys.get(k, k) for k in a.headline}
-    head = ", ".join(f"{labels[k]}={_headline_value(v)}" if labels[k] else _headline_value(v)
+    head = ", ".join(f"{labels[k]}={_headline_value(k, v)}" if labels[k] else _headline_value(k, v)
                      for k, v in a.headline.items())
-    lines = [f"{a.name}: {head}" if head else f"{a.name}:"]
+    lines = wrap(f"{a.name}: {head}" if head else f"{a.name}:", width)
     for table in a.tables:
         if not table.rows:
             continue
         lines.append("")
         lines.append(f"  {table.title}")
-        body = tabulate([[num(v) for v in row] for row in table.rows], headers=table.headers,
-                        tablefmt="simple", disable_numparse=True)
-        lines += ["  " + line for line in body.splitlines()]
+        lines += table_lines(table.headers, table.rows, width, rank)
     for note in a.notes:
-        lines.append(f"  note: {printable(note)}")
+        lines += wrap(f"  note: {printable(note)}", width, indent="      ")
     return lines
 
 
-def _headline_value(v: Any) -> str:
+def table_lines(headers, rows, width: int, rank=None) -> list[str]:
+    """A tabulate table indented by two, fitted to ``width``.
+
+    With ``rank``, a table listed by name (rows in alphabetical order of their tensor or
+    layer column) follows the report's order instead; a table in an order of its own
+    (ranked, top-N) keeps it. Too wide: a long text column (a formula, evidence) wraps
+    inside its cells; then the name column is elided in the middle (down to
+    :data:`MIN_NAME` characters) when that alone makes it fit; else the columns wrap
+    into groups, each led by the whole name column.
+    """
+    headers = tuple(headers)
+    rows = list(rows)
+    lowered = [h.lower() for h in headers]
+    name_col = next((i for i, h in enumerate(lowered) if h in ("tensor", "layer")), None)
+    if rank is not None and name_col is not None and len(rows) > 1:
+        names = [str(r[name_col]) for r in rows]
+        if names == sorted(names) or names == sorted(names, key=_natural):  # listed by name, not ranked
+            rows.sort(key=lambda r: rank(str(r[name_col])))
+    cells = [[size(v) if _is_bytes(h) else num(v) for h, v in zip(headers, row)] for row in rows]
+    candidates = [i for i, h in enumerate(lowered) if h in _NAME_COLUMNS] or [0]
+    col = candidates[0]  # the tensor (or layer, or other name) column: elided, then leading each group
+
+    def render(columns, body, limits=None) -> list[str]:
+        text = tabulate([[r[i] for i in columns] for r in body], headers=[headers[i] for i in columns],
+                        tablefmt="simple", disable_numparse=True,
+                        maxcolwidths=[limits.get(i) for i in columns] if limits else None)
+        return ["  " + line for line in text.splitlines()]
+
+    def widest(lines: list[str]) -> int:
+        return max(len(line) for line in lines)
+
+    every = list(range(len(headers)))
+    out = render(every, cells)
+    if widest(out) <= width:
+        return out
+    widths = _column_widths(out)
+    # A text column holding long prose (wider than half the line) wraps inside its cells.
+    limits = {}
+    for i in every:
+        if i != col and widths[i] > width // 2 and any(" " in r[i] for r in cells):
+            limits[i] = max(20, width - (sum(widths) - widths[i]) - 2 * len(every) - 2)
+    if limits:
+        out = render(every, cells, limits)
+        if widest(out) <= width:
+            return out
+        widths = _column_widths(out)
+    over = widest(out) - width
+    longest = max(len(r[col]) for r in cells)
+    limit = max(MIN_NAME, longest - over, len(headers[col]))
+    if limit < longest:
+        elided = [[elide(c, limit) if i == col else c for i, c in enumerate(r)] for r in cells]
+        attempt = render(every, elided, limits)
+        if widest(attempt) <= width:
+            return attempt
+    # Wrap (names whole): groups of columns that fit, each led by the name column.
+    groups: list[list[int]] = []
+    current = [col]
+    used = 2 + widths[col]
+    for i in every:
+        if i == col:
+            continue
+        if used + 2 + widths[i] > width and len(current) > 1:
+            groups.append(current)
+            current, used = [col], 2 + widths[col]
+        current.append(i)
+        used += 2 + widths[i]
+    groups.append(current)
+    out = []
+    for n, group in enumerate(groups):
+        if n:
+            out.append("")
+        out += render(group, cells, limits)
+    return out
+
+
+def _natural(name: str) -> list:
+    """Sort key reading numbers as numbers (``layers.9`` before ``layers.10``)."""
+    import re
+
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
+
+
+def _column_widths(lines: list[str]) -> list[int]:
+    """Column widths of a tabulate "simple" table, read off its dash rule."""
+    rule = next(line for line in lines if line.strip().startswith("-"))
+    return [len(dashes) for dashes in rule.split()]
+
+
+def _headline_value(key: str, v: Any) -> str:
     if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_headline_value(x) for x in v) + "]"
+        return "[" + ", ".join(_headline_value(key, x) for x in v) + "]"
     if isinstance(v, str):
         return printable(v)
-    return num(v)
+    return size(v) if _is_bytes(key) else num(v)
 
 
-def inspect_table(report) -> list[str]:
+def inspect_table(report, width: int | None = None, top: int | None = None) -> list[str]:
+    diffs = report.ordered_diffs()
     rows = []
-    for d in report.ordered_diffs():
+    for d in diffs[:top] if top else diffs:
         s = d.new
-        rows.append([printable(d.name), _shape(s.shape), s.dtype, s.numel, num(s.mean), num(s.std), num(s.min),
-                     num(s.max), s.nan_count, s.inf_count])
-    body = tabulate(rows, headers=["name", "shape", "dtype", "params", "mean", "std", "min", "max", "nan", "inf"],
-                    tablefmt="simple", disable_numparse=True)
-    total = sum(d.new.numel for d in report.ordered_diffs())
-    nbytes = sum(d.new.nbytes for d in report.ordered_diffs())
-    return body.splitlines() + [f"{len(rows)} tensors, {total} parameters, {nbytes} bytes"]
+        rows.append([printable(d.name), _shape(s.shape), s.dtype, s.numel, s.mean, s.std, s.min,
+                     s.max, s.nan_count, s.inf_count])
+    lines = table_lines(["name", "shape", "dtype", "params", "mean", "std", "min", "max", "nan", "inf"], rows,
+                        width or terminal_width())
+    lines = [line[2:] for line in lines]
+    if top and len(diffs) > top:
+        lines.append(f"… and {len(diffs) - top:,} more (--top 0 lists every tensor)")
+    total = sum(d.new.numel for d in diffs)
+    nbytes = sum(d.new.nbytes for d in diffs)
+    return lines + [f"{len(diffs):,} tensors, {total:,} parameters, {human_bytes(nbytes)}"]
 
 
-def render_text(report, color: bool = False) -> str:
+def _ranker(report):
+    """A sort key for table rows by name: a tensor's place in the report's order, a
+    layer's by its first tensor; None when the report is not sorted."""
+    if report.order is None or report.analysis(_SORT) is None:
+        return None
+    from torchdiff.names import layer_of
+
+    place: dict[str, int] = {}
+    for i, name in enumerate(report.order):
+        place.setdefault(name, i)
+        place.setdefault(layer_of(name), i)
+    end = len(place)
+    return lambda name: (place.get(name, end), name)
+
+
+def render_text(report, color: bool = False, top: int | None = None, width: int | None = None) -> str:
+    """The text form of a Report (see the module docstring).
+
+    Args:
+        report: the Report.
+        color: ANSI colours on the tensor lines.
+        top: print at most this many tensor lines (0 or None: all), then ``… and M more``.
+        width: the line width; None reads the terminal (``COLUMNS``).
+    """
+    width = width or terminal_width()
     lines: list[str] = []
     comp = report.comparison
+    sort = report.analysis(_SORT)
+    sort_key = sort.headline.get("sort_key") if sort is not None else None
+    deq = report.analysis(_DEQUANTIZED)
+    dequantized = set(deq.data.get("old", ())) | set(deq.data.get("new", ())) if deq is not None else set()
     if comp.mode == "inspect":
-        lines += inspect_table(report)
+        lines += inspect_table(report, width, top)
     else:
         from torchdiff.render import mapped_names
 
         renamed = mapped_names(report)
-        for d in report.ordered_diffs():
-            if d.status == UNCHANGED:
-                continue
-            marker, text = tensor_line(d, report.stats, renamed.get(d.name, {}).get("path_new"))
-            lines.append(_paint(f"  {marker} {text}", marker, color))
-        for m in comp.metadata_diffs:
+        summary = summary_line(report)
+        changed = [d for d in report.ordered_diffs() if d.status != UNCHANGED]
+        if changed or comp.metadata_diffs:
+            lines.append(summary)
+        shown = changed[:top] if top else changed
+        for d in shown:
+            marker, text = tensor_line(d, report.stats, sort_key, d.name in dequantized,
+                                       renamed.get(d.name, {}).get("path_new"))
+            for line in wrap(f"  {marker} {text}", width, indent="    "):
+                lines.append(_paint(line, marker, color))
+        if len(shown) < len(changed):
+            lines.append(f"  … and {len(changed) - len(shown):,} more (--top 0 lists every tensor)")
+        metadata = list(comp.metadata_diffs)
+        for m in metadata[:METADATA_LINES] if len(metadata) > METADATA_LINES + 1 else metadata:
             if m.status == "changed":
-                lines.append(_paint(f"  ~ {printable(m.key)}: {_meta(m.old)}->{_meta(m.new)}", "~", color))
+                a, b = _meta(m.old), _meta(m.new)
+                if a == b:  # equal at 4 significant digits: show every digit
+                    a, b = printable(repr(m.old)), printable(repr(m.new))
+                line, marker = f"  ~ {printable(m.key)}: {a}->{b}", "~"
             elif m.status == "added":
-                lines.append(_paint(f"  + {printable(m.key)}: {_meta(m.new)}", "+", color))
+                line, marker = f"  + {printable(m.key)}: {_meta(m.new)}", "+"
             else:
-                lines.append(_paint(f"  - {printable(m.key)}: {_meta(m.old)}", "-", color))
-        lines.append(summary_line(report))
+                line, marker = f"  - {printable(m.key)}: {_meta(m.old)}", "-"
+            lines += [_paint(part, marker, color) for part in wrap(line, width, indent="    ")]
+        if len(metadata) > METADATA_LINES + 1:
+            lines.append(f"  … and {len(metadata) - METADATA_LINES:,} more metadata values "
+                         "(--output json lists every one)")
+        lines.append(summary)
+    rank = _ranker(report)
     for a in report.analyses:
         lines.append("")
-        lines += analysis_section(a)
+        lines += analysis_section(a, width, rank)
     return "\n".join(lines)
 
 
@@ -215,7 +456,7 @@ def render_series_text(series) -> str:
 
 def _meta(v: Any) -> str:
     if isinstance(v, float):
-        return repr(v)
+        return num(v)
     return printable(v)
 
 
