@@ -267,3 +267,11 @@ def test_series_refuses_a_checkpoint_that_lacks_tensors(tmp_path, capsys):
     assert "note: --common-only: 1 tensor(s) not in every checkpoint left out of every pair: b" in out
     report = torchdiff.compare_series(list(map(str, paths)), common_only=True)
     assert all(d.name == "a" for step in report for d in step)
+
+
+def test_report_delta_reads_new_minus_old(tmp_path):
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file({"w": torch.arange(4.0)}, str(a))
+    save_file({"w": torch.arange(4.0) * 3}, str(b))
+    report = torchdiff.compare(str(a), str(b))
+    torch.testing.assert_close(report.delta("w"), torch.arange(4.0) * 2)

@@ -101,6 +101,14 @@ class Report(_Family):
         """Row numbers of the figures table in output order (None: table order)."""
         return self._row_order()
 
+    def delta(self, name: str, old: Any = None, new: Any = None, *, raw: bool = False,
+              format: str | None = None):
+        """Δ = new − old of one tensor as a CPU tensor, read again from the sources
+        (torchdiff.access.delta: by default the report's own paths)."""
+        from torchdiff.access import delta
+
+        return delta(self, name, old, new, raw=raw, format=format)
+
     def _row_order(self) -> list[int] | None:
         if self.order is None:
             return None
