@@ -84,7 +84,7 @@ def test_demo_installs_only_the_cli_extras_and_test_everything():
     setup = (ROOT / "scripts" / "setup").read_text()
     demo = (ROOT / "scripts" / "demo").read_text()
     test = (ROOT / "scripts" / "test").read_text()
-    assert "EXTRAS=${1:-mat,gguf,hub,train,test}" in setup
+    assert "EXTRAS=${1:-mat,gguf,hub,train,report,test}" in setup
     assert "./scripts/setup mat,gguf\n" in demo and "train" not in demo.split("./scripts/setup", 1)[1].split("\n")[0]
     assert "./scripts/setup\n" in test  # the default: every extra the tests need
     out = subprocess.run(["bash", "-n", str(ROOT / "scripts" / "setup")], capture_output=True, text=True)

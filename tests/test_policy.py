@@ -192,7 +192,7 @@ def test_role_selector(pair):
     scale = w.abs().amax(1) / 127
     report = torchdiff.compare({"fc.weight": w, "fc.bias": torch.zeros(4)},
                                {"fc.weight": torch.round(w / scale[:, None]).to(torch.int8),
-                                "fc.weight_scale": scale, "fc.bias": torch.zeros(4)})
+                                "fc.weight_scale": scale, "fc.bias": torch.zeros(4)}, raw=True)
     pol = policy.parse(yaml.safe_load("rules: [{name: c, select: 'role:quant_companion', same_shape: true},"
                                       " {name: p, select: 'role:parameter', exclude: 'fc.weight', unchanged: true}]"))
     res = {r["rule"]: r for r in pol.evaluate(report).data["results"]}

@@ -67,7 +67,7 @@ def render_markdown(report) -> str:
     if others:
         lines += ["", "<details><summary>Analyses</summary>", ""]
         for label, a in others:
-            head = ", ".join(f"{a.text_keys.get(k, k)}={_headline_value(v)}" for k, v in a.headline.items())
+            head = ", ".join(f"{a.text_keys.get(k, k)}={_headline_value(k, v)}" for k, v in a.headline.items())
             lines.append(f"**{a.name}**{' (' + label + ')' if label else ''}: {printable(head)}")
             lines.append("")
             for t in a.tables:
