@@ -406,7 +406,7 @@ class Engine:
                     delta = self._buffer("delta", k * L, group.dtype).view(k, L)
                     with _serial(serial):
                         parts += R.side_rows(b, work)
-                        parts += [t.to(torch.float64) for t in R.pair_rows(a, b, self.epsilon, work, delta)]
+                        parts += R.pair_rows(a, b, self.epsilon, work, delta)
                     block = torch.stack(parts, 1).to(torch.float64)
                     side_parts += [block[:, : R.SIDE_WIDTH], block[:, R.SIDE_WIDTH : 2 * R.SIDE_WIDTH]]
                     pair_parts.append(block[:, 2 * R.SIDE_WIDTH :])
@@ -785,17 +785,25 @@ def _same_nonfinite(a: torch.Tensor, b: torch.Tensor) -> bool:
 # Below this mean square, float32 squares (normal down to 2^-126) lose precision:
 # such tensors (tiny values, e.g. Adam's exp_avg_sq) are measured in float64.
 _TINY_MEAN_SQUARE = 2.0**-100
+# A float32 row is centred on its float32 row mean, off the true mean by δ ≈ 2⁻²⁴·|mean|·log₂L;
+# that adds L·δ² to its squared deviations, a relative error of about (δ/std)² in the variance.
+# Tensors with std < NARROW·|mean| (e.g. mean 1, std 1e-6) are measured in float64 instead.
+NARROW = 1e-3
 
 
 def _exact_sides(ms: dict, f32: np.ndarray) -> np.ndarray:
     """Slots whose merged partials cannot be trusted: non-finite, empty, or (float32)
-    a mean square deviation so small that float32 squares underflowed."""
+    a mean square deviation so small that float32 squares underflowed, or a spread so
+    narrow beside the mean (std < NARROW · |mean|) that centring each row on its float32
+    mean costs float32 precision (docs/METRICS.md, "Numerics")."""
     with np.errstate(invalid="ignore"):
         finite = np.ones(len(f32), dtype=bool)
         for k in ("mean", "m2", "min", "max", "sum_abs"):
             finite &= np.isfinite(ms[k])
-        underflow = f32 & (ms["max"] > ms["min"]) & (ms["m2"] < _TINY_MEAN_SQUARE * ms["count"])
-    return ~finite | (ms["count"] <= 0) | underflow
+        spread = f32 & (ms["max"] > ms["min"])
+        underflow = spread & (ms["m2"] < _TINY_MEAN_SQUARE * ms["count"])
+        narrow = spread & (ms["m2"] < (NARROW * ms["mean"]) ** 2 * ms["count"])
+    return ~finite | (ms["count"] <= 0) | underflow | narrow
 
 
 def _sides_bytes_equal(a: _Side, b: _Side) -> bool:

@@ -49,18 +49,10 @@ def side_rows(x: torch.Tensor, work: torch.Tensor) -> list[torch.Tensor]:
     sum_abs = work.sum(1)
     torch.sign(work, out=work)
     nonzero = work.sum(1)
-    # Centre on the row's own rough mean c (in x's dtype), then correct exactly for c
-    # not being the true mean (shifted-data formula): Σ(x − x̄)² = Σ(x − c)² − (Σ(x − c))²/L
-    # and x̄ = c + Σ(x − c)/L. Without the correction a tensor of mean 1 and std 1e-6 lost
-    # 4e-5 of its std to the rounding of c.
-    shift = total / length
-    torch.sub(x, shift.unsqueeze(1), out=work)
-    wide = torch.float64
-    s1 = work.sum(1).to(wide)
+    torch.sub(x, (total / length).unsqueeze(1), out=work)
     work.mul_(work)
-    m2 = work.sum(1).to(wide) - s1 * s1 / length
-    total = shift.to(wide) * length + s1
-    return [total, lo.to(wide), hi.to(wide), sum_abs.to(wide), nonzero.to(wide), m2.clamp_(min=0)]
+    m2 = work.sum(1)
+    return [total, lo, hi, sum_abs, nonzero, m2]
 
 
 def pair_rows(a: torch.Tensor, b: torch.Tensor, epsilon: float, work: torch.Tensor, delta: torch.Tensor) -> list[torch.Tensor]:
