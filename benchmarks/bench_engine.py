@@ -21,6 +21,9 @@ installs it into .venv). Rows (issue 7):
    the same weights as safetensors, and with every weight in 2 chunks as FSDP saves it
    (--dcp-mb MB a side, default 128; issue 13's target
    is 2 x 2 GB within 1.3x: --dcp-mb 2048)
+ 9 compare() on the fp32 pair with 2 threads against 1 thread (issue 14)
+10 compare() on the fp32 pair while one core is busy: the row starts a busy-looping
+   process, measures, and stops it; against the quiet time of row 2 (target <= 1.6x)
 """
 
 from __future__ import annotations
@@ -224,8 +227,11 @@ def peak_rss_mb():
 _TORCHDIFF = _PEAK + r"""
 import json, resource, sys, time, warnings
 warnings.simplefilter("ignore")
+import torch
 import torchdiff
 a, b = sys.argv[1:3]
+if len(sys.argv) > 3:  # torch's intra-op threads (the engine's worker count)
+    torch.set_num_threads(int(sys.argv[3]))
 t = time.perf_counter()
 report = torchdiff.compare(a, b, stats=True, device="cpu")
 seconds = time.perf_counter() - t
@@ -302,6 +308,7 @@ def main(argv: list[str]) -> int:
         if a == "--rows":
             rows = {int(x) for x in argv[i + 1].split(",")}
     want = (lambda r: rows is None or r in rows)
+    load = os.getloadavg()
     pairs = generate(quick)
     if want(8):
         pairs.update(generate_dcp(dcp_mb))
@@ -385,10 +392,28 @@ def main(argv: list[str]) -> int:
                       f"(target <= 1.3x); {r['seconds']:.2f} s vs {s['seconds']:.2f} s; weights in 2 chunks "
                       f"(FSDP's layout): {x['rss_mb']:.0f} MB = {x['rss_mb'] / s['rss_mb']:.2f}x, {x['seconds']:.2f} s"))
 
+    if want(9):
+        one = median_of(runs, _TORCHDIFF, *pairs["fp32"], "1")["seconds"]
+        two = median_of(runs, _TORCHDIFF, *pairs["fp32"], "2")["seconds"]
+        table.append(("9 fp32 pair, 2 threads vs 1", f"1 thread {one:.3f} s, 2 threads {two:.3f} s: "
+                                                      f"{one / two:.2f}x faster with 2"))
+    if want(10):
+        quiet = td("fp32")["seconds"]
+        busy_proc = subprocess.Popen([PY, "-c", "while True: pass"])
+        try:
+            time.sleep(0.5)
+            busy = median_of(runs, _TORCHDIFF, *pairs["fp32"])["seconds"]
+        finally:
+            busy_proc.kill()
+            busy_proc.wait()
+        table.append(("10 fp32 pair, one core busy", f"{busy:.3f} s against {quiet:.3f} s quiet: "
+                                                       f"{busy / quiet:.2f}x (target <= 1.6x)"))
+
     from tabulate import tabulate
 
     print(f"torchdiff engine benchmark ({'quick' if quick else 'full'}), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, median of {runs} fresh processes")
+          f"{torch.get_num_threads()} threads, median of {runs} fresh processes, load average at start "
+          f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}")
     print(tabulate(table, headers=["row", "result"], tablefmt="github"))
     return 0
 

@@ -13,6 +13,7 @@ refuses to report figures from a file that changed while it was being read.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import select
@@ -158,13 +159,12 @@ def test_sigint_to_a_running_process(tmp_path):
     a, b = _big_pair(tmp_path / "in")
     before = snapshot(tmp_path / "in")
     proc = subprocess.Popen(_driver("""
-        import sys, time
+        import itertools, sys, time
         import torchdiff.engine as E
-        real, calls = E.R.side_rows, []
-        def slow(*args, **kwargs):
-            if not calls:
+        real, calls = E.R.side_rows, itertools.count()
+        def slow(*args, **kwargs):  # called by the engine's worker threads
+            if next(calls) == 0:
                 print("RUNNING", file=sys.stderr, flush=True)
-            calls.append(1)
             time.sleep(0.5)
             return real(*args, **kwargs)
         E.R.side_rows = slow
@@ -266,12 +266,11 @@ def test_two_processes_on_the_same_files_at_once(tmp_path):
 
 def _on_first_block(monkeypatch, action):
     """Run ``action`` once, after the engine's first block is reduced."""
-    real, calls = engine_module.R.side_rows, []
+    real, calls = engine_module.R.side_rows, itertools.count()
 
-    def hooked(*args, **kwargs):
+    def hooked(*args, **kwargs):  # called by the engine's worker threads: once, atomically
         out = real(*args, **kwargs)
-        if not calls:
-            calls.append(1)
+        if next(calls) == 0:
             action()
         return out
 
@@ -339,7 +338,11 @@ def test_file_truncated_underneath_is_an_error_not_sigbus(tmp_path, when):
                     os.truncate(A, 100)
             """,
     }[when]
+    # One worker: with N worker threads up to 2N blocks are in flight when a check runs,
+    # and a truncation then can hit one of them (docs/SECURITY.md, "Limits").
     script = "import os, sys\nA = sys.argv[1]\n" + textwrap.dedent(hook) + textwrap.dedent("""
+        import torch
+        torch.set_num_threads(1)
         import torchdiff
         try:
             torchdiff.compare(A, sys.argv[2], progress=progress, device="cpu")

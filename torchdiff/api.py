@@ -15,8 +15,9 @@ from torchdiff.formats.base import Checkpoint
 from torchdiff.pairing import check_selected, compile_filters, pair, pair_metadata
 from torchdiff.pipeline import (
     CORE_OPTIONS, check_paths, compare_checkpoints, make_options, open_checkpoint, opened, resolve,
-    unknown_option, without_gc,
+    unknown_option,
 )
+from torchdiff.figures import without_gc
 from torchdiff.report import Report
 
 

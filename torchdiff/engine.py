@@ -18,11 +18,14 @@ How it is fast (see docs/ENGINE.md):
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import math
 import os
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol
 
@@ -37,6 +40,7 @@ from torchdiff.figures import Figures
 from torchdiff.status import ADDED, CHANGED, REMOVED, RESHAPED, RETYPED, UNCHANGED
 
 ROW = 65536
+_MATERIALIZE = threading.RLock()
 CPU_BLOCK = 262144
 CUDA_BLOCK = 1 << 24
 _RELEASE_MIN_BYTES = 16 << 20
@@ -98,21 +102,35 @@ class _Side:
 
     def release(self, upto: int, min_bytes: int = 0) -> None:
         """madvise(DONTNEED) elements [released, upto) of a file-mapped tensor."""
+        span = self.releasable(upto, min_bytes)
+        if span is not None:
+            _drop_pages(*span)
+
+    def releasable(self, upto: int, min_bytes: int = 0) -> tuple[int, int] | None:
+        """(address, bytes) of elements [released, upto) of a file-mapped tensor, now
+        counted as released; None when there is nothing (or less than ``min_bytes``)."""
         if _madvise is None or not self.handle.mapped or upto <= self.released:
-            return
+            return None
         if self.flat is not None:
             size, start = self.flat.element_size(), self.flat.data_ptr()
         elif self.handle.span is not None:
             base, begin, end = self.handle.span
             size, start = (end - begin) // max(1, self.handle.numel), base.data_ptr() + begin
         else:
-            return
+            return None
         if (upto - self.released) * size < min_bytes:
-            return
-        _drop_pages(start + self.released * size, (upto - self.released) * size)
+            return None
+        span = (start + self.released * size, (upto - self.released) * size)
         self.released = upto
+        return span
 
     def view(self) -> torch.Tensor:
+        if self.flat is None:
+            with _MATERIALIZE:  # workers share sides; readers may seek a shared file
+                return self._materialize()
+        return self.flat
+
+    def _materialize(self) -> torch.Tensor:
         if self.flat is None:
             t = self.handle.materialize()
             if tuple(t.shape) != tuple(self.handle.shape):
@@ -156,15 +174,18 @@ class Engine:
         epsilon: |Δ| ≤ epsilon counts as unchanged.
         block: elements a side per block (default: cache-sized on CPU, 16 M on CUDA).
         row: length of the rows large tensors are cut into.
+        workers: threads reducing whole blocks on the CPU (default: torch's intra-op
+            thread count when the engine is made); torch runs single-threaded inside each.
     """
 
     def __init__(self, device: str | torch.device = "auto", epsilon: float = 0.0,
-                 block: int | None = None, row: int = ROW):
+                 block: int | None = None, row: int = ROW, workers: int | None = None):
         self.device = resolve_device(device)
         self.epsilon = float(epsilon)
         self.block = block or (CUDA_BLOCK if self.device.type == "cuda" else CPU_BLOCK)
         self.row = row
-        self._workspace: dict[tuple, torch.Tensor] = {}
+        self.workers = workers or max(1, torch.get_num_threads())
+        self._local = threading.local()
         self._stages: dict[tuple, list] = {}
 
     # ---- public -------------------------------------------------------------
@@ -372,63 +393,24 @@ class Engine:
         side_lengths: list[np.ndarray] = []
         pair_parts: list[torch.Tensor] = []
         pair_ids: list[np.ndarray] = []
-        for group in groups:
-            L = group.length
-            k_max = max(1, self.block // L)
-            pending: list[tuple[_Job, int, int]] = []
-            pending_rows = 0
-            queue = list(group.entries)
-            qi = 0
-            while qi < len(queue) or pending:
-                if qi < len(queue) and pending_rows < k_max:
-                    job, first, nrows = queue[qi]
-                    take = min(nrows, k_max - pending_rows)
-                    pending.append((job, first, take))
-                    pending_rows += take
-                    if take < nrows:
-                        queue[qi] = (job, first + take * L, nrows - take)
-                    else:
-                        qi += 1
-                    if pending_rows < k_max and qi < len(queue):
-                        continue
-                k = pending_rows
-                # One row of ≥ 32768 elements is reduced by several threads splitting it
-                # (another summation order than the same row inside a larger block): one
-                # thread here, so a row's partials never depend on its block neighbours.
-                serial = k == 1 and L >= _TORCH_GRAIN
-                a = self._fill(pending, L, k, group.dtype, "a")
-                work = self._buffer("work", k * L, group.dtype).view(k, L)
-                with _serial(serial):
-                    parts = R.side_rows(a, work)
-                lengths = np.full(k, L, dtype=np.float64)
-                if group.paired:
-                    b = self._fill(pending, L, k, group.dtype, "b")
-                    delta = self._buffer("delta", k * L, group.dtype).view(k, L)
-                    with _serial(serial):
-                        parts += R.side_rows(b, work)
-                        parts += R.pair_rows(a, b, self.epsilon, work, delta)
-                    block = torch.stack(parts, 1).to(torch.float64)
-                    side_parts += [block[:, : R.SIDE_WIDTH], block[:, R.SIDE_WIDTH : 2 * R.SIDE_WIDTH]]
-                    pair_parts.append(block[:, 2 * R.SIDE_WIDTH :])
-                    ids_a, ids_b, ids_p = [], [], []
-                    for job, _, n in pending:
-                        ids_a += [job.a_slot] * n
-                        ids_b += [job.b_slot] * n
-                        ids_p += [job.pair_index] * n
-                    side_ids += [np.array(ids_a), np.array(ids_b)]
-                    side_lengths += [lengths, lengths]
-                    pair_ids.append(np.array(ids_p))
-                else:
-                    side_parts.append(torch.stack(parts, 1).to(torch.float64))
-                    ids = []
-                    for job, _, n in pending:
-                        ids += [job.a_slot] * n
-                    side_ids.append(np.array(ids))
-                    side_lengths.append(lengths)
-                self._release(pending, L)
-                if progress is not None:
-                    progress(k * L * (2 if group.paired else 1))
-                pending, pending_rows = [], 0
+        for task, block in self._map(self._blocks(groups)):
+            group, pending, k = task
+            counts = [n for _, _, n in pending]
+            lengths = np.full(k, group.length, dtype=np.float64)
+            if group.paired:
+                side_parts += [block[:, : R.SIDE_WIDTH], block[:, R.SIDE_WIDTH : 2 * R.SIDE_WIDTH]]
+                pair_parts.append(block[:, 2 * R.SIDE_WIDTH :])
+                side_ids += [np.repeat([job.a_slot for job, _, _ in pending], counts),
+                             np.repeat([job.b_slot for job, _, _ in pending], counts)]
+                side_lengths += [lengths, lengths]
+                pair_ids.append(np.repeat([job.pair_index for job, _, _ in pending], counts))
+            else:
+                side_parts.append(block)
+                side_ids.append(np.repeat([job.a_slot for job, _, _ in pending], counts))
+                side_lengths.append(lengths)
+            self._release(pending, group.length)
+            if progress is not None:
+                progress(k * group.length * (2 if group.paired else 1))
 
         def gather(parts, width):
             if not parts:
@@ -443,6 +425,66 @@ class Engine:
             np.concatenate(side_lengths) if side_lengths else np.zeros(0),
             gather(pair_parts, R.PAIR_WIDTH), ids_of(pair_ids),
         )
+
+    def _blocks(self, groups: list[_Group]):
+        """The blocks of the pass, in order: (group, pending rows, k) with k·L ≤ block."""
+        for group in groups:
+            L = group.length
+            k_max = max(1, self.block // L)
+            pending: list[tuple[_Job, int, int]] = []
+            pending_rows = 0
+            for job, first, nrows in group.entries:
+                while nrows:
+                    take = min(nrows, k_max - pending_rows)
+                    pending.append((job, first, take))
+                    pending_rows += take
+                    first, nrows = first + take * L, nrows - take
+                    if pending_rows == k_max:
+                        yield group, pending, pending_rows
+                        pending, pending_rows = [], 0
+            if pending:
+                yield group, pending, pending_rows
+
+    def _map(self, blocks):
+        """(task, its [k, width] float64 partials) for every block, in order. On the CPU
+        with several workers, whole blocks go to a pool of threads, each reducing its
+        block with single-threaded torch ops (docs/ENGINE.md, "Threads"): a core taken by
+        another process then slows one worker, not every reduction."""
+        workers = self.workers if self.device.type == "cpu" else 1
+        if workers <= 1:
+            with _torch_threads(1 if self.device.type == "cpu" else None):
+                for task in blocks:
+                    yield task, self._block(task)
+            return
+        window: collections.deque = collections.deque()
+        with _torch_threads(1), ThreadPoolExecutor(workers, thread_name_prefix="torchdiff",
+                                                   initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            try:
+                for task in blocks:
+                    window.append((task, pool.submit(self._block, task)))
+                    if len(window) >= 2 * workers:
+                        task_, future = window.popleft()
+                        yield task_, future.result()
+                while window:
+                    task_, future = window.popleft()
+                    yield task_, future.result()
+            finally:
+                for _, future in window:
+                    future.cancel()
+
+    def _block(self, task) -> torch.Tensor:
+        """Reduce one block: its side (and pair) partials as one [k, width] float64 tensor."""
+        group, pending, k = task
+        L = group.length
+        a = self._fill(pending, L, k, group.dtype, "a")
+        work = self._buffer("work", k * L, group.dtype).view(k, L)
+        parts = R.side_rows(a, work)
+        if group.paired:
+            b = self._fill(pending, L, k, group.dtype, "b")
+            delta = self._buffer("delta", k * L, group.dtype).view(k, L)
+            parts += R.side_rows(b, work)
+            parts += R.pair_rows(a, b, self.epsilon, work, delta)
+        return torch.stack(parts, 1).to(torch.float64)
 
     def _fill(self, pending, L: int, k: int, dtype: torch.dtype, which: str) -> torch.Tensor:
         """The [k, L] block of side ``which`` for the pending rows, on the device."""
@@ -480,11 +522,13 @@ class Engine:
         return out.view(k, L)
 
     def _buffer(self, name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """A reused scratch buffer of this thread (each worker has its own)."""
+        workspace = self._local.__dict__.setdefault("workspace", {})
         key = (name, dtype)
-        buf = self._workspace.get(key)
+        buf = workspace.get(key)
         if buf is None or buf.numel() < n:
             buf = torch.empty(max(n, self.block), dtype=dtype, device=self.device)
-            self._workspace[key] = buf
+            workspace[key] = buf
         return buf[:n]
 
     def _stage(self, which: str, dtype: torch.dtype):
@@ -514,13 +558,28 @@ class Engine:
                         side.flat = None
         if _madvise is None:
             return
+        spans = []
         for job, first, n in pending:
             end = first + n * L
             # The last rows of this tensor in this group: release what is left of it now.
             last = end == job.numel or end == job.numel // self.row * self.row
             for side in (job.a, job.b):
                 if side is not None:
-                    side.release(end, 0 if last else _RELEASE_MIN_BYTES)
+                    span = side.releasable(end, 0 if last else _RELEASE_MIN_BYTES)
+                    if span is not None:
+                        spans.append(span)
+        # Adjacent small tensors (a run of one file) are released by one call, not one each.
+        spans.sort()
+        start, size = None, 0
+        for address, nbytes in spans:
+            if start is not None and address == start + size:
+                size += nbytes
+                continue
+            if start is not None:
+                _drop_pages(start, size)
+            start, size = address, nbytes
+        if start is not None:
+            _drop_pages(start, size)
 
     # ---- results ---------------------------------------------------------------
 
@@ -655,17 +714,16 @@ class Engine:
         return t.to(device=self.device, dtype=dtype)
 
 
-_TORCH_GRAIN = 32768  # at::internal::GRAIN_SIZE: below it torch reduces on one thread anyway
-
-
 @contextlib.contextmanager
-def _serial(on: bool):
-    """torch on one thread inside the block when ``on``."""
+def _torch_threads(n: int | None):
+    """torch's intra-op thread count set to ``n`` for the pass, then restored (None:
+    unchanged). Every reduction of a block is then single-threaded, so a row's partials
+    never depend on how many threads ran or which rows shared its block."""
     threads = torch.get_num_threads()
-    if not on or threads == 1:
+    if n is None or n == threads:
         yield
         return
-    torch.set_num_threads(1)
+    torch.set_num_threads(n)
     try:
         yield
     finally:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-import gc
 import os
 from typing import Any, Callable
 
@@ -20,7 +18,7 @@ from torchdiff.analyses import ANALYSES, FLAGS, analysis_names, options_defaults
 from torchdiff.engine import Engine
 from torchdiff.dequant import dequantize_pair, dequantized_result
 from torchdiff.errors import CorruptFileError, InputNotFoundError, TorchDiffError, UsageError
-from torchdiff.figures import Comparison
+from torchdiff.figures import Comparison, without_gc
 from torchdiff.formats.base import Checkpoint
 from torchdiff.names import check_scope
 from torchdiff.pairing import annotate, check_selected, compile_filters, drop_prefix, pair, pair_metadata
@@ -49,28 +47,6 @@ CORE_OPTIONS: dict[str, Any] = {
 
 #: The item naming the files of a -r comparison that could not be read.
 UNREADABLE = "unreadable_files"
-
-
-def without_gc(func):
-    """Run ``func`` with Python's cyclic garbage collector paused.
-
-    A checkpoint of 20,000 tensors means hundreds of thousands of small objects; the
-    collector rescanning them on every allocation burst cost 0.55 s of a 0.63 s load
-    (benchmarks/bench_engine.py row 5). A run creates no cycles that must be freed
-    before it ends; the collector resumes afterwards.
-    """
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        was_enabled = gc.isenabled()
-        gc.disable()
-        try:
-            return func(*args, **kwargs)
-        finally:
-            if was_enabled:
-                gc.enable()
-
-    return wrapper
 
 
 class Options(dict):

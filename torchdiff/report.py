@@ -19,7 +19,7 @@ from functools import partial
 from typing import Any, Iterator
 
 from torchdiff.errors import MissingDependencyError, UsageError
-from torchdiff.figures import Comparison, Figures, layer_records, records, scalars
+from torchdiff.figures import Comparison, Figures, layer_records, records, scalars, without_gc
 from torchdiff.names import layer_of
 from torchdiff.render import finite_json, render, to_items
 from torchdiff.results import AnalysisResult, TensorDiff
@@ -144,6 +144,7 @@ class Report(_Family):
         """A flat dict of named figures for any metrics logger (torchdiff.figures.scalars)."""
         return scalars(self.figures, self.comparison.scope, self._layer(), self.analyses, tensors=tensors)
 
+    @without_gc
     def to_dict(self) -> list[dict[str, Any]]:
         return to_items(self)
 

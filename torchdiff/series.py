@@ -39,12 +39,12 @@ from torchdiff.analyses._training import (
 )
 from torchdiff.engine import Engine, resolve_device
 from torchdiff.errors import CorruptFileError, InputNotFoundError, UsageError
-from torchdiff.figures import Comparison, Figures
+from torchdiff.figures import Comparison, Figures, without_gc
 from torchdiff.formats.base import Checkpoint, TensorHandle, check_unchanged
 from torchdiff.names import SCOPES, compile_pattern, is_float_storage, optimizer_param, roles
 from torchdiff.pairing import Pair, compile_filters, pair_metadata
 from torchdiff.pipeline import (
-    CORE_OPTIONS, Options, build_report, make_options, open_checkpoint, unknown_option, without_gc,
+    CORE_OPTIONS, Options, build_report, make_options, open_checkpoint, unknown_option,
 )
 from torchdiff.report import SeriesReport
 from torchdiff.results import AnalysisResult, MetadataDiff, TensorStats
