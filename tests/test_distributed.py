@@ -421,3 +421,131 @@ def test_fsdp2_monitor_equals_full_recomputation(tmp_path):
                                    rtol=rtol, atol=1e-7, err_msg=got["name"])
     assert res[0]["mixed"] == res[1]["mixed"]
     assert res[0]["mismatch"] == res[1]["mismatch"] and res[0]["mismatch"].startswith("rank 1 of 2: w: the two sides")
+
+
+# ---- the Lightning and HF Trainer adapters under FSDP2 (2 gloo ranks) ----------------------
+
+
+def _near(a, b, rtol: float = 2e-5, atol: float = 1e-7, where: str = "") -> None:
+    """Same structure, equal non-floats, floats within the sharded path's float32
+    accumulation precision (tests/test_metrics.py's rtol)."""
+    if isinstance(a, dict):
+        assert list(a) == list(b), f"{where}: keys {list(a)} vs {list(b)}"
+        for k in a:
+            _near(a[k], b[k], rtol, atol, f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{where}: {len(a)} vs {len(b)} items"
+        for i, (x, y) in enumerate(zip(a, b)):
+            _near(x, y, rtol, atol, f"{where}[{i}]")
+    elif isinstance(a, float) and not isinstance(b, bool):
+        if math.isnan(a) or math.isinf(a):
+            assert repr(a) == repr(float(b)), f"{where}: {a} vs {b}"
+        else:
+            assert abs(a - b) <= rtol * max(abs(a), abs(b)) + atol, f"{where}: {a!r} vs {b!r}"
+    else:
+        assert a == b, f"{where}: {a!r} vs {b!r}"
+
+
+def _states(js: dict) -> dict[int, dict[str, torch.Tensor]]:
+    """The full float32 state_dicts the worker gathered (float64 lists: exact)."""
+    return {int(s): {k: torch.tensor(v, dtype=torch.float64).float() for k, v in sd.items()} for s, sd in js.items()}
+
+
+def _check_records(history: list[dict], states: dict, shapes: dict) -> None:
+    """Each report's figures against a single-process torchdiff run on the full
+    state_dicts, and its global rel_l2 against float64 NumPy."""
+    import torchdiff
+
+    assert history, "no report"
+    for rec in history:
+        old = {k: v.reshape(shapes[k]) for k, v in states[rec["reference_step"]].items()}
+        new = {k: v.reshape(shapes[k]) for k, v in states[rec["step"]].items()}
+        ref = torchdiff.compare(old, new, analyses=("show_layer_impact",))
+        got = {row["name"]: row for row in rec["figures"]}
+        assert list(got) == [d.name for d in ref], "same items, same order"
+        for d in ref:
+            row = got[d.name]
+            assert row["status"] == d.status == "changed", d.name
+            for side in ("old", "new"):
+                s = getattr(d, side)
+                assert row[side][:2] == [list(s.shape), s.numel] and row[side][8:] == [s.zero_count, 0, 0], d.name
+                _near(row[side][2:8], [s.mean, s.std, s.min, s.max, s.mean_abs, s.rms], atol=2e-5 * s.mean_abs,
+                      where=f"{d.name}.{side}")
+            m = d.metrics
+            assert row["metrics"][0] == m.numel and row["metrics"][7] == m.changed_count, d.name
+            _near(row["metrics"][2:7], [m.l2, m.norm_old, m.norm_new, m.max_abs, m.mean_abs_diff], where=d.name)
+        a = np.concatenate([old[k].double().numpy().ravel() for k in old])
+        b = np.concatenate([new[k].double().numpy().ravel() for k in new])
+        np.testing.assert_allclose(rec["rel_l2"], np.linalg.norm(b - a) / np.linalg.norm(a), rtol=2e-5)
+
+
+def test_adapters_under_fsdp2(tmp_path):
+    """Lightning (a real Trainer with ModelParallelStrategy: fully_shard on CPU/gloo) and
+    the HF Trainer callback (its hooks driven with the Trainer's TrainerState and
+    TrainerControl: the Trainer's FSDP needs a GPU) on 2 ranks: the monitor runs on every
+    rank with the process group (snapshots 1/N each), both ranks get the same figures,
+    which equal a single-process run on the full state_dicts; only rank 0 logs and calls
+    on_report; every rank asks the Trainer to log at the same steps. With a replicated
+    (DDP) model, rank 0 monitors alone and rank 1 still asks to log at the same steps."""
+    pytest.importorskip("lightning")
+    pytest.importorskip("transformers")
+    out = tmp_path / "adapters"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), str(Path(__file__).parent / "dist_adapters_worker.py"), str(out)]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path)
+    assert all(Path(f"{out}.r{r}").exists() for r in (0, 1)), proc.stderr[-3000:]
+    res = [json.loads(Path(f"{out}.r{r}").read_text()) for r in (0, 1)]
+    for part in ("lightning", "hf_fsdp2", "hf_ddp"):
+        for r in res:
+            assert "error" not in r[part] and "skipped" not in r[part], r[part]
+
+    # Lightning, ModelParallelStrategy
+    lt = [r["lightning"] for r in res]
+    states = _states(lt[0]["states"])
+    shapes = {"net.0.weight": (33, 16), "net.0.bias": (33,), "net.2.weight": (33,), "net.2.bias": (33,),
+              "net.3.weight": (7, 33), "net.3.bias": (7,)}
+    full_bytes = sum(v.nbytes for v in states[0].values())
+    for r in lt:
+        assert r["sharded"] and set(r["dtensors"]) == {"DTensor"}
+        assert [(h["step"], h["reference_step"]) for h in r["history"]] == [(2, 0), (4, 2)]
+        assert r["memory_bytes"] < full_bytes
+        assert r["callback_metrics"]["torchdiff/global_rel_l2"] == pytest.approx(r["history"][-1]["rel_l2"])
+    assert lt[0]["memory_bytes"] + lt[1]["memory_bytes"] == full_bytes, "each rank snapshots its shards"
+    assert lt[0]["history"] == lt[1]["history"], "every rank gets the same figures"
+    assert lt[0]["on_report"] == [2, 4] and lt[1]["on_report"] == []
+    assert [s for s, _ in lt[0]["logged"]] == [2, 4] and lt[1]["logged"] == [], "rank 0 logs, once a report"
+    assert lt[0]["logged"][-1][1] == pytest.approx(lt[0]["scalars"])
+    _check_records(lt[0]["history"], states, shapes)
+
+    # HF Trainer callback, fully_shard
+    hf = [r["hf_fsdp2"] for r in res]
+    states = _states(hf[0]["states"])
+    shapes = {"0.weight": (20, 12), "0.bias": (20,), "2.weight": (5, 20), "2.bias": (5,)}
+    full_bytes = sum(v.nbytes for v in states[0].values())
+    for r in hf:
+        assert r["sharded"] and r["has_monitor"]
+        assert r["memory_bytes"] == r["local_bytes"] < full_bytes
+        assert [flags for flags in r["should_log"]] == [[s in (2, 4)] * 2 for s in range(1, 6)], \
+            "every rank asks the Trainer to log at the report steps, and only then"
+    assert hf[0]["memory_bytes"] + hf[1]["memory_bytes"] == full_bytes
+    assert hf[0]["history"] == hf[1]["history"]
+    assert hf[0]["on_report"] == [2, 4] and hf[1]["on_report"] == []
+    assert [s for s, _ in hf[0]["logs"]] == [2, 4] and all(not logs for _, logs in hf[1]["logs"])
+    for (step, logs), rec in zip(hf[0]["logs"], hf[0]["history"]):
+        assert logs["torchdiff/global_rel_l2"] == pytest.approx(rec["rel_l2"])
+    assert [e for e in hf[1]["log_history"] if len(e) > 1] == [], "rank 1's log history has no figures"
+    _check_records(hf[0]["history"], states, shapes)
+    # the off-grid save at step 3: compared on every rank, torchdiff.json written by rank 0
+    import torchdiff
+
+    saved = json.loads((tmp_path / "hf_fsdp2" / "checkpoint-3" / "torchdiff.json").read_text())
+    ref = torchdiff.compare({k: v.reshape(shapes[k]) for k, v in states[2].items()},
+                            {k: v.reshape(shapes[k]) for k, v in states[3].items()}, analyses=("show_layer_impact",))
+    _near(saved, json.loads(ref.to_json()), rtol=1e-4, atol=1e-6)
+
+    # HF Trainer callback, replicated model (DDP): rank 0 monitors alone
+    ddp = [r["hf_ddp"] for r in res]
+    assert ddp[0]["has_monitor"] and not ddp[1]["has_monitor"] and not ddp[0]["sharded"]
+    assert ddp[0]["should_log"] == ddp[1]["should_log"] == [[s in (2, 4)] * 2 for s in range(1, 6)]
+    assert ddp[0]["on_report"] == [2, 4] and ddp[1]["on_report"] == [] and ddp[1]["history"] == []
+    _check_records(ddp[0]["history"], _states(ddp[0]["states"]), shapes)
