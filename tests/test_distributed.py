@@ -119,6 +119,10 @@ def data(tmp_path_factory) -> Path:
     b["blocks.1.bias"] = torch.zeros(2, 4)
     save_file(a, str(root / "odd_a.safetensors"))
     save_file(b, str(root / "odd_b.safetensors"))
+    c = {k: (v + (0.02 * torch.randn(v.shape, generator=torch.Generator().manual_seed(3))).to(v.dtype))
+         if v.is_floating_point() and k not in ("same.weight", "tiny.exp_avg_sq") else v.clone() for k, v in b.items()}
+    c["inf.weight"][7] = -math.inf
+    save_file(c, str(root / "odd_c.safetensors"))
     old, new = _hf_state(0), _hf_state(0)
     for k in new:
         if "layers.1" in k or "lm_head" in k:
@@ -236,6 +240,19 @@ JOBS = {
     "inspect_json": ["inspect", "demo/train_step_200.pt", "--all", "-o", "json"],
     "series_json": ["series", "demo/step_000.safetensors", "demo/step_100.safetensors",
                     "demo/step_200.safetensors", "--all", "-o", "json"],
+    "series_text": ["series", "demo/step_000.safetensors", "demo/step_100.safetensors",
+                    "demo/step_200.safetensors", "--all", "--no-color"],
+    "series_base_json": ["series", "demo/step_100.safetensors", "demo/step_200.safetensors",
+                         "demo/step_200_int8.safetensors",
+                         "--base", "demo/step_000.safetensors", "--similarity-matrix", "--cross-layer",
+                         "--convergence-analysis", "--common-only", "-o", "json"],
+    "series_adam_json": ["series", "demo/train_step_100.pt", "demo/train_step_200.pt", "--all", "--scope", "all",
+                         "-o", "json"],
+    "series_odd_json": ["series", "odd_a.safetensors", "odd_b.safetensors", "odd_c.safetensors", "--common-only",
+                        "--all", "-o", "json"],
+    "series_hf_yaml": ["series", "hf_old", "hf_new", "hf_old", "--all", "-o", "yaml"],
+    "series_missing": ["series", "demo/step_000.safetensors", "demo/nothing_here.safetensors",
+                       "demo/step_100.safetensors"],
     "brief_same": ["demo/step_000.safetensors", "demo/step_000.safetensors", "--brief"],
     "brief_differ": ["demo/step_000.safetensors", "demo/step_200.safetensors", "--brief"],
     "exit_code": ["hf_old", "hf_new", "--exit-code", "-o", "json"],
@@ -275,6 +292,16 @@ def test_outputs_are_not_trivial(two_ranks):
     assert two_ranks["exit_code"][0]["code"] == 1 and two_ranks["exit_code"][1]["code"] == 1
 
 
+def test_series_splits_the_work(two_ranks):
+    """A series under torchrun is measured by both ranks, each its own share of the
+    tensors (their JSON equals the single-process JSON: above)."""
+    for name in JOBS:
+        if name.startswith("series") and two_ranks[name][0]["code"] == 0:
+            t = [two_ranks[name][r]["timings"] for r in (0, 1)]
+            assert t[0]["names"] == t[1]["names"] > 1, name
+            assert t[0]["owned"] > 0 and t[1]["owned"] > 0 and t[0]["owned"] + t[1]["owned"] == t[0]["names"], (name, t)
+
+
 # ---- two nodes on one machine; a node with a truncated shard --------------------------------
 
 
@@ -294,6 +321,7 @@ def test_two_nodes_and_a_failing_rank(data):
     shard.write_bytes(shard.read_bytes()[:-100])
     jobs = [("ok", [str(data / "hf_old"), str(data / "hf_new"), "--all", "-o", "json"]),
             ("truncated", ["hf_old", "hf_new", "--all", "-o", "json"]),
+            ("series_truncated", ["series", "hf_old", "hf_new", "hf_old", "-o", "json"]),
             ("stalled", [str(data / "hf_old"), str(data / "hf_new")], (1, 18))]
     res = _launch(jobs, data / "out_2n", cwds=nodes, nodes=2, nproc=1, timeout=15)
     single = _single(jobs[0][1])
@@ -301,14 +329,15 @@ def test_two_nodes_and_a_failing_rank(data):
     _close(json.loads(single["stdout"]), json.loads(res["ok"][0]["stdout"]))
     assert res["ok"][1]["stdout"] == ""
 
-    bad = res["truncated"]
-    assert [bad[r]["code"] for r in (0, 1)] == [2, 2], "every rank exits 2"
-    assert bad[0]["stdout"] == bad[1]["stdout"] == ""
-    lines = [ln for r in (0, 1) for ln in bad[r]["stderr"].splitlines() if ln.strip()]
-    assert len(lines) == 1, lines
-    assert lines[0].startswith("torchdiff: error: rank ") and "of 2" in lines[0]
-    assert "model-00002-of-00003.safetensors" in lines[0] and "truncated" in lines[0]
-    assert bad[0]["stderr"].strip() == lines[0], "rank 0 prints it"
+    for job in ("truncated", "series_truncated"):
+        bad = res[job]
+        assert [bad[r]["code"] for r in (0, 1)] == [2, 2], "every rank exits 2"
+        assert bad[0]["stdout"] == bad[1]["stdout"] == ""
+        lines = [ln for r in (0, 1) for ln in bad[r]["stderr"].splitlines() if ln.strip()]
+        assert len(lines) == 1, lines
+        assert lines[0].startswith("torchdiff: error: rank ") and "of 2" in lines[0]
+        assert "model-00002-of-00003.safetensors" in lines[0] and "truncated" in lines[0]
+        assert bad[0]["stderr"].strip() == lines[0], "rank 0 prints it"
 
     late = res["stalled"]
     assert [late[r]["code"] for r in (0, 1)] == [2, 2]
