@@ -123,6 +123,14 @@ def data(tmp_path_factory) -> Path:
          if v.is_floating_point() and k not in ("same.weight", "tiny.exp_avg_sq") else v.clone() for k, v in b.items()}
     c["inf.weight"][7] = -math.inf
     save_file(c, str(root / "odd_c.safetensors"))
+    g = torch.Generator().manual_seed(4)
+    full = {f"layer.{i}.weight": torch.randn(8, 6, generator=g) for i in range(4)}
+    full["bias"] = torch.randn(6, generator=g)
+    save_file(full, str(root / "tp_full.safetensors"))
+    for r in range(2):  # tensor-parallel rank files: weights split along dim 0, the bias replicated
+        part = {k: v[4 * r:4 * r + 4].clone() for k, v in full.items() if k != "bias"}
+        part["bias"] = full["bias"] + (0.5 if r == 1 else 0.0)  # rank 1's replica differs
+        save_file(part, str(root / f"tp{r}.safetensors"))
     old, new = _hf_state(0), _hf_state(0)
     for k in new:
         if "layers.1" in k or "lm_head" in k:
@@ -253,6 +261,14 @@ JOBS = {
     "series_hf_yaml": ["series", "hf_old", "hf_new", "hf_old", "--all", "-o", "yaml"],
     "series_missing": ["series", "demo/step_000.safetensors", "demo/nothing_here.safetensors",
                        "demo/step_100.safetensors"],
+    "hash_stdout": ["hash", "hf_old"],
+    "hash_cast_stdout": ["hash", "demo/train_step_200.pt", "--cast", "bfloat16"],
+    "hash_file": ["hash", "odd_a.safetensors", "-o", "manifest_2p.json"],  # checked in test_hash_file
+    "verify_same": ["verify", "manifest_2p.json", "odd_a.safetensors"],
+    "verify_differ_json": ["verify", "manifest_2p.json", "odd_c.safetensors", "--tolerance", "rel_l2=0.5",
+                           "-o", "json"],
+    "verify_two_checkpoints": ["verify", "hf_old", "hf_new"],
+    "verify_shards": ["verify", "tp_full.safetensors", "tp0.safetensors", "tp1.safetensors", "--shards"],
     "brief_same": ["demo/step_000.safetensors", "demo/step_000.safetensors", "--brief"],
     "brief_differ": ["demo/step_000.safetensors", "demo/step_200.safetensors", "--brief"],
     "exit_code": ["hf_old", "hf_new", "--exit-code", "-o", "json"],
@@ -265,7 +281,7 @@ def two_ranks(data):
     return _launch([(name, argv) for name, argv in JOBS.items()], data / "out_2p", cwds=[data])
 
 
-@pytest.mark.parametrize("name", list(JOBS))
+@pytest.mark.parametrize("name", [n for n in JOBS if n != "hash_file"])
 def test_two_ranks_equal_one_process(two_ranks, data, name):
     single = _single(JOBS[name], cwd=data)
     ranks = two_ranks[name]
@@ -292,14 +308,24 @@ def test_outputs_are_not_trivial(two_ranks):
     assert two_ranks["exit_code"][0]["code"] == 1 and two_ranks["exit_code"][1]["code"] == 1
 
 
-def test_series_splits_the_work(two_ranks):
-    """A series under torchrun is measured by both ranks, each its own share of the
-    tensors (their JSON equals the single-process JSON: above)."""
+def test_hash_file(two_ranks, data):
+    """``hash -o FILE`` under torchrun: rank 0 writes the manifest (the single-process
+    one, byte for byte), nothing on stdout, exit 0 on both ranks (verify_* above read it)."""
+    job = two_ranks["hash_file"]
+    assert [job[r]["code"] for r in (0, 1)] == [0, 0] and job[0]["stdout"] == job[1]["stdout"] == ""
+    single = _single(["hash", "odd_a.safetensors"], cwd=data)
+    assert (data / "manifest_2p.json").read_text() == single["stdout"]
+
+
+def test_series_and_fingerprints_split_the_work(two_ranks):
+    """A series, a manifest and a verify under torchrun are computed by both ranks, each
+    its own share of the tensors (their outputs equal the single-process ones: above)."""
     for name in JOBS:
-        if name.startswith("series") and two_ranks[name][0]["code"] == 0:
+        if name.startswith(("series", "hash", "verify")) and two_ranks[name][0]["code"] in (0, 1):
             t = [two_ranks[name][r]["timings"] for r in (0, 1)]
-            assert t[0]["names"] == t[1]["names"] > 1, name
-            assert t[0]["owned"] > 0 and t[1]["owned"] > 0 and t[0]["owned"] + t[1]["owned"] == t[0]["names"], (name, t)
+            assert t[0]["names"] == t[1]["names"] > 1, (name, t)
+            assert t[0]["owned"] > 0 and t[1]["owned"] > 0, (name, t)
+            assert t[0]["owned"] + t[1]["owned"] == t[0]["names"], (name, t)
 
 
 # ---- two nodes on one machine; a node with a truncated shard --------------------------------
@@ -322,6 +348,7 @@ def test_two_nodes_and_a_failing_rank(data):
     jobs = [("ok", [str(data / "hf_old"), str(data / "hf_new"), "--all", "-o", "json"]),
             ("truncated", ["hf_old", "hf_new", "--all", "-o", "json"]),
             ("series_truncated", ["series", "hf_old", "hf_new", "hf_old", "-o", "json"]),
+            ("hash_truncated", ["hash", "hf_new", "-o", "never_written.json"]),
             ("stalled", [str(data / "hf_old"), str(data / "hf_new")], (1, 18))]
     res = _launch(jobs, data / "out_2n", cwds=nodes, nodes=2, nproc=1, timeout=15)
     single = _single(jobs[0][1])
@@ -329,7 +356,7 @@ def test_two_nodes_and_a_failing_rank(data):
     _close(json.loads(single["stdout"]), json.loads(res["ok"][0]["stdout"]))
     assert res["ok"][1]["stdout"] == ""
 
-    for job in ("truncated", "series_truncated"):
+    for job in ("truncated", "series_truncated", "hash_truncated"):
         bad = res[job]
         assert [bad[r]["code"] for r in (0, 1)] == [2, 2], "every rank exits 2"
         assert bad[0]["stdout"] == bad[1]["stdout"] == ""
@@ -338,6 +365,7 @@ def test_two_nodes_and_a_failing_rank(data):
         assert lines[0].startswith("torchdiff: error: rank ") and "of 2" in lines[0]
         assert "model-00002-of-00003.safetensors" in lines[0] and "truncated" in lines[0]
         assert bad[0]["stderr"].strip() == lines[0], "rank 0 prints it"
+    assert not any((n / "never_written.json").exists() for n in nodes)
 
     late = res["stalled"]
     assert [late[r]["code"] for r in (0, 1)] == [2, 2]

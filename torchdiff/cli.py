@@ -232,7 +232,10 @@ class TorchDiffCLI:
         if target in (None, "text", "json", "-"):
             self.outcome = Outcome(manifest.to_json())
             return self.outcome
-        manifest.save(str(target))
+        from torchdiff import distributed
+
+        if distributed.rank() == 0:  # under torchrun every rank holds the manifest; rank 0 writes it
+            manifest.save(str(target))
         self.outcome = Outcome(None)
         return None
 

@@ -16,6 +16,11 @@ A torchrun run (docs/DISTRIBUTED.md):
    renders; the others print nothing;
 5. a final round agrees on one exit code, which every rank returns.
 
+``series`` splits tensor names the same way (``grouped_owners``: a layer's tensors on one
+rank) and gathers every step's partials plus its Gram sums in one exchange
+(``gather_parts``); ``hash``/``verify`` compute each owned tensor's manifest record and
+all-gather the records as JSON text (``exchange_json``).
+
 Any failure on any rank turns the next round into a failure round: the failing rank's
 one-line message travels to rank 0 as UTF-8 bytes, rank 0 prints it naming the rank,
 and every rank exits 2. A collective that fails (a rank died, or did not arrive within
@@ -24,7 +29,6 @@ and every rank exits 2. A collective that fails (a rank died, or did not arrive 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import json
@@ -87,17 +91,6 @@ def launched() -> bool:
 
 def active() -> Context | None:
     return _ACTIVE
-
-
-@contextlib.contextmanager
-def suspended():
-    """No distributed context inside the block (work that one rank does alone)."""
-    global _ACTIVE
-    saved, _ACTIVE = _ACTIVE, None
-    try:
-        yield
-    finally:
-        _ACTIVE = saved
 
 
 def rank() -> int:
@@ -511,6 +504,14 @@ def gather_parts(ctx: Context, parts: list, extra: np.ndarray, what: str) -> lis
             decoded.append(_decode(chunk))
         out.append((decoded, got[-1]))
     return out
+
+
+def exchange_json(ctx: Context, value: Any, what: str) -> list[Any]:
+    """Every rank's JSON-able ``value``, on every rank, in rank order: UTF-8 JSON text in
+    a uint8 tensor (all_gather), parsed with ``json.loads`` (which runs no code)."""
+    text = json.dumps(value, separators=(",", ":"), allow_nan=True).encode("utf-8")
+    got = _gather_arrays(ctx, [np.frombuffer(text, dtype=np.uint8)], what, everyone=True)
+    return [json.loads(bytes(arrays[0]).decode("utf-8")) for arrays in got]
 
 
 # ---- the command line ----------------------------------------------------------------
