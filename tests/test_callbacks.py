@@ -392,6 +392,8 @@ def test_stats_mode_runs_one_checkpoint_analyses_only():
     ({"on_report": 3}, "on_report must be a callable"),
     ({"recursive": True}, "option 'recursive' is for files"),
     ({"bogus_option": 1}, "unknown option 'bogus_option'"),
+    ({"process_group": True, "save_dir": "unused"}, "save_dir= with process_group=: each rank holds only"),
+    ({"process_group": True, "keep": "stats"}, "process_group= needs keep='cpu' or 'device'"),
 ])
 def test_bad_options_raise_before_any_copy(kwargs, message):
     with pytest.raises(UsageError, match=message):

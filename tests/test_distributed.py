@@ -119,6 +119,18 @@ def data(tmp_path_factory) -> Path:
     b["blocks.1.bias"] = torch.zeros(2, 4)
     save_file(a, str(root / "odd_a.safetensors"))
     save_file(b, str(root / "odd_b.safetensors"))
+    c = {k: (v + (0.02 * torch.randn(v.shape, generator=torch.Generator().manual_seed(3))).to(v.dtype))
+         if v.is_floating_point() and k not in ("same.weight", "tiny.exp_avg_sq") else v.clone() for k, v in b.items()}
+    c["inf.weight"][7] = -math.inf
+    save_file(c, str(root / "odd_c.safetensors"))
+    g = torch.Generator().manual_seed(4)
+    full = {f"layer.{i}.weight": torch.randn(8, 6, generator=g) for i in range(4)}
+    full["bias"] = torch.randn(6, generator=g)
+    save_file(full, str(root / "tp_full.safetensors"))
+    for r in range(2):  # tensor-parallel rank files: weights split along dim 0, the bias replicated
+        part = {k: v[4 * r:4 * r + 4].clone() for k, v in full.items() if k != "bias"}
+        part["bias"] = full["bias"] + (0.5 if r == 1 else 0.0)  # rank 1's replica differs
+        save_file(part, str(root / f"tp{r}.safetensors"))
     old, new = _hf_state(0), _hf_state(0)
     for k in new:
         if "layers.1" in k or "lm_head" in k:
@@ -236,6 +248,27 @@ JOBS = {
     "inspect_json": ["inspect", "demo/train_step_200.pt", "--all", "-o", "json"],
     "series_json": ["series", "demo/step_000.safetensors", "demo/step_100.safetensors",
                     "demo/step_200.safetensors", "--all", "-o", "json"],
+    "series_text": ["series", "demo/step_000.safetensors", "demo/step_100.safetensors",
+                    "demo/step_200.safetensors", "--all", "--no-color"],
+    "series_base_json": ["series", "demo/step_100.safetensors", "demo/step_200.safetensors",
+                         "demo/step_200_int8.safetensors",
+                         "--base", "demo/step_000.safetensors", "--similarity-matrix", "--cross-layer",
+                         "--convergence-analysis", "--common-only", "-o", "json"],
+    "series_adam_json": ["series", "demo/train_step_100.pt", "demo/train_step_200.pt", "--all", "--scope", "all",
+                         "-o", "json"],
+    "series_odd_json": ["series", "odd_a.safetensors", "odd_b.safetensors", "odd_c.safetensors", "--common-only",
+                        "--all", "-o", "json"],
+    "series_hf_yaml": ["series", "hf_old", "hf_new", "hf_old", "--all", "-o", "yaml"],
+    "series_missing": ["series", "demo/step_000.safetensors", "demo/nothing_here.safetensors",
+                       "demo/step_100.safetensors"],
+    "hash_stdout": ["hash", "hf_old"],
+    "hash_cast_stdout": ["hash", "demo/train_step_200.pt", "--cast", "bfloat16"],
+    "hash_file": ["hash", "odd_a.safetensors", "-o", "manifest_2p.json"],  # checked in test_hash_file
+    "verify_same": ["verify", "manifest_2p.json", "odd_a.safetensors"],
+    "verify_differ_json": ["verify", "manifest_2p.json", "odd_c.safetensors", "--tolerance", "rel_l2=0.5",
+                           "-o", "json"],
+    "verify_two_checkpoints": ["verify", "hf_old", "hf_new"],
+    "verify_shards": ["verify", "tp_full.safetensors", "tp0.safetensors", "tp1.safetensors", "--shards"],
     "brief_same": ["demo/step_000.safetensors", "demo/step_000.safetensors", "--brief"],
     "brief_differ": ["demo/step_000.safetensors", "demo/step_200.safetensors", "--brief"],
     "exit_code": ["hf_old", "hf_new", "--exit-code", "-o", "json"],
@@ -248,7 +281,7 @@ def two_ranks(data):
     return _launch([(name, argv) for name, argv in JOBS.items()], data / "out_2p", cwds=[data])
 
 
-@pytest.mark.parametrize("name", list(JOBS))
+@pytest.mark.parametrize("name", [n for n in JOBS if n != "hash_file"])
 def test_two_ranks_equal_one_process(two_ranks, data, name):
     single = _single(JOBS[name], cwd=data)
     ranks = two_ranks[name]
@@ -275,6 +308,26 @@ def test_outputs_are_not_trivial(two_ranks):
     assert two_ranks["exit_code"][0]["code"] == 1 and two_ranks["exit_code"][1]["code"] == 1
 
 
+def test_hash_file(two_ranks, data):
+    """``hash -o FILE`` under torchrun: rank 0 writes the manifest (the single-process
+    one, byte for byte), nothing on stdout, exit 0 on both ranks (verify_* above read it)."""
+    job = two_ranks["hash_file"]
+    assert [job[r]["code"] for r in (0, 1)] == [0, 0] and job[0]["stdout"] == job[1]["stdout"] == ""
+    single = _single(["hash", "odd_a.safetensors"], cwd=data)
+    assert (data / "manifest_2p.json").read_text() == single["stdout"]
+
+
+def test_series_and_fingerprints_split_the_work(two_ranks):
+    """A series, a manifest and a verify under torchrun are computed by both ranks, each
+    its own share of the tensors (their outputs equal the single-process ones: above)."""
+    for name in JOBS:
+        if name.startswith(("series", "hash", "verify")) and two_ranks[name][0]["code"] in (0, 1):
+            t = [two_ranks[name][r]["timings"] for r in (0, 1)]
+            assert t[0]["names"] == t[1]["names"] > 1, (name, t)
+            assert t[0]["owned"] > 0 and t[1]["owned"] > 0, (name, t)
+            assert t[0]["owned"] + t[1]["owned"] == t[0]["names"], (name, t)
+
+
 # ---- two nodes on one machine; a node with a truncated shard --------------------------------
 
 
@@ -294,6 +347,8 @@ def test_two_nodes_and_a_failing_rank(data):
     shard.write_bytes(shard.read_bytes()[:-100])
     jobs = [("ok", [str(data / "hf_old"), str(data / "hf_new"), "--all", "-o", "json"]),
             ("truncated", ["hf_old", "hf_new", "--all", "-o", "json"]),
+            ("series_truncated", ["series", "hf_old", "hf_new", "hf_old", "-o", "json"]),
+            ("hash_truncated", ["hash", "hf_new", "-o", "never_written.json"]),
             ("stalled", [str(data / "hf_old"), str(data / "hf_new")], (1, 18))]
     res = _launch(jobs, data / "out_2n", cwds=nodes, nodes=2, nproc=1, timeout=15)
     single = _single(jobs[0][1])
@@ -301,14 +356,16 @@ def test_two_nodes_and_a_failing_rank(data):
     _close(json.loads(single["stdout"]), json.loads(res["ok"][0]["stdout"]))
     assert res["ok"][1]["stdout"] == ""
 
-    bad = res["truncated"]
-    assert [bad[r]["code"] for r in (0, 1)] == [2, 2], "every rank exits 2"
-    assert bad[0]["stdout"] == bad[1]["stdout"] == ""
-    lines = [ln for r in (0, 1) for ln in bad[r]["stderr"].splitlines() if ln.strip()]
-    assert len(lines) == 1, lines
-    assert lines[0].startswith("torchdiff: error: rank ") and "of 2" in lines[0]
-    assert "model-00002-of-00003.safetensors" in lines[0] and "truncated" in lines[0]
-    assert bad[0]["stderr"].strip() == lines[0], "rank 0 prints it"
+    for job in ("truncated", "series_truncated", "hash_truncated"):
+        bad = res[job]
+        assert [bad[r]["code"] for r in (0, 1)] == [2, 2], "every rank exits 2"
+        assert bad[0]["stdout"] == bad[1]["stdout"] == ""
+        lines = [ln for r in (0, 1) for ln in bad[r]["stderr"].splitlines() if ln.strip()]
+        assert len(lines) == 1, lines
+        assert lines[0].startswith("torchdiff: error: rank ") and "of 2" in lines[0]
+        assert "model-00002-of-00003.safetensors" in lines[0] and "truncated" in lines[0]
+        assert bad[0]["stderr"].strip() == lines[0], "rank 0 prints it"
+    assert not any((n / "never_written.json").exists() for n in nodes)
 
     late = res["stalled"]
     assert [late[r]["code"] for r in (0, 1)] == [2, 2]
@@ -421,3 +478,131 @@ def test_fsdp2_monitor_equals_full_recomputation(tmp_path):
                                    rtol=rtol, atol=1e-7, err_msg=got["name"])
     assert res[0]["mixed"] == res[1]["mixed"]
     assert res[0]["mismatch"] == res[1]["mismatch"] and res[0]["mismatch"].startswith("rank 1 of 2: w: the two sides")
+
+
+# ---- the Lightning and HF Trainer adapters under FSDP2 (2 gloo ranks) ----------------------
+
+
+def _near(a, b, rtol: float = 2e-5, atol: float = 1e-7, where: str = "") -> None:
+    """Same structure, equal non-floats, floats within the sharded path's float32
+    accumulation precision (tests/test_metrics.py's rtol)."""
+    if isinstance(a, dict):
+        assert list(a) == list(b), f"{where}: keys {list(a)} vs {list(b)}"
+        for k in a:
+            _near(a[k], b[k], rtol, atol, f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{where}: {len(a)} vs {len(b)} items"
+        for i, (x, y) in enumerate(zip(a, b)):
+            _near(x, y, rtol, atol, f"{where}[{i}]")
+    elif isinstance(a, float) and not isinstance(b, bool):
+        if math.isnan(a) or math.isinf(a):
+            assert repr(a) == repr(float(b)), f"{where}: {a} vs {b}"
+        else:
+            assert abs(a - b) <= rtol * max(abs(a), abs(b)) + atol, f"{where}: {a!r} vs {b!r}"
+    else:
+        assert a == b, f"{where}: {a!r} vs {b!r}"
+
+
+def _states(js: dict) -> dict[int, dict[str, torch.Tensor]]:
+    """The full float32 state_dicts the worker gathered (float64 lists: exact)."""
+    return {int(s): {k: torch.tensor(v, dtype=torch.float64).float() for k, v in sd.items()} for s, sd in js.items()}
+
+
+def _check_records(history: list[dict], states: dict, shapes: dict) -> None:
+    """Each report's figures against a single-process torchdiff run on the full
+    state_dicts, and its global rel_l2 against float64 NumPy."""
+    import torchdiff
+
+    assert history, "no report"
+    for rec in history:
+        old = {k: v.reshape(shapes[k]) for k, v in states[rec["reference_step"]].items()}
+        new = {k: v.reshape(shapes[k]) for k, v in states[rec["step"]].items()}
+        ref = torchdiff.compare(old, new, analyses=("show_layer_impact",))
+        got = {row["name"]: row for row in rec["figures"]}
+        assert list(got) == [d.name for d in ref], "same items, same order"
+        for d in ref:
+            row = got[d.name]
+            assert row["status"] == d.status == "changed", d.name
+            for side in ("old", "new"):
+                s = getattr(d, side)
+                assert row[side][:2] == [list(s.shape), s.numel] and row[side][8:] == [s.zero_count, 0, 0], d.name
+                _near(row[side][2:8], [s.mean, s.std, s.min, s.max, s.mean_abs, s.rms], atol=2e-5 * s.mean_abs,
+                      where=f"{d.name}.{side}")
+            m = d.metrics
+            assert row["metrics"][0] == m.numel and row["metrics"][7] == m.changed_count, d.name
+            _near(row["metrics"][2:7], [m.l2, m.norm_old, m.norm_new, m.max_abs, m.mean_abs_diff], where=d.name)
+        a = np.concatenate([old[k].double().numpy().ravel() for k in old])
+        b = np.concatenate([new[k].double().numpy().ravel() for k in new])
+        np.testing.assert_allclose(rec["rel_l2"], np.linalg.norm(b - a) / np.linalg.norm(a), rtol=2e-5)
+
+
+def test_adapters_under_fsdp2(tmp_path):
+    """Lightning (a real Trainer with ModelParallelStrategy: fully_shard on CPU/gloo) and
+    the HF Trainer callback (its hooks driven with the Trainer's TrainerState and
+    TrainerControl: the Trainer's FSDP needs a GPU) on 2 ranks: the monitor runs on every
+    rank with the process group (snapshots 1/N each), both ranks get the same figures,
+    which equal a single-process run on the full state_dicts; only rank 0 logs and calls
+    on_report; every rank asks the Trainer to log at the same steps. With a replicated
+    (DDP) model, rank 0 monitors alone and rank 1 still asks to log at the same steps."""
+    pytest.importorskip("lightning")
+    pytest.importorskip("transformers")
+    out = tmp_path / "adapters"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), str(Path(__file__).parent / "dist_adapters_worker.py"), str(out)]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path)
+    assert all(Path(f"{out}.r{r}").exists() for r in (0, 1)), proc.stderr[-3000:]
+    res = [json.loads(Path(f"{out}.r{r}").read_text()) for r in (0, 1)]
+    for part in ("lightning", "hf_fsdp2", "hf_ddp"):
+        for r in res:
+            assert "error" not in r[part] and "skipped" not in r[part], r[part]
+
+    # Lightning, ModelParallelStrategy
+    lt = [r["lightning"] for r in res]
+    states = _states(lt[0]["states"])
+    shapes = {"net.0.weight": (33, 16), "net.0.bias": (33,), "net.2.weight": (33,), "net.2.bias": (33,),
+              "net.3.weight": (7, 33), "net.3.bias": (7,)}
+    full_bytes = sum(v.nbytes for v in states[0].values())
+    for r in lt:
+        assert r["sharded"] and set(r["dtensors"]) == {"DTensor"}
+        assert [(h["step"], h["reference_step"]) for h in r["history"]] == [(2, 0), (4, 2)]
+        assert r["memory_bytes"] < full_bytes
+        assert r["callback_metrics"]["torchdiff/global_rel_l2"] == pytest.approx(r["history"][-1]["rel_l2"])
+    assert lt[0]["memory_bytes"] + lt[1]["memory_bytes"] == full_bytes, "each rank snapshots its shards"
+    assert lt[0]["history"] == lt[1]["history"], "every rank gets the same figures"
+    assert lt[0]["on_report"] == [2, 4] and lt[1]["on_report"] == []
+    assert [s for s, _ in lt[0]["logged"]] == [2, 4] and lt[1]["logged"] == [], "rank 0 logs, once a report"
+    assert lt[0]["logged"][-1][1] == pytest.approx(lt[0]["scalars"])
+    _check_records(lt[0]["history"], states, shapes)
+
+    # HF Trainer callback, fully_shard
+    hf = [r["hf_fsdp2"] for r in res]
+    states = _states(hf[0]["states"])
+    shapes = {"0.weight": (20, 12), "0.bias": (20,), "2.weight": (5, 20), "2.bias": (5,)}
+    full_bytes = sum(v.nbytes for v in states[0].values())
+    for r in hf:
+        assert r["sharded"] and r["has_monitor"]
+        assert r["memory_bytes"] == r["local_bytes"] < full_bytes
+        assert [flags for flags in r["should_log"]] == [[s in (2, 4)] * 2 for s in range(1, 6)], \
+            "every rank asks the Trainer to log at the report steps, and only then"
+    assert hf[0]["memory_bytes"] + hf[1]["memory_bytes"] == full_bytes
+    assert hf[0]["history"] == hf[1]["history"]
+    assert hf[0]["on_report"] == [2, 4] and hf[1]["on_report"] == []
+    assert [s for s, _ in hf[0]["logs"]] == [2, 4] and all(not logs for _, logs in hf[1]["logs"])
+    for (step, logs), rec in zip(hf[0]["logs"], hf[0]["history"]):
+        assert logs["torchdiff/global_rel_l2"] == pytest.approx(rec["rel_l2"])
+    assert [e for e in hf[1]["log_history"] if len(e) > 1] == [], "rank 1's log history has no figures"
+    _check_records(hf[0]["history"], states, shapes)
+    # the off-grid save at step 3: compared on every rank, torchdiff.json written by rank 0
+    import torchdiff
+
+    saved = json.loads((tmp_path / "hf_fsdp2" / "checkpoint-3" / "torchdiff.json").read_text())
+    ref = torchdiff.compare({k: v.reshape(shapes[k]) for k, v in states[2].items()},
+                            {k: v.reshape(shapes[k]) for k, v in states[3].items()}, analyses=("show_layer_impact",))
+    _near(saved, json.loads(ref.to_json()), rtol=1e-4, atol=1e-6)
+
+    # HF Trainer callback, replicated model (DDP): rank 0 monitors alone
+    ddp = [r["hf_ddp"] for r in res]
+    assert ddp[0]["has_monitor"] and not ddp[1]["has_monitor"] and not ddp[0]["sharded"]
+    assert ddp[0]["should_log"] == ddp[1]["should_log"] == [[s in (2, 4)] * 2 for s in range(1, 6)]
+    assert ddp[0]["on_report"] == [2, 4] and ddp[1]["on_report"] == [] and ddp[1]["history"] == []
+    _check_records(ddp[0]["history"], _states(ddp[0]["states"]), shapes)

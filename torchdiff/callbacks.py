@@ -242,6 +242,10 @@ class CheckpointMonitor:
         self._dtensor_specs: dict[str, tuple] = {}
         if process_group is not None and keep == "stats":
             raise UsageError("process_group= needs keep='cpu' or 'device' (keep='stats' merges no shards)")
+        if process_group is not None and save_dir is not None:
+            raise UsageError("save_dir= with process_group=: each rank holds only its own shards, and every rank "
+                             "would write the same file (save sharded states with torch.distributed.checkpoint; "
+                             "torchdiff reads DCP folders)")
         live = self._live()
         self._model_device = next((t.device for t in live.values() if t.device.type != "cpu"), torch.device("cpu"))
         if device is None:

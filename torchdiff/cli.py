@@ -213,15 +213,13 @@ class TorchDiffCLI:
 
     def series(self, *checkpoints, **flags):
         """Ordered checkpoints C1 C2 C3 ...: convergence and similarity over the run."""
-        from torchdiff import distributed, series
+        from torchdiff import series
 
-        ctx = distributed.active()
-        if ctx is not None and ctx.rank != 0:  # series runs on rank 0 alone (docs/DISTRIBUTED.md)
+        report = series.compare_series([str(c) for c in checkpoints],
+                                       **_api_options(flags, series=True, policy=self.policy))
+        if report is None:  # a torchrun rank other than 0: it measured its share, rank 0 reports
             self.outcome = Outcome(None)
             return None
-        with distributed.suspended():  # rank 0 alone: no collective inside
-            report = series.compare_series([str(c) for c in checkpoints],
-                                           **_api_options(flags, series=True, policy=self.policy))
         return self._finish(report, flags)
 
     def hash(self, checkpoint, **flags):
@@ -234,7 +232,10 @@ class TorchDiffCLI:
         if target in (None, "text", "json", "-"):
             self.outcome = Outcome(manifest.to_json())
             return self.outcome
-        manifest.save(str(target))
+        from torchdiff import distributed
+
+        if distributed.rank() == 0:  # under torchrun every rank holds the manifest; rank 0 writes it
+            manifest.save(str(target))
         self.outcome = Outcome(None)
         return None
 

@@ -16,6 +16,11 @@ A torchrun run (docs/DISTRIBUTED.md):
    renders; the others print nothing;
 5. a final round agrees on one exit code, which every rank returns.
 
+``series`` splits tensor names the same way (``grouped_owners``: a layer's tensors on one
+rank) and gathers every step's partials plus its Gram sums in one exchange
+(``gather_parts``); ``hash``/``verify`` compute each owned tensor's manifest record and
+all-gather the records as JSON text (``exchange_json``).
+
 Any failure on any rank turns the next round into a failure round: the failing rank's
 one-line message travels to rank 0 as UTF-8 bytes, rank 0 prints it naming the rank,
 and every rank exits 2. A collective that fails (a rank died, or did not arrive within
@@ -24,7 +29,6 @@ and every rank exits 2. A collective that fails (a rank died, or did not arrive 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import json
@@ -87,17 +91,6 @@ def launched() -> bool:
 
 def active() -> Context | None:
     return _ACTIVE
-
-
-@contextlib.contextmanager
-def suspended():
-    """No distributed context inside the block (work that one rank does alone)."""
-    global _ACTIVE
-    saved, _ACTIVE = _ACTIVE, None
-    try:
-        yield
-    finally:
-        _ACTIVE = saved
 
 
 def rank() -> int:
@@ -168,7 +161,7 @@ def assign(sizes: list[int], world: int) -> list[int]:
     return owner
 
 
-def _colocation_keys(hook, pair) -> list:
+def colocation_keys(hook, pair) -> list:
     """Keys of pairs a stateful hook must see in one process: similarity_matrix's
     cross-layer groups, gradient_analysis's (exp_avg, exp_avg_sq, step) of one parameter."""
     keys = []
@@ -191,7 +184,15 @@ def _colocation_keys(hook, pair) -> list:
 def owners(pairs, hooks, world: int) -> list[int]:
     """The rank that measures each pair: pairs a stateful hook needs together form one
     unit; units are balanced by bytes (both sides)."""
-    parent = list(range(len(pairs)))
+    keys = [[key for h in hooks for key in colocation_keys(h, p)] for p in pairs]
+    return grouped_owners(keys, [_nbytes(p) for p in pairs], world)
+
+
+def grouped_owners(keys: list[list], sizes: list[int], world: int) -> list[int]:
+    """The rank of each item: items sharing a key form one unit (union-find), units
+    (sized by the sum of their items' bytes, in order of their first item) go to ranks
+    by :func:`assign`. Deterministic: every rank computes the same owners."""
+    parent = list(range(len(sizes)))
 
     def find(i):
         while parent[i] != i:
@@ -200,20 +201,18 @@ def owners(pairs, hooks, world: int) -> list[int]:
         return i
 
     first: dict = {}
-    for i, p in enumerate(pairs):
-        for h in hooks:
-            for key in _colocation_keys(h, p):
-                j = first.setdefault(key, i)
-                ri, rj = find(i), find(j)
-                if ri != rj:
-                    parent[max(ri, rj)] = min(ri, rj)
+    for i, item_keys in enumerate(keys):
+        for key in item_keys:
+            j = first.setdefault(key, i)
+            ri, rj = find(i), find(j)
+            if ri != rj:
+                parent[max(ri, rj)] = min(ri, rj)
     units: dict[int, list[int]] = {}
-    for i in range(len(pairs)):
+    for i in range(len(sizes)):
         units.setdefault(find(i), []).append(i)
     roots = sorted(units)
-    sizes = [sum(_nbytes(pairs[i]) for i in units[r]) for r in roots]
-    unit_owner = assign(sizes, world)
-    out = [0] * len(pairs)
+    unit_owner = assign([sum(sizes[i] for i in units[r]) for r in roots], world)
+    out = [0] * len(sizes)
     for r, o in zip(roots, unit_owner):
         for i in units[r]:
             out[i] = o
@@ -408,6 +407,23 @@ def _totals(cls, values: np.ndarray):
     return cls(**kwargs)
 
 
+def share(ctx: Context, work: Callable[[], Any], what: str) -> Any:
+    """Run this rank's share of the work, then a status round: a failure on any rank
+    (its one line) is every rank's RankFailed; otherwise ``work``'s result."""
+    error = None
+    out = None
+    try:
+        out = work()
+    except TorchDiffError as e:
+        error = e
+    except MemoryError:
+        error = TorchDiffError("out of memory")
+    except Exception as e:  # noqa: BLE001 - one line on rank 0, not a hang of the others
+        error = TorchDiffError(f"internal error: {type(e).__name__}: {e}")
+    check(ctx, error, what)
+    return out
+
+
 def run(ctx: Context, engine, pairs, hooks=(), progress=None):
     """Measure ``pairs`` across the ranks of ``ctx``; the TensorDiffs of all pairs on
     rank 0, None on the others. Every rank must call it with the same pairs."""
@@ -416,18 +432,15 @@ def run(ctx: Context, engine, pairs, hooks=(), progress=None):
     hooks = list(hooks)
     started = time.perf_counter()
     mine = [i for i, o in enumerate(owners(pairs, hooks, ctx.world)) if o == ctx.rank]
-    error = None
-    payload = None
-    try:
+    measured = started
+
+    def work():
+        nonlocal measured
         payload = _encode(engine.measure(pairs, mine, hooks, progress))
-    except TorchDiffError as e:
-        error = e
-    except MemoryError:
-        error = TorchDiffError("out of memory")
-    except Exception as e:  # noqa: BLE001 - one line on rank 0, not a hang of the others
-        error = TorchDiffError(f"internal error: {type(e).__name__}: {e}")
-    measured = time.perf_counter()
-    check(ctx, error, "exchange of figures")
+        measured = time.perf_counter()
+        return payload
+
+    payload = share(ctx, work, "exchange of figures")
     gathered = _gather_arrays(ctx, payload, "gather of figures")
     exchanged = time.perf_counter()
     TIMINGS.update(pairs=len(pairs), owned=len(mine), measure=measured - started, exchange=exchanged - measured,
@@ -437,6 +450,68 @@ def run(ctx: Context, engine, pairs, hooks=(), progress=None):
     diffs = engine.merge(pairs, [_decode(g) for g in gathered])
     TIMINGS["merge"] = time.perf_counter() - exchanged
     return diffs
+
+
+def combine(parts: list[tuple[Any, int, int]]):
+    """One Partials from Partials of consecutive pair lists measured one after another
+    (a series' batches): each entry is (part, pairs before its list, side slots before
+    its list); ids are shifted to those of the concatenated list, rows kept in order."""
+    from torchdiff.engine import Partials
+
+    def cat(arrays, width=None, dtype=np.float64):
+        if arrays:
+            return np.concatenate(arrays)
+        return np.zeros((0, width) if width else 0, dtype=dtype)
+
+    out = Partials(
+        side_rows=cat([p.side_rows for p, _, _ in parts], R.SIDE_WIDTH),
+        side_ids=cat([p.side_ids + s for p, _, s in parts], dtype=np.int64),
+        side_lengths=cat([p.side_lengths for p, _, _ in parts]),
+        pair_rows=cat([p.pair_rows for p, _, _ in parts], R.PAIR_WIDTH),
+        pair_ids=cat([p.pair_ids + n for p, n, _ in parts], dtype=np.int64),
+        exact_side={}, exact_pair={}, same_nonfinite={}, equal={}, extras={},
+    )
+    for p, n, s in parts:
+        out.exact_side.update({k + s: v for k, v in p.exact_side.items()})
+        out.exact_pair.update({k + n: v for k, v in p.exact_pair.items()})
+        out.same_nonfinite.update({k + n: v for k, v in p.same_nonfinite.items()})
+        out.equal.update({k + n: v for k, v in p.equal.items()})
+        out.extras.update({k + n: v for k, v in p.extras.items()})
+    return out
+
+
+def gather_parts(ctx: Context, parts: list, extra: np.ndarray, what: str) -> list[tuple[list, np.ndarray]] | None:
+    """Gather on rank 0, in one exchange, each rank's Partials of several pair lists (a
+    series' steps, the same number on every rank) and one float64 array of its own
+    figures. Rank 0 gets, per rank in rank order, (its Partials per list, its array);
+    the others None."""
+    dtypes = (np.int64, np.float64, np.int64, np.uint8)
+    encoded = [_encode(p) for p in parts]
+    lengths = np.array([a.size for enc in encoded for a in enc], dtype=np.int64)
+    arrays = [lengths] + [np.concatenate([enc[j] for enc in encoded]).astype(dt) if encoded else np.zeros(0, dt)
+                          for j, dt in enumerate(dtypes)] + [np.asarray(extra, dtype=np.float64).reshape(-1)]
+    gathered = _gather_arrays(ctx, arrays, what)
+    if gathered is None:
+        return None
+    out = []
+    for got in gathered:
+        sizes = got[0].reshape(-1, len(dtypes))
+        offsets = np.zeros(len(dtypes), dtype=np.int64)
+        decoded = []
+        for row in sizes:
+            chunk = [got[1 + j][offsets[j]:offsets[j] + row[j]] for j in range(len(dtypes))]
+            offsets += row
+            decoded.append(_decode(chunk))
+        out.append((decoded, got[-1]))
+    return out
+
+
+def exchange_json(ctx: Context, value: Any, what: str) -> list[Any]:
+    """Every rank's JSON-able ``value``, on every rank, in rank order: UTF-8 JSON text in
+    a uint8 tensor (all_gather), parsed with ``json.loads`` (which runs no code)."""
+    text = json.dumps(value, separators=(",", ":"), allow_nan=True).encode("utf-8")
+    got = _gather_arrays(ctx, [np.frombuffer(text, dtype=np.uint8)], what, everyone=True)
+    return [json.loads(bytes(arrays[0]).decode("utf-8")) for arrays in got]
 
 
 # ---- the command line ----------------------------------------------------------------

@@ -377,13 +377,57 @@ def _fingerprint(source: Any, casts: Sequence[str], format: str | None, expected
 
 
 def _fingerprint_checkpoint(ckpt, label: str, casts: Sequence[str], expected: Manifest | None = None) -> Manifest:
-    records = {}
-    for name, handle in ckpt.tensors.items():
+    def one(name: str) -> tuple[TensorRecord, list[Finding]]:
+        handle = ckpt.tensors[name]
         t = handle.materialize()
         span = handle.span if handle.span is not None and handle.dtype == t.dtype else None
-        records[name] = record(name, t, casts=casts, span=span, storage_dtype=handle.storage_dtype,
-                               expected=expected.tensors.get(name) if expected is not None else None)
+        return record(name, t, casts=casts, span=span, storage_dtype=handle.storage_dtype,
+                      expected=expected.tensors.get(name) if expected is not None else None), []
+
+    names = list(ckpt.tensors)
+    records, _ = _per_tensor(names, [ckpt.tensors[n].nbytes for n in names], one)
     return Manifest(tensors=records, source=label)
+
+
+def _per_tensor(names: list[str], sizes: list[int], one) -> tuple[dict[str, TensorRecord], list[Finding]]:
+    """``one(name) -> (record, findings)`` for every name, in order.
+
+    Under ``torchrun -m torchdiff`` (docs/DISTRIBUTED.md, "hash and verify") each rank
+    computes the names it owns (``distributed.assign``: balanced by bytes; it reads only
+    those tensors), and the records travel to every rank as JSON text (all_gather of
+    uint8; floats round-trip exactly), so every rank returns the same manifest."""
+    from torchdiff import distributed
+
+    ctx = distributed.active()
+    if ctx is None:
+        records: dict[str, TensorRecord] = {}
+        findings: list[Finding] = []
+        for name in names:
+            records[name], more = one(name)
+            findings += more
+        return records, findings
+    owner = distributed.assign(sizes, ctx.world)
+    mine = [name for name, o in zip(names, owner) if o == ctx.rank]
+    distributed.TIMINGS.clear()
+    distributed.TIMINGS.update(names=len(names), owned=len(mine))
+
+    def work():
+        out = {}
+        for name in mine:
+            r, more = one(name)
+            out[name] = [r.to_dict(), [[f.name, f.kind, f.detail] for f in more]]
+        return out
+
+    got: dict[str, list] = {}
+    for part in distributed.exchange_json(ctx, distributed.share(ctx, work, "exchange of fingerprints"),
+                                          "gather of fingerprints"):
+        got.update(part)
+    records, findings = {}, []
+    for name in names:
+        d, more = got[name]
+        records[name] = TensorRecord.from_dict(d, "<rank>")
+        findings += [Finding(*f) for f in more]
+    return records, findings
 
 
 # ---- verification ----------------------------------------------------------------------------
@@ -678,22 +722,23 @@ def _fingerprint_shards(other: Any, expected: Manifest, casts: Sequence[str], fo
                 base, rank = (m.group("base"), int(m.group("rank"))) if m and m.group("base") in expected else (name, 0)
                 pieces.setdefault(base, []).append((rank_file if len(ckpts) > 1 else rank, handle))
         label = " + ".join(os.fspath(s) if isinstance(s, (str, os.PathLike)) else "<memory>" for s in sources)
-        records = {}
-        notes: list[Finding] = []
-        for name, parts in pieces.items():
+        for parts in pieces.values():
             parts.sort(key=lambda p: p[0])
-            handles = [h for _, h in parts]
+
+        def one(name: str) -> tuple[TensorRecord, list[Finding]]:
+            handles = [h for _, h in pieces[name]]
             if len(handles) == 1:
                 t = handles[0].materialize()
                 span = handles[0].span if handles[0].span is not None and handles[0].dtype == t.dtype else None
-                records[name] = record(name, t, casts=casts, span=span, expected=expected.tensors.get(name))
-                continue
+                return record(name, t, casts=casts, span=span, expected=expected.tensors.get(name)), []
             full = expected.tensors[name].shape if name in expected.tensors else None
             tensor, differing = assemble(name, [h.materialize() for h in handles], full)
-            records[name] = record(name, tensor, casts=casts, expected=expected.tensors.get(name))
-            for r in differing:
-                notes.append(Finding(name, "replica", f"replicated on {len(handles)} ranks; rank {r}'s copy "
-                                                      "differs from rank 0's"))
+            return record(name, tensor, casts=casts, expected=expected.tensors.get(name)), [
+                Finding(name, "replica", f"replicated on {len(handles)} ranks; rank {r}'s copy differs from rank 0's")
+                for r in differing]
+
+        names = list(pieces)
+        records, notes = _per_tensor(names, [sum(h.nbytes for _, h in pieces[n]) for n in names], one)
         return Manifest(tensors=records, source=label), notes
     finally:
         for c in ckpts:

@@ -17,7 +17,10 @@ One pass over the data (docs/SERIES.md):
 - Adam state (exp_avg, exp_avg_sq, step) is reduced per parameter when the gradient
   analysis runs;
 - device results stay on the device until the end: one host synchronisation for the
-  series figures, one per engine run.
+  series figures, one per engine run;
+- under torchrun (the CLI), each tensor name belongs to one rank (a layer's tensors
+  together), which reads, measures and accumulates it; step partials, Gram sums and
+  Adam sums are gathered once on rank 0 (docs/DISTRIBUTED.md, "series").
 
 The series analyses are the modules in ``torchdiff.analyses`` that define
 ``analyze_series(series, options) -> AnalysisResult``; the others run per step.
@@ -33,6 +36,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from torchdiff import distributed
 from torchdiff.analyses import ANALYSES, analysis_names
 from torchdiff.analyses._training import (
     AdamPlan, adam_sums, build_adam_plan, layer_key, natural_key, short_labels,
@@ -161,7 +165,9 @@ def compare_series(
         ``spectra`` are accepted and have no effect (a series report draws neither).
 
     Returns:
-        A SeriesReport; ``print`` it for text, ``to_dict()`` for JSON.
+        A SeriesReport; ``print`` it for text, ``to_dict()`` for JSON. Under
+        ``torchrun -m torchdiff series`` every rank measures the tensors it owns and
+        rank 0 gets the report; the other ranks get None (docs/DISTRIBUTED.md).
 
     Example:
         >>> import torch, torchdiff.series as S
@@ -201,6 +207,8 @@ def compare_series(
     finally:
         for ckpt in opened.values():
             ckpt.close()
+    if data is None:  # under torchrun, a rank other than 0: it measured its share, rank 0 reports
+        return None
     return _build(data, options, base_ckpt.name if base_ckpt is not None else None)
 
 
@@ -397,8 +405,23 @@ class _Pass:
                 hooks += getattr(module, "hooks", None) and module.hooks(options, state[a]) or []
             self.step_hooks.append(hooks)
         series_set = set(series_names)
-        for batch in self._batches(names):
-            self._batch(batch, series_set)
+        # under torchrun: every name goes to one rank (docs/DISTRIBUTED.md, "series");
+        # each rank reads, measures and accumulates only the names it owns
+        self.ctx = distributed.active()
+        self.mine: set[str] | None = None
+        if self.ctx is not None:
+            self.mine = self._owned(names, want_adam)
+            distributed.TIMINGS.clear()
+            distributed.TIMINGS.update(names=len(names), owned=len(self.mine))
+            self.step_parts: list[list] = [[] for _ in range(self.n - 1)]  # (Partials, pairs before, slots before)
+            self.step_pairs: list[list[Pair]] = [[] for _ in range(self.n - 1)]
+            distributed.share(self.ctx, lambda: [self._batch(b, series_set) for b in self._batches(names)],
+                              "exchange of series figures")
+            if not self._gather(L, M):
+                return None
+        else:
+            for batch in self._batches(names):
+                self._batch(batch, series_set)
         # the one synchronisation for the series figures
         nsq = self.acc_nsq.cpu().numpy()
         dist2 = self.acc_d2.cpu().numpy()
@@ -481,6 +504,7 @@ class _Pass:
         # 1. each consecutive pair through the engine
         done = 0
         nonfinite: set[str] = set()  # names with NaN/Inf in some checkpoint (from the engine's counts)
+        mine = self.mine
         for t in range(self.n - 1):
             pairs = []
             for name in batch:
@@ -488,7 +512,11 @@ class _Pass:
                 b = in_memory(self.rows[t + 1], name)
                 if a is not None or b is not None:
                     pairs.append(Pair(name, a, b, self.roles.get(name, "parameter")))
-                    done += sum(h.numel for h in (a, b) if h is not None)
+                    if mine is None or name in mine:
+                        done += sum(h.numel for h in (a, b) if h is not None)
+            if mine is not None:  # under torchrun: the owned pairs' partial figures
+                nonfinite |= self._measure_share(t, pairs)
+                continue
             diffs = self.engine.run(pairs, hooks=self.step_hooks[t]) if pairs else []
             for d in diffs:
                 if any(s is not None and (s.nan_count or s.inf_count) for s in (d.old, d.new)):
@@ -497,7 +525,7 @@ class _Pass:
         # 2. the Gram pass, layer by layer
         by_layer: dict[int, list[str]] = {}
         for name in batch:
-            if name in series_set:
+            if name in series_set and (mine is None or name in mine):
                 by_layer.setdefault(self.layer_of[name], []).append(name)
         for layer, names in by_layer.items():
             self._gram(layer, [([_flat(value(u, name)) for u in self.rows], name in nonfinite) for name in names])
@@ -507,6 +535,8 @@ class _Pass:
         for u, plan in self.plans.items():
             for p in plan.params:
                 if p.exp_avg not in batch_set or p.exp_avg_sq not in batch_set:
+                    continue
+                if mine is not None and p.exp_avg not in mine:
                     continue
                 if p.step is not None and p.step in batch_set:
                     step: Any = value(u, p.step).to(self.device)
@@ -523,6 +553,95 @@ class _Pass:
                 self.adam_sums[u][p.key] = (float(n), *s)
         if self.progress is not None:
             self.progress(done)
+
+    # -- under torchrun (docs/DISTRIBUTED.md, "series") --
+
+    def _owned(self, names: list[str], want_adam: bool) -> set[str]:
+        """The names this rank measures. One unit (one rank) each: the tensors of one
+        layer of the series figures (its Gram sums then come from one rank, accumulated
+        in the single-process order), the tensors of one optimizer state index, the
+        (exp_avg, exp_avg_sq, step) of one Adam parameter, and what a step hook needs
+        together; units are balanced by bytes over every checkpoint."""
+        keys: list[list] = []
+        for name in names:
+            k: list = []
+            if name in self.layer_of:
+                k.append(("layer", self.layer_of[name]))
+            opt = optimizer_param(name)
+            if opt is not None:
+                k.append(("optimizer", opt[0]))
+            keys.append(k)
+        index = {name: i for i, name in enumerate(names)}
+        if want_adam:
+            for plan in self.plans.values():
+                for p in plan.params:
+                    for member in (p.exp_avg, p.exp_avg_sq, p.step):
+                        if member in index:
+                            keys[index[member]].append(("adam", p.exp_avg))
+        for t, hooks in enumerate(self.step_hooks):
+            if not hooks:
+                continue
+            old, new = self.uniq[self.rows[t]], self.uniq[self.rows[t + 1]]
+            for name in names:
+                pair = Pair(name, old.tensors.get(name), new.tensors.get(name), self.roles.get(name, "parameter"))
+                keys[index[name]] += [key for h in hooks for key in distributed.colocation_keys(h, pair)]
+        sizes = [sum(h.nbytes for c in self.uniq if (h := c.tensors.get(name)) is not None) for name in names]
+        owner = distributed.grouped_owners(keys, sizes, self.ctx.world)
+        return {name for name, o in zip(names, owner) if o == self.ctx.rank}
+
+    def _measure_share(self, t: int, pairs: list[Pair]) -> set[str]:
+        """Step t's owned pairs of this batch through ``Engine.measure`` (partial figures
+        under the step's global ids); returns the owned names with NaN/Inf."""
+        old, new = self.uniq[self.rows[t]], self.uniq[self.rows[t + 1]]
+        step_pairs = self.step_pairs[t]
+        before = len(step_pairs)
+        slots = sum((p.old is not None) + (p.new is not None) for p in step_pairs)
+        # rank 0 merges over the checkpoints' own lazy handles (headers; values only if a
+        # value-derived figure were missing), not over this batch's in-memory values
+        step_pairs += [Pair(p.name, old.tensors.get(p.name), new.tensors.get(p.name), p.role) for p in pairs]
+        owned = [i for i, p in enumerate(pairs) if p.name in self.mine]
+        if not owned:
+            return set()
+        part = self.engine.measure(pairs, owned, self.step_hooks[t])
+        self.step_parts[t].append((part, before, slots))
+        first, slot_name = 0, {}
+        for p in pairs:
+            for k in range((p.old is not None) + (p.new is not None)):
+                slot_name[first + k] = p.name
+            first += (p.old is not None) + (p.new is not None)
+        return {slot_name[k] for k, v in part.exact_side.items() if v.nan_count or v.inf_count}
+
+    def _gather(self, L: int, M: int) -> bool:
+        """Every rank's figures to rank 0 (one exchange): step partials, merged there in
+        rank order (``Engine.merge``, the compare path's); the Gram sums, added (each
+        layer's come from its one owner, the others' are exact zeros); the Adam sums.
+        True on rank 0, which then holds every figure; False on the others."""
+        ctx = self.ctx
+        parts = [distributed.combine(p) for p in self.step_parts]
+        gram = [self.acc_nsq, self.acc_d2, self.acc_bad]
+        if self.base_row is not None:
+            gram += [self.acc_conf, self.acc_both, self.acc_any, self.acc_multi]
+        adam = [[u, j, *self.adam_sums[u][p.key]] for u in sorted(self.plans)
+                for j, p in enumerate(self.plans[u].params) if p.key in self.adam_sums[u]]
+        flat = np.concatenate([g.detach().cpu().numpy().reshape(-1) for g in gram]
+                              + [np.asarray(adam, dtype=np.float64).reshape(-1)])
+        gathered = distributed.gather_parts(ctx, parts, flat, "gather of series figures")
+        if gathered is None:
+            return False
+        for t in range(self.n - 1):
+            self.step_diffs[t] = list(self.engine.merge(self.step_pairs[t], [got[0][t] for got in gathered]))
+        width = sum(g.numel() for g in gram)
+        total = sum(got[1][:width] for got in gathered)  # rank order; one non-zero term a layer
+        pos = 0
+        for g in gram:
+            g.copy_(torch.from_numpy(total[pos:pos + g.numel()].reshape(g.shape)))
+            pos += g.numel()
+        for got in gathered:
+            for row in got[1][width:].reshape(-1, 6):
+                u, j = int(row[0]), int(row[1])
+                self.adam_sums[u][self.plans[u].params[j].key] = (float(row[2]), float(row[3]), float(row[4]),
+                                                                   float(row[5]))
+        return True
 
     def _gram(self, layer: int, tensors: list[tuple[list[torch.Tensor], bool]]) -> None:
         """Stream the layer's tensors (all rows side by side) through the workspace.

@@ -15,6 +15,44 @@ from typing import Any, Iterable
 from torchdiff.errors import UsageError
 
 
+def monitor_group(model: Any, options: dict[str, Any]) -> Any:
+    """The process group an adapter's monitor runs on (docs/DISTRIBUTED.md, section 7).
+
+    ``options["process_group"]`` when the user gave one; else, when torch.distributed is
+    initialised and the model's parameters are DTensors (FSDP2 ``fully_shard``, tensor
+    parallel), the default group: then every rank creates the monitor and takes part in
+    each comparison (its collectives), and only global rank zero logs. None otherwise (one
+    process; or DDP, where every rank holds the whole model and rank zero monitors alone).
+
+    Raises:
+        UsageError: the model is wrapped in FSDP1 (``FullyShardedDataParallel``), whose
+            flat parameters are neither whole tensors nor DTensors.
+    """
+    if options.get("process_group") is not None:
+        return options["process_group"]
+    try:
+        import torch.distributed as dist
+    except ImportError:  # a torch built without torch.distributed
+        return None
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:
+        FullyShardedDataParallel = None  # noqa: N806
+    if FullyShardedDataParallel is not None and any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        raise UsageError("the torchdiff callback does not support FSDP1 (FullyShardedDataParallel: flat parameters); "
+                         "use FSDP2 (fully_shard: Lightning's ModelParallelStrategy, or fsdp_version 2 in the HF "
+                         "Trainer's fsdp_config), whose parameters are DTensors")
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return None
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        return dist.group.WORLD
+    return None
+
+
 def monitor_options(every: int, reference: str, analyses: Iterable[str], keep: str, device: Any,
                     **options: Any) -> dict[str, Any]:
     """The CheckpointMonitor options an adapter was given, with ``every`` checked."""

@@ -9,13 +9,19 @@ package) when it is installed, else ``pytorch_lightning.Callback``;
 ``pytorch_lightning.Trainer`` when both packages are installed). The framework is
 imported when one of these names is first used, not when this module is.
 
-The monitor is created at ``on_train_start`` (the model is on its device by then) on
-global rank zero only, and consulted at ``on_train_batch_end`` with
-``trainer.global_step`` (optimizer steps, so gradient accumulation is counted right).
-At each report its figures (``MonitorRecord.scalars()``: update rel_l2, per-layer
-rel_l2, counts, the analyses' headline figures) go to every logger of the trainer
-at that step (``trainer.loggers``; or ``pl_module.log_dict`` with
-``log_with="log_dict"``) and into ``trainer.callback_metrics``.
+The monitor is created at ``on_train_start`` (the model is on its device, and
+sharded, by then) and consulted at ``on_train_batch_end`` with ``trainer.global_step``
+(optimizer steps, so gradient accumulation is counted right). With one process, or
+DDP (every rank holds the whole model), it lives on global rank zero only. Under an
+FSDP2 strategy (``ModelParallelStrategy``: parameters are DTensors) it is created on
+every rank with the process group (``integrations.monitor_group``): each rank
+snapshots and reduces its own shards, and every rank takes part in each comparison's
+collectives and gets the same figures. At each report the figures
+(``MonitorRecord.scalars()``: update rel_l2, per-layer rel_l2, counts, the analyses'
+headline figures) go, from global rank zero only, to every logger of the trainer at
+that step (``trainer.loggers``; or ``pl_module.log_dict`` with ``log_with="log_dict"``),
+and into ``trainer.callback_metrics`` (on every rank that has them: all ranks under
+FSDP2). ``on_report`` runs on global rank zero only.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch
 
 from torchdiff.callbacks import CheckpointMonitor, MonitorRecord
 from torchdiff.errors import MissingDependencyError, UsageError
+from torchdiff.integrations import monitor_group
 from torchdiff.integrations import monitor_options as monitor_options_of
 from torchdiff.report import Report
 
@@ -66,6 +73,7 @@ class _TorchDiffCallbackMixin:
         self.log_with = log_with
         self.prog_bar = prog_bar
         self.monitor: CheckpointMonitor | None = None
+        self.sharded = False  # the monitor runs on every rank with a process group (FSDP2)
 
     @property
     def history(self) -> list[MonitorRecord]:
@@ -76,25 +84,30 @@ class _TorchDiffCallbackMixin:
         return self.monitor.last_report if self.monitor is not None else None
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero:
+        group = monitor_group(pl_module, self.monitor_options)
+        self.sharded = group is not None
+        if not (self.sharded or trainer.is_global_zero):
             return
+        options = dict(self.monitor_options, process_group=group)
         self.monitor = CheckpointMonitor(pl_module, start_step=int(trainer.global_step),
-                                         on_report=self.on_report, **self.monitor_options)
+                                         on_report=self.on_report if trainer.is_global_zero else None, **options)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.monitor is None:
             return
-        report = self.monitor(int(trainer.global_step))
+        report = self.monitor(int(trainer.global_step))  # sharded: every rank, same step, same collectives
         if report is None or not self.log_figures:
             return
         scalars = self.monitor.history[-1].scalars(tensors=self.log_tensors)
         if self.log_with == "log_dict":
+            # sharded: every rank logs the same values (usable as a monitor= key on every rank)
             pl_module.log_dict(scalars, on_step=True, on_epoch=False, prog_bar=self.prog_bar,
-                               logger=True, rank_zero_only=True)
+                               logger=True, rank_zero_only=not self.sharded)
             return
         step = int(trainer.global_step)
-        for logger in trainer.loggers:
-            logger.log_metrics(scalars, step=step)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(scalars, step=step)
         # visible to EarlyStopping / ModelCheckpoint(monitor="torchdiff/global_rel_l2")
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in scalars.items()})
 

@@ -4,8 +4,14 @@
 >>> trainer = Trainer(model=model, args=args, train_dataset=data)                    # doctest: +SKIP
 >>> add_callback(trainer, TorchDiffCallback(every=100))                              # doctest: +SKIP
 
-- ``on_train_begin``: the monitor is created on the world-process-zero (snapshot of
-  the model as training starts).
+- ``on_train_begin``: the monitor is created (snapshot of the model as training
+  starts): on the world-process-zero alone with one process or DDP; on every rank,
+  with the process group, when the parameters are DTensors (FSDP2, ``fsdp_version``
+  2: ``integrations.monitor_group``), so that every rank takes part in each
+  comparison's collectives. Figures are logged, and ``on_report`` and ``torchdiff.json``
+  run, on the world-process-zero only. Every rank sets ``control.should_log`` at the
+  same steps (the Trainer's log step all-gathers the loss: one rank asking alone would
+  wait for the others forever).
 - ``on_step_end``: ``monitor(state.global_step)``; at a report step it asks the
   Trainer to log (``control.should_log``), and ``on_log`` adds the figures to that
   log entry and to ``state.log_history``: by default a short set (``keys=DEFAULT_KEYS``:
@@ -32,6 +38,7 @@ from typing import Any, Iterable
 
 from torchdiff.callbacks import CheckpointMonitor, MonitorRecord
 from torchdiff.errors import MissingDependencyError
+from torchdiff.integrations import monitor_group
 from torchdiff.integrations import monitor_options as monitor_options_of
 from torchdiff.report import Report
 
@@ -128,6 +135,9 @@ class _TorchDiffCallbackMixin:
         self.report_on_save = report_on_save
         self.json_on_save = json_on_save
         self.monitor: CheckpointMonitor | None = None
+        self.sharded = False  # the monitor runs on every rank with a process group (FSDP2)
+        self._zero = True  # this process logs (state.is_world_process_zero)
+        self._steps: tuple[int, int | None] | None = None  # DDP ranks without a monitor: (start, last report)
         self._pending: dict[str, float] = {}
 
     @property
@@ -139,19 +149,38 @@ class _TorchDiffCallbackMixin:
         return self.monitor.last_report if self.monitor is not None else None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if not state.is_world_process_zero or model is None:
+        if model is None:
             return
-        self.monitor = CheckpointMonitor(model, start_step=int(state.global_step), on_report=self.on_report,
-                                         **self.monitor_options)
+        group = monitor_group(model, self.monitor_options)
+        self.sharded = group is not None
+        self._zero = bool(state.is_world_process_zero)
+        if not (self.sharded or self._zero):  # DDP: rank zero monitors; this rank only keeps the log steps
+            self._steps = (int(state.global_step), None)
+            return
+        options = dict(self.monitor_options, process_group=group)
+        self.monitor = CheckpointMonitor(model, start_step=int(state.global_step),
+                                         on_report=self.on_report if self._zero else None, **options)
 
     def on_step_end(self, args, state, control, **kwargs):
+        step = int(state.global_step)
         if self.monitor is None:
-            return
-        if self.monitor(int(state.global_step)) is not None:
-            self._queue()
+            if self._steps is not None and self._due(step):  # the steps rank zero reports at
+                self._steps = (self._steps[0], step)
+                if self.log_figures:
+                    control.should_log = True
+            return control
+        if self.monitor(step) is not None:  # sharded: every rank, same step, same collectives
+            if self._zero:
+                self._queue()
             if self.log_figures:
                 control.should_log = True
         return control
+
+    def _due(self, step: int) -> bool:
+        """Whether rank zero's monitor reports at ``step`` (CheckpointMonitor.__call__'s rule)."""
+        start, last = self._steps
+        every = self.monitor_options["every"]
+        return step % every == 0 and step != last and step != start
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self._pending:
@@ -173,7 +202,7 @@ class _TorchDiffCallbackMixin:
             report = self.monitor.compare()  # not recorded: the history keeps its interval
         else:
             report = None
-        if self.json_on_save and report is not None:
+        if self.json_on_save and report is not None and self._zero:
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
             folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
