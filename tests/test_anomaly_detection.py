@@ -216,3 +216,36 @@ def test_cli_json_keeps_type_and_lists_findings(files, capsys):
     assert finding == {"type": "nan_inf", "tensor": "layers.1.mlp.fc1.weight", "side": "new", "severity": "critical",
                        "figure": "nonfinite_count", "value": 1, "threshold": 0, "rule": finding["rule"]}
     assert "nan=1" in finding["rule"]
+
+
+# ---- issue 18: the new state is what counts; numbers in the rules ------------------------------
+
+
+def test_findings_on_the_old_side_only_are_listed_not_counted():
+    """The headline, the severity counts and the gate describe the new state (side new or
+    both): a finding seen only on the old side is listed with side "old", not counted."""
+    target = "layers.1.mlp.fc1.weight"
+    bad = finetuned()
+    bad[target][0, 0] = float("nan")
+    fixed = run(bad, finetuned())
+    (f,) = fixed.data["anomalies"]
+    assert (f["type"], f["tensor"], f["side"], f["severity"]) == ("nan_inf", target, "old", "critical")
+    assert dict(fixed.headline) == {"anomaly_type": "none", "severity": "none", "affected": [], "findings": 0}
+    assert fixed.data["old_only"] == 1 and sum(fixed.data["severity_counts"].values()) == 0
+    text = " ".join(str(torchdiff.compare(bad, finetuned(), analyses=[NAME])).split())  # lines unwrapped
+    assert "anomaly_detection: type=none, severity=none, affected=[], findings=0" in text
+    assert "count new and both; 1 seen on the old side only: listed, not counted" in text
+    # seen on both sides: part of the new state, counted
+    both = run(bad, bad)
+    assert [g["side"] for g in both.data["anomalies"]] == ["both"]
+    assert (both.headline["findings"], both.data["old_only"], both.data["severity_counts"]["critical"]) == (1, 0, 1)
+
+
+def test_rule_texts_write_counts_with_separators():
+    """A [64, 32] weight holds 2,048 values (the rule printed ``of 2048 values``)."""
+    target = "layers.1.mlp.fc1.weight"
+    bad = finetuned()
+    bad[target][0, 0] = float("nan")
+    (f,) = run(pretrained(), bad).data["anomalies"]
+    assert f["rule"] == "nan=1, inf=0 of 2,048 values; any non-finite value is critical"
+    assert f["value"] == 1  # JSON keeps the number

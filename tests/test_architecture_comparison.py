@@ -41,9 +41,12 @@ def test_clean_finetune_pair():
     report = run(pre, fine)
     a = report.analysis(NAME)
     p = params(pre)
-    assert dict(a.headline) == {"family": "transformer->transformer", "params": f"{p}->{p}", "blocks": "4->4",
+    assert p == 36106
+    # counts with thousands separators in the headline string; JSON keeps the numbers too
+    assert dict(a.headline) == {"family": "transformer->transformer", "params": "36,106->36,106", "blocks": "4->4",
                                 "loadable": "strict"}
-    assert f"architecture_comparison: transformer->transformer, params={p}->{p}, blocks=4->4, loadable=strict" \
+    assert (a.data["params_old"], a.data["params_new"]) == (p, p)
+    assert "architecture_comparison: transformer->transformer, params=36,106->36,106, blocks=4->4, loadable=strict" \
         in str(report)
     assert a.data["added"] == a.data["removed"] == a.data["renames"] == a.data["reshaped"] == a.data["retyped"] == []
     hp = a.data["new"]["hyperparameters"]
@@ -65,7 +68,7 @@ def test_block_removed():
     a = run(pre, fine).analysis(NAME)
     assert a.headline["blocks"] == "4->3"
     assert a.headline["loadable"] == "partial"
-    assert a.headline["params"] == f"{params(pre)}->{params(fine)}"
+    assert a.headline["params"] == f"{params(pre):,}->{params(fine):,}"
     assert sorted(a.data["removed"]) == gone
     assert a.data["added"] == a.data["renames"] == []
     assert a.data["loadable_detail"]["missing"] == gone
@@ -187,7 +190,7 @@ def test_cli_text_and_json(tmp_path, capsys):
     out = capsys.readouterr().out
     p_old = params(pre)
     p_new = p_old - sum(v.numel() for k, v in pre.items() if k.startswith("layers.3."))
-    assert f"architecture_comparison: transformer->transformer, params={p_old}->{p_new}, blocks=4->3, " \
+    assert f"architecture_comparison: transformer->transformer, params={p_old:,}->{p_new:,}, blocks=4->3, " \
            "loadable=incompatible" in out
     assert main([str(old), str(new), "--architecture-comparison", "--output", "json"]) == 0
     (item,) = [i for i in json.loads(capsys.readouterr().out) if i["type"] == NAME]

@@ -371,6 +371,67 @@ def test_analyses_run_in_the_monitor():
     assert any(k.startswith(f"torchdiff/{wanted[0]}/") for k in monitor.history[-1].scalars())
 
 
+class LayerNormNet(nn.Module):
+    """A fresh model with a LayerNorm: its weight is all ones (constant) and its bias all
+    zeros (all_zero) until the first optimizer step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(16, 32)
+        self.norm = nn.LayerNorm(32)
+        self.out = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.norm(self.inp(x))))
+
+
+def _train(model: nn.Module, monitor: CheckpointMonitor, steps: int, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(steps):
+        x, y = torch.randn(8, 16, generator=g), torch.randn(8, 4, generator=g)
+        loss = nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        monitor.step()
+
+
+@pytest.mark.parametrize("keep", ["cpu", "stats"])
+def test_monitor_counts_anomalies_of_the_new_state_only(keep):
+    """Issue 18: a fresh LayerNorm logged findings=2 at the first report, though only the
+    reference (step 0) held the initial ones and zeros; the trained state has no finding."""
+    torch.manual_seed(0)
+    model = LayerNormNet()
+    monitor = CheckpointMonitor(model, every=5, keep=keep, analyses=["anomaly_detection"])
+    _train(model, monitor, 5)
+    a = monitor.last_report.analysis("anomaly_detection")
+    w, b = model.norm.weight.detach().numpy(), model.norm.bias.detach().numpy()
+    assert w.min() != w.max() and np.any(b != 0)  # the new state: neither constant nor zero
+    assert dict(a.headline) == {"anomaly_type": "none", "severity": "none", "affected": [], "findings": 0}
+    assert monitor.history[-1].scalars()["torchdiff/anomaly_detection/findings"] == 0
+    if keep == "cpu":  # both sides compared: the reference's findings are listed, side "old", not counted
+        assert {(f["type"], f["tensor"], f["side"], f["severity"]) for f in a.data["anomalies"]} == {
+            ("all_zero", "norm.bias", "old", "info"), ("constant", "norm.weight", "old", "info")}
+        assert a.data["old_only"] == 2
+
+
+@pytest.mark.parametrize("keep", ["cpu", "stats"])
+def test_monitor_fresh_layernorm_in_the_new_state_is_informative(keep):
+    """Before any step the new state itself shows the LayerNorm's initial values: two
+    findings, counted, of severity info (usual at initialisation), below any gate but info."""
+    torch.manual_seed(0)
+    model = LayerNormNet()
+    monitor = CheckpointMonitor(model, every=1, keep=keep, analyses=["anomaly_detection"], fail_on_anomaly="low")
+    a = monitor.report().analysis("anomaly_detection")
+    assert dict(a.headline) == {"anomaly_type": "all_zero", "severity": "info", "affected": ["norm.bias"],
+                                "findings": 2}
+    side = "both" if keep == "cpu" else "new"
+    assert {(f["type"], f["tensor"], f["side"], f["severity"]) for f in a.data["anomalies"]} == {
+        ("all_zero", "norm.bias", side, "info"), ("constant", "norm.weight", side, "info")}
+    assert a.data["severity_counts"]["info"] == 2 and not a.failed
+
+
 def test_stats_mode_runs_one_checkpoint_analyses_only():
     model = nn.Linear(3, 2)
     allowed = [n for n in STATS_ANALYSES if n in ANALYSES]

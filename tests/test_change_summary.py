@@ -175,3 +175,78 @@ def test_nonfinite_delta_is_skipped_not_guessed():
     a = run(pre, new)
     assert a.headline["patterns"] == []
     assert any(n.startswith("low-rank check skipped for 1 tensors") for n in a.notes)
+
+
+# ---- issue 18: zero-initialised tensors in the top tables; numbers in the notes ----------------
+
+
+def _zero_init_pair():
+    """Two weights that move, two biases and a one-bias layer ("gate") that start at zero (the
+    zero-initialised tensors of a from-scratch model), and one frozen weight."""
+    g = torch.Generator().manual_seed(5)
+    old = {"a.weight": torch.randn(16, 16, generator=g), "b.weight": torch.randn(16, 16, generator=g),
+           "a.bias": torch.zeros(16), "b.bias": torch.zeros(16), "gate.bias": torch.zeros(4),
+           "c.weight": torch.randn(8, 8, generator=g)}
+    new = {k: v.clone() for k, v in old.items()}
+    new["a.weight"] += 0.10 * torch.randn(16, 16, generator=g)
+    new["b.weight"] += 0.02 * torch.randn(16, 16, generator=g)
+    new["a.bias"] = 0.01 * torch.randn(16, generator=g)
+    new["b.bias"] = 0.30 * torch.randn(16, generator=g)
+    new["gate.bias"] = 0.05 * torch.randn(4, generator=g)
+    return old, new
+
+
+def _np_l2(old, new, k) -> float:
+    return float(np.linalg.norm(new[k].double().numpy() - old[k].double().numpy()))
+
+
+def _np_rel(old, new, k) -> float:
+    return _np_l2(old, new, k) / float(np.linalg.norm(old[k].double().numpy()))
+
+
+def test_zero_initialised_tensors_follow_the_measured_ones_by_l2_and_are_labelled():
+    """Issue 18: tensors whose old side is all zero have rel_l2 = inf and cosine = nan; they
+    sorted to the top of "Top tensors" with inf/nan. They follow the measured tensors, by ‖Δ‖,
+    labelled ``old all zero`` (the order of --sort-by-change-magnitude)."""
+    old, new = _zero_init_pair()
+    a = run(old, new)
+    top = next(t for t in a.tables if t.title == "Top tensors")
+    measured = sorted(["a.weight", "b.weight"], key=lambda k: -_np_rel(old, new, k))
+    zero = sorted(["a.bias", "b.bias", "gate.bias"], key=lambda k: -_np_l2(old, new, k))
+    assert [r[0] for r in top.rows] == (measured + zero)[:5] == ["a.weight", "b.weight", "b.bias", "gate.bias",
+                                                                   "a.bias"]
+    rows = {r[0]: dict(zip(top.headers, r)) for r in top.rows}
+    for k in measured:
+        assert rows[k]["rel_l2"] == pytest.approx(_np_rel(old, new, k), rel=1e-6)
+    for k in zero:
+        assert (rows[k]["rel_l2"], rows[k]["cosine"]) == ("old all zero", "n/a")
+        assert rows[k]["l2"] == pytest.approx(_np_l2(old, new, k), rel=1e-6)
+    for table in a.tables:  # no inf or nan in any top table
+        for row in table.rows:
+            assert not any(isinstance(v, float) and not math.isfinite(v) for v in row), (table.title, row)
+    layers = {r[0]: r for r in next(t for t in a.tables if t.title == "Top layers").rows}
+    assert layers["gate"][2] == "old all zero"  # a layer that is all zero on the old side
+    assert layers["a"][2] == pytest.approx(
+        math.sqrt(_np_l2(old, new, "a.weight") ** 2 + _np_l2(old, new, "a.bias") ** 2)
+        / float(np.linalg.norm(old["a.weight"].double().numpy())), rel=1e-6)
+    text = str(torchdiff.compare(old, new, analyses=[NAME]))
+    section = text[text.index("Top tensors"):text.index("Top layers")]
+    assert "inf" not in section and "nan" not in section and "old all zero" in section
+
+
+def test_notes_write_counts_and_bytes_for_people():
+    """Counts with thousands separators, bytes in B/KB/MB/GB, floats to 4 significant digits
+    (the notes printed ``params ... 36106 of 36106``, ``bytes 144424->144424``); JSON keeps
+    the numbers."""
+    pre, fine = pretrained(), finetuned()
+    a = run(pre, fine)
+    p = sum(v.numel() for v in pre.values())
+    b = sum(v.numel() * 4 for v in pre.values())
+    assert (p, b) == (36106, 144424)
+    rel, cos = global_figures(pre, fine)
+    note = a.notes[0]
+    assert f"= {rel:.4g}, global cosine = {cos:.4g}," in note
+    assert f"over {len(pre)} same-shape tensors; params in changed tensors: 36,106 of 36,106 (1); " in note
+    assert note.endswith("; bytes 144.4 KB->144.4 KB")
+    assert (a.data["bytes_old"], a.data["bytes_new"]) == (144424, 144424)
+    assert a.data["param_counts"]["changed"] == 36106

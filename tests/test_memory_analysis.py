@@ -34,8 +34,42 @@ def run(old, new=None):
 
 
 def mb(x: float) -> str:
-    v = x / 1e6
-    return f"{v:.1f}MB" if abs(v) >= 100 else f"{v:.4g}MB"
+    """Reference text of a size (docs/OUTPUT.md): powers of 1000, 4 significant digits."""
+    for unit, power in (("TB", 12), ("GB", 9), ("MB", 6), ("KB", 3)):
+        if abs(x) >= 10 ** power:
+            return f"{x / 10 ** power:.4g} {unit}"
+    return f"{x:g} B"
+
+
+def test_headline_sizes_read_in_units_worked_by_hand(tmp_path, capsys):
+    """19,210 float32 values: 76,840 B -> "76.84 KB" (it printed 0.07684MB); half of it in
+    float16: 38,420 B, a delta of -38.42 KB; JSON keeps the bytes."""
+    old = {"w": torch.zeros(19210)}
+    new = {"w": torch.zeros(19210, dtype=torch.float16)}
+    a = run(old, new)
+    assert (a.headline["old"], a.headline["new"], a.headline["delta"]) == ("76.84 KB", "38.42 KB", "-38.42 KB")
+    assert (a.data["old_bytes"], a.data["new_bytes"], a.data["delta_bytes"]) == (76840, 38420, -38420)
+    assert run(new, old).headline["delta"] == "+38.42 KB"
+    assert run(old, old).headline["delta"] == "0 B"
+    assert run({"w": torch.zeros(15)}).headline["size"] == "60 B"
+    # estimates: inference 76,840 × 1.2 = 92,208 B; training 19,210 × 16 = 307,360 B
+    assert (run(old).headline["inference_est"], run(old).headline["training_est"]) == ("92.21 KB", "307.4 KB")
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file(old, str(a))
+    save_file(new, str(b))
+    assert main([str(a), str(b), "--memory-analysis"]) == 0
+    out = capsys.readouterr().out
+    assert "memory_analysis: old=76.84 KB, new=38.42 KB, delta=-38.42 KB, inference_est=46.1 KB" in out
+    # the per-dtype table: byte columns in units as well (each side's dtype on its own row)
+    dtype_table = out[out.index("Bytes by dtype"):out.index("Bytes by layer")].splitlines()
+    assert dtype_table[1].split() == ["dtype", "bytes_old", "bytes_new"]
+    assert [line.split() for line in dtype_table[3:5]] == [["float16", "0", "B", "38.42", "KB"],
+                                                           ["float32", "76.84", "KB", "0", "B"]]
+    assert main([str(a), str(b), "--memory-analysis", "--output", "json"]) == 0
+    (item,) = [i for i in json.loads(capsys.readouterr().out) if i["type"] == NAME]
+    assert item["bytes_by_dtype"] == [{"dtype": "float16", "bytes_old": 0, "bytes_new": 38420},
+                                      {"dtype": "float32", "bytes_old": 76840, "bytes_new": 0}]
+    assert (item["old"], item["old_bytes"]) == ("76.84 KB", 76840)
 
 
 def test_pair_bytes_per_side_dtype_and_layer():
@@ -47,6 +81,7 @@ def test_pair_bytes_per_side_dtype_and_layer():
     assert (a.data["old_bytes"], a.data["new_bytes"], a.data["delta_bytes"]) == (b_old, b_new, b_new - b_old)
     assert a.headline["old"] == mb(b_old) and a.headline["new"] == mb(b_new)
     assert a.headline["delta"] == "-" + mb(b_old - b_new)
+    assert all(not v.endswith("MB") or " " in v for v in a.headline.values())  # "0.1444MB" no more
     assert a.data["sides"]["new"]["bytes_by_dtype"]["float16"] == {"tensors": 1, "params": 1000, "bytes": 2000}
     assert a.data["sides"]["new"]["bytes_by_dtype"]["bfloat16"]["bytes"] == nbytes(finetuned().values()) // 2
     layer2 = nbytes(v for k, v in old.items() if k.startswith("layers.2."))

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 import torchdiff
 from torchdiff.cli import main
 from torchdiff.render.text import elide, num, table_lines
-from torchdiff.units import human_bytes
+from torchdiff.units import count, human_bytes, number
 
 
 def run(capsys, *argv):
@@ -149,6 +149,22 @@ def test_num_has_at_most_4_significant_digits(x):
         mantissa = text.split("e")[0].replace(".", "").lstrip("0")
         assert len(mantissa) <= 4
     assert float(text) == pytest.approx(abs(x), rel=1e-3, abs=1e-300)
+
+
+@pytest.mark.parametrize("value, text", [
+    (0.0123456, "+0.01235"), (-0.0123456, "-0.01235"), (0.0, "0"), (3, "+3"), (-1500, "-1,500"),
+    (math.inf, "+inf"), (-math.inf, "-inf"), (2e-5, "+2.000e-05"),
+])
+def test_signed_number(value, text):
+    """A trend or a delta in an analysis' note (convergence: ``recent trend +0.01235``)."""
+    assert number(value, signed=True) == text
+
+
+def test_num_is_the_units_number():
+    """The renderer and the analyses' strings share one format (torchdiff.units)."""
+    for x in (0.0, 1, 19210, 19210.0, 0.9617278575897217, 0.99999, 2.085e-5, 12345.6, math.nan, -math.inf):
+        assert num(x) == number(x)
+    assert count(19210) == "19,210"
 
 
 @pytest.mark.parametrize("nbytes, text", [

@@ -181,6 +181,12 @@ class Figures(Sequence[TensorDiff]):
             return np.where(self.norm_old > 0, self.l2 / np.where(self.norm_old > 0, self.norm_old, 1.0),
                             np.where(self.l2 > 0, np.inf, np.where(np.isnan(self.l2), np.nan, 0.0)))
 
+    def old_all_zero(self) -> np.ndarray:
+        """Rows whose old side is all zero while the new is not (TensorDiff.old_all_zero)."""
+        with np.errstate(invalid="ignore"):
+            return (self.measured & self.old.present & (self.norm_old == 0) & (self.l2 > 0)
+                    & (self.old.nan_count == 0) & (self.old.inf_count == 0))
+
     def cosine(self) -> np.ndarray:
         with np.errstate(divide="ignore", invalid="ignore"):
             return _cos(self.dot, self.norm_old, self.norm_new)
@@ -338,6 +344,12 @@ class GroupFigures:
     @property
     def cosine(self) -> float:
         return float(_cos(self.dot, self.norm_old, self.norm_new))
+
+    @property
+    def old_all_zero(self) -> bool:
+        """The group's old side is all zero (‖A_g‖ = 0) and Δ is not: rel_l2 is ∞, ‖Δ_g‖
+        measures the change (as TensorDiff.old_all_zero for one tensor)."""
+        return self.old_sq == 0 and self.dsq > 0
 
     @property
     def rotation(self) -> float:

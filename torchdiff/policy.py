@@ -469,12 +469,14 @@ def _check(rule: Rule, step, diffs: list[TensorDiff], label: str | None, offende
                 offenders.append(_offender(d.name, d.metrics.l2 ** 2 / total, label, "its own share"))
         return share
     if c == "no_anomaly":
+        from torchdiff.analyses.anomaly_detection import NEW_STATE  # the sides the analysis counts
+
         a = step.analysis("anomaly_detection")
         rank = SEVERITIES.index(v)
         names = {d.name for d in diffs}
         count = 0
         for f in (a.data.get("anomalies", ()) if a is not None else ()):
-            if f["side"] not in ("new", "both") or SEVERITIES.index(f["severity"]) < rank:
+            if f["side"] not in NEW_STATE or SEVERITIES.index(f["severity"]) < rank:
                 continue
             if (rule.select or rule.exclude) and f["tensor"] not in names:
                 continue

@@ -16,8 +16,12 @@ from torchdiff.status import ADDED, CHANGED, PRESENT, REMOVED, RESHAPED, RETYPED
 
 #: How non-finite floats are written in JSON/YAML (JSON has no NaN/Infinity literals).
 NAN, POS_INF, NEG_INF = "NaN", "Infinity", "-Infinity"
+#: The label of a tensor (or group) whose old side is all zero, where rel_l2 would be ∞
+#: (TensorDiff.old_all_zero): tensor lines and top tables print it instead.
+OLD_ALL_ZERO = "old all zero"
 
-__all__ = ["NAN", "NEG_INF", "POS_INF", "ADDED", "CHANGED", "PRESENT", "REMOVED", "RESHAPED", "RETYPED", "STATUSES", "UNCHANGED",
+__all__ = ["NAN", "NEG_INF", "OLD_ALL_ZERO", "POS_INF",
+           "ADDED", "CHANGED", "PRESENT", "REMOVED", "RESHAPED", "RETYPED", "STATUSES", "UNCHANGED",
            "AnalysisResult", "MetadataDiff", "PairMetrics", "Table", "TensorDiff", "TensorStats"]
 
 
@@ -148,6 +152,17 @@ class TensorDiff:
     def params(self) -> int:
         side = self.new if self.new is not None else self.old
         return side.numel if side is not None else 0
+
+    @property
+    def old_all_zero(self) -> bool:
+        """The old side is all zero (every value finite and 0) and the new is not: a
+        zero-initialised tensor (a bias, a LayerNorm shift). Its rel_l2 is ∞ and its cosine
+        undefined by definition, so ‖Δ‖ (``l2``) measures its change: tensor lines say
+        ``old all zero`` and give l2, sorting puts it after the measured tensors by l2,
+        and top tables label it instead of printing ∞ and NaN (docs/METRICS.md)."""
+        m, o = self.metrics, self.old
+        return (m is not None and o is not None and m.norm_old == 0 and m.l2 > 0
+                and o.nan_count == 0 and o.inf_count == 0)
 
     @property
     def is_difference(self) -> bool:

@@ -52,6 +52,7 @@ from torchdiff.pipeline import (
 )
 from torchdiff.report import SeriesReport
 from torchdiff.results import AnalysisResult, MetadataDiff, TensorStats
+from torchdiff.units import count
 
 #: Analyses a series runs when none is named.
 SERIES_DEFAULT = ("convergence_analysis", "similarity_matrix")
@@ -738,15 +739,17 @@ def _build(data: SeriesData, options: Options, base_name: str | None) -> SeriesR
     steps = tuple(build_report(comp, step_options, dict(state))
                   for comp, state in zip(data.steps, data.step_states))
     if data.dropped:
-        shown = ", ".join(data.dropped[:5]) + (f" (+{len(data.dropped) - 5} more)" if len(data.dropped) > 5 else "")
-        notes.insert(0, f"--common-only: {len(data.dropped)} tensor(s) not in every checkpoint left out of every "
-                        f"pair: {shown}")
+        shown = ", ".join(data.dropped[:5]) + (f" (+{count(len(data.dropped) - 5)} more)"
+                                               if len(data.dropped) > 5 else "")
+        notes.insert(0, f"--common-only: {count(len(data.dropped))} tensor(s) not in every checkpoint left out of "
+                        f"every pair: {shown}")
     for reason, names in data.left_out.items():
-        shown = ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
-        notes.append(f"{len(names)} tensor(s) left out of the series figures ({reason}): {shown}")
+        shown = ", ".join(names[:5]) + (f" (+{count(len(names) - 5)} more)" if len(names) > 5 else "")
+        notes.append(f"{count(len(names))} tensor(s) left out of the series figures ({reason}): {shown}")
     bad = float(data.nonfinite.sum()) if data.nonfinite.size else 0.0
     if bad:
-        notes.append(f"{int(bad)} element position(s) non-finite in some checkpoint, left out of the series figures")
+        notes.append(f"{count(int(bad))} element position(s) non-finite in some checkpoint, left out of the series "
+                     "figures")
     return SeriesReport(
         checkpoints=data.names, labels=data.labels, steps=steps,
         series_analyses=tuple(series_results), order=data.order, base=base_name, notes=tuple(notes),

@@ -1,4 +1,10 @@
-"""How sizes and counts read in text: the one home of these formats (a leaf module)."""
+"""How numbers read in text: the one home of these formats (a leaf module).
+
+The text renderer formats every table cell and headline figure with these, and the
+analyses use them for the numbers they write into their own strings (notes, evidence,
+rules, headline strings such as ``params=19,210->19,210``), so that a figure reads the
+same wherever it is printed. JSON and YAML carry the raw numbers.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,8 @@ _UNITS = (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3))
 
 def human_bytes(nbytes: float, signed: bool = False) -> str:
     """Bytes in B, KB, MB, GB or TB (powers of 1000, as disks and docs/ use them), with 3–4
-    significant digits: ``76,840 -> "76.84 KB"``, ``60 -> "60 B"``, ``1.2e9 -> "1.2 GB"``."""
+    significant digits: ``76,840 -> "76.84 KB"``, ``60 -> "60 B"``, ``1.2e9 -> "1.2 GB"``;
+    ``signed=True`` puts ``+`` before a positive size (a delta)."""
     if isinstance(nbytes, bool) or not isinstance(nbytes, (int, float)) or not math.isfinite(nbytes):
         return str(nbytes)
     sign = "-" if nbytes < 0 else ("+" if signed and nbytes > 0 else "")
@@ -25,3 +32,34 @@ def human_bytes(nbytes: float, signed: bool = False) -> str:
 def count(n: int) -> str:
     """A count with thousands separators: ``172288 -> "172,288"``."""
     return f"{n:,}"
+
+
+def number(x: float, signed: bool = False) -> str:
+    """A figure for text.
+
+    Whole numbers (ints, and floats that are exactly whole below 10^15: ``0``, ``1``,
+    a parameter count) print as integers with thousands separators; other floats with
+    at most 4 significant digits (``0.5774``, ``0.5``, ``0.0005``, ``2.085e-05``,
+    ``1.235e+04``), and a float that only rounds to a whole number keeps its digits
+    (``1.000`` for 0.99999, never ``1``); ``nan``, ``inf``, ``-inf`` as such.
+    ``signed=True`` puts ``+`` before a positive figure (a trend, a delta).
+    """
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return str(x)
+    plus = "+" if signed and x > 0 else ""
+    if isinstance(x, int):
+        return f"{plus}{x:,}"
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "+inf" if x > 0 and signed else "inf" if x > 0 else "-inf"
+    if x == int(x) and abs(x) < 1e15:
+        return f"{plus}{int(x):,}"
+    a = abs(x)
+    if 1e-4 <= a < 1e4:
+        text = f"{x:.4g}"
+        if text.lstrip("-").isdigit():  # rounds to a whole number but is not one: show that
+            text = f"{x:#.4g}"
+            text = text[:-1] if text.endswith(".") else text
+        return plus + text
+    return f"{plus}{x:.3e}"

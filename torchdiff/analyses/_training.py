@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from torchdiff.names import PARAMETER, in_scope, is_float_storage, layer_of, optimizer_prefixes, role
+from torchdiff.units import count, number
 
 # ---- optimizer state ----------------------------------------------------------------
 
@@ -154,8 +155,8 @@ def build_adam_plan(tensors: Sequence[tuple[str, tuple[int, ...], bool]],
             mapping[idx] = candidates[ptr][0]
             ptr += 1
         if skipped:
-            shown = ", ".join(skipped[:5]) + (f" (+{len(skipped) - 5} more)" if len(skipped) > 5 else "")
-            notes.append(f"state→parameter mapping skipped {len(skipped)} tensor(s) whose shapes match no "
+            shown = ", ".join(skipped[:5]) + (f" (+{count(len(skipped) - 5)} more)" if len(skipped) > 5 else "")
+            notes.append(f"state→parameter mapping skipped {count(len(skipped))} tensor(s) whose shapes match no "
                          f"state (taken as buffers): {shown}")
         if len(mapping) < len(order):
             mapped_all = False
@@ -238,9 +239,9 @@ def fqn_adam_plan(tensors: Sequence[tuple[str, tuple[int, ...], bool]],
         ))
     notes = []
     if unmapped:
-        shown = ", ".join(unmapped[:5]) + (f" (+{len(unmapped) - 5} more)" if len(unmapped) > 5 else "")
-        notes.append(f"optimizer state of {len(unmapped)} parameter name(s) matches no model tensor of its shape: "
-                     f"{shown}")
+        shown = ", ".join(unmapped[:5]) + (f" (+{count(len(unmapped) - 5)} more)" if len(unmapped) > 5 else "")
+        notes.append(f"optimizer state of {count(len(unmapped))} parameter name(s) matches no model tensor of its "
+                     f"shape: {shown}")
     return AdamPlan(params, notes, not unmapped)
 
 
@@ -394,10 +395,10 @@ def shade(value: float, lo: float, hi: float, width: int = 2) -> str:
 def shade_legend(lo: float, hi: float) -> str:
     n = len(SHADES)
     edges = [lo + (hi - lo) * k / n for k in range(1, n)]
-    parts = [SHADES[0] + f" < {edges[0]:.4g}"]
+    parts = [SHADES[0] + f" < {number(edges[0])}"]
     for k in range(1, n - 1):
-        parts.append(f"{SHADES[k]} < {edges[k]:.4g}")
-    parts.append(f"{SHADES[-1]} ≥ {edges[-1]:.4g} (up to {hi:.4g})")
+        parts.append(f"{SHADES[k]} < {number(edges[k])}")
+    parts.append(f"{SHADES[-1]} ≥ {number(edges[-1])} (up to {number(hi)})")
     return ", ".join(parts)
 
 

@@ -22,6 +22,7 @@ from torchdiff.names import is_float_storage, is_optimizer_state, kind, pattern
 from torchdiff.errors import UsageError
 from torchdiff.figures import Comparison
 from torchdiff.results import CHANGED, RETYPED, UNCHANGED, AnalysisResult, Table, TensorStats
+from torchdiff.units import count, number
 
 NAME = "anomaly_detection"
 FLAG = "anomaly_detection"
@@ -49,6 +50,7 @@ VANISHING_RMS = 1e-8
 GROWTH_FACTOR = 10.0          # pair mode: rms_new / rms_old ≥ 10 exploding, ≤ 1/10 vanishing
 FROZEN_MAJORITY = 0.5         # frozen: unchanged while ≥ half of the weight parameters changed
 HEADLINE_AFFECTED = 10        # names shown in the headline's affected=[...]
+NEW_STATE = ("new", "both")   # sides of the findings the headline, the counts and the gate count
 
 
 def validate(options) -> None:
@@ -146,7 +148,8 @@ def _value_findings(comp: Comparison) -> list[dict[str, Any]]:
             if nonfinite:
                 found.append(_finding(
                     "nan_inf", d.name, side, "critical", "nonfinite_count", nonfinite, 0,
-                    f"nan={s.nan_count}, inf={s.inf_count} of {s.numel} values; any non-finite value is critical"))
+                    f"nan={count(s.nan_count)}, inf={count(s.inf_count)} of {count(s.numel)} values; "
+                    "any non-finite value is critical"))
             if not is_float_storage(s.dtype) or s.numel < 2:
                 continue
             k = kind(d.name, len(s.shape))
@@ -169,15 +172,15 @@ def _value_findings(comp: Comparison) -> list[dict[str, Any]]:
                        "was not constant on the old side" if became else
                        "1-D constant tensors (norm scales, layer scales) are usual at initialisation")
                 found.append(_finding("constant", d.name, side, severity, "max - min", 0.0, 0.0,
-                                      f"every value = {s.min:.6g}; {why}"))
+                                      f"every value = {number(s.min)}; {why}"))
                 continue
             figs = extras.get(side) if isinstance(extras, dict) else None
             if not figs:
                 continue
             if figs.get("fp16_overflow"):
-                count = figs["fp16_overflow"]
-                found.append(_finding("fp16_overflow", d.name, side, "medium", "count |x| > 65504", count, FP16_MAX,
-                                      f"{count} finite values exceed the float16 range (±{FP16_MAX:g}); "
+                over = figs["fp16_overflow"]
+                found.append(_finding("fp16_overflow", d.name, side, "medium", "count |x| > 65504", over, FP16_MAX,
+                                      f"{count(over)} finite values exceed the float16 range (±{FP16_MAX:g}); "
                                       "a cast to float16 turns them into inf"))
             dead, rows = figs.get("dead_rows", 0), figs.get("rows", 0)
             if dead and k in ("weight", "embedding"):
@@ -186,8 +189,8 @@ def _value_findings(comp: Comparison) -> list[dict[str, Any]]:
                 cut = {"high": DEAD_SHARE_HIGH, "medium": DEAD_SHARE_MEDIUM, "low": 0.0}[severity]
                 found.append(_finding(
                     "dead_units", d.name, side, severity, "dead_row_share", share, cut,
-                    f"{dead} of {rows} rows have ‖row‖ ≤ {DEAD_REL:g} × typical row norm "
-                    f"{figs['typical_row_norm']:.4g} (= ‖W‖/sqrt(rows)); severity by share: "
+                    f"{count(dead)} of {count(rows)} rows have ‖row‖ ≤ {DEAD_REL:g} × typical row norm "
+                    f"{number(figs['typical_row_norm'])} (= ‖W‖/sqrt(rows)); severity by share: "
                     f"≥ {DEAD_SHARE_HIGH:g} high, ≥ {DEAD_SHARE_MEDIUM:g} medium, else low"))
     return found
 
@@ -226,15 +229,15 @@ def _scale_findings(comp: Comparison) -> list[dict[str, Any]]:
                     hit = _finding(
                         type_, name, side, "high" if z > 0 else "medium", "robust_z", z,
                         Z_THRESHOLD if z > 0 else -Z_THRESHOLD,
-                        f"rms={s.rms:.4g} is {factor:.3g}× the median rms {10 ** med:.4g} of {label} "
-                        f"(n={len(group)}); z = 0.6745·(log10 rms − median)/max(MAD, {MAD_FLOOR:g}), "
+                        f"rms={number(s.rms)} is {number(factor)}× the median rms {number(10 ** med)} of {label} "
+                        f"(n={count(len(group))}); z = 0.6745·(log10 rms − median)/max(MAD, {MAD_FLOOR:g}), "
                         f"flagged when |z| > {Z_THRESHOLD:g} and the factor is ≥ {Z_MIN_FACTOR:g}×")
             if hit is None and s.rms > EXPLODING_RMS:
                 hit = _finding("exploding", name, side, "high", "rms", s.rms, EXPLODING_RMS,
-                               f"rms={s.rms:.4g} > absolute guard {EXPLODING_RMS:g}")
+                               f"rms={number(s.rms)} > absolute guard {EXPLODING_RMS:g}")
             if hit is None and s.rms < VANISHING_RMS:
                 hit = _finding("vanishing", name, side, "medium", "rms", s.rms, VANISHING_RMS,
-                               f"0 < rms={s.rms:.4g} < absolute guard {VANISHING_RMS:g}")
+                               f"0 < rms={number(s.rms)} < absolute guard {VANISHING_RMS:g}")
             if hit is not None:
                 found.append(hit)
     if comp.mode == "pair":
@@ -252,8 +255,8 @@ def _scale_findings(comp: Comparison) -> list[dict[str, Any]]:
                 found.append(_finding(
                     "exploding" if up else "vanishing", d.name, "new", "high" if up else "medium", "rms_growth",
                     growth, GROWTH_FACTOR if up else 1 / GROWTH_FACTOR,
-                    f"rms {a:.4g} -> {b:.4g} (×{growth:.4g}); flagged when the ratio is ≥ {GROWTH_FACTOR:g} "
-                    f"or ≤ 1/{GROWTH_FACTOR:g}"))
+                    f"rms {number(a)} -> {number(b)} (×{number(growth)}); flagged when the ratio is "
+                    f"≥ {GROWTH_FACTOR:g} or ≤ 1/{GROWTH_FACTOR:g}"))
     return found
 
 
@@ -303,31 +306,38 @@ def _merge_sides(findings: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def analyze(comparison: Comparison, options, state: dict) -> AnalysisResult:
     findings = _merge_sides(_value_findings(comparison) + _scale_findings(comparison) + _frozen_findings(comparison))
     findings.sort(key=lambda f: (-_RANK[f["severity"]], TYPES.index(f["type"]), f["tensor"]))
+    # The new state (side new or both; in inspect mode, the one file) is what the headline,
+    # the counts and the gate describe: a finding seen only on the old side is listed, not
+    # counted (a fresh model's LayerNorm, ones and zeros, at the monitor's reference step).
+    current = [f for f in findings if f["side"] in NEW_STATE]
+    old_only = len(findings) - len(current)
     headline: dict[str, Any]
-    if findings:
-        top = findings[0]
-        affected = [f["tensor"] for f in findings if f["type"] == top["type"] and f["severity"] == top["severity"]]
+    if current:
+        top = current[0]
+        affected = [f["tensor"] for f in current if f["type"] == top["type"] and f["severity"] == top["severity"]]
         shown = affected[:HEADLINE_AFFECTED]
         if len(affected) > HEADLINE_AFFECTED:
-            shown.append(f"+{len(affected) - HEADLINE_AFFECTED} more")
+            shown.append(f"+{count(len(affected) - HEADLINE_AFFECTED)} more")
         headline = {"anomaly_type": top["type"], "severity": top["severity"], "affected": shown,
-                    "findings": len(findings)}
+                    "findings": len(current)}
     else:
         headline = {"anomaly_type": "none", "severity": "none", "affected": [], "findings": 0}
-    counts = {s: sum(1 for f in findings if f["severity"] == s) for s in reversed(SEVERITIES)}
-    data: dict[str, Any] = {"anomalies": findings, "severity_counts": counts,
+    counts = {s: sum(1 for f in current if f["severity"] == s) for s in reversed(SEVERITIES)}
+    data: dict[str, Any] = {"anomalies": findings, "severity_counts": counts, "old_only": old_only,
                             "thresholds": _thresholds()}
     notes = []
     gate = options.get("fail_on_anomaly")
     failed = False
     if gate is not None:
-        tripped = [f for f in findings if f["side"] in ("new", "both") and _RANK[f["severity"]] >= _RANK[gate]]
+        tripped = [f for f in current if _RANK[f["severity"]] >= _RANK[gate]]
         failed = bool(tripped)
         data["fail_on_anomaly"] = {"severity": gate, "tripped": failed, "count": len(tripped)}
-        notes.append(f"--fail-on-anomaly {gate}: {len(tripped)} finding(s) at or above {gate} on the new side"
+        notes.append(f"--fail-on-anomaly {gate}: {count(len(tripped))} finding(s) at or above {gate} on the new side"
                      + (" -> exit 1" if failed else ""))
     if comparison.mode == "pair":
-        notes.append("side: where the finding was seen (old, new or both); --fail-on-anomaly counts new and both")
+        notes.append("side: where the finding was seen (old, new or both); findings= and --fail-on-anomaly count "
+                     "new and both"
+                     + (f"; {count(old_only)} seen on the old side only: listed, not counted" if old_only else ""))
     rows = tuple((f["severity"], f["type"], f["tensor"], f["side"], f["figure"], f["value"], f["threshold"])
                  for f in findings)
     table = Table("Anomalies", ("severity", "type", "tensor", "side", "figure", "value", "threshold"), rows)

@@ -26,6 +26,7 @@ from torchdiff.names import (
 )
 from torchdiff.pairing import tied
 from torchdiff.results import ADDED, REMOVED, RESHAPED, AnalysisResult, Table
+from torchdiff.units import count
 
 NAME = "architecture_comparison"
 FLAG = "architecture_comparison"
@@ -211,13 +212,13 @@ def _family(tensors, params: int) -> dict[str, Any]:
     else:
         family = "unknown"
     labels = {"transformer": "attention", "cnn": "convolution", "rnn": "recurrent"}
-    reasons = [f"{labels[c]} tensors hold {e['share']:.1%} of the parameters ({e['tensors']} tensors, "
+    reasons = [f"{labels[c]} tensors hold {e['share']:.1%} of the parameters ({count(e['tensors'])} tensors, "
                f"e.g. {e['examples'][0]})" for c, e in sorted(evidence.items())]
     absent = [labels[c] for c in labels if c not in evidence]
     if absent:
         reasons.append(f"no {' / '.join(absent)} tensors")
     if family == "mlp":
-        reasons.append(f"{matrices} weight matrices")
+        reasons.append(f"{count(matrices)} weight matrices")
     if family == "mixed":
         reasons.append(f"more than one family holds ≥ {PRESENT_SHARE:.0%} of the parameters: {', '.join(present)}")
     if family == "unknown":
@@ -236,9 +237,10 @@ def _hyperparameters(tensors, metadata: dict, family: str) -> tuple[dict[str, An
     else:
         norms = Counter(s.shape[0] for n, s in tensors if kind(n, len(s.shape)) == "norm")
         if norms:
-            hidden, count = norms.most_common(1)[0]
+            hidden, n_hidden = norms.most_common(1)[0]
             hp["hidden"] = int(hidden)
-            why["hidden"] = f"most common length of {sum(norms.values())} norm parameters ({count} of length {hidden})"
+            why["hidden"] = (f"most common length of {count(sum(norms.values()))} norm parameters "
+                             f"({count(n_hidden)} of length {hidden})")
         why["vocab"] = "no token embedding in the file"
     hidden = hp.get("hidden")
     if hidden is not None:
@@ -250,9 +252,10 @@ def _hyperparameters(tensors, metadata: dict, family: str) -> tuple[dict[str, An
                 if o != hidden:
                     other[o] += 1
         if other:
-            size, count = other.most_common(1)[0]
+            size, n_size = other.most_common(1)[0]
             hp["intermediate"] = int(size)
-            why["intermediate"] = f"{count} non-attention block matrices are [{size}, {hidden}] or [{hidden}, {size}]"
+            why["intermediate"] = (f"{count(n_size)} non-attention block matrices are [{size}, {hidden}] "
+                                   f"or [{hidden}, {size}]")
         else:
             why["intermediate"] = "no [hidden, other] matrix in the blocks"
     for key, value in metadata.items():
@@ -297,7 +300,10 @@ def _loadable(old_names: set, new_names: set, reshaped: set) -> tuple[str, dict[
 
 
 def _arrow(a: Any, b: Any) -> str:
-    return f"{a}->{b}"
+    """``old->new`` for a headline; counts with thousands separators (``19,210->19,210``)."""
+    def text(x: Any) -> str:
+        return count(x) if isinstance(x, int) and not isinstance(x, bool) else str(x)
+    return f"{text(a)}->{text(b)}"
 
 
 def analyze(comparison: Comparison, options, state: dict) -> AnalysisResult:
@@ -319,7 +325,7 @@ def analyze(comparison: Comparison, options, state: dict) -> AnalysisResult:
                   if k not in new_info["hyperparameters"]]
         notes.append("loadability needs two checkpoints")
         if optimizer_new:
-            notes.append(f"{optimizer_new} optimizer-state tensors are not counted in the architecture")
+            notes.append(f"{count(optimizer_new)} optimizer-state tensors are not counted in the architecture")
         return AnalysisResult(NAME, headline, data, tuple(tables), tuple(notes), text_keys={"family": ""})
 
     old_info = describe(_model_tensors(comparison, "old"), dict(comparison.old_metadata))
@@ -361,22 +367,24 @@ def analyze(comparison: Comparison, options, state: dict) -> AnalysisResult:
         data["rename_rules"] = [{"old_prefix": o, "new_prefix": n, "count": c} for (o, n), c in rules.most_common()]
         for (o, n), c in rules.most_common(3):
             notes.append(f"rename rule: {o + '.' if o else '(no prefix)'} -> {n + '.' if n else '(no prefix)'} "
-                         f"for {c} tensors (same shape, dtype and content hash)")
+                         f"for {count(c)} tensors (same shape, dtype and content hash)")
     if ambiguous:
-        notes.append(f"{len(ambiguous)} identical-content tensors could not be matched to one name: "
+        notes.append(f"{count(len(ambiguous))} identical-content tensors could not be matched to one name: "
                      + ", ".join(ambiguous[:5]) + (" ..." if len(ambiguous) > 5 else ""))
         data["rename_ambiguous"] = ambiguous
     if retyped:
-        notes.append(f"{len(retyped)} tensors changed dtype; load_state_dict casts them to the module's dtype")
+        notes.append(f"{count(len(retyped))} tensors changed dtype; load_state_dict casts them to the module's dtype")
     notes += [f"{k}: {v}" for k, v in new_info["hyperparameter_notes"].items()
               if k not in new_info["hyperparameters"] and k not in old_info["hyperparameters"]]
     if load_detail["missing"] or load_detail["unexpected"] or load_detail["shape_mismatch"]:
-        notes.append(f"load_state_dict(new) into old's model: {len(load_detail['missing'])} missing, "
-                     f"{len(load_detail['unexpected'])} unexpected, {len(load_detail['shape_mismatch'])} "
+        notes.append(f"load_state_dict(new) into old's model: {count(len(load_detail['missing']))} missing, "
+                     f"{count(len(load_detail['unexpected']))} unexpected, "
+                     f"{count(len(load_detail['shape_mismatch']))} "
                      "size mismatches (lists in JSON: loadable_detail)")
     n_opt_old = sum(1 for d in comparison.diffs if d.old is not None and is_optimizer_state(d.name))
     if n_opt_old or optimizer_new:
-        notes.append(f"optimizer-state tensors ({n_opt_old}->{optimizer_new}) are not counted in the architecture")
+        notes.append(f"optimizer-state tensors ({_arrow(n_opt_old, optimizer_new)}) are not counted in the "
+                     "architecture")
 
     changes = (
         ("added", len(added), ", ".join(added[:3])),
@@ -409,7 +417,7 @@ def analyze(comparison: Comparison, options, state: dict) -> AnalysisResult:
         Table("Renames", ("old", "new"), tuple(renames[:TABLE_ROWS])),
     ]
     if len(renames) > TABLE_ROWS:
-        notes.append(f"renames table shows {TABLE_ROWS} of {len(renames)} (all in JSON: renames)")
+        notes.append(f"renames table shows {TABLE_ROWS} of {count(len(renames))} (all in JSON: renames)")
     if old_info["family"] != new_info["family"]:
         notes.insert(0, f"old family evidence: {old_info['family_reason']}")
     return AnalysisResult(NAME, headline, data, tuple(tables), tuple(notes), text_keys={"family": ""})

@@ -19,9 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from torchdiff.analyses.sort_by_change_magnitude import change_key
 from torchdiff.names import SCOPES, block_index, kind, layer_of
 from torchdiff.figures import Comparison, group, summary_mask
-from torchdiff.results import ADDED, CHANGED, REMOVED, RETYPED, STATUSES, UNCHANGED, AnalysisResult, Table
+from torchdiff.results import (
+    ADDED, CHANGED, OLD_ALL_ZERO, REMOVED, RETYPED, STATUSES, UNCHANGED, AnalysisResult, Table,
+)
+from torchdiff.units import count, human_bytes, number
 
 NAME = "change_summary"
 FLAG = "change_summary"
@@ -133,16 +137,18 @@ def _patterns(model, paired) -> list[dict[str, Any]]:
     if moved and all(kinds[d.name] in ("bias", "norm") for d in moved):
         params = sum(d.params for d in moved)
         found.append({"pattern": "only_biases_norms", "changed_tensors": len(moved), "changed_params": params,
-                      "evidence": f"all {len(moved)} changed tensors ({params} params) are biases or "
-                                  f"normalisation parameters; {len(paired) - len(moved)} other tensors unchanged"})
+                      "evidence": f"all {count(len(moved))} changed tensors ({count(params)} params) are biases or "
+                                  f"normalisation parameters; {count(len(paired) - len(moved))} other tensors "
+                                  "unchanged"})
     embeds = [d for d in paired if kinds[d.name] == "embedding"]
     moved_weights = [d for d in moved if kinds[d.name] == "weight"]
     weight_layers = {layer_of(d.name) for d in moved_weights}
     if embeds and len(weight_layers) >= FROZEN_EMBED_LAYERS and all(d.status == UNCHANGED for d in embeds):
         found.append({"pattern": "embeddings_frozen", "tensors": [d.name for d in embeds],
-                      "evidence": f"{len(embeds)} embedding tensors identical "
+                      "evidence": f"{count(len(embeds))} embedding tensors identical "
                                   f"({', '.join(d.name for d in embeds[:3])}) "
-                                  f"while {len(moved_weights)} weight matrices in {len(weight_layers)} layers changed "
+                                  f"while {count(len(moved_weights))} weight matrices in "
+                                  f"{count(len(weight_layers))} layers changed "
                                   f"(pattern needs ≥ {FROZEN_EMBED_LAYERS} layers)"})
     stacks: dict[str, dict[int, bool]] = defaultdict(dict)
     for d in model:
@@ -161,7 +167,7 @@ def _patterns(model, paired) -> list[dict[str, Any]]:
         if changed == order[-k:]:
             found.append({"pattern": "last_k_blocks", "stack": name, "k": k, "blocks": len(order),
                           "changed_blocks": changed,
-                          "evidence": f"in {name}.*, only the last {k} of {len(order)} blocks changed "
+                          "evidence": f"in {name}.*, only the last {count(k)} of {count(len(order))} blocks changed "
                                       f"({', '.join(str(i) for i in changed)})"})
     low = []
     for d in moved:
@@ -175,7 +181,7 @@ def _patterns(model, paired) -> list[dict[str, Any]]:
     if low:
         found.append({"pattern": "low_rank", "tensors": low,
                       "evidence": "; ".join(f"{e['path']} {e['shape']}: Δ has {ENERGY:.0%} of its energy in "
-                                            f"{e['rank99']} singular values (≤ {e['limit']} = min dim/"
+                                            f"{count(e['rank99'])} singular values (≤ {count(e['limit'])} = min dim/"
                                             f"{round(1 / LOW_RANK_FRACTION)}, {e['method']} spectrum)" for e in low)})
     rels = [d.metrics.rel_l2 for d in moved if math.isfinite(d.metrics.rel_l2)]
     if paired and len(rels) >= UNIFORM_MIN and len(moved) / len(paired) >= UNIFORM_CHANGED:
@@ -183,8 +189,9 @@ def _patterns(model, paired) -> list[dict[str, Any]]:
         cv = math.sqrt(sum((x - mean) ** 2 for x in rels) / len(rels)) / mean if mean > 0 else math.inf
         if cv <= UNIFORM_CV:
             found.append({"pattern": "uniform_drift", "cv": cv, "mean_rel_l2": mean, "tensors": len(rels),
-                          "evidence": f"{len(moved)} of {len(paired)} tensors changed with rel_l2 {mean:.4g} on "
-                                      f"average, coefficient of variation {cv:.3g} ≤ {UNIFORM_CV:g}"})
+                          "evidence": f"{count(len(moved))} of {count(len(paired))} tensors changed with rel_l2 "
+                                      f"{number(mean)} on average, coefficient of variation {number(cv)} "
+                                      f"≤ {UNIFORM_CV:g}"})
     return found
 
 
@@ -219,7 +226,9 @@ def analyze(comparison: Comparison, options, state: dict) -> AnalysisResult:
     top_layers = sorted((r for r in layer_rows if r["changed_tensors"]),
                         key=lambda r: (-r["energy_share"], r["layer"]))[:TOP]
     moved = [d for d in paired if d.status in (CHANGED, RETYPED)]
-    top_tensors = sorted(moved, key=lambda d: (-_finite_key(d.metrics.rel_l2), d.name))[:TOP]
+    # most changed first, zero-initialised tensors after the measured ones by ‖Δ‖: the
+    # order of --sort-by-change-magnitude (its one sort key)
+    top_tensors = sorted(moved, key=change_key)[:TOP]
     patterns = _patterns(model, paired)
 
     headline = {"layers_changed": layers_changed, "magnitude": g["rel_l2"],
@@ -246,36 +255,35 @@ def analyze(comparison: Comparison, options, state: dict) -> AnalysisResult:
     tables = (
         Table("Counts", ("status", "tensors", "params"), counts_rows),
         Table("Top tensors", ("tensor", "rel_l2", "l2", "cosine", "changed_fraction"),
-              tuple((d.name, d.metrics.rel_l2, d.metrics.l2, d.metrics.cosine, d.metrics.changed_fraction)
-                    for d in top_tensors)),
+              tuple(_top_tensor_row(d) for d in top_tensors)),
         Table("Top layers", ("layer", "energy_share", "rel_l2", "changed_tensors", "params"),
-              tuple((r["layer"], r["energy_share"], r["rel_l2"], r["changed_tensors"], r["params"])
-                    for r in top_layers)),
+              tuple((r["layer"], r["energy_share"],
+                     OLD_ALL_ZERO if layer_figures[r["layer"]].old_all_zero else r["rel_l2"],
+                     r["changed_tensors"], r["params"]) for r in top_layers)),
     )
-    notes = [f"magnitude = global rel_l2 = sqrt(Σ‖Δ‖² / Σ‖old‖²) = {_fmt(g['rel_l2'])}, global cosine = "
-             f"{_fmt(g['cosine'])}, over {len(paired)} same-shape tensors; params in changed tensors: {moved_params} "
-             f"of {total_params} ({_fmt(data['changed_param_fraction'])}); changed elements: "
-             f"{_fmt(g['changed_element_fraction'])}; bytes {old_bytes}->{new_bytes}"]
+    notes = [f"magnitude = global rel_l2 = sqrt(Σ‖Δ‖² / Σ‖old‖²) = {number(g['rel_l2'])}, global cosine = "
+             f"{number(g['cosine'])}, over {count(len(paired))} same-shape tensors; params in changed tensors: "
+             f"{count(moved_params)} of {count(total_params)} ({number(data['changed_param_fraction'])}); "
+             f"changed elements: {number(g['changed_element_fraction'])}; "
+             f"bytes {human_bytes(old_bytes)}->{human_bytes(new_bytes)}"]
     notes += [f"{p['pattern']}: {p['evidence']}" for p in patterns]
     for r, c in data.get("other_roles", {}).items():
-        notes.append(f"{r.replace('_', ' ')} not summarised (--scope {comparison.scope}): {sum(c.values())} tensors "
-                     f"({c[CHANGED]} changed, {c[ADDED]} added, {c[REMOVED]} removed)")
+        notes.append(f"{r.replace('_', ' ')} not summarised (--scope {comparison.scope}): {count(sum(c.values()))} "
+                     f"tensors ({count(c[CHANGED])} changed, {count(c[ADDED])} added, {count(c[REMOVED])} removed)")
     skipped = [d.name for d in moved if str((d.extras.get(NAME) or {}).get("method", "")).startswith("skipped")]
     if skipped:
-        notes.append(f"low-rank check skipped for {len(skipped)} tensors whose Δ holds NaN/Inf: "
+        notes.append(f"low-rank check skipped for {count(len(skipped))} tensors whose Δ holds NaN/Inf: "
                      + ", ".join(skipped[:3]) + (" ..." if len(skipped) > 3 else ""))
     if not any(d.extras.get(NAME) for d in moved) and any(len(d.new.shape) == 2 for d in moved):
         notes.append(f"low-rank check: no changed 2-D weight with min dim ≥ {LOW_RANK_MIN_DIM}")
     return AnalysisResult(NAME, headline, data, tables, tuple(notes))
 
 
-def _finite_key(x: float) -> float:
-    return x if math.isfinite(x) else 1e308
-
-
-def _fmt(x: float) -> str:
-    if math.isnan(x):
-        return "nan"
-    if math.isinf(x):
-        return "inf"
-    return f"{x:.4g}"
+def _top_tensor_row(d) -> tuple:
+    """A row of the top-tensors table. A tensor whose old side is all zero (rel_l2 ∞,
+    cosine undefined: TensorDiff.old_all_zero) shows the label ``old all zero`` and
+    ``n/a`` instead; its ‖Δ‖ (l2) measures the change."""
+    m = d.metrics
+    if d.old_all_zero:
+        return (d.name, OLD_ALL_ZERO, m.l2, "n/a", m.changed_fraction)
+    return (d.name, m.rel_l2, m.l2, m.cosine, m.changed_fraction)

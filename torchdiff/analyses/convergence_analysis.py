@@ -31,6 +31,7 @@ from torchdiff.analyses._training import (
 from torchdiff.names import is_float_storage
 from torchdiff.errors import UsageError
 from torchdiff.results import AnalysisResult, Table
+from torchdiff.units import count, number
 
 NAME = "convergence_analysis"
 FLAG = "convergence_analysis"
@@ -124,31 +125,31 @@ def decide(fig: dict[str, Any], nonfinite: float, options) -> tuple[str, str]:
     r = fig["rel_update"]
     steps = len(r)
     if nonfinite:
-        return "diverging", f"{int(nonfinite)} non-finite value position(s)"
+        return "diverging", f"{count(int(nonfinite))} non-finite value position(s)"
     finite_r = [(v, t) for t, v in enumerate(r) if math.isfinite(v)]
     if finite_r:
         rmax, tmax = max(finite_r)
         if rmax > DIVERGE_REL_UPDATE:
-            return "diverging", f"rel_update {rmax:.4g} > {DIVERGE_REL_UPDATE:g} at step {tmax}"
+            return "diverging", f"rel_update {number(rmax)} > {DIVERGE_REL_UPDATE:g} at step {tmax}"
     growth = fig["growth"]
     if math.isfinite(growth) and growth > DIVERGE_GROWTH:
-        return "diverging", f"weight norm grew {growth:.4g}× > {DIVERGE_GROWTH:g}×"
+        return "diverging", f"weight norm grew {number(growth)}× > {DIVERGE_GROWTH:g}×"
     if steps < 2:
         return "undetermined", "a trend needs ≥ 3 checkpoints"
     k, thr = options["plateau_steps"], options["plateau_threshold"]
     if steps >= k and all(math.isfinite(v) and v < thr for v in r[-k:]):
-        return "plateaued", f"rel_update < {thr:g} for the last {k} step(s) (last {r[-1]:.4g})"
+        return "plateaued", f"rel_update < {thr:g} for the last {k} step(s) (last {number(r[-1])})"
     recent = fig["recent"]
     if recent is not None and recent.slope > DIVERGE_TREND:
-        return "diverging", f"recent trend {recent.slope:+.4g} > +{DIVERGE_TREND:g}"
+        return "diverging", f"recent trend {number(recent.slope, signed=True)} > +{DIVERGE_TREND:g}"
     cos = fig["recent_cosine"]
     if math.isfinite(cos) and cos < OSCILLATE_COSINE:
-        return "oscillating", f"mean successive-update cosine {cos:.4g} < {OSCILLATE_COSINE:g}"
+        return "oscillating", f"mean successive-update cosine {number(cos)} < {OSCILLATE_COSINE:g}"
     if recent is not None and recent.slope < CONVERGE_TREND:
-        return "converging", f"recent trend {recent.slope:+.4g} < {CONVERGE_TREND:g}"
+        return "converging", f"recent trend {number(recent.slope, signed=True)} < {CONVERGE_TREND:g}"
     if recent is None:
         return "undetermined", "no finite relative updates to fit"
-    return "steady", f"recent trend {recent.slope:+.4g} within [{CONVERGE_TREND:g}, +{DIVERGE_TREND:g}]"
+    return "steady", f"recent trend {number(recent.slope, signed=True)} within [{CONVERGE_TREND:g}, +{DIVERGE_TREND:g}]"
 
 
 def _f(x: Any) -> float:
@@ -274,9 +275,9 @@ def analyze_series(series, options) -> AnalysisResult:
             and math.isfinite(r_last) and r_last > thr):
         intervals = math.ceil((math.log(thr) - math.log(r_last)) / recent.slope)
         data["intervals_to_plateau"] = intervals
-        notes.append(f"projection: about {intervals} more checkpoint interval(s) until r_t < {thr:g}, assuming ln r_t "
-                     f"keeps falling linearly at the recent trend {recent.slope:+.4g}/interval "
-                     f"(fit over the last {recent.points} steps, R²={recent.r2:.3f}) and the same spacing")
+        notes.append(f"projection: about {count(intervals)} more checkpoint interval(s) until r_t < {thr:g}, assuming "
+                     f"ln r_t keeps falling linearly at the recent trend {number(recent.slope, signed=True)}/interval "
+                     f"(fit over the last {count(recent.points)} steps, R²={number(recent.r2)}) and the same spacing")
     notes.append(rules_text(options))
     return AnalysisResult(
         NAME, headline, data=data,

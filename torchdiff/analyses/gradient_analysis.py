@@ -32,6 +32,7 @@ from torchdiff.analyses._training import (
 from torchdiff.names import PARAMETER, is_float_storage
 from torchdiff.errors import UsageError
 from torchdiff.results import AnalysisResult, Table
+from torchdiff.units import count, number
 
 NAME = "gradient_analysis"
 FLAG = "gradient_analysis"
@@ -253,7 +254,7 @@ def _update_result(layers: dict[str, dict[str, float]], scale: float | None, lr:
     headline: dict[str, Any] = {"source": SGD if sgd else UPDATES, "flow_health": _health(flags), "norm": norm}
     if sgd:
         headline.update({"lr": lr, "steps_between": k})
-        notes = list(notes) + [f"ĝ = −Δθ/(lr·k) with lr={lr:g}, k={k:g}: the SGD-implied mean gradient; "
+        notes = list(notes) + [f"ĝ = −Δθ/(lr·k) with lr={number(lr)}, k={number(k)}: the SGD-implied mean gradient; "
                                "for adaptive optimizers (Adam) it is a scaled update, not the gradient"]
         headers = ("layer", "params", "grad_rms", "grad_norm", "update_ratio", "flow", "flag")
     else:
@@ -304,7 +305,7 @@ def analyze(comparison, options, state: dict) -> AnalysisResult | None:
         if not entries:
             continue
         notes = list(plan.notes)
-        notes.insert(0, f"from the {side} checkpoint's optimizer state ({len(entries)} parameter(s))")
+        notes.insert(0, f"from the {side} checkpoint's optimizer state ({count(len(entries))} parameter(s))")
         return _adam_result(adam_layers(entries), {}, notes, {"mode": comparison.mode, "side": side})
     if comparison.mode != "pair":
         return AnalysisResult(NAME, {"source": "none"},
@@ -334,18 +335,18 @@ def _lr_and_steps(options, old_meta, new_meta) -> tuple[float | None, float, lis
     notes = []
     lr = float(options.get("lr") or 0.0) or None
     if lr is not None:
-        notes.append(f"lr={lr:g} from --lr")
+        notes.append(f"lr={number(lr)} from --lr")
     else:
         lr = lr_from_metadata(old_meta) or None
         if lr is not None:
-            notes.append(f"lr={lr:g} recorded in the old checkpoint")
+            notes.append(f"lr={number(lr)} recorded in the old checkpoint")
     s_old, s_new = step_from_metadata(old_meta), step_from_metadata(new_meta)
     k: float = 1
     if s_old is not None and s_new is not None and s_new > s_old:
         k = s_new - s_old
         k = int(k) if float(k).is_integer() else k
         if lr is not None:
-            notes.append(f"k={k:g} optimizer steps between the checkpoints (their step values)")
+            notes.append(f"k={number(k)} optimizer steps between the checkpoints (their step values)")
     elif lr is not None:
         notes.append("k=1: the checkpoints record no step counts; if they are k steps apart, divide ĝ by k")
     return lr, k, notes

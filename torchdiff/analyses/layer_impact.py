@@ -30,6 +30,7 @@ from typing import Any
 from torchdiff.figures import group
 from torchdiff.names import compile_pattern
 from torchdiff.results import AnalysisResult, Table
+from torchdiff.units import count
 
 NAME = "layer_impact"
 FLAG = "show_layer_impact"
@@ -82,11 +83,11 @@ def analyze(comparison, options, state: dict) -> AnalysisResult | None:
     unmeasured = [(n, groups[n].tensors - groups[n].measured) for n in sorted(groups, key=natural_key)
                   if groups[n].tensors > groups[n].measured]
     if unmeasured:
-        listed = ", ".join(f"{n} ({k})" for n, k in unmeasured)
+        listed = ", ".join(f"{n} ({count(k)})" for n, k in unmeasured)
         notes.append(f"added, removed or reshaped tensors count in params, not in the figures: {listed}")
     left = len(fig) - int(in_scope.sum())
     if left:
-        notes.append(f"scope {comparison.scope}: {left} tensor(s) of other roles (buffers, counters, optimizer "
+        notes.append(f"scope {comparison.scope}: {count(left)} tensor(s) of other roles (buffers, counters, optimizer "
                      "state) not in the figures; --scope all includes them")
     if total == 0:
         notes.append("no tensor changed: every share is 0")

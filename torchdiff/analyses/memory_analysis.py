@@ -7,8 +7,9 @@ the common GPU sizes each fits.
 Exact figures are the bytes the files spend on each tensor (``TensorStats.nbytes``;
 quantized blocks and scales included). Optimizer state (Adam moments, step counters)
 is counted apart from the model. Estimates are labelled as such, each with its
-formula: docs/analyses/memory_analysis.md. MB = 10^6 bytes; a device of N GB has
-N·2^30 bytes (as sold: an "80 GB" card holds 80 GiB).
+formula: docs/analyses/memory_analysis.md. Text gives sizes in B/KB/MB/GB (powers of
+1000, ``units.human_bytes``); JSON gives bytes (the tables' ``MB`` columns: 10^6
+bytes). A device of N GB has N·2^30 bytes (as sold: an "80 GB" card holds 80 GiB).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torchdiff.names import is_float_storage, is_optimizer_state, kind, layer_of
 from torchdiff.figures import Comparison
 from torchdiff.pairing import stored_nbytes, tied
 from torchdiff.results import AnalysisResult, Table
+from torchdiff.units import count, human_bytes, number
 
 NAME = "memory_analysis"
 FLAG = "memory_analysis"
@@ -107,8 +109,8 @@ def _estimates(info: dict[str, Any]) -> dict[str, Any]:
     per_param = w + w + master + moments
     training = p * per_param + info["non_float_bytes"]
     inference = weights * (1 + INFERENCE_OVERHEAD)
-    parts_text = (f"weights {w:.4g} + grads {w:.4g}" + (f" + fp32 master {master:g}" if master else "")
-                  + f" + Adam moments {moments:.4g}")
+    parts_text = (f"weights {number(w)} + grads {number(w)}" + (f" + fp32 master {number(master)}" if master else "")
+                  + f" + Adam moments {number(moments)}")
     return {
         "inference_weights_bytes": weights,
         "inference_bytes": inference,
@@ -116,8 +118,8 @@ def _estimates(info: dict[str, Any]) -> dict[str, Any]:
                              "activations, CUDA context and allocator; depends on batch and sequence length)",
         "training_bytes": training,
         "training_bytes_per_param": per_param,
-        "training_formula": f"{p} params × {per_param:.4g} B ({parts_text})"
-                            + (f" + {info['non_float_bytes']} B of other tensors as stored"
+        "training_formula": f"{count(p)} params × {number(per_param)} B ({parts_text})"
+                            + (f" + {human_bytes(info['non_float_bytes'])} of other tensors as stored"
                                if info["non_float_bytes"] else "")
                             + "; activations not included",
     }
@@ -143,10 +145,6 @@ def _what_if(info: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _signed_mb(delta: float) -> str:
-    return ("+" if delta >= 0 else "-") + mb(abs(delta))
-
-
 def _gb_list(values: list[int] | None) -> str:
     if values is None:
         return "n/a"
@@ -161,14 +159,15 @@ def analyze(comparison: Comparison, options, state: dict) -> AnalysisResult:
     what_if = _what_if(new)
     headline: dict[str, Any] = {}
     if inspect:
-        headline["size"] = mb(new["bytes"])
+        headline["size"] = human_bytes(new["bytes"])
     else:
-        headline.update(old=mb(old["bytes"]), new=mb(new["bytes"]), delta=_signed_mb(new["bytes"] - old["bytes"]))
+        headline.update(old=human_bytes(old["bytes"]), new=human_bytes(new["bytes"]),
+                        delta=human_bytes(new["bytes"] - old["bytes"], signed=True))
     if new["optimizer_bytes"] or (old and old["optimizer_bytes"]):
-        headline["model"] = mb(new["model_bytes"])
-        headline["optimizer"] = mb(new["optimizer_bytes"])
-    headline["inference_est"] = mb(est["inference_bytes"])
-    headline["training_est"] = mb(est["training_bytes"])
+        headline["model"] = human_bytes(new["model_bytes"])
+        headline["optimizer"] = human_bytes(new["optimizer_bytes"])
+    headline["inference_est"] = human_bytes(est["inference_bytes"])
+    headline["training_est"] = human_bytes(est["training_bytes"])
     data: dict[str, Any] = {"sides": {"new": {**new, "estimates": est}}, "what_if": what_if,
                             "devices_gb": list(DEVICES_GB),
                             "assumptions": {"inference_overhead": INFERENCE_OVERHEAD,
@@ -181,7 +180,8 @@ def analyze(comparison: Comparison, options, state: dict) -> AnalysisResult:
     else:
         data["new_bytes"] = new["bytes"]
 
-    sides = [("old", old), ("new", new)] if old is not None else [("bytes", new)]
+    # column names that say they hold bytes: text prints them in B/KB/MB/GB, JSON as numbers
+    sides = [("bytes_old", old), ("bytes_new", new)] if old is not None else [("bytes", new)]
     dtypes = sorted({t for _, info in sides for t in info["bytes_by_dtype"]})
     layers = list(dict.fromkeys(k for _, info in sides for k in info["bytes_by_layer"]))
     heads = tuple(label for label, _ in sides)
@@ -208,24 +208,17 @@ def analyze(comparison: Comparison, options, state: dict) -> AnalysisResult:
              + (" and describe the new side" if not inspect else "")]
     if new["optimizer_tensors"]:
         ratio = new["optimizer_bytes"] / (4 * new["float_params"]) if new["float_params"] else 0.0
-        slots = ", ".join(f"{k} {mb(v)}" for k, v in sorted(new["optimizer_bytes_by_slot"].items()))
-        notes.append(f"optimizer state found: {new['optimizer_tensors']} tensors, {mb(new['optimizer_bytes'])} "
-                     f"= {ratio:.3g}× the fp32 size of the model's float parameters ({slots}); "
+        slots = ", ".join(f"{k} {human_bytes(v)}" for k, v in sorted(new["optimizer_bytes_by_slot"].items()))
+        notes.append(f"optimizer state found: {count(new['optimizer_tensors'])} tensors, "
+                     f"{human_bytes(new['optimizer_bytes'])} = {number(ratio)}× the fp32 size of the model's float "
+                     f"parameters ({slots}); "
                      "not part of the model bytes or the estimates")
     if new["integer_weight_tensors"]:
-        notes.append(f"{new['integer_weight_tensors']} integer weight tensors (≥ 2-D) are counted as quantized "
-                     "parameters in the estimates and the what-if table")
+        notes.append(f"{count(new['integer_weight_tensors'])} integer weight tensors (≥ 2-D) are counted as "
+                     "quantized parameters in the estimates and the what-if table")
     notes.append(f"what-if: parameters at the given bytes/param, other tensors (integer buffers) as stored; "
                  f"int4 = 4 bits + one fp16 scale per {INT4_GROUP} weights; training n/a for int8/int4 "
                  "(not trained with Adam directly)")
     notes.append(f"fits: estimate ≤ N·2^30 bytes for N in {', '.join(str(g) for g in DEVICES_GB)} GB; "
                  "leave room for the framework and other processes")
     return AnalysisResult(NAME, headline, data, tuple(tables), tuple(notes))
-
-
-def mb(nbytes: float) -> str:
-    """Bytes as megabytes (10^6 bytes) for text: 4 significant digits, 1 decimal from 100 MB."""
-    value = nbytes / 1e6
-    if abs(value) >= 100:
-        return f"{value:.1f}MB"
-    return f"{value:.4g}MB"

@@ -45,6 +45,7 @@ from torchdiff.dequant import Detected, dequantize_checkpoint, fit_scale  # noqa
 from torchdiff.errors import UsageError
 from torchdiff.formats.base import Checkpoint
 from torchdiff.results import ADDED, REMOVED, RESHAPED, AnalysisResult, Table
+from torchdiff.units import count
 
 NAME = "quantization_analysis"
 FLAG = "quantization_analysis"
@@ -198,7 +199,7 @@ def _ratio(a: float, b: float) -> float:
 def _list(names: list[str], limit: int = 5) -> str:
     """Names for a text note; JSON carries the full list."""
     shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+    return shown + (f" and {count(len(names) - limit)} more" if len(names) > limit else "")
 
 
 def _stored(storage: str, fmt: str) -> str:
@@ -352,22 +353,22 @@ def analyze(comparison, options, state: dict) -> AnalysisResult:
     unquantized = [r["tensor"] for r in rows if r["scheme"] == "none"]
     notes = [THRESHOLDS_TEXT]
     if quantized and unquantized:
-        notes.append(f"left unquantized ({len(unquantized)}): {_list(unquantized)}")
+        notes.append(f"left unquantized ({count(len(unquantized))}): {_list(unquantized)}")
     if rows and not quantized:
         notes.append("no quantization detected (each tensor keeps its dtype): the figures measure the whole "
                      "change between the checkpoints, not a quantization error")
     for reason, names in failed.items():
-        notes.append(f"not dequantized ({len(names)}), {reason}: {_list(names)}")
+        notes.append(f"not dequantized ({count(len(names))}), {reason}: {_list(names)}")
     if integer:
-        notes.append(f"integer/bool tensors ({len(integer)}) count in bytes, not in precision: {_list(integer)}")
+        notes.append(f"integer/bool tensors ({count(len(integer))}) count in bytes, not in precision: {_list(integer)}")
     companions = {n: list(det.companions) for found in (found_old, found_new) for n, det in found.items()}
     n_comp = sum(len(c) for c in companions.values())
     if n_comp:
-        notes.append(f"{n_comp} scale/zero-point companion tensors folded into their {len(companions)} weights "
-                     f"(bytes counted in the weight)")
+        notes.append(f"{count(n_comp)} scale/zero-point companion tensors folded into their {count(len(companions))} "
+                     "weights (bytes counted in the weight)")
     if only_old or only_new:
-        notes.append(f"tensors on one side only (old {len(only_old)}, new {len(only_new)}) count in the checkpoint "
-                     f"bytes, not in compression")
+        notes.append(f"tensors on one side only (old {count(len(only_old))}, new {count(len(only_new))}) count in the "
+                     "checkpoint bytes, not in compression")
 
     headline = {
         "compression": compression,

@@ -28,6 +28,7 @@ from torchdiff.analyses._training import (
 )
 from torchdiff.names import SCOPES, is_float_storage, roles
 from torchdiff.results import AnalysisResult, Table
+from torchdiff.units import number
 
 NAME = "similarity_matrix"
 FLAG = "similarity_matrix"
@@ -195,7 +196,7 @@ def analyze(comparison, options, state: dict) -> AnalysisResult | None:
                                 tuple((m["old"], m["new"], m["cosine"], m["same_name_cosine"]) for m in moved)))
         notes.append(f"moved: best cross-layer cosine ≥ {MOVED_MIN_COSINE:g} and ≥ same-name cosine + "
                      f"{MOVED_MARGIN:g}; cross-layer cosines in float32, diagonal exact")
-    notes.append(f"shades on [{lo:.4g}, {hi:.4g}]: {shade_legend(lo, hi)}")
+    notes.append(f"shades on [{number(lo)}, {number(hi)}]: {shade_legend(lo, hi)}")
     notes.append(outlier_rule())
     return AnalysisResult(NAME, headline, data=data, tables=tuple(tables), notes=tuple(notes))
 
@@ -224,8 +225,8 @@ def _cross_layer(comparison, exact: dict[str, float]):
             lo, hi = shade_scale(cos.ravel())
             rows = tuple((f"[{i}] {n}", *(shade(v, lo, hi) for v in cos[i])) for i, n in enumerate(names))
             shape = "×".join(map(str, e["shape"]))
-            heat.append(Table("Cross layer cosine",
-                              (f"old \\ new, shape {shape}, shades {lo:.3g}..{hi:.3g}", *map(str, range(k))), rows))
+            title = f"old \\ new, shape {shape}, shades {number(lo)}..{number(hi)}"
+            heat.append(Table("Cross layer cosine", (title, *map(str, range(k))), rows))
     return groups, moved, heat
 
 
@@ -295,7 +296,7 @@ def analyze_series(series, options) -> AnalysisResult:
                                   for i in range(n))))
     tables.append(Table("Per layer", ("layer", "params", "mean_cosine", "min_cosine", "first_last_cosine",
                                       "first_last_rel_distance"), tuple(layer_rows)))
-    notes = [f"heatmap shades on [{lo:.4g}, {hi:.4g}]: {shade_legend(lo, hi)}",
+    notes = [f"heatmap shades on [{number(lo)}, {number(hi)}]: {shade_legend(lo, hi)}",
              "rel_distance[i][j] = ‖θ_j − θ_i‖/‖θ_i‖ (row i is the reference)", outlier_rule()]
     if n > TEXT_MATRIX:
         notes.insert(0, f"{n}×{n} matrices in JSON (--output json); text shows the heatmap")

@@ -52,22 +52,25 @@ def validate(options) -> None:
         raise UsageError(f"--sort-key {key!r} is not a sort key (choose from {', '.join(sort_keys)}{hint})")
 
 
-def _change_key(d, key: str, descending: bool):
+def change_key(d, key: str = DEFAULT_KEY) -> tuple:
+    """The sort key of a measured tensor (smaller sorts first), by ``key``: an undefined
+    key first, then the measured ones, most changed first, then zero-initialised tensors
+    (TensorDiff.old_all_zero: rel_l2 = ∞, cosine undefined) by ‖Δ‖, largest first; ties
+    by name. The one order of "most changed" (change_summary's top tensors use it too)."""
     m = d.metrics
-    if m.norm_old == 0 and m.l2 > 0 and key not in ("l2", "max_abs"):  # zero-initialised: rel_l2 = inf
+    if d.old_all_zero and key not in ("l2", "max_abs"):
         return (2, -m.l2, d.name)
     value = getattr(m, key)
     if math.isnan(value):
         return (0, 0.0, d.name)  # undefined: most changed
-    return (1, -value if descending else value, d.name)
+    return (1, -value if SORT_KEYS[key] else value, d.name)
 
 
 def order(comparison, options) -> list[str]:
     """Every tensor name, most changed first (see the module docstring)."""
     key = _key(options)
-    descending = SORT_KEYS[key]
     measured = [d for d in comparison.diffs if d.status in (CHANGED, RETYPED) and d.metrics is not None]
-    measured.sort(key=lambda d: _change_key(d, key, descending))
+    measured.sort(key=lambda d: change_key(d, key))
     seen = {d.name for d in measured}
     structural = [d for d in comparison.diffs if d.status in (ADDED, REMOVED, RESHAPED) and d.name not in seen]
     structural.sort(key=lambda d: (-d.params, d.name))

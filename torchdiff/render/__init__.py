@@ -67,9 +67,9 @@ def _flags(fig, rows, items: list[dict[str, Any]]) -> None:
     """Mark items, in place: ``old_all_zero`` where the old side is all zero (rel_l2 is
     inf and cosine NaN by definition; l2 measures the change), ``tied_to`` where the
     tensor is tied to another (pairing.annotate)."""
-    norms = fig.old.norm
+    zero = fig.old_all_zero()
     for i, item in zip(rows, items):
-        if fig.measured[i] and fig.old.present[i] and norms[i] == 0 and item.get("l2", 0):
+        if zero[i]:
             item["old_all_zero"] = True
         tied = (fig.extras.get(i) or {}).get("tied_to")
         if tied:

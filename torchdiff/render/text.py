@@ -29,9 +29,9 @@ from typing import Any
 from tabulate import tabulate
 
 from torchdiff.results import (
-    ADDED, CHANGED, REMOVED, RESHAPED, RETYPED, UNCHANGED, AnalysisResult, TensorDiff,
+    ADDED, CHANGED, OLD_ALL_ZERO, REMOVED, RESHAPED, RETYPED, UNCHANGED, AnalysisResult, TensorDiff,
 )
-from torchdiff.units import human_bytes
+from torchdiff.units import human_bytes, number
 
 _COLORS = {"~": "\033[33m", "+": "\033[32m", "-": "\033[31m"}
 _RESET = "\033[0m"
@@ -71,32 +71,11 @@ def printable(text: Any) -> str:
 
 
 def num(x: Any) -> str:
-    """A figure for text output.
-
-    Whole numbers (ints, and floats that are exactly whole below 10^15: ``0``, ``1``,
-    a parameter count) print as integers with thousands separators; other floats with
-    at most 4 significant digits (``0.5774``, ``0.5``, ``0.0005``, ``2.085e-05``,
-    ``1.235e+04``), and a float that only rounds to a whole number keeps its digits
-    (``1.000`` for 0.99999, never ``1``); ``nan``, ``inf``, ``-inf`` as such.
-    """
+    """A figure for text output: :func:`torchdiff.units.number` (4 significant digits,
+    whole numbers with thousands separators); anything else as :func:`printable`."""
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         return printable(x)
-    if isinstance(x, int):
-        return f"{x:,}"
-    if math.isnan(x):
-        return "nan"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    if x == int(x) and abs(x) < 1e15:
-        return f"{int(x):,}"
-    a = abs(x)
-    if 1e-4 <= a < 1e4:
-        text = f"{x:.4g}"
-        if text.lstrip("-").isdigit():  # rounds to a whole number but is not one: show that
-            text = f"{x:#.4g}"
-            return text[:-1] if text.endswith(".") else text
-        return text
-    return f"{x:.3e}"
+    return number(x)
 
 
 def size(x: Any) -> str:
@@ -117,14 +96,6 @@ def _shape(shape) -> str:
 
 def _arrow(a: Any, b: Any) -> str:
     return f"{num(a)}->{num(b)}"
-
-
-def old_all_zero(d: TensorDiff) -> bool:
-    """The old side is all zero and the new is not: rel_l2 is ∞ and cosine undefined, so
-    the line says so and gives ‖Δ‖ (zero-initialised tensors: biases, LayerNorm shifts)."""
-    m = d.metrics
-    return m is not None and m.norm_old == 0 and m.l2 > 0 and d.old is not None and d.old.nan_count == 0 \
-        and d.old.inf_count == 0
 
 
 def tensor_line(d: TensorDiff, stats: bool, sort_key: str | None = None, dequantized: bool = False,
@@ -149,9 +120,9 @@ def tensor_line(d: TensorDiff, stats: bool, sort_key: str | None = None, dequant
         parts.append(f"dtype={d.old.dtype}->{d.new.dtype}" + (" (dequantized)" if dequantized else ""))
     elif dequantized:
         parts.append("dequantized")
-    zero = old_all_zero(d)
+    zero = d.old_all_zero
     if zero:
-        parts.append("old all zero")
+        parts.append(OLD_ALL_ZERO)
     if stats:
         o, n = d.old, d.new
         if sort_key is not None and d.metrics is not None:
