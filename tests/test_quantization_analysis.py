@@ -435,3 +435,21 @@ def test_an_unquantized_change_is_not_labelled_a_precision_loss():
     assert result.headline["precision_loss"] == "not_quantized"
     a, d = old["w"].double(), (new["w"] - old["w"]).double()
     assert result.headline["sqnr_db"] == pytest.approx(20 * math.log10(a.norm() / d.norm()), rel=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 3000), seed=st.integers(0, 2**32 - 1), chunk=st.integers(1, 700),
+       dtype=st.sampled_from([np.float32, np.float64]), ties=st.booleans(), nonfinite=st.booleans())
+def test_p95_in_slices_is_the_whole_tensor_p95(n, seed, chunk, dtype, ties, nonfinite):
+    """The radix select over slices (large tensors) returns the value of the whole-tensor
+    nearest-rank percentile, with ties (many equal |Δ|, zeros) and non-finite positions."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal(n).astype(dtype)
+    b = (a + rng.standard_normal(n) * (rng.integers(0, 2, n) if ties else 1)).astype(dtype)
+    if nonfinite:
+        a[rng.integers(0, n, max(1, n // 10))] = np.nan
+        b[rng.integers(0, n, max(1, n // 20))] = np.inf
+    ok = np.isfinite(a) & np.isfinite(b)
+    expected = p95_ref((b - a)[ok]) if ok.any() else math.nan
+    got = qa.p95_abs_pair(torch.from_numpy(a), torch.from_numpy(b), chunk=chunk)
+    assert (got == expected) or (math.isnan(got) and math.isnan(expected))

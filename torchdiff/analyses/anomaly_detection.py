@@ -80,9 +80,14 @@ class _ValueHook:
         return {"old": _side_figures(old, pair.old), "new": _side_figures(new, pair.new)}
 
 
+_CHUNK = 1 << 22  # elements per slice of a large tensor: bounded temporaries (16 MB of float32)
+
+
 def _side_figures(t: torch.Tensor | None, handle) -> dict[str, Any] | None:
     """One pass for min/max (fp16 range), one for row norms; one host sync; a counting
-    pass only when a value lies outside the float16 range."""
+    pass only when a value lies outside the float16 range. Large tensors are walked in
+    slices of whole rows, so the temporaries stay at ``_CHUNK`` elements, whatever the
+    tensor's size."""
     if t is None or handle is None or not handle.dtype.is_floating_point or t.numel() == 0:
         return None
     figures: list[torch.Tensor] = []
@@ -93,9 +98,11 @@ def _side_figures(t: torch.Tensor | None, handle) -> dict[str, Any] | None:
     if rows:
         # Row norms of W / max|W| (then scaled back): squares of weights near 1e-30 underflow
         # in float32, which made every row of a tiny-but-healthy weight look dead.
-        finite_abs = torch.where(torch.isfinite(t), t.abs(), 0)
-        scale = finite_abs.amax().clamp(min=torch.finfo(finite_abs.dtype).tiny)
-        norms = torch.linalg.vector_norm(t.reshape(rows, -1) / scale, dim=1) * scale
+        matrix = t.reshape(rows, -1)
+        step = max(1, _CHUNK // max(1, matrix.shape[1]))
+        peak = torch.stack([torch.where(torch.isfinite(c), c.abs(), 0).amax() for c in matrix.split(step)]).amax()
+        scale = peak.clamp(min=torch.finfo(t.dtype).tiny)
+        norms = torch.cat([torch.linalg.vector_norm(c / scale, dim=1) for c in matrix.split(step)]) * scale
         finite = torch.isfinite(norms)
         typical = torch.sqrt((torch.where(finite, norms, 0) ** 2).sum() / finite.sum().clamp(min=1))
         dead = (finite & (norms <= DEAD_REL * typical)).sum()
@@ -105,7 +112,8 @@ def _side_figures(t: torch.Tensor | None, handle) -> dict[str, Any] | None:
     if check_overflow:
         lo, hi = values[0], values[1]
         inside = math.isfinite(lo) and math.isfinite(hi) and max(-lo, hi) <= FP16_MAX
-        out["fp16_overflow"] = 0 if inside else int((torch.isfinite(t) & (t.abs() > FP16_MAX)).sum())
+        out["fp16_overflow"] = 0 if inside else int(sum(
+            int((torch.isfinite(c) & (c.abs() > FP16_MAX)).sum()) for c in t.reshape(-1).split(_CHUNK)))
         values = values[2:]
     if rows:
         out["dead_rows"] = int(values[0])
