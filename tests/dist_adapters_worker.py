@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from helpers import figure_rows, memory_logger  # tests/ is sys.path[0] when this file runs
+
 out = sys.argv[1]
 torch.set_num_threads(1)
 dist.init_process_group("gloo")
@@ -37,25 +39,10 @@ def full(module):
             for k, v in module.state_dict().items()}
 
 
-def figures(report):
-    rows = []
-    for d in report:
-        row = {"name": d.name, "status": d.status}
-        for side in ("old", "new"):
-            s = getattr(d, side)
-            row[side] = None if s is None else [list(s.shape), s.numel, s.mean, s.std, s.min, s.max, s.mean_abs,
-                                                s.rms, s.zero_count, s.nan_count, s.inf_count]
-        m = d.metrics
-        row["metrics"] = None if m is None else [m.numel, m.equal, m.l2, m.norm_old, m.norm_new, m.max_abs,
-                                                 m.mean_abs_diff, m.changed_count]
-        rows.append(row)
-    return rows
-
-
 def record_of(record):
     return {"step": record.step, "reference_step": record.reference_step, "rel_l2": record.total.rel_l2,
             "l2": record.total.l2, "layers": {k: v.rel_l2 for k, v in record.layers.items()},
-            "figures": figures(record.report)}
+            "figures": figure_rows(record.report)}
 
 
 def agreed(flag: bool) -> list[bool]:
@@ -73,7 +60,6 @@ def states_json(states):
 # ---- 1. Lightning, ModelParallelStrategy (FSDP2) ------------------------------------------
 try:
     import lightning.pytorch as pl
-    from lightning.pytorch.loggers import Logger
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     from torchdiff.integrations.lightning import TorchDiffCallback
@@ -97,22 +83,6 @@ try:
         def configure_optimizers(self):
             return torch.optim.Adam(self.parameters(), lr=1e-2)
 
-    class MemoryLogger(Logger):
-        rows: list = []
-
-        @property
-        def name(self):
-            return "memory"
-
-        @property
-        def version(self):
-            return 0
-
-        def log_hyperparams(self, params, *args, **kwargs):
-            pass
-
-        def log_metrics(self, metrics, step=None):
-            self.rows.append((step, dict(metrics)))
 
     states: dict[int, dict] = {}
 
@@ -126,7 +96,7 @@ try:
     reports = []
     callback = TorchDiffCallback(every=2, analyses=("show_layer_impact",), keep_reports=True,
                                  on_report=lambda step, report: reports.append(step))
-    logger = MemoryLogger()
+    logger = memory_logger(pl)
     pl.seed_everything(0, verbose=False)
     g = torch.Generator().manual_seed(1)
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(64, 16, generator=g)), batch_size=8)

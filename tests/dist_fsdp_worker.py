@@ -6,12 +6,14 @@ The reference is the single-process comparison of the FULL state_dicts before an
 
 import json
 import sys
+from functools import partial
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 import torchdiff
+from helpers import figure_rows  # tests/ is sys.path[0] when this file runs
 from torchdiff.callbacks import CheckpointMonitor
 
 out = sys.argv[1]
@@ -63,19 +65,7 @@ try:
                                        {k: v for k, v in model.state_dict().items()}, process_group=dist.group.WORLD)
     reference = torchdiff.compare(before, after, analyses=("show_layer_impact",))
 
-    def figures(rep):
-        rows = []
-        for d in rep:
-            row = {"name": d.name, "status": d.status}
-            for side in ("old", "new"):
-                s = getattr(d, side)
-                row[side] = None if s is None else [list(s.shape), s.numel, s.mean, s.std, s.min, s.max, s.mean_abs,
-                                                    s.rms, s.zero_count, s.nan_count, s.inf_count]
-            m = d.metrics
-            row["metrics"] = None if m is None else [m.numel, m.equal, m.l2, m.norm_old, m.norm_new, m.max_abs,
-                                                     m.mean_abs_diff, m.changed_count, m.rel_l2, m.cosine]
-            rows.append(row)
-        return rows
+    figures = partial(figure_rows, ratios=True)
 
     result["values"] = {k: [before[k].double().reshape(-1).tolist(), after[k].double().reshape(-1).tolist()]
                         for k in before}

@@ -30,3 +30,49 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def figure_rows(report, ratios: bool = False) -> list[dict]:
+    """Every TensorDiff of ``report`` as plain lists (shape, side stats, pair metrics;
+    with ``ratios`` also rel_l2 and cosine), to compare runs figure by figure."""
+    rows = []
+    for d in report:
+        row = {"name": d.name, "status": d.status}
+        for side in ("old", "new"):
+            s = getattr(d, side)
+            row[side] = None if s is None else [list(s.shape), s.numel, s.mean, s.std, s.min, s.max, s.mean_abs,
+                                                s.rms, s.zero_count, s.nan_count, s.inf_count]
+        m = d.metrics
+        row["metrics"] = None if m is None else [m.numel, m.equal, m.l2, m.norm_old, m.norm_new, m.max_abs,
+                                                 m.mean_abs_diff, m.changed_count] + ([m.rel_l2, m.cosine] if ratios else [])
+        rows.append(row)
+    return rows
+
+
+def memory_logger(pl):
+    """A Lightning logger (of the ``lightning`` or ``pytorch_lightning`` package ``pl``
+    belongs to) that keeps every ``log_metrics`` call in ``.rows``."""
+    from_pkg = pl.__name__.split(".")[0]
+    Logger = (__import__(f"{from_pkg}.pytorch.loggers", fromlist=["Logger"]) if from_pkg == "lightning"
+              else __import__("pytorch_lightning.loggers", fromlist=["Logger"])).Logger
+
+    class MemoryLogger(Logger):
+        def __init__(self):
+            super().__init__()
+            self.rows = []
+
+        @property
+        def name(self):
+            return "memory"
+
+        @property
+        def version(self):
+            return 0
+
+        def log_hyperparams(self, params, *args, **kwargs):
+            pass
+
+        def log_metrics(self, metrics, step=None):
+            self.rows.append((step, dict(metrics)))
+
+    return MemoryLogger()

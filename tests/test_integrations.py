@@ -19,7 +19,7 @@ from torchdiff.errors import MissingDependencyError, UsageError
 FRAMEWORKS = ("lightning", "pytorch_lightning", "transformers", "mlflow", "pandas")
 
 
-from helpers import one_thread  # noqa: E402,F401 - autouse: training here runs on one thread
+from helpers import memory_logger, one_thread  # noqa: E402,F401 - one_thread is autouse: training here runs on one thread
 
 
 def test_import_torchdiff_imports_no_framework():
@@ -105,33 +105,6 @@ def _fit(pl, callbacks, logger, steps=20, accumulate=1):
     return trainer, module
 
 
-def _memory_logger(pl):
-    from_pkg = pl.__name__.split(".")[0]
-    Logger = (__import__(f"{from_pkg}.pytorch.loggers", fromlist=["Logger"]) if from_pkg == "lightning"
-              else __import__("pytorch_lightning.loggers", fromlist=["Logger"])).Logger
-
-    class MemoryLogger(Logger):
-        def __init__(self):
-            super().__init__()
-            self.rows = []
-
-        @property
-        def name(self):
-            return "memory"
-
-        @property
-        def version(self):
-            return 0
-
-        def log_hyperparams(self, params, *args, **kwargs):
-            pass
-
-        def log_metrics(self, metrics, step=None):
-            self.rows.append((step, dict(metrics)))
-
-    return MemoryLogger()
-
-
 def test_lightning_callback_logs_each_report_once():
     pl = _lightning()
     from torchdiff.integrations import lightning as td_lightning
@@ -147,7 +120,7 @@ def test_lightning_callback_logs_each_report_once():
 
     reports = []
     callback = cls(every=5, on_report=lambda step, report: reports.append(step))
-    logger = _memory_logger(pl)
+    logger = memory_logger(pl)
     trainer, module = _fit(pl, [callback, Capture()], logger, steps=20, accumulate=2)
     history = callback.history
     assert [(r.step, r.reference_step) for r in history] == [(5, 0), (10, 5), (15, 10), (20, 15)]
@@ -171,7 +144,7 @@ def test_lightning_log_dict_mode():
 
     cls = td_lightning.TorchDiffCallback if pl.__name__.startswith("lightning") else td_lightning.PLTorchDiffCallback
     callback = cls(every=4, log_with="log_dict")
-    trainer, _ = _fit(pl, [callback], _memory_logger(pl), steps=8)
+    trainer, _ = _fit(pl, [callback], memory_logger(pl), steps=8)
     assert [r.step for r in callback.history] == [4, 8]
     assert trainer.logged_metrics["torchdiff/global_rel_l2"] == pytest.approx(callback.history[-1].total.rel_l2)
     with pytest.raises(UsageError, match="log_with"):
