@@ -250,3 +250,20 @@ def test_notes_write_counts_and_bytes_for_people():
     assert note.endswith("; bytes 144.4 KB->144.4 KB")
     assert (a.data["bytes_old"], a.data["bytes_new"]) == (144424, 144424)
     assert a.data["param_counts"]["changed"] == 36106
+
+
+@pytest.mark.parametrize("shape", [(40, 300), (300, 40), (300, 320), (320, 300)])
+def test_rank_read_in_slices_equals_the_whole(monkeypatch, shape):
+    """Δ = new − old is read in pieces of GRAM_CHUNK elements (never formed whole): with
+    tiny pieces the rank, the energy captured and the method are those of one piece, on
+    tall and wide matrices, exact (min dim 40) and randomized (min dim 300)."""
+    import torchdiff.analyses.change_summary as cs
+
+    g = torch.Generator().manual_seed(sum(shape))
+    old = torch.randn(*shape, generator=g)
+    new = old + torch.randn(shape[0], 5, generator=g) @ torch.randn(5, shape[1], generator=g) * 1e-2
+    whole = delta_rank(new - old)
+    monkeypatch.setattr(cs, "GRAM_CHUNK", 700)  # a few rows or columns a piece
+    sliced = delta_rank(new, old)
+    assert sliced["rank99"] == whole["rank99"] == rank99((new - old).double().numpy())
+    assert sliced["method"] == whole["method"] and sliced["captured"] == pytest.approx(whole["captured"], abs=1e-6)

@@ -63,56 +63,77 @@ class _RankHook:
         return min(pair.old.shape) >= LOW_RANK_MIN_DIM and kind(pair.name, 2) == "weight"
 
     def __call__(self, pair, old: torch.Tensor, new: torch.Tensor) -> dict[str, Any] | None:
-        return delta_rank(new - old)
+        return delta_rank(new, old)
 
 
-def delta_rank(delta: torch.Tensor) -> dict[str, Any] | None:
-    """Energy rank of a 2-D Δ: the fewest singular values whose squares hold ENERGY of ‖Δ‖_F².
+def delta_rank(new: torch.Tensor, old: torch.Tensor | None = None) -> dict[str, Any] | None:
+    """Energy rank of a 2-D Δ = new − old (Δ = new when ``old`` is None): the fewest
+    singular values whose squares hold ENERGY of ‖Δ‖_F².
 
-    With A = Δ oriented k × N, k = min(m, n):
+    With Δ m × n, k = min(m, n) and A = Δ oriented k × N (Δ itself when m ≤ n, else Δᵀ),
+    A is never formed whole: it is read as pieces A[:, J] of about GRAM_CHUNK elements
+    (J a range of Δ's longer dimension; a piece is new − old over that range), and every
+    product below is a sum over pieces, so the memory beyond the inputs is one piece plus
+    k × k or N × SKETCH matrices:
 
-    - exact when k ≤ EXACT_MAX_DIM: σ² = eigenvalues of the k × k Gram matrix A Aᵀ,
-      accumulated in float64 over column chunks of GRAM_CHUNK elements (cost m·n·k
-      multiply-adds plus a k³ eigensolve; bounded extra memory);
-    - else a randomized range finder (Halko, Martinsson & Tropp 2011): Y = Δ Ω with
-      Ω an n × SKETCH Gaussian (seeded), POWER_ITERATIONS subspace iterations,
-      Q = qr(Y), σ² = eigenvalues of (QᵀΔ)(QᵀΔ)ᵀ (cost ≈ (2 + 2·POWER_ITERATIONS)
-      matrix products of m·n·SKETCH). The sketch's top-r energy is at most Δ's, so a
-      rank found by it is an upper bound of the true rank; ``rank99`` is None when
-      the sketch holds < ENERGY of ‖Δ‖² (the rank is above SKETCH).
+    - exact when k ≤ EXACT_MAX_DIM: σ² = eigenvalues of the k × k Gram matrix
+      A Aᵀ = Σ_J A[:, J] A[:, J]ᵀ, in float64 (cost m·n·k multiply-adds plus a k³
+      eigensolve);
+    - else a randomized range finder (Halko, Martinsson & Tropp 2011): Y = A Ω =
+      Σ_J A[:, J] Ω[J] with Ω an N × SKETCH Gaussian (seeded), POWER_ITERATIONS subspace
+      iterations, Q = qr(Y), σ² = eigenvalues of (QᵀA)(QᵀA)ᵀ = Σ_J (QᵀA[:, J])(QᵀA[:, J])ᵀ
+      (cost ≈ (2 + 2·POWER_ITERATIONS) matrix products of m·n·SKETCH). The sketch's
+      top-r energy is at most Δ's, so a rank found by it is an upper bound of the true
+      rank; ``rank99`` is None when the sketch holds < ENERGY of ‖Δ‖² (the rank is above
+      SKETCH).
 
-    None when Δ = 0.
+    None when Δ = 0. The rank does not depend on Δ's scale: Δ / max|Δ| is measured, so
+    that an update of magnitude 1e-25 (squares 1e-50: zero in float32) is not taken for
+    no update.
     """
-    peak = float(delta.abs().amax()) if delta.numel() else 0.0  # non-finite when Δ holds NaN/Inf
+    m, n = new.shape
+    wide = m <= n
+    k, big = (m, n) if wide else (n, m)
+    step = max(1, GRAM_CHUNK // max(1, k))
+
+    def pieces(scale: float = 1.0, dtype: torch.dtype | None = None):
+        """(j0, A[:, j0:j0 + step] / scale) over A's N columns."""
+        for j0 in range(0, big, step):
+            if wide:
+                d = new[:, j0:j0 + step] if old is None else new[:, j0:j0 + step] - old[:, j0:j0 + step]
+            else:
+                d = (new[j0:j0 + step] if old is None else new[j0:j0 + step] - old[j0:j0 + step]).T
+            if dtype is not None:
+                d = d.to(dtype)
+            yield j0, (d / scale if scale != 1.0 else d)
+
+    peak = max((float(p.abs().amax()) for _, p in pieces()), default=0.0)  # non-finite when Δ holds NaN/Inf
     if not math.isfinite(peak):
         return {"rank99": None, "method": "skipped: non-finite values"}
     if peak == 0:
         return None
-    # The rank does not depend on Δ's scale: measure Δ / max|Δ|, so that an update of
-    # magnitude 1e-25 (squares 1e-50: zero in float32) is not taken for no update.
-    delta = delta / peak
-    norm = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
-    a = delta if delta.shape[0] <= delta.shape[1] else delta.T
-    k = a.shape[0]
+    device = new.device
     if k <= EXACT_MAX_DIM:
-        gram = torch.zeros(k, k, dtype=torch.float64, device=delta.device)
-        step = max(1, GRAM_CHUNK // k)
-        for j in range(0, a.shape[1], step):
-            c = a[:, j:j + step].to(torch.float64)
-            gram += c @ c.T
+        gram = torch.zeros(k, k, dtype=torch.float64, device=device)
+        for _, p in pieces(peak, torch.float64):
+            gram += p @ p.T
         s2 = torch.linalg.eigvalsh(gram).flip(0).clamp(min=0)
         total = float(gram.trace())
         method, width = "exact", k
     else:
-        total = norm * norm
-        gen = torch.Generator(device=delta.device).manual_seed(0)
-        omega = torch.randn(a.shape[1], SKETCH, generator=gen, device=delta.device, dtype=delta.dtype)
-        q = torch.linalg.qr(a @ omega).Q
+        total = sum(float(torch.linalg.vector_norm(p, dtype=torch.float64)) ** 2 for _, p in pieces(peak))
+        dtype = new.dtype if old is None else torch.promote_types(new.dtype, old.dtype)
+        gen = torch.Generator(device=device).manual_seed(0)
+        omega = torch.randn(big, SKETCH, generator=gen, device=device, dtype=dtype)
+        q = torch.linalg.qr(sum(p @ omega[j0:j0 + p.shape[1]] for j0, p in pieces(peak))).Q
         for _ in range(POWER_ITERATIONS):
-            q = torch.linalg.qr(a.T @ q).Q
-            q = torch.linalg.qr(a @ q).Q
-        b = (q.T @ a).to(torch.float64)
-        s2 = torch.linalg.eigvalsh(b @ b.T).flip(0).clamp(min=0)
+            z = torch.cat([p.T @ q for _, p in pieces(peak)])  # Aᵀ Q, N × SKETCH
+            q = torch.linalg.qr(sum(p @ z[j0:j0 + p.shape[1]] for j0, p in pieces(peak))).Q
+        bbt = torch.zeros(SKETCH, SKETCH, dtype=torch.float64, device=device)
+        for _, p in pieces(peak):
+            b = (q.T @ p).to(torch.float64)
+            bbt += b @ b.T
+        s2 = torch.linalg.eigvalsh(bbt).flip(0).clamp(min=0)
         method, width = "randomized", SKETCH
     if total <= 0:
         return None
