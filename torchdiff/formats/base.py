@@ -34,7 +34,8 @@ for _name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnu
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    return _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+    name = _DTYPE_NAMES.get(dtype)  # (not .get(dtype, str(...)): that formats the fallback on every call)
+    return name if name is not None else str(dtype).replace("torch.", "")
 
 
 @dataclass(eq=False)
