@@ -550,24 +550,30 @@ class Engine:
         ``_RELEASE_MIN_BYTES`` (madvise is a syscall with a TLB flush: not per block).
         A tensor assembled in memory (DCP chunks, a legacy pickle) is dropped once all its
         rows are reduced; the exact path, if it needs it, reads it again."""
-        for job, _, n in pending:
-            for side in (job.a, job.b):
-                if side is not None:
-                    side.done += n * L
-                    if side.done >= job.numel and not side.handle.mapped and side.handle.span is None:
-                        side.flat = None
-        if _madvise is None:
-            return
         spans = []
         for job, first, n in pending:
             end = first + n * L
             # The last rows of this tensor in this group: release what is left of it now.
             last = end == job.numel or end == job.numel // self.row * self.row
             for side in (job.a, job.b):
-                if side is not None:
-                    span = side.releasable(end, 0 if last else _RELEASE_MIN_BYTES)
-                    if span is not None:
-                        spans.append(span)
+                if side is None:
+                    continue
+                side.done += n * L
+                h = side.handle
+                if not h.mapped:
+                    if side.done >= job.numel and h.span is None:
+                        side.flat = None
+                    continue
+                if _madvise is None:
+                    continue
+                if first == 0 and end == job.numel and h.span is not None and side.released == 0:
+                    base, begin, stop = h.span  # a whole small tensor: its bytes in the file
+                    spans.append((base.data_ptr() + begin, stop - begin))
+                    side.released = end
+                    continue
+                span = side.releasable(end, 0 if last else _RELEASE_MIN_BYTES)
+                if span is not None:
+                    spans.append(span)
         # Adjacent small tensors (a run of one file) are released by one call, not one each.
         spans.sort()
         start, size = None, 0
