@@ -91,7 +91,7 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return dev
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Side:
     """One side of one tensor being measured."""
 
@@ -145,7 +145,7 @@ class _Side:
         return self.flat
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Job:
     """Rows to reduce: one side (slot) or a pair of sides of equal shape."""
 
