@@ -497,3 +497,16 @@ def test_report_to_html_writes_the_page(tmp_path):
     text = open(path, encoding="utf-8").read()
     assert text.startswith("<!DOCTYPE html>") or text.lower().startswith("<!doctype html>")
     assert "l.w" in text
+
+
+def test_tensor_table_opens_most_changed_first():
+    """The tensor table's rows come in the one "most changed" order: a zero-initialised
+    tensor (rel_l2 = ∞ by definition) after the measured ones, by ‖Δ‖, not first; an
+    unchanged tensor last (the file order here is the other way round)."""
+    old = {"a.bias": torch.zeros(8), "b.weight": torch.ones(4, 4), "c.weight": torch.ones(4, 4),
+           "d.weight": torch.ones(2)}
+    new = {"a.bias": torch.full((8,), 0.5), "b.weight": torch.ones(4, 4) * 1.01, "c.weight": torch.ones(4, 4) * 1.5,
+           "d.weight": torch.ones(2)}
+    data = payload(compare(old, new, device="cpu"))
+    names = [row[0] for row in data["tensors"]["rows"]]
+    assert names == ["c.weight", "b.weight", "a.bias", "d.weight"]

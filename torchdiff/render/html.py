@@ -224,7 +224,12 @@ def _compare_payload(report) -> dict[str, Any]:
         cols = ["name", "layer", "module", "status", "shape", "dtype", "params", "l2", "rel_l2", "cosine",
                 "max_abs", "changed_fraction"] + (["sqnr_db"] if quant else [])
         rows = []
-        for d in diffs:
+        # The table opens in the one "most changed" order (sort_by_change_magnitude.order:
+        # zero-initialised tensors by ‖Δ‖ among the rest, not ∞ first); a click sorts by a column.
+        from torchdiff.analyses.sort_by_change_magnitude import order
+
+        position = {name: i for i, name in enumerate(order(comp, {}))}
+        for d in sorted(diffs, key=lambda d: position.get(d.name, len(position))):
             shape = _pair_text(d, lambda s: "×".join(map(str, s.shape)) or "scalar")
             dtype = _pair_text(d, lambda s: s.dtype)
             m = d.metrics

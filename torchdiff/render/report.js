@@ -453,8 +453,8 @@
     var T = D.tensors;
     if (!T) return;
     var sec = section("tensors", "Tensors");
-    var sortCol = T.columns.indexOf("rel_l2");
-    tensorTable = dataTable(sec, T.columns, T.rows, { sort: sortCol, pageSize: 100,
+    // Rows come most changed first (the order of --sort-by-change-magnitude); a click sorts by a column.
+    tensorTable = dataTable(sec, T.columns, T.rows, { sort: -1, pageSize: 100,
       formulaKeys: { l2: "l2", rel_l2: "rel_l2", cosine: "cosine", max_abs: "max_abs", changed_fraction: "changed_fraction", sqnr_db: "sqnr_db" } });
   }
 
