@@ -416,3 +416,17 @@ def test_markdown_and_github_for_inspect_and_series(tmp_path, capsys, monkeypatc
                    "c1 → c2: 2 tensors: 1 changed, 0 added, 0 removed, 1 unchanged\n")
     code, out, _ = run(capsys, "series", *paths, "--output", "markdown")
     assert out.startswith("## torchdiff series: 3 checkpoints\n\n- c0 → c1: 2 tensors: 1 changed")
+
+
+def test_zero_initialised_tensor_offends_relative_rules_with_the_reason():
+    """A tensor whose old side is all zero has rel_l2 = ∞ (cosine undefined) by
+    definition: a relative rule lists it with the reason and the rule that can gate it;
+    max_abs measures it."""
+    old = {"a.bias": torch.zeros(4), "b.weight": torch.ones(3)}
+    new = {"a.bias": torch.full((4,), 0.25), "b.weight": torch.ones(3) * 1.01}
+    pol = policy.parse(yaml.safe_load('rules: [{name: rel, max_rel_l2: 0.05}, {name: abs, max_abs: 0.3}]'), "p.yaml")
+    r = {x["rule"]: x for x in pol.evaluate(torchdiff.compare(old, new)).data["results"]}
+    assert not r["rel"]["passed"] and [o["tensor"] for o in r["rel"]["offenders"]] == ["a.bias"]
+    assert r["rel"]["offenders"][0]["figure"] == math.inf
+    assert r["rel"]["offenders"][0]["why"].startswith("old side all zero (zero-initialised)")
+    assert r["abs"]["passed"] and r["abs"]["measured"] == pytest.approx(0.25)

@@ -423,7 +423,11 @@ def _check(rule: Rule, step, diffs: list[TensorDiff], label: str | None, offende
                 continue
             found.append(f)
             if math.isnan(f) or not ok(f, v):
-                offenders.append(_offender(d.name, f, label))
+                why = None
+                if d.old_all_zero and c in ("max_rel_l2", "min_cosine", "min_sqnr_db"):
+                    # rel_l2 = ‖Δ‖/0 = ∞ and cosine undefined by definition: say so, and how to gate it
+                    why = "old side all zero (zero-initialised): relative figures are undefined; gate it with max_abs"
+                offenders.append(_offender(d.name, f, label, why))
         if not found:
             return None
         clean = [f for f in found if not math.isnan(f)]
