@@ -571,7 +571,8 @@ def _run(parsed: Parsed, verbose: bool) -> int:
         from torchdiff.engine import resolve_device
 
         print(f"torchdiff: device={resolve_device(parsed.flags.get('device', 'auto'))}, "
-              f"torch threads={torch.get_num_threads()}, torch {torch.__version__}", file=sys.stderr)
+              f"engine workers={torch.get_num_threads()} (one torch thread each on the CPU), "
+              f"torch {torch.__version__}", file=sys.stderr)
     try:
         fire.Fire(cli, command=_fire_command(parsed), name="torchdiff")
     except fire.core.FireExit as e:
