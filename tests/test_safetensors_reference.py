@@ -47,6 +47,19 @@ def test_files_the_library_writes_read_back_identically(tmp_path, shapes, dtypes
     path = str(tmp_path / "x.safetensors")
     save_file(state, path, metadata=meta or None)
     assert_same_as_library(path)
+    assert_columns_agree_with_entries(path)
+
+
+def assert_columns_agree_with_entries(path: str) -> None:
+    """A valid header takes the column-at-a-time checks, and they give what the
+    entry-by-entry checks give."""
+    _, header, data_len = reader.read_header(path)
+    header.pop("__metadata__", None)
+    columns = reader._fast_specs(header, data_len)
+    assert columns is not None
+    names, dtypes, shapes, begins, ends = columns
+    for i, (name, spec) in enumerate(header.items()):
+        assert (names[i], dtypes[i], tuple(shapes[i]), begins[i], ends[i]) == (name, *reader._spec(path, name, spec, data_len))
 
 
 def test_fixture_files_read_back_identically(fixtures_dir):
@@ -104,6 +117,30 @@ def test_lying_headers_are_refused_with_a_reason(tmp_path, header, message):
     with pytest.raises(TorchDiffError, match=message):
         reader.load(str(path))
     assert not _library_opens(str(path))
+
+
+@pytest.mark.parametrize("entry, message", [
+    ('{"dtype":"F32","shape":[true],"data_offsets":[0,4]}', "not a list of non-negative"),  # bool is no int
+    ('{"dtype":"F32","shape":[1.0],"data_offsets":[0,4]}', "not a list of non-negative"),
+    ('{"dtype":"F32","shape":[9223372036854775808],"data_offsets":[0,4]}', "not a list of non-negative"),
+    ('{"dtype":"F32","shape":[1],"data_offsets":[0,4.0]}', "data_offsets"),
+    ('{"dtype":"F32","shape":[1],"data_offsets":[0,4,8]}', "data_offsets"),
+    ('{"dtype":"F32","shape":[1],"data_offsets":[4,0]}', "data_offsets"),
+    ('{"dtype":"F32","shape":{},"data_offsets":[0,4]}', "not a list of non-negative"),
+    ('{"dtype":1,"shape":[1],"data_offsets":[0,4]}', "has no dtype"),
+    ('[1]', "is not an object"),
+])
+def test_one_bad_entry_among_good_ones_is_named(tmp_path, entry, message):
+    """The column-at-a-time checks let nothing through: one bad entry among 50 good ones
+    is found entry by entry and named."""
+    good = ",".join(f'"g{i}":{{"dtype":"F32","shape":[1],"data_offsets":[{4 * i},{4 * i + 4}]}}' for i in range(50))
+    header = f'{{{good},"bad":{entry}}}'.encode()
+    path = tmp_path / "one_bad.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 204)
+    with pytest.raises(TorchDiffError, match=message):
+        reader.load(str(path))
+    _, parsed, data_len = reader.read_header(str(path))
+    assert reader._fast_specs(parsed, data_len) is None
 
 
 def test_header_length_past_the_end_is_refused(tmp_path):

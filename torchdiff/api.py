@@ -175,6 +175,7 @@ def inspect(
         ckpt.close()
 
 
+@without_gc
 def load(path: Any, format: str | None = None) -> Checkpoint:
     """Open one checkpoint lazily (see torchdiff.formats.load)."""
     return formats.load(path, format)

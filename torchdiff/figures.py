@@ -283,7 +283,8 @@ def without_gc(func):
     collector rescanning them on every allocation burst cost 0.55 s of a 0.63 s load
     (benchmarks/bench_engine.py row 5). A run creates no cycles that must be freed
     before it ends; the collector resumes afterwards. Building the JSON items of such
-    a report (``Report.to_dict``) is paused too.
+    a report (``Report.to_dict``) and ``torchdiff.load`` (0.49 s -> 0.06 s for 20,000
+    tensors) are paused too.
     """
 
     @functools.wraps(func)

@@ -90,6 +90,8 @@ def optimizer_param(name: str) -> tuple[str, str] | None:
     component (``optimizer_states.0...``) is optimizer state whatever its leaf. A leaf
     such as ``exp_avg`` alone (``encoder.norm_stats.exp_avg``) is not enough.
     """
+    if "state." not in name and "opt" not in name.lower():  # no state path, no optimizer root
+        return None
     m = _FQN_STATE.match(name)
     if m and m["field"] in OPTIMIZER_FIELDS and not m["fqn"].isdigit():
         return m["fqn"], m["field"]
@@ -100,6 +102,15 @@ def optimizer_param(name: str) -> tuple[str, str] | None:
     if any(p.lower() in OPTIMIZER_ROOTS for p in ps[:-1]):
         return ".".join(ps[:-1]), ps[-1]
     return None
+
+
+def _leaf(name: str) -> str:
+    """The last component of ``name`` (the name itself when it has none)."""
+    leaf = name.rpartition(".")[2]
+    if leaf and ":" not in leaf and "/" not in leaf:
+        return leaf
+    ps = parts(name)
+    return ps[-1] if ps else name
 
 
 def optimizer_prefixes(names: Iterable[str], metadata: Mapping[str, Any] = {}) -> tuple[str, ...]:
@@ -130,8 +141,7 @@ def role(name: str, dtype: str | None = None, ndim: int | None = None) -> str:
     ``W_scale`` companions of a quantized ``W``.
     """
     opt = optimizer_param(name)
-    ps = parts(name) or (name,)
-    leaf = ps[-1]
+    leaf = _leaf(name)
     if opt is not None:
         return COUNTER if opt[1] == "step" else OPTIMIZER_STATE
     if leaf in COUNTER_LEAVES:
