@@ -25,6 +25,10 @@ installs it into .venv). Rows (issue 7):
 10 compare() on the fp32, bf16 and small pairs (small: with to_dict) while one core is
    busy: the row starts a busy-looping process, measures, and stops it; against the quiet
    times of rows 2 and 5 (target <= 1.6x)
+11 where row 5's time goes: compare() and to_dict() on the small pair, each stage timed
+   (open both files, pair, the engine's plan, reductions and assembly, the report, the
+   JSON items), beside two floors measured in the same process: json.loads of both
+   headers and the engine's block reductions alone (one thread, no bookkeeping)
 """
 
 from __future__ import annotations
@@ -252,6 +256,62 @@ seconds = time.perf_counter() - t
 print(json.dumps({"seconds": seconds, "rss_mb": peak_rss_mb(), "items": len(out)}))
 """
 
+_STAGES = r"""
+import collections, functools, json, sys, time, warnings
+warnings.simplefilter("ignore")
+import torch
+import torchdiff
+from torchdiff import engine as E, pipeline
+from torchdiff.formats import safetensors as S
+
+spent = collections.defaultdict(float)
+
+def timed(owner, name, label):
+    func = getattr(owner, name)
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return func(*args, **kwargs)
+        finally:
+            spent[label] += time.perf_counter() - t
+
+    setattr(owner, name, wrapper)
+
+timed(pipeline, "open_checkpoint", "open")
+timed(pipeline, "pair", "pair")
+timed(pipeline, "build_report", "report")
+timed(E.Engine, "_plan", "plan")
+timed(E.Engine, "_reduce", "reduce")
+timed(E.Engine, "_finish", "assemble")
+a, b = sys.argv[1:3]
+t = time.perf_counter()
+report = torchdiff.compare(a, b, stats=True, device="cpu")
+spent["compare"] = time.perf_counter() - t
+t = time.perf_counter()
+report.to_dict()
+spent["to_dict"] = time.perf_counter() - t
+spent = dict(spent)  # what follows is not part of the run
+import gc
+gc.disable()  # as during compare()
+t = time.perf_counter()
+for path in (a, b):
+    S.read_header(path)
+spent["floor_json"] = time.perf_counter() - t
+with torchdiff.load(a) as old, torchdiff.load(b) as new:
+    from torchdiff.pairing import pair
+    engine = E.Engine("cpu", workers=1)
+    groups, _, _ = engine._plan(pair(old, new))
+    blocks = list(engine._blocks(groups))
+    torch.set_num_threads(1)
+    t = time.perf_counter()
+    for task in blocks:
+        engine._block(task)
+    spent["floor_blocks"] = time.perf_counter() - t
+print(json.dumps(spent))
+"""
+
 _IMPORT_TORCH = r"""
 import json, time
 t = time.perf_counter()
@@ -413,6 +473,16 @@ def main(argv: list[str]) -> int:
             q, b = quiet[label][key], busy[label][key]
             table.append((f"10 {label} pair, one core busy", f"{b:.3f} s against {q:.3f} s quiet: "
                                                            f"{b / q:.2f}x (target <= 1.6x)"))
+
+    if want(11):
+        r = median_of(runs, _STAGES, *pairs["small"])
+        total = r["compare"] + r["to_dict"]
+        stages = ("open", "pair", "plan", "reduce", "assemble", "report", "to_dict")
+        rest = total - sum(r.get(k, 0.0) for k in stages)
+        table.append(("11 small pair, where the time goes",
+                      ", ".join(f"{k} {r.get(k, 0.0):.3f} s" for k in stages) + f", other {rest:.3f} s "
+                      f"(total {total:.3f} s); floors: json.loads of both headers {r['floor_json']:.3f} s, "
+                      f"block reductions alone {r['floor_blocks']:.3f} s"))
 
     from tabulate import tabulate
 
