@@ -115,6 +115,45 @@ def test_torch_every_dtype_round_trips(write_pt, legacy):
         assert all(h.mapped is (not legacy) for h in ckpt.tensors.values())
 
 
+def _as_saved_from_cuda(path) -> None:
+    """Rewrite a CPU-saved torch file as torch writes it from cuda:0: the storages'
+    location tag in the pickle says ``cuda:0`` (the bytes are the same)."""
+    import zipfile
+
+    cpu, cuda = b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0"  # BINUNICODE, protocol 2
+    if not zipfile.is_zipfile(path):
+        blob = path.read_bytes()
+        assert cpu in blob
+        path.write_bytes(blob.replace(cpu, cuda))
+        return
+    with zipfile.ZipFile(path) as z:
+        members = [(info, z.read(info.filename)) for info in z.infolist()]
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as z:
+        for info, data in members:
+            if info.filename.endswith("data.pkl"):
+                assert cpu in data
+                data = data.replace(cpu, cuda)
+            z.writestr(info, data)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_a_checkpoint_saved_from_cuda_reads_on_a_cpu_machine(write_pt, legacy):
+    """torch.load without map_location refuses a CUDA-saved file where CUDA is absent;
+    torchdiff reads it onto the CPU, with the same values."""
+    tensors = {"w": torch.randn(4, 4), "b": torch.arange(4.0)}
+    path = write_pt("from_cuda.pt", tensors, legacy=legacy)
+    _as_saved_from_cuda(path)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(path, weights_only=True)
+    with torchdiff.load(path) as ckpt:
+        for name, expected in tensors.items():
+            got = ckpt[name]
+            assert got.device.type == "cpu" and torch.equal(got, expected), name
+    report = torchdiff.compare(path, write_pt("cpu.pt", {"w": tensors["w"] + 1, "b": tensors["b"]}), device="cpu")
+    assert [d.status for d in report] == ["changed", "unchanged"]
+
+
 @pytest.mark.parametrize("ext", [".pt", ".pth", ".bin", ".ckpt", ""])
 def test_torch_extensions_and_sniffing(write_pt, ext):
     path = write_pt(f"model{ext}", {"w": torch.ones(3)})
