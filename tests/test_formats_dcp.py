@@ -366,7 +366,8 @@ def test_lightning_fsdp_layout(tmp_path):
 
 def test_megatron_torch_dist_layout(tmp_path):
     """Megatron-core's torch_dist: DCP plus metadata.json and common.pt (whose argparse
-    Namespace needs code: named, not loaded). Laid out by hand here (no Megatron install)."""
+    Namespace is read as a record: its values join the metadata, and the report says
+    so). Laid out by hand here (no Megatron install)."""
     import argparse
 
     path = dcp_save({"decoder.layers.mlp.linear_fc1.weight": torch.randn(2, 8, 4)}, tmp_path / "iter_0000010")
@@ -375,7 +376,9 @@ def test_megatron_torch_dist_layout(tmp_path):
     torch.save({"args": argparse.Namespace(lr=0.1), "iteration": 10}, path / "common.pt")
     with torchdiff.load(path) as ckpt:
         assert ckpt.info["megatron"]["metadata.json"]["sharded_backend"] == "torch_dist"
-        assert "common.pt" in ckpt.info["megatron"]["not_read"] and "argparse" in ckpt.info["megatron"]["not_read"]
+        assert "not_read" not in ckpt.info["megatron"]
+        assert ckpt.metadata["common.args.lr"] == 0.1 and ckpt.metadata["common.iteration"] == 10
+        assert ckpt.info["records"] == ["argparse.Namespace"]
         assert ckpt.tensors["decoder.layers.mlp.linear_fc1.weight"].shape == (2, 8, 4)
     md = metadata_of(path)  # what Megatron's save planner adds to the Metadata it pickles
     md.mcore_data = {"decoder.layers.mlp.linear_fc1.weight": {"nd_reformulated_orig_global_shape": (2, 32)},
@@ -386,6 +389,15 @@ def test_megatron_torch_dist_layout(tmp_path):
         assert ckpt.metadata["common.iteration"] == 10
         assert ckpt.info["megatron"]["reformulated"] == {"decoder.layers.mlp.linear_fc1.weight": [2, 32]}
         assert ckpt.tensors["decoder.layers.mlp.linear_fc1.weight"].shape == (2, 8, 4)  # as stored
+    torch.save({"iteration": 10, "hook": _SystemCall()}, path / "common.pt")  # os.system stays refused
+    with torchdiff.load(path) as ckpt:
+        assert ckpt.info["megatron"]["not_read"].startswith("common.pt: refused, the pickle would run code")
+        assert "common.iteration" not in ckpt.metadata
+
+
+class _SystemCall:
+    def __reduce__(self):
+        return (os.system, ("true",))
 
 
 # ---- hostile input --------------------------------------------------------------------------------

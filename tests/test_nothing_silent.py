@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -114,13 +115,35 @@ class _Opaque:
 # ---- -r ---------------------------------------------------------------------------------------
 
 
-def _trainer_dir(root: Path, scale: float) -> Path:
+class _NeedsCode:
+    """What only running code can unpickle: a call into ``os`` (refused even as a record)."""
+
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+def _trainer_dir(root: Path, scale: float, needs_code: bool = True) -> Path:
     root.mkdir()
     save_file({"w": torch.full((4,), scale)}, str(root / "model.safetensors"))
-    # rng_state.pth as the HF Trainer writes it: numpy's RNG state needs code to unpickle.
-    torch.save({"python": 1, "numpy": np.random.RandomState(0).get_state(), "cpu": torch.zeros(3, dtype=torch.uint8)},
-               root / "rng_state.pth")
+    # rng_state.pth as the HF Trainer writes it (numpy's RNG state: read by numpy's own
+    # reconstructors), here with something only code can load unless asked not to.
+    rng = {"python": 1, "numpy": np.random.RandomState(0).get_state(), "cpu": torch.zeros(3, dtype=torch.uint8)}
+    if needs_code:
+        rng["hook"] = _NeedsCode()
+    torch.save(rng, root / "rng_state.pth")
     return root
+
+
+def test_recursive_reads_the_hf_trainers_rng_state(capsys, tmp_path):
+    """numpy's RNG state in rng_state.pth loads weights-only: every file of the folder is compared."""
+    old = _trainer_dir(tmp_path / "checkpoint-1", 1.0, needs_code=False)
+    new = _trainer_dir(tmp_path / "checkpoint-2", 2.0, needs_code=False)
+    code, out, err = run(capsys, "-r", old, new, "-o", "json")
+    assert code == 0 and err == ""
+    assert [i["path"] for i in json.loads(out)] == ["model.safetensors:w"]  # rng_state.pth: read, and equal
+    with torchdiff.load(old / "rng_state.pth") as ckpt:
+        state = np.random.RandomState(0).get_state()
+        assert torch.equal(ckpt["numpy.1"], torch.from_numpy(state[1])) and ckpt.metadata["numpy.0"] == "MT19937"
 
 
 def test_recursive_passes_unsafe_pickle_to_every_file(capsys, tmp_path):

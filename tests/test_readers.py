@@ -346,3 +346,96 @@ def test_legacy_gpt2_fixture(fixtures_dir):
     report = torchdiff.inspect(path, device="cpu")
     mask = next(d for d in report if d.name == "transformer.h.0.attn.bias")
     assert mask.new.min == 0.0 and mask.new.max == 1.0 and mask.new.dtype == "uint8"
+
+
+# ---- objects of classes torch's weights-only loader does not allow: read as records ----
+
+
+class AttributeDict(dict):
+    """Stands for Lightning's AttributeDict: a dict subclass in saved hyper-parameters."""
+
+
+class Steps(list):
+    pass
+
+
+class CallsOut:
+    """A payload that would run a program when unpickled by plain pickle."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import subprocess
+
+        return (subprocess.call, (["touch", self.marker],))
+
+
+def _small_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    model[1].register_buffer("scratch", torch.ones(3), persistent=False)  # not in state_dict: not compared
+    return model
+
+
+def test_a_whole_pickled_module_reads_as_its_state_dict(write_pt, capsys):
+    """torch.save(model) needs the module's classes to load; torchdiff reads it as data,
+    under the state_dict's names, with the state_dict's values."""
+    from torchdiff.cli import main
+
+    model = _small_model()
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    whole = write_pt("whole.pt", model)
+    with pytest.raises(Exception, match="Unsupported global"):
+        torch.load(whole, weights_only=True)
+    with torchdiff.load(whole) as ckpt:
+        assert sorted(ckpt.tensors) == sorted(expected)
+        for name, value in expected.items():
+            assert torch.equal(ckpt[name], value), name
+        assert ckpt.info["records"] == ["torch.nn.modules.activation.ReLU", "torch.nn.modules.batchnorm.BatchNorm1d",
+                                        "torch.nn.modules.container.Sequential", "torch.nn.modules.linear.Linear"]
+    state = write_pt("state.pt", expected)
+    report = torchdiff.compare(whole, state)
+    assert {d.status for d in report} == {"unchanged"} and len(report) == len(expected)
+    assert report.analysis("records").data == {"old": ckpt.info["records"], "new": []}
+    assert main([str(whole), str(state)]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # the note wraps at the terminal's width
+    assert f"note: {whole}: objects of 4 classes torch's weights-only loader does not allow" in out
+    assert "no code from the file ran" in out
+
+
+def test_training_checkpoint_with_namespaces_numpy_paths_and_dict_subclasses(write_pt):
+    import argparse
+    import pathlib
+
+    model = _small_model()
+    ckpt_obj = {
+        "model": model, "hparams": argparse.Namespace(lr=1e-3, name="run"), "dir": pathlib.PurePosixPath("/runs/a"),
+        "extra": AttributeDict(warmup=10, decay=0.1), "milestones": Steps([tensor for tensor in (torch.ones(2),)]),
+        "best": np.float64(0.25), "curve": np.arange(3.0), "epoch": 3,
+    }
+    path = write_pt("train.ckpt", ckpt_obj)
+    with torchdiff.load(path) as ckpt:
+        assert sorted(ckpt.tensors) == sorted(["curve", "milestones.0"] + [f"model.{k}" for k in model.state_dict()])
+        assert torch.equal(ckpt["curve"], torch.arange(3.0, dtype=torch.float64))
+        assert ckpt.metadata == {"hparams.lr": 1e-3, "hparams.name": "run", "dir": "pathlib.PurePosixPath('/', 'runs', 'a')",
+                                 "extra.warmup": 10, "extra.decay": 0.1, "best": 0.25, "epoch": 3}
+        assert "argparse.Namespace" in ckpt.info["records"]
+        assert not any("numpy" in name for name in ckpt.info["records"])  # numpy builds its own values
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_a_payload_in_a_record_never_runs(write_pt, tmp_path, legacy):
+    """A callable the pickle names is a record too: its arguments are kept, it is not called."""
+    marker = tmp_path / "PWNED"
+    path = write_pt("payload.pt", {"w": torch.ones(2), "payload": CallsOut(marker)}, legacy=legacy)
+    if legacy:  # records need the zip format's static list of globals: refused as before
+        with pytest.raises(torchdiff.UnsafeCheckpointError, match="refused, the pickle would run code"):
+            torchdiff.load(path)
+    else:
+        with torchdiff.load(path) as ckpt:
+            assert list(ckpt.tensors) == ["w"]
+            (name,) = ckpt.info["records"]
+            assert name in ("subprocess.call", "commands.call")  # pickle protocol 2 writes Python 2's name
+            assert ckpt.metadata == {"payload.0": ["touch", str(marker)]}  # its arguments, kept as data
+    assert not marker.exists()

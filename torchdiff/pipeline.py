@@ -272,7 +272,7 @@ def compare_checkpoints(old: Checkpoint, new: Checkpoint, options: Options, engi
     report = build_report(comparison, options, state)
     if mapped is not None:  # the mapping's own section comes first
         report = dataclasses.replace(report, analyses=(mapped.to_result(),) + report.analyses)
-    extra = tuple(r for r in (dequantized_result(options), unreadable) if r is not None)
+    extra = tuple(r for r in (_records_result(old, new), dequantized_result(options), unreadable) if r is not None)
     if any(dropped):
         extra = (_pairing_result(old, new, dropped),) + extra
     if extra:  # what pairing dropped, what was dequantized, what could not be read: before the analyses
@@ -286,6 +286,18 @@ def _pairing_result(old: Checkpoint, new: Checkpoint, dropped: tuple[str, str]) 
         name="pairing", headline={"dropped_prefix": prefix, "side": side}, data={"old_prefix": dropped[0], "new_prefix": dropped[1]},
         notes=(f"paired names with the prefix {prefix!r} dropped from the {side} side ({name})",),
     )
+
+
+def _records_result(old: Checkpoint, new: Checkpoint) -> AnalysisResult | None:
+    """The classes a pickle named that torch does not allow, read as inert records
+    (formats/torch_pickle.py), as a section named ``records``: said, never silent."""
+    found = {side: ckpt.info.get("records") or [] for side, ckpt in (("old", old), ("new", new))}
+    if not any(found.values()):
+        return None
+    notes = tuple(f"{ckpt.name}: objects of {len(found[side])} classes torch's weights-only loader does not allow "
+                  f"({', '.join(found[side])}) were read as data (their tensors and values are compared; "
+                  "no code from the file ran)" for side, ckpt in (("old", old), ("new", new)) if found[side])
+    return AnalysisResult("records", {"classes": len(set(found["old"]) | set(found["new"]))}, found, notes=notes)
 
 
 def _unreadable(old: Checkpoint, new: Checkpoint) -> AnalysisResult | None:

@@ -320,6 +320,57 @@ def tensor_handle(name: str, tensor: torch.Tensor, mapped: bool = False) -> Tens
     )
 
 
+class Record:
+    """An object of a class torchdiff does not import, read from a pickle as data: the
+    arguments it was made with (``args``) and the state it was given (``state``), under
+    the pickle's name for its class (``global_name``). Building one runs nothing
+    (formats/torch_pickle.py)."""
+
+    global_name = ""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "Record":
+        self = object.__new__(cls)
+        self.args, self.state = args, None
+        return self
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<{self.global_name}>"
+
+
+def _flatten_record(rec: Record, prefix: str, tensors: dict, metadata: dict) -> None:
+    """A record's tensors and values: a pickled ``nn.Module`` as its ``state_dict`` would
+    name them (parameters, persistent buffers, submodules), other state as a mapping, else
+    its arguments; a record of scalars is one metadata value, ``Name(arg, ...)``."""
+    state = rec.state
+    if (isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], Mapping)
+            and (state[0] is None or isinstance(state[0], Mapping))):  # (__dict__, slots)
+        state = {**(state[0] or {}), **state[1]}
+    join = (lambda name: f"{prefix}.{name}" if prefix else str(name))
+    if isinstance(state, Mapping) and ("_parameters" in state or "_modules" in state):
+        skip = set(state.get("_non_persistent_buffers_set") or ())
+        for key in ("_parameters", "_buffers"):
+            for name, value in (state.get(key) or {}).items():
+                if value is not None and name not in skip:
+                    flatten(value, join(name), tensors, metadata)
+        for name, module in (state.get("_modules") or {}).items():
+            if module is not None:
+                flatten(module, join(name), tensors, metadata)
+    elif state is not None:
+        flatten(state if isinstance(state, (Mapping, list, tuple)) else [state], prefix, tensors, metadata)
+    elif rec.args and all(is_scalar_leaf(a) for a in rec.args):
+        metadata[prefix or "value"] = f"{rec.global_name}({', '.join(map(repr, rec.args))})"
+    elif rec.args:
+        flatten(list(rec.args), prefix, tensors, metadata)
+    else:
+        metadata[prefix or "value"] = f"<{rec.global_name}>"
+
+
 def is_scalar_leaf(value: Any) -> bool:
     return value is None or isinstance(value, (bool, int, float, str))
 
@@ -335,6 +386,8 @@ def flatten(
     tensors = {} if tensors is None else tensors
     metadata = {} if metadata is None else metadata
     if isinstance(obj, torch.Tensor):
+        if obj.requires_grad:  # a pickled nn.Parameter: its values
+            obj = obj.detach()
         if obj.ndim == 0 and not prefix:
             metadata["value"] = obj.item()
         else:
@@ -352,6 +405,8 @@ def flatten(
                 flatten(value, f"{prefix}.{i}" if prefix else str(i), tensors, metadata)
     elif is_scalar_leaf(obj):
         metadata[prefix or "value"] = obj
+    elif isinstance(obj, Record):  # an object of a class torch does not allow, read as data
+        _flatten_record(obj, prefix, tensors, metadata)
     elif isinstance(obj, torch.nn.Module):  # a pickled module (--unsafe-pickle): its state_dict
         flatten(obj.state_dict(), prefix, tensors, metadata)
     elif _is_namespace(obj):  # argparse.Namespace / SimpleNamespace: its values are metadata

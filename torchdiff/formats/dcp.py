@@ -586,6 +586,8 @@ def _weights_only(path: str, info: dict, family: str) -> dict[str, Any] | None:
         info.setdefault(family, {})["not_read"] = f"{os.path.basename(path)}: {str(e)[len(path) + 2:][:200]}"
         return None
     values = dict(ckpt.metadata)
+    if ckpt.info.get("records"):  # said in the report's records section, as for a file given directly
+        info["records"] = sorted(set(info.get("records", [])) | set(ckpt.info["records"]))
     for name, handle in ckpt.tensors.items():
         values[name] = f"<tensor {list(handle.shape)} {handle.storage_dtype}>"
     ckpt.close()

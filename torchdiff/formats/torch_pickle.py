@@ -7,12 +7,23 @@ checkpoints are flattened with dotted names; scalar leaves become metadata.
 Tensors sharing a storage are marked (``TensorHandle.storage_key``/``storage_nbytes``),
 and two names viewing the same bytes with the same offset, shape and strides are tied
 (``tied_to``): GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``.
+
+Objects of classes torch's weights-only unpickler does not allow (a whole pickled
+``nn.Module``, ``argparse.Namespace`` hyper-parameters, a Lightning ``AttributeDict``,
+a YOLO model) are read as inert *records* (``Record``): torch's own unpickler builds them
+from classes of ours, registered under the pickle's global names with
+``torch.serialization.safe_globals``, which store the arguments and state they are given
+and run nothing. numpy arrays and scalars are built by numpy's own data-only
+reconstructors. Tensors inside records are compared like any other; a module's
+parameters and buffers take their ``state_dict`` names. Names in ``os``, ``sys`` and
+``posix`` stay refused (torch blocks them). docs/SECURITY.md, "Pickles".
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import re
 import struct
 import warnings
 import zipfile
@@ -20,7 +31,7 @@ import zipfile
 import torch
 
 from torchdiff.errors import CorruptFileError, UnsafeCheckpointError
-from torchdiff.formats.base import Checkpoint, flatten, mark_shared, tensor_handle
+from torchdiff.formats.base import Checkpoint, Record, flatten, mark_shared, tensor_handle
 
 # Messages of torch's weights-only unpickler that mean "this needs code to load".
 _UNSAFE_MARKERS = ("GLOBAL", "Unsupported global", "Unsupported class", "is blocked", "not an allowed global")
@@ -28,6 +39,62 @@ _UNSAFE_MARKERS = ("GLOBAL", "Unsupported global", "Unsupported class", "is bloc
 
 def _torch_load(path: str, mmap: bool):
     return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+#: numpy's data-only reconstructors (the allowlist torch's documentation gives for
+#: checkpoints holding numpy values), under their numpy 1 and numpy 2 module names.
+def _numpy_globals() -> list:
+    import numpy as np
+
+    multiarray = (np._core if hasattr(np, "_core") else np.core).multiarray
+    found: list = [np.ndarray, np.dtype]
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        found += [(multiarray._reconstruct, f"{module}._reconstruct"), (multiarray.scalar, f"{module}.scalar")]
+    found += [(dt, f"numpy.dtypes.{dt.__name__}") for dt in vars(getattr(np, "dtypes", object)).values()
+              if isinstance(dt, type) and issubclass(dt, np.dtype)]
+    return found
+
+
+#: Record classes made so far, by global name (one class per name, reused across loads).
+_RECORDS: dict[str, type] = {}
+_MAX_TRIES = 16
+_RECORDS_MODULE = "torchdiff.records"
+
+
+def _record_class(name: str) -> type:
+    cls = _RECORDS.get(name)
+    if cls is None:
+        cls = _RECORDS[name] = type(name.rpartition(".")[2] or name, (Record,), {"global_name": name})
+        cls.__module__, cls.__qualname__ = _RECORDS_MODULE, name
+    return cls
+
+
+def _load_with_records(path: str, mmap: bool) -> tuple[object, list[str]]:
+    """``torch.load(weights_only=True)``, with every global torch does not allow read as
+    an inert record (a dict or list subclass as a plain dict or list); (object, the
+    global names read as records). Raises what torch raises for anything else."""
+    try:
+        return _torch_load(path, mmap), []
+    except pickle.UnpicklingError as e:
+        if not mmap or not any(marker in str(e) for marker in _UNSAFE_MARKERS):
+            raise
+    numpy_globals = _numpy_globals()
+    real = {f"{g.__module__}.{g.__qualname__}" if isinstance(g, type) else g[1] for g in numpy_globals}
+    names = [n for n in torch.serialization.get_unsafe_globals_in_checkpoint(path)
+             if n.split(".")[0] not in ("os", "sys", "posix", "nt", "builtins") and n not in real]
+    as_type: dict[str, object] = {n: _record_class(n) for n in names}
+    for _ in range(_MAX_TRIES):
+        allowed = numpy_globals + [(t, n) for n, t in as_type.items()]
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return _torch_load(path, mmap), sorted(as_type)
+        except pickle.UnpicklingError as e:  # a record filled like a dict or a list: be one
+            m = re.search(r"Can only (SETITEMS?|append|extend)\b.*but got <class '([^']+)'>", str(e))
+            name = m[2].removeprefix(_RECORDS_MODULE + ".") if m else None
+            if name not in as_type or as_type[name] in (dict, list):
+                raise
+            as_type[name] = dict if m[1].startswith("SETITEM") else list
+    raise pickle.UnpicklingError("Unsupported global: too many record classes")
 
 
 def load(path: str, unsafe: bool = False) -> Checkpoint:
@@ -49,10 +116,11 @@ def load(path: str, unsafe: bool = False) -> Checkpoint:
             # torch warns on stderr about the pickle protocol of odd files; the
             # outcome (a checkpoint or one error line) is what the user gets.
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            records: list[str] = []
             if unsafe:
                 obj = torch.load(path, map_location="cpu", weights_only=False, mmap=mapped)
             else:
-                obj = _torch_load(path, mmap=mapped)
+                obj, records = _load_with_records(path, mmap=mapped)
     except pickle.UnpicklingError as e:
         text = str(e)
         if any(marker in text for marker in _UNSAFE_MARKERS):
@@ -74,7 +142,8 @@ def load(path: str, unsafe: bool = False) -> Checkpoint:
     # slice of a bigger tensor) are views of it. mark_shared records that identity, so
     # bytes count each stored storage once and tied weights count once.
     mark_shared(handles, tensors, key_prefix=path)
-    return Checkpoint(name=path, format="torch", tensors=handles, metadata=metadata)
+    return Checkpoint(name=path, format="torch", tensors=handles, metadata=metadata,
+                      info={"records": records} if records else {})
 
 
 def _check_members(path: str) -> None:
