@@ -302,8 +302,8 @@ spent["floor_json"] = time.perf_counter() - t
 with torchdiff.load(a) as old, torchdiff.load(b) as new:
     from torchdiff.pairing import pair
     engine = E.Engine("cpu", workers=1)
-    groups, _, _ = engine._plan(pair(old, new))
-    blocks = list(engine._blocks(groups))
+    plan = engine._plan(pair(old, new))
+    blocks = list(engine._blocks(plan.groups))
     torch.set_num_threads(1)
     t = time.perf_counter()
     for task in blocks:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import functools
 import math
 import os
 import sys
@@ -158,12 +159,108 @@ class _Job:
     pair_index: int = -1
 
 
+@dataclass(eq=False, slots=True)
+class _Run:
+    """Whole tensors of one length, adjacent in one mapped file on each side, one storage
+    dtype a side (a safetensors file's biases and norms, in file order): its rows are
+    views of the mapping, and the pass does no per-tensor Python for them."""
+
+    length: int
+    a: tuple[torch.Tensor, int, torch.dtype]  # (mapping, first byte, dtype)
+    a_slots: np.ndarray
+    b: tuple[torch.Tensor, int, torch.dtype] | None = None
+    b_slots: np.ndarray | None = None
+    pairs: np.ndarray | None = None
+
+    def rows(self, which: str, start: int, n: int) -> torch.Tensor:
+        """Rows [start, start + n) of side ``which``, flat: a view of the mapping."""
+        base, begin, dtype = self.a if which == "a" else self.b
+        size = self.length * dtype.itemsize
+        return _run_view(base, begin + start * size, begin + (start + n) * size, dtype)
+
+    def span(self, which: str, start: int, n: int) -> tuple[int, int]:
+        """(address, bytes) of rows [start, start + n) of side ``which`` in the mapping."""
+        base, begin, dtype = self.a if which == "a" else self.b
+        size = self.length * dtype.itemsize
+        return base.data_ptr() + begin + start * size, n * size
+
+
 @dataclass
 class _Group:
     length: int
     paired: bool
     dtype: torch.dtype
     entries: list[tuple[_Job, int, int]] = field(default_factory=list)  # (job, first element, rows)
+    runs: list[_Run] = field(default_factory=list)
+
+
+@dataclass(eq=False, slots=True)
+class _Task:
+    """One block: rows of ``pending`` (job, first element, rows) then of ``pieces``
+    (run, first row, rows); ``k`` rows in all."""
+
+    group: _Group
+    pending: list
+    pieces: list
+    k: int
+
+    def ids(self, which: str) -> np.ndarray:
+        """Slot of each row's side ``which`` ("a", "b"), or its pair ("pair")."""
+        parts = []
+        if self.pending:
+            attr = {"a": "a_slot", "b": "b_slot", "pair": "pair_index"}[which]
+            parts.append(np.repeat([getattr(job, attr) for job, _, _ in self.pending],
+                                   [n for _, _, n in self.pending]))
+        for run, start, n in self.pieces:
+            ids = run.a_slots if which == "a" else run.b_slots if which == "b" else run.pairs
+            parts.append(ids[start : start + n])
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+_KINDS = ("common", "added", "removed", "reshaped")
+
+
+class _Plan:
+    """The pairs as the pass sees them, gathered in one loop: the handle of every side
+    slot (slots count old then new, in pair order), each pair's slots, kind, compute
+    dtype and whether its storage dtype changed. ``_Side`` objects are made only for
+    sides that need one (rows cut from a larger tensor, the exact path)."""
+
+    def __init__(self, pairs: list[Pair]):
+        handles: list[TensorHandle] = []
+        a_slots, b_slots, kinds, dtypes, retyped = [], [], [], [], []
+        compute = _compute_dtype
+        for p in pairs:
+            old, new = p.old, p.new
+            a_slots.append(len(handles) if old is not None else -1)
+            if old is not None:
+                handles.append(old)
+            b_slots.append(len(handles) if new is not None else -1)
+            if new is not None:
+                handles.append(new)
+            if old is None or new is None:
+                kinds.append("added" if old is None else "removed")
+                dtypes.append(compute(old.dtype if new is None else new.dtype))
+                retyped.append(False)
+            else:
+                kinds.append("common" if old.shape == new.shape else "reshaped")
+                dtypes.append(compute(old.dtype, new.dtype))
+                retyped.append(old.storage_dtype != new.storage_dtype)
+        self.handles = handles
+        self.a_slots = np.array(a_slots, dtype=np.int64)
+        self.b_slots = np.array(b_slots, dtype=np.int64)
+        self.kinds = kinds
+        self.dtypes = dtypes
+        self.retyped = np.array(retyped, dtype=bool)
+        self.sides: dict[int, _Side] = {}
+        self.exact_slots: set[int] = {s for s, h in enumerate(handles) if h.numel == 0}
+        self.groups: list[_Group] = []
+
+    def side(self, slot: int) -> _Side:
+        side = self.sides.get(slot)
+        if side is None:
+            side = self.sides[slot] = _Side(self.handles[slot])
+        return side
 
 
 class Engine:
@@ -200,20 +297,20 @@ class Engine:
         return self._run(pairs, hooks, progress)
 
     def _run(self, pairs, hooks, progress) -> Figures:
-        jobs, exact_slots, sides = self._plan(pairs)
-        rows = self._reduce(jobs, progress)
-        fig = self._finish(pairs, sides, exact_slots, rows)
+        plan = self._plan(pairs)
+        rows = self._reduce(plan.groups, progress)
+        fig = self._finish(pairs, plan, rows)
         hooks = list(hooks)
         if hooks:
             self._run_hooks(pairs, fig, hooks)
         return fig
 
-    def _finish(self, pairs, sides, exact_slots, rows) -> Figures:
+    def _finish(self, pairs, plan: _Plan, rows) -> Figures:
         """Merge row partials per tensor (Chan's update, rows in array order) and assemble."""
         side_rows, side_ids, side_lengths, pair_rows, pair_ids = rows
-        merged_side = R.merge_side(side_rows, side_lengths, side_ids, len(sides))
+        merged_side = R.merge_side(side_rows, side_lengths, side_ids, len(plan.handles))
         merged_pair = R.merge_pair(pair_rows, pair_ids, len(pairs))
-        return self._assemble(pairs, sides, exact_slots, merged_side, merged_pair)
+        return self._assemble(pairs, plan, merged_side, merged_pair)
 
     # ---- partial figures of some pairs (torch.distributed: torchdiff/distributed.py) ----
 
@@ -229,12 +326,12 @@ class Engine:
 
     def _measure(self, pairs, owned, hooks, progress) -> Partials:
         sub = [pairs[i] for i in owned]
-        jobs, exact_slots, sides = self._plan(sub)
-        rows = self._reduce(jobs, progress)
+        plan = self._plan(sub)
+        rows = self._reduce(plan.groups, progress)
         record = _Values(record=True)
         self._values = record
         try:
-            diffs = self._finish(sub, sides, exact_slots, rows)
+            diffs = self._finish(sub, plan, rows)
         finally:
             self._values = None
         if hooks:
@@ -259,7 +356,7 @@ class Engine:
         rows of one tensor come from one part, in that part's order, so every figure is
         the one a single process computes (docs/DISTRIBUTED.md). Value-derived figures
         (exact path, byte equality) are looked up, not recomputed."""
-        _, exact_slots, sides = self._plan_sides(pairs)
+        plan = _Plan(pairs)
 
         def cat(name, width=None):
             arrays = [getattr(p, name) for p in parts]
@@ -275,24 +372,12 @@ class Engine:
             known.equal.update(p.equal)
         self._values = known
         try:
-            fig = self._finish(pairs, sides, exact_slots, rows)
+            fig = self._finish(pairs, plan, rows)
         finally:
             self._values = None
         for p in parts:
             fig.extras.update(p.extras)
         return fig
-
-    def _plan_sides(self, pairs: list[Pair]):
-        """The sides and the empty (exact-path) slots of ``pairs``, without cutting rows."""
-        sides: list[_Side] = []
-        exact_slots: set[int] = set()
-        for p in pairs:
-            for h in (p.old, p.new):
-                if h is not None:
-                    if h.numel == 0:
-                        exact_slots.add(len(sides))
-                    sides.append(_Side(h))
-        return None, exact_slots, sides
 
     # Figures only the values give. Normally computed here; when measuring for another
     # process they are recorded, and when merging they are looked up (global ids).
@@ -337,53 +422,55 @@ class Engine:
 
     # ---- planning -------------------------------------------------------------
 
-    def _plan(self, pairs: list[Pair]):
-        """Cut every tensor into rows and group the rows by (length, paired, dtype)."""
-        sides: list[_Side] = []
-        jobs: list[_Job] = []
-        for i, p in enumerate(pairs):
-            a = _Side(p.old) if p.old is not None else None
-            b = _Side(p.new) if p.new is not None else None
-            a_slot = b_slot = -1
-            if a is not None:
-                a_slot = len(sides)
-                sides.append(a)
-            if b is not None:
-                b_slot = len(sides)
-                sides.append(b)
-            if p.kind == "common":
-                dtype = R.compute_dtype(p.old.dtype, p.new.dtype)
-                jobs.append(_Job(p.old.numel, dtype, a, a_slot, b, b_slot, i))
-            else:
-                for side, slot in ((a, a_slot), (b, b_slot)):
-                    if side is not None:
-                        jobs.append(_Job(side.handle.numel, R.compute_dtype(side.handle.dtype), side, slot))
+    def _plan(self, pairs: list[Pair]) -> _Plan:
+        """Cut every tensor into rows and group the rows by (length, paired, dtype). Pairs
+        of whole small tensors with a byte span in a mapped file on each side join runs
+        (``_Run``); the rest are jobs, cut into rows one by one."""
+        plan = _Plan(pairs)
         groups: dict[tuple, _Group] = {}
-        exact_slots: set[int] = set()
+
+        def group_of(length: int, paired: bool, dtype: torch.dtype) -> _Group:
+            group = groups.get((length, paired, dtype))
+            if group is None:
+                group = groups[(length, paired, dtype)] = _Group(length, paired, dtype)
+            return group
+
+        handles, row = plan.handles, self.row
+        jobs: list[_Job] = []
+        small: list[int] = []
+        for i, (kind, a_slot, b_slot) in enumerate(zip(plan.kinds, plan.a_slots.tolist(), plan.b_slots.tolist())):
+            if kind == "common":
+                old, new = handles[a_slot], handles[b_slot]
+                if 0 < old.numel <= row and old.span is not None and new.span is not None:
+                    small.append(i)
+                else:
+                    jobs.append(_Job(old.numel, plan.dtypes[i], plan.side(a_slot), a_slot,
+                                     plan.side(b_slot), b_slot, i))
+            else:
+                for slot in (a_slot, b_slot):
+                    if slot >= 0:
+                        h = handles[slot]
+                        jobs.append(_Job(h.numel, _compute_dtype(h.dtype), plan.side(slot), slot))
         for job in jobs:
-            if job.numel == 0:
-                exact_slots.add(job.a_slot)
-                if job.b is not None:
-                    exact_slots.add(job.b_slot)
+            if job.numel == 0:  # the exact path (plan.exact_slots)
                 continue
-            full, rest = divmod(job.numel, self.row)
-            if job.numel <= self.row:
+            full, rest = divmod(job.numel, row)
+            if job.numel <= row:
                 full, rest = 0, job.numel
-            for length, first, nrows in ((self.row, 0, full), (rest, full * self.row, 1)):
+            for length, first, nrows in ((row, 0, full), (rest, full * row, 1)):
                 if nrows and length:
-                    key = (length, job.b is not None, job.dtype)
-                    group = groups.get(key)
-                    if group is None:
-                        group = groups[key] = _Group(length, job.b is not None, job.dtype)
-                    group.entries.append((job, first, nrows))
+                    group_of(length, job.b is not None, job.dtype).entries.append((job, first, nrows))
         for group in groups.values():
-            if group.length < self.row:  # small tensors: file order, so runs of them are adjacent
+            if group.length < row:  # small tensors: file order, so runs of them are adjacent
                 group.entries.sort(key=_file_position)
+        if small:
+            for run, dtype in _runs(plan, np.array(small, dtype=np.int64)):
+                group_of(run.length, True, dtype).runs.append(run)
         # Full-row groups first: every tensor's rows then come in the same order (full rows
         # ascending, then its remainder) whatever other tensors are planned with it, so its
         # merged figures do not depend on how pairs are split between processes.
-        ordered = sorted(groups.values(), key=lambda g: g.length != self.row)
-        return ordered, exact_slots, sides
+        plan.groups = sorted(groups.values(), key=lambda g: g.length != row)
+        return plan
 
     # ---- the pass over the data ------------------------------------------------
 
@@ -394,21 +481,19 @@ class Engine:
         pair_parts: list[torch.Tensor] = []
         pair_ids: list[np.ndarray] = []
         for task, block in self._map(self._blocks(groups)):
-            group, pending, k = task
-            counts = [n for _, _, n in pending]
+            group, k = task.group, task.k
             lengths = np.full(k, group.length, dtype=np.float64)
             if group.paired:
                 side_parts += [block[:, : R.SIDE_WIDTH], block[:, R.SIDE_WIDTH : 2 * R.SIDE_WIDTH]]
                 pair_parts.append(block[:, 2 * R.SIDE_WIDTH :])
-                side_ids += [np.repeat([job.a_slot for job, _, _ in pending], counts),
-                             np.repeat([job.b_slot for job, _, _ in pending], counts)]
+                side_ids += [task.ids("a"), task.ids("b")]
                 side_lengths += [lengths, lengths]
-                pair_ids.append(np.repeat([job.pair_index for job, _, _ in pending], counts))
+                pair_ids.append(task.ids("pair"))
             else:
                 side_parts.append(block)
-                side_ids.append(np.repeat([job.a_slot for job, _, _ in pending], counts))
+                side_ids.append(task.ids("a"))
                 side_lengths.append(lengths)
-            self._release(pending, group.length)
+            self._release(task)
             if progress is not None:
                 progress(k * group.length * (2 if group.paired else 1))
 
@@ -427,23 +512,35 @@ class Engine:
         )
 
     def _blocks(self, groups: list[_Group]):
-        """The blocks of the pass, in order: (group, pending rows, k) with k·L ≤ block."""
+        """The blocks of the pass, in order, each with k·L ≤ block: a group's job rows,
+        then its runs' rows."""
         for group in groups:
             L = group.length
             k_max = max(1, self.block // L)
             pending: list[tuple[_Job, int, int]] = []
-            pending_rows = 0
+            pieces: list[tuple[_Run, int, int]] = []
+            rows = 0
             for job, first, nrows in group.entries:
                 while nrows:
-                    take = min(nrows, k_max - pending_rows)
+                    take = min(nrows, k_max - rows)
                     pending.append((job, first, take))
-                    pending_rows += take
+                    rows += take
                     first, nrows = first + take * L, nrows - take
-                    if pending_rows == k_max:
-                        yield group, pending, pending_rows
-                        pending, pending_rows = [], 0
-            if pending:
-                yield group, pending, pending_rows
+                    if rows == k_max:
+                        yield _Task(group, pending, pieces, rows)
+                        pending, pieces, rows = [], [], 0
+            for run in group.runs:
+                start, count = 0, len(run.a_slots)
+                while start < count:
+                    take = min(count - start, k_max - rows)
+                    pieces.append((run, start, take))
+                    rows += take
+                    start += take
+                    if rows == k_max:
+                        yield _Task(group, pending, pieces, rows)
+                        pending, pieces, rows = [], [], 0
+            if rows:
+                yield _Task(group, pending, pieces, rows)
 
     def _map(self, blocks):
         """(task, its [k, width] float64 partials) for every block, in order. On the CPU
@@ -472,23 +569,24 @@ class Engine:
                 for _, future in window:
                     future.cancel()
 
-    def _block(self, task) -> torch.Tensor:
+    def _block(self, task: _Task) -> torch.Tensor:
         """Reduce one block: its side (and pair) partials as one [k, width] float64 tensor."""
-        group, pending, k = task
+        group, k = task.group, task.k
         L = group.length
-        a = self._fill(pending, L, k, group.dtype, "a")
+        a = self._fill(task, "a")
         work = self._buffer("work", k * L, group.dtype).view(k, L)
         parts = R.side_rows(a, work)
         if group.paired:
-            b = self._fill(pending, L, k, group.dtype, "b")
+            b = self._fill(task, "b")
             delta = self._buffer("delta", k * L, group.dtype).view(k, L)
             parts += R.side_rows(b, work)
             parts += R.pair_rows(a, b, self.epsilon, work, delta)
         return torch.stack(parts, 1).to(torch.float64)
 
-    def _fill(self, pending, L: int, k: int, dtype: torch.dtype, which: str) -> torch.Tensor:
-        """The [k, L] block of side ``which`` for the pending rows, on the device."""
-        slices = _slices(pending, L, which)
+    def _fill(self, task: _Task, which: str) -> torch.Tensor:
+        """The [k, L] block of side ``which`` for the task's rows, on the device."""
+        k, L, dtype = task.k, task.group.length, task.group.dtype
+        slices = _slices(task.pending, L, which) + [run.rows(which, start, n) for run, start, n in task.pieces]
         if all(sl.device == self.device for sl in slices):
             # Values already where the reductions run (CPU files, or live CUDA tensors).
             if len(slices) == 1 and slices[0].dtype == dtype and slices[0].is_contiguous():
@@ -545,13 +643,20 @@ class Engine:
             event_slot[0].synchronize()
         return stage, event_slot
 
-    def _release(self, pending, L: int) -> None:
+    def _release(self, task: _Task) -> None:
         """Drop the mapped pages of rows already reduced, in chunks of at least
         ``_RELEASE_MIN_BYTES`` (madvise is a syscall with a TLB flush: not per block).
         A tensor assembled in memory (DCP chunks, a legacy pickle) is dropped once all its
-        rows are reduced; the exact path, if it needs it, reads it again."""
+        rows are reduced; the exact path, if it needs it, reads it again. A run's rows
+        are released with the block that reduced them."""
+        L = task.group.length
         spans = []
-        for job, first, n in pending:
+        if _madvise is not None:
+            for run, start, n in task.pieces:
+                spans.append(run.span("a", start, n))
+                if run.b is not None:
+                    spans.append(run.span("b", start, n))
+        for job, first, n in task.pending:
             end = first + n * L
             # The last rows of this tensor in this group: release what is left of it now.
             last = end == job.numel or end == job.numel // self.row * self.row
@@ -589,13 +694,14 @@ class Engine:
 
     # ---- results ---------------------------------------------------------------
 
-    def _assemble(self, pairs, sides, exact_slots, ms, mp) -> Figures:
+    def _assemble(self, pairs, plan: _Plan, ms, mp) -> Figures:
         """Merged partials -> the Figures table. Figures are derived for all tensors at
         once (NumPy, float64) and written into the columns; tensors whose partials cannot
         be trusted take the exact path, one at a time."""
-        f32 = np.array([R.compute_dtype(side.handle.dtype) == torch.float32 for side in sides], dtype=bool)
+        handles = plan.handles
+        f32 = np.array([_compute_dtype(h.dtype) is torch.float32 for h in handles], dtype=bool)
         exact = _exact_sides(ms, f32)
-        exact[list(exact_slots)] = True
+        exact[list(plan.exact_slots)] = True
         count = ms["count"]
         with np.errstate(invalid="ignore", divide="ignore"):
             sumsq = ms["m2"] + count * ms["mean"] ** 2
@@ -603,49 +709,41 @@ class Engine:
                 "mean": ms["mean"], "std": np.sqrt(ms["m2"] / count), "min": ms["min"], "max": ms["max"],
                 "mean_abs": ms["sum_abs"] / count, "rms": np.sqrt(sumsq / count), "zero_count": np.rint(ms["zero"]),
             }
-        fig = Figures([p.name for p in pairs], [""] * len(pairs), [p.role for p in pairs])
-        status = fig.status
-        # Slot of each side: pairs list their old side, then their new side, in order.
-        a_slots = np.full(len(pairs), -1, dtype=np.int64)
-        b_slots = np.full(len(pairs), -1, dtype=np.int64)
-        slot = 0
-        for i, p in enumerate(pairs):
-            if p.old is not None:
-                a_slots[i], slot = slot, slot + 1
-            if p.new is not None:
-                b_slots[i], slot = slot, slot + 1
+        n_pairs = len(pairs)
+        fig = Figures([p.name for p in pairs], [_STATUS[k] for k in plan.kinds], [p.role for p in pairs])
+        a_slots, b_slots = plan.a_slots, plan.b_slots
         for side_cols, slots in ((fig.old, a_slots), (fig.new, b_slots)):
             rows = np.flatnonzero(slots >= 0)
             src = slots[rows]
             side_cols.present[rows] = True
             for name in ("mean", "std", "min", "max", "mean_abs", "rms", "zero_count"):
                 getattr(side_cols, name)[rows] = cols[name][src]
-            handles = [sides[s_].handle for s_ in src.tolist()]
-            for i, h in zip(rows.tolist(), handles):
-                side_cols.shape[i], side_cols.dtype[i] = tuple(h.shape), h.storage_dtype
-            side_cols.numel[rows] = [h.numel for h in handles]
-            side_cols.nbytes[rows] = [h.nbytes for h in handles]
-            for i, s_ in zip(rows.tolist(), src.tolist()):
-                if exact[s_]:
-                    t = self._exact_side(s_, sides[s_])
-                    for name in ("mean", "std", "min", "max", "mean_abs", "rms", "zero_count", "nan_count",
-                                 "inf_count"):
-                        getattr(side_cols, name)[i] = getattr(t, name)
-        kinds = [p.kind for p in pairs]
-        for i, kind in enumerate(kinds):
-            if kind != "common":
-                status[i] = {"added": ADDED, "removed": REMOVED, "reshaped": RESHAPED}[kind]
-        common = np.array([k == "common" for k in kinds], dtype=bool)
+            held = [handles[s] for s in src.tolist()]
+            shapes = [h.shape if type(h.shape) is tuple else tuple(h.shape) for h in held]
+            dtypes = [h.storage_dtype for h in held]
+            if len(held) == n_pairs:
+                side_cols.shape, side_cols.dtype = shapes, dtypes
+            else:
+                for i, shape, dtype in zip(rows.tolist(), shapes, dtypes):
+                    side_cols.shape[i], side_cols.dtype[i] = shape, dtype
+            side_cols.numel[rows] = [h.numel for h in held]
+            side_cols.nbytes[rows] = [h.nbytes for h in held]
+            for j in np.flatnonzero(exact[src]).tolist():
+                i, s_ = int(rows[j]), int(src[j])
+                t = self._exact_side(s_, plan.side(s_))
+                for name in ("mean", "std", "min", "max", "mean_abs", "rms", "zero_count", "nan_count",
+                             "inf_count"):
+                    getattr(side_cols, name)[i] = getattr(t, name)
+        common = np.array([k == "common" for k in plan.kinds], dtype=bool)
         if not common.any():
-            return self._released(sides, fig)
+            return self._released(plan, fig)
         # The fast figures, for every common pair at once (float64, from the merged partials).
         rows = np.flatnonzero(common)
         a, b = a_slots[rows], b_slots[rows]
         n = fig.old.numel[rows]
         nonfinite = (fig.old.nan_count[rows] + fig.old.inf_count[rows] + fig.new.nan_count[rows]
                      + fig.new.inf_count[rows]) > 0
-        f32_pair = np.array([R.compute_dtype(pairs[i].old.dtype, pairs[i].new.dtype) == torch.float32
-                             for i in rows.tolist()], dtype=bool)
+        f32_pair = np.array([d is torch.float32 for d in plan.dtypes], dtype=bool)[rows]
         dsq, dmax = mp["dsq"][rows], mp["dmax"][rows]
         with np.errstate(invalid="ignore"):
             underflow = f32_pair & (dmax > 0) & (dsq < _TINY_MEAN_SQUARE * n)
@@ -656,17 +754,17 @@ class Engine:
         # Tensors whose partials cannot be trusted: float64 with masks, one at a time.
         for j in np.flatnonzero(slow).tolist():
             i = int(rows[j])
-            t = self._exact_pair(i, sides[int(a[j])], sides[int(b[j])])
+            t = self._exact_pair(i, plan.side(int(a[j])), plan.side(int(b[j])))
             n[j], d2[j], d_max[j], d_abs[j], changed[j] = t.count, t.dsq, t.dmax, t.dsum_abs, t.changed
             sq_old[j], sq_new[j] = t.sumsq_old, t.sumsq_new
         same_nonfinite = ((fig.old.nan_count[rows] == fig.new.nan_count[rows])
                           & (fig.old.inf_count[rows] == fig.new.inf_count[rows]))
         for j in np.flatnonzero(same_nonfinite & nonfinite).tolist():
-            same_nonfinite[j] = self._same_nonfinite(int(rows[j]), sides[int(a[j])], sides[int(b[j])])
-        retyped = np.array([pairs[i].retyped for i in rows.tolist()], dtype=bool)
+            same_nonfinite[j] = self._same_nonfinite(int(rows[j]), plan.side(int(a[j])), plan.side(int(b[j])))
+        retyped = plan.retyped[rows]
         equal = np.zeros(rows.size, dtype=bool)
         for j in np.flatnonzero((d_max == 0) & same_nonfinite & ~retyped).tolist():
-            equal[j] = self._equal(int(rows[j]), sides[int(a[j])], sides[int(b[j])])
+            equal[j] = self._equal(int(rows[j]), plan.side(int(a[j])), plan.side(int(b[j])))
         fig.measured[rows] = True
         fig.equal[rows] = equal
         fig.count[rows] = n
@@ -681,13 +779,14 @@ class Engine:
             fig.max_abs[rows] = np.where(n > 0, d_max, 0.0)
             fig.mean_abs_diff[rows] = np.where(n > 0, d_abs / np.maximum(n, 1), 0.0)
         unchanged = equal | ((d_max <= self.epsilon) & same_nonfinite)
-        for j, i in enumerate(rows.tolist()):
-            status[i] = RETYPED if retyped[j] else UNCHANGED if unchanged[j] else CHANGED
-        return self._released(sides, fig)
+        status = fig.status
+        for i, code in zip(rows.tolist(), np.where(retyped, 2, np.where(unchanged, 1, 0)).tolist()):
+            status[i] = (CHANGED, UNCHANGED, RETYPED)[code]
+        return self._released(plan, fig)
 
     @staticmethod
-    def _released(sides, fig: Figures) -> Figures:
-        for side in sides:
+    def _released(plan: _Plan, fig: Figures) -> Figures:
+        for side in plan.sides.values():
             if side.flat is not None:
                 side.release(side.flat.numel())
             side.flat = None
@@ -765,6 +864,50 @@ class Partials:
     same_nonfinite: dict[int, bool]
     equal: dict[int, bool]
     extras: dict[int, dict]
+
+
+_STATUS = {"common": CHANGED, "added": ADDED, "removed": REMOVED, "reshaped": RESHAPED}
+
+
+@functools.lru_cache(maxsize=None)
+def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    return R.compute_dtype(*dtypes)
+
+
+def _runs(plan: _Plan, small: np.ndarray):
+    """(run, compute dtype) for the pairs ``small`` (indices into the plan's pairs), whose
+    sides are whole small tensors with a byte span each: sorted by (length, dtypes,
+    mappings, position in the old file), cut wherever a tensor does not follow the one
+    before it in both files."""
+    handles = plan.handles
+    olds = [handles[s] for s in plan.a_slots[small].tolist()]
+    news = [handles[s] for s in plan.b_slots[small].tolist()]
+    codes: dict = {}  # mappings (by id) and dtypes -> small integers
+
+    def code(values) -> np.ndarray:
+        return np.array([codes.setdefault(v, len(codes)) for v in values], dtype=np.int64)
+
+    length = np.array([h.numel for h in olds], dtype=np.int64)
+    keys = [code(plan.dtypes[i] for i in small.tolist()), code(h.dtype for h in olds), code(h.dtype for h in news),
+            code(id(h.span[0]) for h in olds), code(id(h.span[0]) for h in news)]
+    a_begin = np.array([h.span[1] for h in olds], dtype=np.int64)
+    a_end = np.array([h.span[2] for h in olds], dtype=np.int64)
+    b_begin = np.array([h.span[1] for h in news], dtype=np.int64)
+    b_end = np.array([h.span[2] for h in news], dtype=np.int64)
+    order = np.lexsort([a_begin, *reversed(keys), length])
+    cut = np.ones(order.size, dtype=bool)
+    o, p = order[1:], order[:-1]
+    cut[1:] = (length[o] != length[p]) | (a_begin[o] != a_end[p]) | (b_begin[o] != b_end[p])
+    for key in keys:
+        cut[1:] |= key[o] != key[p]
+    bounds = np.flatnonzero(cut).tolist() + [order.size]
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        members = order[start:stop]
+        first = int(members[0])
+        old, new = olds[first], news[first]
+        ids = small[members]
+        yield _Run(int(length[first]), (old.span[0], old.span[1], old.dtype), plan.a_slots[ids],
+                   (new.span[0], new.span[1], new.dtype), plan.b_slots[ids], ids), plan.dtypes[int(ids[0])]
 
 
 def global_slots(pairs: list[Pair]) -> list[int]:
