@@ -211,11 +211,13 @@ class Figures(Sequence[TensorDiff]):
         as the strings of results.NAN/POS_INF/NEG_INF): each equals
         ``finite_json(self[i].to_dict())``, or with ``one_sided`` (inspect) the item
         ``{"type": "tensor", "path": name, **new side}``. One pass per column, then one
-        ``dict(zip(...))`` per row: no per-value Python."""
+        dict display per row (the keys written out: a third faster than ``dict(zip())``):
+        no per-value Python."""
         rows = list(rows)
         if not rows:
             return []
         idx = np.asarray(rows, dtype=np.int64)
+        names = [self.names[i] for i in rows]
         sides = {}
         for label, side in (("old", self.old), ("new", self.new)):
             if one_sided and label == "old":
@@ -223,16 +225,20 @@ class Figures(Sequence[TensorDiff]):
             numel = side.numel[idx]
             with np.errstate(divide="ignore", invalid="ignore"):
                 zero_fraction = np.where(numel > 0, side.zero_count[idx] / np.maximum(numel, 1), 0.0)
-            columns = [[list(side.shape[i]) if side.shape[i] is not None else None for i in rows],
+            shapes = [side.shape[i] for i in rows]
+            columns = [[list(shape) if shape is not None else None for shape in shapes],
                        [side.dtype[i] for i in rows], numel.tolist(), side.nbytes[idx].tolist()]
             columns += [_json(getattr(side, f)[idx]) for f in ("mean", "std", "min", "max", "mean_abs", "rms")]
             columns += [_json(zero_fraction), side.nan_count[idx].tolist(), side.inf_count[idx].tolist()]
-            dicts = [dict(zip(_SIDE_KEYS, values)) for values in zip(*columns)]
-            sides[label] = (side.present[idx].tolist(), dicts)
+            dicts = [{"shape": shape, "dtype": dtype, "numel": numel, "nbytes": nbytes, "mean": mean, "std": std,
+                      "min": lo, "max": hi, "mean_abs": mean_abs, "rms": rms, "zero_fraction": zero,
+                      "nan_count": nan, "inf_count": inf}
+                     for shape, dtype, numel, nbytes, mean, std, lo, hi, mean_abs, rms, zero, nan, inf in zip(*columns)]
+            sides[label] = (side.present[idx], dicts)
         if one_sided:
             present, dicts = sides["new"]
-            return [{"type": "tensor", "path": self.names[i], **(dicts[j] if present[j] else {})}
-                    for j, i in enumerate(rows)]
+            return [{"type": "tensor", "path": name, **(d if here else {})}
+                    for name, d, here in zip(names, dicts, present.tolist())]
         count = self.count[idx]
         l2 = self.l2[idx]
         rel = self.rel_l2()[idx]
@@ -242,28 +248,33 @@ class Figures(Sequence[TensorDiff]):
         pair_columns = [self.equal[idx].tolist(), _json(l2), _json(rel), _json(rel * rel), _json(self.cosine()[idx]),
                         _json(rmse), _json(np.where(count > 0, self.max_abs[idx], 0.0)),
                         _json(self.mean_abs_diff[idx]), _json(changed)]
-        pairs = [dict(zip(_PAIR_KEYS, values)) for values in zip(*pair_columns)]
-        measured = self.measured[idx].tolist()
-        nonfinite_moved = np.flatnonzero((self.old.nan_count[idx] != self.new.nan_count[idx])
-                                         | (self.old.inf_count[idx] != self.new.inf_count[idx])).tolist()
         (old_present, old_dicts), (new_present, new_dicts) = sides["old"], sides["new"]
-        out = []
-        for j, i in enumerate(rows):
-            item: dict[str, Any] = {"type": f"tensor_{self.status[i]}", "path": self.names[i]}
+        types = [f"tensor_{self.status[i]}" for i in rows]
+        # Every row as if measured with both sides (the common case) ...
+        out = [{"type": kind, "path": name, "old": old, "new": new, "equal": equal, "l2": l2, "rel_l2": rel,
+                "nmse": nmse, "cosine": cosine, "rmse": rmse, "max_abs": max_abs, "mean_abs_diff": mad,
+                "changed_fraction": changed}
+               for kind, name, old, new, equal, l2, rel, nmse, cosine, rmse, max_abs, mad, changed
+               in zip(types, names, old_dicts, new_dicts, *pair_columns)]
+        # ... then the others (a side absent, not measured) without the keys they lack.
+        measured = self.measured[idx]
+        for j in np.flatnonzero(~(measured & old_present & new_present)).tolist():
+            item = {"type": types[j], "path": names[j]}
             if old_present[j]:
                 item["old"] = old_dicts[j]
             if new_present[j]:
                 item["new"] = new_dicts[j]
             if measured[j]:
-                item.update(pairs[j])
-            out.append(item)
-        for j in nonfinite_moved:
-            if measured[j]:
-                i = rows[j]
-                for key in ("nan", "inf"):
-                    a, b = int(getattr(self.old, f"{key}_count")[i]), int(getattr(self.new, f"{key}_count")[i])
-                    if a != b:
-                        out[j][f"{key}_count_change"] = [a, b]
+                item.update((k, out[j][k]) for k in _PAIR_KEYS)
+            out[j] = item
+        nonfinite_moved = np.flatnonzero(measured & ((self.old.nan_count[idx] != self.new.nan_count[idx])
+                                                     | (self.old.inf_count[idx] != self.new.inf_count[idx])))
+        for j in nonfinite_moved.tolist():
+            i = rows[j]
+            for key in ("nan", "inf"):
+                a, b = int(getattr(self.old, f"{key}_count")[i]), int(getattr(self.new, f"{key}_count")[i])
+                if a != b:
+                    out[j][f"{key}_count_change"] = [a, b]
         return out
 
     def counts(self) -> dict[str, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     return name if name is not None else str(dtype).replace("torch.", "")
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class TensorHandle:
     """One tensor of a checkpoint, not yet read.
 
@@ -79,6 +80,7 @@ class TensorHandle:
     tied_to: str | None = None
     storage_key: Any = None
     storage_nbytes: int | None = None
+    numel: int = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.storage_dtype:
@@ -279,33 +281,42 @@ def _human(nbytes: int) -> str:
 _READ_ERRORS = (RuntimeError, ValueError, TypeError, OverflowError, OSError, EOFError, IndexError, KeyError)
 
 
-def watch(handle: TensorHandle, path: str, state: tuple[int, ...] | None) -> None:
-    """Make ``handle.materialize()`` check its file first and name the file and tensor
-    in every failure.
+class FileGuard:
+    """What every read of one file's tensors checks first, shared by its handles.
 
     With ``state`` (the file's state when opened), a file truncated, rewritten or
     replaced since raises CorruptFileError instead of handing out values mixed from two
     versions, or a view of a mapping whose pages are gone (touching a mapping past the
     end of a truncated file kills the process with SIGBUS). The check narrows that
-    window; it cannot close it: see docs/SECURITY.md.
+    window; it cannot close it: see docs/SECURITY.md. Every failure of the read names
+    the file and the tensor.
     """
-    read = handle.materialize
-    name = handle.name
 
-    def materialize() -> torch.Tensor:
-        if state is not None:
-            how = _changed(path, state)
+    __slots__ = ("path", "state")
+
+    def __init__(self, path: str, state: tuple[int, ...] | None):
+        self.path, self.state = path, state
+
+    def read(self, name: str, read: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+        """``read(*args)``, the values of tensor ``name``, after the check."""
+        if self.state is not None:
+            how = _changed(self.path, self.state)
             if how is not None:
-                raise _changed_error(path, how)
+                raise _changed_error(self.path, how)
         try:
-            return read()
+            return read(*args)
         except _READ_ERRORS as e:
             text = str(e).strip()
             detail = (text.splitlines()[0] if text else "unreadable")[:200]
-            raise CorruptFileError(f"{path}: tensor {name!r} cannot be read ({type(e).__name__}: {detail})") from None
+            raise CorruptFileError(
+                f"{self.path}: tensor {name!r} cannot be read ({type(e).__name__}: {detail})") from None
 
+
+def watch(handle: TensorHandle, path: str, state: tuple[int, ...] | None) -> None:
+    """Make ``handle.materialize()`` go through a :class:`FileGuard` of ``path`` (readers
+    of many tensors build their handles with one guard instead: formats/safetensors.py)."""
+    handle.materialize = functools.partial(FileGuard(path, state).read, handle.name, handle.materialize)
     handle.source = path
-    handle.materialize = materialize
 
 
 def tensor_handle(name: str, tensor: torch.Tensor, mapped: bool = False) -> TensorHandle:

@@ -28,7 +28,7 @@ import struct
 import torch
 
 from torchdiff.errors import CorruptFileError
-from torchdiff.formats.base import Checkpoint, TensorHandle, dtype_name
+from torchdiff.formats.base import Checkpoint, FileGuard, TensorHandle, dtype_name, file_state
 
 # safetensors dtype string -> torch dtype; newer dtypes only where this torch has them.
 DTYPES: dict[str, torch.dtype] = {
@@ -159,7 +159,10 @@ def _check_layout(path: str, names, begins, ends, data_len: int) -> None:
 
 
 def load(path: str) -> Checkpoint:
+    """The checkpoint of one file; its handles read through one FileGuard (base.py)
+    holding the file's state from before the header was read."""
     try:
+        state = file_state(path)
         n, header, data_len = read_header(path)
     except OSError as e:
         raise CorruptFileError(f"{path}: cannot read ({e.strerror or e})") from None
@@ -176,17 +179,19 @@ def load(path: str) -> Checkpoint:
 
     data = _map(path, 8 + n, data_len)
     mapped = data_len > 0
+    read = FileGuard(path, state).read
+    partial = functools.partial
     tensors: dict[str, TensorHandle] = {}
     for name, st_dtype, shape, begin, end in zip(names, dtypes, shapes, begins, ends):
         dtype = DTYPES[st_dtype]
         shape = tuple(shape)
+        # Positional: name, shape, dtype, nbytes, materialize, storage_dtype, mapped, source, span.
         tensors[name] = TensorHandle(
-            name=name, shape=shape, dtype=dtype, nbytes=end - begin,
-            materialize=functools.partial(_view, data, begin, end, dtype, shape), mapped=mapped,
-            span=(data, begin, end) if mapped and not dtype.is_complex else None,
-            storage_dtype=_STORAGE_NAMES[st_dtype],
+            name, shape, dtype, end - begin, partial(read, name, _view, data, begin, end, dtype, shape),
+            _STORAGE_NAMES[st_dtype], mapped, path, (data, begin, end) if mapped and not dtype.is_complex else None,
         )
-    return Checkpoint(name=path, format="safetensors", tensors=tensors, info={"metadata": dict(file_metadata)})
+    return Checkpoint(name=path, format="safetensors", tensors=tensors, info={"metadata": dict(file_metadata)},
+                      files={path: state})
 
 
 def _view(data: torch.Tensor, begin: int, end: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+
 from torchdiff.errors import UsageError
 from torchdiff.status import UNCHANGED
 
@@ -67,13 +69,15 @@ def _flags(fig, rows, items: list[dict[str, Any]]) -> None:
     """Mark items, in place: ``old_all_zero`` where the old side is all zero (rel_l2 is
     inf and cosine NaN by definition; l2 measures the change), ``tied_to`` where the
     tensor is tied to another (pairing.annotate)."""
-    zero = fig.old_all_zero()
-    for i, item in zip(rows, items):
-        if zero[i]:
-            item["old_all_zero"] = True
-        tied = (fig.extras.get(i) or {}).get("tied_to")
-        if tied:
-            item["tied_to"] = tied
+    if not rows:
+        return
+    for j in np.flatnonzero(fig.old_all_zero()[np.asarray(rows, dtype=np.int64)]).tolist():
+        items[j]["old_all_zero"] = True
+    if fig.extras:
+        for j, i in enumerate(rows):
+            tied = (fig.extras.get(i) or {}).get("tied_to")
+            if tied:
+                items[j]["tied_to"] = tied
 
 
 def mapped_names(report) -> dict[str, dict[str, Any]]:
