@@ -882,24 +882,20 @@ def _runs(plan: _Plan, small: np.ndarray):
     handles = plan.handles
     olds = [handles[s] for s in plan.a_slots[small].tolist()]
     news = [handles[s] for s in plan.b_slots[small].tolist()]
-    codes: dict = {}  # mappings (by id) and dtypes -> small integers
-
-    def code(values) -> np.ndarray:
-        return np.array([codes.setdefault(v, len(codes)) for v in values], dtype=np.int64)
-
+    a_spans = [h.span for h in olds]
+    b_spans = [h.span for h in news]
+    # What a run shares: both storage dtypes (so the compute dtype) and both mappings.
+    shared = [(h.dtype, g.dtype, id(x[0]), id(y[0])) for h, g, x, y in zip(olds, news, a_spans, b_spans)]
+    codes = {k: i for i, k in enumerate(dict.fromkeys(shared))}
+    key = np.array([codes[k] for k in shared], dtype=np.int64)
     length = np.array([h.numel for h in olds], dtype=np.int64)
-    keys = [code(plan.dtypes[i] for i in small.tolist()), code(h.dtype for h in olds), code(h.dtype for h in news),
-            code(id(h.span[0]) for h in olds), code(id(h.span[0]) for h in news)]
-    a_begin = np.array([h.span[1] for h in olds], dtype=np.int64)
-    a_end = np.array([h.span[2] for h in olds], dtype=np.int64)
-    b_begin = np.array([h.span[1] for h in news], dtype=np.int64)
-    b_end = np.array([h.span[2] for h in news], dtype=np.int64)
-    order = np.lexsort([a_begin, *reversed(keys), length])
+    a_begin, a_end = (np.array([x[k] for x in a_spans], dtype=np.int64) for k in (1, 2))
+    b_begin, b_end = (np.array([y[k] for y in b_spans], dtype=np.int64) for k in (1, 2))
+    order = np.lexsort([a_begin, key, length])
     cut = np.ones(order.size, dtype=bool)
     o, p = order[1:], order[:-1]
-    cut[1:] = (length[o] != length[p]) | (a_begin[o] != a_end[p]) | (b_begin[o] != b_end[p])
-    for key in keys:
-        cut[1:] |= key[o] != key[p]
+    cut[1:] = ((length[o] != length[p]) | (key[o] != key[p]) | (a_begin[o] != a_end[p])
+               | (b_begin[o] != b_end[p]))
     bounds = np.flatnonzero(cut).tolist() + [order.size]
     for start, stop in zip(bounds[:-1], bounds[1:]):
         members = order[start:stop]
