@@ -424,6 +424,51 @@ def test_training_checkpoint_with_namespaces_numpy_paths_and_dict_subclasses(wri
         assert not any("numpy" in name for name in ckpt.info["records"])  # numpy builds its own values
 
 
+class Node:
+    """An object holding itself (a parent pointer), as some saved trainers do."""
+
+
+def test_objects_that_hold_themselves_are_read_once(write_pt, capsys):
+    """A pickle may hold cycles (a record's parent pointer, a dict under its own key):
+    each container is flattened once, and where it recurs the metadata says so."""
+    from torchdiff.cli import main
+
+    node = Node()
+    node.me, node.w, node.children = node, torch.ones(2), [node]
+    state = {"model": {"w": torch.arange(3.0)}, "node": node}
+    state["again"] = state
+    path = write_pt("cycle.pt", state)
+    with torchdiff.load(path) as ckpt:
+        assert sorted(ckpt.tensors) == ["model.w", "node.w"]
+        assert torch.equal(ckpt["model.w"], torch.arange(3.0)) and torch.equal(ckpt["node.w"], torch.ones(2))
+        assert ckpt.metadata == {"node.me": "<cycle: same object as node>",
+                                 "node.children.0": "<cycle: same object as node>",
+                                 "again": "<cycle: same object as the whole file>"}
+    assert main([str(path), str(path)]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # the note wraps at the terminal's width
+    assert out.count("objects of 1 class torch's weights-only loader does not allow") == 1  # one note per file
+
+
+def test_objects_nested_past_the_recursion_limit_are_one_error_line(write_pt, capsys):
+    import sys
+
+    from torchdiff.cli import main
+
+    limit = sys.getrecursionlimit()
+    deep: list = [torch.ones(1)]
+    for _ in range(limit + 100):
+        deep = [deep, 1]
+    sys.setrecursionlimit(10 * limit)  # torch.save recurses too
+    try:
+        path = write_pt("deep.pt", {"w": torch.ones(2), "deep": deep})
+    finally:
+        sys.setrecursionlimit(limit)
+    assert main([str(path), str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith(f"torchdiff: error: {path}: ")
+    assert "internal error" not in err
+
+
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
 def test_a_payload_in_a_record_never_runs(write_pt, tmp_path, legacy):
     """A callable the pickle names is a record too: its arguments are kept, it is not called."""

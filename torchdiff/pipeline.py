@@ -294,10 +294,11 @@ def _records_result(old: Checkpoint, new: Checkpoint) -> AnalysisResult | None:
     found = {side: ckpt.info.get("records") or [] for side, ckpt in (("old", old), ("new", new))}
     if not any(found.values()):
         return None
-    notes = tuple(f"{ckpt.name}: objects of {len(found[side])} classes torch's weights-only loader does not allow "
-                  f"({', '.join(found[side])}) were read as data (their tensors and values are compared; "
-                  "no code from the file ran)" for side, ckpt in (("old", old), ("new", new)) if found[side])
-    return AnalysisResult("records", {"classes": len(set(found["old"]) | set(found["new"]))}, found, notes=notes)
+    notes = dict.fromkeys(  # one note per file (a file compared with itself: one)
+        f"{ckpt.name}: objects of {len(found[side])} {'class' if len(found[side]) == 1 else 'classes'} torch's "
+        f"weights-only loader does not allow ({', '.join(found[side])}) were read as data (their tensors and "
+        "values are compared; no code from the file ran)" for side, ckpt in (("old", old), ("new", new)) if found[side])
+    return AnalysisResult("records", {"classes": len(set(found["old"]) | set(found["new"]))}, found, notes=tuple(notes))
 
 
 def _unreadable(old: Checkpoint, new: Checkpoint) -> AnalysisResult | None:

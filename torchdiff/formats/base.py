@@ -354,7 +354,7 @@ class Record:
         return f"<{self.global_name}>"
 
 
-def _flatten_record(rec: Record, prefix: str, tensors: dict, metadata: dict) -> None:
+def _flatten_record(rec: Record, prefix: str, tensors: dict, metadata: dict, path: dict[int, str]) -> None:
     """A record's tensors and values: a pickled ``nn.Module`` as its ``state_dict`` would
     name them (parameters, persistent buffers, submodules), other state as a mapping, else
     its arguments; a record of scalars is one metadata value, ``Name(arg, ...)``."""
@@ -368,16 +368,16 @@ def _flatten_record(rec: Record, prefix: str, tensors: dict, metadata: dict) -> 
         for key in ("_parameters", "_buffers"):
             for name, value in (state.get(key) or {}).items():
                 if value is not None and name not in skip:
-                    flatten(value, join(name), tensors, metadata)
+                    flatten(value, join(name), tensors, metadata, path)
         for name, module in (state.get("_modules") or {}).items():
             if module is not None:
-                flatten(module, join(name), tensors, metadata)
+                flatten(module, join(name), tensors, metadata, path)
     elif state is not None:
-        flatten(state if isinstance(state, (Mapping, list, tuple)) else [state], prefix, tensors, metadata)
+        flatten(state if isinstance(state, (Mapping, list, tuple)) else [state], prefix, tensors, metadata, path)
     elif rec.args and all(is_scalar_leaf(a) for a in rec.args):
         metadata[prefix or "value"] = f"{rec.global_name}({', '.join(map(repr, rec.args))})"
     elif rec.args:
-        flatten(list(rec.args), prefix, tensors, metadata)
+        flatten(list(rec.args), prefix, tensors, metadata, path)
     else:
         metadata[prefix or "value"] = f"<{rec.global_name}>"
 
@@ -387,12 +387,16 @@ def is_scalar_leaf(value: Any) -> bool:
 
 
 def flatten(
-    obj: Any, prefix: str = "", tensors: dict | None = None, metadata: dict | None = None
+    obj: Any, prefix: str = "", tensors: dict | None = None, metadata: dict | None = None,
+    _path: dict[int, str] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Flatten nested dicts/lists of tensors into dotted names.
 
     Tensors go to ``tensors``; scalar leaves (and short lists of scalars) go to
-    ``metadata``; anything else is recorded by its type name in ``metadata``.
+    ``metadata``; anything else is recorded by its type name in ``metadata``. A container
+    that holds itself, directly or deeper (a pickle may: a record's parent pointer, a dict
+    stored under its own key), is flattened once: where it recurs, ``metadata`` says
+    ``<cycle: same object as NAME>``. (``_path``: the containers being flattened, by id.)
     """
     tensors = {} if tensors is None else tensors
     metadata = {} if metadata is None else metadata
@@ -403,9 +407,26 @@ def flatten(
             metadata["value"] = obj.item()
         else:
             tensors[prefix or "tensor"] = obj
-    elif isinstance(obj, Mapping):
+        return tensors, metadata
+    if is_scalar_leaf(obj):
+        metadata[prefix or "value"] = obj
+        return tensors, metadata
+    _path = {} if _path is None else _path
+    if id(obj) in _path:
+        metadata[prefix or "value"] = f"<cycle: same object as {_path[id(obj)] or 'the whole file'}>"
+        return tensors, metadata
+    _path[id(obj)] = prefix
+    try:
+        _flatten_container(obj, prefix, tensors, metadata, _path)
+    finally:
+        del _path[id(obj)]
+    return tensors, metadata
+
+
+def _flatten_container(obj: Any, prefix: str, tensors: dict, metadata: dict, path: dict[int, str]) -> None:
+    if isinstance(obj, Mapping):
         for key, value in obj.items():
-            flatten(value, f"{prefix}.{key}" if prefix else str(key), tensors, metadata)
+            flatten(value, f"{prefix}.{key}" if prefix else str(key), tensors, metadata, path)
     elif isinstance(obj, (list, tuple)):
         if obj and all(is_scalar_leaf(v) for v in obj):
             metadata[prefix] = list(obj)
@@ -413,15 +434,13 @@ def flatten(
             metadata[prefix] = []
         else:
             for i, value in enumerate(obj):
-                flatten(value, f"{prefix}.{i}" if prefix else str(i), tensors, metadata)
-    elif is_scalar_leaf(obj):
-        metadata[prefix or "value"] = obj
+                flatten(value, f"{prefix}.{i}" if prefix else str(i), tensors, metadata, path)
     elif isinstance(obj, Record):  # an object of a class torch does not allow, read as data
-        _flatten_record(obj, prefix, tensors, metadata)
+        _flatten_record(obj, prefix, tensors, metadata, path)
     elif isinstance(obj, torch.nn.Module):  # a pickled module (--unsafe-pickle): its state_dict
-        flatten(obj.state_dict(), prefix, tensors, metadata)
+        flatten(obj.state_dict(), prefix, tensors, metadata, path)
     elif _is_namespace(obj):  # argparse.Namespace / SimpleNamespace: its values are metadata
-        flatten(dict(vars(obj)), prefix, tensors, metadata)
+        flatten(dict(vars(obj)), prefix, tensors, metadata, path)
     else:
         item = getattr(obj, "item", None)
         array = _numpy_tensor(obj)
@@ -435,7 +454,6 @@ def flatten(
         else:
             # Kept as a visible placeholder: what was skipped is listed, never dropped silently.
             metadata[prefix or "value"] = f"<{type(obj).__name__}>"
-    return tensors, metadata
 
 
 def _is_namespace(obj: Any) -> bool:

@@ -25,6 +25,7 @@ import os
 import pickle
 import re
 import struct
+import sys
 import warnings
 import zipfile
 
@@ -132,11 +133,15 @@ def load(path: str, unsafe: bool = False) -> Checkpoint:
         raise CorruptFileError(f"{path}: not a readable PyTorch checkpoint ({_reason(text)})") from None
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError,
             IndexError, TypeError, AttributeError, UnicodeDecodeError, MemoryError,
-            OverflowError, AssertionError, struct.error) as e:
+            OverflowError, AssertionError, struct.error, RecursionError) as e:
         raise CorruptFileError(
             f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {_first_line(str(e))})"
         ) from None
-    tensors, metadata = flatten(obj)
+    try:
+        tensors, metadata = flatten(obj)
+    except RecursionError:
+        raise CorruptFileError(f"{path}: objects nested deeper than {sys.getrecursionlimit()} levels; "
+                               "not read") from None
     handles = {name: tensor_handle(name, t, mapped=mapped) for name, t in tensors.items()}
     # torch.save writes each storage once, whole; tensors of one storage (tied weights, a
     # slice of a bigger tensor) are views of it. mark_shared records that identity, so
