@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import re
+from collections import Counter
 from dataclasses import dataclass, replace
+from typing import Callable
 
 from torchdiff.errors import UsageError
 from torchdiff.formats.base import Checkpoint, TensorHandle, stored_bytes
@@ -87,33 +90,108 @@ def dropped_prefix(old_names, new_names) -> tuple[str, str]:
 
 
 #: Formats whose names carry the top-level key the state was saved under (DCP:
-#: ``model.``): only when one side is one of these is a wrapper prefix dropped, so that
-#: other comparisons keep pairing names exactly (and the architecture analysis still
-#: reports ``module.x -> x`` as renames).
+#: ``model.``): only when one side is one of these is a prefix of WRAPPER_PREFIXES
+#: dropped, so that a re-prefixed model elsewhere is still reported by the architecture
+#: analysis as renames (wrapper segments, below, are dropped between any formats).
 PREFIXED_FORMATS = ("dcp",)
 
 
-def drop_prefix(old: Checkpoint, new: Checkpoint) -> tuple[Checkpoint, Checkpoint, tuple[str, str]]:
-    """Both checkpoints with :func:`dropped_prefix` applied when one side's format is in
-    :data:`PREFIXED_FORMATS`, and (prefix dropped from old, from new)."""
-    if old.format not in PREFIXED_FORMATS and new.format not in PREFIXED_FORMATS:
-        return old, new, ("", "")
-    old_prefix, new_prefix = dropped_prefix(old.tensors, new.tensors)
-    if old_prefix:
-        old = _without(old, old_prefix)
-    if new_prefix:
-        new = _without(new, new_prefix)
-    return old, new, (old_prefix, new_prefix)
+#: Name segments a wrapper adds to every name of the model it wraps when that is saved,
+#: each with who adds it: ``module`` (``nn.DataParallel``, ``DistributedDataParallel``),
+#: ``_orig_mod`` (``torch.compile``'s OptimizedModule). A state_dict saved through a
+#: wrapper and one saved without it name the same tensors differently
+#: (``module._orig_mod.fc.weight`` against ``fc.weight``; nanoGPT's
+#: ``model._orig_mod.transformer.wte.weight``).
+WRAPPER_SEGMENTS = {"module": "nn.DataParallel / DistributedDataParallel", "_orig_mod": "torch.compile"}
 
 
-def _without(ckpt: Checkpoint, prefix: str) -> Checkpoint:
-    """A view of ``ckpt`` (same handles; closing stays with the original) under stripped names."""
-    tensors = {}
-    for name, handle in ckpt.tensors.items():
-        short = name[len(prefix):] if name.startswith(prefix) else name
-        tensors[short if short not in ckpt.tensors else name] = handle
+@dataclass(frozen=True)
+class Dropped:
+    """What pairing dropped from names: the DCP prefix (:func:`dropped_prefix`) and the
+    wrapper segments (:func:`dropped_wrappers`) of each side."""
+
+    old_prefix: str = ""
+    new_prefix: str = ""
+    old_wrappers: tuple[str, ...] = ()
+    new_wrappers: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.old_prefix or self.new_prefix or self.old_wrappers or self.new_wrappers)
+
+
+def dropped_wrappers(old_names, new_names) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(wrapper segments to drop from old's names, from new's), from :data:`WRAPPER_SEGMENTS`.
+
+    Segments are dropped from side A when some name of A has each as a component (not
+    the last), no name of the other side has it, and dropping them pairs more names than
+    keeping them: of the candidate sets (``module``, ``_orig_mod``, both), the one that
+    pairs most. A name whose stripped form A already holds (or that another name of A
+    strips to) keeps its name. Names without any segment cost one substring search a side.
+    """
+    names = (list(old_names), list(new_names))
+    joined = ["\n" + "\n".join(n) for n in names]
+    has = [{s for s in WRAPPER_SEGMENTS if f"\n{s}." in text or f".{s}." in text} for text in joined]
+    dropped: list[tuple[str, ...]] = [(), ()]
+    for a in (0, 1):
+        candidates = [s for s in WRAPPER_SEGMENTS if s in has[a] and s not in has[1 - a]]
+        if not candidates:
+            continue
+        other = set(names[1 - a])
+        best = len(set(names[a]) & other)
+        for k in range(1, len(candidates) + 1):
+            for segments in itertools.combinations(candidates, k):
+                renamed = _stripped(names[a], lambda n, drop=set(segments): _strip_segments(n, drop))
+                found = len(set(renamed) & other)
+                if found > best:
+                    best, dropped[a] = found, segments
+    return dropped[0], dropped[1]
+
+
+def _strip_segments(name: str, segments: set[str]) -> str:
+    parts = name.split(".")
+    return ".".join([p for p in parts[:-1] if p not in segments] + parts[-1:])
+
+
+def _stripped(names: list[str], rename: Callable[[str], str]) -> list[str]:
+    """``rename`` of each name, where that neither meets a name already held nor merges
+    two names (those keep their own)."""
+    short = [rename(n) for n in names]
+    held = set(names)
+    counts = Counter(short)
+    return [s_ if s_ == n or (s_ not in held and counts[s_] == 1) else n for n, s_ in zip(names, short)]
+
+
+def drop_prefix(old: Checkpoint, new: Checkpoint) -> tuple[Checkpoint, Checkpoint, Dropped]:
+    """Both checkpoints under the names they pair by, and what was dropped: the prefix of
+    :func:`dropped_prefix` when one side's format is in :data:`PREFIXED_FORMATS`, then the
+    wrapper segments of :func:`dropped_wrappers` (any format). The checkpoints returned
+    are views (same handles; closing stays with the originals)."""
+    old_prefix = new_prefix = ""
+    if old.format in PREFIXED_FORMATS or new.format in PREFIXED_FORMATS:
+        old_prefix, new_prefix = dropped_prefix(old.tensors, new.tensors)
+        if old_prefix:
+            old = _renamed(old, lambda n: n[len(old_prefix):] if n.startswith(old_prefix) else n)
+        if new_prefix:
+            new = _renamed(new, lambda n: n[len(new_prefix):] if n.startswith(new_prefix) else n)
+    old_wrappers, new_wrappers = dropped_wrappers(old.tensors, new.tensors)
+    if old_wrappers:
+        old = _renamed(old, lambda n: _strip_segments(n, set(old_wrappers)))
+    if new_wrappers:
+        new = _renamed(new, lambda n: _strip_segments(n, set(new_wrappers)))
+    return old, new, Dropped(old_prefix, new_prefix, old_wrappers, new_wrappers)
+
+
+def _renamed(ckpt: Checkpoint, rename: Callable[[str], str]) -> Checkpoint:
+    """A view of ``ckpt`` (same handles; closing stays with the original) with its names
+    renamed (:func:`_stripped`); tied names it does not hold follow the same rule."""
+    names = dict(zip(ckpt.tensors, _stripped(list(ckpt.tensors), rename)))
+    tensors = {names[name]: handle for name, handle in ckpt.tensors.items()}
+    ties = {}
+    for dropped, target in ckpt.ties.items():
+        short = rename(dropped)
+        ties[short if short not in tensors else dropped] = names.get(target, target)
     return Checkpoint(name=ckpt.name, format=ckpt.format, tensors=tensors, metadata=ckpt.metadata, info=ckpt.info,
-                      files=ckpt.files)
+                      files=ckpt.files, ties=ties)
 
 
 def pair(old: Checkpoint, new: Checkpoint, keep=None) -> list[Pair]:

@@ -21,7 +21,9 @@ from torchdiff.errors import CorruptFileError, InputNotFoundError, TorchDiffErro
 from torchdiff.figures import Comparison, without_gc
 from torchdiff.formats.base import Checkpoint
 from torchdiff.names import check_scope
-from torchdiff.pairing import annotate, check_selected, compile_filters, drop_prefix, pair, pair_metadata
+from torchdiff.pairing import (
+    WRAPPER_SEGMENTS, Dropped, annotate, check_selected, compile_filters, drop_prefix, pair, pair_metadata,
+)
 from torchdiff.report import Report
 from torchdiff.results import AnalysisResult, MetadataDiff, Table
 from torchdiff.status import PRESENT
@@ -223,7 +225,7 @@ def compare_checkpoints(old: Checkpoint, new: Checkpoint, options: Options, engi
     if not options.get("raw"):  # int8/fp8 weights with scale companions compare as the values they stand for
         old, new = dequantize_pair(old, new, options)
     mapped = None
-    dropped = ("", "")
+    dropped = Dropped()
     if mode == "pair":  # a DCP side's model./module. prefix the other side lacks (docs/FORMATS.md)
         old, new, dropped = drop_prefix(old, new)
     if mode == "pair":  # cross-format pairing (docs/MAPPING.md): lazy handles under the old side's names
@@ -273,19 +275,32 @@ def compare_checkpoints(old: Checkpoint, new: Checkpoint, options: Options, engi
     if mapped is not None:  # the mapping's own section comes first
         report = dataclasses.replace(report, analyses=(mapped.to_result(),) + report.analyses)
     extra = tuple(r for r in (_records_result(old, new), dequantized_result(options), unreadable) if r is not None)
-    if any(dropped):
+    if dropped:
         extra = (_pairing_result(old, new, dropped),) + extra
     if extra:  # what pairing dropped, what was dequantized, what could not be read: before the analyses
         report = dataclasses.replace(report, analyses=extra + report.analyses)
     return report
 
-def _pairing_result(old: Checkpoint, new: Checkpoint, dropped: tuple[str, str]) -> AnalysisResult:
+def _pairing_result(old: Checkpoint, new: Checkpoint, dropped: Dropped) -> AnalysisResult:
     """What pairing dropped, as a section named ``pairing`` (a text section, a JSON item)."""
-    side, prefix, name = ("old", dropped[0], old.name) if dropped[0] else ("new", dropped[1], new.name)
-    return AnalysisResult(
-        name="pairing", headline={"dropped_prefix": prefix, "side": side}, data={"old_prefix": dropped[0], "new_prefix": dropped[1]},
-        notes=(f"paired names with the prefix {prefix!r} dropped from the {side} side ({name})",),
-    )
+    headline: dict[str, str] = {}
+    data: dict[str, object] = {}
+    notes = []
+    if dropped.old_prefix or dropped.new_prefix:
+        side, prefix, name = (("old", dropped.old_prefix, old.name) if dropped.old_prefix
+                              else ("new", dropped.new_prefix, new.name))
+        headline.update(dropped_prefix=prefix, side=side)
+        data.update(old_prefix=dropped.old_prefix, new_prefix=dropped.new_prefix)
+        notes.append(f"paired names with the prefix {prefix!r} dropped from the {side} side ({name})")
+    for side, segments, name in (("old", dropped.old_wrappers, old.name), ("new", dropped.new_wrappers, new.name)):
+        if segments:
+            shown = ", ".join(f"{s}." for s in segments)
+            headline.update(dropped_wrapper=shown, wrapper_side=side)
+            data[f"{side}_wrappers"] = [f"{s}." for s in segments]
+            made_by = " and ".join(WRAPPER_SEGMENTS[s] for s in segments)
+            notes.append(f"paired names with {shown} dropped from the {side} side ({name}): the names "
+                         f"{made_by} gives a model it wraps")
+    return AnalysisResult(name="pairing", headline=headline, data=data, notes=tuple(notes))
 
 
 def _records_result(old: Checkpoint, new: Checkpoint) -> AnalysisResult | None:

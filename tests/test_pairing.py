@@ -1,0 +1,80 @@
+"""Pairing names across wrappers: nn.DataParallel / DDP's ``module.`` and torch.compile's
+``_orig_mod.`` are dropped from the side that has them when the other has none and
+that pairs more names; the report says so. Truth by construction: the same weights
+saved with and without the wrapper."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import torchdiff
+from torchdiff.cli import main
+from torchdiff.formats.base import Checkpoint, tensor_handle
+from torchdiff.pairing import drop_prefix, dropped_wrappers, pair
+
+
+def _model_state(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"embed.weight": torch.randn(8, 4, generator=g), "blocks.0.fc.weight": torch.randn(4, 4, generator=g),
+            "blocks.0.fc.bias": torch.randn(4, generator=g), "head.weight": torch.randn(3, 4, generator=g)}
+
+
+@pytest.mark.parametrize("old,new,want", [
+    (["module.a", "module.b.c"], ["a", "b.c"], (("module",), ())),
+    (["a"], ["_orig_mod.a"], ((), ("_orig_mod",))),
+    (["module._orig_mod.a", "module._orig_mod.b"], ["a", "b"], (("module", "_orig_mod"), ())),
+    (["model._orig_mod.x", "model._orig_mod.y", "iter"], ["model.x", "model.y"], (("_orig_mod",), ())),  # nanoGPT
+    (["module.a"], ["module.a"], ((), ())),  # both wrapped: already paired
+    (["module.a"], ["b.module.c"], ((), ())),  # the other side has the segment too
+    (["enc.module.w", "w"], ["w"], ((), ())),  # dropping would meet a name held: nothing gained
+    (["x.module"], ["x"], ((), ())),  # a last component is a tensor's own name, never a wrapper
+    (["a", "b"], ["c", "d"], ((), ())),
+    ([], [], ((), ())),
+])
+def test_dropped_wrappers(old, new, want):
+    assert dropped_wrappers(old, new) == want
+
+
+def test_ddp_and_compiled_checkpoints_pair_with_plain_ones(write_pt, capsys):
+    a, b = _model_state(0), _model_state(1)
+    ddp = write_pt("ddp.pt", {f"module.{k}": v for k, v in a.items()})
+    compiled = write_pt("nanogpt.pt", {"model": {f"_orig_mod.{k}": v for k, v in b.items()}, "iter_num": 2000})
+    plain = write_pt("plain.pt", {"model": a, "iter_num": 1000})
+    report = torchdiff.compare(ddp, write_pt("a.pt", a))
+    assert {d.status for d in report} == {"unchanged"} and len(report) == len(a)
+    assert report.analysis("pairing").headline == {"dropped_wrapper": "module.", "wrapper_side": "old"}
+    report = torchdiff.compare(plain, compiled)
+    by_name = {d.name: d for d in report}
+    assert sorted(by_name) == sorted(f"model.{k}" for k in a)
+    for k in a:  # every figure is the one of the same tensors without the wrapper
+        m = by_name[f"model.{k}"].metrics
+        d64 = b[k].double() - a[k].double()
+        assert m.l2 == pytest.approx(float(d64.norm()), rel=1e-6)
+        assert m.max_abs == pytest.approx(float(d64.abs().max()), rel=1e-6)
+    pairing = report.analysis("pairing")
+    assert pairing.data == {"new_wrappers": ["_orig_mod."]}
+    assert pairing.notes == (f"paired names with _orig_mod. dropped from the new side ({compiled}): the names "
+                             "torch.compile gives a model it wraps",)
+    assert main([str(plain), str(compiled), "-o", "json"]) in (0, 1)
+    items = json.loads(capsys.readouterr().out)
+    item = next(i for i in items if i["type"] == "pairing")
+    assert item["dropped_wrapper"] == "_orig_mod." and item["wrapper_side"] == "new"
+    assert not any(i["type"] in ("tensor_added", "tensor_removed") for i in items)
+
+
+def test_a_tie_the_file_dropped_follows_the_wrapper():
+    """A tied name the file does not hold (safetensors' save_model drops duplicates) is
+    renamed with the names it is tied to."""
+    w = torch.ones(3, 2)
+    old = Checkpoint("old", "safetensors", {"module.wte.weight": tensor_handle("module.wte.weight", w)},
+                     ties={"module.lm_head.weight": "module.wte.weight"})
+    new = Checkpoint("new", "safetensors", {n: tensor_handle(n, w.clone()) for n in ("wte.weight", "lm_head.weight")})
+    old2, new2, dropped = drop_prefix(old, new)
+    assert dropped.old_wrappers == ("module",) and not dropped.new_wrappers
+    assert list(old2.tensors) == ["wte.weight"] and old2.ties == {"lm_head.weight": "wte.weight"}
+    pairs = {p.name: p for p in pair(old2, new2)}
+    assert set(pairs) == {"wte.weight", "lm_head.weight"}
+    assert pairs["lm_head.weight"].old.tied_to == "wte.weight"
