@@ -277,7 +277,8 @@ def test_dcp_against_safetensors_drops_the_model_prefix_and_says_so(capsys, tmp_
 
 @pytest.mark.parametrize("old,new,want", [
     (["model.a", "model.b", "optim.state.a.exp_avg"], ["a", "b"], ("model.", "")),
-    (["a", "b"], ["module.a", "module.b"], ("", "module.")),
+    (["a", "b"], ["state_dict.a", "state_dict.b"], ("", "state_dict.")),
+    (["a", "b"], ["module.a", "module.b"], ("", "")),  # a wrapper segment: pairing.dropped_wrappers
     (["model.a"], ["model.a"], ("", "")),  # already paired
     (["model.a", "a"], ["a"], ("", "")),  # dropping would collide: nothing gained
     (["model.a"], ["model.b", "a"], ("", "")),  # the other side uses the prefix too

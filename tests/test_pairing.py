@@ -78,3 +78,30 @@ def test_a_tie_the_file_dropped_follows_the_wrapper():
     pairs = {p.name: p for p in pair(old2, new2)}
     assert set(pairs) == {"wte.weight", "lm_head.weight"}
     assert pairs["lm_head.weight"].old.tied_to == "wte.weight"
+
+
+def test_a_lightning_checkpoint_pairs_with_the_exported_weights(write_pt, tmp_path):
+    """Lightning keeps the model under ``state_dict`` (and ``model.`` below it when the
+    LightningModule holds ``self.model``): a training checkpoint's container key."""
+    from safetensors.torch import save_file
+
+    a, b = _model_state(0), _model_state(1)
+    ckpt = write_pt("epoch=3.ckpt", {"epoch": 3, "global_step": 300, "state_dict": {f"model.{k}": v for k, v in a.items()},
+                                     "optimizer_states": [], "hyper_parameters": {"lr": 1e-3}})
+    save_file(b, str(tmp_path / "export.safetensors"))
+    report = torchdiff.compare(ckpt, tmp_path / "export.safetensors")
+    assert sorted(d.name for d in report) == sorted(a) and {d.status for d in report} == {"changed"}
+    assert report.analysis("pairing").headline == {"dropped_prefix": "state_dict.model.", "side": "old"}
+
+
+def test_loadability_is_judged_on_the_names_the_files_store(write_pt):
+    """Pairing drops ``module.``; load_state_dict would not: the architecture analysis
+    says the names differ as stored (renames), and that they load once renamed."""
+    a = _model_state(0)
+    report = torchdiff.compare(write_pt("ddp.pt", {f"module.{k}": v for k, v in a.items()}), write_pt("a.pt", a),
+                               analyses=["architecture_comparison"])
+    arch = report.analysis("architecture_comparison")
+    assert arch.headline["loadable"] == "incompatible" and arch.headline["loadable_after_renames"] == "strict"
+    assert arch.data["renames"] == [{"old": f"module.{k}", "new": k} for k in sorted(a)]
+    assert arch.data["rename_rules"] == [{"old_prefix": "module", "new_prefix": "", "count": len(a)}]
+    assert arch.data["loadable_detail"]["unexpected"] == sorted(a)

@@ -643,6 +643,9 @@ class Comparison:
     mode: str = "pair"  # "pair": old vs new; "inspect": one checkpoint, every tensor on the new side
     scope: str = "params"
     layer_pattern: Any = None
+    #: (old, new): tensor name -> the name its file stores, where pairing dropped a
+    #: prefix or wrapper segment (pairing.drop_prefix); empty otherwise
+    stored_names: tuple[Mapping[str, str], Mapping[str, str]] = ({}, {})
 
     def __post_init__(self) -> None:
         if self.old_metadata is None:

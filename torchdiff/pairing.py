@@ -6,7 +6,7 @@ import itertools
 import re
 from collections import Counter
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, Mapping
 
 from torchdiff.errors import UsageError
 from torchdiff.formats.base import Checkpoint, TensorHandle, stored_bytes
@@ -61,15 +61,18 @@ def compile_filters(ignore_keys_regex: str | None, path: str | None):
     return keep
 
 
-#: Wrapper prefixes one side's names may carry and the other's not: a state_dict saved
-#: under ``model`` (DCP, Lightning), or from ``nn.DataParallel`` / DDP (``module.``).
-WRAPPER_PREFIXES = ("model.", "module.")
+#: Prefixes one side's names may carry and the other's not: the key a training
+#: checkpoint holds the model's state under (DCP's and nanoGPT's ``model``, Lightning's
+#: ``state_dict``, with ``model`` below it when the LightningModule keeps its network
+#: in ``self.model``; the PyTorch tutorials' ``model_state_dict``). DeepSpeed's
+#: ``module`` key and DDP's ``module.`` are wrapper segments (below).
+CONTAINER_PREFIXES = ("model.", "state_dict.", "state_dict.model.", "model_state_dict.")
 
 
 def dropped_prefix(old_names, new_names) -> tuple[str, str]:
     """(prefix to drop from old's names, from new's): at most one side drops one.
 
-    A prefix P of :data:`WRAPPER_PREFIXES` is dropped from side A when the other side
+    A prefix P of :data:`CONTAINER_PREFIXES` is dropped from side A when the other side
     has no name starting with P and dropping it from A's names pairs more names than
     keeping it. Names of A without P (``optim.state...``) stay as they are; so does a
     name whose stripped form A already holds.
@@ -78,7 +81,7 @@ def dropped_prefix(old_names, new_names) -> tuple[str, str]:
     old_set, new_set = set(old_names), set(new_names)
     common = len(old_set & new_set)
     best = (common, "", "")
-    for prefix in WRAPPER_PREFIXES:
+    for prefix in CONTAINER_PREFIXES:
         for a, b_set, a_set, side in ((old_names, new_set, old_set, "old"), (new_names, old_set, new_set, "new")):
             if any(n.startswith(prefix) for n in b_set):
                 continue
@@ -89,11 +92,12 @@ def dropped_prefix(old_names, new_names) -> tuple[str, str]:
     return best[1], best[2]
 
 
-#: Formats whose names carry the top-level key the state was saved under (DCP:
-#: ``model.``): only when one side is one of these is a prefix of WRAPPER_PREFIXES
-#: dropped, so that a re-prefixed model elsewhere is still reported by the architecture
-#: analysis as renames (wrapper segments, below, are dropped between any formats).
-PREFIXED_FORMATS = ("dcp",)
+#: Formats whose names carry the top-level key the state was saved under (DCP's
+#: ``model.``; a PyTorch training checkpoint flattened: ``state_dict.fc.weight``): only
+#: when one side is one of these is a prefix of CONTAINER_PREFIXES dropped, so that a
+#: re-prefixed state_dict elsewhere is still reported by the architecture analysis as
+#: renames (wrapper segments, below, are dropped between any formats).
+PREFIXED_FORMATS = ("dcp", "torch")
 
 
 #: Name segments a wrapper adds to every name of the model it wraps when that is saved,
@@ -114,6 +118,8 @@ class Dropped:
     new_prefix: str = ""
     old_wrappers: tuple[str, ...] = ()
     new_wrappers: tuple[str, ...] = ()
+    #: each side's names pairing changed: paired name -> the name the file stores
+    stored: tuple[Mapping[str, str], Mapping[str, str]] = ({}, {})
 
     def __bool__(self) -> bool:
         return bool(self.old_prefix or self.new_prefix or self.old_wrappers or self.new_wrappers)
@@ -167,24 +173,29 @@ def drop_prefix(old: Checkpoint, new: Checkpoint) -> tuple[Checkpoint, Checkpoin
     wrapper segments of :func:`dropped_wrappers` (any format). The checkpoints returned
     are views (same handles; closing stays with the originals)."""
     old_prefix = new_prefix = ""
+    stored: tuple[dict[str, str], dict[str, str]] = ({}, {})
     if old.format in PREFIXED_FORMATS or new.format in PREFIXED_FORMATS:
         old_prefix, new_prefix = dropped_prefix(old.tensors, new.tensors)
         if old_prefix:
-            old = _renamed(old, lambda n: n[len(old_prefix):] if n.startswith(old_prefix) else n)
+            old = _renamed(old, lambda n: n[len(old_prefix):] if n.startswith(old_prefix) else n, stored[0])
         if new_prefix:
-            new = _renamed(new, lambda n: n[len(new_prefix):] if n.startswith(new_prefix) else n)
+            new = _renamed(new, lambda n: n[len(new_prefix):] if n.startswith(new_prefix) else n, stored[1])
     old_wrappers, new_wrappers = dropped_wrappers(old.tensors, new.tensors)
     if old_wrappers:
-        old = _renamed(old, lambda n: _strip_segments(n, set(old_wrappers)))
+        old = _renamed(old, lambda n: _strip_segments(n, set(old_wrappers)), stored[0])
     if new_wrappers:
-        new = _renamed(new, lambda n: _strip_segments(n, set(new_wrappers)))
-    return old, new, Dropped(old_prefix, new_prefix, old_wrappers, new_wrappers)
+        new = _renamed(new, lambda n: _strip_segments(n, set(new_wrappers)), stored[1])
+    return old, new, Dropped(old_prefix, new_prefix, old_wrappers, new_wrappers, stored)
 
 
-def _renamed(ckpt: Checkpoint, rename: Callable[[str], str]) -> Checkpoint:
+def _renamed(ckpt: Checkpoint, rename: Callable[[str], str], stored: dict[str, str]) -> Checkpoint:
     """A view of ``ckpt`` (same handles; closing stays with the original) with its names
-    renamed (:func:`_stripped`); tied names it does not hold follow the same rule."""
+    renamed (:func:`_stripped`); tied names it does not hold follow the same rule.
+    ``stored`` (new name -> the name the file stores) is updated."""
     names = dict(zip(ckpt.tensors, _stripped(list(ckpt.tensors), rename)))
+    for name, short in names.items():
+        if short != name:
+            stored[short] = stored.pop(name, name)
     tensors = {names[name]: handle for name, handle in ckpt.tensors.items()}
     ties = {}
     for dropped, target in ckpt.ties.items():

@@ -269,7 +269,7 @@ def compare_checkpoints(old: Checkpoint, new: Checkpoint, options: Options, engi
         figures=figures, metadata_diffs=metadata_diffs if mode == "pair" else (),
         old_metadata=dict(old.metadata), new_metadata=dict(new.metadata),
         device=str(engine.device), epsilon=options.epsilon, mode=mode, scope=options.scope,
-        layer_pattern=options.get("layer_pattern"),
+        layer_pattern=options.get("layer_pattern"), stored_names=dropped.stored,
     )
     report = build_report(comparison, options, state)
     if mapped is not None:  # the mapping's own section comes first

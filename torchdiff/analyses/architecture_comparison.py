@@ -337,9 +337,20 @@ def analyze(comparison: Comparison, options, state: dict) -> AnalysisResult:
     removed = [d.name for d in model if d.status == REMOVED and d.name not in renamed_old]
     reshaped = [d for d in model if d.status == RESHAPED]
     retyped = [d for d in model if d.old is not None and d.new is not None and d.old.dtype != d.new.dtype]
-    old_names = {d.name for d in model if d.old is not None}
-    new_names = {d.name for d in model if d.new is not None}
-    reshaped_names = {d.name for d in reshaped}
+    # Loadability is about the names the files store: where pairing dropped a prefix or a
+    # wrapper segment (a `pairing` section), those names differ, and each such pair is a
+    # rename (old's stored name -> new's).
+    stored_old, stored_new = comparison.stored_names
+    old_names = {stored_old.get(d.name, d.name) for d in model if d.old is not None}
+    new_names = {stored_new.get(d.name, d.name) for d in model if d.new is not None}
+    reshaped_names = {stored_old.get(d.name, d.name) for d in reshaped}
+    paired = [(stored_old.get(d.name, d.name), stored_new.get(d.name, d.name)) for d in model
+              if d.old is not None and d.new is not None]
+    by_pairing = sorted((a, b) for a, b in paired if a != b)
+    pairing_rules = Counter(_prefix_rule(a, b) for a, b in by_pairing)
+    by_content = renames
+    renames = sorted(renames + by_pairing)
+    rules = rules + pairing_rules
     loadable, load_detail = _loadable(old_names, new_names, reshaped_names)
     headline: dict[str, Any] = {
         "family": _arrow(old_info["family"], new_info["family"]),
@@ -366,8 +377,10 @@ def analyze(comparison: Comparison, options, state: dict) -> AnalysisResult:
         data["loadable_after_renames_detail"] = after_detail
         data["rename_rules"] = [{"old_prefix": o, "new_prefix": n, "count": c} for (o, n), c in rules.most_common()]
         for (o, n), c in rules.most_common(3):
+            why = ("the files' own names; pairing dropped the difference, see pairing"
+                   if (o, n) in pairing_rules else "same shape, dtype and content hash")
             notes.append(f"rename rule: {o + '.' if o else '(no prefix)'} -> {n + '.' if n else '(no prefix)'} "
-                         f"for {count(c)} tensors (same shape, dtype and content hash)")
+                         f"for {count(c)} tensors ({why})")
     if ambiguous:
         notes.append(f"{count(len(ambiguous))} identical-content tensors could not be matched to one name: "
                      + ", ".join(ambiguous[:5]) + (" ..." if len(ambiguous) > 5 else ""))
@@ -399,7 +412,7 @@ def analyze(comparison: Comparison, options, state: dict) -> AnalysisResult:
                      new_info["hyperparameter_notes"].get(k) or old_info["hyperparameter_notes"].get(k, ""))
                     for k in hp_keys)
     dtypes = sorted(set(old_info["params_by_dtype"]) | set(new_info["params_by_dtype"]))
-    back = {b: a for a, b in renames}  # renamed tensors are grouped under their old names
+    back = {b: a for a, b in by_content}  # tensors renamed (same content) are grouped under their old names
     new_groups: Counter = Counter()
     for d in model:
         if d.new is not None and not tied(d, "new"):
