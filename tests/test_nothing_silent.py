@@ -146,6 +146,29 @@ def test_recursive_reads_the_hf_trainers_rng_state(capsys, tmp_path):
         assert torch.equal(ckpt["numpy.1"], torch.from_numpy(state[1])) and ckpt.metadata["numpy.0"] == "MT19937"
 
 
+def test_a_trainer_folder_says_which_files_it_did_not_read(capsys, tmp_path):
+    """Without -r a Trainer checkpoint folder is its weights file; the other checkpoint
+    files it holds are named, not passed over in silence."""
+    old = _trainer_dir(tmp_path / "checkpoint-1", 1.0, needs_code=False)
+    new = _trainer_dir(tmp_path / "checkpoint-2", 2.0, needs_code=False)
+    torch.save({"state": {}, "param_groups": []}, old / "optimizer.pt")
+    code, out, err = run(capsys, old, new, "-o", "json")
+    assert code == 0 and err == ""
+    items = json.loads(out)
+    assert [i["path"] for i in items if i["type"].startswith("tensor")] == ["w"]
+    (directory,) = [i for i in items if i["type"] == "directory"]
+    assert directory["not_read"] == 2
+    assert directory["old"] == {"path": str(old), "read": "model.safetensors", "not_read": ["optimizer.pt", "rng_state.pth"]}
+    assert directory["new"]["not_read"] == ["rng_state.pth"]
+    code, out, err = run(capsys, old, new)
+    text = " ".join(out.split())
+    assert f"note: {old}: compared model.safetensors; not read: optimizer.pt, rng_state.pth (-r compares" in text
+    (tmp_path / "single").mkdir()
+    save_file({"w": torch.ones(4)}, str(tmp_path / "single" / "model.safetensors"))
+    code, out, err = run(capsys, tmp_path / "single", new / "model.safetensors", "-o", "json")
+    assert not any(i["type"] == "directory" for i in json.loads(out))  # nothing else there: nothing to say
+
+
 def test_recursive_passes_unsafe_pickle_to_every_file(capsys, tmp_path):
     old = _trainer_dir(tmp_path / "checkpoint-1", 1.0)
     new = _trainer_dir(tmp_path / "checkpoint-2", 2.0)

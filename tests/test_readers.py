@@ -484,3 +484,70 @@ def test_a_payload_in_a_record_never_runs(write_pt, tmp_path, legacy):
             assert name in ("subprocess.call", "commands.call")  # pickle protocol 2 writes Python 2's name
             assert ckpt.metadata == {"payload.0": ["touch", str(marker)]}  # its arguments, kept as data
     assert not marker.exists()
+
+
+# ---- tensors that are not plain strided values: meta, sparse, torch.ao quantized ----------
+
+
+def test_meta_tensors_are_named_not_compared(write_pt, capsys):
+    """A tensor on the meta device has a shape and a dtype but no values: metadata says so."""
+    from torchdiff.cli import main
+
+    path = write_pt("meta.pt", {"w": torch.empty(3, 2, device="meta"), "b": torch.ones(2)})
+    with torchdiff.load(path) as ckpt:
+        assert list(ckpt.tensors) == ["b"]
+        assert ckpt.metadata == {"w": "<meta tensor [3, 2] float32: no values stored>"}
+    assert main([str(path), str(path)]) == 0
+
+
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+def test_sparse_tensors_compare_as_their_dense_values(write_pt, layout):
+    dense_a = torch.tensor([[0.0, 2.0, 0.0], [1.5, 0.0, 0.0]])
+    dense_b = torch.tensor([[0.0, 2.5, 0.0], [1.5, 0.0, -1.0]])
+    sparse = (lambda t: t.to_sparse()) if layout == "coo" else (lambda t: t.to_sparse_csr())
+    a, b = write_pt("a.pt", {"w": sparse(dense_a)}), write_pt("b.pt", {"w": sparse(dense_b)})
+    with torchdiff.load(a) as ckpt:
+        h = ckpt.tensors["w"]
+        assert h.storage_dtype == "sparse float32" and h.shape == (2, 3)
+        t = sparse(dense_a)
+        parts = (t._values(), t._indices()) if layout == "coo" else (t.values(), t.crow_indices(), t.col_indices())
+        assert h.nbytes == sum(p.numel() * p.element_size() for p in parts)
+    (d,) = torchdiff.compare(a, b)
+    delta = (dense_b - dense_a).double()
+    assert d.metrics.l2 == pytest.approx(float(delta.norm())) and d.metrics.max_abs == pytest.approx(1.0)
+    assert d.old.zero_fraction == pytest.approx(4 / 6) and d.old.mean == pytest.approx(3.5 / 6)
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_channel"])
+def test_torch_ao_quantized_tensors_compare_dequantized(write_pt, capsys, per_channel):
+    """torch.ao quantized models store quint8/qint8 codes with scales and zero points;
+    their values are the dequantized codes, marked dequantized."""
+    import warnings
+
+    from torchdiff.cli import main
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if per_channel:
+            scales, zeros = torch.tensor([0.02, 0.05, 0.03, 0.04], dtype=torch.float64), torch.tensor([0, 1, -1, 2])
+            qa = torch.quantize_per_channel(x, scales, zeros, 0, torch.qint8)
+            qb = torch.quantize_per_channel(y, scales, zeros, 0, torch.qint8)
+        else:
+            qa = torch.quantize_per_tensor(x, 0.05, 3, torch.quint8)
+            qb = torch.quantize_per_tensor(y, 0.05, 3, torch.quint8)
+        a, b = write_pt("qa.pt", {"w": qa}), write_pt("qb.pt", {"w": qb})
+        ref_a, ref_b = qa.dequantize().double(), qb.dequantize().double()
+    with torchdiff.load(a) as ckpt:
+        h = ckpt.tensors["w"]
+        assert h.storage_dtype == ("qint8" if per_channel else "quint8") and h.dtype == torch.float32
+        assert h.nbytes == 24 + (4 * 8 + 4 * 8 if per_channel else 16)
+    report = torchdiff.compare(a, b)
+    (d,) = report
+    assert d.old.mean == pytest.approx(float(ref_a.mean()), rel=1e-6)
+    assert d.metrics.l2 == pytest.approx(float((ref_b - ref_a).norm()), rel=1e-6)
+    assert d.extras.get("dequantized") == ["old", "new"]
+    capsys.readouterr()
+    assert main([str(a), str(b)]) == 0
+    assert capsys.readouterr().err == ""  # torch's own deprecation warnings are not the user's business

@@ -186,7 +186,7 @@ def check_scope(scope: str) -> str:
 
 # ---- dtypes ---------------------------------------------------------------------------
 
-_INT_STORAGE = re.compile(r"^(u?int\d*|bool|I\d+|sparse bool|sparse u?int\d*)$")
+_INT_STORAGE = re.compile(r"^(q?u?int\d*|bool|I\d+|sparse bool|sparse u?int\d*)$")
 _FLOAT_STORAGE = re.compile(
     r"^(sparse )?(float\d*|bfloat16|float8_\w+|complex\d*|half|double)$"  # torch / numpy names
     r"|^(F64|F32|F16|BF16|Q\d\w*|IQ\d\w*|TQ\d\w*|MXFP4)$"  # GGUF: plain floats and block-quantized

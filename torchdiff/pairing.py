@@ -296,7 +296,7 @@ def annotate(pairs: list[Pair], diffs: list) -> list:
     return [replace(d, extras={**d.extras, **found[d.name]}) if d.name in found else d for d in diffs]
 
 
-_CODES = ("int", "uint", "float8")  # storage dtypes of quantization codes
+_CODES = ("int", "uint", "float8", "qint", "quint")  # storage dtypes of quantization codes (qint: torch.ao)
 
 
 def _dequantized(handle: TensorHandle | None) -> bool:

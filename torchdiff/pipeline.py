@@ -274,7 +274,8 @@ def compare_checkpoints(old: Checkpoint, new: Checkpoint, options: Options, engi
     report = build_report(comparison, options, state)
     if mapped is not None:  # the mapping's own section comes first
         report = dataclasses.replace(report, analyses=(mapped.to_result(),) + report.analyses)
-    extra = tuple(r for r in (_records_result(old, new), dequantized_result(options), unreadable) if r is not None)
+    extra = tuple(r for r in (_directory_result(old, new), _records_result(old, new), dequantized_result(options),
+                              unreadable) if r is not None)
     if dropped:
         extra = (_pairing_result(old, new, dropped),) + extra
     if extra:  # what pairing dropped, what was dequantized, what could not be read: before the analyses
@@ -314,6 +315,21 @@ def _records_result(old: Checkpoint, new: Checkpoint) -> AnalysisResult | None:
         f"weights-only loader does not allow ({', '.join(found[side])}) were read as data (their tensors and "
         "values are compared; no code from the file ran)" for side, ckpt in (("old", old), ("new", new)) if found[side])
     return AnalysisResult("records", {"classes": len(set(found["old"]) | set(found["new"]))}, found, notes=tuple(notes))
+
+
+def _directory_result(old: Checkpoint, new: Checkpoint) -> AnalysisResult | None:
+    """A checkpoint directory read through one weights file (or index) while it holds
+    other checkpoint files (a Trainer folder's optimizer.pt, rng_state.pth): which file
+    was read and which were not, as a section named ``directory``."""
+    found = {side: ckpt.info.get("directory") for side, ckpt in (("old", old), ("new", new))}
+    found = {side: d for side, d in found.items() if d}
+    if not found:
+        return None
+    notes = tuple(dict.fromkeys(
+        f"{d['path']}: compared {d['read']}; not read: {', '.join(d['not_read'])} (-r compares every file of "
+        "two directories)" for d in found.values()))
+    not_read = sorted({f for d in found.values() for f in d["not_read"]})
+    return AnalysisResult("directory", {"not_read": len(not_read)}, found, notes=notes)
 
 
 def _unreadable(old: Checkpoint, new: Checkpoint) -> AnalysisResult | None:

@@ -320,7 +320,22 @@ def watch(handle: TensorHandle, path: str, state: tuple[int, ...] | None) -> Non
 
 
 def tensor_handle(name: str, tensor: torch.Tensor, mapped: bool = False) -> TensorHandle:
-    """A handle for a tensor already in memory (or already a view of a mapping)."""
+    """A handle for a tensor already in memory (or already a view of a mapping).
+
+    A sparse tensor is compared as its dense values (storage dtype ``sparse <dtype>``,
+    bytes as stored: values and indices); a tensor of torch's quantized dtypes
+    (``torch.ao`` models: ``quint8``, ``qint8``, ``qint32``) as its dequantized values
+    (float32, marked dequantized; bytes: the codes plus scales and zero points)."""
+    if tensor.layout != torch.strided:
+        return TensorHandle(
+            name=name, shape=tuple(tensor.shape), dtype=tensor.dtype, nbytes=_sparse_nbytes(tensor),
+            materialize=tensor.to_dense, storage_dtype="sparse " + dtype_name(tensor.dtype),
+        )
+    if tensor.is_quantized:
+        return TensorHandle(
+            name=name, shape=tuple(tensor.shape), dtype=torch.float32, nbytes=_quantized_nbytes(tensor),
+            materialize=tensor.dequantize, storage_dtype=dtype_name(tensor.dtype),
+        )
     return TensorHandle(
         name=name,
         shape=tuple(tensor.shape),
@@ -329,6 +344,28 @@ def tensor_handle(name: str, tensor: torch.Tensor, mapped: bool = False) -> Tens
         materialize=lambda: tensor,
         mapped=mapped,
     )
+
+
+def _sparse_nbytes(t: torch.Tensor) -> int:
+    """Bytes a sparse tensor holds: its values and its index tensors."""
+    if t.layout == torch.sparse_coo:
+        parts = (t._values(), t._indices())
+    elif t.layout in (torch.sparse_csr, torch.sparse_bsr):
+        parts = (t.values(), t.crow_indices(), t.col_indices())
+    else:  # sparse_csc, sparse_bsc
+        parts = (t.values(), t.ccol_indices(), t.row_indices())
+    return sum(p.numel() * p.element_size() for p in parts)
+
+
+def _quantized_nbytes(t: torch.Tensor) -> int:
+    """Bytes a quantized tensor holds: its integer codes, plus its scales and zero points
+    (one each per tensor, or per channel)."""
+    codes = t.numel() * t.element_size()
+    if t.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric,
+                       torch.per_channel_affine_float_qparams):
+        params = t.q_per_channel_scales(), t.q_per_channel_zero_points()
+        return codes + sum(p.numel() * p.element_size() for p in params)
+    return codes + 16  # one float64 scale, one int64 zero point
 
 
 class Record:
@@ -403,7 +440,9 @@ def flatten(
     if isinstance(obj, torch.Tensor):
         if obj.requires_grad:  # a pickled nn.Parameter: its values
             obj = obj.detach()
-        if obj.ndim == 0 and not prefix:
+        if obj.is_meta:  # shape and dtype only (a model built on the meta device): no values to compare
+            metadata[prefix or "tensor"] = f"<meta tensor {list(obj.shape)} {dtype_name(obj.dtype)}: no values stored>"
+        elif obj.ndim == 0 and not prefix:
             metadata["value"] = obj.item()
         else:
             tensors[prefix or "tensor"] = obj

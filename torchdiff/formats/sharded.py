@@ -47,13 +47,16 @@ def _load_directory(path: str) -> Checkpoint:
     if len(indexes) > 1 and len(preferred) == 1:
         indexes = preferred  # a Hugging Face repo shipping both formats: safetensors first, as transformers does
     if len(indexes) == 1:
-        return _load_index(os.path.join(path, indexes[0]))
+        ckpt = _load_index(os.path.join(path, indexes[0]))
+        used = set(ckpt.info["sharded"]["shards"]) | {indexes[0]}
+        return _not_read(ckpt, path, indexes[0], [e for e in entries if e not in used and _is_checkpoint(e)])
     if len(indexes) > 1:
         raise UsageError(
             f"{path}: the directory holds {len(indexes)} checkpoint indexes ({', '.join(indexes)}) "
             "(pass the one to read, e.g. " + os.path.join(path, indexes[0]) + ")"
         )
-    files = [e for e in entries if os.path.splitext(e)[1].lower() in formats.extensions]
+    files = [e for e in entries if _is_checkpoint(e)]
+    found = files
     if len(files) > 1:
         # A Hugging Face model or Trainer checkpoint folder (weights beside optimizer.pt,
         # training_args.bin, ...): its weights file, in transformers' order of preference.
@@ -62,7 +65,8 @@ def _load_directory(path: str) -> Checkpoint:
                 files = [name]
                 break
     if len(files) == 1:
-        return formats.load(os.path.join(path, files[0]))
+        return _not_read(formats.load(os.path.join(path, files[0])), path, files[0],
+                         [e for e in found if e != files[0]])
     if not files:
         raise InputNotFoundError(
             f"{path}: the directory holds no checkpoint (no *{INDEX_SUFFIX} and no file ending in "
@@ -72,6 +76,20 @@ def _load_directory(path: str) -> Checkpoint:
         f"{path}: the directory holds {len(files)} checkpoint files and no index ({', '.join(files)}) "
         "(pass the file to read, or use -r to compare two directories file by file)"
     )
+
+
+def _is_checkpoint(entry: str) -> bool:
+    from torchdiff import formats
+
+    return os.path.splitext(entry)[1].lower() in formats.extensions
+
+
+def _not_read(ckpt: Checkpoint, directory: str, read: str, others: list[str]) -> Checkpoint:
+    """``ckpt`` (read from ``read`` in ``directory``) noting the directory's other
+    checkpoint files, which it did not read (``info["directory"]``): said, never silent."""
+    if others:
+        ckpt.info["directory"] = {"path": directory, "read": read, "not_read": others}
+    return ckpt
 
 
 def _read_index(path: str) -> tuple[dict[str, str], dict[str, Any]]:

@@ -117,6 +117,11 @@ def load(path: str, unsafe: bool = False) -> Checkpoint:
             # torch warns on stderr about the pickle protocol of odd files; the
             # outcome (a checkpoint or one error line) is what the user gets.
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            # torch's own deprecations, raised while it rebuilds quantized tensors: not
+            # about the file, and nothing the user can act on.
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+            warnings.filterwarnings("ignore", message="torch.quantize_per_tensor, torch.quantize_per_channel")
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
             records: list[str] = []
             if unsafe:
                 obj = torch.load(path, map_location="cpu", weights_only=False, mmap=mapped)
