@@ -551,3 +551,59 @@ def test_torch_ao_quantized_tensors_compare_dequantized(write_pt, capsys, per_ch
     capsys.readouterr()
     assert main([str(a), str(b)]) == 0
     assert capsys.readouterr().err == ""  # torch's own deprecation warnings are not the user's business
+
+
+_SAVE_DTENSORS = r"""
+import os, sys, warnings, torch, torch.distributed as dist
+warnings.simplefilter("ignore")
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1")
+dist.init_process_group("gloo")
+from torch.distributed.tensor import DTensor, Replicate, Shard, init_device_mesh
+mesh = init_device_mesh("cpu", (1,))
+g = torch.Generator().manual_seed(int(sys.argv[3]))
+whole, rows = torch.randn(4, 3, generator=g), torch.randn(2, 3, generator=g)
+state = {"model": {
+    "whole": DTensor.from_local(whole, mesh, [Replicate()]),
+    # rank 0's half of a [4, 3] tensor sharded over 2 ranks, as that rank's torch.save holds it
+    "half": DTensor.from_local(rows, mesh, [Shard(0)], run_check=False, shape=torch.Size([4, 3]), stride=(3, 1)),
+    "plain": torch.ones(2)}, "step": int(sys.argv[3])}
+torch.save(state, sys.argv[1])
+torch.save({"whole": whole, "half": rows}, sys.argv[1] + ".ref")
+dist.destroy_process_group()
+"""
+
+
+def test_dtensors_a_rank_saved_compare_as_their_local_shards(tmp_path, capsys):
+    """torch.save(model.state_dict()) under FSDP2 holds DTensors: read weights-only, each
+    compared as the shard the file holds, and a dtensors section says which are shards."""
+    import socket
+    import subprocess
+    import sys
+
+    from torchdiff.cli import main
+
+    paths = []
+    for seed in (1, 2):
+        with socket.socket() as s_:
+            s_.bind(("127.0.0.1", 0))
+            port = s_.getsockname()[1]
+        path = tmp_path / f"rank0_step{seed}.pt"
+        subprocess.run([sys.executable, "-c", _SAVE_DTENSORS, str(path), str(port), str(seed)], check=True)
+        paths.append(path)
+    refs = [torch.load(str(p) + ".ref") for p in paths]
+    with torchdiff.load(paths[0]) as ckpt:
+        assert sorted(ckpt.tensors) == ["model.half", "model.plain", "model.whole"]
+        assert torch.equal(ckpt["model.half"], refs[0]["half"]) and torch.equal(ckpt["model.whole"], refs[0]["whole"])
+        assert ckpt.info["dtensors"]["model.half"] == {"global_shape": [4, 3], "local_shape": [2, 3],
+                                                       "placements": ["Shard(dim=0)"], "mesh_shape": [1]}
+    report = torchdiff.compare(*paths)
+    by_name = {d.name: d for d in report}
+    delta = (refs[1]["half"] - refs[0]["half"]).double()
+    assert by_name["model.half"].metrics.l2 == pytest.approx(float(delta.norm()), rel=1e-6)
+    assert report.analysis("dtensors").headline == {"dtensors": 2, "shards": 1}
+    capsys.readouterr()
+    assert main([str(paths[0]), str(paths[1])]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    text = " ".join(out.split())
+    assert f"note: {paths[0]}: 2 DTensors, 1 of them a shard of a larger tensor (e.g. model.half: [2, 3] of [4, 3])" in text

@@ -274,8 +274,8 @@ def compare_checkpoints(old: Checkpoint, new: Checkpoint, options: Options, engi
     report = build_report(comparison, options, state)
     if mapped is not None:  # the mapping's own section comes first
         report = dataclasses.replace(report, analyses=(mapped.to_result(),) + report.analyses)
-    extra = tuple(r for r in (_directory_result(old, new), _records_result(old, new), dequantized_result(options),
-                              unreadable) if r is not None)
+    extra = tuple(r for r in (_directory_result(old, new), _records_result(old, new), _dtensor_result(old, new),
+                              dequantized_result(options), unreadable) if r is not None)
     if dropped:
         extra = (_pairing_result(old, new, dropped),) + extra
     if extra:  # what pairing dropped, what was dequantized, what could not be read: before the analyses
@@ -330,6 +330,37 @@ def _directory_result(old: Checkpoint, new: Checkpoint) -> AnalysisResult | None
         "two directories)" for d in found.values()))
     not_read = sorted({f for d in found.values() for f in d["not_read"]})
     return AnalysisResult("directory", {"not_read": len(not_read)}, found, notes=notes)
+
+
+def _dtensor_result(old: Checkpoint, new: Checkpoint) -> AnalysisResult | None:
+    """DTensors a PyTorch pickle held (one rank's ``torch.save`` under FSDP2 or tensor
+    parallelism), compared as the shard the file holds, as a section named ``dtensors``."""
+    found = {side: ckpt.info.get("dtensors") or {} for side, ckpt in (("old", old), ("new", new))}
+    if not any(found.values()):
+        return None
+    notes = []
+    for side, ckpt in (("old", old), ("new", new)):
+        held = found[side]
+        if not held:
+            continue
+        sharded = [n for n, d in held.items() if d["local_shape"] != d["global_shape"]]
+        if sharded:
+            first = held[sharded[0]]
+            notes.append(f"{ckpt.name}: {_count(len(held), 'DTensor')}, {len(sharded)} of them a shard of a larger "
+                         f"tensor (e.g. {sharded[0]}: {first['local_shape']} of "
+                         f"{first['global_shape']}): compared as the shard this file holds; compare "
+                         "a gathered state_dict or a DCP checkpoint for whole tensors")
+        else:
+            notes.append(f"{ckpt.name}: {_count(len(held), 'DTensor')}, each whole in this file: compared as their "
+                         "values")
+    notes = list(dict.fromkeys(notes))
+    names = set(found["old"]) | set(found["new"])
+    shards = {n for held in found.values() for n, d in held.items() if d["local_shape"] != d["global_shape"]}
+    return AnalysisResult("dtensors", {"dtensors": len(names), "shards": len(shards)}, found, notes=tuple(notes))
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _unreadable(old: Checkpoint, new: Checkpoint) -> AnalysisResult | None:

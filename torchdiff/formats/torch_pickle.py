@@ -21,6 +21,7 @@ parameters and buffers take their ``state_dict`` names. Names in ``os``, ``sys``
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import re
@@ -39,7 +40,47 @@ _UNSAFE_MARKERS = ("GLOBAL", "Unsupported global", "Unsupported class", "is bloc
 
 
 def _torch_load(path: str, mmap: bool):
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    # torch logs, while unpickling a DTensor's device mesh, that no process group exists:
+    # expected when reading a checkpoint, and not the user's business.
+    mesh_log = logging.getLogger("torch.distributed.device_mesh")
+    level = mesh_log.level
+    mesh_log.setLevel(logging.ERROR)
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError as e:
+            # torch.save(model.state_dict()) under FSDP2 / tensor parallelism holds
+            # DTensors; torch allows their classes once torch.distributed.tensor is imported.
+            if _DTENSOR_MARKER not in str(e) or not _import_dtensor():
+                raise
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    finally:
+        mesh_log.setLevel(level)
+
+
+_DTENSOR_MARKER = "must be imported to load DTensors"
+
+
+def _import_dtensor() -> bool:
+    try:
+        import torch.distributed.tensor  # noqa: F401 - registers DTensor with the weights-only loader
+    except (ImportError, RuntimeError):
+        return False
+    return True
+
+
+def local_shards(tensors: dict) -> dict[str, dict]:
+    """Replace each DTensor of ``tensors`` (in place) by the shard this file holds (its
+    local tensor: one rank's ``torch.save``); what each was, by name."""
+    found = {}
+    for name, t in list(tensors.items()):
+        local = getattr(t, "_local_tensor", None)
+        if local is None or not hasattr(t, "placements"):
+            continue
+        found[name] = {"global_shape": list(t.shape), "local_shape": list(local.shape),
+                       "placements": [repr(p) for p in t.placements], "mesh_shape": list(t.device_mesh.shape)}
+        tensors[name] = local
+    return found
 
 
 #: numpy's data-only reconstructors (the allowlist torch's documentation gives for
@@ -147,13 +188,18 @@ def load(path: str, unsafe: bool = False) -> Checkpoint:
     except RecursionError:
         raise CorruptFileError(f"{path}: objects nested deeper than {sys.getrecursionlimit()} levels; "
                                "not read") from None
+    dtensors = local_shards(tensors)
     handles = {name: tensor_handle(name, t, mapped=mapped) for name, t in tensors.items()}
     # torch.save writes each storage once, whole; tensors of one storage (tied weights, a
     # slice of a bigger tensor) are views of it. mark_shared records that identity, so
     # bytes count each stored storage once and tied weights count once.
     mark_shared(handles, tensors, key_prefix=path)
-    return Checkpoint(name=path, format="torch", tensors=handles, metadata=metadata,
-                      info={"records": records} if records else {})
+    info: dict = {}
+    if records:
+        info["records"] = records
+    if dtensors:
+        info["dtensors"] = dtensors
+    return Checkpoint(name=path, format="torch", tensors=handles, metadata=metadata, info=info)
 
 
 def _check_members(path: str) -> None:
