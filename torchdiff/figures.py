@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import gc
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -645,7 +645,7 @@ class Comparison:
     layer_pattern: Any = None
     #: (old, new): tensor name -> the name its file stores, where pairing dropped a
     #: prefix or wrapper segment (pairing.drop_prefix); empty otherwise
-    stored_names: tuple[Mapping[str, str], Mapping[str, str]] = ({}, {})
+    stored_names: tuple[Mapping[str, str], Mapping[str, str]] = field(default_factory=lambda: ({}, {}))
 
     def __post_init__(self) -> None:
         if self.old_metadata is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping
 
 from torchdiff.errors import UsageError
@@ -111,15 +111,15 @@ WRAPPER_SEGMENTS = {"module": "nn.DataParallel / DistributedDataParallel", "_ori
 
 @dataclass(frozen=True)
 class Dropped:
-    """What pairing dropped from names: the DCP prefix (:func:`dropped_prefix`) and the
-    wrapper segments (:func:`dropped_wrappers`) of each side."""
+    """What pairing dropped from names: the container prefix (:func:`dropped_prefix`)
+    and the wrapper segments (:func:`dropped_wrappers`) of each side."""
 
     old_prefix: str = ""
     new_prefix: str = ""
     old_wrappers: tuple[str, ...] = ()
     new_wrappers: tuple[str, ...] = ()
     #: each side's names pairing changed: paired name -> the name the file stores
-    stored: tuple[Mapping[str, str], Mapping[str, str]] = ({}, {})
+    stored: tuple[Mapping[str, str], Mapping[str, str]] = field(default_factory=lambda: ({}, {}))
 
     def __bool__(self) -> bool:
         return bool(self.old_prefix or self.new_prefix or self.old_wrappers or self.new_wrappers)
