@@ -134,3 +134,13 @@ def test_online_downloads_only_weights(monkeypatch, tmp_path):
     ]
     for _, _, patterns, _ in calls:  # never optimizer state or tokenizer files
         assert not any("optimizer" in p or "tokenizer" in p or p == "*" for p in patterns)
+
+
+def test_a_hub_snapshots_other_cached_files_are_not_reported(cache):
+    """The snapshot folder may hold files the cache kept from elsewhere (here optimizer.pt):
+    the Hub reader chose the weights, so no directory section lists what it did not read."""
+    _, local = cache
+    assert torchdiff.compare(REPO, str(local)).analysis("directory") is None
+    assert torchdiff.inspect(REPO).analysis("directory") is None
+    folder = huggingface_hub.snapshot_download(REPO, local_files_only=True)
+    assert torchdiff.inspect(folder).analysis("directory").data["new"]["not_read"] == ["optimizer.pt"]

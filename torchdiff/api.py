@@ -14,7 +14,7 @@ from torchdiff.errors import CorruptFileError, UsageError
 from torchdiff.formats.base import Checkpoint
 from torchdiff.pairing import check_selected, compile_filters, pair, pair_metadata
 from torchdiff.pipeline import (
-    CORE_OPTIONS, check_paths, compare_checkpoints, make_options, open_checkpoint, opened, resolve,
+    CORE_OPTIONS, check_paths, compare_checkpoints, make_options, open_checkpoint, opened, resolve, resolved,
     unknown_option,
 )
 from torchdiff.figures import without_gc
@@ -164,10 +164,10 @@ def inspect(
     """
     _reject(unknown)
     options = _options(analyses, locals())
-    source = resolve(source, options)
-    check_paths(source, source, options)
+    local = resolve(source, options)
+    check_paths(local, local, options)
     engine = Engine(resolve_device(options.device), options.epsilon)
-    ckpt = open_checkpoint(source, options)
+    ckpt = resolved(open_checkpoint(local, options), source, local)
     try:
         empty = Checkpoint(name="", format=ckpt.format, tensors={})
         return compare_checkpoints(empty, ckpt, options, engine, mode="inspect")

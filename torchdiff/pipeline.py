@@ -181,6 +181,15 @@ def resolve(source: Any, options: Options) -> Any:
     return source
 
 
+def resolved(ckpt: Checkpoint, source: Any, path: Any) -> Checkpoint:
+    """``ckpt``, opened from ``path`` (``resolve(source)``). A Hub id's snapshot folder
+    holds the files the Hub reader chose to fetch (formats/hub.py), plus whatever else the
+    cache kept: the folder's other files are not the user's to be told about."""
+    if path is not source:
+        ckpt.info.pop("directory", None)
+    return ckpt
+
+
 def check_paths(old: Any, new: Any, options: Options) -> None:
     """Missing paths and file/directory mix-ups, before reading anything."""
     for side in (old, new):
@@ -195,6 +204,7 @@ def check_paths(old: Any, new: Any, options: Options) -> None:
 @contextlib.contextmanager
 def opened(old: Any, new: Any, options: Options):
     """Both checkpoints, opened after checking the paths, closed however the block ends."""
+    given = old, new
     old, new = resolve(old, options), resolve(new, options)
     check_paths(old, new, options)
     old_ckpt = open_checkpoint(old, options)
@@ -203,6 +213,8 @@ def opened(old: Any, new: Any, options: Options):
     except BaseException:
         old_ckpt.close()
         raise
+    for source, path, ckpt in zip(given, (old, new), (old_ckpt, new_ckpt)):
+        resolved(ckpt, source, path)
     try:
         yield old_ckpt, new_ckpt
     finally:
