@@ -487,7 +487,7 @@ def test_import_stays_lean():
     assert proc.stdout.strip() == "False", proc.stderr
 
 
-def test_report_to_html_writes_the_page(tmp_path):
+def test_report_to_html_method_writes_the_page(tmp_path):
     import torch
 
     import torchdiff

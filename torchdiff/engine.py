@@ -22,7 +22,6 @@ import collections
 import contextlib
 import ctypes
 import functools
-import math
 import os
 import sys
 import threading
@@ -215,9 +214,6 @@ class _Task:
             ids = run.a_slots if which == "a" else run.b_slots if which == "b" else run.pairs
             parts.append(ids[start : start + n])
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-
-_KINDS = ("common", "added", "removed", "reshaped")
 
 
 class _Plan:
