@@ -314,20 +314,27 @@ def _headline_value(key: str, v: Any) -> str:
 
 
 def inspect_table(report, width: int | None = None, top: int | None = None) -> list[str]:
-    diffs = report.ordered_diffs()
+    fig = report.figures
+    order = _rows(report)
     rows = []
-    for d in diffs[:top] if top else diffs:
+    for i in order[:top] if top else order:  # a TensorDiff view only for the rows shown
+        d = fig[i]
         s = d.new
         rows.append([printable(d.name), _shape(s.shape), s.dtype, s.numel, s.mean, s.std, s.min,
                      s.max, s.nan_count, s.inf_count])
     lines = table_lines(["name", "shape", "dtype", "params", "mean", "std", "min", "max", "nan", "inf"], rows,
                         width or terminal_width())
     lines = [line[2:] for line in lines]
-    if top and len(diffs) > top:
-        lines.append(f"… and {len(diffs) - top:,} more (--top 0 lists every tensor)")
-    total = sum(d.new.numel for d in diffs)
-    nbytes = sum(d.new.nbytes for d in diffs)
-    return lines + [f"{len(diffs):,} tensors, {total:,} parameters, {human_bytes(nbytes)}"]
+    if top and len(order) > top:
+        lines.append(f"… and {len(order) - top:,} more (--top 0 lists every tensor)")
+    total, nbytes = int(fig.new.numel.sum()), int(fig.new.nbytes.sum())
+    return lines + [f"{len(order):,} tensors, {total:,} parameters, {human_bytes(nbytes)}"]
+
+
+def _rows(report) -> list[int]:
+    """Row numbers of the figures table in output order."""
+    order = report.row_order()
+    return list(range(len(report.figures))) if order is None else order
 
 
 def _ranker(report):
@@ -368,11 +375,12 @@ def render_text(report, color: bool = False, top: int | None = None, width: int 
 
         renamed = mapped_names(report)
         summary = summary_line(report)
-        changed = [d for d in report.ordered_diffs() if d.status != UNCHANGED]
+        fig = report.figures
+        changed = [i for i in _rows(report) if fig.status[i] != UNCHANGED]
         if changed or comp.metadata_diffs:
             lines.append(summary)
         shown = changed[:top] if top else changed
-        for d in shown:
+        for d in (fig[i] for i in shown):  # a TensorDiff view only for the lines printed
             marker, text = tensor_line(d, report.stats, sort_key, d.name in dequantized,
                                        renamed.get(d.name, {}).get("path_new"))
             for line in wrap(f"  {marker} {text}", width, indent="    "):
