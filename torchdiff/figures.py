@@ -334,6 +334,13 @@ class GroupFigures:
     new_sq: float
     dot: float
     share: float = math.nan
+    elements: int = 0  # Σ elements compared (the measured members)
+    changed_elements: int = 0  # Σ elements with |Δ| > ε
+
+    @property
+    def changed_fraction(self) -> float:
+        """Share of the compared elements that changed (0 when none was compared)."""
+        return self.changed_elements / self.elements if self.elements else 0.0
 
     @property
     def l2(self) -> float:
@@ -387,7 +394,7 @@ class GroupFigures:
                 "norm_old": self.norm_old, "norm_new": self.norm_new, "norm_change": self.norm_change}
 
 
-_SUMS = ("tensors", "params", "measured", "changed", "dsq", "old_sq", "new_sq", "dot")
+_SUMS = ("tensors", "params", "measured", "changed", "dsq", "old_sq", "new_sq", "dot", "elements", "changed_elements")
 
 
 class GroupSums:
@@ -434,6 +441,7 @@ class GroupSums:
             "tensors": np.ones(rows.size), "params": fig.params[rows].astype(np.float64),
             "measured": measured.astype(np.float64), "changed": moved.astype(np.float64),
             "dsq": dsq, "old_sq": old_sq, "new_sq": new_sq, "dot": dot,
+            "elements": pair(fig.count), "changed_elements": pair(fig.changed_count),
         }
         k = len(labels)
         block = np.stack([np.bincount(inverse, weights=columns[f], minlength=k) for f in _SUMS], 1)
@@ -458,7 +466,8 @@ class GroupSums:
         for label, row in self._sums.items():
             share = row[4] / total if total > 0 else 0.0
             out[label] = GroupFigures(int(row[0]), int(row[1]), int(row[2]), int(row[3]),
-                                      float(row[4]), float(row[5]), float(row[6]), float(row[7]), float(share))
+                                      float(row[4]), float(row[5]), float(row[6]), float(row[7]), float(share),
+                                      int(row[8]), int(row[9]))
         return out
 
 

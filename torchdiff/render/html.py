@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
+from torchdiff.figures import GroupFigures, GroupSums
 from torchdiff.names import layer_of, module_type
 from torchdiff.render import finite_json
 
@@ -57,40 +58,13 @@ FORMULAS: dict[str, tuple[str, str]] = {
 
 # ---- the payload --------------------------------------------------------------------------------
 
-class _Sums:
-    """Sums over a group of tensor pairs (docs/REPORT.md, "Group figures")."""
-
-    __slots__ = ("tensors", "params", "dsq", "asq", "bsq", "dot", "changed", "numel")
-
-    def __init__(self) -> None:
-        self.tensors = self.params = self.changed = self.numel = 0
-        self.dsq = self.asq = self.bsq = self.dot = 0.0
-
-    def add(self, d) -> None:
-        self.tensors += 1
-        self.params += d.params
-        m = d.metrics
-        if m is None:
-            return
-        self.dsq += m.l2 ** 2
-        self.asq += m.norm_old ** 2
-        self.bsq += m.norm_new ** 2
-        self.dot += m.dot
-        self.changed += m.changed_count
-        self.numel += m.numel
-
-    def figures(self) -> dict[str, Any]:
-        l2, a, b = math.sqrt(self.dsq), math.sqrt(self.asq), math.sqrt(self.bsq)
-        rel = l2 / a if a > 0 else (math.inf if l2 > 0 else 0.0)
-        if a * b > 0:
-            cos = max(-1.0, min(1.0, self.dot / (a * b)))
-        else:
-            cos = 1.0 if a == b else math.nan
-        return {
-            "tensors": self.tensors, "params": self.params, "measured": self.numel > 0, "l2": l2, "rel_l2": rel,
-            "cosine": cos, "changed_fraction": self.changed / self.numel if self.numel else 0.0,
-            "sqnr_db": _sqnr(a, l2),
-        }
+def _group_row(g: GroupFigures) -> dict[str, Any]:
+    """A layer's (or a layer × module cell's) figures, from the one aggregation
+    (figures.GroupSums; docs/REPORT.md, "Group figures")."""
+    return {
+        "tensors": g.tensors, "params": g.params, "measured": g.elements > 0, "l2": g.l2, "rel_l2": g.rel_l2,
+        "cosine": g.cosine, "changed_fraction": g.changed_fraction, "sqnr_db": _sqnr(g.norm_old, g.l2),
+    }
 
 
 def _sqnr(norm: float, l2: float) -> float:
@@ -175,25 +149,21 @@ def _compare_payload(report) -> dict[str, Any]:
     }
 
     # Layers, and the layer × module-type grid: group sums of the per-tensor figures.
-    layers: dict[str, _Sums] = {}
-    cells: dict[tuple[str, str], _Sums] = {}
-    module_of: dict[str, str] = {}
-    layer_name: dict[str, str] = {}
-    for d in comp.diffs:
-        layer = layer_of(d.name, pattern)
-        kind = module_type(d.name)
-        module_of[d.name], layer_name[d.name] = kind, layer
-        layers.setdefault(layer, _Sums()).add(d)
-        cells.setdefault((layer, kind), _Sums()).add(d)
+    fig = comp.figures
+    layer_keys = [layer_of(n, pattern) for n in fig.names]
+    kinds = [module_type(n) for n in fig.names]
+    module_of, layer_name = dict(zip(fig.names, kinds)), dict(zip(fig.names, layer_keys))
+    layers = GroupSums().update(fig, layer_keys).compute()
+    cell_keys = [f"{layer}\x00{kind}" for layer, kind in zip(layer_keys, kinds)]
+    cells = {tuple(key.split("\x00")): g for key, g in GroupSums().update(fig, cell_keys).compute().items()}
     layer_rows = []
     shares = {}
     if layer_impact is not None:
         shares = {r["layer"]: r["share"] for r in by_type["layer_impact"]["layers"]}
-    total_dsq = sum(s.dsq for s in layers.values())
     for name in sorted(layers, key=_natural):
-        row = {"layer": name, **layers[name].figures()}
+        row = {"layer": name, **_group_row(layers[name])}
         # The share is layer_impact's own figure when it ran (the same number as its JSON).
-        row["share"] = shares.get(name, layers[name].dsq / total_dsq if total_dsq > 0 else 0.0)
+        row["share"] = shares.get(name, layers[name].share)
         layer_rows.append(row)
     columns = [k for k in MODULE_TYPES if any(c[1] == k for c in cells)]
     columns += sorted({c[1] for c in cells} - set(columns))
@@ -201,8 +171,8 @@ def _compare_payload(report) -> dict[str, Any]:
     grid = {key: [[None] * len(columns) for _ in row_names] for key in ("rel_l2", "cosine", "changed_fraction")}
     col_index = {c: j for j, c in enumerate(columns)}
     row_index = {r: i for i, r in enumerate(row_names)}
-    for (layer, kind), sums in cells.items():
-        f = sums.figures()
+    for (layer, kind), g in cells.items():
+        f = _group_row(g)
         if not f["measured"]:
             continue
         for key in grid:
@@ -269,7 +239,7 @@ def _compare_payload(report) -> dict[str, Any]:
     if layer_impact is not None:
         out["layers"]["top_layer"] = layer_impact.headline["top_layer"]
         out["layers"]["top_share"] = layer_impact.headline["top_share"]
-    elif layer_rows and total_dsq > 0:
+    elif layer_rows and sum(g.dsq for g in layers.values()) > 0:
         top = min(layer_rows, key=lambda r: (-r["share"], _natural(r["layer"])))
         out["layers"]["top_layer"], out["layers"]["top_share"] = top["layer"], top["share"]
     if inspect:  # one checkpoint: nothing moved, no layer figures to draw
