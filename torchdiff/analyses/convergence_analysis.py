@@ -28,7 +28,7 @@ import numpy as np
 from torchdiff.analyses._training import (
     fit_line, layer_key, safe_div,
 )
-from torchdiff.names import is_float_storage
+from torchdiff.figures import GroupSums
 from torchdiff.errors import UsageError
 from torchdiff.results import AnalysisResult, Table
 from torchdiff.units import count, number
@@ -162,32 +162,23 @@ def analyze(comparison, options, state: dict) -> AnalysisResult | None:
     """Pair mode: r = ‖Δθ‖/‖θ_old‖ globally and per layer (parameters only)."""
     if comparison.mode != "pair":
         return None
-    layers: dict[str, list[float]] = {}
-    nonfinite = 0
-    for d in comparison.diffs:
-        m = d.metrics
-        if m is None or not comparison.in_scope(d):
-            continue
-        if not (is_float_storage(d.old.dtype) and is_float_storage(d.new.dtype)):
-            continue
-        nonfinite += d.new.nan_count + d.new.inf_count
-        acc = layers.setdefault(layer_key(d.name, options), [0, 0.0, 0.0, 0.0])
-        acc[0] += d.params
-        acc[1] += m.l2 ** 2
-        acc[2] += m.norm_old ** 2
-        acc[3] += m.norm_new ** 2
+    fig = comparison.figures
+    mask = fig.float_pairs() & fig.in_scope(comparison.scope)
+    layers = GroupSums().update(fig, [layer_key(n, options) for n in fig.names], mask).compute()
     if not layers:
         return AnalysisResult(NAME, {"status": "undetermined"},
                               notes=("no floating-point parameters in both checkpoints",))
-    u2 = sum(a[1] for a in layers.values())
-    o2 = sum(a[2] for a in layers.values())
-    n2 = sum(a[3] for a in layers.values())
+    nonfinite = int((fig.new.nan_count[mask] + fig.new.inf_count[mask]).sum())
+    u2 = sum(g.dsq for g in layers.values())
+    o2 = sum(g.old_sq for g in layers.values())
+    n2 = sum(g.new_sq for g in layers.values())
     nsq = np.array([o2, n2])
     dist2 = np.array([[0.0, u2], [u2, 0.0]])
     fig = figures(nsq, dist2)
     status, reason = decide(fig, nonfinite, options)
     rows, per_layer = [], []
-    for layer, (params, lu2, lo2, ln2) in layers.items():
+    for layer, g in layers.items():
+        params, lu2, lo2, ln2 = g.params, g.dsq, g.old_sq, g.new_sq
         r = safe_div(math.sqrt(lu2), math.sqrt(lo2))
         rows.append((layer, int(params), r, math.sqrt(lu2), math.sqrt(lo2)))
         per_layer.append({"layer": layer, "params": int(params), "rel_update": r, "update_norm": math.sqrt(lu2),

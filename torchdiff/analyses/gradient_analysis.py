@@ -25,10 +25,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+
 from torchdiff.analyses._training import (
     AdamPlan, adam_sums, build_adam_plan, layer_key, lr_from_metadata, median_or_nan, safe_div,
     step_from_metadata,
 )
+from torchdiff.figures import GroupSums
 from torchdiff.names import PARAMETER, is_float_storage
 from torchdiff.errors import UsageError
 from torchdiff.results import AnalysisResult, Table
@@ -311,19 +314,13 @@ def analyze(comparison, options, state: dict) -> AnalysisResult | None:
         return AnalysisResult(NAME, {"source": "none"},
                               notes=("no optimizer state in the checkpoint: gradients need Adam state, "
                                      "or two checkpoints and a learning rate",))
-    u2: dict[str, float] = {}
-    w2: dict[str, float] = {}
-    params: dict[str, float] = {}
-    for d in comparison.diffs:
-        m = d.metrics
-        if m is None or d.role != PARAMETER:
-            continue  # optimizer state, buffers and counters are not parameters that a gradient moves
-        if not (is_float_storage(d.old.dtype) and is_float_storage(d.new.dtype)):
-            continue
-        layer = layer_key(d.name, options)
-        u2[layer] = u2.get(layer, 0.0) + m.l2 ** 2
-        w2[layer] = w2.get(layer, 0.0) + m.norm_old ** 2
-        params[layer] = params.get(layer, 0.0) + d.params
+    fig = comparison.figures
+    # Optimizer state, buffers and counters are not parameters that a gradient moves.
+    mask = fig.float_pairs() & np.array([r == PARAMETER for r in fig.role], dtype=bool)
+    layers = GroupSums().update(fig, [layer_key(n, options) for n in fig.names], mask).compute()
+    u2 = {layer: g.dsq for layer, g in layers.items()}
+    w2 = {layer: g.old_sq for layer, g in layers.items()}
+    params = {layer: float(g.params) for layer, g in layers.items()}
     if not u2:
         return AnalysisResult(NAME, {"source": "none"}, notes=("no floating-point parameters in both checkpoints",))
     lr, k, notes = _lr_and_steps(options, comparison.old_metadata, comparison.new_metadata)

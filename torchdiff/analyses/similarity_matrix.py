@@ -26,6 +26,7 @@ from torchdiff.analyses._training import (
     OUTLIER_MIN_ROTATION, OUTLIER_Z, SHADES, cosine_from_sq, cosine_outliers, layer_key, safe_div, shade,
     shade_legend, shade_scale,
 )
+from torchdiff.figures import GroupSums
 from torchdiff.names import SCOPES, is_float_storage, roles
 from torchdiff.results import AnalysisResult, Table
 from torchdiff.units import number
@@ -130,20 +131,15 @@ def hooks(options, state: dict):
 def analyze(comparison, options, state: dict) -> AnalysisResult | None:
     if comparison.mode != "pair":
         return None
-    tensors = []
-    layers: dict[str, list[float]] = {}
-    for d in comparison.diffs:
-        m = d.metrics
-        if m is None or not comparison.in_scope(d):
-            continue
-        tensors.append((d.name, d.old.shape, m.cosine, m.rel_l2))
-        acc = layers.setdefault(layer_key(d.name, options), [0, 0.0, 0.0, 0.0, math.inf])
-        acc[0] += 1
-        acc[1] += m.dot
-        acc[2] += m.norm_old ** 2
-        acc[3] += m.norm_new ** 2
-        if math.isfinite(m.cosine):
-            acc[4] = min(acc[4], m.cosine)
+    fig = comparison.figures
+    mask = fig.measured & fig.in_scope(comparison.scope)
+    keys = [layer_key(n, options) for n in fig.names]
+    layers = GroupSums().update(fig, keys, mask).compute()
+    cosine, rel = fig.cosine(), fig.rel_l2()
+    tensors = [(fig.names[i], fig.old.shape[i], float(cosine[i]), float(rel[i])) for i in np.flatnonzero(mask)]
+    lowest: dict[str, float] = {}  # each layer's lowest finite tensor cosine
+    for i in np.flatnonzero(mask & np.isfinite(cosine)).tolist():
+        lowest[keys[i]] = min(lowest.get(keys[i], math.inf), float(cosine[i]))
     notes: list[str] = []
     if options.get("base") is not None:
         notes.append("--base (task vectors) applies to torchdiff series C1 C2 ... --base B")
@@ -155,7 +151,8 @@ def analyze(comparison, options, state: dict) -> AnalysisResult | None:
     outliers = [tensors[i][0] for i in cosine_outliers(cosines)]
     lo, hi = shade_scale(finite)
     layer_rows, per_layer = [], []
-    for layer, (count, dot, o2, n2, cmin) in layers.items():
+    for layer, g in layers.items():
+        count, dot, o2, n2, cmin = g.tensors, g.dot, g.old_sq, g.new_sq, lowest.get(layer, math.inf)
         c = cosine_from_sq(o2, n2, o2 + n2 - 2 * dot)
         layer_rows.append((layer, int(count), c, cmin if math.isfinite(cmin) else math.nan, shade(c, lo, hi)))
         per_layer.append({"layer": layer, "tensors": int(count), "cosine": c,
