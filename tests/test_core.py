@@ -275,3 +275,22 @@ def test_report_delta_reads_new_minus_old(tmp_path):
     save_file({"w": torch.arange(4.0) * 3}, str(b))
     report = torchdiff.compare(str(a), str(b))
     torch.testing.assert_close(report.delta("w"), torch.arange(4.0) * 2)
+
+
+def test_group_figures_scalars_are_the_column_formulas():
+    """GroupFigures.rel_l2 / cosine (scalar arithmetic, for speed) give the bits of the
+    columns' _rel / _cos on every edge: zeros, tiny, huge, ∞, NaN, negative dots."""
+    import itertools
+
+    from torchdiff.figures import GroupFigures, _cos, _rel
+
+    values = [0.0, 1e-300, 1.0, 2.5, 1e300, math.inf, math.nan]
+
+    def same(x, y):
+        return (math.isnan(x) and math.isnan(y)) or x == y
+
+    with np.errstate(all="ignore"):
+        for dsq, old_sq, new_sq, dot in itertools.product(values, values, values, values + [-1.0, -math.inf]):
+            g = GroupFigures(1, 1, 1, 1, dsq, old_sq, new_sq, dot)
+            assert same(g.rel_l2, math.nan if math.isnan(dsq) else float(_rel(dsq, old_sq))), (dsq, old_sq)
+            assert same(g.cosine, float(_cos(dot, g.norm_old, g.norm_new))), (dot, old_sq, new_sq)
