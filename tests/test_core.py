@@ -278,8 +278,9 @@ def test_report_delta_reads_new_minus_old(tmp_path):
 
 
 def test_group_figures_scalars_are_the_column_formulas():
-    """GroupFigures.rel_l2 / cosine (scalar arithmetic, for speed) give the bits of the
-    columns' _rel / _cos on every edge: zeros, tiny, huge, ∞, NaN, negative dots."""
+    """GroupFigures.rel_l2 / cosine (_rel / _cos on floats: scalar arithmetic, for speed)
+    give the bits of the same formulas on arrays on every edge: zeros, tiny, huge, ∞,
+    NaN, negative dots."""
     import itertools
 
     from torchdiff.figures import GroupFigures, _cos, _rel
@@ -292,5 +293,6 @@ def test_group_figures_scalars_are_the_column_formulas():
     with np.errstate(all="ignore"):
         for dsq, old_sq, new_sq, dot in itertools.product(values, values, values, values + [-1.0, -math.inf]):
             g = GroupFigures(1, 1, 1, 1, dsq, old_sq, new_sq, dot)
-            assert same(g.rel_l2, math.nan if math.isnan(dsq) else float(_rel(dsq, old_sq))), (dsq, old_sq)
-            assert same(g.cosine, float(_cos(dot, g.norm_old, g.norm_new))), (dot, old_sq, new_sq)
+            assert same(g.rel_l2, float(_rel(np.array([dsq]), np.array([old_sq]))[0])), (dsq, old_sq)
+            assert same(g.cosine, float(_cos(np.array([dot]), np.array([g.norm_old]), np.array([g.norm_new]))[0])), \
+                (dot, old_sq, new_sq)

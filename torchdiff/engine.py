@@ -234,14 +234,10 @@ class _Plan:
             b_slots.append(len(handles) if new is not None else -1)
             if new is not None:
                 handles.append(new)
-            if old is None or new is None:
-                kinds.append("added" if old is None else "removed")
-                dtypes.append(compute(old.dtype if new is None else new.dtype))
-                retyped.append(False)
-            else:
-                kinds.append("common" if old.shape == new.shape else "reshaped")
-                dtypes.append(compute(old.dtype, new.dtype))
-                retyped.append(old.storage_dtype != new.storage_dtype)
+            kinds.append(p.kind)
+            retyped.append(p.retyped)
+            dtypes.append(compute(old.dtype, new.dtype) if old is not None and new is not None
+                          else compute((old or new).dtype))
         self.handles = handles
         self.a_slots = np.array(a_slots, dtype=np.int64)
         self.b_slots = np.array(b_slots, dtype=np.int64)
@@ -715,7 +711,7 @@ class Engine:
             for name in ("mean", "std", "min", "max", "mean_abs", "rms", "zero_count"):
                 getattr(side_cols, name)[rows] = cols[name][src]
             held = [handles[s] for s in src.tolist()]
-            shapes = [h.shape if type(h.shape) is tuple else tuple(h.shape) for h in held]
+            shapes = [tuple(h.shape) for h in held]
             dtypes = [h.storage_dtype for h in held]
             if len(held) == n_pairs:
                 side_cols.shape, side_cols.dtype = shapes, dtypes

@@ -74,22 +74,25 @@ def dropped_prefix(old_names, new_names) -> tuple[str, str]:
 
     A prefix P of :data:`CONTAINER_PREFIXES` is dropped from side A when the other side
     has no name starting with P and dropping it from A's names pairs more names than
-    keeping it. Names of A without P (``optim.state...``) stay as they are; so does a
-    name whose stripped form A already holds.
+    keeping it (the names renamed as :func:`drop_prefix` renames them). Names of A
+    without P (``optim.state...``) stay as they are; so does a name whose stripped form
+    A already holds.
     """
-    old_names, new_names = list(old_names), list(new_names)
-    old_set, new_set = set(old_names), set(new_names)
-    common = len(old_set & new_set)
-    best = (common, "", "")
+    names = (list(old_names), list(new_names))
+    sets = (set(names[0]), set(names[1]))
+    best = (len(sets[0] & sets[1]), "", "")
     for prefix in CONTAINER_PREFIXES:
-        for a, b_set, a_set, side in ((old_names, new_set, old_set, "old"), (new_names, old_set, new_set, "new")):
-            if any(n.startswith(prefix) for n in b_set):
+        for a in (0, 1):
+            if any(n.startswith(prefix) for n in sets[1 - a]):
                 continue
-            stripped = {n[len(prefix):] if n.startswith(prefix) and n[len(prefix):] not in a_set else n for n in a}
-            found = len(stripped & b_set)
+            found = len(set(_stripped(names[a], _without_prefix(prefix))) & sets[1 - a])
             if found > best[0]:
-                best = (found, prefix, "") if side == "old" else (found, "", prefix)
+                best = (found, prefix, "") if a == 0 else (found, "", prefix)
     return best[1], best[2]
+
+
+def _without_prefix(prefix: str) -> Callable[[str], str]:
+    return lambda n: n[len(prefix):] if n.startswith(prefix) else n
 
 
 #: Formats whose names carry the top-level key the state was saved under (DCP's
@@ -177,9 +180,9 @@ def drop_prefix(old: Checkpoint, new: Checkpoint) -> tuple[Checkpoint, Checkpoin
     if old.format in PREFIXED_FORMATS or new.format in PREFIXED_FORMATS:
         old_prefix, new_prefix = dropped_prefix(old.tensors, new.tensors)
         if old_prefix:
-            old = _renamed(old, lambda n: n[len(old_prefix):] if n.startswith(old_prefix) else n, stored[0])
+            old = _renamed(old, _without_prefix(old_prefix), stored[0])
         if new_prefix:
-            new = _renamed(new, lambda n: n[len(new_prefix):] if n.startswith(new_prefix) else n, stored[1])
+            new = _renamed(new, _without_prefix(new_prefix), stored[1])
     old_wrappers, new_wrappers = dropped_wrappers(old.tensors, new.tensors)
     if old_wrappers:
         old = _renamed(old, lambda n: _strip_segments(n, set(old_wrappers)), stored[0])

@@ -238,7 +238,7 @@ def compare_checkpoints(old: Checkpoint, new: Checkpoint, options: Options, engi
         old, new = dequantize_pair(old, new, options)
     mapped = None
     dropped = Dropped()
-    if mode == "pair":  # a DCP side's model./module. prefix the other side lacks (docs/FORMATS.md)
+    if mode == "pair":  # a container prefix or wrapper segment only one side has (docs/FORMATS.md)
         old, new, dropped = drop_prefix(old, new)
     if mode == "pair":  # cross-format pairing (docs/MAPPING.md): lazy handles under the old side's names
         old, new, mapped = mapping.apply_mapping(old, new, options.get("map", "auto"), heads=options.get("map_heads"))

@@ -25,14 +25,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
-
 from torchdiff.analyses._training import (
     AdamPlan, adam_sums, build_adam_plan, layer_key, lr_from_metadata, median_or_nan, safe_div,
     step_from_metadata,
 )
 from torchdiff.figures import GroupSums
-from torchdiff.names import PARAMETER, is_float_storage
+from torchdiff.names import is_float_storage
 from torchdiff.errors import UsageError
 from torchdiff.results import AnalysisResult, Table
 from torchdiff.units import count, number
@@ -316,7 +314,7 @@ def analyze(comparison, options, state: dict) -> AnalysisResult | None:
                                      "or two checkpoints and a learning rate",))
     fig = comparison.figures
     # Optimizer state, buffers and counters are not parameters that a gradient moves.
-    mask = fig.float_pairs() & np.array([r == PARAMETER for r in fig.role], dtype=bool)
+    mask = fig.float_pairs() & fig.in_scope("params")
     layers = GroupSums().update(fig, [layer_key(n, options) for n in fig.names], mask).compute()
     u2 = {layer: g.dsq for layer, g in layers.items()}
     w2 = {layer: g.old_sq for layer, g in layers.items()}
