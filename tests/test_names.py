@@ -103,6 +103,20 @@ def test_roles_with_context_find_companions_of_quantized_weights():
                               "fc.bias": "parameter"}
 
 
+def test_roles_over_checkpoints_the_newest_holding_a_name_decides():
+    old = {"a.weight": ("float32", 2), "a.weight.scale": ("float32", 1),  # old float a: its scale a parameter
+           "b.weight": ("int8", 2), "b.weight.scale": ("float32", 1),     # b quantized only in the old file
+           "optimizer.state.0.step": ("int64", 0)}
+    new = {"a.weight": ("int8", 2), "a.weight.scale": ("float32", 1), "b.weight": ("float32", 2),
+           "c.weight": ("int8", 2), "c.weight.scale": ("float32", 1)}
+    assert N.roles_over([old, new]) == {
+        "a.weight": "parameter", "a.weight.scale": "quant_companion",  # the new side decides
+        "b.weight": "parameter", "b.weight.scale": "quant_companion",  # only old holds it: old's context
+        "c.weight": "parameter", "c.weight.scale": "quant_companion", "optimizer.state.0.step": "counter"}
+    assert N.roles_over([new, old])["a.weight.scale"] == "parameter"
+    assert N.roles_over([old]) == N.roles(old)
+
+
 @pytest.mark.parametrize("name, param", [
     ("optimizer.state.3.exp_avg", ("optimizer.state.3", "exp_avg")),
     ("state.0.step", ("state.0", "step")),

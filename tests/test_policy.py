@@ -4,6 +4,7 @@ files), and bad policy files (one exact error line, exit 2)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -199,6 +200,55 @@ def test_role_selector(pair):
     assert res["c"]["selected"] == 1 and res["c"]["offenders"] == [
         {"tensor": "fc.weight_scale", "figure": None, "why": "added"}]
     assert res["p"]["selected"] == 1 and res["p"]["passed"]
+    # the report's own role column says the same (names.roles_over: one rule for compare,
+    # series and policies; the newest checkpoint holding a name decides)
+    assert {d.name: d.role for d in report}["fc.weight_scale"] == "quant_companion"
+
+
+def _adam_checkpoint(model, opt, steps, g) -> dict:
+    for _ in range(steps):
+        opt.zero_grad()
+        model(torch.randn(8, 4, generator=g)).pow(2).sum().backward()
+        opt.step()
+    return {"model": {k: v.clone() for k, v in model.state_dict().items()},
+            "optimizer": copy.deepcopy(opt.state_dict()), "epoch": steps}
+
+
+def test_max_share_counts_the_model_not_optimizer_state(tmp_path):
+    """Two Adam training checkpoints: the step counters (3 -> 6) and the moment estimates
+    moved far more than the weights. The share is that of --show-layer-impact: the
+    tensors in --scope (parameters by default), against float64 NumPy."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    t3 = _adam_checkpoint(model, opt, 3, g)
+    t6 = _adam_checkpoint(model, opt, 3, g)
+    torch.save(t3, tmp_path / "t3.pt")
+    torch.save(t6, tmp_path / "t6.pt")
+    energy = {k: float(((t6["model"][k].double() - t3["model"][k].double()) ** 2).sum()) for k in ("weight", "bias")}
+    share = energy["weight"] / sum(energy.values())
+    pol = policy.parse(yaml.safe_load(f"rules: [{{name: w, select: '*.weight', max_share: {share - 1e-6}}},"
+                                      f" {{name: w ok, select: '*.weight', max_share: {share + 1e-6}}},"
+                                      f" {{name: opt, select: 'role:optimizer_state', max_share: 0}}]"))
+    report = torchdiff.compare(tmp_path / "t3.pt", tmp_path / "t6.pt", show_layer_impact=True)
+    res = {r["rule"]: r for r in pol.evaluate(report).data["results"]}
+    assert res["w"]["measured"] == pytest.approx(share, rel=1e-6) and not res["w"]["passed"]
+    assert res["w"]["offenders"][0]["tensor"] == "model.weight"
+    assert res["w"]["offenders"][0]["figure"] == pytest.approx(share, rel=1e-6)
+    assert res["w ok"]["passed"]
+    # optimizer state is outside the default scope: selected, but no share of the model's update
+    assert res["opt"]["selected"] > 0 and res["opt"]["measured"] == 0.0 and res["opt"]["passed"]
+
+
+def test_layer_selector_follows_the_layer_pattern(tmp_path):
+    a = {"stage1.conv.weight": torch.ones(3), "stage2.conv.weight": torch.ones(3)}
+    b = {"stage1.conv.weight": torch.full((3,), 2.0), "stage2.conv.weight": torch.ones(3)}
+    pol = policy.parse(yaml.safe_load("rules: [{name: s2 frozen, select: 'layer:stage2', unchanged: true}]"))
+    res = pol.evaluate(torchdiff.compare(a, b, layer_pattern=r"^stage\d+")).data["results"][0]
+    assert res["selected"] == 1 and res["passed"]
+    res = pol.evaluate(torchdiff.compare(a, b)).data["results"][0]  # default layers: the module prefix
+    assert res["selected"] == 0
 
 
 def test_selector_matching_nothing_fails_unless_allowed(pair):

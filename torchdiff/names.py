@@ -8,7 +8,8 @@ names. Pure functions on names, dtype names and shapes; no tensor maths, no I/O.
   recurrent layer (``lstm.l1``), else the module prefix, else the name.
 - ``role(name, dtype, ndim)``: ``parameter`` | ``buffer`` | ``counter`` |
   ``optimizer_state`` | ``quant_companion``; ``roles(specs)`` decides them for a whole
-  checkpoint, where a tensor's neighbours help (``W`` + ``W_scale``).
+  checkpoint, where a tensor's neighbours help (``W`` + ``W_scale``); ``roles_over``
+  for checkpoints compared in order (the newest holding a name decides).
 - ``module_type(name)``: ``attn_q`` ... ``mlp_down``, ``norm``, ``embedding``, ``head``, ``other``.
 - ``family(names)``: ``gguf`` | ``megatron`` | ``timm`` | ``lightning`` | ``nanogpt`` | ``hf`` | ``torch``.
 - ``is_float_storage(dtype)``: whether values are real numbers measured as floats.
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 from torchdiff.errors import UsageError
 
@@ -155,13 +156,14 @@ def role(name: str, dtype: str | None = None, ndim: int | None = None) -> str:
     return PARAMETER
 
 
-def roles(specs: Mapping[str, tuple[str, int]]) -> dict[str, str]:
-    """Roles for a checkpoint: ``specs`` maps name -> (storage dtype name, ndim).
+def roles(specs: Mapping[str, tuple[str, int]], names: Iterable[str] | None = None) -> dict[str, str]:
+    """Roles for a checkpoint: ``specs`` maps name -> (storage dtype name, ndim); only
+    ``names`` (default: every name of ``specs``) are decided.
 
     As ``role()``, plus: ``W<suffix>`` (``_scale``, ``.zero_point``...) is a
     quantization companion when ``W`` is stored in a non-float (or float8) dtype.
     """
-    out = {name: role(name, dtype, ndim) for name, (dtype, ndim) in specs.items()}
+    out = {name: role(name, *specs[name]) for name in (specs if names is None else names)}
     for name in out:
         if out[name] != PARAMETER or not name.endswith(COMPANION_SUFFIXES):
             continue
@@ -171,6 +173,21 @@ def roles(specs: Mapping[str, tuple[str, int]]) -> dict[str, str]:
                 if base is not None and (not is_float_storage(base[0]) or base[0].startswith("float8")):
                     out[name] = QUANT_COMPANION
                 break
+    return out
+
+
+def roles_over(checkpoints: Sequence[Mapping[str, tuple[str, int]]]) -> dict[str, str]:
+    """Roles over checkpoints compared in order (old to new), each given as its ``specs``
+    (see :func:`roles`): a name's role is the one the newest checkpoint holding it gives
+    it, with that checkpoint's other names as context (an added ``W_scale`` beside the
+    new side's int8 ``W`` is a quantization companion). The one rule of compare, series
+    and policies."""
+    out: dict[str, str] = {}
+    for specs in reversed(checkpoints):
+        if not out:
+            out = roles(specs)
+        else:
+            out.update(roles(specs, [n for n in specs if n not in out]))
     return out
 
 

@@ -10,7 +10,7 @@ from typing import Callable, Mapping
 
 from torchdiff.errors import UsageError
 from torchdiff.formats.base import Checkpoint, TensorHandle, stored_bytes
-from torchdiff.names import PARAMETER, roles
+from torchdiff.names import PARAMETER, roles_over
 
 
 @dataclass(eq=False, slots=True)
@@ -210,15 +210,14 @@ def _renamed(ckpt: Checkpoint, rename: Callable[[str], str], stored: dict[str, s
 
 def pair(old: Checkpoint, new: Checkpoint, keep=None) -> list[Pair]:
     """Pair tensors by name: old's order first, then names only new has. Each pair's role
-    comes from torchdiff.names.roles over both checkpoints (a side's own dtype first).
+    comes from torchdiff.names.roles_over (the new side decides, else the old).
 
     A name one side holds and the other side knows only as tied (``Checkpoint.ties``:
     a duplicate the file dropped) pairs with the tensor it is tied to, marked
     ``tied_to``: tied, not added or removed.
     """
-    specs = {name: (h.storage_dtype, len(h.shape)) for name, h in new.tensors.items()}
-    specs.update((name, (h.storage_dtype, len(h.shape))) for name, h in old.tensors.items())
-    role_of = roles(specs)
+    role_of = roles_over([{name: (h.storage_dtype, len(h.shape)) for name, h in c.tensors.items()}
+                          for c in (old, new)])
     pairs: list[Pair] = []
     for name, handle in old.tensors.items():
         if keep is None or keep(name):

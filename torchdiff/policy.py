@@ -5,7 +5,7 @@ selector (``select``/``exclude``: a glob over tensor names, ``re:REGEX``,
 ``layer:GLOB`` or ``role:ROLE``) and exactly one condition. ``load(path)`` validates
 the file before any checkpoint is read (every problem is a PolicyError: one line,
 exit 2); ``Policy.evaluate(report)`` measures each rule on the report's public surface
-(its TensorDiffs and ``report.analysis(name)``) and returns one ``policy``
+(its TensorDiffs, its figures table and ``report.analysis(name)``) and returns one ``policy``
 AnalysisResult, failed when a rule fails (exit 1). Schema and examples: docs/POLICY.md.
 """
 
@@ -20,8 +20,11 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
+import numpy as np
+
 from torchdiff.errors import PolicyError
-from torchdiff.names import ROLES, layer_of, roles
+from torchdiff.figures import group, summary_mask
+from torchdiff.names import ROLES
 from torchdiff.results import ADDED, REMOVED, UNCHANGED, AnalysisResult, Table, TensorDiff
 
 NAME = "policy"
@@ -61,14 +64,14 @@ class Selector:
     kind: str  # glob | re | layer | role
     pattern: Any
 
-    def matches(self, d: TensorDiff, role_of: dict[str, str]) -> bool:
+    def matches(self, d: TensorDiff, layer: Callable[[str], str]) -> bool:
         if self.kind == "glob":
             return fnmatch.fnmatchcase(d.name, self.pattern)
         if self.kind == "re":
             return self.pattern.search(d.name) is not None
         if self.kind == "layer":
-            return fnmatch.fnmatchcase(layer_of(d.name), self.pattern)
-        return role_of.get(d.name) == self.pattern
+            return fnmatch.fnmatchcase(layer(d.name), self.pattern)
+        return d.role == self.pattern
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,9 +83,9 @@ class Rule:
     exclude: tuple[Selector, ...] = ()
     allow_empty: bool = False
 
-    def selects(self, d: TensorDiff, role_of: dict[str, str]) -> bool:
-        chosen = not self.select or any(s.matches(d, role_of) for s in self.select)
-        return chosen and not any(s.matches(d, role_of) for s in self.exclude)
+    def selects(self, d: TensorDiff, layer: Callable[[str], str]) -> bool:
+        chosen = not self.select or any(s.matches(d, layer) for s in self.select)
+        return chosen and not any(s.matches(d, layer) for s in self.exclude)
 
     @property
     def selector_text(self) -> str:
@@ -279,16 +282,6 @@ def _steps(report) -> list[tuple[str | None, Any]]:
     return [(None, report)]
 
 
-def _roles(step) -> dict[str, str]:
-    """torchdiff.names.roles over one comparison's tensors (the new side's dtype and rank,
-    else the old side's), so that ``W_scale`` beside an int8 ``W`` is a quant_companion."""
-    specs = {}
-    for d in step:
-        side = d.new if d.new is not None else d.old
-        specs[d.name] = (side.dtype, len(side.shape))
-    return roles(specs)
-
-
 def _sqnr_db(d: TensorDiff) -> float:
     m = d.metrics
     if m.l2 == 0:
@@ -367,8 +360,7 @@ def _evaluate_rule(rule: Rule, report) -> dict[str, Any]:
     figures: list[float] = []
     selected_names: set[str] = set()
     for label, step in _steps(report):
-        role_of = _roles(step) if any(s.kind == "role" for s in rule.select + rule.exclude) else {}
-        diffs = [d for d in step if rule.selects(d, role_of)]
+        diffs = [d for d in step if rule.selects(d, step.comparison.layer)]
         selected_names.update(d.name for d in diffs)
         figure = _check(rule, step, diffs, label, offenders)
         if figure is not None:
@@ -463,14 +455,21 @@ def _check(rule: Rule, step, diffs: list[TensorDiff], label: str | None, offende
                 count += 1
                 offenders.append(_offender(d.name, f"{a} -> {b}", label))
         return count
-    if c == "max_share":
-        total = sum(d.metrics.l2 ** 2 for d in step if d.metrics is not None)
-        part = sum(d.metrics.l2 ** 2 for d in diffs if d.metrics is not None)
-        share = part / total if total > 0 else 0.0
+    if c == "max_share":  # the rows and sums of --show-layer-impact's share (figures.GroupSums)
+        fig = step.figures
+        if not fig.values_kept:
+            offenders.append(_offender("*", None, label, "statistics only: the report holds no ‖Δ‖"))
+            return math.nan
+        summed = summary_mask(fig, step.comparison.scope)
+        row = {name: i for i, name in enumerate(fig.names)}
+        chosen = np.zeros(len(fig), dtype=bool)
+        chosen[[row[d.name] for d in diffs]] = True
+        total = group(fig, "all", summed)["all"].dsq if summed.any() else 0.0
+        share = group(fig, "all", summed & chosen)["all"].dsq / total if total > 0 and (summed & chosen).any() else 0.0
         if share > v:
-            top = sorted((d for d in diffs if d.metrics is not None), key=lambda d: (-d.metrics.l2, d.name))
-            for d in top[:OFFENDERS_SHOWN]:
-                offenders.append(_offender(d.name, d.metrics.l2 ** 2 / total, label, "its own share"))
+            top = sorted(np.flatnonzero(summed & chosen).tolist(), key=lambda i: (-fig.l2[i], fig.names[i]))
+            for i in top[:OFFENDERS_SHOWN]:
+                offenders.append(_offender(fig.names[i], float(fig.l2[i]) ** 2 / total, label, "its own share"))
         return share
     if c == "no_anomaly":
         from torchdiff.analyses.anomaly_detection import NEW_STATE  # the sides the analysis counts

@@ -45,7 +45,7 @@ from torchdiff.engine import Engine, resolve_device
 from torchdiff.errors import CorruptFileError, InputNotFoundError, UsageError
 from torchdiff.figures import Comparison, Figures, without_gc
 from torchdiff.formats.base import Checkpoint, TensorHandle, check_unchanged
-from torchdiff.names import SCOPES, compile_pattern, is_float_storage, optimizer_param, roles
+from torchdiff.names import SCOPES, compile_pattern, is_float_storage, optimizer_param, roles_over
 from torchdiff.pairing import Pair, compile_filters, pair_metadata
 from torchdiff.pipeline import (
     CORE_OPTIONS, Options, build_report, make_options, open_checkpoint, unknown_option,
@@ -332,8 +332,8 @@ class _Pass:
         if self.dropped:
             dropped = set(self.dropped)
             names = [n for n in names if n not in dropped]
-        specs = {n: (h.storage_dtype, len(h.shape)) for c in ckpts for n, h in c.tensors.items()}
-        self.roles = roles(specs)
+        self.roles = roles_over([{n: (h.storage_dtype, len(h.shape)) for n, h in c.tensors.items()}
+                                 for c in ckpts])
         # series tensors (in scope, names.SCOPES) and their layers
         left_out: dict[str, list[str]] = {"not in every checkpoint": [], "shape differs": [], "not floating point": []}
         series_names: list[str] = []
