@@ -207,3 +207,39 @@ def test_cli_rejects_a_bad_pattern(tmp_path, capsys):
     old, new = make_pair(tmp_path)
     assert main([str(old), str(new), "--show-layer-impact", "--layer-pattern", "("]) == 2
     assert "--layer-pattern '(' is not a valid regex" in capsys.readouterr().err
+
+
+def test_tied_weights_count_once_everywhere_layers_are_shown(tmp_path):
+    """A GPT-2-style tied head (lm_head.weight and wte.weight one storage in a .pt) and
+    Adam state beside the model: layer impact, the layer records, the HTML report's
+    layers (without --show-layer-impact) and the global figures give the same layers and
+    sums; float64 reference: the tied update counted once, the optimizer left out."""
+    from torchdiff.render.html import payload
+
+    g = torch.Generator().manual_seed(3)
+    w, m = torch.randn(10, 4, generator=g), torch.randn(4, 4, generator=g)
+    w2, m2 = w + 0.1 * torch.randn(10, 4, generator=g), m + 0.1 * torch.randn(4, 4, generator=g)
+    for path, (e, h, step) in ((tmp_path / "a.pt", (w, m, 3.0)), (tmp_path / "b.pt", (w2, m2, 6.0))):
+        torch.save({"wte.weight": e, "lm_head.weight": e, "h.0.mlp.weight": h,
+                    "optimizer.state.0.step": torch.tensor(step),
+                    "optimizer.state.0.exp_avg": 100 * step * torch.ones(4, 4)}, path)
+    dsq = {"wte": float(((w2.double() - w.double()) ** 2).sum()), "h.0": float(((m2.double() - m.double()) ** 2).sum())}
+    total = sum(dsq.values())
+    report = torchdiff.compare(tmp_path / "a.pt", tmp_path / "b.pt", show_layer_impact=True)
+    a = report.analysis("layer_impact")
+    rows = {r[0]: dict(zip(a.tables[0].headers, r)) for r in a.tables[0].rows}
+    assert sorted(rows) == ["h.0", "wte"]  # no lm_head row: its values are wte's
+    assert a.headline["top_layer"] == "wte"
+    for name in rows:
+        assert rows[name]["share"] == pytest.approx(dsq[name] / total, rel=1e-5)
+        assert rows[name]["l2"] == pytest.approx(math.sqrt(dsq[name]), rel=1e-5)
+    assert rows["wte"]["params"] == 40 and rows["wte"]["tensors"] == 1
+    assert a.headline["l2"] == pytest.approx(math.sqrt(total), rel=1e-5)
+    assert a.headline["l2"] == report.scalars()["torchdiff/global_l2"]
+    assert any("lm_head.weight -> wte.weight" in n for n in a.notes)
+    records = {r["layer"]: r for r in report.records("layer")}
+    html = {r["layer"]: r for r in payload(torchdiff.compare(tmp_path / "a.pt", tmp_path / "b.pt"))["layers"]["rows"]}
+    for shown in (records, html):
+        assert sorted(shown) == ["h.0", "wte"]
+        for name in rows:
+            assert shown[name]["share"] == rows[name]["share"] and shown[name]["l2"] == rows[name]["l2"]

@@ -6,6 +6,7 @@ storage once, as the file holds it."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -154,3 +155,25 @@ def test_global_figures_count_a_tied_tensor_once(tmp_path):
     scalars = torchdiff.compare(str(tmp_path / "a.pt"), str(tmp_path / "b.pt")).scalars()
     assert scalars["torchdiff/global_rel_l2"] == pytest.approx((dsq / osq) ** 0.5, rel=1e-6)
     assert scalars["torchdiff/global_l2"] == pytest.approx(dsq ** 0.5, rel=1e-6)
+
+
+def test_tied_head_counts_once_in_the_training_analyses(tmp_path):
+    """lm_head.weight and wte.weight one storage in a .pt on both sides: convergence,
+    gradient and change summary sum the tied update once (float64 reference) and count
+    its parameters once."""
+    g = torch.Generator().manual_seed(5)
+    w, m = torch.randn(10, 4, generator=g), torch.randn(4, 4, generator=g)
+    w2, m2 = w + 0.1 * torch.randn(10, 4, generator=g), m + 0.1 * torch.randn(4, 4, generator=g)
+    for path, (e, h) in ((tmp_path / "a.pt", (w, m)), (tmp_path / "b.pt", (w2, m2))):
+        torch.save({"wte.weight": e, "lm_head.weight": e, "h.0.mlp.weight": h}, path)
+    u2 = float(((w2.double() - w.double()) ** 2).sum() + ((m2.double() - m.double()) ** 2).sum())
+    o2 = float((w.double() ** 2).sum() + (m.double() ** 2).sum())
+    report = torchdiff.compare(tmp_path / "a.pt", tmp_path / "b.pt", convergence_analysis=True,
+                               gradient_analysis=True, change_summary=True, lr=0.1)
+    conv = report.analysis("convergence_analysis").headline
+    assert conv["update_norm"] == pytest.approx(math.sqrt(u2), rel=1e-6)
+    assert conv["rel_update"] == pytest.approx(math.sqrt(u2 / o2), rel=1e-6)
+    assert report.analysis("gradient_analysis").headline["norm"] == pytest.approx(math.sqrt(u2) / 0.1, rel=1e-6)
+    summary = report.analysis("change_summary")
+    assert summary.data["param_counts"]["changed"] == 40 + 16 and summary.data["tensor_counts"]["changed"] == 3
+    assert summary.headline["layers_changed"] == 2  # wte (with its tied head) and h.0

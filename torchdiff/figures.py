@@ -481,14 +481,30 @@ def summary_mask(fig: Figures, scope: str) -> np.ndarray:
     (measured pairs; with statistics only, tensors of one shape on both sides)."""
     both = fig.float_pairs() if fig.values_kept else fig.float_sides()
     wanted = fig.in_scope(scope) & fig.status_mask(CHANGED, UNCHANGED, RETYPED)
-    mask = both & wanted
+    copies = tied_copies(fig)
+    mask = both & wanted & ~copies
     for i, extras in fig.extras.items():  # sparse: rows pairing.annotate marked
-        tied = extras.get("tied_to") or {}
-        if tied.get("old") and tied.get("new"):
-            mask[i] = False  # a tied copy of another row: its values count once, there
-        elif extras.get("dequantized") and fig.measured[i]:
+        if extras.get("dequantized") and fig.measured[i] and not copies[i]:
             mask[i] = wanted[i]  # integer codes measured as their dequantized float values
     return mask
+
+
+def tied_copies(fig: Figures) -> np.ndarray:
+    """Rows tied to another row on both sides (pairing.annotate's ``tied_to``): the same
+    values as the row they are tied to, which is where they count."""
+    mask = np.zeros(len(fig), dtype=bool)
+    for i, extras in fig.extras.items():
+        tied = extras.get("tied_to") or {}
+        if tied.get("old") and tied.get("new"):
+            mask[i] = True
+    return mask
+
+
+def layer_groups(fig: Figures, scope: str, layer: Callable[[str], str]) -> dict[str, GroupFigures]:
+    """The layers, as --show-layer-impact, the HTML report and ``layer_records`` show
+    them: each holds its tensors in ``scope`` (a tied copy counts once, in the layer of
+    the tensor it is tied to), with pair figures summed over ``summary_mask``."""
+    return group(fig, layer, fig.in_scope(scope) & ~tied_copies(fig), sum_mask=summary_mask(fig, scope))
 
 
 def global_figures(fig: Figures, scope: str = "params") -> GroupFigures | None:
@@ -638,8 +654,8 @@ def records(fig: Figures, order: Sequence[int] | None, layer: Callable[[str], st
 
 
 def layer_records(fig: Figures, scope: str, layer: Callable[[str], str]) -> list[dict[str, Any]]:
-    """One plain dict per layer over ``summary_mask``: layer, then GroupFigures.to_dict()."""
-    return [{"layer": name, **f.to_dict()} for name, f in group(fig, layer, summary_mask(fig, scope)).items()]
+    """One plain dict per layer of ``layer_groups``: layer, then GroupFigures.to_dict()."""
+    return [{"layer": name, **f.to_dict()} for name, f in layer_groups(fig, scope, layer).items()]
 
 
 

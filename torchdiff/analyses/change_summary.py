@@ -21,7 +21,7 @@ import torch
 
 from torchdiff.analyses.sort_by_change_magnitude import change_key
 from torchdiff.names import SCOPES, block_index, kind, layer_of
-from torchdiff.figures import Comparison, group, summary_mask
+from torchdiff.figures import Comparison, group, layer_groups, summary_mask, tied_copies
 from torchdiff.results import (
     ADDED, CHANGED, OLD_ALL_ZERO, REMOVED, RETYPED, STATUSES, UNCHANGED, AnalysisResult, Table,
 )
@@ -227,9 +227,10 @@ def analyze(comparison: Comparison, options, state: dict) -> AnalysisResult:
     paired = [fig[i] for i in np.flatnonzero(summarised)]
     tensor_counts = {s: 0 for s in STATUSES}
     param_counts = {s: 0 for s in STATUSES}
-    for d in model:
+    copies = tied_copies(fig)
+    for i, d in zip(np.flatnonzero(in_scope).tolist(), model):
         tensor_counts[d.status] += 1
-        param_counts[d.status] += d.params
+        param_counts[d.status] += 0 if copies[i] else d.params  # a tied weight's parameters once
     old_bytes = int(fig.old.nbytes[in_scope].sum())
     new_bytes = int(fig.new.nbytes[in_scope].sum())
     total = group(fig, "all", summarised).get("all") if summarised.any() else None
@@ -240,7 +241,7 @@ def analyze(comparison: Comparison, options, state: dict) -> AnalysisResult:
     total_params = sum(d.params for d in paired)
     moved_params = sum(d.params for d in paired if d.status in (CHANGED, RETYPED))
 
-    layer_figures = group(fig, comparison.layer, in_scope, sum_mask=summarised)
+    layer_figures = layer_groups(fig, comparison.scope, comparison.layer)
     layer_rows = [{"layer": name, "rel_l2": f.rel_l2, "energy_share": f.share, "changed_tensors": f.changed,
                    "params": f.params} for name, f in layer_figures.items()]
     layers_changed = sum(1 for r in layer_rows if r["changed_tensors"])

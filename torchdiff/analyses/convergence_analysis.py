@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 
 from torchdiff.analyses._training import (
-    fit_line, layer_key, safe_div,
+    fit_line, safe_div,
 )
-from torchdiff.figures import GroupSums
+from torchdiff.figures import group, summary_mask
 from torchdiff.errors import UsageError
 from torchdiff.results import AnalysisResult, Table
 from torchdiff.units import count, number
@@ -163,8 +163,8 @@ def analyze(comparison, options, state: dict) -> AnalysisResult | None:
     if comparison.mode != "pair":
         return None
     fig = comparison.figures
-    mask = fig.float_pairs() & fig.in_scope(comparison.scope)
-    layers = GroupSums().update(fig, [layer_key(n, options) for n in fig.names], mask).compute()
+    mask = summary_mask(fig, comparison.scope)  # the global figures' rows: a tied weight once
+    layers = group(fig, comparison.layer, mask) if mask.any() else {}
     if not layers:
         return AnalysisResult(NAME, {"status": "undetermined"},
                               notes=("no floating-point parameters in both checkpoints",))

@@ -29,7 +29,7 @@ from torchdiff.analyses._training import (
     AdamPlan, adam_sums, build_adam_plan, layer_key, lr_from_metadata, median_or_nan, safe_div,
     step_from_metadata,
 )
-from torchdiff.figures import GroupSums
+from torchdiff.figures import group, summary_mask
 from torchdiff.names import is_float_storage
 from torchdiff.errors import UsageError
 from torchdiff.results import AnalysisResult, Table
@@ -314,8 +314,8 @@ def analyze(comparison, options, state: dict) -> AnalysisResult | None:
                                      "or two checkpoints and a learning rate",))
     fig = comparison.figures
     # Optimizer state, buffers and counters are not parameters that a gradient moves.
-    mask = fig.float_pairs() & fig.in_scope("params")
-    layers = GroupSums().update(fig, [layer_key(n, options) for n in fig.names], mask).compute()
+    mask = summary_mask(fig, "params")  # the global figures' rows: a tied weight once
+    layers = group(fig, comparison.layer, mask) if mask.any() else {}
     u2 = {layer: g.dsq for layer, g in layers.items()}
     w2 = {layer: g.old_sq for layer, g in layers.items()}
     params = {layer: float(g.params) for layer, g in layers.items()}

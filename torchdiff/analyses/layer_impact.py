@@ -14,8 +14,11 @@ on both sides (docs/analyses/layer_impact.md):
 
 The layers hold the tensors in ``--scope`` (trainable parameters by default: buffers,
 counters and optimizer state are left out, so Adam's step counters cannot top the
-table); the sums cover float pairs of equal shape. The figures come from
-torchdiff.figures.GroupSums, the one aggregation.
+table); a tied weight (``lm_head.weight`` sharing ``wte.weight``'s values) counts once,
+in the layer of the tensor it is tied to. The sums cover the rows of
+torchdiff.figures.summary_mask (float pairs of equal shape, dequantized codes), the rows
+of the global figures. The figures come from torchdiff.figures.layer_groups (GroupSums,
+the one aggregation).
 
 Rows are in natural layer order (``layers.2`` before ``layers.10``); the bar draws the
 share, 20 characters = 100 %. JSON and YAML carry the same rows under ``layers``.
@@ -27,7 +30,9 @@ import math
 import re
 from typing import Any
 
-from torchdiff.figures import group
+import numpy as np
+
+from torchdiff.figures import layer_groups, tied_copies
 from torchdiff.names import compile_pattern
 from torchdiff.results import AnalysisResult, Table
 from torchdiff.units import count
@@ -64,7 +69,7 @@ def analyze(comparison, options, state: dict) -> AnalysisResult | None:
         return None  # one checkpoint: nothing moved
     fig = comparison.figures
     in_scope = fig.in_scope(comparison.scope)
-    groups = group(fig, comparison.layer, in_scope, sum_mask=fig.float_pairs())
+    groups = layer_groups(fig, comparison.scope, comparison.layer)
     total = sum(g.dsq for g in groups.values())
     ranked = sorted(groups, key=lambda n: (-groups[n].dsq, natural_key(n)))
     rank = {name: i + 1 for i, name in enumerate(ranked)}
@@ -85,6 +90,11 @@ def analyze(comparison, options, state: dict) -> AnalysisResult | None:
     if unmeasured:
         listed = ", ".join(f"{n} ({count(k)})" for n, k in unmeasured)
         notes.append(f"added, removed or reshaped tensors count in params, not in the figures: {listed}")
+    copies = [(fig.names[i], fig.extras[i]["tied_to"]["new"]) for i in np.flatnonzero(tied_copies(fig) & in_scope)]
+    if copies:
+        listed = ", ".join(f"{a} -> {b}" for a, b in copies[:5]) + (f" (+{len(copies) - 5} more)"
+                                                                     if len(copies) > 5 else "")
+        notes.append(f"tied weights count once, in the layer of the tensor they are tied to: {listed}")
     left = len(fig) - int(in_scope.sum())
     if left:
         notes.append(f"scope {comparison.scope}: {count(left)} tensor(s) of other roles (buffers, counters, optimizer "

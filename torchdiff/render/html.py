@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from torchdiff.figures import GroupFigures, GroupSums
+from torchdiff.figures import GroupFigures, GroupSums, summary_mask, tied_copies
 from torchdiff.names import layer_of, module_type
 from torchdiff.render import finite_json
 
@@ -153,9 +153,13 @@ def _compare_payload(report) -> dict[str, Any]:
     layer_keys = [layer_of(n, pattern) for n in fig.names]
     kinds = [module_type(n) for n in fig.names]
     module_of, layer_name = dict(zip(fig.names, kinds)), dict(zip(fig.names, layer_keys))
-    layers = GroupSums().update(fig, layer_keys).compute()
+    # Rows and sums as layer_groups (docs/REPORT.md): tensors in scope, a tied copy once.
+    members = fig.in_scope(comp.scope) & ~tied_copies(fig)
+    summed = summary_mask(fig, comp.scope)
+    layers = GroupSums().update(fig, layer_keys, members, summed).compute()
     cell_keys = [f"{layer}\x00{kind}" for layer, kind in zip(layer_keys, kinds)]
-    cells = {tuple(key.split("\x00")): g for key, g in GroupSums().update(fig, cell_keys).compute().items()}
+    cells = {tuple(key.split("\x00")): g
+             for key, g in GroupSums().update(fig, cell_keys, members, summed).compute().items()}
     layer_rows = []
     shares = {}
     if layer_impact is not None:
