@@ -169,7 +169,7 @@ def test_tied_head_counts_once_in_the_training_analyses(tmp_path):
     u2 = float(((w2.double() - w.double()) ** 2).sum() + ((m2.double() - m.double()) ** 2).sum())
     o2 = float((w.double() ** 2).sum() + (m.double() ** 2).sum())
     report = torchdiff.compare(tmp_path / "a.pt", tmp_path / "b.pt", convergence_analysis=True,
-                               gradient_analysis=True, change_summary=True, lr=0.1)
+                               gradient_analysis=True, change_summary=True, similarity_matrix=True, lr=0.1)
     conv = report.analysis("convergence_analysis").headline
     assert conv["update_norm"] == pytest.approx(math.sqrt(u2), rel=1e-6)
     assert conv["rel_update"] == pytest.approx(math.sqrt(u2 / o2), rel=1e-6)
@@ -177,3 +177,6 @@ def test_tied_head_counts_once_in_the_training_analyses(tmp_path):
     summary = report.analysis("change_summary")
     assert summary.data["param_counts"]["changed"] == 40 + 16 and summary.data["tensor_counts"]["changed"] == 3
     assert summary.headline["layers_changed"] == 2  # wte (with its tied head) and h.0
+    similarity = report.analysis("similarity_matrix")
+    assert [r["layer"] for r in similarity.data["per_layer"]] == ["wte", "h.0"]
+    assert [d["path"] for d in similarity.data["diagonal"]] == ["wte.weight", "h.0.mlp.weight"]

@@ -26,8 +26,8 @@ from torchdiff.analyses._training import (
     OUTLIER_MIN_ROTATION, OUTLIER_Z, SHADES, cosine_from_sq, cosine_outliers, layer_key, safe_div, shade,
     shade_legend, shade_scale,
 )
-from torchdiff.figures import GroupSums
-from torchdiff.names import SCOPES, is_float_storage, roles
+from torchdiff.figures import GroupSums, tied_copies
+from torchdiff.names import SCOPES, is_float_storage, roles_over
 from torchdiff.results import AnalysisResult, Table
 from torchdiff.units import number
 
@@ -66,7 +66,7 @@ def prepare(old, new, options, state: dict):
     from torchdiff.pairing import compile_filters
 
     keep = compile_filters(options.get("ignore_keys_regex"), options.get("path"))
-    role_of = roles({n: (h.storage_dtype, len(h.shape)) for c in (new, old) for n, h in c.tensors.items()})
+    role_of = roles_over([{n: (h.storage_dtype, len(h.shape)) for n, h in c.tensors.items()} for c in (old, new)])
     in_scope = SCOPES[options.get("scope", "params")]
     groups: dict[tuple[int, ...], list[str]] = {}
     for name, a in old.tensors.items():
@@ -132,7 +132,7 @@ def analyze(comparison, options, state: dict) -> AnalysisResult | None:
     if comparison.mode != "pair":
         return None
     fig = comparison.figures
-    mask = fig.measured & fig.in_scope(comparison.scope)
+    mask = fig.measured & fig.in_scope(comparison.scope) & ~tied_copies(fig)  # a tied weight once
     keys = [layer_key(n, options) for n in fig.names]
     layers = GroupSums().update(fig, keys, mask).compute()
     cosine, rel = fig.cosine(), fig.rel_l2()
