@@ -281,7 +281,10 @@ def test_dcp_against_safetensors_drops_the_model_prefix_and_says_so(capsys, tmp_
     (["a", "b"], ["module.a", "module.b"], ("", "")),  # a wrapper segment: pairing.dropped_wrappers
     (["model.a"], ["model.a"], ("", "")),  # already paired
     (["model.a", "a"], ["a"], ("", "")),  # dropping would collide: nothing gained
-    (["model.a"], ["model.b", "a"], ("", "")),  # the other side uses the prefix too
+    (["model.a"], ["model.b", "a"], ("model.", "")),  # pairs more, though the other side has a model.b
+    # nanoGPT's model._orig_mod. against an HF model whose own names start with model.
+    (["model._orig_mod.model.l.w", "model._orig_mod.lm_head.w"], ["model.l.w", "lm_head.w"], ("model.", "")),
+    (["model.module.a.w", "model.module.b.w"], ["a.w", "b.w"], ("model.", "")),  # DDP under "model"
     (["x", "y"], ["a", "b"], ("", "")),
     ([], [], ("", "")),
 ])

@@ -105,3 +105,50 @@ def test_loadability_is_judged_on_the_names_the_files_store(write_pt):
     assert arch.data["renames"] == [{"old": f"module.{k}", "new": k} for k in sorted(a)]
     assert arch.data["rename_rules"] == [{"old_prefix": "module", "new_prefix": "", "count": len(a)}]
     assert arch.data["loadable_detail"]["unexpected"] == sorted(a)
+
+
+def test_a_container_and_a_wrapper_together_pair_with_plain_weights(write_pt):
+    """nanoGPT-style ``{"model": compiled.state_dict()}`` and ``{"model": ddp.state_dict()}``
+    against the plain state_dict, whose own names start with ``model.`` (an HF
+    ``LlamaForCausalLM``: ``model.layers...``, ``lm_head.weight``): ``model.`` is dropped,
+    then the wrapper segment; float64 reference for every figure."""
+    a = {f"model.{k}": v for k, v in _model_state(0).items()} | {"lm_head.weight": torch.ones(3, 4)}
+    b = {k: v + 0.5 for k, v in a.items()}
+    plain = write_pt("plain.pt", b)
+    for wrapper in ("_orig_mod", "module"):
+        wrapped = write_pt(f"{wrapper}.pt", {"model": {f"{wrapper}.{k}": v for k, v in a.items()},
+                                             "iter_num": 3, "best_val_loss": 3.2})
+        report = torchdiff.compare(wrapped, plain)
+        by_name = {d.name: d for d in report}
+        assert sorted(by_name) == sorted(a), wrapper
+        for k in a:
+            d64 = b[k].double() - a[k].double()
+            assert by_name[k].metrics.l2 == pytest.approx(float(d64.norm()), rel=1e-6)
+        assert report.analysis("pairing").headline == {"dropped_prefix": "model.", "side": "old",
+                                                       "dropped_wrapper": f"{wrapper}.", "wrapper_side": "old"}
+
+
+def test_a_tied_weight_one_file_dropped_pairs_with_its_target(write_pt, tmp_path):
+    """save_pretrained writes each tied weight once, whichever it is (BERT's
+    cls.predictions.decoder.weight and .bias, T5's embed_tokens, Whisper's proj_out),
+    config.json or not; a .bin of the same model holds both names on one storage. The
+    .bin's tie says which tensor the missing name is: the same model compares equal."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    emb, bias = torch.randn(10, 4, generator=g), torch.randn(10, generator=g)
+    state = {"embeddings.word.weight": emb, "cls.predictions.bias": bias, "cls.transform.weight": torch.randn(4, 4),
+             "cls.predictions.decoder.weight": emb, "cls.predictions.decoder.bias": bias}
+    binary = write_pt("pytorch_model.bin", state)
+    kept = {k: v.clone() for k, v in state.items() if "decoder" not in k}
+    save_file(kept, str(tmp_path / "model.safetensors"))
+    for old, new in ((binary, tmp_path / "model.safetensors"), (tmp_path / "model.safetensors", binary)):
+        report = torchdiff.compare(old, new, analyses=["change_summary"])
+        assert {d.name: d.status for d in report} == dict.fromkeys(state, "unchanged")
+        assert not report.has_differences
+        tied = {d.name: d.extras["tied_to"] for d in report if "tied_to" in d.extras}
+        assert tied == {"cls.predictions.decoder.weight": {"old": "embeddings.word.weight",
+                                                           "new": "embeddings.word.weight"},
+                        "cls.predictions.decoder.bias": {"old": "cls.predictions.bias", "new": "cls.predictions.bias"}}
+        counts = report.analysis("change_summary").data["param_counts"]
+        assert counts["unchanged"] == 40 + 10 + 16  # each tied weight once

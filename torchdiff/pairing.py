@@ -72,23 +72,36 @@ CONTAINER_PREFIXES = ("model.", "state_dict.", "state_dict.model.", "model_state
 def dropped_prefix(old_names, new_names) -> tuple[str, str]:
     """(prefix to drop from old's names, from new's): at most one side drops one.
 
-    A prefix P of :data:`CONTAINER_PREFIXES` is dropped from side A when the other side
-    has no name starting with P and dropping it from A's names pairs more names than
-    keeping it (the names renamed as :func:`drop_prefix` renames them). Names of A
+    A prefix P of :data:`CONTAINER_PREFIXES` is dropped from side A when dropping it
+    from A's names pairs more names than keeping it (the names renamed as
+    :func:`drop_prefix` renames them), counted with wrapper segments aside
+    (:func:`_unwrapped`): nanoGPT's ``model._orig_mod.`` and a DDP model saved under
+    ``model`` drop ``model.`` here, then the wrapper segment. The other side may have
+    names starting with P of its own (an HF ``LlamaForCausalLM``'s ``model.layers...``
+    against a nanoGPT checkpoint's ``model._orig_mod.model.layers...``). Names of A
     without P (``optim.state...``) stay as they are; so does a name whose stripped form
     A already holds.
     """
     names = (list(old_names), list(new_names))
-    sets = (set(names[0]), set(names[1]))
-    best = (len(sets[0] & sets[1]), "", "")
+    key = _unwrapped(names)
+    keys = ({key(n) for n in names[0]}, {key(n) for n in names[1]})
+    best = (len(keys[0] & keys[1]), "", "")
     for prefix in CONTAINER_PREFIXES:
         for a in (0, 1):
-            if any(n.startswith(prefix) for n in sets[1 - a]):
-                continue
-            found = len(set(_stripped(names[a], _without_prefix(prefix))) & sets[1 - a])
+            found = len({key(n) for n in _stripped(names[a], _without_prefix(prefix))} & keys[1 - a])
             if found > best[0]:
                 best = (found, prefix, "") if a == 0 else (found, "", prefix)
     return best[1], best[2]
+
+
+def _unwrapped(names: tuple[list[str], list[str]]) -> Callable[[str], str]:
+    """A name without its :data:`WRAPPER_SEGMENTS` components, for counting pairs; the
+    identity when no name of either side has one (one substring search a side)."""
+    texts = ["\n" + "\n".join(n) for n in names]
+    if not any(f"\n{s}." in t or f".{s}." in t for s in WRAPPER_SEGMENTS for t in texts):
+        return lambda n: n
+    segments = set(WRAPPER_SEGMENTS)
+    return lambda n: _strip_segments(n, segments)
 
 
 def _without_prefix(prefix: str) -> Callable[[str], str]:
@@ -218,19 +231,46 @@ def pair(old: Checkpoint, new: Checkpoint, keep=None) -> list[Pair]:
     """
     role_of = roles_over([{name: (h.storage_dtype, len(h.shape)) for name, h in c.tensors.items()}
                           for c in (old, new)])
+    implied = implied_ties(old, new)
     pairs: list[Pair] = []
     for name, handle in old.tensors.items():
         if keep is None or keep(name):
-            pairs.append(Pair(name, handle, new.tensors.get(name) or _tied(new, name), role_of[name]))
+            pairs.append(Pair(name, handle, new.tensors.get(name) or _tied(new, name, implied[1]), role_of[name]))
     for name, handle in new.tensors.items():
         if name not in old.tensors and (keep is None or keep(name)):
-            pairs.append(Pair(name, _tied(old, name), handle, role_of[name]))
+            pairs.append(Pair(name, _tied(old, name, implied[0]), handle, role_of[name]))
     return pairs
 
 
-def _tied(ckpt: Checkpoint, name: str) -> TensorHandle | None:
+def implied_ties(old: Checkpoint, new: Checkpoint) -> tuple[dict[str, str], dict[str, str]]:
+    """Ties one side shows and the other side's file dropped: (old's, new's), each
+    dropped name -> the held tensor it is tied to.
+
+    A name X that one side holds as a tied copy of T (one storage in a ``.bin`` or
+    ``.pt``: ``TensorHandle.tied_to``) and that the other side lacks while holding T is
+    the duplicate the other file's writer dropped: ``save_pretrained`` writes each tied
+    weight once (``lm_head.weight``, BERT's ``cls.predictions.decoder.weight`` and
+    ``.bias``, T5's ``encoder.embed_tokens.weight``, Whisper's ``proj_out.weight``),
+    whatever config.json says. X then pairs with the other side's T, tied, as a
+    dropped name recorded in the file does (``Checkpoint.ties``)."""
+    out: tuple[dict[str, str], dict[str, str]] = ({}, {})
+    for a, (this, other) in enumerate(((old, new), (new, old))):
+        tied = [(name, h.tied_to) for name, h in this.tensors.items() if h.tied_to is not None]
+        if not tied:
+            continue
+        current = {h.name: name for name, h in this.tensors.items()}  # stored -> paired name (drop_prefix)
+        for name, target in tied:
+            target = current.get(target, target)
+            if name not in other.tensors and name not in other.ties and target in other.tensors:
+                out[1 - a][name] = target
+    return out
+
+
+def _tied(ckpt: Checkpoint, name: str, implied: Mapping[str, str] | None = None) -> TensorHandle | None:
     """The handle standing for a dropped tied name: its target's, renamed and marked."""
     target = ckpt.ties.get(name)
+    if target is None and implied:
+        target = implied.get(name)
     handle = ckpt.tensors.get(target) if target is not None else None
     if handle is None:
         return None
