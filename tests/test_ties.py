@@ -180,3 +180,30 @@ def test_tied_head_counts_once_in_the_training_analyses(tmp_path):
     similarity = report.analysis("similarity_matrix")
     assert [r["layer"] for r in similarity.data["per_layer"]] == ["wte", "h.0"]
     assert [d["path"] for d in similarity.data["diagonal"]] == ["wte.weight", "h.0.mlp.weight"]
+
+
+def test_inspect_totals_html_summary_and_anomalies_count_a_tied_weight_once(tmp_path, capsys):
+    """inspect of a .pt whose head shares the embedding's storage: the totals line, the
+    HTML summary and the change summary's bytes count it once (as architecture and
+    memory do), and anomaly detection reports a finding of the shared values once."""
+    from torchdiff.cli import main
+    from torchdiff.render.html import payload
+
+    emb = torch.zeros(6, 4)
+    emb[0] = 1.0  # rows 1..5 dead: a dead_units finding on the embedding, not again on the head
+    fc = torch.randn(4, 4)
+    path = tmp_path / "tied.pt"
+    torch.save({"wte.weight": emb, "fc.weight": fc, "lm_head.weight": emb}, path)
+    assert main(["inspect", str(path)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == "3 tensors, 40 parameters, 160 B"  # 24 + 16 parameters; (24 + 16) * 4 bytes
+    summary = payload(torchdiff.inspect(path))["summary"]
+    assert (summary["tensors"], summary["params"], summary["new_tensor_bytes"]) == (3, 40, 160)
+    found = torchdiff.inspect(path, anomaly_detection=True).analysis("anomaly_detection").data["anomalies"]
+    dead = [f["tensor"] for f in found if f["type"] == "dead_units"]
+    assert dead == ["wte.weight"]
+    moved = {"wte.weight": emb + 1, "fc.weight": fc, "lm_head.weight": None}
+    moved["lm_head.weight"] = moved["wte.weight"]
+    torch.save(moved, tmp_path / "moved.pt")
+    counts = torchdiff.compare(path, tmp_path / "moved.pt", change_summary=True).analysis("change_summary").data
+    assert (counts["bytes_old"], counts["bytes_new"]) == (160, 160)

@@ -489,15 +489,35 @@ def summary_mask(fig: Figures, scope: str) -> np.ndarray:
     return mask
 
 
-def tied_copies(fig: Figures) -> np.ndarray:
-    """Rows tied to another row on both sides (pairing.annotate's ``tied_to``): the same
-    values as the row they are tied to, which is where they count."""
+def tied_side(fig: Figures, side: str) -> np.ndarray:
+    """Rows whose ``side`` ("old", "new") is a tied copy of another tensor
+    (pairing.annotate's ``tied_to``): its parameters count once, at that tensor."""
     mask = np.zeros(len(fig), dtype=bool)
     for i, extras in fig.extras.items():
-        tied = extras.get("tied_to") or {}
-        if tied.get("old") and tied.get("new"):
+        if (extras.get("tied_to") or {}).get(side):
             mask[i] = True
     return mask
+
+
+def tied_copies(fig: Figures) -> np.ndarray:
+    """Rows that are a tied copy on every side that holds them (both sides of a pair;
+    the one side in ``inspect``): the same values as the row they are tied to, which is
+    where they count."""
+    old, new = tied_side(fig, "old"), tied_side(fig, "new")
+    return (old | ~fig.old.present) & (new | ~fig.new.present) & (old | new)
+
+
+def stored_nbytes(fig: Figures, side: str) -> np.ndarray:
+    """Bytes the file holds for each row's ``side`` (0 where absent), each storage once:
+    a tied copy or a second view of one storage 0, a saved slice its whole storage
+    (pairing.annotate's ``stored_nbytes``), else the tensor's own bytes."""
+    column = getattr(fig, side)
+    out = np.where(column.present, column.nbytes, 0).astype(np.int64)
+    for i, extras in fig.extras.items():
+        found = (extras.get("stored_nbytes") or {}).get(side)
+        if found is not None:
+            out[i] = found
+    return out
 
 
 def layer_groups(fig: Figures, scope: str, layer: Callable[[str], str]) -> dict[str, GroupFigures]:

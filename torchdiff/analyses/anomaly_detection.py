@@ -16,11 +16,12 @@ import math
 from collections import defaultdict
 from typing import Any
 
+import numpy as np
 import torch
 
-from torchdiff.names import is_float_storage, is_optimizer_state, kind, pattern
 from torchdiff.errors import UsageError
-from torchdiff.figures import Comparison
+from torchdiff.figures import Comparison, tied_copies
+from torchdiff.names import is_float_storage, is_optimizer_state, kind, pattern
 from torchdiff.results import CHANGED, RETYPED, UNCHANGED, AnalysisResult, Table, TensorStats
 from torchdiff.units import count, number
 
@@ -74,6 +75,8 @@ class _ValueHook:
     def wants(self, pair) -> bool:
         if is_optimizer_state(pair.name):
             return False
+        if all(h is None or h.tied_to is not None for h in (pair.old, pair.new)):
+            return False  # a tied copy: its values are measured, and flagged, at the tensor it is tied to
         return any(h is not None and h.dtype.is_floating_point and h.numel > 0 for h in (pair.old, pair.new))
 
     def __call__(self, pair, old: torch.Tensor | None, new: torch.Tensor | None) -> dict[str, Any]:
@@ -313,6 +316,8 @@ def _merge_sides(findings: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def analyze(comparison: Comparison, options, state: dict) -> AnalysisResult:
     findings = _merge_sides(_value_findings(comparison) + _scale_findings(comparison) + _frozen_findings(comparison))
+    copies = {comparison.figures.names[i] for i in np.flatnonzero(tied_copies(comparison.figures))}
+    findings = [f for f in findings if f["tensor"] not in copies]  # a tied weight's findings once, at its target
     findings.sort(key=lambda f: (-_RANK[f["severity"]], TYPES.index(f["type"]), f["tensor"]))
     # The new state (side new or both; in inspect mode, the one file) is what the headline,
     # the counts and the gate describe: a finding seen only on the old side is listed, not

@@ -21,7 +21,7 @@ import torch
 
 from torchdiff.analyses.sort_by_change_magnitude import change_key
 from torchdiff.names import SCOPES, block_index, kind, layer_of
-from torchdiff.figures import Comparison, group, layer_groups, summary_mask, tied_copies
+from torchdiff.figures import Comparison, group, layer_groups, stored_nbytes, summary_mask, tied_copies
 from torchdiff.results import (
     ADDED, CHANGED, OLD_ALL_ZERO, REMOVED, RETYPED, STATUSES, UNCHANGED, AnalysisResult, Table,
 )
@@ -231,8 +231,8 @@ def analyze(comparison: Comparison, options, state: dict) -> AnalysisResult:
     for i, d in zip(np.flatnonzero(in_scope).tolist(), model):
         tensor_counts[d.status] += 1
         param_counts[d.status] += 0 if copies[i] else d.params  # a tied weight's parameters once
-    old_bytes = int(fig.old.nbytes[in_scope].sum())
-    new_bytes = int(fig.new.nbytes[in_scope].sum())
+    old_bytes = int(stored_nbytes(fig, "old")[in_scope].sum())  # each storage once, as the file holds it
+    new_bytes = int(stored_nbytes(fig, "new")[in_scope].sum())
     total = group(fig, "all", summarised).get("all") if summarised.any() else None
     numel = int(fig.count[summarised].sum())
     g = {"l2": total.l2 if total else 0.0, "rel_l2": total.rel_l2 if total else 0.0,

@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from torchdiff.figures import GroupFigures, GroupSums, summary_mask, tied_copies
+from torchdiff.figures import GroupFigures, GroupSums, stored_nbytes, summary_mask, tied_copies
 from torchdiff.names import layer_of, module_type
 from torchdiff.render import finite_json
 
@@ -109,10 +109,6 @@ def _verdicts(analyses: Iterable) -> list[dict[str, Any]]:
     return [{"analysis": a.name, "headline": dict(a.headline), "failed": a.failed} for a in analyses]
 
 
-def _side_bytes(diffs, side: str) -> int:
-    return sum(getattr(d, side).nbytes for d in diffs if getattr(d, side) is not None)
-
-
 def _file_bytes(name: str) -> int | None:
     try:
         if os.path.isfile(name):
@@ -126,6 +122,7 @@ def _file_bytes(name: str) -> int | None:
 
 def _compare_payload(report) -> dict[str, Any]:
     comp = report.comparison
+    fig = comp.figures
     inspect = comp.mode == "inspect"
     diffs = list(report.ordered_diffs())
     # The analyses' JSON items, as report.to_dict() writes them (without its per-tensor items).
@@ -141,15 +138,15 @@ def _compare_payload(report) -> dict[str, Any]:
         "new_format": comp.new_format, "device": comp.device, "epsilon": comp.epsilon,
         "old_file_bytes": _file_bytes(comp.old_name) if not inspect else None,
         "new_file_bytes": _file_bytes(comp.new_name),
-        "old_tensor_bytes": _side_bytes(comp.diffs, "old"), "new_tensor_bytes": _side_bytes(comp.diffs, "new"),
-        "tensors": len(comp.diffs), "params": sum(d.params for d in comp.diffs),
+        # as the files hold them: each storage once, a tied weight's parameters once
+        "old_tensor_bytes": int(stored_nbytes(fig, "old").sum()), "new_tensor_bytes": int(stored_nbytes(fig, "new").sum()),
+        "tensors": len(fig), "params": int(fig.params[~tied_copies(fig)].sum()),
         "counts": comp.counts(), "metadata_changed": len(comp.metadata_diffs),
         "global_l2": scalars.get("torchdiff/global_l2"), "global_rel_l2": scalars.get("torchdiff/global_rel_l2"),
         "global_cosine": scalars.get("torchdiff/global_cosine"),
     }
 
     # Layers, and the layer × module-type grid: group sums of the per-tensor figures.
-    fig = comp.figures
     layer_keys = [layer_of(n, pattern) for n in fig.names]
     kinds = [module_type(n) for n in fig.names]
     module_of, layer_name = dict(zip(fig.names, kinds)), dict(zip(fig.names, layer_keys))

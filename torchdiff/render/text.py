@@ -355,7 +355,10 @@ def inspect_table(report, width: int | None = None, top: int | None = None) -> l
     lines = [line[2:] for line in lines]
     if top and len(order) > top:
         lines.append(f"… and {len(order) - top:,} more (--top 0 lists every tensor)")
-    total, nbytes = int(fig.new.numel.sum()), int(fig.new.nbytes.sum())
+    from torchdiff.figures import stored_nbytes, tied_side
+
+    # parameters and bytes as the file holds them: a tied weight once, each storage once
+    total, nbytes = int(fig.new.numel[~tied_side(fig, "new")].sum()), int(stored_nbytes(fig, "new").sum())
     return lines + [f"{len(order):,} tensors, {total:,} parameters, {human_bytes(nbytes)}"]
 
 
