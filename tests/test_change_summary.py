@@ -267,3 +267,18 @@ def test_rank_read_in_slices_equals_the_whole(monkeypatch, shape):
     sliced = delta_rank(new, old)
     assert sliced["rank99"] == whole["rank99"] == rank99((new - old).double().numpy())
     assert sliced["method"] == whole["method"] and sliced["captured"] == pytest.approx(whole["captured"], abs=1e-6)
+
+
+def test_tensors_that_gained_nonfinite_values_are_named():
+    """Figures cover positions finite on both sides: a weight that gained NaN keeps
+    magnitude 0 there, and the summary says which tensors gained or lost NaN/Inf."""
+    g = torch.Generator().manual_seed(0)
+    old = {"a.weight": torch.randn(4, 4, generator=g), "b.weight": torch.randn(4, 4, generator=g)}
+    new = {k: v.clone() for k, v in old.items()}
+    new["a.weight"][0, :3] = float("nan")
+    new["b.weight"][1, 1] = float("inf")
+    a = torchdiff.compare(old, new, change_summary=True).analysis("change_summary")
+    assert a.data["nonfinite_changed"] == [{"tensor": "a.weight", "nan": [0, 3]}, {"tensor": "b.weight", "inf": [0, 1]}]
+    assert any(n.startswith("2 tensor(s) gained or lost NaN/Inf") and "a.weight (nan 0->3)" in n for n in a.notes)
+    clean = torchdiff.compare(old, old, change_summary=True).analysis("change_summary")
+    assert "nonfinite_changed" not in clean.data

@@ -292,6 +292,14 @@ def analyze(comparison: Comparison, options, state: dict) -> AnalysisResult:
     for r, c in data.get("other_roles", {}).items():
         notes.append(f"{r.replace('_', ' ')} not summarised (--scope {comparison.scope}): {count(sum(c.values()))} "
                      f"tensors ({count(c[CHANGED])} changed, {count(c[ADDED])} added, {count(c[REMOVED])} removed)")
+    nonfinite = [(d.name, d.nonfinite_change) for d in model]
+    nonfinite = [(n, c) for n, c in nonfinite if c]
+    if nonfinite:  # the figures cover positions finite on both sides: say what they leave out
+        data["nonfinite_changed"] = [{"tensor": n, **{k: list(v) for k, v in c.items()}} for n, c in nonfinite]
+        shown = ", ".join(f"{n} (" + ", ".join(f"{k} {count(a)}->{count(b)}" for k, (a, b) in c.items()) + ")"
+                          for n, c in nonfinite[:3])
+        notes.append(f"{count(len(nonfinite))} tensor(s) gained or lost NaN/Inf, which the figures above leave out "
+                     f"(they cover positions finite on both sides): {shown}" + (" ..." if len(nonfinite) > 3 else ""))
     skipped = [d.name for d in moved if str((d.extras.get(NAME) or {}).get("method", "")).startswith("skipped")]
     if skipped:
         notes.append(f"low-rank check skipped for {count(len(skipped))} tensors whose Δ holds NaN/Inf: "
