@@ -553,6 +553,34 @@ def test_torch_ao_quantized_tensors_compare_dequantized(write_pt, capsys, per_ch
     assert capsys.readouterr().err == ""  # torch's own deprecation warnings are not the user's business
 
 
+def test_a_torch_ao_quantized_model_pairs_with_its_float_original(write_pt):
+    """quantize_dynamic's Linear keeps (qint8 weight, bias) in one tuple under
+    ``fc._packed_params._packed_params``: read as ``fc.weight`` and ``fc.bias``, the
+    float model's names, so the two pair; figures against ``dequantize()`` in float64."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantized = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        state = quantized.state_dict()
+        reference = {"0.weight": quantized[0].weight().dequantize(), "2.weight": quantized[2].weight().dequantize()}
+    float_path, q_path = write_pt("float.pt", model.state_dict()), write_pt("dynamic.pt", state)
+    report = torchdiff.compare(float_path, q_path)
+    by_name = {d.name: d for d in report}
+    assert {n for n, d in by_name.items() if d.status != "added"} == {"0.bias", "0.weight", "2.bias", "2.weight"}
+    assert {n for n, d in by_name.items() if d.status == "added"} <= {"0.scale", "0.zero_point", "2.scale",
+                                                                      "2.zero_point"}  # its activations' qparams
+    for name, deq in reference.items():
+        d = by_name[name]
+        assert d.status == "retyped" and d.new.dtype == "qint8" and d.extras.get("dequantized") == ["new"]
+        delta = deq.double() - model.state_dict()[name].double()
+        assert d.metrics.l2 == pytest.approx(float(delta.norm()), rel=1e-6)
+    assert by_name["0.bias"].status == "unchanged"
+    assert {m.key: m.new for m in report.comparison.metadata_diffs}["0._packed_params.dtype"] == "qint8"
+
+
 _SAVE_DTENSORS = r"""
 import os, sys, warnings, torch, torch.distributed as dist
 warnings.simplefilter("ignore")

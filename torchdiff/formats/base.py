@@ -450,6 +450,9 @@ def flatten(
     if is_scalar_leaf(obj):
         metadata[prefix or "value"] = obj
         return tensors, metadata
+    if isinstance(obj, torch.dtype):  # torch.ao's packed params record their dtype: its name
+        metadata[prefix or "value"] = dtype_name(obj)
+        return tensors, metadata
     _path = {} if _path is None else _path
     if id(obj) in _path:
         metadata[prefix or "value"] = f"<cycle: same object as {_path[id(obj)] or 'the whole file'}>"
@@ -467,7 +470,12 @@ def _flatten_container(obj: Any, prefix: str, tensors: dict, metadata: dict, pat
         for key, value in obj.items():
             flatten(value, f"{prefix}.{key}" if prefix else str(key), tensors, metadata, path)
     elif isinstance(obj, (list, tuple)):
-        if obj and all(is_scalar_leaf(v) for v in obj):
+        module = _packed_module(prefix, obj)
+        if module is not None:  # torch.ao LinearPackedParams: (weight, bias) as a quantized Linear's own names
+            for leaf, value in zip(("weight", "bias"), obj):
+                if value is not None:
+                    flatten(value, f"{module}.{leaf}" if module else leaf, tensors, metadata, path)
+        elif obj and all(is_scalar_leaf(v) for v in obj):
             metadata[prefix] = list(obj)
         elif not obj:
             metadata[prefix] = []
@@ -493,6 +501,23 @@ def _flatten_container(obj: Any, prefix: str, tensors: dict, metadata: dict, pat
         else:
             # Kept as a visible placeholder: what was skipped is listed, never dropped silently.
             metadata[prefix or "value"] = f"<{type(obj).__name__}>"
+
+
+#: Where a torch.ao quantized Linear (static or dynamic) saves its weight and bias: one
+#: tuple ``(qint8 weight, float bias or None)`` under ``<module>._packed_params._packed_params``.
+PACKED_PARAMS = "_packed_params._packed_params"
+
+
+def _packed_module(prefix: str, obj: Any) -> str | None:
+    """The module name of a torch.ao packed (weight, bias) tuple at ``prefix``, whose
+    tensors are then named ``<module>.weight`` and ``<module>.bias``, the float Linear's
+    names (so that a quantized model pairs with its float original); None otherwise."""
+    if not (prefix == PACKED_PARAMS or prefix.endswith("." + PACKED_PARAMS)):
+        return None
+    if not (isinstance(obj, tuple) and len(obj) == 2 and isinstance(obj[0], torch.Tensor)
+            and (obj[1] is None or isinstance(obj[1], torch.Tensor))):
+        return None
+    return prefix[: -len(PACKED_PARAMS)].rstrip(".")
 
 
 def _is_namespace(obj: Any) -> bool:
