@@ -149,8 +149,84 @@ def test_added_and_removed_tensors_count_in_params_only():
     _, result, by_layer = layer_result(old, new)
     assert by_layer["layers.1"]["params"] == 8 * 8 + 8 + 32 * 8 + 8 + 9
     assert by_layer["layers.0"]["tensors"] == 4
-    assert any("layers.0 (1), layers.1 (1)" in n for n in result.notes)
+    assert ("counted in tensors and params, not in the figures: added: layers.1 (1); removed: layers.0 (1)"
+            in result.notes)
     assert result.headline["top_share"] == 1.0
+
+
+def test_integer_counters_are_named_as_not_floating_point_not_as_added():
+    """--scope model: BatchNorm's num_batches_tracked is on both sides with one shape, but
+    int64: it counts in tensors and params, and the note gives that reason, not "added,
+    removed or reshaped"."""
+    g = torch.Generator().manual_seed(5)
+    old = {"bn1.weight": torch.ones(4), "bn1.running_mean": torch.zeros(4), "bn1.num_batches_tracked": torch.tensor(3),
+           "fc.weight": torch.randn(2, 4, generator=g), "only_old.weight": torch.ones(2),
+           "conv.weight": torch.ones(3, 3)}
+    new = {k: v + 1 for k, v in old.items() if k != "only_old.weight"} | {"conv.weight": torch.ones(9)}
+    report = torchdiff.compare(old, new, show_layer_impact=True, scope="model")
+    result = report.analysis("layer_impact")
+    by_layer = {r["layer"]: r for r in result.tables[0].records()}
+    assert (by_layer["bn1"]["tensors"], by_layer["bn1"]["params"]) == (3, 9)
+    # ‖Δ_bn1‖² sums the two float tensors only: 4 + 4 (every value + 1)
+    assert by_layer["bn1"]["l2"] == pytest.approx(math.sqrt(8), rel=1e-12)
+    assert ("counted in tensors and params, not in the figures: removed: only_old (1); reshaped: conv (1); "
+            "not floating point (integer/bool values): bn1 (1)") in result.notes
+    assert not any(n.startswith("added, removed or reshaped") for n in result.notes)
+    params = torchdiff.compare(old, new, show_layer_impact=True).analysis("layer_impact")  # scope params
+    assert not any("not floating point" in n for n in params.notes)
+    assert ("scope params: 2 tensor(s) of other roles (buffer 1, counter 1) not in the figures; "
+            "--scope all includes them") in params.notes
+
+
+def test_nonfinite_values_with_finite_positions_unchanged_are_not_no_change():
+    """Tensors that gained NaN/Inf, their finite positions unchanged: ‖Δ‖ = 0 over the
+    positions finite on both sides (docs/METRICS.md), so every share is 0, but the tensors
+    changed: the note says so and names the counts, never "no tensor changed"."""
+    old = {"layers.0.w": torch.ones(4, 16), "layers.1.w": torch.ones(8), "layers.2.w": torch.ones(3)}
+    new = {k: v.clone() for k, v in old.items()}
+    new["layers.0.w"][1] = float("nan")
+    new["layers.1.w"][0] = float("inf")
+    result = torchdiff.compare(old, new, show_layer_impact=True).analysis("layer_impact")
+    assert result.headline == {"top_layer": "none", "top_share": 0.0, "l2": 0.0}
+    assert "no tensor changed: every share is 0" not in result.notes
+    assert ("every share is 0: ‖Δ‖ = 0 over the positions finite on both sides, yet tensors differ; NaN/Inf counts "
+            "changed: layers.0.w (nan 0->16), layers.1.w (inf 0->1)") in result.notes
+    # A retyped tensor with equal values: no NaN/Inf, named with its status.
+    cast = torchdiff.compare(old, {**old, "layers.2.w": torch.ones(3, dtype=torch.float16)}, show_layer_impact=True)
+    assert ("every share is 0: ‖Δ‖ = 0 over the positions finite on both sides, yet tensors differ; otherwise: "
+            "layers.2.w (retyped)") in cast.analysis("layer_impact").notes
+    same = torchdiff.compare(old, old, show_layer_impact=True).analysis("layer_impact")
+    assert "no tensor changed: every share is 0" in same.notes
+
+
+def test_training_state_is_not_a_layer(tmp_path):
+    """An RNG state (torch.get_rng_state(): uint8 [5056]) and nanoGPT's 0-d best_val_loss
+    beside the model: role training_state, out of the default scope, so no layer holds
+    them and the shares are the model's alone (float64 reference)."""
+    g = torch.Generator().manual_seed(6)
+    w, b = torch.randn(6, 4, generator=g), torch.randn(6, generator=g)
+    w2, b2 = w + 0.1 * torch.randn(6, 4, generator=g), b + 0.1 * torch.randn(6, generator=g)
+    rng_old = torch.get_rng_state()
+    torch.rand(100)
+    rng_new = torch.get_rng_state()
+    for path, (ww, bb, rng, loss) in ((tmp_path / "a.pt", (w, b, rng_old, 3.2)),
+                                      (tmp_path / "b.pt", (w2, b2, rng_new, 3.1))):
+        torch.save({"model": {"fc.weight": ww, "fc.bias": bb}, "rng": rng, "best_val_loss": torch.tensor(loss)}, path)
+    report = torchdiff.compare(tmp_path / "a.pt", tmp_path / "b.pt", show_layer_impact=True)
+    roles = dict(zip(report.figures.names, report.figures.role))
+    assert roles["rng"] == roles["best_val_loss"] == "training_state"
+    result = report.analysis("layer_impact")
+    by_layer = {r["layer"]: r for r in result.tables[0].records()}
+    assert sorted(by_layer) == ["model.fc"]
+    assert by_layer["model.fc"]["share"] == 1.0 and by_layer["model.fc"]["params"] == 30
+    dsq = float(((w2.double() - w.double()) ** 2).sum() + ((b2.double() - b.double()) ** 2).sum())
+    assert result.headline["l2"] == pytest.approx(math.sqrt(dsq), rel=1e-6)
+    assert "scope params: 2 tensor(s) of other roles (training state 2) not in the figures; --scope all includes them" \
+        in result.notes
+    everything = torchdiff.compare(tmp_path / "a.pt", tmp_path / "b.pt", show_layer_impact=True, scope="all")
+    rows = {r["layer"]: r for r in everything.analysis("layer_impact").tables[0].records()}
+    assert sorted(rows) == ["best_val_loss", "model.fc", "rng"]
+    assert "not floating point (integer/bool values): rng (1)" in " ".join(everything.analysis("layer_impact").notes)
 
 
 def test_bar_resolution():

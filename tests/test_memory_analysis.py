@@ -174,3 +174,19 @@ def test_cli_text_and_json(tmp_path, capsys):
     (item,) = [i for i in json.loads(capsys.readouterr().out) if i["type"] == NAME]
     assert (item["old_bytes"], item["new_bytes"]) == (b, b // 2)
     assert [r["dtype"] for r in item["what_if"]] == ["float32", "bfloat16", "float16", "int8", "int4"]
+
+
+def test_training_state_is_neither_model_nor_optimizer(tmp_path):
+    """A saved RNG state (uint8 bytes) and nanoGPT's 0-d best_val_loss are the training
+    loop's state: counted in bytes and their own row, never as the model's weights or
+    parameters (architecture params likewise)."""
+    fc = torch.randn(4, 4)
+    rng = torch.get_rng_state()
+    torch.save({"model": {"fc.weight": fc}, "rng_state": rng, "best_val_loss": torch.tensor(3.2)}, tmp_path / "a.pt")
+    report = torchdiff.inspect(tmp_path / "a.pt", analyses=["memory_analysis", "architecture_comparison"])
+    info = report.analysis("memory_analysis").data["sides"]["new"]
+    assert info["model_bytes"] == 64 and info["training_state_bytes"] == rng.numel() + 4
+    assert info["bytes"] == 64 + rng.numel() + 4
+    assert info["bytes_by_layer"]["(training state)"] == rng.numel() + 4
+    assert report.analysis("architecture_comparison").headline["params"] == 16
+    assert {d.name: d.role for d in report}["rng_state"] == "training_state"

@@ -95,6 +95,49 @@ def test_name_table(name, role, module_type, layer):
     assert (N.role(name), N.module_type(name), N.layer_of(name)) == (role, module_type, layer)
 
 
+# name, storage dtype, ndim, role: where the dtype or ndim decides (training state beside its negatives)
+TYPED_TABLE = [
+    # RNG states saved as tensors: torch.get_rng_state() is uint8 [5056]
+    ("rng", "uint8", 1, "training_state"),
+    ("rng_state", "uint8", 1, "training_state"),
+    ("cpu_rng_state", "uint8", 1, "training_state"),
+    ("cuda_rng_state", "uint8", 1, "training_state"),
+    ("torch_rng_state", "uint8", 1, "training_state"),
+    ("rng_states.cuda.0", "uint8", 1, "training_state"),
+    ("extra_state.rng", "int64", 1, "training_state"),
+    ("cpu", "uint8", 1, "parameter"),  # HF Trainer's rng_state.pth keys: the name alone does not say rng
+    ("cuda", "uint8", 1, "parameter"),
+    ("strong.weight", "float32", 2, "parameter"),
+    # losses and metrics saved as 0-d tensors (nanoGPT, Lightning callbacks)
+    ("best_val_loss", "float32", 0, "training_state"),
+    ("val_loss", "float32", 0, "training_state"),
+    ("loss", "float32", 0, "training_state"),
+    ("best_loss", "float64", 0, "training_state"),
+    ("train_loss", "bfloat16", 0, "training_state"),
+    ("callbacks.ModelCheckpoint.best_model_score", "float32", 0, "training_state"),
+    ("best_val_loss", "float32", 1, "parameter"),  # not 0-d: not a saved metric
+    ("loss", None, None, "parameter"),  # ndim unknown: the name alone does not decide
+    ("logit_scale", "float32", 0, "parameter"),  # CLIP's learned temperature
+    ("loss_fn.weight", "float32", 1, "parameter"),  # class weights of a loss module: leaf weight
+    ("criterion.weight", "float32", 1, "parameter"),
+    ("loss_fn.weight", "float32", 0, "parameter"),
+    ("model.head.loss_scale", "float32", 0, "parameter"),
+]
+
+
+@pytest.mark.parametrize("name, dtype, ndim, role", TYPED_TABLE, ids=[f"{t[0]}-{t[1]}-{t[2]}" for t in TYPED_TABLE])
+def test_typed_role_table(name, dtype, ndim, role):
+    assert N.role(name, dtype, ndim) == role
+    if dtype is not None:
+        assert N.roles({name: (dtype, ndim)}) == {name: role}
+
+
+def test_training_state_is_in_scope_all_only():
+    assert "training_state" in N.ROLES
+    assert [s for s in N.scope_names if N.in_scope("training_state", s)] == ["all"]
+    assert N.kind("rng", 1) == "buffer" and N.kind("best_val_loss", 0) == "buffer"  # no optimizer moves them
+
+
 def test_roles_with_context_find_companions_of_quantized_weights():
     specs = {"fc.weight": ("int8", 2), "fc.weight.scale": ("float32", 1), "logit_scale": ("float32", 0),
              "logit": ("float32", 1), "attn.bias": ("bool", 4), "fc.bias": ("float32", 1)}

@@ -372,7 +372,7 @@ BAD = [
                                                   "(torchdiff series ...)"),
     ("rules:\n  - {name: a, select: 'role:weights', unchanged: true}\n",
      "rule 1 ('a'): select 'role:weights': unknown role (roles: parameter, buffer, counter, optimizer_state, "
-     "quant_companion)"),
+     "quant_companion, training_state)"),
     ("rules:\n  - {name: a, max_abs: 1}\n  - {name: a, max_abs: 2}\n",
      "rule 2: the name 'a' is used by an earlier rule"),
 ]

@@ -437,6 +437,70 @@ def test_an_unquantized_change_is_not_labelled_a_precision_loss():
     assert result.headline["sqnr_db"] == pytest.approx(20 * math.log10(a.norm() / d.norm()), rel=1e-5)
 
 
+def _adam_checkpoints(tmp_path: Path) -> tuple[Path, Path, list[dict[str, torch.Tensor]], list[str]]:
+    """Two torch.save training checkpoints of a small conv/BN/linear model trained with
+    Adam: model, optimizer state, an RNG state and a 0-d best_val_loss; also both
+    flattened, as torchdiff names them, and the names of the model's parameters."""
+    torch.manual_seed(11)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                              torch.nn.Linear(4 * 4 * 4, 3))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    x, y = torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,))
+    paths, flat = [], []
+    for step in range(2):
+        for _ in range(3):
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        ckpt = {"model": net.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
+                "best_val_loss": loss.detach().clone()}
+        paths.append(tmp_path / f"train_{step}.pt")
+        torch.save(ckpt, paths[-1])
+        sd = {f"model.{k}": v.clone() for k, v in net.state_dict().items()}
+        for i, st_ in opt.state_dict()["state"].items():
+            sd |= {f"optimizer.state.{i}.{k}": v.clone() for k, v in st_.items()}
+        flat.append(sd | {"rng": ckpt["rng"].clone(), "best_val_loss": ckpt["best_val_loss"]})
+    return paths[0], paths[1], flat, [f"model.{n}" for n, _ in net.named_parameters()]
+
+
+def _pooled_sqnr(old: dict, new: dict, names) -> float:
+    """10 · log10(Σ‖A‖² / Σ‖Δ‖²) in float64 over ``names``."""
+    signal = sum(float((old[n].double() ** 2).sum()) for n in names)
+    noise = sum(float(((new[n].double() - old[n].double()) ** 2).sum()) for n in names)
+    return 10 * math.log10(signal / noise)
+
+
+def test_training_checkpoint_measures_the_scope_not_the_optimizer(tmp_path):
+    """Adam state, BN running statistics, step counters, an RNG state and best_val_loss
+    beside the model: the default scope (params) measures the model's parameters only,
+    against a float64 reference; Adam's exp_avg_sq never ranks as most sensitive and an
+    fp32 model stores 32 bits per weight. ``--scope all`` measures every float tensor."""
+    a, b, (old, new), params = _adam_checkpoints(tmp_path)
+    report, result = analysis(a, b)
+    assert sorted(rows(result)) == sorted(params)
+    assert result.headline["sqnr_db"] == pytest.approx(_pooled_sqnr(old, new, params), abs=1e-5)
+    assert result.headline["bits_per_weight_old"] == result.headline["bits_per_weight_new"] == 32.0
+    assert result.data["params"] == sum(old[n].numel() for n in params)
+    assert result.data["checkpoint_bytes_old"] == 4 * sum(old[n].numel() for n in params)
+    sensitive = rows(result, "Most sensitive")
+    assert sensitive and set(sensitive) <= set(params)
+    roles = dict(zip(report.figures.names, report.figures.role))
+    others = sorted(r for n, r in roles.items() if n not in params)
+    assert others.count("training_state") == 2 and "optimizer_state" in others
+    assert (f"scope params: {len(others)} tensor(s) of other roles (buffer 2, counter {others.count('counter')}, "
+            f"optimizer state {others.count('optimizer_state')}, training state 2) left out of every figure, bytes "
+            "included; --scope all includes them") in result.notes
+
+    _, everything = analysis(a, b, scope="all")
+    floats = [n for n in old if old[n].dtype.is_floating_point]
+    assert sorted(rows(everything)) == sorted(floats)
+    assert everything.headline["sqnr_db"] == pytest.approx(_pooled_sqnr(old, new, floats), abs=1e-5)
+    assert not any("other roles" in n for n in everything.notes)
+    inspected = torchdiff.inspect(b, quantization_analysis=True).analysis("quantization_analysis")
+    assert inspected.headline["bits_per_weight"] == 32.0
+
+
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 3000), seed=st.integers(0, 2**32 - 1), chunk=st.integers(1, 700),
        dtype=st.sampled_from([np.float32, np.float64]), ties=st.booleans(), nonfinite=st.booleans())

@@ -73,7 +73,7 @@ def compare(
         map_heads: ``"HEADS,KV_HEADS"`` for rules whose head counts no metadata gives.
         scope: what the global, layer and summary figures cover: ``params`` (trainable
             parameters, the default), ``model`` (plus buffers and counters) or ``all``
-            (plus optimizer state). Tensor lines always list every tensor.
+            (plus optimizer state and training state: RNG states, 0-d losses). Tensor lines always list every tensor.
         histograms: value histograms of the k most-changed tensors, in ``d.extras["histogram"]``
             (docs/REPORT.md; the CLI's --report/--plots set 12).
         spectra: singular values of Δ for the K most-changed matrices, in ``d.extras["spectrum"]``.

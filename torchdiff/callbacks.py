@@ -530,7 +530,8 @@ class CheckpointMonitor:
             else:
                 status = UNCHANGED if old == new else CHANGED
             extras = {"tied_to": {"old": ties[name], "new": ties[name]}} if name in ties else {}
-            diffs.append(TensorDiff(name, status, old, new, None, extras, role_of.get(name) or role(name)))
+            diffs.append(TensorDiff(name, status, old, new, None, extras,
+                                    role_of.get(name) or role(name, old.dtype, len(old.shape))))
         for name, new in new_stats.items():
             if name not in self._ref_stats:
                 diffs.append(TensorDiff(name, ADDED, None, new, None, {}, role_of[name]))

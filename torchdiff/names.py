@@ -7,9 +7,10 @@ names. Pure functions on names, dtype names and shapes; no tensor maths, no I/O.
 - ``layer_of(name)``: the first numbered block (``h.3``, ``layers.12``, ``blk.7``), else a
   recurrent layer (``lstm.l1``), else the module prefix, else the name.
 - ``role(name, dtype, ndim)``: ``parameter`` | ``buffer`` | ``counter`` |
-  ``optimizer_state`` | ``quant_companion``; ``roles(specs)`` decides them for a whole
-  checkpoint, where a tensor's neighbours help (``W`` + ``W_scale``); ``roles_over``
-  for checkpoints compared in order (the newest holding a name decides).
+  ``optimizer_state`` | ``quant_companion`` | ``training_state`` (RNG states, 0-d
+  losses and metrics); ``roles(specs)`` decides them for a whole checkpoint, where a
+  tensor's neighbours help (``W`` + ``W_scale``); ``roles_over`` for checkpoints
+  compared in order (the newest holding a name decides).
 - ``module_type(name)``: ``attn_q`` ... ``mlp_down``, ``norm``, ``embedding``, ``head``, ``other``.
 - ``family(names)``: ``gguf`` | ``megatron`` | ``timm`` | ``lightning`` | ``nanogpt`` | ``hf`` | ``torch``.
 - ``is_float_storage(dtype)``: whether values are real numbers measured as floats.
@@ -34,9 +35,12 @@ BUFFER = "buffer"
 COUNTER = "counter"
 OPTIMIZER_STATE = "optimizer_state"
 QUANT_COMPANION = "quant_companion"
-ROLES = (PARAMETER, BUFFER, COUNTER, OPTIMIZER_STATE, QUANT_COMPANION)
+#: The training loop's own state, neither the model nor the optimizer: RNG states,
+#: losses and metrics saved as tensors.
+TRAINING_STATE = "training_state"
+ROLES = (PARAMETER, BUFFER, COUNTER, OPTIMIZER_STATE, QUANT_COMPANION, TRAINING_STATE)
 
-#: ``--scope``: which roles the summary, global and layer figures cover.
+#: ``--scope``: which roles the summary, global and layer figures cover (training state: ``all`` only).
 SCOPES: dict[str, frozenset[str]] = {
     "params": frozenset({PARAMETER}),
     "model": frozenset({PARAMETER, BUFFER, COUNTER, QUANT_COMPANION}),
@@ -62,6 +66,15 @@ COUNTER_LEAVES = frozenset({"num_batches_tracked", "n_averaged"})
 _COMPANION_LEAVES = frozenset({"SCB", "absmax", "quant_map", "nested_absmax", "nested_quant_map", "qzeros",
                                "scales", "g_idx", "zero_point", "weight_scale", "weight_scale_inv",
                                "weight_zero_point", "input_scale", "scale_inv", "quant_state"})
+#: RNG states saved as tensors (``torch.get_rng_state()``: uint8 bytes, any dtype accepted):
+#: a name component that says rng (``rng``, ``rng_state``, ``cpu_rng_state``,
+#: ``cuda_rng_states``...), as the leaf or as the key above a device's state (``rng_state.cuda``).
+_RNG_PART = re.compile(r"^(?:[a-z0-9]+_)*rng(?:_states?)?$", re.IGNORECASE)
+#: Losses and metrics a training loop saves as 0-d tensors (nanoGPT's ``best_val_loss``;
+#: Lightning's ModelCheckpoint / EarlyStopping ``best_model_score``, ``best_score``); a
+#: tensor with dimensions under these names is left a parameter.
+METRIC_LEAVES = frozenset({"loss", "train_loss", "val_loss", "eval_loss", "best_loss", "best_val_loss",
+                           "best_model_score", "best_score"})
 #: Suffixes that make ``W<suffix>`` a companion of ``W`` when ``W`` is stored quantized.
 COMPANION_SUFFIXES = ("_scale", ".scale", "_scale_inv", ".scale_inv", "_zero_point", ".zero_point", "_zp", ".zp")
 
@@ -136,7 +149,12 @@ def is_optimizer_state(name: str) -> bool:
 
 @lru_cache(maxsize=65536)
 def role(name: str, dtype: str | None = None, ndim: int | None = None) -> str:
-    """The role of one tensor from its own name (and dtype, when known).
+    """The role of one tensor from its own name (and dtype and ndim, when known).
+
+    ``training_state``: a name component that says rng (any dtype, any shape), or a 0-d
+    tensor whose leaf is a loss or metric (``best_val_loss``; ``ndim`` must be known to
+    be 0, so a name alone never decides it). ``logit_scale`` (CLIP's 0-d temperature) and
+    ``loss_fn.weight`` (leaf ``weight``) stay parameters.
 
     ``roles()`` is the same with a checkpoint's other names as context, which also finds
     ``W_scale`` companions of a quantized ``W``.
@@ -145,6 +163,9 @@ def role(name: str, dtype: str | None = None, ndim: int | None = None) -> str:
     leaf = _leaf(name)
     if opt is not None:
         return COUNTER if opt[1] == "step" else OPTIMIZER_STATE
+    if ("rng" in name.lower() and any(_RNG_PART.match(p) for p in parts(name))) or (
+            ndim == 0 and leaf in METRIC_LEAVES):
+        return TRAINING_STATE
     if leaf in COUNTER_LEAVES:
         return COUNTER
     if leaf in BUFFER_LEAVES:
@@ -289,12 +310,13 @@ _RNN_PART = re.compile(r"^(lstm|gru|rnn)\w*$")
 
 @lru_cache(maxsize=65536)
 def kind(name: str, ndim: int) -> str:
-    """Structural kind: ``optimizer`` | ``buffer`` | ``norm`` (1-D parameters of a
-    normalisation) | ``bias`` | ``embedding`` | ``weight`` (≥ 2-D) | ``other``."""
-    r = role(name)
+    """Structural kind: ``optimizer`` | ``buffer`` (buffers, counters and training state:
+    tensors no optimizer moves) | ``norm`` (1-D parameters of a normalisation) | ``bias`` |
+    ``embedding`` | ``weight`` (≥ 2-D) | ``other``."""
+    r = role(name, None, ndim)
     if r == OPTIMIZER_STATE or (r == COUNTER and optimizer_param(name) is not None):
         return "optimizer"
-    if r in (BUFFER, COUNTER):
+    if r in (BUFFER, COUNTER, TRAINING_STATE):
         return "buffer"
     ps = [p.lower() for p in parts(name)] or [name.lower()]
     leaf, owners = ps[-1], ps[:-1]

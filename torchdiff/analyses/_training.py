@@ -129,7 +129,7 @@ def build_adam_plan(tensors: Sequence[tuple[str, tuple[int, ...], bool]],
     params: list[AdamParam] = []
     candidates = [
         (name, tuple(shape)) for name, shape, is_float in tensors
-        if is_float and role(name) == PARAMETER
+        if is_float and role(name, None, len(shape)) == PARAMETER
     ]
     mapped_all = True
     for opt in prefixes:

@@ -21,8 +21,8 @@ import torch
 
 from torchdiff.figures import Comparison
 from torchdiff.names import (
-    block_index, is_attention, is_float_storage, is_optimizer_state, is_position_embedding, is_recurrent, kind,
-    layer_of, parts,
+    TRAINING_STATE, block_index, is_attention, is_float_storage, is_optimizer_state, is_position_embedding,
+    is_recurrent, kind, layer_of, parts,
 )
 from torchdiff.pairing import tied
 from torchdiff.results import ADDED, REMOVED, RESHAPED, AnalysisResult, Table
@@ -145,7 +145,9 @@ def _model_tensors(comp: Comparison, side: str) -> list[tuple[str, Any]]:
     out = []
     for d in comp.diffs:
         s = getattr(d, side)
-        if s is not None and not is_optimizer_state(d.name) and not tied(d, side):  # a tied tensor counts once
+        # the model's own tensors: not optimizer or training-loop state (an RNG state, a 0-d loss);
+        # a tied tensor counts once
+        if s is not None and not is_optimizer_state(d.name) and d.role != TRAINING_STATE and not tied(d, side):
             out.append((d.name, s))
     return out
 
@@ -332,7 +334,7 @@ def analyze(comparison: Comparison, options, state: dict) -> AnalysisResult:
     renames, ambiguous, rules = find_renames(comparison)
     renamed_old = {a for a, _ in renames}
     renamed_new = {b for _, b in renames}
-    model = [d for d in comparison.diffs if not is_optimizer_state(d.name)]
+    model = [d for d in comparison.diffs if not is_optimizer_state(d.name) and d.role != TRAINING_STATE]
     added = [d.name for d in model if d.status == ADDED and d.name not in renamed_new]
     removed = [d.name for d in model if d.status == REMOVED and d.name not in renamed_old]
     reshaped = [d for d in model if d.status == RESHAPED]

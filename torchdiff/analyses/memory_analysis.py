@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from typing import Any
 
-from torchdiff.names import is_float_storage, is_optimizer_state, kind, layer_of, parts
+from torchdiff.names import TRAINING_STATE, is_float_storage, is_optimizer_state, kind, layer_of, parts
 from torchdiff.figures import Comparison
 from torchdiff.pairing import stored_nbytes, tied
 from torchdiff.results import AnalysisResult, Table
@@ -38,6 +38,7 @@ DEVICES_GB = (8, 16, 24, 40, 80)
 GIB = 1 << 30
 LARGEST = 5                     # rows of the largest-tensors table
 OPTIMIZER_ROW = "(optimizer state)"
+TRAINING_ROW = "(training state)"  # RNG states, 0-d losses (names.TRAINING_STATE)
 
 
 def _is_parameter(name: str, s) -> bool:
@@ -56,13 +57,14 @@ def _side(comp: Comparison, side: str) -> dict[str, Any] | None:
     # Bytes as the file holds them: each storage once (tied weights, slices of a larger
     # saved storage: pairing.stored_nbytes); parameters of a tied tensor count once.
     stored = {d.name: (stored_nbytes(d, side), tied(d, side)) for d in comp.diffs if getattr(d, side) is not None}
+    training = {d.name for d in comp.diffs if d.role == TRAINING_STATE}  # an RNG state, a 0-d loss: not the model
     tensors = [(d.name, getattr(d, side)) for d in comp.diffs if getattr(d, side) is not None]
     if not tensors and side == "old" and comp.mode == "inspect":
         return None
     by_dtype: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "params": 0, "bytes": 0})
     by_layer: Counter = Counter()
     by_slot: Counter = Counter()
-    model_bytes = optimizer_bytes = float_params = float_bytes = other_bytes = 0
+    model_bytes = optimizer_bytes = training_bytes = float_params = float_bytes = other_bytes = 0
     optimizer_tensors = quantized = 0
     for name, s in tensors:
         nbytes, is_tied = stored[name]
@@ -70,6 +72,10 @@ def _side(comp: Comparison, side: str) -> dict[str, Any] | None:
         e["tensors"] += 1
         e["params"] += 0 if is_tied else s.numel
         e["bytes"] += nbytes
+        if name in training:
+            training_bytes += nbytes
+            by_layer[TRAINING_ROW] += nbytes
+            continue
         if is_optimizer_state(name):
             optimizer_bytes += nbytes
             optimizer_tensors += 1
@@ -86,10 +92,11 @@ def _side(comp: Comparison, side: str) -> dict[str, Any] | None:
             quantized += not is_float_storage(s.dtype)
         else:
             other_bytes += nbytes
-    total = model_bytes + optimizer_bytes
+    total = model_bytes + optimizer_bytes + training_bytes
     largest = sorted(tensors, key=lambda t: (-t[1].nbytes, t[0]))[:LARGEST]
     return {
         "bytes": total, "model_bytes": model_bytes, "optimizer_bytes": optimizer_bytes,
+        "training_state_bytes": training_bytes,
         "optimizer_tensors": optimizer_tensors, "optimizer_bytes_by_slot": dict(by_slot),
         "float_params": float_params, "float_bytes": float_bytes, "non_float_bytes": other_bytes,
         "integer_weight_tensors": quantized,

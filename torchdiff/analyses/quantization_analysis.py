@@ -32,6 +32,14 @@ in the engine's single pass):
 Tensors that cannot be dequantized (no scale companion, a scale shape that fits no
 layout, a packed sub-byte layout) are listed with the reason and left out of the
 precision figures; their bytes still count.
+
+The analysis covers the tensors in ``--scope`` (trainable parameters by default), as the
+global and layer figures do, plus quantization companions that were not folded into a
+weight (GPTQ ``qzeros``/``scales``, bitsandbytes 4-bit ``absmax``...: the weights'
+storage, so their bytes count whatever the scope). Optimizer state, buffers, counters and
+training state (a saved RNG state) are left out of every figure, bytes included, and a
+note counts them per role: in a training checkpoint, Adam's ``exp_avg_sq`` would
+otherwise rank as the most sensitive tensor and pull the pooled SQNR down.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ import torch
 from torchdiff.dequant import Detected, dequantize_checkpoint, fit_scale  # noqa: F401 - fit_scale: public here since 0.1
 from torchdiff.errors import UsageError
 from torchdiff.formats.base import Checkpoint
+from torchdiff.names import QUANT_COMPANION, ROLES, SCOPES
 from torchdiff.results import ADDED, REMOVED, RESHAPED, AnalysisResult, Table
 from torchdiff.units import count
 
@@ -276,20 +285,41 @@ def _pair_scheme(d, det_old: Detected | None, det_new: Detected | None, extras: 
     return "none"
 
 
+def covered_roles(scope: str) -> frozenset[str]:
+    """The roles the analysis measures: those of ``scope`` plus quantization companions
+    (unfolded companions are the storage of their weights)."""
+    return SCOPES[scope] | {QUANT_COMPANION}
+
+
+def _split_scope(comparison) -> tuple[list, str | None]:
+    """The diffs the analysis covers, and a note counting the others per role (or None)."""
+    roles = covered_roles(comparison.scope)
+    covered = [d for d in comparison.diffs if d.role in roles]
+    left = [d.role for d in comparison.diffs if d.role not in roles]
+    if not left:
+        return covered, None
+    by_role = ", ".join(f"{r.replace('_', ' ')} {count(left.count(r))}" for r in ROLES if r in left)
+    return covered, (f"scope {comparison.scope}: {count(len(left))} tensor(s) of other roles ({by_role}) left out of "
+                     "every figure, bytes included; --scope all includes them")
+
+
 def _storage_only(comparison, found: dict[str, Detected]) -> AnalysisResult:
-    """One checkpoint (inspect): bits per weight and the schemes its tensors are stored in."""
+    """One checkpoint (inspect): bits per weight and the schemes its tensors in scope are stored in."""
+    diffs, scope_note = _split_scope(comparison)
     groups: dict[str, list] = {}
     quantized = 0
-    for d in comparison.diffs:
+    for d in diffs:
         det = found.get(d.name)
         scheme = det.scheme if det is not None else _stored(d.new.dtype, comparison.new_format)
         quantized += det is not None or storage_kind(d.new.dtype) == "block"
         groups.setdefault(scheme, []).append(d.new)
-    params = sum(d.new.numel for d in comparison.diffs)
-    nbytes = sum(d.new.nbytes for d in comparison.diffs)
+    params = sum(d.new.numel for d in diffs)
+    nbytes = sum(d.new.nbytes for d in diffs)
     rows = tuple((scheme, len(s), sum(x.numel for x in s), sum(x.nbytes for x in s),
                   _bits(sum(x.nbytes for x in s), sum(x.numel for x in s))) for scheme, s in groups.items())
     notes = [f"not dequantized: {n}: {det.error}" for n, det in found.items() if det.error]
+    if scope_note:
+        notes.append(scope_note)
     headline = {"bits_per_weight": _bits(nbytes, params), "quantized_tensors": quantized}
     return AnalysisResult(NAME, headline, {"bytes": nbytes, "params": params,
                                            "companions": {n: list(det.companions) for n, det in found.items()}},
@@ -304,6 +334,7 @@ def analyze(comparison, options, state: dict) -> AnalysisResult:
     top_k = int(options.get("quantization_top_k", 10))
     if comparison.mode == "inspect":
         return _storage_only(comparison, found_new)
+    diffs, scope_note = _split_scope(comparison)
 
     rows: list[dict[str, Any]] = []  # measured tensors
     failed: dict[str, list[str]] = {}  # reason -> names
@@ -312,7 +343,7 @@ def analyze(comparison, options, state: dict) -> AnalysisResult:
     only_new: list[str] = []
     paired_bytes_old = paired_bytes_new = paired_params = 0
     ckpt_bytes_old = ckpt_bytes_new = 0
-    for d in comparison.diffs:
+    for d in diffs:
         if d.old is not None:
             ckpt_bytes_old += d.old.nbytes
         if d.new is not None:
@@ -420,6 +451,8 @@ def analyze(comparison, options, state: dict) -> AnalysisResult:
     if only_old or only_new:
         notes.append(f"tensors on one side only (old {count(len(only_old))}, new {count(len(only_new))}) count in the "
                      "checkpoint bytes, not in compression")
+    if scope_note:
+        notes.append(scope_note)
 
     headline = {
         "compression": compression,
