@@ -252,16 +252,23 @@ def implied_ties(old: Checkpoint, new: Checkpoint) -> tuple[dict[str, str], dict
     weight once (``lm_head.weight``, BERT's ``cls.predictions.decoder.weight`` and
     ``.bias``, T5's ``encoder.embed_tokens.weight``, Whisper's ``proj_out.weight``),
     whatever config.json says. X then pairs with the other side's T, tied, as a
-    dropped name recorded in the file does (``Checkpoint.ties``)."""
+    dropped name recorded in the file does (``Checkpoint.ties``).
+
+    Only where the other side is a file that names each storage once (safetensors: no
+    handle shares a storage, so its writer dropped the duplicates) and its T has X's
+    shape and storage dtype; a pickle or a state_dict in memory keeps every name of a
+    shared storage, so a name missing there was removed."""
     out: tuple[dict[str, str], dict[str, str]] = ({}, {})
     for a, (this, other) in enumerate(((old, new), (new, old))):
-        tied = [(name, h.tied_to) for name, h in this.tensors.items() if h.tied_to is not None]
-        if not tied:
+        tied = [(name, h) for name, h in this.tensors.items() if h.tied_to is not None]
+        if not tied or any(h.storage_key is not None for h in other.tensors.values()):
             continue
         current = {h.name: name for name, h in this.tensors.items()}  # stored -> paired name (drop_prefix)
-        for name, target in tied:
-            target = current.get(target, target)
-            if name not in other.tensors and name not in other.ties and target in other.tensors:
+        for name, h in tied:
+            target = current.get(h.tied_to, h.tied_to)
+            held = other.tensors.get(target)
+            if (held is not None and name not in other.tensors and name not in other.ties
+                    and tuple(held.shape) == tuple(h.shape) and held.storage_dtype == h.storage_dtype):
                 out[1 - a][name] = target
     return out
 
