@@ -14,8 +14,10 @@ from gguf.quants import quantize
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import torchdiff
 from torchdiff.errors import CorruptFileError, MissingDependencyError, TorchDiffError, UnknownFormatError
 from torchdiff.formats import load
+from torchdiff.formats.gguf import PLAIN_STORAGE
 
 Q = GGMLQuantizationType
 
@@ -91,10 +93,11 @@ def test_plain_and_quantized_tensors(tmp_path):
         assert ck.format == "gguf"
         assert list(ck) == list(tensors)
         expected_types = {
-            "token_embd.weight": ("F32", torch.float32), "blk.0.attn_q.weight": ("F16", torch.float16),
-            "blk.0.ffn_up.weight": ("Q8_0", torch.float32), "blk.0.ffn_down.weight": ("BF16", torch.bfloat16),
-            "blk.0.attn_norm.weight": ("F64", torch.float64), "ids8": ("I8", torch.int8),
-            "ids16": ("I16", torch.int16), "ids32": ("I32", torch.int32), "ids64": ("I64", torch.int64),
+            # plain types under torch's names (so F32 against float32 is not "retyped"), quantized under GGML's
+            "token_embd.weight": ("float32", torch.float32), "blk.0.attn_q.weight": ("float16", torch.float16),
+            "blk.0.ffn_up.weight": ("Q8_0", torch.float32), "blk.0.ffn_down.weight": ("bfloat16", torch.bfloat16),
+            "blk.0.attn_norm.weight": ("float64", torch.float64), "ids8": ("int8", torch.int8),
+            "ids16": ("int16", torch.int16), "ids32": ("int32", torch.int32), "ids64": ("int64", torch.int64),
         }
         for name, (storage, dtype) in expected_types.items():
             handle = ck.tensors[name]
@@ -267,7 +270,7 @@ def test_header_parser_agrees_with_gguf_reader(tmp_path):
     for t in reference.tensors:
         handle = ours.tensors[t.name]
         assert handle.shape == tuple(reversed(t.shape.tolist()))
-        assert handle.storage_dtype == t.tensor_type.name
+        assert handle.storage_dtype == PLAIN_STORAGE.get(t.tensor_type.name, t.tensor_type.name)
         assert handle.nbytes == t.n_bytes
         expected = gguf.quants.dequantize(t.data, t.tensor_type)
         np.testing.assert_array_equal(handle.materialize().numpy(), expected.astype(handle.materialize().numpy().dtype))
@@ -284,3 +287,20 @@ def test_big_endian_header_is_checked_before_gguf_reader(tmp_path):
     path.write_bytes(b'GGUF\x00\x00\x00\x03\x00\x00\x00\xff\x00\x00\x00GGWF\x03\x00\x00\x00\x03\x00\x00\x00\x00\x00\x00\x00\x03\x00\x00\x00\x00\x00\x00\t\x00\x00\x00\x00\x00\x00\x00\x00\x14\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\t\xfd\xff\xff\x00\x00\x00\x00\x00!\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00=\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00')
     with pytest.raises(CorruptFileError, match=r"be\.gguf: not a readable GGUF file \(the array .* runs past the end"):
         load(path)
+
+
+def test_plain_gguf_tensors_against_safetensors_of_the_same_names(tmp_path):
+    """Names that pair directly (no mapping): an F32 tensor equal to a float32 one is
+    unchanged, not retyped; an F16 one is float32 -> float16."""
+    from safetensors.torch import save_file
+
+    g = np.random.default_rng(0)
+    a, b = g.standard_normal((4, 8)).astype(np.float32), g.standard_normal((8,)).astype(np.float32)
+    _write(tmp_path / "m.gguf", {"a.weight": a, "b.weight": b.astype(np.float16)})
+    save_file({"a.weight": torch.from_numpy(a), "b.weight": torch.from_numpy(b)}, str(tmp_path / "m.safetensors"))
+    report = torchdiff.compare(tmp_path / "m.safetensors", tmp_path / "m.gguf", map="none")
+    by_name = {d.name: d for d in report}
+    assert by_name["a.weight"].status == "unchanged" and by_name["a.weight"].new.dtype == "float32"
+    assert by_name["b.weight"].status == "retyped" and by_name["b.weight"].new.dtype == "float16"
+    delta = b.astype(np.float16).astype(np.float64) - b.astype(np.float64)
+    assert by_name["b.weight"].metrics.l2 == pytest.approx(float(np.linalg.norm(delta)), rel=1e-6)

@@ -8,10 +8,13 @@ GGUF lists dimensions innermost first (``ne[0]`` is the row length); handles rep
 the numpy/torch order the reader's arrays use, i.e. the GGUF dimensions reversed: a
 ``[4096, 11008]`` GGUF tensor is ``(11008, 4096)`` here.
 
-``storage_dtype`` is the GGML type name (``F32``, ``F16``, ``BF16``, ``Q8_0``, ``Q4_K``...)
-and ``nbytes`` the bytes the file spends on the tensor, block scales included. Plain
-types keep their natural torch dtype (F32, F16, BF16, F64, I8, I16, I32, I64) and
-materialise as views of the copy-on-write file mapping (``mapped=True``). Quantized
+``storage_dtype`` is the GGML type name of a quantized type (``Q8_0``, ``Q4_K``...) and
+torch's name of a plain one (F32 ``float32``, F16 ``float16``, BF16 ``bfloat16``, F64,
+I8, I16, I32, I64: :data:`PLAIN_STORAGE`), so that an F32 GGUF tensor and a float32
+safetensors tensor of equal values compare as unchanged, not retyped, whether or not a
+name mapping pairs them; ``nbytes`` is the bytes the file spends on the tensor, block
+scales included. Plain types keep their natural torch dtype and materialise as views of
+the copy-on-write file mapping (``mapped=True``). Quantized
 types report ``torch.float32`` and materialise by ``gguf.quants.dequantize`` into
 memory; a type the installed gguf cannot dequantize is listed but raises on
 ``materialize()``.
@@ -235,10 +238,14 @@ def _fast_handles(path: str, infos, data_start: int, gguf: Any, dequantize: Call
         tensors[name] = TensorHandle(
             name=name, shape=shape, dtype=plain if plain is not None else torch.float32, nbytes=nbytes,
             materialize=_reader(path, info, shape, plain, False, dequantize),
-            storage_dtype=qtype.name, mapped=plain is not None,
+            storage_dtype=PLAIN_STORAGE.get(qtype.name, qtype.name), mapped=plain is not None,
         )
     return tensors
 
+
+#: GGML's names of plain storage types -> torch's (``storage_dtype``).
+PLAIN_STORAGE = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                 "I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64"}
 
 _NUMPY_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2", "F64": "<f8", "I8": "i1", "I16": "<i2", "I32": "<i4",
                  "I64": "<i8"}
@@ -268,7 +275,7 @@ def _handles(path: str, reader: Any, dequantize: Callable) -> dict[str, TensorHa
             dtype=plain if plain is not None else torch.float32,
             nbytes=int(t.n_bytes),
             materialize=_reader(path, t, shape, plain, swapped, dequantize),
-            storage_dtype=type_name,
+            storage_dtype=PLAIN_STORAGE.get(type_name, type_name),
             mapped=plain is not None and not swapped,
         )
     return tensors

@@ -335,7 +335,7 @@ def _handle(out: _Output, key: str, source: Checkpoint) -> TensorHandle:
     storages = {h.storage_dtype for h in srcs}
     storage = storages.pop() if len(storages) == 1 else "mixed"
     return TensorHandle(name=key, shape=out.shape, dtype=out.dtype, nbytes=nbytes, materialize=materialize,
-                        storage_dtype=PLAIN_STORAGE.get(storage, storage), mapped=False,
+                        storage_dtype=storage, mapped=False,
                         source=srcs[0].source)
 
 
@@ -411,20 +411,12 @@ def _build(plan: _Plan) -> tuple[Checkpoint, Checkpoint, MappingReport]:
     return old_ckpt, new_ckpt, report
 
 
-#: GGML's names of plain storage types -> torch's, so that an F32 GGUF tensor and a
-#: float32 safetensors tensor of equal values compare as unchanged, not retyped.
-PLAIN_STORAGE = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-                 "I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64"}
-
-
 def _renamed(h: TensorHandle, key: str) -> TensorHandle:
     return TensorHandle(name=key, shape=h.shape, dtype=h.dtype, nbytes=h.nbytes, materialize=h.materialize,
-                        storage_dtype=PLAIN_STORAGE.get(h.storage_dtype, h.storage_dtype), mapped=h.mapped,
-                        source=h.source, span=h.span)
+                        storage_dtype=h.storage_dtype, mapped=h.mapped, source=h.source, span=h.span)
 
 
 def _with(ckpt: Checkpoint, tensors: dict[str, TensorHandle]) -> Checkpoint:
-    tensors = {k: _renamed(h, k) if h.storage_dtype in PLAIN_STORAGE else h for k, h in tensors.items()}
     return Checkpoint(name=ckpt.name, format=ckpt.format, tensors=tensors, metadata=ckpt.metadata, info=ckpt.info,
                       _closers=[], files=ckpt.files)
 
