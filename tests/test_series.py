@@ -191,8 +191,8 @@ def test_steps_are_ordinary_comparisons(tmp_path):
     del states[2]["b.weight"]
     run = {"first": states[0], "second": states[0], "third": states[2]}
     # a checkpoint that lacks tensors is refused by default: leaving them out moves every figure
-    with pytest.raises(torchdiff.UsageError, match=r"^first: lacks 1 tensor\(s\) other checkpoints of the series "
-                                                   r"hold: c.extra \(--common-only"):
+    with pytest.raises(torchdiff.UsageError, match=r"^first: lacks 1 tensor\(s\) in --scope params other "
+                                                   r"checkpoints of the series hold: c.extra \(--common-only"):
         compare_series(run)
     report = compare_series(run, common_only=True)
     assert isinstance(report, SeriesReport)
@@ -272,3 +272,46 @@ def test_cli_series_yaml(tmp_path, capsys):
     items = yaml.safe_load(capsys.readouterr().out)
     assert items[-1]["type"] == "similarity_matrix"
     assert items[-1]["dimensions"] == [3, 3]
+
+
+def _training_run(tmp_path, steps: int = 3) -> list:
+    """A tied-head model trained with Adam, saved as whole training checkpoints: the
+    first before any step (no optimizer state yet), lm_head.weight one storage with
+    wte.weight in every file."""
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(10, 4)
+    head = torch.nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight
+    mlp = torch.nn.Linear(4, 4)
+    params = list(emb.parameters()) + list(mlp.parameters())
+    opt = torch.optim.Adam(params, lr=1e-2)
+    paths, states = [], []
+    for step in range(steps):
+        if step:
+            opt.zero_grad()
+            x = emb(torch.arange(10))
+            head(mlp(x)).logsumexp(1).sum().backward()
+            opt.step()
+        state = {"wte.weight": emb.weight.detach().clone(), "h.0.mlp.weight": mlp.weight.detach().clone(),
+                 "h.0.mlp.bias": mlp.bias.detach().clone()}
+        state["lm_head.weight"] = state["wte.weight"]  # one storage, as model.state_dict() saves a tied head
+        states.append(state)
+        paths.append(tmp_path / f"train_{step}.pt")
+        torch.save({"model": state, "optimizer": opt.state_dict(), "step": step}, paths[-1])
+    return paths, states
+
+
+def test_a_training_run_whose_first_checkpoint_has_no_optimizer_state(tmp_path):
+    """Optimizer state is out of the series figures: a first checkpoint saved before any
+    step is no reason to refuse the run (the per-step comparisons show the state added).
+    The tied head counts once: float64 reference over the model's own tensors."""
+    paths, states = _training_run(tmp_path)
+    report = compare_series([str(p) for p in paths], analyses=["convergence_analysis"])
+    added = report.steps[0].comparison.counts()["added"]
+    assert added > 0  # optimizer state appears at the first step
+    names = ("wte.weight", "h.0.mlp.weight", "h.0.mlp.bias")
+    u2 = sum(float(((states[2][k].double() - states[1][k].double()) ** 2).sum()) for k in names)
+    o2 = sum(float((states[1][k].double() ** 2).sum()) for k in names)
+    conv = report.analysis("convergence_analysis")
+    assert conv.headline["rel_update"] == pytest.approx(math.sqrt(u2 / o2), rel=1e-6)
+    assert any("tied to another tensor" in n and "model.lm_head.weight" in n for n in report.notes)

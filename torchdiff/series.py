@@ -61,6 +61,9 @@ BATCH_BYTES = 256 << 20
 #: float64 workspace of the Gram pass, per device type.
 WORKSPACE_BYTES = {"cpu": 32 << 20, "cuda": 512 << 20}
 _MAX_CHUNK = 1 << 22  # sign counts are float32 matmuls: exact below 2**24 per chunk
+#: Why a tensor tied to another in every checkpoint (one storage in a .pt) is left out of
+#: the series figures: its values are counted once, at the tensor it is tied to.
+TIED = "tied to another tensor: counted once, there"
 SORTS = ("given", "natural")
 
 
@@ -319,23 +322,30 @@ class _Pass:
                 if name not in seen and keep(name):
                     seen.add(name)
                     names.append(name)
-        # Tensors some checkpoint lacks: refused unless --common-only, which drops them
-        # from every pair and says so in the header.
+        self.roles = roles_over([{n: (h.storage_dtype, len(h.shape)) for n, h in c.tensors.items()}
+                                 for c in ckpts])
+        # Tensors in --scope some checkpoint lacks: refused unless --common-only, which
+        # drops them from every pair and says so in the header. Others (the optimizer
+        # state a run's first checkpoint has not made yet) are out of the series figures
+        # anyway: the per-step comparisons show them added or removed.
         self.dropped: list[str] = []
+        in_scope = SCOPES[options.scope]
         for label, c in zip(self.labels, ckpts):
-            missing = [n for n in names if n not in c.tensors]
+            missing = [n for n in names if n not in c.tensors and self.roles[n] in in_scope]
             if missing and not options.get("common_only"):
                 shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
-                raise UsageError(f"{label}: lacks {len(missing)} tensor(s) other checkpoints of the series hold: "
-                                 f"{shown} (--common-only compares the tensors every checkpoint holds)")
+                raise UsageError(f"{label}: lacks {len(missing)} tensor(s) in --scope {options.scope} other "
+                                 f"checkpoints of the series hold: {shown} (--common-only compares the tensors "
+                                 "every checkpoint holds)")
+            if options.get("common_only"):
+                missing = [n for n in names if n not in c.tensors]
             self.dropped += [n for n in missing if n not in self.dropped]
         if self.dropped:
             dropped = set(self.dropped)
             names = [n for n in names if n not in dropped]
-        self.roles = roles_over([{n: (h.storage_dtype, len(h.shape)) for n, h in c.tensors.items()}
-                                 for c in ckpts])
         # series tensors (in scope, names.SCOPES) and their layers
-        left_out: dict[str, list[str]] = {"not in every checkpoint": [], "shape differs": [], "not floating point": []}
+        left_out: dict[str, list[str]] = {"not in every checkpoint": [], "shape differs": [], "not floating point": [],
+                                          TIED: []}
         series_names: list[str] = []
         for name in names:
             if self.roles[name] not in SCOPES[options.scope]:
@@ -347,6 +357,8 @@ class _Pass:
                 left_out["shape differs"].append(name)
             elif not all(is_float_storage(h.storage_dtype) for h in hs):
                 left_out["not floating point"].append(name)
+            elif all(h.tied_to is not None for h in hs):  # lm_head.weight sharing wte.weight's storage
+                left_out[TIED].append(name)
             else:
                 series_names.append(name)
         layers: list[str] = []
