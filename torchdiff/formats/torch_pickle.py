@@ -150,8 +150,11 @@ def load(path: str, unsafe: bool = False) -> Checkpoint:
         _check_members(path)
     else:
         with open(path, "rb") as f:
-            head = f.read(1)
-        if head != b"\x80":
+            head = f.read(4)
+        if head == b"PK\x03\x04":  # a zip's first entry, but no central directory at the end
+            raise CorruptFileError(f"{path}: truncated or damaged PyTorch checkpoint (a zip archive without its "
+                                   "central directory; copy or download it again)")
+        if head[:1] != b"\x80":
             raise CorruptFileError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle)")
     try:
         with warnings.catch_warnings():
