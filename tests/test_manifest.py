@@ -363,7 +363,7 @@ def test_gguf_and_matlab_files_fingerprint_like_their_values(tmp_path):
     writer.close()
     m = fingerprint(tmp_path / "m.gguf")
     assert dataclasses.replace(m["plain.weight"], storage_dtype="") == record("plain.weight", torch.from_numpy(w))
-    assert m["plain.weight"].storage_dtype == "F32"  # GGML's name, kept beside the torch dtype
+    assert m["plain.weight"].storage_dtype == ""  # a plain type: the reader names it as torch does (float32)
     q = m["q.weight"]
     assert (q.dtype, q.shape, q.storage_dtype) == ("float32", (4, 64), "Q8_0")
     deq = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0),
