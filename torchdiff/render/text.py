@@ -240,7 +240,7 @@ def table_lines(headers, rows, width: int, rank=None) -> list[str]:
     candidates = [i for i, h in enumerate(lowered) if h in _NAME_COLUMNS] or [0]
     col = candidates[0]  # the tensor (or layer, or other name) column: elided, then leading each group
 
-    plain = all(_plain(h) for h in headers) and all(_plain(c) for r in cells for c in r)
+    plain = _plain("".join(headers)) and all(_plain("".join(r)) for r in cells)  # a row at a time
 
     def render(columns, body, limits=None) -> list[str]:
         if plain and not limits:
