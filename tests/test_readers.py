@@ -579,6 +579,11 @@ def test_a_torch_ao_quantized_model_pairs_with_its_float_original(write_pt):
         assert d.metrics.l2 == pytest.approx(float(delta.norm()), rel=1e-6)
     assert by_name["0.bias"].status == "unchanged"
     assert {m.key: m.new for m in report.comparison.metadata_diffs}["0._packed_params.dtype"] == "qint8"
+    # bytes: the int8 codes plus the scale and zero point (float64, int64), the same in every figure
+    one = torchdiff.inspect(q_path, analyses=["memory_analysis"])
+    assert {d.name: d for d in one}["0.weight"].new.nbytes == 16 * 8 + 16
+    layer0 = one.analysis("memory_analysis").data["sides"]["new"]["bytes_by_layer"]["0"]
+    assert layer0 == sum(d.new.nbytes for d in one if d.name.startswith("0."))
 
 
 _SAVE_DTENSORS = r"""

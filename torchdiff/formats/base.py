@@ -178,8 +178,8 @@ def mark_shared(handles: dict[str, TensorHandle], tensors: Mapping[str, torch.Te
     first: dict[tuple, str] = {}
     for name, t in tensors.items():
         handle = handles.get(name)
-        if handle is None or t.layout != torch.strided or t.is_sparse:
-            continue
+        if handle is None or t.layout != torch.strided or t.is_sparse or t.is_quantized:
+            continue  # bytes of their own (values and indices; codes, scales and zero points): handle.nbytes
         try:
             storage = t.untyped_storage()
             ptr = storage.data_ptr()
