@@ -606,3 +606,31 @@ def test_adapters_under_fsdp2(tmp_path):
     assert ddp[0]["should_log"] == ddp[1]["should_log"] == [[s in (2, 4)] * 2 for s in range(1, 6)]
     assert ddp[0]["on_report"] == [2, 4] and ddp[1]["on_report"] == [] and ddp[1]["history"] == []
     _check_records(ddp[0]["history"], _states(ddp[0]["states"]), shapes)
+
+
+def test_the_cli_leaves_without_an_abort_at_exit(tmp_path):
+    """``torchrun -m torchdiff`` on a DCP directory: gloo's worker thread released a
+    finished collective's tensors after the caller's wait, which takes the GIL; when the
+    process had already reached interpreter exit it aborted ("terminate called without
+    an active exception", SIGABRT) after a complete output, in about half the launches
+    on this machine. The CLI now ends with a barrier and frees its group while Python
+    runs: four launches, each exit 0 on both ranks."""
+    import warnings
+
+    import torch.distributed.checkpoint as dist_cp
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(4, 8)).pow(2).mean().backward()
+    opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dist_cp.save({"model": model.state_dict(), "optim": opt.state_dict()}, checkpoint_id=str(tmp_path / "ck"))
+    for _ in range(4):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(_free_port()), "-m", "torchdiff", "inspect", str(tmp_path / "ck")]
+        done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=180)
+        assert "terminate called" not in done.stderr
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "24 tensors" in done.stdout

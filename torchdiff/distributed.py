@@ -551,6 +551,17 @@ def cli_main(argv: list[str], run_local: Callable[[list[str]], tuple[int, str | 
         return run_command(ctx, argv, run_local)
     finally:
         try:
+            # A last collective without tensors: gloo's worker thread releases a finished
+            # collective's tensors after the caller's wait returns, and that release takes
+            # the GIL. Had the process reached interpreter exit first, the thread could not
+            # take it and the process aborted ("terminate called without an active
+            # exception", after the output was complete). The barrier's round trip lets
+            # the release happen while Python still runs.
+            dist.barrier()
+        except Exception:  # noqa: BLE001
+            pass
+        ctx.group = None  # the group's last reference: destroying it then joins gloo's threads
+        try:
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001
             pass
