@@ -198,3 +198,14 @@ def test_family(names, shapes, family):
 def test_scope_rejects_unknown_names_with_the_choices():
     with pytest.raises(N.UsageError, match=r"unknown --scope 'param' \(choose from params, model, all\)"):
         N.check_scope("param")
+
+
+def test_a_torch_ao_modules_output_qparams_are_companions():
+    """A quantized Linear or QuantStub saves its output's scale and zero point beside its
+    weights: quantization parameters, not trained ones; a norm's own 1-D ``scale``
+    (no zero point beside it) stays a parameter."""
+    specs = {"q.scale": ("float32", 1), "q.zero_point": ("int64", 1), "fc1.scale": ("float32", 0),
+             "fc1.zero_point": ("int64", 0), "fc1.weight": ("qint8", 2), "norm.scale": ("float32", 1)}
+    assert N.roles(specs) == {"q.scale": "quant_companion", "q.zero_point": "quant_companion",
+                              "fc1.scale": "quant_companion", "fc1.zero_point": "quant_companion",
+                              "fc1.weight": "parameter", "norm.scale": "parameter"}

@@ -182,11 +182,16 @@ def roles(specs: Mapping[str, tuple[str, int]], names: Iterable[str] | None = No
     ``names`` (default: every name of ``specs``) are decided.
 
     As ``role()``, plus: ``W<suffix>`` (``_scale``, ``.zero_point``...) is a
-    quantization companion when ``W`` is stored in a non-float (or float8) dtype.
+    quantization companion when ``W`` is stored in a non-float (or float8) dtype; so is
+    a module's scalar ``M.scale`` beside its ``M.zero_point`` (a torch.ao quantized
+    module's or QuantStub's output quantization: one scale, one zero point).
     """
     out = {name: role(name, *specs[name]) for name in (specs if names is None else names)}
     for name in out:
         if out[name] != PARAMETER or not name.endswith(COMPANION_SUFFIXES):
+            continue
+        if name.endswith(".scale") and specs[name][1] <= 1 and name[:-5] + "zero_point" in specs:
+            out[name] = QUANT_COMPANION
             continue
         for suffix in COMPANION_SUFFIXES:
             if name.endswith(suffix):
