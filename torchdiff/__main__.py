@@ -1,5 +1,3 @@
-import sys
+from torchdiff.cli import entry
 
-from torchdiff.cli import main
-
-sys.exit(main())
+entry()

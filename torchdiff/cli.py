@@ -505,6 +505,23 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def entry() -> None:
+    """The ``torchdiff`` console script and ``python -m torchdiff``: :func:`main`, then
+    exit with its code. Under torchrun the process leaves with ``os._exit`` once its
+    output is flushed, without interpreter teardown: gloo's worker threads may still
+    release a finished collective's tensors, which takes the GIL, and during teardown
+    that aborted the process ("terminate called without an active exception", SIGABRT)
+    after a complete output (docs/DISTRIBUTED.md)."""
+    code = main()
+    from torchdiff import distributed
+
+    if distributed.launched():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def _main(argv: list[str]) -> tuple[int, str | None]:
     """Run the command; returns the exit code and the error line to print (if any)."""
     verbose = any(a in ("--verbose",) for a in argv)
@@ -583,4 +600,4 @@ def _run(parsed: Parsed, verbose: bool) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
