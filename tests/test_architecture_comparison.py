@@ -207,3 +207,22 @@ def test_any_prefix_is_found(prefix):
     a = run(fine, {f"{head}.{k}": v for k, v in fine.items()}).analysis(NAME)
     assert len(a.data["renames"]) == len(fine)
     assert a.headline["loadable_after_renames"] == "strict"
+
+
+def test_quantization_parameters_are_not_model_parameters(tmp_path):
+    """A torch.ao dynamic-quantized MLP saves each Linear's output scale and zero point
+    beside its weights: they are quantization parameters (names.roles), neither counted
+    in params nor read as evidence of attention (a QuantStub's ``q.scale``)."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantized = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        state = dict(quantized.state_dict())
+    state["q.scale"], state["q.zero_point"] = torch.tensor([0.05]), torch.tensor([3])
+    torch.save(state, tmp_path / "q.pt")
+    arch = torchdiff.inspect(tmp_path / "q.pt", analyses=["architecture_comparison"]).analysis("architecture_comparison")
+    assert arch.headline["params"] == 16 * 8 + 8 + 8 * 4 + 4
+    assert arch.headline["family"] != "transformer"

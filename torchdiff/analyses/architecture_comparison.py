@@ -21,7 +21,7 @@ import torch
 
 from torchdiff.figures import Comparison
 from torchdiff.names import (
-    TRAINING_STATE, block_index, is_attention, is_float_storage, is_optimizer_state, is_position_embedding,
+    QUANT_COMPANION, TRAINING_STATE, block_index, is_attention, is_float_storage, is_optimizer_state, is_position_embedding,
     is_recurrent, kind, layer_of, parts,
 )
 from torchdiff.pairing import tied
@@ -145,9 +145,10 @@ def _model_tensors(comp: Comparison, side: str) -> list[tuple[str, Any]]:
     out = []
     for d in comp.diffs:
         s = getattr(d, side)
-        # the model's own tensors: not optimizer or training-loop state (an RNG state, a 0-d loss);
-        # a tied tensor counts once
-        if s is not None and not is_optimizer_state(d.name) and d.role != TRAINING_STATE and not tied(d, side):
+        # the model's own tensors: not optimizer or training-loop state (an RNG state, a 0-d loss),
+        # nor quantization parameters (a QuantStub's q.scale is no attention); a tied tensor counts once
+        if (s is not None and not is_optimizer_state(d.name) and d.role not in (TRAINING_STATE, QUANT_COMPANION)
+                and not tied(d, side)):
             out.append((d.name, s))
     return out
 
