@@ -520,11 +520,16 @@ def stored_nbytes(fig: Figures, side: str) -> np.ndarray:
     return out
 
 
+def layer_members(fig: Figures, scope: str) -> np.ndarray:
+    """The rows a layer holds (its ``tensors`` and ``params``): the tensors in ``scope``,
+    a tied copy left to the layer of the tensor it is tied to."""
+    return fig.in_scope(scope) & ~tied_copies(fig)
+
+
 def layer_groups(fig: Figures, scope: str, layer: Callable[[str], str]) -> dict[str, GroupFigures]:
     """The layers, as --show-layer-impact, the HTML report and ``layer_records`` show
-    them: each holds its tensors in ``scope`` (a tied copy counts once, in the layer of
-    the tensor it is tied to), with pair figures summed over ``summary_mask``."""
-    return group(fig, layer, fig.in_scope(scope) & ~tied_copies(fig), sum_mask=summary_mask(fig, scope))
+    them: each holds its ``layer_members``, with pair figures summed over ``summary_mask``."""
+    return group(fig, layer, layer_members(fig, scope), sum_mask=summary_mask(fig, scope))
 
 
 def global_figures(fig: Figures, scope: str = "params") -> GroupFigures | None:

@@ -354,17 +354,6 @@ def _dequantized(handle: TensorHandle | None) -> bool:
             and handle.storage_dtype.startswith(_CODES))
 
 
-def tied(d, side: str) -> bool:
-    """Whether a TensorDiff's ``side`` is a tied copy of another tensor (count it once)."""
-    return bool((d.extras.get("tied_to") or {}).get(side))
-
-
-def stored_nbytes(d, side: str) -> int:
-    """Bytes the file holds for a TensorDiff's ``side`` (each storage counted once)."""
-    found = (d.extras.get("stored_nbytes") or {}).get(side)
-    return found if found is not None else getattr(d, side).nbytes
-
-
 def pair_metadata(old: dict, new: dict, keep=None) -> list[tuple[str, str, object, object]]:
     """(key, status, old, new) for non-tensor values that differ."""
     out = []

@@ -17,14 +17,14 @@ import hashlib
 from collections import Counter, defaultdict
 from typing import Any
 
+import numpy as np
 import torch
 
-from torchdiff.figures import Comparison
+from torchdiff.figures import Comparison, tied_side
 from torchdiff.names import (
     QUANT_COMPANION, TRAINING_STATE, block_index, is_attention, is_float_storage, is_optimizer_state, is_position_embedding,
     is_recurrent, kind, layer_of, parts,
 )
-from torchdiff.pairing import tied
 from torchdiff.results import ADDED, REMOVED, RESHAPED, AnalysisResult, Table
 from torchdiff.units import count
 
@@ -142,13 +142,14 @@ def find_renames(comp: Comparison) -> tuple[list[tuple[str, str]], list[str], Co
 
 
 def _model_tensors(comp: Comparison, side: str) -> list[tuple[str, Any]]:
+    copies = tied_side(comp.figures, side)
     out = []
-    for d in comp.diffs:
+    for d, copy in zip(comp.diffs, copies.tolist()):
         s = getattr(d, side)
         # the model's own tensors: not optimizer or training-loop state (an RNG state, a 0-d loss),
         # nor quantization parameters (a QuantStub's q.scale is no attention); a tied tensor counts once
         if (s is not None and not is_optimizer_state(d.name) and d.role not in (TRAINING_STATE, QUANT_COMPANION)
-                and not tied(d, side)):
+                and not copy):
             out.append((d.name, s))
     return out
 
@@ -417,8 +418,9 @@ def analyze(comparison: Comparison, options, state: dict) -> AnalysisResult:
     dtypes = sorted(set(old_info["params_by_dtype"]) | set(new_info["params_by_dtype"]))
     back = {b: a for a, b in by_content}  # tensors renamed (same content) are grouped under their old names
     new_groups: Counter = Counter()
+    tied_new = {comparison.figures.names[i] for i in np.flatnonzero(tied_side(comparison.figures, "new"))}
     for d in model:
-        if d.new is not None and not tied(d, "new"):
+        if d.new is not None and d.name not in tied_new:
             new_groups[layer_of(back.get(d.name, d.name))] += d.new.numel
     old_groups = old_info["params_by_group"]
     groups = list(dict.fromkeys(list(old_groups) + list(new_groups)))

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from torchdiff.figures import layer_groups, summary_mask, tied_copies
+from torchdiff.figures import layer_groups, layer_members, summary_mask, tied_copies
 from torchdiff.names import ROLES, compile_pattern, is_float_storage
 from torchdiff.results import AnalysisResult, Table
 from torchdiff.status import ADDED, REMOVED, RESHAPED, UNCHANGED
@@ -158,12 +158,13 @@ def analyze(comparison, options, state: dict) -> AnalysisResult | None:
         "l2": math.sqrt(total),
     }
     notes = []
-    members = in_scope & ~tied_copies(fig)  # the layers' tensors (layer_groups)
+    members = layer_members(fig, comparison.scope)  # the layers' tensors (layer_groups)
     summed = fig.measured & summary_mask(fig, comparison.scope)  # the rows their figures sum
     unmeasured = unmeasured_note(fig, members, summed, comparison.layer)
     if unmeasured:
         notes.append(unmeasured)
-    copies = [(fig.names[i], fig.extras[i]["tied_to"]["new"]) for i in np.flatnonzero(tied_copies(fig) & in_scope)]
+    copies = [(fig.names[i], fig.extras[i]["tied_to"]["new"] or fig.extras[i]["tied_to"]["old"])
+              for i in np.flatnonzero(tied_copies(fig) & in_scope)]
     if copies:
         listed = ", ".join(f"{a} -> {b}" for a, b in copies[:5]) + (f" (+{len(copies) - 5} more)"
                                                                      if len(copies) > 5 else "")

@@ -18,8 +18,7 @@ from collections import Counter, defaultdict
 from typing import Any
 
 from torchdiff.names import TRAINING_STATE, is_float_storage, is_optimizer_state, kind, layer_of, parts
-from torchdiff.figures import Comparison
-from torchdiff.pairing import stored_nbytes, tied
+from torchdiff.figures import Comparison, stored_nbytes, tied_side
 from torchdiff.results import AnalysisResult, Table
 from torchdiff.units import count, human_bytes, number
 
@@ -55,8 +54,11 @@ def _is_parameter(name: str, s) -> bool:
 def _side(comp: Comparison, side: str) -> dict[str, Any] | None:
     """Exact byte counts of one side."""
     # Bytes as the file holds them: each storage once (tied weights, slices of a larger
-    # saved storage: pairing.stored_nbytes); parameters of a tied tensor count once.
-    stored = {d.name: (stored_nbytes(d, side), tied(d, side)) for d in comp.diffs if getattr(d, side) is not None}
+    # saved storage: figures.stored_nbytes); parameters of a tied tensor count once.
+    fig = comp.figures
+    held = getattr(fig, side).present.tolist()
+    stored = {name: (int(n), bool(t)) for name, n, t, here in zip(fig.names, stored_nbytes(fig, side).tolist(),
+                                                                tied_side(fig, side).tolist(), held) if here}
     training = {d.name for d in comp.diffs if d.role == TRAINING_STATE}  # an RNG state, a 0-d loss: not the model
     tensors = [(d.name, getattr(d, side)) for d in comp.diffs if getattr(d, side) is not None]
     if not tensors and side == "old" and comp.mode == "inspect":

@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from torchdiff.figures import GroupFigures, GroupSums, stored_nbytes, summary_mask, tied_copies
+from torchdiff.figures import GroupFigures, GroupSums, layer_members, stored_nbytes, summary_mask, tied_copies
 from torchdiff.names import layer_of, module_type
 from torchdiff.render import finite_json
 
@@ -151,7 +151,7 @@ def _compare_payload(report) -> dict[str, Any]:
     kinds = [module_type(n) for n in fig.names]
     module_of, layer_name = dict(zip(fig.names, kinds)), dict(zip(fig.names, layer_keys))
     # Rows and sums as layer_groups (docs/REPORT.md): tensors in scope, a tied copy once.
-    members = fig.in_scope(comp.scope) & ~tied_copies(fig)
+    members = layer_members(fig, comp.scope)
     summed = summary_mask(fig, comp.scope)
     layers = GroupSums().update(fig, layer_keys, members, summed).compute()
     cell_keys = [f"{layer}\x00{kind}" for layer, kind in zip(layer_keys, kinds)]
