@@ -245,6 +245,16 @@ def is_float_storage(dtype: Any) -> bool:
     return _FLOAT_STORAGE.match(text) is not None
 
 
+_TORCH_QUANTIZED = re.compile(r"^(torch\.)?q(u)?int\d+(x\d+)?$")
+
+
+def is_quantized_storage(dtype: Any) -> bool:
+    """Whether a storage dtype is one of torch.ao's quantized dtypes (qint8, quint8,
+    qint32, quint4x2, quint2x4): a weight stored as codes with its own scale and zero
+    point, read dequantized. A weight all the same (architecture's family evidence)."""
+    return _TORCH_QUANTIZED.match(str(dtype)) is not None
+
+
 # ---- layers -------------------------------------------------------------------------
 
 _RNN_LAYER = re.compile(r"^(?:weight|bias)_(?:ih|hh|hr)_(l\d+)(?:_reverse)?$")

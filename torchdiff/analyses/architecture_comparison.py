@@ -22,8 +22,8 @@ import torch
 
 from torchdiff.figures import Comparison, tied_side
 from torchdiff.names import (
-    QUANT_COMPANION, TRAINING_STATE, block_index, is_attention, is_float_storage, is_optimizer_state, is_position_embedding,
-    is_recurrent, kind, layer_of, parts,
+    QUANT_COMPANION, TRAINING_STATE, block_index, is_attention, is_float_storage, is_optimizer_state,
+    is_position_embedding, is_quantized_storage, is_recurrent, kind, layer_of, parts,
 )
 from torchdiff.results import ADDED, REMOVED, RESHAPED, AnalysisResult, Table
 from torchdiff.units import count
@@ -191,7 +191,7 @@ def _family(tensors, params: int) -> dict[str, Any]:
 
     matrices = 0
     for name, s in tensors:
-        if not is_float_storage(s.dtype):
+        if not (is_float_storage(s.dtype) or is_quantized_storage(s.dtype)):  # torch.ao qint8 weights count
             continue
         nd = len(s.shape)
         if is_recurrent(name):
