@@ -459,14 +459,13 @@ class GroupSums:
         return len(self._sums)
 
     def compute(self) -> dict[str, GroupFigures]:
-        total = sum(row[4] for row in self._sums.values())
-        out = {}
-        for label, row in self._sums.items():
-            share = row[4] / total if total > 0 else 0.0
-            out[label] = GroupFigures(int(row[0]), int(row[1]), int(row[2]), int(row[3]),
-                                      float(row[4]), float(row[5]), float(row[6]), float(row[7]), float(share),
-                                      int(row[8]), int(row[9]))
-        return out
+        if not self._sums:
+            return {}
+        rows = np.stack(list(self._sums.values())).tolist()  # Python floats: one conversion, not one per figure
+        total = sum(row[4] for row in rows)
+        return {label: GroupFigures(int(t), int(p), int(m), int(c), dsq, old_sq, new_sq, dot,
+                                    dsq / total if total > 0 else 0.0, int(e), int(ce))
+                for label, (t, p, m, c, dsq, old_sq, new_sq, dot, e, ce) in zip(self._sums, rows)}
 
 
 def group(fig: Figures, key: Callable[[str], str] | str, mask: np.ndarray | None = None,
