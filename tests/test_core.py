@@ -64,7 +64,7 @@ def test_roles_come_from_one_place(adam_pair):
     roles = {d.name: d.role for d in report}
     assert roles["model.weight"] == "parameter"
     assert roles["optimizer.state.0.exp_avg"] == "optimizer_state"
-    assert roles["optimizer.state.0.step"] == "counter"
+    assert roles["optimizer.state.0.step"] == "optimizer_state"  # the optimizer's counter: not in --scope model
     # a parameter whose leaf happens to be an optimizer field is still a parameter
     named = torchdiff.compare({"encoder.norm_stats.exp_avg": torch.ones(3)}, {"encoder.norm_stats.exp_avg": torch.ones(3) * 2},
                               change_summary=True)

@@ -52,15 +52,15 @@ TABLE = [
     # Lightning .ckpt, flattened
     ("state_dict.model.fc1.weight", "parameter", "mlp_up", "state_dict.model.fc1"),
     ("optimizer_states.0.state.3.exp_avg", "optimizer_state", "other", "optimizer_states.0"),
-    ("optimizer_states.0.state.3.step", "counter", "other", "optimizer_states.0"),
+    ("optimizer_states.0.state.3.step", "optimizer_state", "other", "optimizer_states.0"),
     # torch training checkpoints
     ("optimizer.state.0.exp_avg_sq", "optimizer_state", "other", "optimizer.state.0"),
-    ("optimizer.state.0.step", "counter", "other", "optimizer.state.0"),
+    ("optimizer.state.0.step", "optimizer_state", "other", "optimizer.state.0"),
     ("state.4.momentum_buffer", "optimizer_state", "other", "state.4"),
     ("encoder.norm_stats.exp_avg", "parameter", "norm", "encoder.norm_stats"),
     # DCP / FSDP get_state_dict
     ("optim.state.model.layers.0.attn.wq.weight.exp_avg", "optimizer_state", "attn_q", "optim.state.model.layers.0"),
-    ("optim.state.model.layers.0.attn.wq.weight.step", "counter", "attn_q", "optim.state.model.layers.0"),
+    ("optim.state.model.layers.0.attn.wq.weight.step", "optimizer_state", "attn_q", "optim.state.model.layers.0"),
     # GGUF (llama.cpp)
     ("token_embd.weight", "parameter", "embedding", "token_embd"),
     ("blk.7.attn_q.weight", "parameter", "attn_q", "blk.7"),
@@ -155,7 +155,7 @@ def test_roles_over_checkpoints_the_newest_holding_a_name_decides():
     assert N.roles_over([old, new]) == {
         "a.weight": "parameter", "a.weight.scale": "quant_companion",  # the new side decides
         "b.weight": "parameter", "b.weight.scale": "quant_companion",  # only old holds it: old's context
-        "c.weight": "parameter", "c.weight.scale": "quant_companion", "optimizer.state.0.step": "counter"}
+        "c.weight": "parameter", "c.weight.scale": "quant_companion", "optimizer.state.0.step": "optimizer_state"}
     assert N.roles_over([new, old])["a.weight.scale"] == "parameter"
     assert N.roles_over([old]) == N.roles(old)
 

@@ -315,3 +315,23 @@ def test_a_training_run_whose_first_checkpoint_has_no_optimizer_state(tmp_path):
     conv = report.analysis("convergence_analysis")
     assert conv.headline["rel_update"] == pytest.approx(math.sqrt(u2 / o2), rel=1e-6)
     assert any("tied to another tensor" in n and "model.lm_head.weight" in n for n in report.notes)
+
+
+def test_a_step_counts_a_tied_weight_once_as_a_pair_comparison_does(tmp_path):
+    """Each step of a series is the comparison of its two checkpoints: a tied head
+    (one storage with wte.weight) counts once in the step's global figures, its change
+    summary and its layer impact, as ``torchdiff.compare`` of the same two files says
+    (float64 reference over the model's own tensors)."""
+    paths, states = _training_run(tmp_path, steps=4)
+    paths, states = [str(p) for p in paths[1:]], states[1:]  # each with its optimizer state
+    analyses = ["change_summary", "layer_impact"]
+    report = compare_series(paths, analyses=analyses, scope="model")
+    names = ("wte.weight", "h.0.mlp.weight", "h.0.mlp.bias")
+    for t, step in enumerate(report.steps):
+        pair = torchdiff.compare(paths[t], paths[t + 1], analyses=analyses, scope="model")
+        d2 = sum(float(((states[t + 1][k].double() - states[t][k].double()) ** 2).sum()) for k in names)
+        o2 = sum(float((states[t][k].double() ** 2).sum()) for k in names)
+        assert step.scalars()["torchdiff/global_rel_l2"] == pytest.approx(math.sqrt(d2 / o2), rel=1e-6)
+        assert step.scalars() == pytest.approx(pair.scalars(), rel=1e-12, nan_ok=True)
+        layers = set(step.analysis("layer_impact").data["ranking"])
+        assert "lm_head" not in layers

@@ -162,7 +162,7 @@ def role(name: str, dtype: str | None = None, ndim: int | None = None) -> str:
     opt = optimizer_param(name)
     leaf = _leaf(name)
     if opt is not None:
-        return COUNTER if opt[1] == "step" else OPTIMIZER_STATE
+        return OPTIMIZER_STATE  # its step counter too: the optimizer's, not the model's
     if ("rng" in name.lower() and any(_RNG_PART.match(p) for p in parts(name))) or (
             ndim == 0 and leaf in METRIC_LEAVES):
         return TRAINING_STATE
@@ -329,7 +329,7 @@ def kind(name: str, ndim: int) -> str:
     tensors no optimizer moves) | ``norm`` (1-D parameters of a normalisation) | ``bias`` |
     ``embedding`` | ``weight`` (≥ 2-D) | ``other``."""
     r = role(name, None, ndim)
-    if r == OPTIMIZER_STATE or (r == COUNTER and optimizer_param(name) is not None):
+    if r == OPTIMIZER_STATE:
         return "optimizer"
     if r in (BUFFER, COUNTER, TRAINING_STATE):
         return "buffer"

@@ -46,7 +46,7 @@ from torchdiff.errors import CorruptFileError, InputNotFoundError, UsageError
 from torchdiff.figures import Comparison, Figures, without_gc
 from torchdiff.formats.base import Checkpoint, TensorHandle, check_unchanged
 from torchdiff.names import SCOPES, compile_pattern, is_float_storage, optimizer_param, roles_over
-from torchdiff.pairing import Pair, compile_filters, pair_metadata
+from torchdiff.pairing import Pair, annotate, compile_filters, pair_metadata
 from torchdiff.pipeline import (
     CORE_OPTIONS, Options, build_report, make_options, open_checkpoint, unknown_option,
 )
@@ -710,9 +710,14 @@ class _Pass:
         for t in range(self.n - 1):
             old, new = ckpts[t], ckpts[t + 1]
             meta = tuple(MetadataDiff(k, s, a, b) for k, s, a, b in pair_metadata(old.metadata, new.metadata, keep))
+            diffs = self.step_diffs[t]
+            # ties and stored bytes from the checkpoints' own handles (the engine measured
+            # in-memory copies): a tied weight counts once, as in a pair's comparison
+            figures = annotate([Pair(d.name, old.tensors.get(d.name), new.tensors.get(d.name), d.role) for d in diffs],
+                               Figures.from_diffs(diffs))
             out.append(Comparison(
                 old_name=self.labels[t], new_name=self.labels[t + 1], old_format=old.format, new_format=new.format,
-                figures=Figures.from_diffs(self.step_diffs[t]), metadata_diffs=meta, old_metadata=dict(old.metadata),
+                figures=figures, metadata_diffs=meta, old_metadata=dict(old.metadata),
                 new_metadata=dict(new.metadata), device=str(self.device), epsilon=self.options.epsilon,
                 scope=self.options.scope, layer_pattern=self.options.get("layer_pattern"),
             ))
