@@ -241,3 +241,22 @@ def test_lr_option_is_validated_and_switches_the_analysis_on(capsys, tmp_path):
     torch.save(b, path_b)
     assert main([str(path_a), str(path_b), "--lr", "fast"]) == 2
     assert "--lr must be a number" in capsys.readouterr().err
+
+
+def test_adam_state_in_its_own_file_of_a_directory_compared_with_r(tmp_path):
+    """accelerate's save_state writes the model and ``optimizer.bin`` side by side; -r names
+    each tensor after its file (``optimizer.bin:state.0.exp_avg``). The optimizer's
+    state and param_groups are still found under that prefix: the Adam figures, against
+    the moments recorded while training."""
+    runs = adam_run()
+    for i, (ckpt, _, _) in enumerate(runs):
+        d = tmp_path / f"step_{i}"
+        d.mkdir()
+        torch.save(ckpt["model"], d / "model.pt")
+        torch.save(ckpt["optimizer"], d / "optimizer.bin")
+    report = torchdiff.compare(tmp_path / "step_0", tmp_path / "step_1", recursive=True, gradient_analysis=True)
+    result = report.analysis("gradient_analysis")
+    assert result.headline["source"] == "adam_state"
+    _, ref, _ = runs[1]
+    total_v = sum(vh.sum() for _, vh in ref.values())
+    assert result.headline["norm"] == pytest.approx(math.sqrt(total_v), rel=1e-5)

@@ -82,9 +82,11 @@ _SPLIT = re.compile(r"[.:/]")
 # DCP / FSDP get_state_dict: optim.state.<fully qualified parameter name>.<field>
 _FQN_STATE = re.compile(r"^(?P<opt>(?:.*\.)?(?:optim|optimizer|optimizer_state|optim_state)\.)state\."
                         r"(?P<fqn>.+)\.(?P<field>\w+)$")
-# torch's Optimizer.state_dict(): [prefix.]state.<index>.<field>
-_INDEX_STATE = re.compile(r"^(?P<opt>(?:.+\.)?)state\.(?P<idx>\d+)\.(?P<field>\w+)$")
-_PARAM_GROUPS = re.compile(r"^(?P<opt>(?:.+\.)?)param_groups\.\d+\.\w+$")
+# torch's Optimizer.state_dict(): [prefix]state.<index>.<field> and metadata
+# [prefix]param_groups.<group>.<key>; the prefix ends at a separator (``optimizer.``, or
+# ``optimizer.bin:`` when -r names tensors after their file).
+OPTIMIZER_STATE_NAME = re.compile(r"^(?P<opt>(?:.+[.:/])?)state\.(?P<idx>\d+)\.(?P<field>\w+)$")
+PARAM_GROUP_NAME = re.compile(r"^(?P<opt>(?:.+[.:/])?)param_groups\.(?P<group>\d+)\.(?P<key>\w+)$")
 
 
 @lru_cache(maxsize=65536)
@@ -109,7 +111,7 @@ def optimizer_param(name: str) -> tuple[str, str] | None:
     m = _FQN_STATE.match(name)
     if m and m["field"] in OPTIMIZER_FIELDS and not m["fqn"].isdigit():
         return m["fqn"], m["field"]
-    m = _INDEX_STATE.match(name)
+    m = OPTIMIZER_STATE_NAME.match(name)
     if m and m["field"] in OPTIMIZER_FIELDS:
         return f"{m['opt']}state.{m['idx']}", m["field"]
     ps = parts(name)
@@ -133,11 +135,11 @@ def optimizer_prefixes(names: Iterable[str], metadata: Mapping[str, Any] = {}) -
     ``P.state.K.FIELD`` and metadata keys ``P.param_groups.G.KEY``."""
     found: set[str] = set()
     for key in metadata:
-        m = _PARAM_GROUPS.match(str(key))
+        m = PARAM_GROUP_NAME.match(str(key))
         if m:
             found.add(m["opt"])
     for name in names:
-        m = _INDEX_STATE.match(name)
+        m = OPTIMIZER_STATE_NAME.match(name)
         if m and m["field"] in OPTIMIZER_FIELDS:
             found.add(m["opt"])
     return tuple(sorted(found, key=len, reverse=True))

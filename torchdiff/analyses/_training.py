@@ -15,13 +15,13 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from torchdiff.names import PARAMETER, in_scope, is_float_storage, layer_of, optimizer_prefixes, role
+from torchdiff.names import (
+    OPTIMIZER_STATE_NAME, PARAM_GROUP_NAME, PARAMETER, in_scope, is_float_storage, layer_of, optimizer_prefixes, role,
+)
 from torchdiff.units import count, number
 
 # ---- optimizer state ----------------------------------------------------------------
 
-_STATE_RE = re.compile(r"^(?P<opt>(?:.+\.)?)state\.(?P<idx>\d+)\.(?P<field>\w+)$")
-_GROUP_RE = re.compile(r"^(?P<opt>(?:.+\.)?)param_groups\.(?P<group>\d+)\.(?P<key>\w+)$")
 
 
 def is_model_tensor(name: str, dtype: str, ndim: int, scope: str = "params") -> bool:
@@ -37,7 +37,7 @@ def lr_from_metadata(metadata: Mapping[str, Any]) -> float | None:
         if _is_number(value) and value > 0:
             return float(value)
     for key in sorted(metadata):
-        m = _GROUP_RE.match(str(key))
+        m = PARAM_GROUP_NAME.match(str(key))
         if m and m["key"] == "lr" and _is_number(metadata[key]) and metadata[key] > 0:
             return float(metadata[key])
     return None
@@ -122,7 +122,7 @@ def build_adam_plan(tensors: Sequence[tuple[str, tuple[int, ...], bool]],
         return None
     fields: dict[tuple[str, int], dict[str, str]] = {}
     for name in names:
-        m = _STATE_RE.match(name)
+        m = OPTIMIZER_STATE_NAME.match(name)
         if m and m["opt"] in prefixes:
             fields.setdefault((m["opt"], int(m["idx"])), {})[m["field"]] = name
     notes: list[str] = []
@@ -245,13 +245,13 @@ def fqn_adam_plan(tensors: Sequence[tuple[str, tuple[int, ...], bool]],
     return AdamPlan(params, notes, not unmapped)
 
 
-_NUMBERED = re.compile(r"(?:.+\.)?state\.\d+")
+_NUMBERED = re.compile(r"(?:.+[.:/])?state\.\d+")
 
 
 def _param_groups(opt: str, metadata: Mapping[str, Any], numbered: bool = True) -> list[dict[str, Any]]:
     groups: dict[int, dict[str, Any]] = {}
     for key, value in metadata.items():
-        m = _GROUP_RE.match(str(key))
+        m = PARAM_GROUP_NAME.match(str(key))
         if m and m["opt"] == opt:
             groups.setdefault(int(m["group"]), {})[m["key"]] = value
     out = []
