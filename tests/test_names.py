@@ -105,6 +105,12 @@ TYPED_TABLE = [
     ("torch_rng_state", "uint8", 1, "training_state"),
     ("rng_states.cuda.0", "uint8", 1, "training_state"),
     ("extra_state.rng", "int64", 1, "training_state"),
+    # accelerate's save_state (random_states_0.pkl): named after the seeding call
+    ("torch_manual_seed", "uint8", 1, "training_state"),
+    ("torch_cuda_manual_seed.0", "uint8", 1, "training_state"),
+    ("numpy_random_seed.1", "uint32", 1, "training_state"),
+    ("random_states_0.pkl:xm_seed", "int64", 0, "training_state"),  # -r: after its file
+    ("seed_embedding.weight", "float32", 2, "parameter"),
     ("cpu", "uint8", 1, "parameter"),  # HF Trainer's rng_state.pth keys: the name alone does not say rng
     ("cuda", "uint8", 1, "parameter"),
     ("strong.weight", "float32", 2, "parameter"),
@@ -115,6 +121,13 @@ TYPED_TABLE = [
     ("best_loss", "float64", 0, "training_state"),
     ("train_loss", "bfloat16", 0, "training_state"),
     ("callbacks.ModelCheckpoint.best_model_score", "float32", 0, "training_state"),
+    # everything under a Lightning checkpoint's callbacks: ModelCheckpoint's scores, keyed by file path
+    ("callbacks.ModelCheckpoint{'monitor': 'val_loss', 'mode': 'min'}.best_k_models./ckpt/ep=1.ckpt",
+     "float32", 0, "training_state"),
+    ("callbacks.ModelCheckpoint{'monitor': 'val_loss'}.kth_value", "float32", 0, "training_state"),
+    ("ep1.ckpt:callbacks.ModelCheckpoint.current_score", "float32", 0, "training_state"),  # -r
+    ("state_dict.callbacks.weight", "float32", 2, "parameter"),  # a module named callbacks inside the model
+    ("ep1.ckpt:state_dict.net.weight", "float32", 2, "parameter"),
     ("best_val_loss", "float32", 1, "parameter"),  # not 0-d: not a saved metric
     ("loss", None, None, "parameter"),  # ndim unknown: the name alone does not decide
     ("logit_scale", "float32", 0, "parameter"),  # CLIP's learned temperature

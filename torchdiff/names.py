@@ -69,7 +69,13 @@ _COMPANION_LEAVES = frozenset({"SCB", "absmax", "quant_map", "nested_absmax", "n
 #: RNG states saved as tensors (``torch.get_rng_state()``: uint8 bytes, any dtype accepted):
 #: a name component that says rng (``rng``, ``rng_state``, ``cpu_rng_state``,
 #: ``cuda_rng_states``...), as the leaf or as the key above a device's state (``rng_state.cuda``).
-_RNG_PART = re.compile(r"^(?:[a-z0-9]+_)*rng(?:_states?)?$", re.IGNORECASE)
+#: accelerate's save_state names them after the seeding call (``torch_manual_seed``,
+#: ``torch_cuda_manual_seed``, ``numpy_random_seed``, ``xm_seed``): a component ending in ``seed``.
+_RNG_PART = re.compile(r"^(?:[a-z0-9]+_)*(?:rng(?:_states?)?|seed)$", re.IGNORECASE)
+#: Roots of a training checkpoint under which every tensor is the loop's own state:
+#: Lightning's ``callbacks`` (ModelCheckpoint's ``best_k_models`` scores, ``kth_value``,
+#: ``current_score``; EarlyStopping's ``best_score``).
+TRAINING_ROOTS = frozenset({"callbacks"})
 #: Losses and metrics a training loop saves as 0-d tensors (nanoGPT's ``best_val_loss``;
 #: Lightning's ModelCheckpoint / EarlyStopping ``best_model_score``, ``best_score``); a
 #: tensor with dimensions under these names is left a parameter.
@@ -165,8 +171,9 @@ def role(name: str, dtype: str | None = None, ndim: int | None = None) -> str:
     leaf = _leaf(name)
     if opt is not None:
         return OPTIMIZER_STATE  # its step counter too: the optimizer's, not the model's
-    if ("rng" in name.lower() and any(_RNG_PART.match(p) for p in parts(name))) or (
-            ndim == 0 and leaf in METRIC_LEAVES):
+    low = name.lower()
+    if ((("rng" in low or "seed" in low) and any(_RNG_PART.match(p) for p in parts(name)))
+            or (ndim == 0 and leaf in METRIC_LEAVES) or _root(name) in TRAINING_ROOTS):
         return TRAINING_STATE
     if leaf in COUNTER_LEAVES:
         return COUNTER
@@ -177,6 +184,17 @@ def role(name: str, dtype: str | None = None, ndim: int | None = None) -> str:
     if leaf in _COMPANION_LEAVES:
         return QUANT_COMPANION
     return PARAMETER
+
+
+def _root(name: str) -> str:
+    """The first component of a name, after the ``<file>:`` prefix -r gives it (a
+    Lightning callback's key may hold ``:`` and ``/`` itself: only the first ``.`` ends it)."""
+    head = name.split(".", 1)[0]
+    if ":" in head:
+        head = head.rsplit(":", 1)[1]
+    elif ":" in name and "{" not in name.split(":", 1)[0]:
+        head = name.split(":", 1)[1].split(".", 1)[0]
+    return head
 
 
 def roles(specs: Mapping[str, tuple[str, int]], names: Iterable[str] | None = None) -> dict[str, str]:
