@@ -318,6 +318,9 @@ def test_recursive_directories(capsys, tmp_path):
     save(a / "only_old.safetensors", {"y": torch.ones(1)})
     b.mkdir(exist_ok=True)
     torch.save({"z": torch.ones(5)}, b / "only_new.pt")
+    # torch.save under a .pkl name (accelerate's random_states_0.pkl): read, not skipped
+    torch.save({"torch_manual_seed": torch.zeros(4, dtype=torch.uint8)}, a / "random_states_0.pkl")
+    torch.save({"torch_manual_seed": torch.ones(4, dtype=torch.uint8)}, b / "random_states_0.pkl")
     (a / "notes.txt").write_text("not a checkpoint")
     for flag in ("-r", "--recursive"):
         code, out, err = run_main(capsys, flag, a, b)
@@ -326,8 +329,9 @@ def test_recursive_directories(capsys, tmp_path):
         assert "  ~ model.safetensors:w: old all zero, l2=1.732, max_abs=1" in lines  # ‖(1,1,1)‖ = √3
         assert "  - only_old.safetensors:y: shape=[1], dtype=float32" in lines
         assert "  + only_new.pt:z: shape=[5], dtype=float32" in lines
+        assert any(ln.startswith("  ~ random_states_0.pkl:torch_manual_seed:") for ln in lines)
         assert not any("sub/same.safetensors" in ln for ln in lines[:-1])
-        assert lines[-1] == "4 tensors: 1 changed, 1 added, 1 removed, 1 unchanged"
+        assert lines[-1] == "5 tensors: 2 changed, 1 added, 1 removed, 1 unchanged"
     code, _, err = run_main(capsys, "-r", a, b / "model.safetensors")
     assert code == 2 and "-r compares two directories" in err
 

@@ -38,6 +38,7 @@ _EXTENSIONS: dict[str, str] = {
     ".pth": "torch",
     ".bin": "torch",
     ".ckpt": "torch",
+    ".pkl": "torch",  # torch.save under another name (accelerate's random_states_0.pkl)
     ".npy": "numpy",
     ".npz": "numpy",
     ".mat": "matlab",
