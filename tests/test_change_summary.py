@@ -102,6 +102,23 @@ def test_uniform_shrink_is_uniform_drift():
     assert a.headline["magnitude"] == pytest.approx(0.01, rel=1e-5)
 
 
+def test_tensors_moving_off_all_zeros_are_no_uniform_drift():
+    """LoRA adapters after a few steps: the lora_A matrices moved by about the same
+    rel_l2, the lora_B matrices (initialised to zero) by an infinite one. That is the
+    opposite of a uniform drift, though the finite rel_l2 alone look uniform."""
+    g = torch.Generator().manual_seed(0)
+    old, new = {}, {}
+    for i in range(4):
+        a = torch.randn(8, 64, generator=g)
+        old[f"layers.{i}.q.lora_A.weight"], new[f"layers.{i}.q.lora_A.weight"] = a, a * 0.99
+        old[f"layers.{i}.q.lora_B.weight"] = torch.zeros(64, 8)
+        new[f"layers.{i}.q.lora_B.weight"] = 1e-3 * torch.randn(64, 8, generator=g)
+    assert "uniform_drift" not in run(old, new).headline["patterns"]
+    # the A matrices alone do drift uniformly
+    only_a = {k: v for k, v in old.items() if "lora_A" in k}
+    assert run(only_a, {k: new[k] for k in only_a}).headline["patterns"] == ["uniform_drift"]
+
+
 def test_training_checkpoints_leave_optimizer_state_out(tmp_path):
     old = training_checkpoint()
     new = training_checkpoint()

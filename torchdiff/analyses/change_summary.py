@@ -204,8 +204,10 @@ def _patterns(model, paired) -> list[dict[str, Any]]:
                       "evidence": "; ".join(f"{e['path']} {e['shape']}: Δ has {ENERGY:.0%} of its energy in "
                                             f"{count(e['rank99'])} singular values (≤ {count(e['limit'])} = min dim/"
                                             f"{round(1 / LOW_RANK_FRACTION)}, {e['method']} spectrum)" for e in low)})
-    rels = [d.metrics.rel_l2 for d in moved if math.isfinite(d.metrics.rel_l2)]
-    if paired and len(rels) >= UNIFORM_MIN and len(moved) / len(paired) >= UNIFORM_CHANGED:
+    rels = [d.metrics.rel_l2 for d in moved]
+    # every rel_l2 finite: a tensor that moved off all zeros (LoRA's B) is no uniform drift
+    if (paired and len(rels) >= UNIFORM_MIN and len(moved) / len(paired) >= UNIFORM_CHANGED
+            and all(math.isfinite(r) for r in rels)):
         mean = sum(rels) / len(rels)
         cv = math.sqrt(sum((x - mean) ** 2 for x in rels) / len(rels)) / mean if mean > 0 else math.inf
         if cv <= UNIFORM_CV:
