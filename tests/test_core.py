@@ -130,14 +130,20 @@ def test_inspect_is_one_sided():
     assert report["w"].new.mean == 1.0
 
 
-def test_tiny_weights_have_no_dead_units(tmp_path, capsys):
-    """An 8×8 fc.weight of randn·1e-30: float32 row norms underflowed and all 8 rows were dead."""
-    path = tmp_path / "tiny.safetensors"
-    save_file({"fc.weight": torch.randn(8, 8, generator=torch.Generator().manual_seed(0)) * 1e-30}, str(path))
-    assert main(["inspect", str(path), "--fail-on-anomaly", "high", "-o", "json"]) == 0
-    items = json.loads(capsys.readouterr().out)
-    anomalies = [i for i in items if i["type"] == "anomaly_detection"][0]["anomalies"]
-    assert not [a for a in anomalies if a["type"] == "dead_units"]
+@pytest.mark.parametrize("scale", [1e-30, 1e30])
+def test_tiny_and_huge_weights_have_no_dead_units(tmp_path, capsys, scale):
+    """An 8×8 fc.weight of randn·1e-30: float32 row norms underflowed and all 8 rows were
+    dead; of randn·1e30, the squares overflowed and all 8 were dead too. A row of zeros
+    among them is the one dead row."""
+    w = torch.randn(8, 8, generator=torch.Generator().manual_seed(0)) * scale
+    for name, weight, dead in (("ok", w, 0), ("one_dead", torch.cat([w[:7], torch.zeros(1, 8)]), 1)):
+        path = tmp_path / f"{name}.safetensors"
+        save_file({"fc.weight": weight}, str(path))
+        main(["inspect", str(path), "-o", "json", "--anomaly-detection"])
+        items = json.loads(capsys.readouterr().out)
+        anomalies = [i for i in items if i["type"] == "anomaly_detection"][0]["anomalies"]
+        found = [a for a in anomalies if a["type"] == "dead_units"]
+        assert [a["value"] for a in found] == ([dead / 8] if dead else [])
 
 
 def test_tiny_low_rank_update_is_found():

@@ -99,17 +99,18 @@ def _side_figures(t: torch.Tensor | None, handle) -> dict[str, Any] | None:
         figures += list(torch.aminmax(t))  # NaN propagates: then count
     rows = t.shape[0] if t.ndim >= 2 else 0
     if rows:
-        # Row norms of W / max|W| (then scaled back): squares of weights near 1e-30 underflow
-        # in float32, which made every row of a tiny-but-healthy weight look dead.
+        # Row norms of W / max|W|, compared in those units (the typical norm scaled back in
+        # float64): squares of weights near 1e-30 underflow in float32 and those of weights
+        # near 1e30 overflow, either of which made every row of a healthy weight look dead.
         matrix = t.reshape(rows, -1)
         step = max(1, _CHUNK // max(1, matrix.shape[1]))
         peak = torch.stack([torch.where(torch.isfinite(c), c.abs(), 0).amax() for c in matrix.split(step)]).amax()
         scale = peak.clamp(min=torch.finfo(t.dtype).tiny)
-        norms = torch.cat([torch.linalg.vector_norm(c / scale, dim=1) for c in matrix.split(step)]) * scale
+        norms = torch.cat([torch.linalg.vector_norm(c / scale, dim=1) for c in matrix.split(step)])  # ≤ sqrt(cols)
         finite = torch.isfinite(norms)
         typical = torch.sqrt((torch.where(finite, norms, 0) ** 2).sum() / finite.sum().clamp(min=1))
         dead = (finite & (norms <= DEAD_REL * typical)).sum()
-        figures += [dead, typical]
+        figures += [dead, typical.to(torch.float64) * scale.to(torch.float64)]
     values = torch.stack([f.to(torch.float64) for f in figures]).tolist() if figures else []
     out: dict[str, Any] = {}
     if check_overflow:
