@@ -213,6 +213,13 @@ def test_tables_follow_the_sort(capsys, many):
 # ---- zero-initialised tensors ---------------------------------------------------------------
 
 
+def test_a_tensor_zeroed_is_labelled_without_a_nan_cosine():
+    """‖new‖ = 0: rel_l2 = ‖Δ‖/‖old‖ = 1 exactly, the cosine undefined: the line says so."""
+    report = torchdiff.compare({"p.weight": torch.full((4,), 0.5)}, {"p.weight": torch.zeros(4)})
+    assert report["p.weight"].new_all_zero and not report["p.weight"].old_all_zero
+    assert str(report).splitlines()[1] == "  ~ p.weight: new all zero, rel_l2=1, max_abs=0.5"
+
+
 def test_zero_initialised_tensors_are_labelled(capsys, many):
     out = run(capsys, *many)[1].splitlines()
     line = next(x for x in out if x.startswith("  ~ model.decoder.norm.bias"))

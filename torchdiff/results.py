@@ -19,8 +19,11 @@ NAN, POS_INF, NEG_INF = "NaN", "Infinity", "-Infinity"
 #: The label of a tensor (or group) whose old side is all zero, where rel_l2 would be ∞
 #: (TensorDiff.old_all_zero): tensor lines and top tables print it instead.
 OLD_ALL_ZERO = "old all zero"
+#: The label of a tensor whose new side is all zero and the old is not: its rel_l2 is 1
+#: and its cosine undefined (TensorDiff.new_all_zero); tensor lines print it, not NaN.
+NEW_ALL_ZERO = "new all zero"
 
-__all__ = ["NAN", "NEG_INF", "OLD_ALL_ZERO", "POS_INF",
+__all__ = ["NAN", "NEG_INF", "NEW_ALL_ZERO", "OLD_ALL_ZERO", "POS_INF",
            "ADDED", "CHANGED", "PRESENT", "REMOVED", "RESHAPED", "RETYPED", "STATUSES", "UNCHANGED",
            "AnalysisResult", "MetadataDiff", "PairMetrics", "Table", "TensorDiff", "TensorStats"]
 
@@ -163,6 +166,15 @@ class TensorDiff:
         m, o = self.metrics, self.old
         return (m is not None and o is not None and m.norm_old == 0 and m.l2 > 0
                 and o.nan_count == 0 and o.inf_count == 0)
+
+    @property
+    def new_all_zero(self) -> bool:
+        """The new side is all zero (every value finite and 0) and the old is not (a
+        pruned or reset tensor): rel_l2 is 1 and the cosine undefined, so tensor lines
+        say ``new all zero`` and give rel_l2 and max_abs, not a NaN cosine."""
+        m, n = self.metrics, self.new
+        return (m is not None and n is not None and m.norm_new == 0 and m.l2 > 0
+                and n.nan_count == 0 and n.inf_count == 0)
 
     @property
     def is_difference(self) -> bool:

@@ -29,7 +29,7 @@ from typing import Any
 from tabulate import tabulate
 
 from torchdiff.results import (
-    ADDED, CHANGED, OLD_ALL_ZERO, REMOVED, RESHAPED, RETYPED, UNCHANGED, AnalysisResult, TensorDiff,
+    ADDED, CHANGED, NEW_ALL_ZERO, OLD_ALL_ZERO, REMOVED, RESHAPED, RETYPED, UNCHANGED, AnalysisResult, TensorDiff,
 )
 from torchdiff.units import human_bytes, number
 
@@ -141,6 +141,8 @@ def tensor_line(d: TensorDiff, stats: bool, sort_key: str | None = None, dequant
         m = d.metrics
         if zero:
             parts += [f"l2={num(m.l2)}", f"max_abs={num(m.max_abs)}"]
+        elif d.new_all_zero:  # the cosine is undefined (‖new‖ = 0)
+            parts += [NEW_ALL_ZERO, f"rel_l2={num(m.rel_l2)}", f"max_abs={num(m.max_abs)}"]
         else:
             parts += [f"rel_l2={num(m.rel_l2)}", f"max_abs={num(m.max_abs)}", f"cosine={num(m.cosine)}"]
         # The figures cover finite positions only: say when NaN/Inf appeared or went.
