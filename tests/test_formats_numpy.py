@@ -231,3 +231,25 @@ def test_random_bytes_raise_only_torchdiff_errors(tmp_path_factory, garbage):
         except TorchDiffError:
             pass
     assert os.path.isdir(directory)
+
+
+def test_two_npy_files_pair_their_one_array_each(tmp_path):
+    """``torchdiff before.npy after.npy``: each array is named by its file's stem, so the
+    names never matched (1 removed, 1 added, exit 0). One array a side pairs, under
+    the old name, and the pairing section says so; float64 reference."""
+    import torchdiff
+
+    old = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)
+    new = old * 1.25 + 0.5
+    np.save(tmp_path / "before.npy", old)
+    np.save(tmp_path / "after.npy", new)
+    report = torchdiff.compare(tmp_path / "before.npy", tmp_path / "after.npy")
+    assert [d.name for d in report] == ["before"] and report["before"].status == "changed"
+    want = np.linalg.norm(new.astype(np.float64) - old) / np.linalg.norm(old.astype(np.float64))
+    assert report["before"].metrics.rel_l2 == pytest.approx(want, rel=1e-6)
+    pairing = report.analysis("pairing")
+    assert pairing.data == {"old_name": "before", "new_name": "after"}
+    # an .npz keeps its names: members are named by the writer
+    np.savez(tmp_path / "a.npz", w=old)
+    np.savez(tmp_path / "b.npz", v=new)
+    assert {d.status for d in torchdiff.compare(tmp_path / "a.npz", tmp_path / "b.npz")} == {"added", "removed"}

@@ -136,9 +136,11 @@ class Dropped:
     new_wrappers: tuple[str, ...] = ()
     #: each side's names pairing changed: paired name -> the name the file stores
     stored: tuple[Mapping[str, str], Mapping[str, str]] = field(default_factory=lambda: ({}, {}))
+    #: (old name, new name) of two one-array ``.npy`` files, paired under the old name
+    single: tuple[str, str] | None = None
 
     def __bool__(self) -> bool:
-        return bool(self.old_prefix or self.new_prefix or self.old_wrappers or self.new_wrappers)
+        return bool(self.old_prefix or self.new_prefix or self.old_wrappers or self.new_wrappers or self.single)
 
 
 def dropped_wrappers(old_names, new_names) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -190,6 +192,12 @@ def drop_prefix(old: Checkpoint, new: Checkpoint) -> tuple[Checkpoint, Checkpoin
     are views (same handles; closing stays with the originals)."""
     old_prefix = new_prefix = ""
     stored: tuple[dict[str, str], dict[str, str]] = ({}, {})
+    single = None
+    if _one_array(old) and _one_array(new) and set(old.tensors) != set(new.tensors):
+        # before.npy against after.npy: each name is its file's stem, not the array's own
+        single = (next(iter(old.tensors)), next(iter(new.tensors)))
+        new = _renamed(new, lambda n: single[0], stored[1])
+        return old, new, Dropped(stored=stored, single=single)
     if old.format in PREFIXED_FORMATS or new.format in PREFIXED_FORMATS:
         old_prefix, new_prefix = dropped_prefix(old.tensors, new.tensors)
         if old_prefix:
@@ -202,6 +210,11 @@ def drop_prefix(old: Checkpoint, new: Checkpoint) -> tuple[Checkpoint, Checkpoin
     if new_wrappers:
         new = _renamed(new, lambda n: _strip_segments(n, set(new_wrappers)), stored[1])
     return old, new, Dropped(old_prefix, new_prefix, old_wrappers, new_wrappers, stored)
+
+
+def _one_array(ckpt: Checkpoint) -> bool:
+    """A ``.npy`` file: one array, named by the file's stem (formats/numpy.py)."""
+    return ckpt.format == "numpy" and (ckpt.info.get("numpy") or {}).get("archive") == "npy" and len(ckpt) == 1
 
 
 def _renamed(ckpt: Checkpoint, rename: Callable[[str], str], stored: dict[str, str]) -> Checkpoint:

@@ -299,6 +299,11 @@ def _pairing_result(old: Checkpoint, new: Checkpoint, dropped: Dropped) -> Analy
     headline: dict[str, str] = {}
     data: dict[str, object] = {}
     notes = []
+    if dropped.single:
+        headline.update(paired=f"{dropped.single[1]} -> {dropped.single[0]}")
+        data.update(old_name=dropped.single[0], new_name=dropped.single[1])
+        notes.append(f"one array a side (.npy, each named by its file): the new side's {dropped.single[1]!r} "
+                     f"compared with the old side's {dropped.single[0]!r}, under that name")
     if dropped.old_prefix or dropped.new_prefix:
         side, prefix, name = (("old", dropped.old_prefix, old.name) if dropped.old_prefix
                               else ("new", dropped.new_prefix, new.name))
