@@ -182,6 +182,21 @@ def test_inspect_counts_and_sizes(capsys, tmp_path):
     assert "172,000" in out[2]
 
 
+def test_inspect_counts_parameters_apart_from_other_state(capsys, tmp_path):
+    """A training checkpoint: the parameters are the model's trainable tensors; buffers,
+    counters, optimizer moments and training state are values, counted apart."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "rng_state": torch.get_rng_state()},
+               tmp_path / "train.pt")
+    out = run(capsys, "inspect", tmp_path / "train.pt")[1].splitlines()
+    params = sum(p.numel() for p in model.parameters())  # 15 + 6
+    values = params + 3 + 3 + 1 + 2 * params + 4 + torch.get_rng_state().numel()  # + running stats, counters
+    assert out[-1].startswith(f"{7 + 3 * 4 + 1} tensors, {params:,} parameters ({values:,} values in all), ")
+
+
 # ---- order --------------------------------------------------------------------------------
 
 

@@ -359,9 +359,13 @@ def inspect_table(report, width: int | None = None, top: int | None = None) -> l
         lines.append(f"… and {len(order) - top:,} more (--top 0 lists every tensor)")
     from torchdiff.figures import stored_nbytes, tied_side
 
-    # parameters and bytes as the file holds them: a tied weight once, each storage once
-    total, nbytes = int(fig.new.numel[~tied_side(fig, "new")].sum()), int(stored_nbytes(fig, "new").sum())
-    return lines + [f"{len(order):,} tensors, {total:,} parameters, {human_bytes(nbytes)}"]
+    # values, parameters and bytes as the file holds them: a tied weight once, each storage once;
+    # parameters are the trainable ones (role parameter), not buffers, optimizer or training state
+    once = ~tied_side(fig, "new")
+    total, nbytes = int(fig.new.numel[once].sum()), int(stored_nbytes(fig, "new").sum())
+    params = int(fig.new.numel[once & fig.in_scope("params")].sum())
+    counted = f"{params:,} parameters" + (f" ({total:,} values in all)" if params != total else "")
+    return lines + [f"{len(order):,} tensors, {counted}, {human_bytes(nbytes)}"]
 
 
 def _rows(report) -> list[int]:
