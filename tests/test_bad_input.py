@@ -298,3 +298,20 @@ def test_malicious_pickle_of_any_protocol_is_never_run(capsys, tmp_path, protoco
         load_all(bad)
     cli_error(capsys, bad, bad)
     assert not marker.exists()
+
+
+class _Pickled(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(2, 2)
+
+
+def test_a_legacy_pickled_module_is_refused_in_one_short_line(tmp_path, capsys):
+    """``torch.save(model)`` in the legacy (non-zip) format names the module's class: the
+    line says which, whole, without torch's add_safe_globals advice (cut mid-word at 200
+    characters before)."""
+    path = tmp_path / "module_legacy.pt"
+    torch.save(_Pickled(), path, _use_new_zipfile_serialization=False)
+    err = cli_error(capsys, path, path)
+    assert "\n" not in err.strip() and "add_safe_globals" not in err
+    assert f"refused, the pickle would run code to load (it calls {__name__}._Pickled); " in err

@@ -174,7 +174,9 @@ def load(path: str, unsafe: bool = False) -> Checkpoint:
     except pickle.UnpicklingError as e:
         text = str(e)
         if any(marker in text for marker in _UNSAFE_MARKERS):
-            detail = _first_line_with(text, "GLOBAL") or _first_line_with(text, "Unsupported") or "needs code"
+            found = _GLOBAL.search(text)  # the callable the pickle names, not torch's advice to developers
+            detail = (f"it calls {found.group(1)}" if found
+                      else _first_line_with(text, "Unsupported") or "needs code")
             raise UnsafeCheckpointError(
                 f"{path}: refused, the pickle would run code to load ({detail}); "
                 "torchdiff loads weights only (--unsafe-pickle overrides, for files you trust)"
@@ -255,8 +257,13 @@ def _reason(text: str) -> str:
     return _first_line(text)
 
 
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
 def _first_line_with(text: str, word: str) -> str | None:
+    """The first line holding ``word``, cut at a word boundary near 200 characters."""
     for line in text.splitlines():
         if word in line:
-            return line.strip()[:200]
+            line = line.strip()
+            return line if len(line) <= 200 else line[:200].rsplit(" ", 1)[0] + " …"
     return None
