@@ -181,7 +181,7 @@ def build_adam_plan(tensors: Sequence[tuple[str, tuple[int, ...], bool]],
         return None
     if not mapped_all:
         notes.append("optimizer state could not be matched to parameter names by order and shape; "
-                     "figures are per state index")
+                     "figures are per state index, and update_ratio (step / ‖θ‖) is nan where no parameter was matched")
     return AdamPlan(params, notes, mapped_all)
 
 
