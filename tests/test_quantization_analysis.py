@@ -517,3 +517,68 @@ def test_p95_in_slices_is_the_whole_tensor_p95(n, seed, chunk, dtype, ties, nonf
     expected = p95_ref((b - a)[ok]) if ok.any() else math.nan
     got = qa.p95_abs_pair(torch.from_numpy(a), torch.from_numpy(b), chunk=chunk)
     assert (got == expected) or (math.isnan(got) and math.isnan(expected))
+
+
+# ---- GPTQ / AWQ packed codes (tests/test_dequant_default.py writes them with its own NumPy packer) ----
+
+
+def test_gptq_figures_match_the_float64_reference(tmp_path):
+    """A GPTQ 4-bit export (act-order g_idx) against its float original: the packed
+    weights are quantized tensors measured on their unpacked values; SQNR, rel_l2 and bits
+    per weight against float64 NumPy over the test's own packer's codes."""
+    from test_dequant_default import gptq_export
+
+    rng = np.random.default_rng(12)
+    w_up = (rng.standard_normal((32, 64)) * 0.05).astype(np.float32)
+    w_down = (rng.standard_normal((64, 32)) * 0.05).astype(np.float32)
+    norm = np.ones(32, np.float32)
+    up, ref_up = gptq_export(w_up, prefix="mlp.up_proj.")
+    down, ref_down = gptq_export(w_down, prefix="mlp.down_proj.", act_order=False, seed=1)
+    save_file({"mlp.up_proj.weight": torch.from_numpy(w_up), "mlp.down_proj.weight": torch.from_numpy(w_down),
+               "norm.weight": torch.from_numpy(norm)}, tmp_path / "float.safetensors")
+    save_file(up | down | {"norm.weight": torch.from_numpy(norm)}, tmp_path / "gptq.safetensors")
+    report, result = analysis(str(tmp_path / "float.safetensors"), str(tmp_path / "gptq.safetensors"))
+    measured = rows(result)
+    assert measured["mlp.up_proj.weight"]["scheme"] == "GPTQ 4-bit g_idx"
+    assert measured["mlp.down_proj.weight"]["scheme"] == "GPTQ 4-bit g_idx"
+    signal = noise = 0.0
+    for name, w, ref, tensors in (("mlp.up_proj.weight", w_up, ref_up, up),
+                                  ("mlp.down_proj.weight", w_down, ref_down, down)):
+        a = w.astype(np.float64)
+        signal, noise = signal + float((a ** 2).sum()), noise + float(((ref - a) ** 2).sum())
+        row = measured[name]
+        assert row["sqnr_db"] == pytest.approx(20 * math.log10(np.linalg.norm(a) / np.linalg.norm(ref - a)), rel=1e-6)
+        assert row["rel_l2"] == pytest.approx(np.linalg.norm(ref - a) / np.linalg.norm(a), rel=1e-6)
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())  # qweight + qzeros + scales + g_idx
+        assert Fraction(row["bits_new"]).limit_denominator(10**6) == Fraction(8 * nbytes, w.size)
+    signal += float(norm.astype(np.float64) @ norm)
+    assert result.headline["sqnr_db"] == pytest.approx(10 * math.log10(signal / noise), rel=1e-6)
+    assert result.headline["quantized_tensors"] == 2
+    assert result.headline["precision_loss"] == qa.precision_loss(10 * math.log10(signal / noise))
+    assert result.headline["precision_loss"] not in ("minimal", "none", "not_quantized")
+    assert not any(n.startswith("no quantization detected") for n in result.notes)
+
+
+def test_packed_codes_not_unpacked_count_as_quantized_of_unknown_loss(tmp_path):
+    """Packed words it cannot unpack (3-bit GPTQ here) against the same layout: quantized
+    tensors whose precision is unknown, never 'no quantization' nor a loss label."""
+    prefix = "model.layers.0.mlp.up_proj."
+    g = torch.Generator().manual_seed(13)
+    sides = {}
+    for side in ("a", "b"):
+        sides[side] = {prefix + "qweight": torch.randint(-2**31, 2**31 - 1, (12, 32), dtype=torch.int32, generator=g),
+                       prefix + "qzeros": torch.zeros(4, 3, dtype=torch.int32),
+                       prefix + "scales": torch.rand(4, 32, generator=g).half(),
+                       prefix + "g_idx": (torch.arange(128) // 32).int(), "norm.weight": torch.ones(8)}
+        save_file(sides[side], tmp_path / f"{side}.safetensors")
+    _, result = analysis(str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"))
+    assert result.headline["quantized_tensors"] == 1
+    assert result.headline["precision_loss"] == "unknown"
+    assert not any(n.startswith("no quantization detected") for n in result.notes)
+    assert any(n.startswith("precision_loss unknown: 1 quantized tensor(s) could not be dequantized")
+               for n in result.notes)
+    (failed,) = result.data["not_dequantized"]
+    assert failed["path"] == prefix + "qweight" and "packed codes compared as int32 integers" in failed["reason"]
+    # bits per weight from the packing: 128 × 32 weights in 12 × 32 words plus companions
+    nbytes = sum(t.numel() * t.element_size() for k, t in sides["b"].items() if k.startswith(prefix))
+    assert result.headline["bits_per_weight_new"] == pytest.approx((8 * nbytes + 32 * 8) / (128 * 32 + 8))

@@ -234,8 +234,9 @@ def compare_checkpoints(old: Checkpoint, new: Checkpoint, options: Options, engi
     """
     files = {**old.files, **new.files}
     unreadable = _unreadable(old, new)
-    if not options.get("raw"):  # int8/fp8 weights with scale companions compare as the values they stand for
-        old, new = dequantize_pair(old, new, options)
+    # int8/fp8 weights with scale companions, GPTQ/AWQ packed codes, compare as the values
+    # they stand for; --raw compares the stored codes (a note says which are packed words)
+    old, new = dequantize_pair(old, new, options, raw=bool(options.get("raw")))
     mapped = None
     dropped = Dropped()
     if mode == "pair":  # a container prefix or wrapper segment only one side has (docs/FORMATS.md)

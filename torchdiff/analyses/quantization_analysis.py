@@ -11,7 +11,8 @@ after dequantization, Δ = B − A, all over the positions where both are finite
 - totals pool the sums: SQNR = 10 · log10(Σ‖A‖² / Σ‖Δ‖²) over every measured tensor.
 - precision_loss from the total SQNR: ≥ 40 dB minimal, 30–40 low, 20–30 moderate,
   < 20 high; ``none`` when Δ = 0 everywhere; ``not_quantized`` when no tensor was
-  quantized (the SQNR then measures an ordinary change, and is still reported).
+  quantized (the SQNR then measures an ordinary change, and is still reported);
+  ``unknown`` when quantized weights were found but none could be dequantized.
 
 Schemes detected (``prepare`` works on headers only; values are dequantized lazily,
 in the engine's single pass):
@@ -21,8 +22,11 @@ in the engine's single pass):
   ``*.weight``), optional zero point ``W_zero_point`` / ``W.zero_point`` / ``W_zp``:
   B = (q − zero_point) · scale, the scale broadcast per tensor (one value), per channel
   (one per output row, or any shape broadcastable to W) or per block (⌈dim/block⌉ per
-  dim, e.g. 128×128 fp8 blocks);
+  dim, the last block partial, e.g. 128×128 fp8 blocks: ``dequant.block_size``);
 - bitsandbytes int8 ``W`` + ``<module>.SCB`` (per-row absmax): B = q · SCB / 127;
+- GPTQ / AWQ ``<module>.qweight`` (int32 words of packed 2/4/8-bit codes) +
+  ``scales``, ``qzeros`` (+ GPTQ ``g_idx``): unpacked into ``<module>.weight``
+  (``dequant._packed``); bits per weight count the packed words and companions;
 - plain casts (float32 → float16 / bfloat16 / float8): compared as stored;
 - GGUF block types (Q4_K, Q8_0...): the reader's handles already dequantize, and
   report the real bytes;
@@ -30,8 +34,8 @@ in the engine's single pass):
   the old took more.
 
 Tensors that cannot be dequantized (no scale companion, a scale shape that fits no
-layout, a packed sub-byte layout) are listed with the reason and left out of the
-precision figures; their bytes still count.
+layout, a packed layout not unpacked) are listed with the reason and left out of the
+precision figures; their bytes still count, and they count as quantized tensors.
 
 The analysis covers the tensors in ``--scope`` (trainable parameters by default), as the
 global and layer figures do, plus quantization companions that were not folded into a
@@ -49,7 +53,8 @@ from typing import Any
 
 import torch
 
-from torchdiff.dequant import Detected, dequantize_checkpoint, fit_scale  # noqa: F401 - fit_scale: public here since 0.1
+from torchdiff.dequant import (  # noqa: F401 - fit_scale: public here since 0.1
+    LOOKED_FOR, Detected, dequantize_checkpoint, fit_scale)
 from torchdiff.errors import UsageError
 from torchdiff.formats.base import Checkpoint
 from torchdiff.names import QUANT_COMPANION, ROLES, SCOPES
@@ -83,7 +88,6 @@ _CANONICAL = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfl
               "I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64"}
 _FLOAT_NAMES = {"float64", "float32", "float16", "bfloat16"}
 _INT_NAMES = {"int8", "uint8", "int16", "int32", "int64", "uint16", "uint32", "uint64", "bool"}
-_LOOKED_FOR = "W_scale, W.scale, W_scale_inv, W.scale_inv, <module>.SCB"
 
 
 def storage_kind(storage: str) -> str:
@@ -97,6 +101,8 @@ def storage_kind(storage: str) -> str:
 
 
 NOT_QUANTIZED = "not_quantized"
+#: precision_loss when quantized weights were found and none could be measured.
+UNKNOWN = "unknown"
 
 
 def precision_loss(sqnr_db: float, lossless: bool = False) -> str:
@@ -104,7 +110,7 @@ def precision_loss(sqnr_db: float, lossless: bool = False) -> str:
     if lossless:
         return "none"
     if math.isnan(sqnr_db):
-        return "unknown"
+        return UNKNOWN
     for threshold, label in THRESHOLDS_DB:
         if sqnr_db >= threshold:
             return label
@@ -306,17 +312,18 @@ def _split_scope(comparison) -> tuple[list, str | None]:
 def _storage_only(comparison, found: dict[str, Detected]) -> AnalysisResult:
     """One checkpoint (inspect): bits per weight and the schemes its tensors in scope are stored in."""
     diffs, scope_note = _split_scope(comparison)
-    groups: dict[str, list] = {}
+    groups: dict[str, list] = {}  # scheme -> [(params, bytes)]
     quantized = 0
     for d in diffs:
         det = found.get(d.name)
         scheme = det.scheme if det is not None else _stored(d.new.dtype, comparison.new_format)
         quantized += det is not None or storage_kind(d.new.dtype) == "block"
-        groups.setdefault(scheme, []).append(d.new)
-    params = sum(d.new.numel for d in diffs)
+        params = det.params if det is not None and det.params else d.new.numel  # packed words: the weights they hold
+        groups.setdefault(scheme, []).append((params, d.new.nbytes))
+    params = sum(p for s in groups.values() for p, _ in s)
     nbytes = sum(d.new.nbytes for d in diffs)
-    rows = tuple((scheme, len(s), sum(x.numel for x in s), sum(x.nbytes for x in s),
-                  _bits(sum(x.nbytes for x in s), sum(x.numel for x in s))) for scheme, s in groups.items())
+    rows = tuple((scheme, len(s), sum(p for p, _ in s), sum(b for _, b in s),
+                  _bits(sum(b for _, b in s), sum(p for p, _ in s))) for scheme, s in groups.items())
     notes = [f"not dequantized: {n}: {det.error}" for n, det in found.items() if det.error]
     if scope_note:
         notes.append(scope_note)
@@ -338,6 +345,7 @@ def analyze(comparison, options, state: dict) -> AnalysisResult:
 
     rows: list[dict[str, Any]] = []  # measured tensors
     failed: dict[str, list[str]] = {}  # reason -> names
+    unmeasured: list[str] = []  # quantized weights (detected, or integer codes against floats) not dequantized
     integer: list[str] = []
     only_old: list[str] = []
     only_new: list[str] = []
@@ -354,13 +362,14 @@ def analyze(comparison, options, state: dict) -> AnalysisResult:
         if d.status == REMOVED:
             only_old.append(d.name)
             continue
+        det_old, det_new = found_old.get(d.name), found_new.get(d.name)
         paired_bytes_old += d.old.nbytes
         paired_bytes_new += d.new.nbytes
-        paired_params += d.old.numel
-        det_old, det_new = found_old.get(d.name), found_new.get(d.name)
+        paired_params += det_old.params if det_old is not None and det_old.params else d.old.numel
         errors = [det.error for det in (det_old, det_new) if det is not None and det.error]
         if errors:
             failed.setdefault(errors[0], []).append(d.name)
+            unmeasured.append(d.name)
             continue
         if d.status == RESHAPED or d.metrics is None:
             failed.setdefault("shape changed, so values cannot be compared", []).append(d.name)
@@ -372,7 +381,8 @@ def analyze(comparison, options, state: dict) -> AnalysisResult:
             continue
         if "int" in kinds:
             raw = d.new.dtype if storage_kind(d.new.dtype) == "int" and det_new is None else d.old.dtype
-            failed.setdefault(f"{raw} values without a scale companion (looked for {_LOOKED_FOR})", []).append(d.name)
+            failed.setdefault(f"{raw} values without a scale companion (looked for {LOOKED_FOR})", []).append(d.name)
+            unmeasured.append(d.name)
             continue
         m = d.metrics
         extras = d.extras.get(NAME) or {}
@@ -398,7 +408,11 @@ def analyze(comparison, options, state: dict) -> AnalysisResult:
     noise = sum(r["_sq"][2] for r in rows)
     total_sqnr = sqnr_db(signal, noise) if rows else math.nan
     label = precision_loss(total_sqnr, lossless=bool(rows) and noise == 0)
-    if not quantized and noise > 0:
+    if not quantized and unmeasured:
+        # Quantized weights were found and none could be measured: the other tensors'
+        # figures say nothing of what the quantization cost.
+        label = UNKNOWN
+    elif not quantized and noise > 0:
         # Nothing was quantized: the SQNR measures an ordinary change (training, a merge),
         # and a "precision loss" label would misname it.
         label = NOT_QUANTIZED
@@ -436,7 +450,13 @@ def analyze(comparison, options, state: dict) -> AnalysisResult:
     notes = [THRESHOLDS_TEXT]
     if quantized and unquantized:
         notes.append(f"left unquantized ({count(len(unquantized))}): {_list(unquantized)}")
-    if rows and not quantized:
+    if unmeasured and not quantized:
+        notes.append(f"precision_loss unknown: {count(len(unmeasured))} quantized tensor(s) could not be dequantized "
+                     f"(reasons below): {_list(unmeasured)}")
+    elif unmeasured:
+        notes.append(f"precision figures cover the {count(len(quantized))} measured quantized tensor(s); "
+                     f"{count(len(unmeasured))} more could not be dequantized (reasons below): {_list(unmeasured)}")
+    elif rows and not quantized:
         notes.append("no quantization detected (each tensor keeps its dtype): the figures measure the whole "
                      "change between the checkpoints, not a quantization error")
     for reason, names in failed.items():
@@ -460,7 +480,7 @@ def analyze(comparison, options, state: dict) -> AnalysisResult:
         "sqnr_db": total_sqnr,
         "bits_per_weight_old": bits_old,
         "bits_per_weight_new": bits_new,
-        "quantized_tensors": len(quantized),
+        "quantized_tensors": len(quantized) + len(unmeasured),
     }
     data = {
         "precision_loss_thresholds_db": {name: t for t, name in THRESHOLDS_DB},
