@@ -398,7 +398,9 @@ def test_top_changed_ranks_like_the_sort():
     report = compare({"a": torch.ones(4), "b": torch.zeros(4), "c": torch.ones(4), "d": torch.ones(4)},
                      {"a": torch.ones(4) * 2, "b": torch.ones(4), "c": torch.ones(4) * 1.5, "d": torch.ones(4)},
                      device="cpu")
-    assert top_changed(list(report.comparison.diffs), 5) == ["b", "a", "c"]  # ∞ first, unchanged left out
+    # zero-initialised b (rel_l2 = ∞) after the measured ones, as --sort-by-change-magnitude; d unchanged: out
+    assert top_changed(list(report.comparison.diffs), 5) == ["a", "c", "b"]
+    assert top_changed(list(report.comparison.diffs), 2) == ["a", "c"]
 
 
 def test_spectrum_exact_equals_numpy():

@@ -275,3 +275,14 @@ def test_simple_table_is_tabulates_simple_format(table):
     headers, rows = table
     assert simple_table(headers, rows) == tabulate(rows, headers=headers, tablefmt="simple",
                                                    disable_numparse=True).splitlines()
+
+
+def test_markdown_most_changed_puts_zero_initialised_tensors_after_the_measured(capsys, tmp_path):
+    """The markdown table ranks as --sort-by-change-magnitude: a zero-initialised bias
+    (rel_l2 = ∞) after the weight, labelled, not an ``inf`` at the top."""
+    save_file({"fc.bias": torch.zeros(4), "fc.weight": torch.ones(4, 4)}, str(tmp_path / "a.safetensors"))
+    save_file({"fc.bias": torch.full((4,), 0.1), "fc.weight": torch.full((4, 4), 1.5)}, str(tmp_path / "b.safetensors"))
+    out = run(capsys, tmp_path / "a.safetensors", tmp_path / "b.safetensors", "-o", "markdown")[1]
+    rows = [line for line in out.splitlines() if line.startswith("| `fc.")]
+    assert [r.split("`")[1] for r in rows] == ["fc.weight", "fc.bias"]
+    assert "old all zero" in rows[1] and "inf" not in out

@@ -51,8 +51,11 @@ def validate(value: Any, option: str) -> int:
 
 
 def _rank_key(d: TensorDiff) -> tuple:
-    rel = d.metrics.rel_l2
-    return (-(rel if not math.isnan(rel) else -1.0), d.name)
+    """The one "most changed" order (sort_by_change_magnitude.change_key): measured
+    tensors by rel_l2, zero-initialised ones after them by ‖Δ‖."""
+    from torchdiff.analyses.sort_by_change_magnitude import change_key
+
+    return change_key(d, "rel_l2")
 
 
 def top_changed(diffs: Sequence[TensorDiff], k: int, *, ndim: int | None = None,

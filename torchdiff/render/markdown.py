@@ -9,10 +9,10 @@ in a ``<details>`` block. Names are code spans; ``|`` is escaped inside tables.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from torchdiff.render.text import _headline_value, num, printable, summary_line
+from torchdiff.results import OLD_ALL_ZERO
 
 TOP_TENSORS = 10
 ANOMALY_SHOWN = ("critical", "high")
@@ -143,9 +143,12 @@ def top_tensors(report) -> list[str]:
     changed = [d for d in report if d.is_difference]
     if not changed:
         return []
-    measured = sorted((d for d in changed if d.metrics is not None),
-                      key=lambda d: (-(d.metrics.rel_l2 if not math.isnan(d.metrics.rel_l2) else math.inf), d.name))
-    rows = [[_code(d.name), d.status, _cell(d.metrics.rel_l2), _cell(d.metrics.max_abs), _cell(d.metrics.cosine)]
+    from torchdiff.analyses.sort_by_change_magnitude import change_key
+
+    # the one "most changed" order: zero-initialised tensors (rel_l2 = ∞) after the measured, by ‖Δ‖
+    measured = sorted((d for d in changed if d.metrics is not None), key=lambda d: change_key(d, "rel_l2"))
+    rows = [[_code(d.name), d.status, OLD_ALL_ZERO, _cell(d.metrics.max_abs), "n/a"] if d.old_all_zero else
+            [_code(d.name), d.status, _cell(d.metrics.rel_l2), _cell(d.metrics.max_abs), _cell(d.metrics.cosine)]
             for d in measured[:TOP_TENSORS]]
     rows += [[_code(d.name), d.status, "", "", ""] for d in changed if d.metrics is None][:TOP_TENSORS]
     lines = ["", f"### Most changed tensors (top {min(len(measured), TOP_TENSORS)} by rel_l2"
