@@ -308,13 +308,23 @@ def test_differing_replicas_are_named(tmp_path, state):
 
 # ---- bad input ----------------------------------------------------------------------------------
 
+_RECORD = '{{"name": "w", "dtype": "float32", "shape": [2], "nbytes": 8, "hash": "0", "norm": {norm}, "sum": 0}}'
+
+
 @pytest.mark.parametrize("text, message", [
     ("not json", "not a torchdiff manifest (JSONDecodeError: "),
     ('{"format": "other"}', 'not a torchdiff manifest (no "format": "torchdiff-manifest")'),
     ('{"format": "torchdiff-manifest", "version": 9, "hash": "xxh3_128", "tensors": []}',
      "manifest version 9 is not supported (this torchdiff reads version 1)"),
     ('{"format": "torchdiff-manifest", "version": 1, "hash": "xxh3_128", "tensors": [{"name": "a"}]}',
-     "a tensor record is malformed (KeyError: 'dtype')"),
+     "tensor record 'a' is malformed (no 'dtype' field)"),
+    ('{"format": "torchdiff-manifest", "version": 1, "hash": "xxh3_128", "tensors": [' + _RECORD.format(norm='"x"')
+     + ']}', "a tensor record is malformed (ValueError: 'x' is not a number)"),
+    ('{"format": "torchdiff-manifest", "version": 1, "hash": "xxh3_128", "tensors": ['
+     + _RECORD.format(norm=1).replace("[2]", "[-1, 2]") + ']}', "tensor record 'w' has shape [-1, 2]: a dimension below 0"),
+    # a second record of one tensor: the first (tampered) one would otherwise be ignored, or hide the second
+    ('{"format": "torchdiff-manifest", "version": 1, "hash": "xxh3_128", "tensors": ['
+     + _RECORD.format(norm=1) + ", " + _RECORD.format(norm=2) + ']}', "two records for tensor 'w'"),
 ])
 def test_bad_manifest_is_one_error_line(tmp_path, capsys, state, text, message):
     (tmp_path / "m.json").write_text(text)

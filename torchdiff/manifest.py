@@ -86,7 +86,7 @@ class TensorRecord:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str) -> "TensorRecord":
         try:
-            return cls(
+            record = cls(
                 name=str(d["name"]), dtype=str(d["dtype"]), shape=tuple(int(s) for s in d["shape"]),
                 nbytes=int(d["nbytes"]), hash=str(d["hash"]), norm=_float(d["norm"]), sum=_float(d["sum"]),
                 min=None if d.get("min") is None else _float(d["min"]),
@@ -96,13 +96,24 @@ class TensorRecord:
                 casts={str(k): str(v) for k, v in dict(d.get("casts", {})).items()},
                 storage_dtype=str(d.get("storage_dtype", "")),
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except KeyError as e:
+            name = d.get("name") if isinstance(d, Mapping) else None
+            what = f"tensor record {name!r}" if isinstance(name, str) else "a tensor record"
+            raise CorruptFileError(f"{where}: {what} is malformed (no {e.args[0]!r} field)") from None
+        except (TypeError, ValueError) as e:
             raise CorruptFileError(f"{where}: a tensor record is malformed ({type(e).__name__}: {e})") from None
+        if any(s < 0 for s in record.shape):
+            raise CorruptFileError(f"{where}: tensor record {record.name!r} has shape {list(record.shape)}: "
+                                   "a dimension below 0")
+        return record
 
 
 def _float(v: Any) -> float:
     if isinstance(v, str):  # the JSON spellings of non-finite floats (torchdiff.render.finite_json)
-        return {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}[v]
+        spelled = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}.get(v)
+        if spelled is None:
+            raise ValueError(f"{v!r} is not a number")
+        return spelled
     return float(v)
 
 
@@ -174,6 +185,8 @@ class Manifest:
             if not isinstance(d, dict):
                 raise CorruptFileError(f"{where}: a tensor record is not an object")
             r = TensorRecord.from_dict(d, where)
+            if r.name in tensors:  # a second record must not silently replace (or hide) the first
+                raise CorruptFileError(f"{where}: two records for tensor {r.name!r}")
             tensors[r.name] = r
         return cls(tensors=tensors, source=str(data.get("source", where)),
                    sample_count=int(data.get("sample_count", SAMPLES)))
