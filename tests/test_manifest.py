@@ -381,3 +381,54 @@ def test_gguf_and_matlab_files_fingerprint_like_their_values(tmp_path):
     assert q.hash == record("q", deq).hash
     scipy_io.savemat(tmp_path / "m.mat", {"w": w.astype(np.float64)})
     assert fingerprint(tmp_path / "m.mat")["w"].hash == record("w", torch.from_numpy(w.astype(np.float64))).hash
+
+
+# ---- names paired as compare pairs them ---------------------------------------------------------
+
+def _tied_model():
+    g = torch.Generator().manual_seed(0)
+    wte = torch.randn(16, 4, generator=g)
+    return {"transformer.wte.weight": wte, "transformer.h.0.w": torch.randn(4, 4, generator=g), "lm_head.weight": wte}
+
+
+def test_a_tied_weight_held_once_verifies_against_a_manifest_of_both_names(tmp_path, capsys):
+    """The trainer writes a .pt (one storage, two names), inference a safetensors file
+    that holds the tied weight once: as compare, verify pairs them. A missing weight
+    that is not tied, or a tied one whose values differ, still fails."""
+    state = _tied_model()
+    torch.save(state, tmp_path / "train.pt")
+    manifest = fingerprint(tmp_path / "train.pt")
+    assert manifest["lm_head.weight"].tied_to == "transformer.wte.weight"
+    assert Manifest.from_dict(json.loads(json.dumps(manifest.to_dict())))["lm_head.weight"].tied_to == \
+        "transformer.wte.weight"
+    once = {k: v.clone() for k, v in state.items() if k != "lm_head.weight"}  # save_pretrained drops the head
+    save_file(once, tmp_path / "model.safetensors")
+    result = verify(manifest, tmp_path / "model.safetensors")
+    assert result.ok and result.equal == 2
+    assert [(f.name, f.kind, f.accepted) for f in result.findings] == [("lm_head.weight", "tied", True)]
+    # the other way: a manifest of the file that holds it once, the .pt with both names
+    back = verify(fingerprint(tmp_path / "model.safetensors"), tmp_path / "train.pt")
+    assert back.ok and [(f.name, f.kind) for f in back.findings] == [("lm_head.weight", "tied")]
+    # not tied: missing is missing
+    save_file({k: v for k, v in once.items() if k != "transformer.h.0.w"}, tmp_path / "short.safetensors")
+    assert [(f.name, f.kind) for f in verify(manifest, tmp_path / "short.safetensors").mismatches] == [
+        ("transformer.h.0.w", "missing")]
+    # tied, but the values held differ: a mismatch under the manifest's name
+    changed = dict(once, **{"transformer.wte.weight": once["transformer.wte.weight"] + 1})
+    save_file(changed, tmp_path / "changed.safetensors")
+    assert {(f.name, f.kind) for f in verify(manifest, tmp_path / "changed.safetensors").mismatches} == {
+        ("transformer.wte.weight", "bytes"), ("lm_head.weight", "bytes")}
+
+
+def test_container_prefixes_and_wrappers_pair_as_in_compare(tmp_path, capsys):
+    """A manifest of plain weights against a training checkpoint saved as
+    {"model": ddp.state_dict()} (names model.module.*): paired, and the finding says how."""
+    state = {k: v.clone() for k, v in _tied_model().items() if k != "lm_head.weight"}
+    save_file(state, tmp_path / "model.safetensors")
+    torch.save({"model": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "train.pt")
+    result = verify(tmp_path / "model.safetensors", tmp_path / "train.pt")
+    assert result.ok and result.equal == 2
+    assert [(f.name, f.kind, f.accepted) for f in result.findings] == [("(names)", "paired", True)]
+    assert "'model.'" in result.findings[0].detail and "module." in result.findings[0].detail
+    code, out, _ = run(capsys, "verify", tmp_path / "model.safetensors", tmp_path / "train.pt")
+    assert code == 0 and "2 bitwise equal" in out

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -66,6 +67,8 @@ class TensorRecord:
     sample: tuple[float, ...] = ()
     casts: Mapping[str, str] = field(default_factory=dict)
     storage_dtype: str = ""
+    #: the tensor this one shares its values with in the checkpoint (tied weights)
+    tied_to: str | None = None
 
     @property
     def numel(self) -> int:
@@ -81,6 +84,8 @@ class TensorRecord:
             d["casts"] = dict(self.casts)
         if self.storage_dtype and self.storage_dtype != self.dtype:
             d["storage_dtype"] = self.storage_dtype
+        if self.tied_to is not None:
+            d["tied_to"] = self.tied_to
         return d
 
     @classmethod
@@ -95,6 +100,7 @@ class TensorRecord:
                 sample=tuple(_float(v) for v in d.get("sample", ())),
                 casts={str(k): str(v) for k, v in dict(d.get("casts", {})).items()},
                 storage_dtype=str(d.get("storage_dtype", "")),
+                tied_to=None if d.get("tied_to") is None else str(d["tied_to"]),
             )
         except KeyError as e:
             name = d.get("name") if isinstance(d, Mapping) else None
@@ -399,6 +405,10 @@ def _fingerprint_checkpoint(ckpt, label: str, casts: Sequence[str], expected: Ma
 
     names = list(ckpt.tensors)
     records, _ = _per_tensor(names, [ckpt.tensors[n].nbytes for n in names], one)
+    for name, r in records.items():  # tied weights (one storage in a pickle, a live module): said, for verify
+        tied_to = ckpt.tensors[name].tied_to
+        if tied_to is not None:
+            records[name] = dataclasses.replace(r, tied_to=tied_to)
     return Manifest(tensors=records, source=label)
 
 
@@ -606,22 +616,86 @@ def compare_manifests(expected: Manifest, got: Manifest, *, allow_cast: bool = F
     """Record by record; see ``verify``."""
     tol = dict(tolerance or {})
     findings: list[Finding] = []
+    checked, paired = _paired(expected, got)
+    if paired:
+        findings.append(paired)
+    tied = _tie_groups(expected.tensors.values(), checked.values())
     equal = 0
     for name, a in expected.tensors.items():
-        b = got.tensors.get(name)
+        b = checked.get(name)
+        held = None
+        if b is None:  # a tied weight the checked side holds once, under another name of its tie
+            held = next((m for m in tied.get(name, ()) if m in checked), None)
+            b = checked.get(held) if held is not None else None
         if b is None:
             findings.append(Finding(name, "missing", f"in the manifest ({a.dtype} {list(a.shape)}), "
                                                      f"not in {got.source}"))
             continue
         if a.dtype == b.dtype and a.shape == b.shape and a.hash == b.hash:
-            equal += 1
+            if held is None:
+                equal += 1
+            else:
+                findings.append(Finding(name, "tied", f"held once in {got.source}, as {held}, the weight it is "
+                                                      "tied to", accepted=True, reason=f"tied to {held}"))
             continue
         findings.append(_compare_record(a, b, allow_cast, tol))
-    for name, b in got.tensors.items():
+    for name, b in checked.items():
         if name not in expected.tensors:
+            held = next((m for m in tied.get(name, ()) if m in expected.tensors), None)
+            if held is not None:
+                findings.append(Finding(name, "tied", f"a tied copy of {held} in {got.source}, which the manifest "
+                                                      "records once", accepted=True, reason=f"tied to {held}"))
+                continue
             findings.append(Finding(name, "extra", f"in {got.source} ({b.dtype} {list(b.shape)}), not in the manifest"))
     return Verification(expected=expected.source, checked=got.source, tensors=len(expected.tensors),
                         equal=equal, findings=tuple(findings))
+
+
+def _paired(expected: Manifest, got: Manifest) -> tuple[dict[str, TensorRecord], Finding | None]:
+    """The checked side's records under the names they pair by with the manifest's, as
+    compare pairs names (pairing.paired_names: a container prefix such as DCP's
+    ``model.``, wrapper segments such as ``module.`` and ``_orig_mod.``), and a finding
+    (accepted) that says what was dropped."""
+    from torchdiff.pairing import paired_names
+
+    old_map, new_map, dropped = paired_names(expected.tensors, got.tensors)
+    if old_map and any(k != v for k, v in old_map.items()):  # the manifest's side would be renamed: keep its names
+        inverse = {v: k for k, v in old_map.items()}
+        new_map = {k: inverse.get(v, v) for k, v in new_map.items()}
+    checked = {}
+    for name, r in got.tensors.items():
+        short = new_map.get(name, name)
+        target = new_map.get(r.tied_to, r.tied_to) if r.tied_to is not None else None
+        checked[short] = dataclasses.replace(r, name=short, tied_to=target) if (short, target) != (name, r.tied_to) \
+            else r
+    if not dropped:
+        return checked, None
+    what = [f"the prefix {p!r}" for p in (dropped.old_prefix, dropped.new_prefix) if p]
+    what += [", ".join(f"{s}." for s in w) for w in (dropped.old_wrappers, dropped.new_wrappers) if w]
+    return checked, Finding("(names)", "paired", f"names paired as compare pairs them: {' and '.join(what)} "
+                                                 "dropped", accepted=True, reason="names paired")
+
+
+def _tie_groups(*sides) -> dict[str, tuple[str, ...]]:
+    """name -> the other names of its tie (``tied_to`` of either side's records, joined)."""
+    parent: dict[str, str] = {}
+
+    def root(n: str) -> str:
+        while parent.get(n, n) != n:
+            n = parent[n]
+        return n
+
+    for records in sides:
+        for r in records:
+            if r.tied_to is not None:
+                parent[root(r.name)] = root(r.tied_to)
+    groups: dict[str, list[str]] = {}
+    for n in list(parent):
+        for m in (n, parent[n]):
+            groups.setdefault(root(m), [])
+            if m not in groups[root(m)]:
+                groups[root(m)].append(m)
+    return {n: tuple(m for m in sorted(members) if m != n) for members in groups.values() for n in members}
 
 
 def _compare_record(a: TensorRecord, b: TensorRecord, allow_cast: bool, tol: Mapping[str, float]) -> Finding:

@@ -198,18 +198,39 @@ def drop_prefix(old: Checkpoint, new: Checkpoint) -> tuple[Checkpoint, Checkpoin
         single = (next(iter(old.tensors)), next(iter(new.tensors)))
         new = _renamed(new, lambda n: single[0], stored[1])
         return old, new, Dropped(stored=stored, single=single)
-    if old.format in PREFIXED_FORMATS or new.format in PREFIXED_FORMATS:
-        old_prefix, new_prefix = dropped_prefix(old.tensors, new.tensors)
-        if old_prefix:
-            old = _renamed(old, _without_prefix(old_prefix), stored[0])
-        if new_prefix:
-            new = _renamed(new, _without_prefix(new_prefix), stored[1])
-    old_wrappers, new_wrappers = dropped_wrappers(old.tensors, new.tensors)
+    _, _, found = paired_names(old.tensors, new.tensors,
+                               prefixes=old.format in PREFIXED_FORMATS or new.format in PREFIXED_FORMATS)
+    old_prefix, new_prefix, old_wrappers, new_wrappers = (found.old_prefix, found.new_prefix, found.old_wrappers,
+                                                          found.new_wrappers)
+    if old_prefix:
+        old = _renamed(old, _without_prefix(old_prefix), stored[0])
+    if new_prefix:
+        new = _renamed(new, _without_prefix(new_prefix), stored[1])
     if old_wrappers:
         old = _renamed(old, lambda n: _strip_segments(n, set(old_wrappers)), stored[0])
     if new_wrappers:
         new = _renamed(new, lambda n: _strip_segments(n, set(new_wrappers)), stored[1])
     return old, new, Dropped(old_prefix, new_prefix, old_wrappers, new_wrappers, stored)
+
+
+def paired_names(old_names, new_names, prefixes: bool = True) -> tuple[dict[str, str], dict[str, str], Dropped]:
+    """Each side's names -> the names they pair by, and what was dropped: the container
+    prefix of :func:`dropped_prefix` (with ``prefixes``), then the wrapper segments of
+    :func:`dropped_wrappers`. The one rule of :func:`drop_prefix` (compare) and of
+    ``torchdiff verify`` (manifests: names only)."""
+    names = (list(old_names), list(new_names))
+    maps = [{n: n for n in ns} for ns in names]
+    prefix = dropped_prefix(*names) if prefixes else ("", "")
+    for a in (0, 1):
+        if prefix[a]:
+            maps[a] = dict(zip(names[a], _stripped(names[a], _without_prefix(prefix[a]))))
+    current = (list(maps[0].values()), list(maps[1].values()))
+    wrappers = dropped_wrappers(*current)
+    for a in (0, 1):
+        if wrappers[a]:
+            segments = set(wrappers[a])
+            maps[a] = dict(zip(names[a], _stripped(current[a], lambda n: _strip_segments(n, segments))))
+    return maps[0], maps[1], Dropped(prefix[0], prefix[1], wrappers[0], wrappers[1])
 
 
 def _one_array(ckpt: Checkpoint) -> bool:
