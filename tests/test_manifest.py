@@ -265,6 +265,19 @@ def test_allow_cast_needs_the_recorded_cast_or_the_wider_side(tmp_path, capsys, 
     up = {k: v.float() if v.is_floating_point() else v for k, v in cast.items()}
     assert verify(fingerprint(cast), up, allow_cast=True).ok
     assert not verify(fingerprint(cast), up).ok
+    # a bf16 manifest against a second manifest of the fp32 values: the checked side lacks the cast
+    r = verify(fingerprint(cast), fingerprint(up), allow_cast=True)
+    assert r.mismatches[0].detail.endswith("the checked side has no bfloat16 fingerprint for this tensor (verify a "
+                                           "checkpoint, which is cast as it is read, or write the checked manifest "
+                                           "with torchdiff hash --cast bfloat16)")
+    assert verify(fingerprint(cast), fingerprint(up, casts=["bfloat16"]), allow_cast=True).ok
+    # hash --cast to a wider dtype records nothing, and says so
+    save_file({k: v.contiguous() for k, v in cast.items()}, tmp_path / "bf16.safetensors")
+    code, _, err = run(capsys, "hash", tmp_path / "bf16.safetensors", "--cast", "float32", "-o", tmp_path / "c.json")
+    floats = sum(v.is_floating_point() for v in cast.values())
+    assert code == 0 and err == (f"torchdiff: warning: --cast float32 not recorded for {floats} tensor(s) stored "
+                                 "narrower (bfloat16): casts narrow, never widen; hash the float32 checkpoint with "
+                                 "--cast bfloat16 instead\n")
 
 
 # ---- tensor-parallel shards ---------------------------------------------------------------------

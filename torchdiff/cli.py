@@ -228,12 +228,18 @@ class TorchDiffCLI:
 
         casts = [c.strip() for c in str(flags["cast"]).split(",") if c.strip()] if flags.get("cast") else []
         manifest = fingerprint(str(checkpoint), casts=casts, format=flags.get("format"))
+        from torchdiff import distributed
+        from torchdiff.manifest import widening
+
+        for cast, dtypes, n in widening(manifest, casts):  # never silent: a cast that would widen is not recorded
+            if distributed.rank() == 0:
+                print(f"torchdiff: warning: --cast {cast} not recorded for {n} tensor(s) stored narrower "
+                      f"({', '.join(dtypes)}): casts narrow, never widen; hash the {cast} checkpoint with "
+                      f"--cast {dtypes[0]} instead", file=sys.stderr)
         target = flags.get("output")
         if target in (None, "text", "json", "-"):
             self.outcome = Outcome(manifest.to_json())
             return self.outcome
-        from torchdiff import distributed
-
         if distributed.rank() == 0:  # under torchrun every rank holds the manifest; rank 0 writes it
             manifest.save(str(target))
         self.outcome = Outcome(None)

@@ -733,6 +733,17 @@ def _narrower(a: TensorRecord, b: TensorRecord) -> str:
     return b.dtype if _WIDTH.get(b.dtype, 0) <= _WIDTH.get(a.dtype, 0) else a.dtype
 
 
+def widening(manifest: Manifest, casts: Sequence[str]) -> list[tuple[str, list[str], int]]:
+    """(cast, the narrower dtypes, how many tensors) for each requested cast that was not
+    recorded because it would widen a tensor (``hash --cast float32`` of a bfloat16 file)."""
+    out = []
+    for c in casts:
+        narrower = [r.dtype for r in manifest if r.dtype in _WIDTH and c in _WIDTH and _WIDTH[r.dtype] < _WIDTH[c]]
+        if narrower:
+            out.append((c, sorted(set(narrower)), len(narrower)))
+    return out
+
+
 def _cast_matches(a: TensorRecord, b: TensorRecord) -> bool | str:
     """True when the expected values cast to the checked dtype give the checked bytes
     (the manifest recorded that cast), or the checked values cast to the expected dtype
@@ -743,6 +754,9 @@ def _cast_matches(a: TensorRecord, b: TensorRecord) -> bool | str:
         return True if a.casts[b.dtype] == b.hash else f"the manifest's {b.dtype} fingerprint differs"
     if a.dtype in b.casts:  # the checked side is the wider: cast down to the expected dtype
         return True if b.casts[a.dtype] == a.hash else f"the {b.dtype} values cast to {a.dtype} differ"
+    if _WIDTH.get(b.dtype, 0) > _WIDTH.get(a.dtype, 0):  # the checked side is the wider: its cast is missing
+        return (f"the checked side has no {a.dtype} fingerprint for this tensor (verify a checkpoint, which is "
+                f"cast as it is read, or write the checked manifest with torchdiff hash --cast {a.dtype})")
     return (f"the manifest has no {b.dtype} fingerprint for this tensor "
             f"(write it with torchdiff hash --cast {b.dtype})")
 
