@@ -302,3 +302,31 @@ def test_group_figures_scalars_are_the_column_formulas():
             assert same(g.rel_l2, float(_rel(np.array([dsq]), np.array([old_sq]))[0])), (dsq, old_sq)
             assert same(g.cosine, float(_cos(np.array([dot]), np.array([g.norm_old]), np.array([g.norm_new]))[0])), \
                 (dot, old_sq, new_sq)
+
+
+def test_tensor_cosine_is_the_column_cosine_on_every_edge():
+    """PairMetrics.cosine (the text lines) and Figures.cosine (JSON, YAML, analyses) agree
+    bit for bit on every edge: a NaN or ±inf ⟨A,B⟩ is NaN in both (the text once printed
+    cosine=1 from min(1.0, nan)), as are norms whose product leaves float64; no warning."""
+    import itertools
+    import warnings
+
+    from torchdiff.figures import _cos
+    from torchdiff.results import PairMetrics
+
+    norms = [0.0, 1e-300, 1e-160, 1.0, 2.5, 1e160, 1e300, math.inf, math.nan]
+    dots = [0.0, -1.0, 1.0, 3.0, 1e-300, 1e300, -1e300, math.inf, -math.inf, math.nan]
+
+    def same(x, y):
+        return (math.isnan(x) and math.isnan(y)) or x == y
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for dot, a, b in itertools.product(dots, norms, norms):
+            m = PairMetrics(numel=1, equal=False, l2=1.0, norm_old=a, norm_new=b, dot=dot, max_abs=1.0,
+                            mean_abs_diff=1.0, changed_count=1)
+            column = float(_cos(np.array([dot]), np.array([a]), np.array([b]))[0])
+            assert same(m.cosine, column) and same(m.cosine, _cos(dot, a, b)), (dot, a, b, m.cosine, column)
+            assert math.isnan(m.cosine) or -1.0 <= m.cosine <= 1.0
+            if not math.isfinite(dot):
+                assert math.isnan(m.cosine)

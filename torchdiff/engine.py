@@ -36,7 +36,7 @@ from torchdiff import reductions as R
 from torchdiff.errors import CorruptFileError, DeviceError
 from torchdiff.formats.base import TensorHandle
 from torchdiff.pairing import Pair
-from torchdiff.figures import Figures
+from torchdiff.figures import Figures, by_norms
 from torchdiff.status import ADDED, CHANGED, REMOVED, RESHAPED, RETYPED, UNCHANGED
 
 ROW = 65536
@@ -115,7 +115,7 @@ class _Side:
             size, start = self.flat.element_size(), self.flat.data_ptr()
         elif self.handle.span is not None:
             base, begin, end = self.handle.span
-            size, start = (end - begin) // max(1, self.handle.numel), base.data_ptr() + begin
+            size, start = (end - begin) // max(1, _values(self.handle)), base.data_ptr() + begin
         else:
             return None
         if (upto - self.released) * size < min_bytes:
@@ -224,7 +224,7 @@ class _Plan:
 
     def __init__(self, pairs: list[Pair]):
         handles: list[TensorHandle] = []
-        a_slots, b_slots, kinds, dtypes, retyped = [], [], [], [], []
+        a_slots, b_slots, kinds, dtypes, retyped, cplx = [], [], [], [], [], []
         compute = _compute_dtype
         for p in pairs:
             old, new = p.old, p.new
@@ -234,7 +234,14 @@ class _Plan:
             b_slots.append(len(handles) if new is not None else -1)
             if new is not None:
                 handles.append(new)
-            kinds.append(p.kind)
+            kind = p.kind
+            if kind == "common":
+                cplx.append(old.dtype.is_complex)
+                if cplx[-1] != new.dtype.is_complex:
+                    kind = "reshaped"  # real views of different shapes: [..., 2] against [...]
+            else:
+                cplx.append(False)
+            kinds.append(kind)
             retyped.append(p.retyped)
             dtypes.append(compute(old.dtype, new.dtype) if old is not None and new is not None
                           else compute((old or new).dtype))
@@ -244,6 +251,7 @@ class _Plan:
         self.kinds = kinds
         self.dtypes = dtypes
         self.retyped = np.array(retyped, dtype=bool)
+        self.complex = np.array(cplx, dtype=bool)  # common pairs of complex tensors
         self.sides: dict[int, _Side] = {}
         self.exact_slots: set[int] = {s for s, h in enumerate(handles) if h.numel == 0}
         self.groups: list[_Group] = []
@@ -433,16 +441,16 @@ class Engine:
         for i, (kind, a_slot, b_slot) in enumerate(zip(plan.kinds, plan.a_slots.tolist(), plan.b_slots.tolist())):
             if kind == "common":
                 old, new = handles[a_slot], handles[b_slot]
-                if 0 < old.numel <= row and old.span is not None and new.span is not None:
+                if 0 < _values(old) <= row and old.span is not None and new.span is not None:
                     small.append(i)
                 else:
-                    jobs.append(_Job(old.numel, plan.dtypes[i], plan.side(a_slot), a_slot,
+                    jobs.append(_Job(_values(old), plan.dtypes[i], plan.side(a_slot), a_slot,
                                      plan.side(b_slot), b_slot, i))
             else:
                 for slot in (a_slot, b_slot):
                     if slot >= 0:
                         h = handles[slot]
-                        jobs.append(_Job(h.numel, _compute_dtype(h.dtype), plan.side(slot), slot))
+                        jobs.append(_Job(_values(h), _compute_dtype(h.dtype), plan.side(slot), slot))
         for job in jobs:
             if job.numel == 0:  # the exact path (plan.exact_slots)
                 continue
@@ -695,11 +703,18 @@ class Engine:
         exact = _exact_sides(ms, f32)
         exact[list(plan.exact_slots)] = True
         count = ms["count"]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            sumsq = ms["m2"] + count * ms["mean"] ** 2
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            # A constant tensor (min = max): its figures are that value, exactly (the
+            # float32 row sums would round the mean off it, outside [min, max]).
+            lo, hi = ms["min"], ms["max"]
+            const = (count > 0) & (lo == hi)
+            mean = np.where(const, lo, np.minimum(np.maximum(ms["mean"], lo), hi))
+            m2 = np.where(const, 0.0, ms["m2"])
+            sumsq = m2 + count * mean ** 2
             cols = {
-                "mean": ms["mean"], "std": np.sqrt(ms["m2"] / count), "min": ms["min"], "max": ms["max"],
-                "mean_abs": ms["sum_abs"] / count, "rms": np.sqrt(sumsq / count), "zero_count": np.rint(ms["zero"]),
+                "mean": mean, "std": np.sqrt(m2 / count), "min": lo, "max": hi,
+                "mean_abs": np.where(const, np.abs(lo), ms["sum_abs"] / count),
+                "rms": np.where(const, np.abs(lo), np.sqrt(sumsq / count)), "zero_count": np.rint(ms["zero"]),
             }
         n_pairs = len(pairs)
         fig = Figures([p.name for p in pairs], [_STATUS[k] for k in plan.kinds], [p.role for p in pairs])
@@ -732,23 +747,27 @@ class Engine:
         # The fast figures, for every common pair at once (float64, from the merged partials).
         rows = np.flatnonzero(common)
         a, b = a_slots[rows], b_slots[rows]
-        n = fig.old.numel[rows]
+        n = fig.old.numel[rows] * np.where(plan.complex[rows], 2, 1)  # values: a complex tensor's real view
         nonfinite = (fig.old.nan_count[rows] + fig.old.inf_count[rows] + fig.new.nan_count[rows]
                      + fig.new.inf_count[rows]) > 0
         f32_pair = np.array([d is torch.float32 for d in plan.dtypes], dtype=bool)[rows]
-        dsq, dmax = mp["dsq"][rows], mp["dmax"][rows]
+        dsq, dmax, dot = mp["dsq"][rows], mp["dmax"][rows], mp["dot"][rows]
         with np.errstate(invalid="ignore"):
-            underflow = f32_pair & (dmax > 0) & (dsq < _TINY_MEAN_SQUARE * n)
-        slow = nonfinite | exact[a] | exact[b] | (n == 0) | ~np.isfinite(dsq) | underflow
-        d2, d_max, d_abs = dsq.copy(), dmax.copy(), mp["dsum_abs"][rows].copy()
+            underflow = (dmax > 0) & (dsq < np.where(f32_pair, _TINY_MEAN_SQUARE, _TINY_MEAN_SQUARE_F64) * n)
+        slow = (nonfinite | exact[a] | exact[b] | (n == 0) | ~np.isfinite(dsq) | ~np.isfinite(dot)
+                | ~np.isfinite(mp["dsum_abs"][rows]) | underflow)
+        d2, d_max, d_abs, dot = dsq.copy(), dmax.copy(), mp["dsum_abs"][rows].copy(), dot.copy()
         changed = np.rint(mp["changed"][rows])
         sq_old, sq_new = sumsq[a].copy(), sumsq[b].copy()
+        # The exact path's sums may be in units of powers of two (reductions.PairTotals).
+        scale, scale_old, scale_new = np.ones(rows.size), np.ones(rows.size), np.ones(rows.size)
         # Tensors whose partials cannot be trusted: float64 with masks, one at a time.
         for j in np.flatnonzero(slow).tolist():
             i = int(rows[j])
             t = self._exact_pair(i, plan.side(int(a[j])), plan.side(int(b[j])))
             n[j], d2[j], d_max[j], d_abs[j], changed[j] = t.count, t.dsq, t.dmax, t.dsum_abs, t.changed
-            sq_old[j], sq_new[j] = t.sumsq_old, t.sumsq_new
+            sq_old[j], sq_new[j], dot[j] = t.sumsq_old, t.sumsq_new, t.dot
+            scale[j], scale_old[j], scale_new[j] = t.scale, t.scale_old, t.scale_new
         same_nonfinite = ((fig.old.nan_count[rows] == fig.new.nan_count[rows])
                           & (fig.old.inf_count[rows] == fig.new.inf_count[rows]))
         for j in np.flatnonzero(same_nonfinite & nonfinite).tolist():
@@ -761,15 +780,21 @@ class Engine:
         fig.equal[rows] = equal
         fig.count[rows] = n
         fig.changed_count[rows] = changed
-        fig.l2[rows] = np.sqrt(np.maximum(d2, 0.0))
-        fig.norm_old[rows] = np.sqrt(np.maximum(sq_old, 0.0))
-        fig.norm_new[rows] = np.sqrt(np.maximum(sq_new, 0.0))
-        # ⟨A,B⟩ = (‖A‖² + ‖B‖² − ‖Δ‖²)/2: exact in float64 from accurate parts, and
-        # 1 − cos keeps its precision for nearly equal tensors.
-        fig.dot[rows] = (sq_old + sq_new - d2) / 2
-        with np.errstate(invalid="ignore", divide="ignore"):
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            # Figures beyond float64's range (values near 1e308) are ±inf: an ⟨A,B⟩ that
+            # overflows makes the cosine NaN (docs/METRICS.md, "Numerics").
+            fig.l2[rows] = scale * np.sqrt(np.maximum(d2, 0.0))
+            fig.norm_old[rows] = scale_old * np.sqrt(np.maximum(sq_old, 0.0))
+            fig.norm_new[rows] = scale_new * np.sqrt(np.maximum(sq_new, 0.0))
+            # ⟨A,B⟩: from the norms, (‖A‖² + ‖B‖² − ‖Δ‖²)/2, where that is the better
+            # conditioned (nearly equal tensors: 1 − cos keeps its digits), else summed
+            # directly (reductions.pair_rows; the norms would cancel when they differ by
+            # orders of magnitude). figures.by_norms weighs the two error bounds.
+            derived = (scale_old * scale_old * sq_old + scale_new * scale_new * sq_new - scale * scale * d2) / 2
+            fig.dot[rows] = np.where(by_norms(fig.l2[rows], fig.norm_old[rows], fig.norm_new[rows]),
+                                     derived, scale_old * scale_new * dot)
             fig.max_abs[rows] = np.where(n > 0, d_max, 0.0)
-            fig.mean_abs_diff[rows] = np.where(n > 0, d_abs / np.maximum(n, 1), 0.0)
+            fig.mean_abs_diff[rows] = np.where(n > 0, scale * (d_abs / np.maximum(n, 1)), 0.0)
         unchanged = equal | ((d_max <= self.epsilon) & same_nonfinite)
         status = fig.status
         for i, code in zip(rows.tolist(), np.where(retyped, 2, np.where(unchanged, 1, 0)).tolist()):
@@ -880,7 +905,7 @@ def _runs(plan: _Plan, small: np.ndarray):
     shared = [(h.dtype, g.dtype, id(x[0]), id(y[0])) for h, g, x, y in zip(olds, news, a_spans, b_spans)]
     codes = {k: i for i, k in enumerate(dict.fromkeys(shared))}
     key = np.array([codes[k] for k in shared], dtype=np.int64)
-    length = np.array([h.numel for h in olds], dtype=np.int64)
+    length = np.array([_values(h) for h in olds], dtype=np.int64)
     a_begin, a_end = (np.array([x[k] for x in a_spans], dtype=np.int64) for k in (1, 2))
     b_begin, b_end = (np.array([y[k] for y in b_spans], dtype=np.int64) for k in (1, 2))
     order = np.lexsort([a_begin, key, length])
@@ -894,8 +919,22 @@ def _runs(plan: _Plan, small: np.ndarray):
         first = int(members[0])
         old, new = olds[first], news[first]
         ids = small[members]
-        yield _Run(int(length[first]), (old.span[0], old.span[1], old.dtype), plan.a_slots[ids],
-                   (new.span[0], new.span[1], new.dtype), plan.b_slots[ids], ids), plan.dtypes[int(ids[0])]
+        yield _Run(int(length[first]), (old.span[0], old.span[1], _read_dtype(old.dtype)), plan.a_slots[ids],
+                   (new.span[0], new.span[1], _read_dtype(new.dtype)), plan.b_slots[ids], ids), plan.dtypes[int(ids[0])]
+
+
+# A complex tensor is measured as its real view (docs/METRICS.md): 2·numel values of
+# the real dtype; its bytes in a file are read as that dtype.
+_REAL_VIEW = {torch.complex64: torch.float32, torch.complex128: torch.float64, torch.complex32: torch.float16}
+
+
+def _values(h: TensorHandle) -> int:
+    """The values the engine measures of a tensor: numel, 2·numel for a complex one."""
+    return 2 * h.numel if h.dtype.is_complex else h.numel
+
+
+def _read_dtype(dtype: torch.dtype) -> torch.dtype:
+    return _REAL_VIEW.get(dtype, dtype)
 
 
 def global_slots(pairs: list[Pair]) -> list[int]:
@@ -925,14 +964,15 @@ def _slices(pending, L: int, which: str) -> list[torch.Tensor]:
     for job, first, n in pending:
         side = job.a if which == "a" else job.b
         h = side.handle
-        if h.span is not None and side.flat is None and first == 0 and n * L == h.numel:
+        if h.span is not None and side.flat is None and first == 0 and n * L == _values(h):
             base, begin, end = h.span
-            if run is not None and run[0] is base and run[2] == begin and run[3] == h.dtype:
+            dtype = _read_dtype(h.dtype)
+            if run is not None and run[0] is base and run[2] == begin and run[3] == dtype:
                 run[2] = end
                 continue
             if run is not None:
                 out.append(_run_view(*run))
-            run = [base, begin, end, h.dtype]
+            run = [base, begin, end, dtype]
             continue
         if run is not None:
             out.append(_run_view(*run))
@@ -980,6 +1020,8 @@ def _same_nonfinite(a: torch.Tensor, b: torch.Tensor) -> bool:
 # Below this mean square, float32 squares (normal down to 2^-126) lose precision:
 # such tensors (tiny values, e.g. Adam's exp_avg_sq) are measured in float64.
 _TINY_MEAN_SQUARE = 2.0**-100
+# The same for float64 (normal down to 2^-1022): below it, the exact path scales the values.
+_TINY_MEAN_SQUARE_F64 = 2.0**-960
 # A float32 row is centred on its float32 row mean, off the true mean by δ ≈ 2⁻²⁴·|mean|·log₂L;
 # that adds L·δ² to its squared deviations, a relative error of about (δ/std)² in the variance.
 # Tensors with std < NARROW·|mean| (e.g. mean 1, std 1e-6) are measured in float64 instead.
@@ -991,13 +1033,16 @@ def _exact_sides(ms: dict, f32: np.ndarray) -> np.ndarray:
     a mean square deviation so small that float32 squares underflowed, or a spread so
     narrow beside the mean (std < NARROW · |mean|) that centring each row on its float32
     mean costs float32 precision (docs/METRICS.md, "Numerics")."""
-    with np.errstate(invalid="ignore"):
-        finite = np.ones(len(f32), dtype=bool)
+    with np.errstate(invalid="ignore", over="ignore"):
+        finite = np.isfinite(ms["m2"] + ms["count"] * ms["mean"] ** 2)  # Σx² too (float64 near 1e154)
         for k in ("mean", "m2", "min", "max", "sum_abs"):
             finite &= np.isfinite(ms[k])
-        spread = f32 & (ms["max"] > ms["min"])
-        underflow = spread & (ms["m2"] < _TINY_MEAN_SQUARE * ms["count"])
-        narrow = spread & (ms["m2"] < (NARROW * ms["mean"]) ** 2 * ms["count"])
+        spread = ms["max"] > ms["min"]
+        tiny = np.where(f32, _TINY_MEAN_SQUARE, _TINY_MEAN_SQUARE_F64) * ms["count"]
+        underflow = spread & (ms["m2"] < tiny)
+        largest = np.maximum(np.abs(ms["min"]), np.abs(ms["max"]))
+        underflow |= ~f32 & (largest > 0) & (largest * largest < tiny)  # float64 squares of x
+        narrow = f32 & spread & (ms["m2"] < (NARROW * ms["mean"]) ** 2 * ms["count"])
     return ~finite | (ms["count"] <= 0) | underflow | narrow
 
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from torchdiff.names import PARAMETER, SCOPES, is_float_storage, layer_of
-from torchdiff.results import NAN, NEG_INF, POS_INF, PairMetrics, TensorDiff, TensorStats
+from torchdiff.results import NAN, NEG_INF, POS_INF, PairMetrics, TensorDiff, TensorStats, values_per_element
 from torchdiff.status import CHANGED, RETYPED, STATUSES, UNCHANGED
 
 #: Per-side columns: float64 moments and int64 counts (NaN / 0 where the side is absent).
@@ -57,10 +57,19 @@ class Side:
         for f in SIDE_FLOATS + SIDE_INTS:
             getattr(self, f)[i] = getattr(s, f)
 
+    def values(self, idx: np.ndarray | None = None) -> np.ndarray:
+        """Values measured per row (of rows ``idx``): numel, 2·numel for a complex tensor
+        (TensorStats.values)."""
+        numel = self.numel if idx is None else self.numel[idx]
+        dtypes = self.dtype if idx is None else [self.dtype[i] for i in idx.tolist()]
+        if not any(d is not None and "complex" in d for d in dtypes):
+            return numel
+        return numel * np.array([values_per_element(d) for d in dtypes], dtype=np.int64)
+
     @property
     def norm(self) -> np.ndarray:
         """‖x‖ of the finite values: rms · sqrt(finite count)."""
-        finite = self.numel - self.nan_count - self.inf_count
+        finite = self.values() - self.nan_count - self.inf_count
         with np.errstate(invalid="ignore"):
             return np.where(finite > 0, self.rms * np.sqrt(finite), 0.0)
 
@@ -222,9 +231,9 @@ class Figures(Sequence[TensorDiff]):
         for label, side in (("old", self.old), ("new", self.new)):
             if one_sided and label == "old":
                 continue
-            numel = side.numel[idx]
+            numel, values = side.numel[idx], side.values(idx)
             with np.errstate(divide="ignore", invalid="ignore"):
-                zero_fraction = np.where(numel > 0, side.zero_count[idx] / np.maximum(numel, 1), 0.0)
+                zero_fraction = np.where(numel > 0, side.zero_count[idx] / np.maximum(values, 1), 0.0)
             shapes = [side.shape[i] for i in rows]
             columns = [[list(shape) if shape is not None else None for shape in shapes],
                        [side.dtype[i] for i in rows], numel.tolist(), side.nbytes[idx].tolist()]
@@ -320,7 +329,8 @@ class GroupFigures:
 
     l2 = ‖Δ_g‖ = sqrt(Σ‖Δ_k‖²); rel_l2 = ‖Δ_g‖/‖A_g‖ (∞ if ‖A_g‖ = 0 < ‖Δ_g‖);
     cosine = Σ⟨A_k,B_k⟩/(‖A_g‖‖B_g‖); rotation = 1 − cosine, evaluated as
-    (‖Δ_g‖² − (‖A_g‖ − ‖B_g‖)²)/(2‖A_g‖‖B_g‖); share = ‖Δ_g‖²/total ‖Δ‖² (set by
+    (‖Δ_g‖² − (‖A_g‖ − ‖B_g‖)²)/(2‖A_g‖‖B_g‖) where that is the better conditioned
+    (``by_norms``), else from Σ⟨A_k,B_k⟩; share = ‖Δ_g‖²/total ‖Δ‖² (set by
     ``GroupSums.compute``); norm_change = (‖B_g‖ − ‖A_g‖)/‖A_g‖.
     ``tensors`` and ``params`` count every member; the sums cover the ``measured`` ones.
     """
@@ -373,7 +383,10 @@ class GroupFigures:
         a, b = self.norm_old, self.norm_new
         if a == 0 or b == 0:
             return 0.0 if a == b else math.nan
-        return min(2.0, max(0.0, (self.dsq - (a - b) ** 2) / (2 * a * b)))
+        if by_norms(self.l2, a, b):
+            return min(2.0, max(0.0, (self.dsq - (a - b) ** 2) / (2 * a * b)))
+        cos = self.cosine  # the direct ⟨A,B⟩: the norms would cancel
+        return cos if cos != cos else 1.0 - cos
 
     @property
     def norm_change(self) -> float:
@@ -614,23 +627,42 @@ def _rel(dsq, old_sq):
 
 
 def _cos(dot, norm_old, norm_new):
-    """⟨A,B⟩/(‖A‖‖B‖) clipped to [−1, 1]; 1 when both norms are 0, NaN when one is
+    """⟨A,B⟩/(‖A‖‖B‖) clipped to [−1, 1]; 1 when both norms are 0, NaN when one is.
+    NaN too where ⟨A,B⟩ is NaN or left float64's range (±inf; or ‖A‖‖B‖ underflowed
+    to 0 with both norms > 0); ‖A‖‖B‖ beyond float64 is divided out one norm at a time
     (arrays or floats; floats in scalar arithmetic, as ``_rel``)."""
     if isinstance(dot, float) and isinstance(norm_old, float) and isinstance(norm_new, float):
         denom = norm_old * norm_new
-        if dot != dot:
+        if dot != dot or dot in (math.inf, -math.inf):
             return math.nan
         if denom > 0:
-            q = dot / denom
+            q = dot / denom if denom != math.inf else dot / norm_old / norm_new
             return q if q != q else min(1.0, max(-1.0, q))
-        return 1.0 if norm_old == norm_new else math.nan
+        return 1.0 if norm_old == norm_new == 0 else math.nan
     dot, a, b = (np.asarray(x, dtype=np.float64) for x in (dot, norm_old, norm_new))
-    denom = a * b
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out = np.where(denom > 0, np.clip(dot / np.where(denom > 0, denom, 1.0), -1.0, 1.0),
-                       np.where(a == b, 1.0, np.nan))
-        out = np.where(np.isnan(dot), np.nan, out)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore"):
+        denom = a * b
+        q = np.where(np.isinf(denom), dot / np.where(a > 0, a, 1.0) / np.where(b > 0, b, 1.0),
+                     dot / np.where(denom > 0, denom, 1.0))
+        out = np.where(denom > 0, np.clip(q, -1.0, 1.0), np.where((a == 0) & (b == 0), 1.0, np.nan))
+        out = np.where(np.isfinite(dot), out, np.nan)
     return out if out.ndim else float(out)
+
+
+def by_norms(l2, norm_old, norm_new):
+    """Whether 1 − cos is better derived from the norms, (‖Δ‖² − (‖A‖ − ‖B‖)²)/(2‖A‖‖B‖),
+    than from the directly summed ⟨A,B⟩ (arrays or floats).
+
+    With ε the relative error of the sums, the first errs by about
+    ε·(‖Δ‖²/2 + |‖A‖ − ‖B‖|(‖A‖ + ‖B‖))/(‖A‖‖B‖): far below ε for nearly equal tensors
+    (a fine-tuning step: 1 − cos = 5e-11 keeps 7 digits, where the direct ⟨A,B⟩ of
+    float32 rows errs by 3e-8), far above it when the norms differ by orders of magnitude
+    (the cancellation the direct sum avoids). The direct sum errs by at most about ε.
+    """
+    if isinstance(l2, float):  # Python floats overflow to inf without a warning
+        return l2 * l2 / 2 + abs(norm_old - norm_new) * (norm_old + norm_new) <= norm_old * norm_new
+    with np.errstate(invalid="ignore", over="ignore"):
+        return l2 * l2 / 2 + np.abs(norm_old - norm_new) * (norm_old + norm_new) <= norm_old * norm_new
 
 
 def records(fig: Figures, order: Sequence[int] | None, layer: Callable[[str], str]) -> list[dict[str, Any]]:
@@ -648,7 +680,7 @@ def records(fig: Figures, order: Sequence[int] | None, layer: Callable[[str], st
     sides = {}
     for prefix, side in (("old", fig.old), ("new", fig.new)):
         with np.errstate(divide="ignore", invalid="ignore"):
-            zero_fraction = np.where(side.numel > 0, side.zero_count / np.maximum(side.numel, 1), 0.0)
+            zero_fraction = np.where(side.numel > 0, side.zero_count / np.maximum(side.values(), 1), 0.0)
         cols = {f: getattr(side, f).tolist() for f in ("mean", "std", "min", "max", "mean_abs", "rms",
                                                        "nan_count", "inf_count")}
         cols["zero_fraction"] = zero_fraction.tolist()

@@ -10,7 +10,7 @@ whose fast partials are not finite, and tests use it as a second reference.
 
 Row partial layout (columns):
     side: SUM, MIN, MAX, SUM_ABS, NONZERO, M2   (M2 = Σ(x − row mean)²)
-    pair: DSQ, DMAX, DSUM_ABS, CHANGED          (Δ = b − a; CHANGED = #{|Δ| > ε})
+    pair: DSQ, DMAX, DSUM_ABS, CHANGED, DOT     (Δ = b − a; CHANGED = #{|Δ| > ε}; DOT = Σ a·b)
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ import torch
 
 SUM, MIN, MAX, SUM_ABS, NONZERO, M2 = range(6)
 SIDE_WIDTH = 6
-DSQ, DMAX, DSUM_ABS, CHANGED = range(4)
-PAIR_WIDTH = 4
+DSQ, DMAX, DSUM_ABS, CHANGED, DOT = range(5)
+PAIR_WIDTH = 5
 
 
-_WIDE = {torch.float64, torch.int64, torch.int32} | {
+# complex128's real view is float64 (complex tensors are measured as their real view)
+_WIDE = {torch.float64, torch.complex128, torch.int64, torch.int32} | {
     dt for dt in (getattr(torch, "uint32", None), getattr(torch, "uint64", None)) if dt is not None
 }
 
@@ -56,7 +57,11 @@ def side_rows(x: torch.Tensor, work: torch.Tensor) -> list[torch.Tensor]:
 
 
 def pair_rows(a: torch.Tensor, b: torch.Tensor, epsilon: float, work: torch.Tensor, delta: torch.Tensor) -> list[torch.Tensor]:
-    """Per-row partials of Δ = b − a. ``work`` and ``delta`` are [k, L] scratch."""
+    """Per-row partials of Δ = b − a, and ⟨a, b⟩ summed directly (deriving it from
+    ‖a‖² + ‖b‖² − ‖Δ‖² cancels when the norms differ by orders of magnitude).
+    ``work`` and ``delta`` are [k, L] scratch."""
+    torch.mul(a, b, out=work)
+    dot = work.sum(1)
     torch.sub(b, a, out=delta)
     torch.mul(delta, delta, out=work)
     dsq = work.sum(1)
@@ -67,7 +72,7 @@ def pair_rows(a: torch.Tensor, b: torch.Tensor, epsilon: float, work: torch.Tens
         delta.sub_(_floor_to(epsilon, delta.dtype)).clamp_(min=0)
     delta.sign_()
     changed = delta.sum(1)
-    return [dsq, dmax, dsum_abs, changed]
+    return [dsq, dmax, dsum_abs, changed, dot]
 
 
 def _floor_to(epsilon: float, dtype: torch.dtype) -> float:
@@ -84,7 +89,12 @@ def _floor_to(epsilon: float, dtype: torch.dtype) -> float:
 
 @dataclass(slots=True)
 class SideTotals:
-    """Merged statistics of one side of one tensor (finite values only)."""
+    """Merged statistics of one side of one tensor (finite values only).
+
+    ``m2`` is in units of ``scale``², ``sum_abs`` in units of ``abs_scale``: powers of
+    two, 1 unless the exact path scaled float64 values whose squares would leave float64
+    (beyond about 1e144, or below 1e-144), so std and rms stay finite and exact.
+    """
 
     count: int
     mean: float
@@ -95,26 +105,44 @@ class SideTotals:
     zero_count: int
     nan_count: int = 0
     inf_count: int = 0
+    scale: float = 1.0
+    abs_scale: float = 1.0
 
     @property
     def std(self) -> float:
-        return math.sqrt(self.m2 / self.count) if self.count else math.nan
-
-    @property
-    def sumsq(self) -> float:
-        return self.m2 + self.count * self.mean * self.mean
+        return self.scale * math.sqrt(self.m2 / self.count) if self.count else math.nan
 
     @property
     def rms(self) -> float:
-        return math.sqrt(self.sumsq / self.count) if self.count else math.nan
+        """sqrt(Σx²/m) = sqrt(std² + mean²), within [|mean|, max |x|] (rounding kept in)."""
+        if not self.count:
+            return math.nan
+        if self.scale == 1.0:
+            rms = math.sqrt((self.m2 + self.count * self.mean * self.mean) / self.count)
+        else:
+            rms = math.hypot(self.std, self.mean)  # without squaring: no overflow
+        return min(max(rms, abs(self.mean)), self._abs_max)
 
     @property
     def mean_abs(self) -> float:
-        return self.sum_abs / self.count if self.count else math.nan
+        """Σ|x|/m, within the range of |x| (a constant's is its |value| exactly)."""
+        if not self.count:
+            return math.nan
+        mean_abs = self.abs_scale * (self.sum_abs / self.count)
+        lowest = 0.0 if self.min <= 0 <= self.max else min(abs(self.min), abs(self.max))
+        return min(max(mean_abs, lowest), self._abs_max)
+
+    @property
+    def _abs_max(self) -> float:
+        return max(abs(self.min), abs(self.max))
 
 
 @dataclass(slots=True)
 class PairTotals:
+    """Difference totals of one pair. ``dsq`` is in units of ``scale``², ``dsum_abs`` of
+    ``scale``, ``sumsq_old`` of ``scale_old``², ``sumsq_new`` of ``scale_new``² and ``dot``
+    (⟨A,B⟩; NaN where not measured) of ``scale_old · scale_new`` (see SideTotals)."""
+
     count: int
     dsq: float
     dmax: float
@@ -122,6 +150,10 @@ class PairTotals:
     changed: int
     sumsq_old: float
     sumsq_new: float
+    dot: float = math.nan
+    scale: float = 1.0
+    scale_old: float = 1.0
+    scale_new: float = 1.0
 
 
 def merge_side(rows: np.ndarray, lengths: np.ndarray, ids: np.ndarray, n: int) -> dict[str, np.ndarray]:
@@ -135,7 +167,7 @@ def merge_side(rows: np.ndarray, lengths: np.ndarray, ids: np.ndarray, n: int) -
     """
     count = np.bincount(ids, weights=lengths, minlength=n)
     total = np.bincount(ids, weights=rows[:, SUM], minlength=n)
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         mean = total / count
         row_mean = rows[:, SUM] / lengths
         spread = rows[:, M2] + lengths * (row_mean - mean[ids]) ** 2
@@ -165,7 +197,21 @@ def merge_pair(rows: np.ndarray, ids: np.ndarray, n: int) -> dict[str, np.ndarra
         "dmax": dmax,
         "dsum_abs": np.bincount(ids, weights=rows[:, DSUM_ABS], minlength=n),
         "changed": np.bincount(ids, weights=rows[:, CHANGED], minlength=n),
+        "dot": np.bincount(ids, weights=rows[:, DOT], minlength=n),
     }
+
+
+# Float64 values beyond these magnitudes are scaled by a power of two on the exact path
+# (exact: the scaled figures have the same bits), so their squares and sums of 2^64 of
+# them neither overflow (|x| > 2^511 ≈ 7e153 squares to inf) nor underflow.
+_SCALE_ABOVE, _SCALE_BELOW = 2.0**480, 2.0**-480
+
+
+def _scale_of(largest: float) -> float:
+    """1, or the power of two just above ``largest`` when its square would leave float64."""
+    if not math.isfinite(largest) or _SCALE_BELOW <= largest <= _SCALE_ABOVE or largest == 0:
+        return 1.0
+    return math.ldexp(1.0, math.frexp(largest)[1])
 
 
 def exact_side(x: torch.Tensor) -> SideTotals:
@@ -177,17 +223,27 @@ def exact_side(x: torch.Tensor) -> SideTotals:
     count = finite.numel()
     if count == 0:
         return SideTotals(0, math.nan, 0.0, math.nan, math.nan, 0.0, 0, int(nan.sum()), int(inf.sum()))
-    mean = finite.mean()
+    lo, hi = float(finite.min()), float(finite.max())
+    zero_count = int((finite == 0).sum())
+    abs_scale = _scale_of(max(abs(lo), abs(hi)))
+    mean = float((finite / abs_scale).mean()) * abs_scale if abs_scale != 1.0 else float(finite.mean())
+    mean = min(max(mean, lo), hi)  # a constant's mean is its value, exactly
+    dev = finite - mean  # ±inf only where the deviation itself exceeds float64
+    scale = _scale_of(float(dev.abs().max()))
+    if scale != 1.0:
+        dev = dev / scale
     return SideTotals(
         count=count,
-        mean=float(mean),
-        m2=float(((finite - mean) ** 2).sum()),
-        min=float(finite.min()),
-        max=float(finite.max()),
-        sum_abs=float(finite.abs().sum()),
-        zero_count=int((finite == 0).sum()),
+        mean=mean,
+        m2=float((dev * dev).sum()),
+        min=lo,
+        max=hi,
+        sum_abs=float((finite.abs() / abs_scale).sum()) if abs_scale != 1.0 else float(finite.abs().sum()),
+        zero_count=zero_count,
         nan_count=int(nan.sum()),
         inf_count=int(inf.sum()),
+        scale=scale,
+        abs_scale=abs_scale,
     )
 
 
@@ -197,15 +253,28 @@ def exact_pair(a: torch.Tensor, b: torch.Tensor, epsilon: float) -> PairTotals:
     b = _as_float64(b)
     both = torch.isfinite(a) & torch.isfinite(b)
     a, b = a[both], b[both]
-    delta = (b - a).abs()
+    delta = (b - a).abs()  # +inf only where |Δ| itself exceeds float64
+    dmax = float(delta.max()) if delta.numel() else 0.0
+    scale, scale_old, scale_new = (_scale_of(float(v.abs().max())) if v.numel() else 1.0 for v in (delta, a, b))
+    changed = int((delta > epsilon).sum())
+    if scale != 1.0:
+        delta = delta / scale
+    if scale_old != 1.0:
+        a = a / scale_old
+    if scale_new != 1.0:
+        b = b / scale_new
     return PairTotals(
         count=a.numel(),
         dsq=float((delta * delta).sum()),
-        dmax=float(delta.max()) if delta.numel() else 0.0,
+        dmax=dmax,
         dsum_abs=float(delta.sum()),
-        changed=int((delta > epsilon).sum()),
+        changed=changed,
         sumsq_old=float((a * a).sum()),
         sumsq_new=float((b * b).sum()),
+        dot=float((a * b).sum()),
+        scale=scale,
+        scale_old=scale_old,
+        scale_new=scale_new,
     )
 
 

@@ -28,6 +28,11 @@ __all__ = ["NAN", "NEG_INF", "NEW_ALL_ZERO", "OLD_ALL_ZERO", "POS_INF",
            "AnalysisResult", "MetadataDiff", "PairMetrics", "Table", "TensorDiff", "TensorStats"]
 
 
+def values_per_element(dtype: str | None) -> int:
+    """2 for a complex storage dtype (measured as its real view, docs/METRICS.md), else 1."""
+    return 2 if dtype is not None and "complex" in dtype else 1
+
+
 @dataclass(frozen=True, slots=True)
 class TensorStats:
     """Statistics of one side of one tensor.
@@ -51,12 +56,18 @@ class TensorStats:
     inf_count: int
 
     @property
+    def values(self) -> int:
+        """The values measured: ``numel``, 2·numel for a complex tensor (its real view, over
+        which the moments and the zero/NaN/Inf counts are taken)."""
+        return self.numel * values_per_element(self.dtype)
+
+    @property
     def finite_count(self) -> int:
-        return self.numel - self.nan_count - self.inf_count
+        return self.values - self.nan_count - self.inf_count
 
     @property
     def zero_fraction(self) -> float:
-        return self.zero_count / self.numel if self.numel else 0.0
+        return self.zero_count / self.values if self.numel else 0.0
 
     @property
     def norm(self) -> float:
@@ -111,11 +122,17 @@ class PairMetrics:
 
     @property
     def cosine(self) -> float:
-        denom = self.norm_old * self.norm_new
+        """As the columns compute it (torchdiff.figures._cos): NaN when ⟨A,B⟩ is NaN or
+        left float64's range, never clipped to ±1 from NaN."""
+        dot, denom = self.dot, self.norm_old * self.norm_new
+        if dot != dot or dot in (math.inf, -math.inf):
+            return math.nan
         if denom == 0:
-            # Both zero: identical direction by convention; one zero: undefined.
-            return 1.0 if self.norm_old == self.norm_new else math.nan
-        return max(-1.0, min(1.0, self.dot / denom))
+            # Both zero: identical direction by convention; one zero (or the product
+            # underflowed): undefined.
+            return 1.0 if self.norm_old == self.norm_new == 0 else math.nan
+        q = dot / denom if denom != math.inf else dot / self.norm_old / self.norm_new
+        return q if q != q else max(-1.0, min(1.0, q))
 
     @property
     def rmse(self) -> float:

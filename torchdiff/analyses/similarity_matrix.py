@@ -75,7 +75,11 @@ def prepare(old, new, options, state: dict):
             continue
         if not (is_float_storage(a.storage_dtype) and is_float_storage(b.storage_dtype)) or role_of[name] not in in_scope:
             continue
-        groups.setdefault(tuple(a.shape), []).append(name)
+        if a.dtype.is_complex != b.dtype.is_complex:
+            continue  # the engine measures them as reshaped: their real views differ
+        # a complex tensor is measured as its real view [..., 2] (docs/METRICS.md): it shares
+        # a group only with complex tensors of its shape
+        groups.setdefault((*a.shape, 2) if a.dtype.is_complex else tuple(a.shape), []).append(name)
     state[_STASH] = [names for names in groups.values() if len(names) >= 2]
     return old, new
 
