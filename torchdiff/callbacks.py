@@ -552,16 +552,23 @@ class CheckpointMonitor:
             return
         from safetensors.torch import save_file
 
-        seen: set[int] = set()
+        seen: dict[int, tuple[str, torch.Tensor]] = {}
         tensors = {}
+        metadata = {"step": str(step)}
         for name, t in host.items():
             t = t.contiguous()
-            if t.numel() and t.data_ptr() in seen:
-                t = t.clone()  # safetensors refuses shared storage (tied weights)
-            seen.add(t.data_ptr())
+            first = seen.get(t.data_ptr()) if t.numel() else None
+            if first is not None and first[1].shape == t.shape and first[1].dtype == t.dtype:
+                # a tied weight: written once, the dropped name recorded as safetensors'
+                # save_model records it ({dropped: kept}), so readers count it once
+                metadata[name] = first[0]
+                continue
+            if first is not None:
+                t = t.clone()  # another view of one storage: safetensors refuses shared storage
+            seen.setdefault(t.data_ptr(), (name, t))
             tensors[name] = t
         path = os.path.join(self.save_dir, f"step_{step:08d}.safetensors")
-        save_file(tensors, path, metadata={"step": str(step)})
+        save_file(tensors, path, metadata=metadata)
         self.saved[step] = path
 
 
