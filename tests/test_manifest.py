@@ -176,6 +176,12 @@ def test_tolerance_accepts_close_and_rejects_far(tmp_path, capsys, state):
     code, out, _ = run(capsys, "verify", tmp_path / "m.json", tmp_path / "close.safetensors",
                        "--tolerance", f"rel_l2={true / 10}")
     assert code == 1 and "over --tolerance" in out
+    # an fp16 copy: a dtype finding, accepted when its values are within the tolerance
+    half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    assert not verify(tmp_path / "m.json", half).ok
+    accepted = verify(tmp_path / "m.json", half, tolerance="rel_l2=1e-2")
+    assert accepted.ok and {f.kind for f in accepted.findings} == {"dtype"}
+    assert not verify(tmp_path / "m.json", half, tolerance="rel_l2=1e-7").ok
 
 
 @settings(max_examples=80, deadline=None)

@@ -707,23 +707,23 @@ def _compare_record(a: TensorRecord, b: TensorRecord, allow_cast: bool, tol: Map
     if (a.nan_count, a.inf_count) != (b.nan_count, b.inf_count):
         return Finding(a.name, "nonfinite", f"nan {a.nan_count}->{b.nan_count}, inf {a.inf_count}->{b.inf_count}; "
                                             + shown, figs)
+    kind = "bytes"
+    detail = "bytes differ; " + shown
     if a.dtype != b.dtype:
-        detail = f"{a.dtype} -> {b.dtype}; " + shown
+        kind, detail = "dtype", f"{a.dtype} -> {b.dtype}; " + shown
         if allow_cast:
             how = _cast_matches(a, b)
             if how is True:
                 return Finding(a.name, "dtype", detail, figs, accepted=True,
                                reason=f"--allow-cast: equal after the cast to {_narrower(a, b)}")
             detail += f"; --allow-cast: {how}"
-        return Finding(a.name, "dtype", detail, figs)
-    detail = "bytes differ; " + shown
-    limit = tol.get("rel_l2")
+    limit = tol.get("rel_l2")  # values within the tolerance, whatever dtype holds them
     if limit is not None:
         if figs["rel_l2_lower"] <= limit and figs["rel_l2_estimate"] <= limit:
-            return Finding(a.name, "bytes", detail, figs, accepted=True,
+            return Finding(a.name, kind, detail, figs, accepted=True,
                            reason=f"--tolerance rel_l2={limit:g}: lower bound and estimate ≤ {limit:g}")
         detail += f"; over --tolerance rel_l2={limit:g}"
-    return Finding(a.name, "bytes", detail, figs)
+    return Finding(a.name, kind, detail, figs)
 
 
 _WIDTH = {"float64": 64, "float32": 32, "float16": 16, "bfloat16": 16, "float8_e4m3fn": 8, "float8_e5m2": 8}
