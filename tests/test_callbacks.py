@@ -536,3 +536,17 @@ def test_report_rows_and_dataframe():
     pd = pytest.importorskip("pandas")
     frame = report.to_pandas()
     assert isinstance(frame, pd.DataFrame) and list(frame["name"]) == ["a.0.w", "a.1.w"]
+
+
+def test_wrapped_models_are_watched_under_their_own_names():
+    """torch.compile's OptimizedModule and DataParallel add ``_orig_mod.`` / ``module.`` to
+    every state_dict name: the monitor watches the model inside, so its figure names do
+    not change when compile or DDP is turned on."""
+    model = nn.Linear(3, 2)
+    for wrapped in (torch.compile(model), nn.DataParallel(model), nn.DataParallel(torch.compile(model))):
+        monitor = CheckpointMonitor(wrapped, every=1)
+        with torch.no_grad():
+            model.weight.add_(0.5)
+        report = monitor.step()
+        assert [d.name for d in report] == ["weight", "bias"]
+        assert set(monitor.history[-1].tensors) == {"weight", "bias"}

@@ -225,7 +225,7 @@ class CheckpointMonitor:
         for key in ("format", "recursive", "unsafe_pickle"):
             if key in compare_options:
                 raise UsageError(f"option {key!r} is for files; the monitor compares the live model")
-        self.model = model
+        self.model = _unwrapped(model)
         self.every = every
         self.reference = reference
         self.keep = keep
@@ -570,6 +570,22 @@ class CheckpointMonitor:
         path = os.path.join(self.save_dir, f"step_{step:08d}.safetensors")
         save_file(tensors, path, metadata=metadata)
         self.saved[step] = path
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model a wrapper holds: torch.compile's OptimizedModule (``_orig_mod``),
+    DistributedDataParallel and DataParallel (``module``). The same parameters under the
+    names the model gives them, so figure names stay the same when compile or DDP is
+    turned on."""
+    wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, torch.nn.Module):
+            model = inner
+        elif isinstance(model, wrappers):
+            model = model.module
+        else:
+            return model
 
 
 def _empty_host(t: torch.Tensor, pin: bool) -> torch.Tensor:
