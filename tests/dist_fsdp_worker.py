@@ -77,16 +77,20 @@ try:
     from torch.distributed.tensor import Replicate
 
     torch.manual_seed(5)
-    a = {"w": torch.randn(7, 5), "r": torch.randn(4), "p": torch.randn(3)}
+    a = {"w": torch.randn(7, 5), "r": torch.randn(4), "p": torch.randn(3), "o": torch.randn(4096)}
     b = {k: v * 1.1 for k, v in a.items()}
+    b["o"] = a["o"].clone()
+    b["o"][0] = 1e6  # one outlier dominates ‖B‖: ⟨A,B⟩ from the norms would cancel
 
     def dt(s):
         return {"w": distribute_tensor(s["w"], mesh, [Shard(0)]), "r": distribute_tensor(s["r"], mesh, [Replicate()]),
-                "p": s["p"]}
+                "p": s["p"], "o": distribute_tensor(s["o"], mesh, [Shard(0)])}
 
     da, db = dt(a), dt(b)
     result["mixed"] = figures(torchdiff.compare(da, db, process_group=dist.group.WORLD))
     result["mixed_reference"] = figures(torchdiff.compare(a, b))
+    x, y = a["o"].double(), b["o"].double()
+    result["outlier_cosine"] = float(x @ y / (x.norm() * y.norm()))
     if rank == 1:
         db["w"] = DTensor.from_local(torch.zeros(2, 5), mesh, [Shard(0)], run_check=False, shape=(7, 5), stride=(5, 1))
     try:

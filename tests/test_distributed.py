@@ -477,6 +477,9 @@ def test_fsdp2_monitor_equals_full_recomputation(tmp_path):
         np.testing.assert_allclose(got["new"][2:8] + got["metrics"][2:7], ref["new"][2:8] + ref["metrics"][2:7],
                                    rtol=rtol, atol=1e-7, err_msg=got["name"])
     assert res[0]["mixed"] == res[1]["mixed"]
+    # the dot product as the engine keeps it (summed where the norms would cancel): float64 cosine
+    outlier = next(r for r in res[0]["mixed"] if r["name"] == "o")
+    assert outlier["metrics"][9] == pytest.approx(res[0]["outlier_cosine"], rel=1e-4)
     assert res[0]["mismatch"] == res[1]["mismatch"] and res[0]["mismatch"].startswith("rank 1 of 2: w: the two sides")
 
 

@@ -649,7 +649,7 @@ def _side_values(s) -> list[float]:
             float(s.zero_count), float(s.nan_count), float(s.inf_count)]
 
 
-_SIDE_W, _PAIR_W = 9, 9
+_SIDE_W, _PAIR_W = 9, 10
 
 
 def run_sharded(ctx: Context, engine, pairs, hooks=()):
@@ -711,9 +711,9 @@ def run_sharded(ctx: Context, engine, pairs, hooks=()):
             mine[i, 2 * _SIDE_W:] = [m.numel, m.l2 * m.l2, m.max_abs if m.numel else -math.inf,
                                      m.mean_abs_diff * m.numel, m.changed_count, m.norm_old * m.norm_old,
                                      m.norm_new * m.norm_new, float(m.equal or local_pairs[i].old.numel == 0),
-                                     float(d.status == UNCHANGED)]
+                                     float(d.status == UNCHANGED), m.dot]
         elif p.kind == "common":
-            mine[i, 2 * _SIDE_W + 7:] = 1.0
+            mine[i, 2 * _SIDE_W + 7:2 * _SIDE_W + 9] = 1.0
     ctx.phase += 1
     counts = [torch.empty_like(count) for _ in range(ctx.world)]
     _collective(ctx, "exchange of tensor counts", lambda: dist.all_gather(counts, count, group=ctx.group))
@@ -731,7 +731,7 @@ def run_sharded(ctx: Context, engine, pairs, hooks=()):
         nan_n, inf_n = int(nan.sum()), int(inf.sum())
         if total <= 0:
             return R.SideTotals(0, math.nan, 0.0, math.nan, math.nan, 0.0, 0, nan_n, inf_n)
-        mu = float((c * mean).sum() / total)
+        mu = min(max(float((c * mean).sum() / total), float(lo.min())), float(hi.max()))  # as the engine
         spread = 0.0
         for r in range(len(c)):  # rank order
             if c[r] > 0:
@@ -752,7 +752,8 @@ def run_sharded(ctx: Context, engine, pairs, hooks=()):
         dmax = float(q[:, 2].max())
         totals = R.PairTotals(count=cnt, dsq=float(q[:, 1].sum()), dmax=dmax if cnt else 0.0,
                               dsum_abs=float(q[:, 3].sum()), changed=int(q[:, 4].sum()),
-                              sumsq_old=float(q[:, 5].sum()), sumsq_new=float(q[:, 6].sum()))
+                              sumsq_old=float(q[:, 5].sum()), sumsq_new=float(q[:, 6].sum()),
+                              dot=float(q[:, 9].sum()))
         equal = bool(q[:, 7].all()) and not p.retyped
         unchanged = bool(q[:, 8].all())
         status = RETYPED if p.retyped else (UNCHANGED if unchanged else CHANGED)
@@ -802,9 +803,15 @@ def _metrics(t: R.PairTotals, equal: bool):
     """PairMetrics from merged totals, with the engine's formulas (docs/METRICS.md)."""
     from torchdiff.results import PairMetrics
 
+    from torchdiff.figures import by_norms
+
+    l2, norm_old, norm_new = math.sqrt(max(t.dsq, 0.0)), math.sqrt(max(t.sumsq_old, 0.0)), math.sqrt(max(t.sumsq_new, 0.0))
+    derived = (t.sumsq_old + t.sumsq_new - t.dsq) / 2
+    # the engine's choice: the dot derived from the norms where that is better conditioned,
+    # else the ranks' dots summed (each rank's its own engine's choice)
+    dot = derived if math.isnan(t.dot) or by_norms(l2, norm_old, norm_new) else t.dot
     return PairMetrics(
-        numel=t.count, equal=equal, l2=math.sqrt(max(t.dsq, 0.0)), norm_old=math.sqrt(max(t.sumsq_old, 0.0)),
-        norm_new=math.sqrt(max(t.sumsq_new, 0.0)), dot=(t.sumsq_old + t.sumsq_new - t.dsq) / 2,
+        numel=t.count, equal=equal, l2=l2, norm_old=norm_old, norm_new=norm_new, dot=dot,
         max_abs=t.dmax if t.count else 0.0, mean_abs_diff=t.dsum_abs / t.count if t.count else 0.0,
         changed_count=t.changed,
     )
