@@ -73,6 +73,14 @@ def test_nan_or_inf_in_one_tensor_is_the_one_critical_finding(value):
     assert f"anomaly_detection: type=nan_inf, severity=critical, affected=[{target}], findings=1" in str(report)
 
 
+def test_an_all_zero_complex_weight_is_all_zero():
+    """A complex tensor's zeros are counted over its real view (2·numel values)."""
+    zero = {"fc.weight": torch.zeros(4, 4, dtype=torch.complex64)}
+    assert ("all_zero", "fc.weight") in found(run(zero))
+    half = {"fc.weight": torch.complex(torch.zeros(4, 4), torch.ones(4, 4))}  # real parts zero only
+    assert ("all_zero", "fc.weight") not in found(run(half))
+
+
 def test_zeroed_layer_is_found_and_nothing_else():
     bad = finetuned()
     bad["layers.2.mlp.fc1.weight"].zero_()

@@ -168,8 +168,8 @@ def _value_findings(comp: Comparison) -> list[dict[str, Any]]:
             if k == "optimizer":
                 continue
             other = d.old if side == "new" else None  # for "became" rules, pair mode only
-            if s.zero_count == s.numel:
-                became = other is not None and other.zero_count < other.numel
+            if s.zero_count == s.values:
+                became = other is not None and other.zero_count < other.values
                 severity = "high" if len(s.shape) >= 2 or became else "info"
                 why = ("a weight with ≥ 2 dimensions is all zero" if len(s.shape) >= 2 else
                        "was not all zero on the old side" if became else
@@ -214,7 +214,7 @@ def _scale_findings(comp: Comparison) -> list[dict[str, Any]]:
         entries = []
         for d in comp.diffs:
             s = getattr(d, side)
-            if s is None or not _eligible_weight(d.name, s) or s.zero_count == s.numel:
+            if s is None or not _eligible_weight(d.name, s) or s.zero_count == s.values:
                 continue
             if not (math.isfinite(s.rms) and s.rms > 0):
                 continue
