@@ -155,6 +155,7 @@ def test_manifest_against_manifest_and_json_output(tmp_path, capsys, state):
     code, out, _ = run(capsys, "verify", tmp_path / "a.json", tmp_path / "b.json", "--output", "json")
     items = json.loads(out)
     assert code == 1 and items[0]["ok"] is False and items[0]["mismatches"] == 1
+    assert (items[0]["manifest"], items[0]["checked"]) == (str(tmp_path / "a.json"), str(tmp_path / "b.json"))
     bad = items[1]
     assert (bad["path"], bad["kind"], bad["type"]) == ("fc.bias", "bytes", "verify_mismatch")
     a, b = state["fc.bias"].double(), other["fc.bias"].double()

@@ -594,6 +594,10 @@ def verify(manifest: Any, other: Any, *, allow_cast: bool = False, tolerance: An
     else:
         got = _as_manifest(other, casts=want_casts, format=format, expected=expected)
     result = compare_manifests(expected, got, allow_cast=allow_cast, tolerance=tol)
+    # a manifest file is named by its path (its "source" is the checkpoint it was written from)
+    for field_name, given in (("expected", manifest), ("checked", other)):
+        if isinstance(given, (str, os.PathLike)) and is_manifest(given):
+            result = dataclasses.replace(result, **{field_name: os.fspath(given)})
     if notes:
         result = Verification(result.expected, result.checked, result.tensors, result.equal,
                               result.findings + tuple(notes))
