@@ -335,3 +335,21 @@ def test_a_step_counts_a_tied_weight_once_as_a_pair_comparison_does(tmp_path):
         assert step.scalars() == pytest.approx(pair.scalars(), rel=1e-12, nan_ok=True)
         layers = set(step.analysis("layer_impact").data["ranking"])
         assert "lm_head" not in layers
+
+
+def test_a_filter_that_selects_nothing_is_a_usage_error(tmp_path):
+    """As for a pair: a typo in a CI gate's --path must not pass as a series of 0 tensors."""
+    paths, _ = _training_run(tmp_path)
+    with pytest.raises(UsageError, match=r"^--path 'nomatch' selects no tensor of the \d+ compared"):
+        compare_series([str(p) for p in paths], path="nomatch")
+
+
+def test_series_figures_leave_optimizer_state_out_whatever_the_scope(tmp_path):
+    """--scope all: the per-step comparisons cover the optimizer state, the series figures
+    (the model's trajectory) do not, and the first checkpoint, saved before the optimizer
+    made any state, is not refused for lacking it."""
+    paths = [str(p) for p in _training_run(tmp_path)[0]]
+    every = compare_series(paths, scope="all", analyses=["convergence_analysis"])
+    model = compare_series(paths, scope="model", analyses=["convergence_analysis"])
+    assert every.analysis("convergence_analysis").headline == model.analysis("convergence_analysis").headline
+    assert every.steps[1].comparison.scope == "all"

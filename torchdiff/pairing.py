@@ -318,16 +318,17 @@ def _tied(ckpt: Checkpoint, name: str, implied: Mapping[str, str] | None = None)
     return replace(handle, name=name, tied_to=target, storage_key=None, storage_nbytes=None)
 
 
-def check_selected(pairs: list[Pair], old: Checkpoint, new: Checkpoint, ignore_keys_regex: str | None,
-                   path: str | None) -> None:
+def check_selected(pairs: list, old: Checkpoint, new: Checkpoint, ignore_keys_regex: str | None,
+                   path: str | None, *more: Checkpoint) -> None:
     """A filter that selects no tensor is a usage error naming the filter (a typo in a CI
-    gate must not pass as "0 tensors")."""
-    if pairs or not (ignore_keys_regex or path) or not (old.tensors or new.tensors):
+    gate must not pass as "0 tensors"); ``more``: further checkpoints (a series)."""
+    checkpoints = (old, new, *more)
+    if pairs or not (ignore_keys_regex or path) or not any(c.tensors for c in checkpoints):
         return
     given = " and ".join(f for f in (f"--path {path!r}" if path else "",
                                      f"--ignore-keys-regex {ignore_keys_regex!r}" if ignore_keys_regex else "") if f)
-    total = len(set(old.tensors) | set(new.tensors))
-    example = next(iter(new.tensors or old.tensors))
+    total = len(set().union(*(c.tensors for c in checkpoints)))
+    example = next(iter(next(c.tensors for c in reversed(checkpoints) if c.tensors)))
     raise UsageError(f"{given} selects no tensor of the {total} compared (a name looks like {example!r})")
 
 

@@ -45,8 +45,10 @@ from torchdiff.engine import Engine, resolve_device
 from torchdiff.errors import CorruptFileError, InputNotFoundError, UsageError
 from torchdiff.figures import Comparison, Figures, without_gc
 from torchdiff.formats.base import Checkpoint, TensorHandle, check_unchanged
-from torchdiff.names import SCOPES, compile_pattern, is_float_storage, optimizer_param, roles_over
-from torchdiff.pairing import Pair, annotate, compile_filters, pair_metadata
+from torchdiff.names import (
+    OPTIMIZER_STATE, SCOPES, TRAINING_STATE, compile_pattern, is_float_storage, optimizer_param, roles_over,
+)
+from torchdiff.pairing import Pair, annotate, check_selected, compile_filters, pair_metadata
 from torchdiff.pipeline import (
     CORE_OPTIONS, Options, build_report, make_options, open_checkpoint, unknown_option,
 )
@@ -322,6 +324,7 @@ class _Pass:
                 if name not in seen and keep(name):
                     seen.add(name)
                     names.append(name)
+        check_selected(names, ckpts[0], ckpts[1], options.ignore_keys_regex, options.path, *ckpts[2:])
         self.roles = roles_over([{n: (h.storage_dtype, len(h.shape)) for n, h in c.tensors.items()}
                                  for c in ckpts])
         # Tensors in --scope some checkpoint lacks: refused unless --common-only, which
@@ -329,7 +332,9 @@ class _Pass:
         # state a run's first checkpoint has not made yet) are out of the series figures
         # anyway: the per-step comparisons show them added or removed.
         self.dropped: list[str] = []
-        in_scope = SCOPES[options.scope]
+        # the series figures follow the model's trajectory: never optimizer or training
+        # state, whatever --scope (docs/SERIES.md); a checkpoint is refused only for those
+        in_scope = SCOPES[options.scope] - {OPTIMIZER_STATE, TRAINING_STATE}
         for label, c in zip(self.labels, ckpts):
             missing = [n for n in names if n not in c.tensors and self.roles[n] in in_scope]
             if missing and not options.get("common_only"):
@@ -348,7 +353,7 @@ class _Pass:
                                           TIED: []}
         series_names: list[str] = []
         for name in names:
-            if self.roles[name] not in SCOPES[options.scope]:
+            if self.roles[name] not in in_scope:
                 continue
             hs = [self.uniq[u].tensors.get(name) for u in self.rows]
             if any(h is None for h in hs):
