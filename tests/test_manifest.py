@@ -452,3 +452,28 @@ def test_container_prefixes_and_wrappers_pair_as_in_compare(tmp_path, capsys):
     assert "'model.'" in result.findings[0].detail and "module." in result.findings[0].detail
     code, out, _ = run(capsys, "verify", tmp_path / "model.safetensors", tmp_path / "train.pt")
     assert code == 0 and "2 bitwise equal" in out
+
+
+def test_name_filters_select_what_hash_records_and_verify_checks(tmp_path, capsys):
+    """--path / --ignore-keys-regex work as in compare: hash records the tensors kept,
+    verify checks them on both sides (the model of a training checkpoint whose optimizer
+    state moved), and a filter that keeps nothing is a usage error. Flags hash and verify
+    do not use are said, one line each."""
+    state = _tied_model()
+    train = {"model": {k: v.clone() for k, v in state.items() if k != "lm_head.weight"},
+             "optimizer": {"state": {0: {"exp_avg": torch.ones(4)}}}}
+    torch.save(train, tmp_path / "a.pt")
+    train["optimizer"]["state"][0]["exp_avg"] = torch.full((4,), 2.0)
+    torch.save(train, tmp_path / "b.pt")
+    m = fingerprint(tmp_path / "a.pt", path="model.")
+    assert sorted(m.tensors) == ["model.transformer.h.0.w", "model.transformer.wte.weight"]
+    assert not verify(tmp_path / "a.pt", tmp_path / "b.pt").ok
+    kept = verify(tmp_path / "a.pt", tmp_path / "b.pt", ignore_keys_regex=r"^optimizer\.")
+    assert kept.ok and kept.tensors == 2 and kept.equal == 2
+    with pytest.raises(torchdiff.UsageError, match=r"^--path 'nomatch' selects no tensor of the 3 compared"):
+        fingerprint(tmp_path / "a.pt", path="nomatch")
+    code, _, err = run(capsys, "verify", tmp_path / "a.pt", tmp_path / "b.pt", "--path", "nomatch")
+    assert code == 2 and "selects no tensor" in err
+    code, out, err = run(capsys, "verify", tmp_path / "a.pt", tmp_path / "b.pt", "--ignore-keys-regex", "^optimizer",
+                         "--stats")
+    assert code == 0 and err == "torchdiff: warning: --stats does nothing on verify\n"

@@ -227,7 +227,9 @@ class TorchDiffCLI:
         from torchdiff.manifest import fingerprint
 
         casts = [c.strip() for c in str(flags["cast"]).split(",") if c.strip()] if flags.get("cast") else []
-        manifest = fingerprint(str(checkpoint), casts=casts, format=flags.get("format"))
+        _warn_unused(flags, "hash", HASH_FLAGS)
+        manifest = fingerprint(str(checkpoint), casts=casts, format=flags.get("format"), path=flags.get("path"),
+                               ignore_keys_regex=flags.get("ignore_keys_regex"))
         from torchdiff import distributed
         from torchdiff.manifest import widening
 
@@ -250,9 +252,11 @@ class TorchDiffCLI:
         from torchdiff.manifest import verify
 
         other = [str(o) for o in others] if flags.get("shards") and len(others) > 1 else str(others[0])
+        _warn_unused(flags, "verify", VERIFY_FLAGS)
         result = verify(str(manifest), other, allow_cast=bool(flags.get("allow_cast")),
                         tolerance=flags.get("tolerance"), shards=bool(flags.get("shards")),
-                        format=flags.get("format"))
+                        format=flags.get("format"), path=flags.get("path"),
+                        ignore_keys_regex=flags.get("ignore_keys_regex"))
         text = None if flags.get("quiet") else result.render(flags.get("output", "text"))
         self.outcome = Outcome(text, result.exit_code)
         return self.outcome if text else None
@@ -303,6 +307,20 @@ def _warn_inapplicable(flags: dict[str, Any], what: str) -> None:
         if name in flags:
             print(f"torchdiff: warning: --{name.replace('_', '-')} applies to a series "
                   f"(torchdiff series C1 C2 C3 ...) and does nothing on {what}", file=sys.stderr)
+
+
+#: The flags hash and verify use; any other (an analysis, --stats, --scope...) does nothing there.
+_FINGERPRINT_FLAGS = {"output", "format", "path", "ignore_keys_regex", "quiet", "verbose", "help", "version",
+                      "dist_timeout", "no_color", "unsafe_pickle"}
+HASH_FLAGS = _FINGERPRINT_FLAGS | {"cast"}
+VERIFY_FLAGS = _FINGERPRINT_FLAGS | {"allow_cast", "tolerance", "shards", "exit_code", "brief"}
+
+
+def _warn_unused(flags: dict[str, Any], command: str, used: set[str]) -> None:
+    """One stderr line per flag given to ``command`` that it does not use (never silent)."""
+    for name in flags:
+        if name not in used:
+            print(f"torchdiff: warning: --{name.replace('_', '-')} does nothing on {command}", file=sys.stderr)
 
 
 def _check_top(flags: dict[str, Any]) -> None:

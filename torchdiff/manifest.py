@@ -353,7 +353,8 @@ def record(name: str, tensor: torch.Tensor, *, casts: Sequence[str] = (), span: 
                         **_figures(tensor))
 
 
-def fingerprint(source: Any, *, casts: Sequence[str] = (), format: str | None = None) -> Manifest:
+def fingerprint(source: Any, *, casts: Sequence[str] = (), format: str | None = None, path: str | None = None,
+                ignore_keys_regex: str | None = None) -> Manifest:
     """The manifest of a checkpoint: one record per tensor.
 
     Args:
@@ -364,6 +365,9 @@ def fingerprint(source: Any, *, casts: Sequence[str] = (), format: str | None = 
             tensor cast to them, so that ``verify(..., allow_cast=True)`` can accept a
             copy cast to that dtype without the original at hand.
         format: force the reader (``torchdiff.formats.format_names``).
+        path, ignore_keys_regex: only the tensors whose name holds ``path`` and does not
+            match ``ignore_keys_regex`` (as compare's ``--path``/``--ignore-keys-regex``;
+            selecting none is a UsageError).
 
     Returns:
         A Manifest; ``.save(path)`` writes it as JSON (docs/MANIFEST.md).
@@ -374,10 +378,24 @@ def fingerprint(source: Any, *, casts: Sequence[str] = (), format: str | None = 
         >>> m["w"].norm, m["w"].sum, len(m["w"].hash)
         (1.7320508075688772, 3.0, 32)
     """
-    return _fingerprint(source, casts, format, None)
+    return _fingerprint(source, casts, format, None, (ignore_keys_regex, path))
 
 
-def _fingerprint(source: Any, casts: Sequence[str], format: str | None, expected: Manifest | None) -> Manifest:
+Filters = tuple  # (ignore_keys_regex, path): compare's name filters
+
+
+def _kept(manifest: Manifest, filters: Filters) -> Manifest:
+    """The records whose names the filters keep."""
+    if not any(filters):
+        return manifest
+    from torchdiff.pairing import compile_filters
+
+    keep = compile_filters(*filters)
+    return dataclasses.replace(manifest, tensors={n: r for n, r in manifest.tensors.items() if keep(n)})
+
+
+def _fingerprint(source: Any, casts: Sequence[str], format: str | None, expected: Manifest | None,
+                 filters: Filters = (None, None), require: bool = True) -> Manifest:
     from torchdiff import formats
 
     for c in casts:
@@ -390,12 +408,13 @@ def _fingerprint(source: Any, casts: Sequence[str], format: str | None, expected
         ckpt = formats.from_object(source)
         label = ckpt.name
     try:
-        return _fingerprint_checkpoint(ckpt, label, casts, expected)
+        return _fingerprint_checkpoint(ckpt, label, casts, expected, filters, require)
     finally:
         ckpt.close()
 
 
-def _fingerprint_checkpoint(ckpt, label: str, casts: Sequence[str], expected: Manifest | None = None) -> Manifest:
+def _fingerprint_checkpoint(ckpt, label: str, casts: Sequence[str], expected: Manifest | None = None,
+                            filters: Filters = (None, None), require: bool = True) -> Manifest:
     def one(name: str) -> tuple[TensorRecord, list[Finding]]:
         handle = ckpt.tensors[name]
         t = handle.materialize()
@@ -404,6 +423,13 @@ def _fingerprint_checkpoint(ckpt, label: str, casts: Sequence[str], expected: Ma
                       expected=expected.tensors.get(name) if expected is not None else None), []
 
     names = list(ckpt.tensors)
+    if any(filters):
+        from torchdiff.pairing import check_selected, compile_filters
+
+        keep = compile_filters(*filters)
+        names = [n for n in names if keep(n)]
+        if require:  # selecting nothing is a usage error (hash); verify checks it on the manifest
+            check_selected(names, ckpt, ckpt, *filters)
     records, _ = _per_tensor(names, [ckpt.tensors[n].nbytes for n in names], one)
     for name, r in records.items():  # tied weights (one storage in a pickle, a live module): said, for verify
         tied_to = ckpt.tensors[name].tied_to
@@ -565,7 +591,8 @@ def parse_tolerance(value: Any) -> dict[str, float]:
 
 
 def verify(manifest: Any, other: Any, *, allow_cast: bool = False, tolerance: Any = None,
-           shards: bool = False, format: str | None = None) -> Verification:
+           shards: bool = False, format: str | None = None, path: str | None = None,
+           ignore_keys_regex: str | None = None) -> Verification:
     """Check ``other`` against ``manifest``, tensor by tensor.
 
     Args:
@@ -580,19 +607,29 @@ def verify(manifest: Any, other: Any, *, allow_cast: bool = False, tolerance: An
             ``.rank1``/``_tp1``, or one file per rank) along the dimension the
             manifest's shape shows, before fingerprinting.
         format: force the reader for checkpoint paths.
+        path, ignore_keys_regex: check only the tensors whose name (on either side, as
+            it stands there) holds ``path`` and does not match ``ignore_keys_regex``
+            (``--ignore-keys-regex '^optimizer\.'``: the model of a training checkpoint).
 
     Returns:
         A Verification: ``.ok``, ``.findings`` (each tensor that differs, how, and the
         figures), ``str()`` for text, ``.to_dict()`` for JSON.
     """
     tol = parse_tolerance(tolerance)
-    expected = _as_manifest(manifest, format=format)
+    filters = (ignore_keys_regex, path)
+    recorded = _as_manifest(manifest, format=format)
+    expected = _kept(recorded, filters)
+    if any(filters) and not expected.tensors:
+        from torchdiff.pairing import check_selected
+
+        check_selected([], recorded, recorded, *filters)
     want_casts = sorted({r.dtype for r in expected if r.dtype in CAST_DTYPES}) if allow_cast else []
     notes: list[Finding] = []
     if shards:
         got, notes = _fingerprint_shards(other, expected, want_casts, format)
+        got = _kept(got, filters)
     else:
-        got = _as_manifest(other, casts=want_casts, format=format, expected=expected)
+        got = _as_manifest(other, casts=want_casts, format=format, expected=expected, filters=filters)
     result = compare_manifests(expected, got, allow_cast=allow_cast, tolerance=tol)
     # a manifest file is named by its path (its "source" is the checkpoint it was written from)
     for field_name, given in (("expected", manifest), ("checked", other)):
@@ -605,14 +642,16 @@ def verify(manifest: Any, other: Any, *, allow_cast: bool = False, tolerance: An
 
 
 def _as_manifest(source: Any, casts: Sequence[str] = (), format: str | None = None,
-                 expected: Manifest | None = None) -> Manifest:
+                 expected: Manifest | None = None, filters: Filters = (None, None)) -> Manifest:
     if isinstance(source, Manifest):
-        return source
+        return _kept(source, filters)
     if isinstance(source, Mapping) and source.get("format") == MANIFEST_FORMAT:
-        return Manifest.from_dict(source)
+        return _kept(Manifest.from_dict(source), filters)
     if is_manifest(source):
-        return Manifest.load(source)
-    return _fingerprint(source, casts, format, expected)
+        return _kept(Manifest.load(source), filters)
+    # a checkpoint: only the tensors kept are read (that something is selected is checked
+    # on the manifest's side: none kept here leaves every expected tensor missing)
+    return _fingerprint(source, casts, format, expected, filters, require=False)
 
 
 def compare_manifests(expected: Manifest, got: Manifest, *, allow_cast: bool = False,
