@@ -609,7 +609,7 @@ def verify(manifest: Any, other: Any, *, allow_cast: bool = False, tolerance: An
         format: force the reader for checkpoint paths.
         path, ignore_keys_regex: check only the tensors whose name (on either side, as
             it stands there) holds ``path`` and does not match ``ignore_keys_regex``
-            (``--ignore-keys-regex '^optimizer\.'``: the model of a training checkpoint).
+            (``--ignore-keys-regex '^optimizer[.]'``: the model of a training checkpoint).
 
     Returns:
         A Verification: ``.ok``, ``.findings`` (each tensor that differs, how, and the
