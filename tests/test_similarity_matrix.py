@@ -177,3 +177,23 @@ def test_shading_levels():
     lo, hi = 0.0, 1.0
     assert [sim.shade(v, lo, hi, 1) for v in (0.0, 0.3, 0.5, 0.7, 1.0)] == list("·░▒▓█")
     assert sim.shade(math.nan, lo, hi) == "??"
+
+
+def test_lowest_cosine_lists_measured_tensors_before_zero_initialised_ones():
+    """Above 40 tensors the table shows the 20 lowest cosines: zero-initialised biases
+    (cosine undefined) came first as nan/inf and hid the tensors that rotated most."""
+    g = torch.Generator().manual_seed(0)
+    old, new = {}, {}
+    for i in range(30):
+        w = torch.randn(8, 8, generator=g)
+        old[f"l{i}.weight"], new[f"l{i}.weight"] = w, w + 0.05 * (i + 1) * torch.randn(8, 8, generator=g)
+        old[f"l{i}.bias"], new[f"l{i}.bias"] = torch.zeros(8), 0.01 * torch.randn(8, generator=g)
+    report = torchdiff.compare(old, new, similarity_matrix=True)
+    result = report.analysis("similarity_matrix")
+    lowest = result.data["lowest_cosine"]
+    cos = {k: float(old[k].double().flatten() @ new[k].double().flatten()
+                    / (old[k].double().norm() * new[k].double().norm())) for k in old if k.endswith("weight")}
+    assert lowest == sorted(cos, key=cos.get)[:20]  # float64: the lowest cosines, lowest first, no bias
+    text = str(report)
+    section = text.split("Lowest cosine", 1)[1].split("note:", 1)[0]
+    assert "nan" not in section and "inf" not in section

@@ -28,7 +28,7 @@ from torchdiff.analyses._training import (
 )
 from torchdiff.figures import GroupSums, tied_copies
 from torchdiff.names import SCOPES, is_float_storage, roles_over
-from torchdiff.results import AnalysisResult, Table
+from torchdiff.results import OLD_ALL_ZERO, AnalysisResult, Table
 from torchdiff.units import number
 
 NAME = "similarity_matrix"
@@ -172,12 +172,19 @@ def analyze(comparison, options, state: dict) -> AnalysisResult | None:
         "diagonal": [{"path": n, "shape": list(s), "cosine": c, "rel_l2": r} for n, s, c, r in tensors],
         "per_layer": per_layer, "shade_scale": [lo, hi],
     }
-    ordered = sorted(tensors, key=lambda t: (t[2] if math.isfinite(t[2]) else -math.inf, t[0]))
+    # lowest first; an undefined cosine (a side all zero: docs/METRICS.md) after the measured ones
+    ordered = sorted(tensors, key=lambda t: (not math.isfinite(t[2]), t[2] if math.isfinite(t[2]) else 0.0, t[0]))
     shown = tensors if len(tensors) <= TEXT_TENSORS else ordered[:TEXT_TENSORS // 2]
+
+    def row(n, s, c, r):
+        if not math.isfinite(c):  # labelled, not nan/inf (as every top table)
+            c, r = (OLD_ALL_ZERO, "n/a") if math.isinf(r) else ("undefined (a side all zero)", r)
+            return n, "[" + ", ".join(map(str, s)) + "]", c, r, ""
+        return n, "[" + ", ".join(map(str, s)) + "]", c, r, shade(c, lo, hi)
+
     tensor_table = Table(
         "Diagonal" if len(tensors) <= TEXT_TENSORS else "Lowest cosine",
-        ("tensor", "shape", "cosine", "rel_l2", "shade"),
-        tuple((n, "[" + ", ".join(map(str, s)) + "]", c, r, shade(c, lo, hi)) for n, s, c, r in shown),
+        ("tensor", "shape", "cosine", "rel_l2", "shade"), tuple(row(*t) for t in shown),
     )
     tables = [Table("Per layer", ("layer", "tensors", "cosine", "min_cosine", "shade"), tuple(layer_rows)),
               tensor_table]
