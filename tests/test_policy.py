@@ -345,6 +345,22 @@ def test_github_escapes_workflow_command_values():
     assert command("error", "a: b, c", "50% done\nnext") == "::error title=a%3A b%2C c::50%25 done%0Anext"
 
 
+def test_github_annotates_the_anomalies_that_fail_the_gate(tmp_path, capsys):
+    """--fail-on-anomaly high fails the job: each finding at or above high is an error
+    annotation, and the notice says the gate's verdict (it said nothing before)."""
+    save_file({"fc.weight": torch.randn(4, 4)}, str(tmp_path / "a.safetensors"))
+    save_file({"fc.weight": torch.full((4, 4), 0.5)}, str(tmp_path / "b.safetensors"))  # constant: high
+    code, out, _ = run(capsys, tmp_path / "a.safetensors", tmp_path / "b.safetensors", "-o", "github",
+                       "--fail-on-anomaly", "high")
+    lines = out.splitlines()
+    assert code == 1 and lines[0].startswith("::error title=torchdiff anomaly%3A constant::fc.weight: ")
+    assert lines[0].endswith("severity high")
+    assert lines[-1].endswith("; --fail-on-anomaly high: 1 finding(s) at or above -> failed")
+    code, out, _ = run(capsys, tmp_path / "a.safetensors", tmp_path / "b.safetensors", "-o", "github",
+                       "--anomaly-detection")
+    assert code == 0 and not out.startswith("::error")  # without the gate: critical findings only
+
+
 # ---- bad policy files ------------------------------------------------------------------------------
 
 BAD = [

@@ -1,8 +1,10 @@
 """--output github: GitHub Actions workflow commands.
 
 One ``::error title=torchdiff policy: RULE::...`` per failed policy rule, one
-``::error title=torchdiff anomaly: TYPE::...`` per critical anomaly on the new side,
-then one ``::notice title=torchdiff::...`` with the summary (and the policy's verdict).
+``::error title=torchdiff anomaly: TYPE::...`` per anomaly on the new side at or above
+``--fail-on-anomaly``'s severity (critical without it), then one
+``::notice title=torchdiff::...`` with the summary (and the policy's and the anomaly
+gate's verdicts).
 Values are escaped as the runner expects (``%``, CR, LF; also ``:`` and ``,`` in
 properties): https://docs.github.com/actions/reference/workflow-commands-for-github-actions
 """
@@ -51,12 +53,19 @@ def render_github(report) -> str:
             h = a.headline
             verdict = f"; policy {h['status']} ({h['rules'] - h['failed']} of {h['rules']} rules pass)"
         elif a.name == "anomaly_detection":
+            from torchdiff.analyses.anomaly_detection import SEVERITIES
+
+            gate = (a.data.get("fail_on_anomaly") or {}).get("severity", "critical")  # --fail-on-anomaly, else critical
             for f in a.data.get("anomalies", ()):
-                if f["severity"] == "critical" and f["side"] in ("new", "both"):
+                if SEVERITIES.index(f["severity"]) >= SEVERITIES.index(gate) and f["side"] in ("new", "both"):
                     where = f" ({label})" if label else ""
                     lines.append(command("error", f"torchdiff anomaly: {f['type']}",
                                          f"{printable(f['tensor'])}{where}: {f['figure']}={num(f['value'])} "
-                                         f"(threshold {num(f['threshold'])}), severity critical"))
+                                         f"(threshold {num(f['threshold'])}), severity {f['severity']}"))
+            tripped = a.data.get("fail_on_anomaly")
+            if tripped is not None:
+                verdict += (f"; --fail-on-anomaly {tripped['severity']}: {tripped['count']} finding(s) at or above"
+                            + (" -> failed" if tripped["tripped"] else ""))
     if hasattr(report, "steps"):
         summary = "; ".join(f"{label}: {summary_line(step)}" for label, step in _steps(report))
     elif _inspect(report):
