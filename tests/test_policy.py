@@ -361,6 +361,19 @@ def test_github_annotates_the_anomalies_that_fail_the_gate(tmp_path, capsys):
     assert code == 0 and not out.startswith("::error")  # without the gate: critical findings only
 
 
+def test_markdown_tables_show_names_as_text_not_markup(tmp_path, capsys):
+    """A tensor named ``*x*`` or ``<b>`` is shown as it is in every table of the markdown
+    output (the analyses' tables in <details> formatted it)."""
+    names = ("*x*.weight", "<b>y</b>.weight")
+    save_file({n: torch.randn(4, 4) for n in names}, str(tmp_path / "a.safetensors"))
+    save_file({n: torch.full((4, 4), 0.5) for n in names}, str(tmp_path / "b.safetensors"))
+    _, out, _ = run(capsys, tmp_path / "a.safetensors", tmp_path / "b.safetensors", "-o", "markdown",
+                    "--anomaly-detection")
+    details = out.split("<details>", 1)[1]
+    assert "| \\*x\\*.weight |" in details and "| \\<b\\>y\\</b\\>.weight |" in details
+    assert "<b>y" not in details.replace("`<b>y</b>.weight`", "")
+
+
 # ---- bad policy files ------------------------------------------------------------------------------
 
 BAD = [

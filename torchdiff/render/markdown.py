@@ -9,6 +9,7 @@ in a ``<details>`` block. Names are code spans; ``|`` is escaped inside tables.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from torchdiff.render.text import _headline_value, num, printable, summary_line
@@ -18,7 +19,18 @@ TOP_TENSORS = 10
 ANOMALY_SHOWN = ("critical", "high")
 
 
+#: Characters that would format or break a table cell's text (a tensor named ``*x*`` or
+#: ``<script>``): escaped with a backslash (GitHub-flavoured markdown).
+_SPECIAL = re.compile(r"([\\`*\[\]<>|~])")
+
+
+def _escaped(text: str) -> str:
+    return _SPECIAL.sub(r"\\\1", printable(text)).replace("\n", " ")
+
+
 def _cell(value: Any) -> str:
+    if isinstance(value, str):  # names and labels: shown as they are, never as markup
+        return _escaped(value)
     text = num(value) if value is not None else ""
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -68,7 +80,7 @@ def render_markdown(report) -> str:
         lines += ["", "<details><summary>Analyses</summary>", ""]
         for label, a in others:
             head = ", ".join(f"{a.text_keys.get(k, k)}={_headline_value(k, v)}" for k, v in a.headline.items())
-            lines.append(f"**{a.name}**{' (' + label + ')' if label else ''}: {printable(head)}")
+            lines.append(f"**{a.name}**{' (' + label + ')' if label else ''}: {_escaped(head)}")
             lines.append("")
             for t in a.tables:
                 if t.rows:
