@@ -232,7 +232,9 @@ def test_usage_errors_exit_2_with_one_line(capsys, pair_files, argv, message):
 def test_wrong_number_of_paths(capsys, pair_files):
     old, _ = pair_files
     code, _, err = run_main(capsys, old)
-    assert code == 2 and "compare takes two checkpoints" in err
+    assert code == 2 and "compare takes two checkpoints" in err and "did you mean" not in err
+    code, _, err = run_main(capsys, "seris", old, old, old)  # a misspelt command reads as a first path
+    assert code == 2 and "('seris' is no file: did you mean the command 'series'?)" in err
     code, _, err = run_main(capsys, "inspect", old, old)
     assert code == 2 and "inspect takes one checkpoint" in err
 

@@ -494,7 +494,10 @@ def _fire_command(parsed: Parsed) -> list[str]:
 def _check_arity(parsed: Parsed) -> None:
     n = len(parsed.positionals)
     if parsed.command == "compare" and n != 2:
-        raise _usage(f"compare takes two checkpoints, OLD and NEW (got {n}); see torchdiff --help")
+        first = str(parsed.positionals[0]) if n else ""
+        close = difflib.get_close_matches(first, COMMANDS, n=1, cutoff=0.6) if n and not os.path.exists(first) else []
+        hint = f" ({first!r} is no file: did you mean the command {close[0]!r}?)" if close else ""
+        raise _usage(f"compare takes two checkpoints, OLD and NEW (got {n}){hint}; see torchdiff --help")
     if parsed.command == "inspect" and n != 1:
         raise _usage(f"inspect takes one checkpoint (got {n})")
     if parsed.command == "series" and n < 2:
