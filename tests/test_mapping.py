@@ -193,6 +193,21 @@ def test_tied_head_is_reported_tied_not_removed(tmp_path, capsys):
     assert "tied: lm_head.weight is absent on the new side; compared with its embedding token_embd.weight" in out
 
 
+def test_a_head_the_hf_file_dropped_pairs_with_the_ggufs_output(tmp_path, capsys):
+    """An HF model saved with tie_word_embeddings (save_pretrained writes no lm_head) against
+    a GGUF that stores output.weight (a copy of the embedding): the GGUF's head pairs with
+    the HF side's tied head, the embedding's values, in both directions (it was 'added')."""
+    sd = ml.llama_state_dict(seed=7, lm_head=False)
+    hf = ml.save_hf(str(tmp_path / "hf"), sd, config={**CONFIG, "tie_word_embeddings": True})
+    path = str(tmp_path / "with_output.gguf")
+    ml.save_gguf(path, {**sd, "lm_head.weight": sd["model.embed_tokens.weight"].clone()})
+    for a, b in ((hf, path), (path, hf)):
+        found = items(capsys, a, b)
+        m = mapping_item(found)
+        assert m["unmapped_old"] == 0 and m["unmapped_new"] == 0
+        assert [i["type"] for i in found] == ["mapping"], "every tensor, the head included, compares equal"
+
+
 def test_unmapped_tensors_show_as_added_and_removed(llama, tmp_path, capsys):
     d, sd, hf, f32 = llama
     extra = dict(sd)

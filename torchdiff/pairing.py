@@ -269,10 +269,10 @@ def pair(old: Checkpoint, new: Checkpoint, keep=None) -> list[Pair]:
     pairs: list[Pair] = []
     for name, handle in old.tensors.items():
         if keep is None or keep(name):
-            pairs.append(Pair(name, handle, new.tensors.get(name) or _tied(new, name, implied[1]), role_of[name]))
+            pairs.append(Pair(name, handle, new.tensors.get(name) or tied_handle(new, name, implied[1]), role_of[name]))
     for name, handle in new.tensors.items():
         if name not in old.tensors and (keep is None or keep(name)):
-            pairs.append(Pair(name, _tied(old, name, implied[0]), handle, role_of[name]))
+            pairs.append(Pair(name, tied_handle(old, name, implied[0]), handle, role_of[name]))
     return pairs
 
 
@@ -307,7 +307,7 @@ def implied_ties(old: Checkpoint, new: Checkpoint) -> tuple[dict[str, str], dict
     return out
 
 
-def _tied(ckpt: Checkpoint, name: str, implied: Mapping[str, str] | None = None) -> TensorHandle | None:
+def tied_handle(ckpt: Checkpoint, name: str, implied: Mapping[str, str] | None = None) -> TensorHandle | None:
     """The handle standing for a dropped tied name: its target's, renamed and marked."""
     target = ckpt.ties.get(name)
     if target is None and implied:

@@ -416,6 +416,23 @@ def _renamed(h: TensorHandle, key: str) -> TensorHandle:
                         storage_dtype=h.storage_dtype, mapped=h.mapped, source=h.source, span=h.span)
 
 
+def _held_ties(ckpt: Checkpoint) -> Checkpoint:
+    """The target side with the tied names its file dropped (``Checkpoint.ties``: an HF
+    safetensors file without ``lm_head.weight``, config.json ``tie_word_embeddings``)
+    held as their target's values, marked ``tied_to``, as pairing holds them: the other
+    side's ``output.weight`` then maps to ``lm_head.weight`` like any rule target."""
+    if not ckpt.ties:
+        return ckpt
+    from torchdiff.pairing import tied_handle
+
+    tensors = dict(ckpt.tensors)
+    for name in ckpt.ties:
+        held = tied_handle(ckpt, name)
+        if held is not None and name not in tensors:
+            tensors[name] = held
+    return _with(ckpt, tensors)
+
+
 def _with(ckpt: Checkpoint, tensors: dict[str, TensorHandle]) -> Checkpoint:
     return Checkpoint(name=ckpt.name, format=ckpt.format, tensors=tensors, metadata=ckpt.metadata, info=ckpt.info,
                       _closers=[], files=ckpt.files)
@@ -469,7 +486,7 @@ def _try(rs: RuleSet, old: Checkpoint, new: Checkpoint, old_is_source: bool, hea
             return None
         if rs.names == "gguf" and not isinstance(checkpoint_meta(source).get("general.architecture"), str):
             return None  # blk.N names without GGUF metadata: not a GGUF file
-    plan = _plan(rs, source, target, old_is_source, heads)
+    plan = _plan(rs, source, _held_ties(target), old_is_source, heads)
     side_s, side_t = ("old", "new") if old_is_source else ("new", "old")
     if ev_s:
         plan.evidence.append(f"{side_s} is {rs.source}: " + "; ".join(ev_s))
