@@ -73,7 +73,7 @@ def _source(name: str) -> str:
 def _read(source: Any, name: str, raw: bool, format: str | None) -> torch.Tensor:
     from torchdiff import formats
     from torchdiff.dequant import dequantize_checkpoint
-    from torchdiff.pairing import _tied
+    from torchdiff.pairing import tied_handle
 
     if isinstance(source, (str, os.PathLike)):
         ckpt = formats.load(source, format)
@@ -82,7 +82,7 @@ def _read(source: Any, name: str, raw: bool, format: str | None) -> torch.Tensor
     try:
         if not raw:
             ckpt, _ = dequantize_checkpoint(ckpt)
-        handle = ckpt.tensors.get(name) or _tied(ckpt, name)
+        handle = ckpt.tensors.get(name) or tied_handle(ckpt, name)
         if handle is None:
             raise UsageError(f"{ckpt.name}: no tensor {name!r}")
         return handle.materialize().detach().clone()  # a copy: the file's mapping closes below
