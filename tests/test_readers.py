@@ -268,6 +268,40 @@ def test_non_contiguous_tensors(write_pt):
         assert (d.old.min, d.old.max) == (ref.min(), ref.max())
 
 
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_transposed_tensor_with_nan_or_a_narrow_spread_has_its_own_figures(write_pt, legacy):
+    """A transposed weight saved as is: the engine reads a contiguous copy of the mapped
+    values. Releasing the file's pages (madvise) must not drop that copy's pages: the
+    exact path (NaN, a narrow spread) re-read them as zeros (nan=0, mean 0.488 for
+    1000 ± 1e-4, and a copy compared unequal to itself)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(128, 128, generator=g)
+    w[3, 5] = math.nan
+    narrow = 1000 + 1e-4 * torch.randn(256, 128, generator=g)
+    tensors = {"w": w.t(), "narrow": narrow.t()}
+    path = write_pt("t.pt", tensors, legacy=legacy)
+    report = torchdiff.inspect(path, device="cpu")
+    for name, t in tensors.items():
+        ref = t.contiguous().double()
+        finite = ref[torch.isfinite(ref)]
+        s = report[name].new
+        assert s.nan_count == int(torch.isnan(ref).sum())
+        assert s.mean == pytest.approx(float(finite.mean()), rel=1e-9)
+        assert s.std == pytest.approx(float(finite.std(unbiased=False)), rel=1e-6)
+        assert (s.min, s.max) == (float(finite.min()), float(finite.max()))
+    same = torchdiff.compare(path, {k: v.contiguous() for k, v in tensors.items()}, device="cpu")
+    assert [d.status for d in same] == ["unchanged", "unchanged"]
+
+
+def test_a_complex_tensor_saved_with_its_conjugate_bit(write_pt):
+    """torch.save(z.conj()) keeps the lazy conjugate: measured as its resolved values
+    (view_as_real refused it: an internal error)."""
+    z = torch.complex(torch.arange(4.0), torch.arange(4.0) + 1)
+    report = torchdiff.compare(write_pt("c.pt", {"z": z.conj()}), {"z": z.conj().resolve_conj()}, device="cpu")
+    assert report["z"].status == "unchanged"
+    assert report["z"].old.mean == pytest.approx(float(torch.view_as_real(z.conj().resolve_conj()).double().mean()))
+
+
 def test_top_level_tensor_and_list_of_tensors(write_pt):
     t = torch.arange(3.0)
     with torchdiff.load(write_pt("t.pt", t)) as ckpt:

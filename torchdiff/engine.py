@@ -99,6 +99,14 @@ class _Side:
     flat: torch.Tensor | None = None
     released: int = 0  # elements [0, released) of a mapped tensor already dropped from RSS
     done: int = 0  # elements already reduced
+    copied: bool = False  # flat is a copy of the mapped values (a transposed view): not the file's pages
+
+    @property
+    def mapped(self) -> bool:
+        """Whether the values read are the file's mapped pages, which madvise(DONTNEED)
+        drops and the file gives back. A copy (``reshape`` of a non-contiguous view, a
+        resolved conjugate) is ordinary memory: dropping its pages would zero it."""
+        return self.handle.mapped and not self.copied
 
     def release(self, upto: int, min_bytes: int = 0) -> None:
         """madvise(DONTNEED) elements [released, upto) of a file-mapped tensor."""
@@ -109,7 +117,7 @@ class _Side:
     def releasable(self, upto: int, min_bytes: int = 0) -> tuple[int, int] | None:
         """(address, bytes) of elements [released, upto) of a file-mapped tensor, now
         counted as released; None when there is nothing (or less than ``min_bytes``)."""
-        if _madvise is None or not self.handle.mapped or upto <= self.released:
+        if _madvise is None or not self.mapped or upto <= self.released:
             return None
         if self.flat is not None:
             size, start = self.flat.element_size(), self.flat.data_ptr()
@@ -139,9 +147,14 @@ class _Side:
                     f"{where}tensor {self.handle.name!r}: header says shape {list(self.handle.shape)}, "
                     f"data has {list(t.shape)}"
                 )
+            stored = t.untyped_storage().data_ptr()  # the reader's memory (the file's pages when mapped)
+            if t.is_conj():  # torch.save(z.conj()): the conjugate bit resolved (a copy)
+                t = t.resolve_conj()
             if t.is_complex():
                 t = torch.view_as_real(t)
-            self.flat = t.reshape(-1)
+            flat = t.reshape(-1)
+            self.copied = flat.untyped_storage().data_ptr() != stored
+            self.flat = flat
         return self.flat
 
 
@@ -665,8 +678,8 @@ class Engine:
                     continue
                 side.done += n * L
                 h = side.handle
-                if not h.mapped:
-                    if side.done >= job.numel and h.span is None:
+                if not side.mapped:  # in memory (or a copy of mapped values): dropped once reduced
+                    if side.done >= job.numel and (h.span is None or side.copied):
                         side.flat = None
                     continue
                 if _madvise is None:
@@ -824,13 +837,15 @@ class Engine:
             for handle in (p.old, p.new):
                 if handle is not None and handle.mapped:  # drop the pages the hooks touched again
                     side = _Side(handle)
-                    side.release(side.view().numel())
+                    side.release(side.view().numel())  # (nothing when the values were a copy)
         return fig
 
     def _full(self, handle: TensorHandle | None, dtype: torch.dtype) -> torch.Tensor | None:
         if handle is None:
             return None
         t = handle.materialize()
+        if t.is_conj():
+            t = t.resolve_conj()
         if t.is_complex():
             t = torch.view_as_real(t)
         return t.to(device=self.device, dtype=dtype)
