@@ -302,6 +302,25 @@ def test_a_complex_tensor_saved_with_its_conjugate_bit(write_pt):
     assert report["z"].old.mean == pytest.approx(float(torch.view_as_real(z.conj().resolve_conj()).double().mean()))
 
 
+@pytest.mark.parametrize("obj, name", [
+    ({"a.b": torch.ones(2), "a": {"b": torch.zeros(2)}}, "a.b"),
+    ({0: torch.ones(2), "0": torch.zeros(2)}, "0"),
+])
+def test_names_that_collide_after_flattening_refuse_the_file(write_pt, obj, name):
+    """Two tensors under one dotted name: one hid the other (a changed tensor compared as
+    unchanged, exit 0). One clear line, exit 2."""
+    path = write_pt("c.pt", obj)
+    with pytest.raises(torchdiff.CorruptFileError, match=rf"c\.pt: two tensors flatten to the name '{name}'"):
+        torchdiff.load(path)
+
+
+def test_a_0d_numpy_array_stays_0d(write_pt):
+    """np.ascontiguousarray made a 0-d array shape [1]: 'reshaped' against the torch scalar."""
+    path = write_pt("n.pt", {"scale": np.array(2.5, dtype=np.float32), "w": torch.ones(2)})
+    report = torchdiff.compare(path, {"scale": torch.tensor(2.5), "w": torch.ones(2)}, device="cpu")
+    assert report["scale"].old.shape == () and report["scale"].status == "unchanged"
+
+
 def test_top_level_tensor_and_list_of_tensors(write_pt):
     t = torch.arange(3.0)
     with torchdiff.load(write_pt("t.pt", t)) as ckpt:

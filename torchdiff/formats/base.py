@@ -445,7 +445,7 @@ def flatten(
         elif obj.ndim == 0 and not prefix:
             metadata["value"] = obj.item()
         else:
-            tensors[prefix or "tensor"] = obj
+            _put(tensors, prefix or "tensor", obj)
         return tensors, metadata
     if is_scalar_leaf(obj):
         metadata[prefix or "value"] = obj
@@ -463,6 +463,15 @@ def flatten(
     finally:
         del _path[id(obj)]
     return tensors, metadata
+
+
+def _put(tensors: dict, name: str, value: torch.Tensor) -> None:
+    """One tensor under its dotted name; two under one name (a key ``"a.b"`` beside a nested
+    ``a`` → ``b``, a key ``0`` beside ``"0"``) is refused: one would hide the other."""
+    if name in tensors:
+        raise CorruptFileError(f"two tensors flatten to the name {name!r} (a key with dots beside nested keys, "
+                               "or 0 beside '0'); not read, since one would hide the other")
+    tensors[name] = value
 
 
 def _flatten_container(obj: Any, prefix: str, tensors: dict, metadata: dict, path: dict[int, str]) -> None:
@@ -495,7 +504,7 @@ def _flatten_container(obj: Any, prefix: str, tensors: dict, metadata: dict, pat
             if array.ndim == 0 and not prefix:
                 metadata["value"] = array.item()
             else:
-                tensors[prefix or "tensor"] = array
+                _put(tensors, prefix or "tensor", array)
         elif callable(item) and getattr(obj, "shape", None) == ():
             metadata[prefix] = item()
         else:
@@ -536,6 +545,6 @@ def _numpy_tensor(obj: Any) -> torch.Tensor | None:
     if not isinstance(obj, np.ndarray) or obj.dtype.kind not in "biufc":
         return None
     try:
-        return torch.from_numpy(np.ascontiguousarray(obj))
+        return torch.from_numpy(np.require(obj, requirements="C"))  # ascontiguousarray made a 0-d array [1]
     except (TypeError, ValueError):  # a dtype torch lacks (uint16 in old torch, float128)
         return None

@@ -190,6 +190,8 @@ def load(path: str, unsafe: bool = False) -> Checkpoint:
         ) from None
     try:
         tensors, metadata = flatten(obj)
+    except CorruptFileError as e:  # names that collide: said with the file's path
+        raise CorruptFileError(f"{path}: {e}") from None
     except RecursionError:
         raise CorruptFileError(f"{path}: objects nested deeper than {sys.getrecursionlimit()} levels; "
                                "not read") from None
