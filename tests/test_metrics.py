@@ -836,3 +836,15 @@ class TestCuda:
         d = run({"w": a}, {"w": b}, Engine("cuda"))["w"]
         check_side(d.old, a, rtol_for(dtype))
         check_pair(d.metrics, a, b, rtol_for(dtype))
+
+
+@pytest.mark.parametrize("dtype, base", [(torch.int64, 2**62), (torch.uint64, 2**63 + 4)])
+def test_64_bit_integers_that_differ_below_float64_resolution_are_changed(dtype, base):
+    """2**62 + 1 against 2**62 + 2: Δ rounds to 0 in float64, the bytes differ. Changed
+    (exit 1, differs() True), and the line says why the figures read 0."""
+    old = {"i": torch.tensor([base + 1, 7], dtype=dtype)}
+    new = {"i": torch.tensor([base + 2, 7], dtype=dtype)}
+    report = torchdiff.compare(old, new, device="cpu")
+    assert report["i"].status == "changed" and torchdiff.differs(old, new)
+    assert "integers differ below float64's resolution" in str(report)
+    assert torchdiff.compare(old, old, device="cpu")["i"].status == "unchanged"

@@ -808,7 +808,14 @@ class Engine:
                                      derived, scale_old * scale_new * dot)
             fig.max_abs[rows] = np.where(n > 0, d_max, 0.0)
             fig.mean_abs_diff[rows] = np.where(n > 0, scale * (d_abs / np.maximum(n, 1)), 0.0)
-        unchanged = equal | ((d_max <= self.epsilon) & same_nonfinite)
+        # Integers beyond 2**53 (int64, uint64) differ by less than float64 resolves: bytes
+        # that differ where Δ rounded to 0 are a change of at least 1, not "unchanged".
+        integers = np.array([not (handles[s].dtype.is_floating_point or handles[s].dtype.is_complex)
+                             for s in a.tolist()], dtype=bool)
+        below_resolution = integers & ~equal & (d_max == 0) & same_nonfinite & ~retyped & (self.epsilon < 1)
+        unchanged = (equal | ((d_max <= self.epsilon) & same_nonfinite)) & ~below_resolution
+        for j in np.flatnonzero(below_resolution).tolist():  # said on the tensor line
+            fig.extras.setdefault(int(rows[j]), {})["below_float64_resolution"] = True
         status = fig.status
         for i, code in zip(rows.tolist(), np.where(retyped, 2, np.where(unchanged, 1, 0)).tolist()):
             status[i] = (CHANGED, UNCHANGED, RETYPED)[code]

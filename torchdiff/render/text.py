@@ -145,6 +145,8 @@ def tensor_line(d: TensorDiff, stats: bool, sort_key: str | None = None, dequant
             parts += [NEW_ALL_ZERO, f"rel_l2={num(m.rel_l2)}", f"max_abs={num(m.max_abs)}"]
         else:
             parts += [f"rel_l2={num(m.rel_l2)}", f"max_abs={num(m.max_abs)}", f"cosine={num(m.cosine)}"]
+        if d.extras.get("below_float64_resolution"):  # int64 beyond 2**53: the bytes say changed
+            parts.append("integers differ below float64's resolution (figures in float64)")
         # The figures cover finite positions only: say when NaN/Inf appeared or went.
         parts += [f"{key}={a}->{b}" for key, (a, b) in d.nonfinite_change.items()]
     return "~", f"{printable(d.name)}: " + ", ".join(parts)
