@@ -13,7 +13,7 @@ import torch
 import torchdiff
 from torchdiff.formats import detect_format, dtype_name
 
-OPTIONAL = ["float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64"]
+OPTIONAL = ["float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "uint16", "uint32", "uint64"]
 ROUND_TRIP_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
                      torch.int16, torch.int8, torch.uint8, torch.bool]
 ROUND_TRIP_DTYPES += [getattr(torch, n) for n in OPTIONAL if hasattr(torch, n)]

@@ -40,6 +40,8 @@ DTYPES: dict[str, torch.dtype] = {
         "BF16": torch.bfloat16,
         "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
         "F8_E5M2": getattr(torch, "float8_e5m2", None),
+        "F8_E4M3FNUZ": getattr(torch, "float8_e4m3fnuz", None),
+        "F8_E5M2FNUZ": getattr(torch, "float8_e5m2fnuz", None),
         "F8_E8M0": getattr(torch, "float8_e8m0fnu", None),
         "I64": torch.int64,
         "I32": torch.int32,
