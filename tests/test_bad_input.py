@@ -315,3 +315,27 @@ def test_a_legacy_pickled_module_is_refused_in_one_short_line(tmp_path, capsys):
     err = cli_error(capsys, path, path)
     assert "\n" not in err.strip() and "add_safe_globals" not in err
     assert f"refused, the pickle would run code to load (it calls {__name__}._Pickled); " in err
+
+
+def test_torch_archives_that_are_not_checkpoints_are_named(tmp_path, capsys):
+    """A TorchScript archive (weights behind code) and a torch.export archive saved under
+    .pt: one line that says what the file is; --unsafe-pickle reads the TorchScript one."""
+    model = torch.nn.Linear(3, 2)
+    torch.jit.save(torch.jit.script(model), tmp_path / "scripted.pt")
+    err = cli_error(capsys, "inspect", tmp_path / "scripted.pt")
+    assert "a TorchScript archive (torch.jit.save)" in err and "\n" not in err.strip()
+    assert main(["inspect", str(tmp_path / "scripted.pt"), "--unsafe-pickle"]) == 0
+    capsys.readouterr()
+    torch.export.save(torch.export.export(model, (torch.ones(1, 3),)), tmp_path / "exported.pt")
+    err = cli_error(capsys, "inspect", tmp_path / "exported.pt")
+    assert "a torch.export archive (.pt2, torch.export.save), not a torch.save checkpoint" in err
+
+
+def test_pickle_protocol_4_says_what_reads_it(tmp_path, capsys):
+    """torch's weights-only loader lacks protocol 4's FRAME opcode: the line says so and
+    names --unsafe-pickle ('Unsupported operand 149' before)."""
+    torch.save({"w": torch.ones(2)}, tmp_path / "p4.pt", pickle_protocol=4)
+    try:
+        torchdiff.load(tmp_path / "p4.pt").close()
+    except torchdiff.CorruptFileError as e:
+        assert "pickle protocol 4 or 5" in str(e) and "--unsafe-pickle" in str(e)

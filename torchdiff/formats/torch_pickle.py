@@ -147,7 +147,7 @@ def load(path: str, unsafe: bool = False) -> Checkpoint:
             f"{path}: not a readable PyTorch checkpoint (BadZipFile: {_first_line(str(e))})"
         ) from None
     if mapped:
-        _check_members(path)
+        _check_members(path, unsafe)
     else:
         with open(path, "rb") as f:
             head = f.read(4)
@@ -209,7 +209,7 @@ def load(path: str, unsafe: bool = False) -> Checkpoint:
     return Checkpoint(name=path, format="torch", tensors=handles, metadata=metadata, info=info)
 
 
-def _check_members(path: str) -> None:
+def _check_members(path: str, unsafe: bool = False) -> None:
     """Refuse compressed members before torch's zip reader sees them.
 
     torch.save stores every member uncompressed and torchdiff maps the tensor data, so
@@ -240,15 +240,37 @@ def _check_members(path: str) -> None:
                 f"{path}: not a readable PyTorch checkpoint (tensor data {info.filename!r} is compressed; "
                 "torch.save stores it uncompressed, which torchdiff maps: re-save the file with torch.save)"
             )
+    _check_archive_kind(path, [info.filename for info in members], unsafe)
+
+
+def _check_archive_kind(path: str, names: list[str], unsafe: bool) -> None:
+    """Zip archives torch writes that are not torch.save checkpoints, said as such."""
+    inner = {n.split("/", 1)[1] for n in names if "/" in n}
+    if "archive_format" in inner or any(n.startswith("models/") for n in inner):
+        raise CorruptFileError(f"{path}: a torch.export archive (.pt2, torch.export.save), not a torch.save "
+                               "checkpoint; torchdiff does not read it (save the model's state_dict)")
+    if not unsafe and "data.pkl" in inner and "constants.pkl" in inner and any(n.startswith("code/") for n in inner):
+        raise UnsafeCheckpointError(f"{path}: a TorchScript archive (torch.jit.save): its weights load only by "
+                                    "running its code; --unsafe-pickle reads it, for files you trust (or save "
+                                    "the model's state_dict)")
 
 
 def _first_line(text: str) -> str:
+    """The first line of an error, cut at a word boundary near 200 characters."""
     line = text.strip().splitlines()[0] if text.strip() else "unreadable"
-    return line[:200]
+    return line if len(line) <= 200 else line[:200].rsplit(" ", 1)[0] + " …"
+
+
+#: pickle opcodes torch's weights-only unpickler does not know, and what writes them
+_OPCODES = {"149": "a FRAME of pickle protocol 4 or 5 (torch.save(..., pickle_protocol=4))"}
 
 
 def _reason(text: str) -> str:
     """What torch's weights-only unpickler objected to (the line after its boilerplate)."""
+    found = re.search(r"Unsupported operand (\d+)", text)
+    if found and found.group(1) in _OPCODES:
+        return (f"{_OPCODES[found.group(1)]}, which torch's weights-only loader does not read; "
+                "--unsafe-pickle reads it, for files you trust")
     lines = [line.strip() for line in text.splitlines()]
     for i, line in enumerate(lines):
         if "WeightsUnpickler error:" in line:
