@@ -117,7 +117,7 @@ def cli_error(capsys, *argv) -> str:
 
 # ---- safetensors: lying headers ---------------------------------------------------------------
 
-ST_READABLE = "BF16, BOOL, C64, F16, F32, F64, F8_E4M3, F8_E5M2, F8_E8M0, I16, I32, I64, I8, U16, U32, U64, U8"
+ST_READABLE = "BF16, BOOL, C64, F16, F32, F64, F8_E4M3, F8_E4M3FNUZ, F8_E5M2, F8_E5M2FNUZ, F8_E8M0, I16, I32, I64, I8, U16, U32, U64, U8"
 
 SAFETENSORS_CASES = [
     ("length_past_end", safetensors_bytes({"w": F32_2}, bytes(8), length=10**6),
