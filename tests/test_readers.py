@@ -321,6 +321,16 @@ def test_a_0d_numpy_array_stays_0d(write_pt):
     assert report["scale"].old.shape == () and report["scale"].status == "unchanged"
 
 
+def test_a_nested_tensor_is_compared_component_by_component(write_pt):
+    """torch.nested (strided layout): each component a tensor, NAME.0, NAME.1 (an internal
+    error before: nested tensors have no sizes)."""
+    parts = [torch.arange(12.0).reshape(3, 4), torch.ones(5, 4)]
+    path = write_pt("n.pt", {"nt": torch.nested.nested_tensor(parts)})
+    changed = [parts[0], parts[1] * 2]
+    report = torchdiff.compare(path, {"nt.0": changed[0], "nt.1": changed[1]}, device="cpu")
+    assert [(d.name, d.status) for d in report] == [("nt.0", "unchanged"), ("nt.1", "changed")]
+
+
 def test_top_level_tensor_and_list_of_tensors(write_pt):
     t = torch.arange(3.0)
     with torchdiff.load(write_pt("t.pt", t)) as ckpt:

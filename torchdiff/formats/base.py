@@ -440,6 +440,10 @@ def flatten(
     if isinstance(obj, torch.Tensor):
         if obj.requires_grad:  # a pickled nn.Parameter: its values
             obj = obj.detach()
+        if obj.is_nested:  # a nested tensor: its components, each a tensor (prefix.0, prefix.1, ...)
+            for i, part in enumerate(obj.unbind()):
+                flatten(part, f"{prefix}.{i}" if prefix else str(i), tensors, metadata, _path)
+            return tensors, metadata
         if obj.is_meta:  # shape and dtype only (a model built on the meta device): no values to compare
             metadata[prefix or "tensor"] = f"<meta tensor {list(obj.shape)} {dtype_name(obj.dtype)}: no values stored>"
         elif obj.ndim == 0 and not prefix:
