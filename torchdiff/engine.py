@@ -767,7 +767,7 @@ class Engine:
         dsq, dmax, dot = mp["dsq"][rows], mp["dmax"][rows], mp["dot"][rows]
         with np.errstate(invalid="ignore"):
             underflow = (dmax > 0) & (dsq < np.where(f32_pair, _TINY_MEAN_SQUARE, _TINY_MEAN_SQUARE_F64) * n)
-        slow = (nonfinite | exact[a] | exact[b] | (n == 0) | ~np.isfinite(dsq) | ~np.isfinite(dot)
+        slow = (nonfinite | exact[a] | exact[b] | (n == 0) | ~np.isfinite(dsq)
                 | ~np.isfinite(mp["dsum_abs"][rows]) | underflow)
         d2, d_max, d_abs, dot = dsq.copy(), dmax.copy(), mp["dsum_abs"][rows].copy(), dot.copy()
         changed = np.rint(mp["changed"][rows])
@@ -804,10 +804,15 @@ class Engine:
             # directly (reductions.pair_rows; the norms would cancel when they differ by
             # orders of magnitude). figures.by_norms weighs the two error bounds.
             derived = (scale_old * scale_old * sq_old + scale_new * scale_new * sq_new - scale * scale * d2) / 2
-            fig.dot[rows] = np.where(by_norms(fig.l2[rows], fig.norm_old[rows], fig.norm_new[rows]),
-                                     derived, scale_old * scale_new * dot)
+            direct = ~by_norms(fig.l2[rows], fig.norm_old[rows], fig.norm_new[rows])
+            fig.dot[rows] = np.where(direct, scale_old * scale_new * dot, derived)
             fig.max_abs[rows] = np.where(n > 0, d_max, 0.0)
             fig.mean_abs_diff[rows] = np.where(n > 0, scale * (d_abs / np.maximum(n, 1)), 0.0)
+        # Block rows carry no ⟨A,B⟩ (reductions.pair_rows): where the derived one is ill-
+        # conditioned, the pair is read again on the exact path, which sums it directly.
+        for j in np.flatnonzero(direct & ~slow).tolist():
+            t = self._exact_pair(int(rows[j]), plan.side(int(a[j])), plan.side(int(b[j])))
+            fig.dot[int(rows[j])] = t.scale_old * t.scale_new * t.dot
         # Integers beyond 2**53 (int64, uint64) differ by less than float64 resolves: bytes
         # that differ where Δ rounded to 0 are a change of at least 1, not "unchanged".
         integers = np.array([not (handles[s].dtype.is_floating_point or handles[s].dtype.is_complex)
