@@ -331,6 +331,19 @@ def test_a_nested_tensor_is_compared_component_by_component(write_pt):
     assert [(d.name, d.status) for d in report] == [("nt.0", "unchanged"), ("nt.1", "changed")]
 
 
+def test_sub_byte_quantized_codes_count_their_packed_bytes(write_pt):
+    """quint4x2 holds two codes a byte (its storage: 64 bytes for 128 codes), though
+    element_size() says 1: the bytes are the storage's, plus the scale and zero point."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = torch.quantize_per_tensor(torch.rand(8, 16), 0.1, 0, torch.quint4x2)
+    assert q.untyped_storage().nbytes() == 64
+    with torchdiff.load(write_pt("q.pt", {"q": q})) as ckpt:
+        assert ckpt.tensors["q"].nbytes == 64 + 16
+
+
 def test_top_level_tensor_and_list_of_tensors(write_pt):
     t = torch.arange(3.0)
     with torchdiff.load(write_pt("t.pt", t)) as ckpt:

@@ -357,10 +357,16 @@ def _sparse_nbytes(t: torch.Tensor) -> int:
     return sum(p.numel() * p.element_size() for p in parts)
 
 
+#: torch.ao's sub-byte quantized dtypes: bits a code (element_size() says 1 byte).
+_PACKED_QUANT_BITS = {dt: b for dt, b in ((getattr(torch, "quint4x2", None), 4), (getattr(torch, "quint2x4", None), 2))
+                      if dt is not None}
+
+
 def _quantized_nbytes(t: torch.Tensor) -> int:
     """Bytes a quantized tensor holds: its integer codes, plus its scales and zero points
     (one each per tensor, or per channel)."""
-    codes = t.numel() * t.element_size()
+    bits = _PACKED_QUANT_BITS.get(t.dtype, 8 * t.element_size())  # quint4x2: two codes a byte
+    codes = -(-t.numel() * bits // 8)
     if t.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric,
                        torch.per_channel_affine_float_qparams):
         params = t.q_per_channel_scales(), t.q_per_channel_zero_points()
