@@ -348,6 +348,8 @@ def test_top_level_tensor_and_list_of_tensors(write_pt):
     t = torch.arange(3.0)
     with torchdiff.load(write_pt("t.pt", t)) as ckpt:
         assert list(ckpt.tensors) == ["tensor"]
+    with torchdiff.load(write_pt("s.pt", torch.tensor(2.5))) as ckpt:  # a bare 0-d tensor is a tensor too
+        assert list(ckpt.tensors) == ["tensor"] and ckpt["tensor"].item() == 2.5
     with torchdiff.load(write_pt("l.pt", [t, {"a": t}])) as ckpt:
         assert set(ckpt.tensors) == {"0", "1.a"}
 

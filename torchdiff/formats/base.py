@@ -452,9 +452,7 @@ def flatten(
             return tensors, metadata
         if obj.is_meta:  # shape and dtype only (a model built on the meta device): no values to compare
             metadata[prefix or "tensor"] = f"<meta tensor {list(obj.shape)} {dtype_name(obj.dtype)}: no values stored>"
-        elif obj.ndim == 0 and not prefix:
-            metadata["value"] = obj.item()
-        else:
+        else:  # a bare tensor, 0-d included, is the file's one tensor ("tensor")
             _put(tensors, prefix or "tensor", obj)
         return tensors, metadata
     if is_scalar_leaf(obj):
