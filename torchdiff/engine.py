@@ -764,12 +764,13 @@ class Engine:
         nonfinite = (fig.old.nan_count[rows] + fig.old.inf_count[rows] + fig.new.nan_count[rows]
                      + fig.new.inf_count[rows]) > 0
         f32_pair = np.array([d is torch.float32 for d in plan.dtypes], dtype=bool)[rows]
-        dsq, dmax, dot = mp["dsq"][rows], mp["dmax"][rows], mp["dot"][rows]
+        dsq, dmax = mp["dsq"][rows], mp["dmax"][rows]
         with np.errstate(invalid="ignore"):
             underflow = (dmax > 0) & (dsq < np.where(f32_pair, _TINY_MEAN_SQUARE, _TINY_MEAN_SQUARE_F64) * n)
         slow = (nonfinite | exact[a] | exact[b] | (n == 0) | ~np.isfinite(dsq)
                 | ~np.isfinite(mp["dsum_abs"][rows]) | underflow)
-        d2, d_max, d_abs, dot = dsq.copy(), dmax.copy(), mp["dsum_abs"][rows].copy(), dot.copy()
+        d2, d_max, d_abs = dsq.copy(), dmax.copy(), mp["dsum_abs"][rows].copy()
+        dot = np.full(rows.size, np.nan)  # ⟨A,B⟩ summed only on the exact path (below, and where ill-conditioned)
         changed = np.rint(mp["changed"][rows])
         sq_old, sq_new = sumsq[a].copy(), sumsq[b].copy()
         # The exact path's sums may be in units of powers of two (reductions.PairTotals).
@@ -815,9 +816,10 @@ class Engine:
             fig.dot[int(rows[j])] = t.scale_old * t.scale_new * t.dot
         # Integers beyond 2**53 (int64, uint64) differ by less than float64 resolves: bytes
         # that differ where Δ rounded to 0 are a change of at least 1, not "unchanged".
-        integers = np.array([not (handles[s].dtype.is_floating_point or handles[s].dtype.is_complex)
-                             for s in a.tolist()], dtype=bool)
-        below_resolution = integers & ~equal & (d_max == 0) & same_nonfinite & ~retyped & (self.epsilon < 1)
+        below_resolution = ~equal & (d_max == 0) & same_nonfinite & ~retyped & (self.epsilon < 1)
+        for j in np.flatnonzero(below_resolution).tolist():  # rare: bytes differ where Δ is 0
+            dtype = handles[int(a[j])].dtype
+            below_resolution[j] = not (dtype.is_floating_point or dtype.is_complex)
         unchanged = (equal | ((d_max <= self.epsilon) & same_nonfinite)) & ~below_resolution
         for j in np.flatnonzero(below_resolution).tolist():  # said on the tensor line
             fig.extras.setdefault(int(rows[j]), {})["below_float64_resolution"] = True

@@ -10,8 +10,8 @@ whose fast partials are not finite, and tests use it as a second reference.
 
 Row partial layout (columns):
     side: SUM, MIN, MAX, SUM_ABS, NONZERO, M2   (M2 = Σ(x − row mean)²)
-    pair: DSQ, DMAX, DSUM_ABS, CHANGED, DOT     (Δ = b − a; CHANGED = #{|Δ| > ε}; DOT = Σ a·b on the
-                                                exact path, NaN in block rows)
+    pair: DSQ, DMAX, DSUM_ABS, CHANGED          (Δ = b − a; CHANGED = #{|Δ| > ε}; ⟨a, b⟩ is no row
+                                                partial: derived from the norms, or summed on the exact path)
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import torch
 
 SUM, MIN, MAX, SUM_ABS, NONZERO, M2 = range(6)
 SIDE_WIDTH = 6
-DSQ, DMAX, DSUM_ABS, CHANGED, DOT = range(5)
-PAIR_WIDTH = 5
+DSQ, DMAX, DSUM_ABS, CHANGED = range(4)
+PAIR_WIDTH = 4
 
 
 # complex128's real view is float64 (complex tensors are measured as their real view)
@@ -58,8 +58,8 @@ def side_rows(x: torch.Tensor, work: torch.Tensor) -> list[torch.Tensor]:
 
 
 def pair_rows(a: torch.Tensor, b: torch.Tensor, epsilon: float, work: torch.Tensor, delta: torch.Tensor) -> list[torch.Tensor]:
-    """Per-row partials of Δ = b − a. ``work`` and ``delta`` are [k, L] scratch. The DOT
-    column is NaN here: ⟨a, b⟩ is derived from the norms, and the few pairs where that is
+    """Per-row partials of Δ = b − a. ``work`` and ``delta`` are [k, L] scratch. ⟨a, b⟩ is
+    not summed here: it is derived from the norms, and the few pairs where that is
     ill-conditioned (figures.by_norms) are read again on the exact path, which sums it
     directly (two more passes over every block cost 13-15 %)."""
     torch.sub(b, a, out=delta)
@@ -72,7 +72,7 @@ def pair_rows(a: torch.Tensor, b: torch.Tensor, epsilon: float, work: torch.Tens
         delta.sub_(_floor_to(epsilon, delta.dtype)).clamp_(min=0)
     delta.sign_()
     changed = delta.sum(1)
-    return [dsq, dmax, dsum_abs, changed, torch.full_like(dsq, math.nan)]
+    return [dsq, dmax, dsum_abs, changed]
 
 
 def _floor_to(epsilon: float, dtype: torch.dtype) -> float:
@@ -197,7 +197,6 @@ def merge_pair(rows: np.ndarray, ids: np.ndarray, n: int) -> dict[str, np.ndarra
         "dmax": dmax,
         "dsum_abs": np.bincount(ids, weights=rows[:, DSUM_ABS], minlength=n),
         "changed": np.bincount(ids, weights=rows[:, CHANGED], minlength=n),
-        "dot": np.bincount(ids, weights=rows[:, DOT], minlength=n),
     }
 
 
