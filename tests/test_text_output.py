@@ -286,3 +286,11 @@ def test_markdown_most_changed_puts_zero_initialised_tensors_after_the_measured(
     rows = [line for line in out.splitlines() if line.startswith("| `fc.")]
     assert [r.split("`")[1] for r in rows] == ["fc.weight", "fc.bias"]
     assert "old all zero" in rows[1] and "inf" not in out
+
+
+def test_the_summary_agrees_in_number_with_its_metadata_count(capsys, tmp_path):
+    torch.save({"w": torch.ones(2), "epoch": 1}, tmp_path / "a.pt")
+    torch.save({"w": torch.ones(2), "epoch": 2}, tmp_path / "b.pt")
+    torch.save({"w": torch.ones(2), "epoch": 3, "lr": 0.1}, tmp_path / "c.pt")
+    assert run(capsys, tmp_path / "a.pt", tmp_path / "b.pt")[1].splitlines()[0].endswith("; 1 metadata value differs")
+    assert run(capsys, tmp_path / "a.pt", tmp_path / "c.pt")[1].splitlines()[0].endswith("; 2 metadata values differ")

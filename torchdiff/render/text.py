@@ -174,7 +174,7 @@ def summary_line(report) -> str:
     meta = len(report.comparison.metadata_diffs)
     line = f"{total:,} tensors: " + ", ".join(parts)
     if meta:
-        line += f"; {meta:,} metadata value{'s' if meta != 1 else ''} differ"
+        line += f"; {meta:,} metadata value{'s differ' if meta != 1 else ' differs'}"
     return line
 
 
