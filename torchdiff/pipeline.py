@@ -121,7 +121,8 @@ def open_checkpoint(source: Any, options: Options) -> Checkpoint:
         ckpt = _load(path, options)
         if not ckpt.tensors:
             ckpt.close()
-            what = f"{len(ckpt.metadata)} non-tensor values" if ckpt.metadata else "nothing"
+            n = len(ckpt.metadata)
+            what = f"{n} non-tensor value{'s' if n != 1 else ''}" if n else "nothing"
             raise CorruptFileError(f"{path}: no tensors found (the file holds {what}; "
                                    "a checkpoint to compare holds tensors)")
         return ckpt

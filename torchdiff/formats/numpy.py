@@ -11,20 +11,23 @@ member's header is read at load time. Members stored uncompressed (``np.savez``)
 are mapped like ``.npy`` files; compressed members (``np.savez_compressed``) are
 decompressed into memory on ``materialize()``.
 
-Arrays of Python objects are refused (loading them means unpickling); dtypes torch
-cannot hold (strings, datetimes, structured records, long double) are refused with
-the array's name. Big-endian arrays are read and byte-swapped into memory.
+Arrays of Python objects are refused (loading them means unpickling). Strings,
+byte strings, datetimes and timedeltas are metadata values (read at load time);
+structured records are one tensor per numeric field (``name.field``). Long double and
+raw bytes are refused with the array's name. Big-endian arrays are read and
+byte-swapped into memory.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import struct
 import tokenize
 import zipfile
 import zlib
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import torch
 
@@ -125,42 +128,103 @@ def _read_header(fp: Any, npy_format: Any, path: str, name: str) -> tuple[tuple[
     return tuple(int(d) for d in shape), bool(fortran), dtype
 
 
-def _check_dtype(np_dtype: Any, path: str, name: str) -> torch.dtype:
+def _refuse(np_dtype: Any, path: str, name: str) -> NoReturn:
+    """The error for an array of ``_kind`` "refused"."""
     if np_dtype.hasobject:
         raise UnsafeCheckpointError(
             f"{path}: refused, array {name!r} holds Python objects (dtype=object), which only a pickle "
             "can load; torchdiff never unpickles (save it as a numeric array)"
         )
-    dtype = torch_dtype(np_dtype)
-    if dtype is None:
-        raise UnknownFormatError(
-            f"{path}: array {name!r} has dtype {np_dtype.str} ({describe_dtype(np_dtype)}), which torch "
-            "cannot hold (convert it to a numeric dtype, or leave it out of the file)"
-        )
-    return dtype
+    raise UnknownFormatError(
+        f"{path}: array {name!r} has dtype {np_dtype.str} ({describe_dtype(np_dtype)}), which torch "
+        "cannot hold (convert it to a numeric dtype, or leave it out of the file)"
+    )
+
+
+#: Kinds of arrays read as metadata values, not tensors: strings, bytes, datetimes, timedeltas.
+_VALUE_KINDS = "USMm"
+#: Elements of such an array listed in full; a larger one is a digest of its bytes.
+MAX_VALUE_ELEMENTS = 4096
+
+
+def _kind(np_dtype: Any) -> str:
+    """How an array is read: "tensor", "records" (one tensor per numeric field),
+    "value" (a metadata value), or "refused" (``_refuse`` says why)."""
+    if np_dtype.hasobject:
+        return "refused"
+    if np_dtype.fields is not None:
+        return "records"
+    if np_dtype.subdtype is None and np_dtype.kind in _VALUE_KINDS:
+        return "value"
+    return "tensor" if torch_dtype(np_dtype) is not None else "refused"
+
+
+def _fields(np_dtype: Any, prefix: str) -> list[tuple[str, tuple[str, ...], Any]]:
+    """(dotted name, field path, field dtype) of every leaf field of a record dtype,
+    nested records flattened: ``("st.pos.x", ("pos", "x"), dtype('float32'))``."""
+    out = []
+    for field in np_dtype.names:
+        dtype = np_dtype.fields[field][0]
+        name = f"{prefix}.{field}"
+        if dtype.fields is not None:
+            out += [(n, (field, *path), d) for n, path, d in _fields(dtype, name)]
+        else:
+            out.append((name, (field,), dtype))
+    return out
+
+
+def _field(arr: Any, path: tuple[str, ...]) -> Any:
+    for field in path:
+        arr = arr[field]
+    return arr
+
+
+def metadata_value(arr: Any, np: Any) -> Any:
+    """An array of strings, bytes, datetimes or timedeltas as a metadata value: its
+    elements (a string for a 0-d array, nested lists otherwise; datetimes in ISO form,
+    bytes decoded as UTF-8 with escapes); beyond MAX_VALUE_ELEMENTS elements, one line
+    naming the count, dtype and shape with the first 16 hex digits of the SHA-256 of
+    the array's bytes in C order (``<5000 unicode strings <U1 [5000] sha256:32cf63a50a3bf84a>``)."""
+    if arr.size > MAX_VALUE_ELEMENTS:
+        digest = hashlib.sha256(np.ascontiguousarray(arr).data).hexdigest()[:16]
+        return f"<{arr.size} {describe_dtype(arr.dtype)} {arr.dtype.str} {list(arr.shape)} sha256:{digest}>"
+    if arr.dtype.kind == "M":
+        arr = np.datetime_as_string(arr)
+    elif arr.dtype.kind == "m":
+        arr = arr.astype(str)
+    elif arr.dtype.kind == "S":
+        arr = np.char.decode(arr, "utf-8", "backslashreplace")
+    return arr.tolist()
 
 
 def _to_tensor(arr: Any, np: Any) -> torch.Tensor:
     if not arr.dtype.isnative:
         arr = arr.astype(arr.dtype.newbyteorder("="))
+    elif not arr.flags.c_contiguous and not arr.flags.f_contiguous:  # a field of records
+        arr = np.ascontiguousarray(arr)
     return torch.from_numpy(arr)
 
 
-def _mapped_reader(
+def _mapped_array(
     path: str, name: str, np: Any, np_dtype: Any, shape: tuple[int, ...], fortran: bool, offset: int
-) -> Callable[[], torch.Tensor]:
-    def materialize() -> torch.Tensor:
+) -> Callable[[], Any]:
+    """Reads the array: a copy-on-write mapping of the file at ``offset``."""
+    def read() -> Any:
         try:
-            arr = np.memmap(path, dtype=np_dtype, mode="c", offset=offset, shape=shape,
-                            order="F" if fortran else "C")
+            return np.memmap(path, dtype=np_dtype, mode="c", offset=offset, shape=shape,
+                             order="F" if fortran else "C")
         except _READ_ERRORS as e:
             raise CorruptFileError(
                 f"{path}: array {name!r} cannot be mapped ({type(e).__name__}: {_first_line(e)}) "
                 "(was the file changed or truncated after it was opened?)"
             ) from None
-        return _to_tensor(arr, np)
 
-    return materialize
+    return read
+
+
+def _tensor_reader(read: Callable[[], Any], np: Any, field: tuple[str, ...] = ()) -> Callable[[], torch.Tensor]:
+    """materialize(): the array ``read()`` returns (or its ``field`` of records) as a tensor."""
+    return lambda: _to_tensor(_field(read(), field), np)
 
 
 def _empty_reader(shape: tuple[int, ...], dtype: torch.dtype) -> Callable[[], torch.Tensor]:
@@ -198,13 +262,44 @@ def _load_npy(path: str, np: Any, npy_format: Any) -> Checkpoint:
     with open(path, "rb") as f:
         shape, fortran, np_dtype = _read_header(f, npy_format, path, name)
         offset = f.tell()
-    dtype = _check_dtype(np_dtype, path, name)
+    kind = _kind(np_dtype)
+    if kind == "refused":
+        _refuse(np_dtype, path, name)
     needed = math.prod(shape) * np_dtype.itemsize
     if offset + needed > size:
         raise _truncated(path, name, needed, size - offset)
-    reader = _mapped_reader(path, name, np, np_dtype, shape, fortran, offset)
-    handle = _handle(name, shape, dtype, np_dtype, reader, mapped=True)
-    return Checkpoint(name=path, format="numpy", tensors={name: handle}, info={"numpy": {"archive": "npy"}})
+    tensors: dict[str, TensorHandle] = {}
+    metadata: dict[str, Any] = {}
+    _add(tensors, metadata, path, name, shape, np_dtype,
+         _mapped_array(path, name, np, np_dtype, shape, fortran, offset), np, mapped=True)
+    return Checkpoint(name=path, format="numpy", tensors=tensors, metadata=metadata,
+                      info={"numpy": {"archive": "npy"}})
+
+
+def _add(tensors: dict[str, TensorHandle], metadata: dict[str, Any], path: str, name: str,
+         shape: tuple[int, ...], np_dtype: Any, read: Callable[[], Any], np: Any, mapped: bool) -> None:
+    """Array ``name`` (read by ``read()``) as a tensor, one tensor per numeric field of
+    records (``name.field``), or a metadata value (strings, datetimes: read now)."""
+    kind = _kind(np_dtype)
+    if kind == "value":
+        metadata[name] = metadata_value(read(), np)
+    elif kind == "tensor":
+        tensors[name] = _handle(name, shape, torch_dtype(np_dtype), np_dtype, _tensor_reader(read, np), mapped)
+    else:  # records: every leaf field, in order; a sub-array field adds its dimensions
+        values = None
+        for field_name, path, dtype in _fields(np_dtype, name):
+            base, extra = (dtype.subdtype if dtype.subdtype is not None else (dtype, ()))
+            if _kind(base) == "value":
+                if values is None:
+                    values = read()
+                metadata[field_name] = metadata_value(_field(values, path), np)
+            elif _kind(base) == "tensor":
+                tensors[field_name] = _handle(field_name, shape + tuple(extra), torch_dtype(base), base,
+                                              _tensor_reader(read, np, path), mapped=False)
+            else:
+                raise UnknownFormatError(
+                    f"{path}: array {name!r}: field {field_name!r} has dtype {base.str} ({describe_dtype(base)}), "
+                    "which torch cannot hold (convert it to a numeric dtype, or leave it out of the file)")
 
 
 def _member_data_offset(f: Any, info: zipfile.ZipInfo, path: str) -> int:
@@ -232,6 +327,7 @@ def _load_npz(path: str, np: Any, npy_format: Any) -> Checkpoint:
             "(the file may be truncated; re-save or re-download it)"
         ) from None
     tensors: dict[str, TensorHandle] = {}
+    metadata: dict[str, Any] = {}
     skipped: list[str] = []
     compressed = 0
     try:
@@ -255,7 +351,8 @@ def _load_npz(path: str, np: Any, npy_format: Any) -> Checkpoint:
                         f"{path}: array {name!r} cannot be read from the archive "
                         f"({type(e).__name__}: {_first_line(e)}) (re-save or re-download the file)"
                     ) from None
-                dtype = _check_dtype(np_dtype, path, name)
+                if _kind(np_dtype) == "refused":
+                    _refuse(np_dtype, path, name)
                 needed = math.prod(shape) * np_dtype.itemsize
                 if header_len + needed > info.file_size:
                     raise _truncated(path, name, needed, info.file_size - header_len)
@@ -264,11 +361,11 @@ def _load_npz(path: str, np: Any, npy_format: Any) -> Checkpoint:
                     offset = _member_data_offset(raw, info, path) + header_len
                     if offset + needed > size:
                         raise _truncated(path, name, needed, size - offset)
-                    reader = _mapped_reader(path, name, np, np_dtype, shape, fortran, offset)
+                    read = _mapped_array(path, name, np, np_dtype, shape, fortran, offset)
                 else:
                     compressed += 1
-                    reader = _archive_reader(archive, info, path, name, np, npy_format)
-                tensors[name] = _handle(name, shape, dtype, np_dtype, reader, mapped=stored)
+                    read = _archive_array(archive, info, path, name, npy_format)
+                _add(tensors, metadata, path, name, shape, np_dtype, read, np, mapped=stored)
     except BaseException:
         archive.close()
         raise
@@ -280,7 +377,8 @@ def _load_npz(path: str, np: Any, npy_format: Any) -> Checkpoint:
     info_out: dict[str, Any] = {"archive": "npz", "compressed_members": compressed}
     if skipped:
         info_out["skipped_members"] = skipped
-    return Checkpoint(name=path, format="numpy", tensors=tensors, info={"numpy": info_out}, _closers=closers)
+    return Checkpoint(name=path, format="numpy", tensors=tensors, metadata=metadata, info={"numpy": info_out},
+                      _closers=closers)
 
 
 # A deflate match copies at most 258 bytes and costs at least 2 bits: no stream inflates more than 1032:1.
@@ -316,22 +414,22 @@ def _check_layout(f: Any, members: list[zipfile.ZipInfo], path: str, size: int) 
             )
 
 
-def _archive_reader(
-    archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: str, name: str, np: Any, npy_format: Any
-) -> Callable[[], torch.Tensor]:
-    def materialize() -> torch.Tensor:
+def _archive_array(
+    archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: str, name: str, npy_format: Any
+) -> Callable[[], Any]:
+    """Reads the array: a compressed member, decompressed into memory on each call."""
+    def read() -> Any:
         check_memory(path, f"array {name!r}", info.file_size, "decompress")
         try:
             with archive.open(info) as member:
-                arr = npy_format.read_array(member, allow_pickle=False)
+                return npy_format.read_array(member, allow_pickle=False)
         except _READ_ERRORS as e:
             raise CorruptFileError(
                 f"{path}: array {name!r} cannot be decompressed ({type(e).__name__}: {_first_line(e)}) "
                 "(re-save or re-download the file)"
             ) from None
-        return _to_tensor(arr, np)
 
-    return materialize
+    return read
 
 
 def load(path: str) -> Checkpoint:
