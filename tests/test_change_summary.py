@@ -191,7 +191,7 @@ def test_nonfinite_delta_is_skipped_not_guessed():
         "rank99": None, "method": "skipped: non-finite values"}
     a = run(pre, new)
     assert a.headline["patterns"] == []
-    assert any(n.startswith("low-rank check skipped for 1 tensors") for n in a.notes)
+    assert any(n.startswith("low-rank check skipped for 1 tensor whose") for n in a.notes)
 
 
 # ---- issue 18: zero-initialised tensors in the top tables; numbers in the notes ----------------

@@ -251,7 +251,7 @@ def test_paths_fire_would_retype(capsys, tmp_path, monkeypatch, names):
     code, out, _ = run_main(capsys, "--stats", names[0], names[1], "-o", "json")
     assert code == 0 and json.loads(out)[0]["path"] == "w"
     code, out, _ = run_main(capsys, "inspect", names[1])
-    assert code == 0 and out.splitlines()[-1] == "1 tensors, 3 parameters, 12 B"
+    assert code == 0 and out.splitlines()[-1] == "1 tensor, 3 parameters, 12 B"
 
 
 def test_double_dash_ends_flags(capsys, tmp_path, monkeypatch):

@@ -179,7 +179,7 @@ def test_changed_labels_are_reported_beside_the_tensors(tmp_path, capsys):
     np.savez(tmp_path / "b.npz", w=np.ones(3), classes=np.array(["cat", "eel"]))
     assert main([str(tmp_path / "a.npz"), str(tmp_path / "b.npz")]) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[0] == "1 tensors: 0 changed, 0 added, 0 removed, 1 unchanged; 1 metadata value differs"
+    assert out.splitlines()[0] == "1 tensor: 0 changed, 0 added, 0 removed, 1 unchanged; 1 metadata value differs"
     assert "  ~ classes: ['cat', 'dog']->['cat', 'eel']" in out
     np.save(tmp_path / "only.npy", np.array(["x"]))
     assert main([str(tmp_path / "only.npy"), str(tmp_path / "only.npy")]) == 2

@@ -487,9 +487,9 @@ def test_markdown_and_github_for_inspect_and_series(tmp_path, capsys, monkeypatc
     paths = [p.name for p in _series(tmp_path, [0.02, 0.01])]
     code, out, _ = run(capsys, "inspect", paths[0], "--output", "markdown")
     assert code == 0 and out.splitlines()[:3] == ["## torchdiff inspect: `c0.safetensors`", "",
-                                                  "2 tensors, 4160 parameters, 16640 bytes"]
+                                                  "2 tensors, 4,160 parameters, 16,640 bytes"]
     code, out, _ = run(capsys, "inspect", paths[0], "--output", "github")
-    assert out == "::notice title=torchdiff::c0.safetensors: 2 tensors, 4160 parameters, 16640 bytes\n"
+    assert out == "::notice title=torchdiff::c0.safetensors: 2 tensors, 4,160 parameters, 16,640 bytes\n"
     code, out, _ = run(capsys, "series", *paths, "--output", "github")
     assert out == ("::notice title=torchdiff::c0 → c1: 2 tensors: 1 changed, 0 added, 0 removed, 1 unchanged; "
                    "c1 → c2: 2 tensors: 1 changed, 0 added, 0 removed, 1 unchanged\n")

@@ -178,7 +178,7 @@ def test_sizes(nbytes, text):
 def test_inspect_counts_and_sizes(capsys, tmp_path):
     save_file({"emb": torch.zeros(1000, 172)}, str(tmp_path / "m.safetensors"))
     out = run(capsys, "inspect", tmp_path / "m.safetensors")[1].splitlines()
-    assert out[-1] == "1 tensors, 172,000 parameters, 688 KB"
+    assert out[-1] == "1 tensor, 172,000 parameters, 688 KB"
     assert "172,000" in out[2]
 
 
@@ -294,3 +294,16 @@ def test_the_summary_agrees_in_number_with_its_metadata_count(capsys, tmp_path):
     torch.save({"w": torch.ones(2), "epoch": 3, "lr": 0.1}, tmp_path / "c.pt")
     assert run(capsys, tmp_path / "a.pt", tmp_path / "b.pt")[1].splitlines()[0].endswith("; 1 metadata value differs")
     assert run(capsys, tmp_path / "a.pt", tmp_path / "c.pt")[1].splitlines()[0].endswith("; 2 metadata values differ")
+
+
+def test_counts_of_one_are_singular(capsys, tmp_path):
+    from torchdiff.units import counted
+
+    assert [counted(n, "tensor") for n in (0, 1, 2, 20000)] == ["0 tensors", "1 tensor", "2 tensors", "20,000 tensors"]
+    save_file({"w": torch.ones(3)}, tmp_path / "a.safetensors")
+    save_file({"w": torch.full((3,), 2.0)}, tmp_path / "b.safetensors")
+    out = run(capsys, tmp_path / "a.safetensors", tmp_path / "b.safetensors")[1].splitlines()
+    assert out[0] == "1 tensor: 1 changed, 0 added, 0 removed, 0 unchanged"
+    assert run(capsys, "inspect", tmp_path / "a.safetensors")[1].splitlines()[-1] == "1 tensor, 3 parameters, 12 B"
+    out = run(capsys, "inspect", tmp_path / "a.safetensors", "-o", "markdown")[1]
+    assert "1 tensor, 3 parameters, 12 bytes" in out

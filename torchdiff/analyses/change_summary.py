@@ -25,7 +25,7 @@ from torchdiff.figures import Comparison, group, layer_groups, stored_nbytes, su
 from torchdiff.results import (
     ADDED, CHANGED, OLD_ALL_ZERO, REMOVED, RETYPED, STATUSES, UNCHANGED, AnalysisResult, Table,
 )
-from torchdiff.units import count, human_bytes, number
+from torchdiff.units import count, counted, human_bytes, number
 
 NAME = "change_summary"
 FLAG = "change_summary"
@@ -292,8 +292,8 @@ def analyze(comparison: Comparison, options, state: dict) -> AnalysisResult:
              f"bytes {human_bytes(old_bytes)}->{human_bytes(new_bytes)}"]
     notes += [f"{p['pattern']}: {p['evidence']}" for p in patterns]
     for r, c in data.get("other_roles", {}).items():
-        notes.append(f"{r.replace('_', ' ')} not summarised (--scope {comparison.scope}): {count(sum(c.values()))} "
-                     f"tensors ({count(c[CHANGED])} changed, {count(c[ADDED])} added, {count(c[REMOVED])} removed)")
+        notes.append(f"{r.replace('_', ' ')} not summarised (--scope {comparison.scope}): "
+                     f"{counted(sum(c.values()), 'tensor')} ({count(c[CHANGED])} changed, {count(c[ADDED])} added, {count(c[REMOVED])} removed)")
     nonfinite = [(d.name, d.nonfinite_change) for d in model]
     nonfinite = [(n, c) for n, c in nonfinite if c]
     if nonfinite:  # the figures cover positions finite on both sides: say what they leave out
@@ -304,7 +304,7 @@ def analyze(comparison: Comparison, options, state: dict) -> AnalysisResult:
                      f"(they cover positions finite on both sides): {shown}" + (" ..." if len(nonfinite) > 3 else ""))
     skipped = [d.name for d in moved if str((d.extras.get(NAME) or {}).get("method", "")).startswith("skipped")]
     if skipped:
-        notes.append(f"low-rank check skipped for {count(len(skipped))} tensors whose Δ holds NaN/Inf: "
+        notes.append(f"low-rank check skipped for {counted(len(skipped), 'tensor')} whose Δ holds NaN/Inf: "
                      + ", ".join(skipped[:3]) + (" ..." if len(skipped) > 3 else ""))
     if not any(d.extras.get(NAME) for d in moved) and any(len(d.new.shape) == 2 for d in moved):
         notes.append(f"low-rank check: no changed 2-D weight with min dim ≥ {LOW_RANK_MIN_DIM}")

@@ -14,6 +14,7 @@ from typing import Any
 
 from torchdiff.render.text import _headline_value, num, printable, summary_line
 from torchdiff.results import OLD_ALL_ZERO
+from torchdiff.units import counted
 
 TOP_TENSORS = 10
 ANOMALY_SHOWN = ("critical", "high")
@@ -99,7 +100,8 @@ def _inspect(report) -> bool:
 def inspect_line(report) -> str:
     """One checkpoint: its tensors, parameters and bytes (as the text form's last line)."""
     sides = [d.new for d in report]
-    return f"{len(sides)} tensors, {sum(s.numel for s in sides)} parameters, {sum(s.nbytes for s in sides)} bytes"
+    return (f"{counted(len(sides), 'tensor')}, {counted(sum(s.numel for s in sides), 'parameter')}, "
+            f"{counted(sum(s.nbytes for s in sides), 'byte')}")
 
 
 def _analyses(report) -> list[tuple[str | None, Any]]:

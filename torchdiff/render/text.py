@@ -31,7 +31,7 @@ from tabulate import tabulate
 from torchdiff.results import (
     ADDED, CHANGED, NEW_ALL_ZERO, OLD_ALL_ZERO, REMOVED, RESHAPED, RETYPED, UNCHANGED, AnalysisResult, TensorDiff,
 )
-from torchdiff.units import human_bytes, number
+from torchdiff.units import counted, human_bytes, number
 
 _COLORS = {"~": "\033[33m", "+": "\033[32m", "-": "\033[31m"}
 _RESET = "\033[0m"
@@ -172,7 +172,7 @@ def summary_line(report) -> str:
         parts.append(f"{c[RETYPED]:,} retyped")
     parts.append(f"{c[UNCHANGED]:,} unchanged")
     meta = len(report.comparison.metadata_diffs)
-    line = f"{total:,} tensors: " + ", ".join(parts)
+    line = f"{counted(total, 'tensor')}: " + ", ".join(parts)
     if meta:
         line += f"; {meta:,} metadata value{'s differ' if meta != 1 else ' differs'}"
     return line
@@ -366,8 +366,8 @@ def inspect_table(report, width: int | None = None, top: int | None = None) -> l
     once = ~tied_side(fig, "new")
     total, nbytes = int(fig.new.numel[once].sum()), int(stored_nbytes(fig, "new").sum())
     params = int(fig.new.numel[once & fig.in_scope("params")].sum())
-    counted = f"{params:,} parameters" + (f" ({total:,} values in all)" if params != total else "")
-    return lines + [f"{len(order):,} tensors, {counted}, {human_bytes(nbytes)}"]
+    held = counted(params, "parameter") + (f" ({counted(total, 'value')} in all)" if params != total else "")
+    return lines + [f"{counted(len(order), 'tensor')}, {held}, {human_bytes(nbytes)}"]
 
 
 def _rows(report) -> list[int]:
