@@ -582,3 +582,51 @@ def test_packed_codes_not_unpacked_count_as_quantized_of_unknown_loss(tmp_path):
     # bits per weight from the packing: 128 × 32 weights in 12 × 32 words plus companions
     nbytes = sum(t.numel() * t.element_size() for k, t in sides["b"].items() if k.startswith(prefix))
     assert result.headline["bits_per_weight_new"] == pytest.approx((8 * nbytes + 32 * 8) / (128 * 32 + 8))
+
+
+def test_a_scheme_both_sides_store_is_no_quantization_step(tmp_path):
+    """Two int8 per-channel checkpoints (a quantized model and its fine-tune), and two GGUF
+    files of one block type: the change is no precision loss, and the rows say the
+    scheme is held on both sides. SQNR against float64 over the dequantized values."""
+    g = torch.Generator().manual_seed(21)
+    w0 = torch.randn(32, 64, generator=g)
+    w1 = w0 + 0.05 * torch.randn(32, 64, generator=g)
+    q0, s0 = quantize_rows(w0.numpy())
+    q1, s1 = quantize_rows(w1.numpy())
+    old = {"fc.weight": torch.from_numpy(q0), "fc.weight_scale": torch.from_numpy(s0)[:, None]}
+    new = {"fc.weight": torch.from_numpy(q1), "fc.weight_scale": torch.from_numpy(s1)[:, None]}
+    _, result = analysis(old, new)
+    row = rows(result)["fc.weight"]
+    a = q0.astype(np.float64) * s0.astype(np.float64)[:, None]
+    b = q1.astype(np.float64) * s1.astype(np.float64)[:, None]
+    assert row["scheme"] == "int8 per-channel (both sides)"
+    assert row["sqnr_db"] == pytest.approx(20 * math.log10(np.linalg.norm(a) / np.linalg.norm(b - a)), rel=1e-5)
+    assert result.headline["precision_loss"] == "not_quantized"  # it was "moderate": a fine-tune, no loss
+    assert result.headline["quantized_tensors"] == 1
+    assert any(n.startswith("no quantization step between the checkpoints: both sides store int8 per-channel")
+               for n in result.notes)
+
+    gguf = pytest.importorskip("gguf")
+    from gguf.constants import GGMLQuantizationType as Q
+    from gguf.quants import dequantize, quantize
+
+    deq = []
+    for i, w in enumerate((w0, w1)):
+        writer = gguf.GGUFWriter(str(tmp_path / f"m{i}.gguf"), arch="llama")
+        codes = quantize(w.numpy(), Q.Q4_0)
+        writer.add_tensor("blk.0.ffn_up.weight", codes, raw_dtype=Q.Q4_0)
+        writer.add_tensor("blk.0.attn_norm.weight", np.full(64, 1.0 + i, dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        deq.append(dequantize(codes, Q.Q4_0).astype(np.float64))
+    _, result = analysis(tmp_path / "m0.gguf", tmp_path / "m1.gguf")
+    measured = rows(result)
+    assert measured["blk.0.ffn_up.weight"]["scheme"] == "GGUF Q4_0 (both sides)"  # it was "none"
+    assert measured["blk.0.attn_norm.weight"]["scheme"] == "none"
+    a, b = deq
+    assert measured["blk.0.ffn_up.weight"]["sqnr_db"] == pytest.approx(
+        20 * math.log10(np.linalg.norm(a) / np.linalg.norm(b - a)), rel=1e-5)
+    assert result.headline["precision_loss"] == "not_quantized"
+    assert result.headline["quantized_tensors"] == 1

@@ -274,21 +274,31 @@ def _stored(storage: str, fmt: str) -> str:
     return f"GGUF {storage}" if storage_kind(storage) == "block" and fmt == "gguf" else storage
 
 
-def _pair_scheme(d, det_old: Detected | None, det_new: Detected | None, extras: dict, formats: tuple[str, str]) -> str:
+#: Marks a quantized storage both sides hold alike (``GGUF Q4_0 (both sides)``): no
+#: quantization step lies between them, so their change is no quantization error.
+BOTH_SIDES = " (both sides)"
+
+
+def _pair_scheme(d, det_old: Detected | None, det_new: Detected | None, extras: dict,
+                 formats: tuple[str, str]) -> tuple[str, bool]:
+    """(scheme, step): the tensor's scheme label, and whether a quantization step (a
+    change of storage, or a fake-quant grid) lies between the sides."""
     so, sn = _stored(d.old.dtype, formats[0]), _stored(d.new.dtype, formats[1])
     if det_new is not None:
         if det_old is not None and det_old.scheme != det_new.scheme:
-            return f"{det_old.scheme} → {det_new.scheme}"
-        return det_new.scheme
+            return f"{det_old.scheme} → {det_new.scheme}", True
+        return (det_new.scheme + BOTH_SIDES, False) if det_old is not None else (det_new.scheme, True)
     if det_old is not None:
-        return f"{det_old.scheme} → {sn}"
+        return f"{det_old.scheme} → {sn}", True
     if so != sn:
         block = storage_kind(d.old.dtype) == "block" or storage_kind(d.new.dtype) == "block"
-        return sn if block and storage_kind(d.old.dtype) == "float" else f"{'' if block else 'cast '}{so} → {sn}"
+        return (sn if block and storage_kind(d.old.dtype) == "float" else f"{'' if block else 'cast '}{so} → {sn}"), True
+    if storage_kind(d.old.dtype) == "block":  # one GGUF block type on both sides
+        return so + BOTH_SIDES, False
     levels = extras.get("levels")
     if levels is not None and d.is_difference:
-        return f"fake-quant {max(1, math.ceil(math.log2(levels)))}-bit grid (stored {sn})"
-    return "none"
+        return f"fake-quant {max(1, math.ceil(math.log2(levels)))}-bit grid (stored {sn})", True
+    return "none", False
 
 
 def covered_roles(scope: str) -> frozenset[str]:
@@ -386,9 +396,11 @@ def analyze(comparison, options, state: dict) -> AnalysisResult:
             continue
         m = d.metrics
         extras = d.extras.get(NAME) or {}
+        scheme, step = _pair_scheme(d, det_old, det_new, extras, (comparison.old_format, comparison.new_format))
         rows.append({
             "tensor": d.name,
-            "scheme": _pair_scheme(d, det_old, det_new, extras, (comparison.old_format, comparison.new_format)),
+            "scheme": scheme,
+            "_step": step,
             "params": d.old.numel,
             "bytes_old": d.old.nbytes,
             "bytes_new": d.new.nbytes,
@@ -403,7 +415,8 @@ def analyze(comparison, options, state: dict) -> AnalysisResult:
             "_sq": (m.norm_old**2, m.norm_new**2, m.l2**2, m.dot),
         })
 
-    quantized = [r for r in rows if r["scheme"] != "none"]
+    quantized = [r for r in rows if r["_step"]]  # a quantization step between the sides
+    stored_quantized = [r for r in rows if r["scheme"] != "none"]  # steps, and schemes both sides hold
     signal = sum(r["_sq"][0] for r in rows)
     noise = sum(r["_sq"][2] for r in rows)
     total_sqnr = sqnr_db(signal, noise) if rows else math.nan
@@ -457,8 +470,13 @@ def analyze(comparison, options, state: dict) -> AnalysisResult:
         notes.append(f"precision figures cover the {count(len(quantized))} measured quantized tensor(s); "
                      f"{count(len(unmeasured))} more could not be dequantized (reasons below): {_list(unmeasured)}")
     elif rows and not quantized:
-        notes.append("no quantization detected (each tensor keeps its dtype): the figures measure the whole "
-                     "change between the checkpoints, not a quantization error")
+        kept = sorted({r["scheme"][: -len(BOTH_SIDES)] for r in rows if r["scheme"].endswith(BOTH_SIDES)})
+        if kept:
+            notes.append(f"no quantization step between the checkpoints: both sides store {', '.join(kept)}; "
+                         "the figures measure the whole change between them, not a quantization error")
+        else:
+            notes.append("no quantization detected (each tensor keeps its dtype): the figures measure the whole "
+                         "change between the checkpoints, not a quantization error")
     for reason, names in failed.items():
         notes.append(f"not dequantized ({count(len(names))}), {reason}: {_list(names)}")
     if integer:
@@ -480,7 +498,7 @@ def analyze(comparison, options, state: dict) -> AnalysisResult:
         "sqnr_db": total_sqnr,
         "bits_per_weight_old": bits_old,
         "bits_per_weight_new": bits_new,
-        "quantized_tensors": len(quantized) + len(unmeasured),
+        "quantized_tensors": len(stored_quantized) + len(unmeasured),
     }
     data = {
         "precision_loss_thresholds_db": {name: t for t, name in THRESHOLDS_DB},
