@@ -339,3 +339,24 @@ def test_pickle_protocol_4_says_what_reads_it(tmp_path, capsys):
         torchdiff.load(tmp_path / "p4.pt").close()
     except torchdiff.CorruptFileError as e:
         assert "pickle protocol 4 or 5" in str(e) and "--unsafe-pickle" in str(e)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_a_named_pipe_or_a_device_is_refused_not_waited_on(tmp_path, good, capsys):
+    """A FIFO with no writer blocked the first read forever; a device is no checkpoint.
+    Run in a child with a timeout, so that a regression fails instead of hanging."""
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "p.safetensors"
+    os.mkfifo(fifo)
+    for argv in ([fifo, good], [good, fifo], ["inspect", fifo], ["hash", fifo]):
+        run = subprocess.run([sys.executable, "-m", "torchdiff", *map(str, argv)], capture_output=True, text=True,
+                             timeout=120)
+        assert run.returncode == 2 and run.stdout == ""
+        assert run.stderr == (f"torchdiff: error: {fifo}: is a named pipe, not a checkpoint file (torchdiff reads "
+                              "regular files and directories)\n")
+    if os.path.exists("/dev/null"):
+        err = cli_error(capsys, "/dev/null", good, "--format", "safetensors")
+        assert err == ("torchdiff: error: /dev/null: is a character device, not a checkpoint file (torchdiff reads "
+                       "regular files and directories)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import stat
 from typing import Any, Mapping
 
 import torch
@@ -100,6 +101,20 @@ def detect_format(path: str) -> str:
     return found
 
 
+_SPECIAL_FILES = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                  (stat.S_ISBLK, "a block device"))
+
+
+def _check_regular(path: str) -> None:
+    """A checkpoint is a regular file or a directory: a named pipe with no writer would
+    block the first read forever (and none can be mapped), a device never ends."""
+    mode = os.stat(path).st_mode
+    for test, what in _SPECIAL_FILES:
+        if test(mode):
+            raise UnknownFormatError(f"{path}: is {what}, not a checkpoint file (torchdiff reads regular files "
+                                     "and directories)")
+
+
 def load(path: Any, format: str | None = None, *, unsafe_pickle: bool = False) -> Checkpoint:
     """Open a checkpoint lazily (headers only; tensor bytes are read on demand).
 
@@ -121,6 +136,7 @@ def load(path: Any, format: str | None = None, *, unsafe_pickle: bool = False) -
         raise UsageError(f"unknown --format {format!r} (choose from {', '.join(format_names)})")
     if not os.path.exists(path):
         raise InputNotFoundError(f"{path}: no such file or directory")
+    _check_regular(path)
     if os.path.isdir(path) and format not in (None, "sharded", "dcp"):
         raise InputNotFoundError(f"{path}: is a directory (use -r to compare directories file by file)")
     fmt = format or detect_format(path)
