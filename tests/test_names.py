@@ -87,6 +87,16 @@ TABLE = [
     # torch.nn.LSTM, MultiheadAttention
     ("lstm.weight_hh_l1", "parameter", "other", "lstm.l1"),
     ("attn.in_proj_weight", "parameter", "attn_qkv", "attn"),
+    # slash-separated names (TensorFlow BERT, Keras, Flax/JAX saved to .npz): "/" splits, and a
+    # numbered component (layer_3, TransformerBlock_0) is a block as "3" is in a dotted name
+    ("bert/encoder/layer_3/attention/self/query/kernel", "parameter", "attn_q", "bert/encoder/layer_3"),
+    ("bert/encoder/layer_3/output/LayerNorm/gamma", "parameter", "norm", "bert/encoder/layer_3"),
+    ("params/TransformerBlock_0/Attention_0/query/kernel", "parameter", "attn_q", "params/TransformerBlock_0"),
+    ("params/layers/2/mlp/wi/kernel", "parameter", "mlp_up", "params/layers/2"),
+    ("dense_1/kernel:0", "parameter", "other", "dense_1"),
+    ("params/embed/embedding", "parameter", "embedding", "params/embed"),
+    # ... but a dotted name keeps its rules: blocks_3 is a module, not block 3
+    ("blocks_3.attn.qkv.weight", "parameter", "attn_qkv", "blocks_3.attn.qkv"),
 ]
 
 
@@ -222,3 +232,20 @@ def test_a_torch_ao_modules_output_qparams_are_companions():
     assert N.roles(specs) == {"q.scale": "quant_companion", "q.zero_point": "quant_companion",
                               "fc1.scale": "quant_companion", "fc1.zero_point": "quant_companion",
                               "fc1.weight": "parameter", "norm.scale": "parameter"}
+
+
+@pytest.mark.parametrize("layer, index", [("h.3", 3), ("model.layers.12", 12), ("blk.7", 7), ("conv_1", None),
+                                          ("bert/encoder/layer_3", 3), ("params/layers/2", 2), ("dense_1", None),
+                                          ("transformer.ln_f", None)])
+def test_block_index(layer, index):
+    assert N.block_index(layer) == index
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("layers.3.fc1.weight", "layers.*.fc1.weight"),
+    ("blocks_3.fc1.weight", "blocks_3.fc1.weight"),
+    ("params/layers_3/mlp/kernel", "params/layers_*/mlp/kernel"),
+    ("bert/encoder/layer_11/attention/self/query/kernel", "bert/encoder/layer_*/attention/self/query/kernel"),
+])
+def test_pattern_puts_a_star_where_the_block_number_is(name, expected):
+    assert N.pattern(name) == expected

@@ -280,17 +280,38 @@ def is_quantized_storage(dtype: Any) -> bool:
 _RNN_LAYER = re.compile(r"^(?:weight|bias)_(?:ih|hh|hr)_(l\d+)(?:_reverse)?$")
 
 
+#: A numbered component of a slash-separated name: ``layer_0`` (TensorFlow BERT),
+#: ``layers_3``, ``TransformerBlock_0`` (Flax's auto-named submodules).
+_NUMBERED = re.compile(r"^[A-Za-z]\w*?_(\d+)$")
+
+
+def _separator(name: str) -> str:
+    """``/`` for a name written with slashes and no dot (TensorFlow, Keras, Flax and JAX
+    names saved to ``.npz``: ``params/Dense_0/kernel``), else ``.``."""
+    return "/" if "/" in name and "." not in name else "."
+
+
+def _block(part: str, sep: str) -> str | None:
+    """The block number a name component stands for: its digits (``3``); with ``/``
+    names also a numbered component's (``layer_3``); else None."""
+    if part.isdigit():
+        return part
+    m = _NUMBERED.match(part) if sep == "/" else None
+    return m.group(1) if m else None
+
+
 @lru_cache(maxsize=65536)
 def _default_layer(name: str) -> str:
-    ps = name.split(".")
+    sep = _separator(name)
+    ps = name.split(sep)
     for i, part in enumerate(ps[:-1]):
-        if part.isdigit() and i > 0:
-            return ".".join(ps[: i + 1])
+        if i > 0 and _block(part, sep) is not None:
+            return sep.join(ps[: i + 1])
     rnn = _RNN_LAYER.match(ps[-1])
     if rnn:  # torch.nn.LSTM/GRU/RNN: weight_ih_l0, bias_hh_l1_reverse -> layer l0, l1
-        return ".".join(ps[:-1] + [rnn.group(1)])
+        return sep.join(ps[:-1] + [rnn.group(1)])
     if len(ps) > 1:
-        return ".".join(ps[:-1])
+        return sep.join(ps[:-1])
     return name
 
 
@@ -319,16 +340,25 @@ def layer_of(name: str, pattern: "re.Pattern[str] | str | None" = None) -> str:
 
 
 def block_index(layer: str) -> int | None:
-    """The block number of a numbered layer name (``h.3`` -> 3), else None."""
-    last = layer.rsplit(".", 1)[-1]
-    return int(last) if last.isdigit() else None
+    """The block number of a numbered layer name (``h.3`` -> 3, ``bert/encoder/layer_3``
+    -> 3), else None."""
+    sep = _separator(layer)
+    block = _block(layer.rsplit(sep, 1)[-1], sep)
+    return int(block) if block is not None else None
 
 
 @lru_cache(maxsize=65536)
 def pattern(name: str) -> str:
     """The name with numeric components as ``*``: ``layers.3.fc1.weight`` ->
-    ``layers.*.fc1.weight``; tensors of one pattern do one job in different blocks."""
-    return ".".join("*" if p.isdigit() else p for p in name.split("."))
+    ``layers.*.fc1.weight`` (``params/layers_3/mlp/kernel`` -> ``params/layers_*/mlp/kernel``);
+    tensors of one pattern do one job in different blocks."""
+    sep = _separator(name)
+    return sep.join(_pattern_part(p, sep) for p in name.split(sep))
+
+
+def _pattern_part(part: str, sep: str) -> str:
+    block = _block(part, sep)
+    return part if block is None else part[: len(part) - len(block)] + "*"
 
 
 # ---- structure ------------------------------------------------------------------------
