@@ -353,3 +353,204 @@ def test_series_figures_leave_optimizer_state_out_whatever_the_scope(tmp_path):
     model = compare_series(paths, scope="model", analyses=["convergence_analysis"])
     assert every.analysis("convergence_analysis").headline == model.analysis("convergence_analysis").headline
     assert every.steps[1].comparison.scope == "all"
+
+
+# ---- names: the pair comparison's container prefixes and wrapper segments ----------------------
+
+def _model(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"fc.weight": torch.randn(8, 6, generator=g), "fc.bias": torch.randn(8, generator=g),
+            "out.weight": torch.randn(3, 8, generator=g)}
+
+
+def _drift(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """n versions of one model's state, each step smaller than the last (float32)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    out = [_model(seed)]
+    for t in range(1, n):
+        out.append({k: v + 0.3 ** t * torch.randn(v.shape, generator=g) for k, v in out[-1].items()})
+    return out
+
+
+def _saved(tmp_path, states, kinds):
+    """Each state saved as its kind says: ``pt`` ({"model": sd, "epoch": i}, a training
+    checkpoint), ``pt+adam`` (the same, with an Adam optimizer's state), ``ddp`` (the bare
+    state_dict of a DDP model, every name under ``module.``), ``compiled`` (safetensors of a
+    torch.compile'd model: ``_orig_mod.``) or ``st`` (plain safetensors)."""
+    paths = []
+    for i, (sd, kind) in enumerate(zip(states, kinds)):
+        if kind.startswith("pt"):
+            path = tmp_path / f"c{i}.pt"
+            obj: dict = {"model": {k: v.clone() for k, v in sd.items()}, "epoch": i}
+            if kind == "pt+adam":
+                params = [torch.nn.Parameter(v.clone()) for v in sd.values()]
+                opt = torch.optim.Adam(params, lr=1e-3)
+                sum((p * p).sum() for p in params).backward()
+                opt.step()
+                obj["optimizer"] = opt.state_dict()
+            torch.save(obj, path)
+        elif kind == "ddp":
+            path = tmp_path / f"c{i}.pt"
+            torch.save({f"module.{k}": v.clone() for k, v in sd.items()}, path)
+        else:
+            path = tmp_path / f"c{i}.safetensors"
+            prefix = "_orig_mod." if kind == "compiled" else ""
+            save_file({prefix + k: v.contiguous() for k, v in sd.items()}, str(path))
+        paths.append(str(path))
+    return paths
+
+
+def _check_figures(report, states, names=("fc.weight", "fc.bias", "out.weight")):
+    """The series figures against float64 NumPy over the same tensors: per-step update
+    norms, rel_update, update cosines, distance from the first checkpoint, the cosine
+    and relative-distance matrices; each step's global rel_l2."""
+    x = np.stack([np.concatenate([s[k].double().numpy().ravel() for k in names]) for s in states])
+    norms = np.linalg.norm(x, axis=1)
+    deltas = np.diff(x, axis=0)
+    u = np.linalg.norm(deltas, axis=1)
+    per_step = report.analysis("convergence_analysis").data["per_step"]
+    assert len(per_step) == len(states) - 1
+    np.testing.assert_allclose([s["update_norm"] for s in per_step], u, rtol=1e-9)
+    np.testing.assert_allclose([s["rel_update"] for s in per_step], u / norms[:-1], rtol=1e-9)
+    np.testing.assert_allclose([s["weight_norm"] for s in per_step], norms[1:], rtol=1e-9)
+    dist = np.linalg.norm(x[1:] - x[0], axis=1)
+    np.testing.assert_allclose([s["distance_from_first"] for s in per_step], dist, rtol=1e-9)
+    cos_u = [deltas[t - 1] @ deltas[t] / (u[t - 1] * u[t]) for t in range(1, len(u))]
+    np.testing.assert_allclose([s["update_cosine"] for s in per_step][1:], cos_u, rtol=1e-7, atol=1e-9)
+    sim = report.analysis("similarity_matrix").data
+    np.testing.assert_allclose(sim["cosine"], (x @ x.T) / np.outer(norms, norms), rtol=1e-9, atol=1e-12)
+    rel = np.linalg.norm(x[None, :, :] - x[:, None, :], axis=2) / norms[:, None]
+    np.testing.assert_allclose(sim["rel_distance"], rel, rtol=1e-9, atol=1e-12)
+    for t, step in enumerate(report.steps):
+        assert step.scalars()["torchdiff/global_rel_l2"] == pytest.approx(u[t] / norms[t], rel=1e-6)
+
+
+def _step_names(report) -> list[set[str]]:
+    return [{d.name for d in step.comparison.diffs} for step in report.steps]
+
+
+ANALYSES = ["convergence_analysis", "similarity_matrix"]
+
+
+def test_series_drops_a_container_prefix_as_a_pair_does(tmp_path, capsys):
+    """A training checkpoint ({"model": state_dict}) followed by safetensors exports: the
+    series pairs ``model.fc.weight`` with ``fc.weight``, as ``torchdiff OLD NEW`` does, and
+    reports the short names; step 0 says so in the pair's own ``pairing`` section."""
+    states = _drift(3)
+    paths = _saved(tmp_path, states, ["pt", "st", "st"])
+    report = compare_series(paths, analyses=ANALYSES)
+    _check_figures(report, states)
+    assert _step_names(report) == [set(states[0])] * 2
+    assert not report.notes
+    pair = torchdiff.compare(paths[0], paths[1])
+    section = report.steps[0].analysis("pairing")
+    assert section is not None and section.to_dict() == pair.analysis("pairing").to_dict()
+    assert section.headline == {"dropped_prefix": "model.", "side": "old"}
+    assert report.steps[1].analysis("pairing") is None
+    assert report.steps[0].scalars() == pytest.approx(pair.scalars(), rel=1e-12, nan_ok=True)
+    # the CLI: no refusal, the section under step 0, a JSON item with its step
+    assert main(["series", *paths]) == 0
+    out = capsys.readouterr().out
+    assert "\nc0.pt -> c1.safetensors\n  pairing: dropped_prefix=model., side=old\n" in out
+    assert "    note: paired names with the prefix 'model.' dropped from" in out
+    assert main(["series", *paths, "--output", "json"]) == 0
+    items = json.loads(capsys.readouterr().out)
+    pairing = [i for i in items if i["type"] == "pairing"]
+    assert len(pairing) == 1 and pairing[0]["step"] == 0
+    assert pairing[0]["old_prefix"] == "model." and pairing[0]["new_prefix"] == ""
+
+
+@pytest.mark.parametrize("kinds", [["ddp", "st", "st"], ["compiled", "st", "compiled"],
+                                   ["st", "ddp", "compiled", "st"]])
+def test_series_drops_wrapper_segments(tmp_path, kinds):
+    """DDP's ``module.`` and torch.compile's ``_orig_mod.``, on any checkpoint of the
+    series: every checkpoint under the short names, figures over the same tensors."""
+    states = _drift(len(kinds))
+    paths = _saved(tmp_path, states, kinds)
+    report = compare_series(paths, analyses=ANALYSES)
+    _check_figures(report, states)
+    assert _step_names(report) == [set(states[0])] * (len(kinds) - 1)
+    for t in range(len(kinds) - 1):
+        section = report.steps[t].analysis("pairing")
+        if kinds[t] == "st" and kinds[t + 1] == "st":
+            assert section is None
+        else:
+            assert section is not None and "dropped_wrapper" in section.headline
+    if kinds == ["ddp", "st", "st"]:
+        pair = torchdiff.compare(paths[0], paths[1])
+        assert report.steps[0].analysis("pairing").to_dict() == pair.analysis("pairing").to_dict()
+
+
+def test_series_where_every_checkpoint_has_the_prefix_keeps_its_names(tmp_path):
+    """Nothing to drop: every file stores ``model.``; the names stay as stored, no
+    ``pairing`` section."""
+    states = _drift(3)
+    paths = _saved(tmp_path, states, ["pt", "pt", "pt"])
+    report = compare_series(paths, analyses=ANALYSES)
+    _check_figures(report, states)
+    assert _step_names(report) == [{f"model.{k}" for k in states[0]}] * 2
+    assert all(step.analysis("pairing") is None for step in report.steps)
+
+
+def test_only_the_first_of_many_has_the_prefix_and_optimizer_state(tmp_path):
+    """The first checkpoint a .pt with the model under ``model`` and Adam state, then
+    safetensors: model tensors pair under the short names in every step; the optimizer
+    state keeps its names, stays optimizer state and out of the series figures, whatever
+    --scope."""
+    states = _drift(4, seed=5)
+    paths = _saved(tmp_path, states, ["pt+adam", "st", "st", "st"])
+    for scope in ("params", "all"):
+        report = compare_series(paths, analyses=ANALYSES, scope=scope)
+        _check_figures(report, states)
+        roles = [{d.name: d.role for d in step.comparison.diffs} for step in report.steps]
+        assert [{n for n, r in step.items() if r == "parameter"} for step in roles] == [set(states[0])] * 3
+        assert {n: r for n, r in roles[0].items() if r != "parameter"} == {
+            f"optimizer.state.{i}.{f}": "optimizer_state" for i in range(3) for f in ("step", "exp_avg", "exp_avg_sq")}
+        removed = {d.name for d in report.steps[0].comparison.diffs if d.status == "removed"}
+        assert removed == {n for n in roles[0] if n.startswith("optimizer.state.")}
+        assert [s.analysis("pairing") is not None for s in report.steps] == [True, False, False]
+
+
+def test_a_prefix_on_middle_checkpoints_is_dropped_on_both_sides_of_their_step(tmp_path):
+    """safetensors, .pt, .pt, safetensors: one name per tensor across the series, so the
+    step between the two .pt files drops ``model.`` from both sides and says so."""
+    states = _drift(4, seed=2)
+    paths = _saved(tmp_path, states, ["st", "pt", "pt", "st"])
+    report = compare_series(paths, analyses=ANALYSES)
+    _check_figures(report, states)
+    assert _step_names(report) == [set(states[0])] * 3
+    heads = [s.analysis("pairing").headline for s in report.steps]
+    assert heads == [{"dropped_prefix": "model.", "side": "new"},
+                     {"dropped_prefix": "model.", "side": "old, new"},
+                     {"dropped_prefix": "model.", "side": "old"}]
+    both = report.steps[1].analysis("pairing")
+    assert both.data == {"old_prefix": "model.", "new_prefix": "model."}
+    assert both.notes == (f"paired names with the prefix 'model.' dropped from the old side ({paths[1]})",
+                          f"paired names with the prefix 'model.' dropped from the new side ({paths[2]})")
+
+
+def test_a_base_with_the_prefix_pairs_with_the_series(tmp_path):
+    """--base: a .pt base (``model.``) with safetensors checkpoints: the task vectors are
+    over the same tensors (float64 reference), and a note names what was dropped."""
+    states = _drift(4, seed=7)
+    paths = _saved(tmp_path, states, ["pt", "st", "st", "st"])
+    report = compare_series(paths[1:], analyses=["similarity_matrix"], base=paths[0])
+    tv = report.analysis("similarity_matrix").data["task_vectors"]
+    names = list(states[0])
+    x = np.stack([np.concatenate([s[k].double().numpy().ravel() for k in names]) for s in states])
+    taus = x[1:] - x[0]
+    tn = np.linalg.norm(taus, axis=1)
+    np.testing.assert_allclose(tv["cosine"], (taus @ taus.T) / np.outer(tn, tn), rtol=1e-9, atol=1e-12)
+    assert report.notes == (f"the base's names paired with the prefix 'model.' dropped ({paths[0]})",)
+
+
+@pytest.mark.parametrize("kinds", [["pt", "st"], ["st", "pt"], ["ddp", "st"], ["st", "compiled"]])
+def test_two_checkpoint_series_pairs_as_compare(tmp_path, kinds):
+    """A series of two is the pair comparison: the same names, figures and section."""
+    states = _drift(2, seed=3)
+    paths = _saved(tmp_path, states, kinds)
+    report = compare_series(paths, analyses=["change_summary"])
+    pair = torchdiff.compare(paths[0], paths[1], analyses=["change_summary"])
+    assert [d.name for d in report.steps[0].comparison.diffs] == [d.name for d in pair.comparison.diffs]
+    assert report.steps[0].analysis("pairing").to_dict() == pair.analysis("pairing").to_dict()
+    assert report.steps[0].scalars() == pytest.approx(pair.scalars(), rel=1e-12, nan_ok=True)

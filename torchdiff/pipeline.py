@@ -291,12 +291,12 @@ def compare_checkpoints(old: Checkpoint, new: Checkpoint, options: Options, engi
     extra = tuple(r for r in (_directory_result(old, new), _records_result(old, new), _dtensor_result(old, new),
                               dequantized_result(options), unreadable) if r is not None)
     if dropped:
-        extra = (_pairing_result(old, new, dropped),) + extra
+        extra = (pairing_result(old, new, dropped),) + extra
     if extra:  # what pairing dropped, what was dequantized, what could not be read: before the analyses
         report = dataclasses.replace(report, analyses=extra + report.analyses)
     return report
 
-def _pairing_result(old: Checkpoint, new: Checkpoint, dropped: Dropped) -> AnalysisResult:
+def pairing_result(old: Checkpoint, new: Checkpoint, dropped: Dropped) -> AnalysisResult:
     """What pairing dropped, as a section named ``pairing`` (a text section, a JSON item)."""
     headline: dict[str, str] = {}
     data: dict[str, object] = {}
@@ -306,20 +306,27 @@ def _pairing_result(old: Checkpoint, new: Checkpoint, dropped: Dropped) -> Analy
         data.update(old_name=dropped.single[0], new_name=dropped.single[1])
         notes.append(f"one array a side (.npy, each named by its file): the new side's {dropped.single[1]!r} "
                      f"compared with the old side's {dropped.single[0]!r}, under that name")
-    if dropped.old_prefix or dropped.new_prefix:
-        side, prefix, name = (("old", dropped.old_prefix, old.name) if dropped.old_prefix
-                              else ("new", dropped.new_prefix, new.name))
-        headline.update(dropped_prefix=prefix, side=side)
+    # each side that lost a prefix or wrapper segments: a note each; the headline names both
+    # (``side=old, new``) when both did (a series step between two renamed checkpoints)
+    prefixes = [(side, prefix, name) for side, prefix, name in (("old", dropped.old_prefix, old.name),
+                                                               ("new", dropped.new_prefix, new.name)) if prefix]
+    if prefixes:
+        headline.update(dropped_prefix=", ".join(dict.fromkeys(p for _, p, _ in prefixes)),
+                        side=", ".join(side for side, _, _ in prefixes))
         data.update(old_prefix=dropped.old_prefix, new_prefix=dropped.new_prefix)
-        notes.append(f"paired names with the prefix {prefix!r} dropped from the {side} side ({name})")
-    for side, segments, name in (("old", dropped.old_wrappers, old.name), ("new", dropped.new_wrappers, new.name)):
-        if segments:
-            shown = ", ".join(f"{s}." for s in segments)
-            headline.update(dropped_wrapper=shown, wrapper_side=side)
-            data[f"{side}_wrappers"] = [f"{s}." for s in segments]
-            made_by = " and ".join(WRAPPER_SEGMENTS[s] for s in segments)
-            notes.append(f"paired names with {shown} dropped from the {side} side ({name}): the names "
-                         f"{made_by} gives a model it wraps")
+        notes += [f"paired names with the prefix {prefix!r} dropped from the {side} side ({name})"
+                  for side, prefix, name in prefixes]
+    wrapped = [(side, ", ".join(f"{s}." for s in segments), segments, name)
+               for side, segments, name in (("old", dropped.old_wrappers, old.name),
+                                            ("new", dropped.new_wrappers, new.name)) if segments]
+    if wrapped:
+        headline.update(dropped_wrapper=", ".join(dict.fromkeys(shown for _, shown, _, _ in wrapped)),
+                        wrapper_side=", ".join(side for side, _, _, _ in wrapped))
+    for side, shown, segments, name in wrapped:
+        data[f"{side}_wrappers"] = [f"{s}." for s in segments]
+        made_by = " and ".join(WRAPPER_SEGMENTS[s] for s in segments)
+        notes.append(f"paired names with {shown} dropped from the {side} side ({name}): the names "
+                     f"{made_by} gives a model it wraps")
     return AnalysisResult(name="pairing", headline=headline, data=data, notes=tuple(notes))
 
 

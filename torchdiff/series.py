@@ -28,6 +28,7 @@ The series analyses are the modules in ``torchdiff.analyses`` that define
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -48,9 +49,11 @@ from torchdiff.formats.base import Checkpoint, TensorHandle, check_unchanged
 from torchdiff.names import (
     OPTIMIZER_STATE, SCOPES, TRAINING_STATE, compile_pattern, is_float_storage, optimizer_param, roles_over,
 )
-from torchdiff.pairing import Pair, annotate, check_selected, compile_filters, pair_metadata
+from torchdiff.pairing import (
+    WRAPPER_SEGMENTS, Dropped, Pair, annotate, check_selected, compile_filters, drop_prefix, pair_metadata,
+)
 from torchdiff.pipeline import (
-    CORE_OPTIONS, Options, build_report, make_options, open_checkpoint, unknown_option,
+    CORE_OPTIONS, Options, pairing_result, build_report, make_options, open_checkpoint, unknown_option,
 )
 from torchdiff.report import SeriesReport
 from torchdiff.results import AnalysisResult, MetadataDiff, TensorStats
@@ -109,6 +112,11 @@ class SeriesData:
     step_states: tuple[dict, ...] = ()  # per step: {analysis: its per-run state}
     dropped: tuple[str, ...] = ()  # --common-only: tensors not in every checkpoint
     left_out: dict[str, list[str]] = field(default_factory=dict)
+    #: per step: the ``pairing`` section (what was dropped from the names of its two
+    #: checkpoints, as a pair comparison says it), or None
+    step_pairing: tuple[AnalysisResult | None, ...] = ()
+    #: what was dropped from the names of a base that is not a series checkpoint
+    base_pairing: tuple[str, ...] = ()
 
     @property
     def n(self) -> int:
@@ -312,6 +320,10 @@ class _Pass:
             if self.base_row == self.n:
                 self.rows.append(u)
         self.m = len(self.rows)
+        # one name per tensor across the series, by the pair comparison's rule: the base
+        # (when not a series checkpoint) next to the first checkpoint, then series order
+        order = self.rows[self.n:] + self.rows[: self.n]
+        self.uniq, self.names_dropped = pair_series(self.uniq, order)
 
     def run(self) -> SeriesData:
         options = self.options
@@ -453,7 +465,8 @@ class _Pass:
             nonfinite=self.acc_bad.cpu().numpy(), steps=self._comparisons(ckpts, keep),
             device=str(dev), order=options.sort, base_row=self.base_row,
             left_out={k: v for k, v in left_out.items() if v}, step_states=tuple(self.step_states),
-            dropped=tuple(self.dropped),
+            dropped=tuple(self.dropped), step_pairing=tuple(self._pairing(t) for t in range(self.n - 1)),
+            base_pairing=self._base_pairing(),
         )
         if self.base_row is not None:
             data.base_label = self.uniq[self.rows[self.base_row]].name
@@ -467,6 +480,39 @@ class _Pass:
                 for u in self.rows[: self.n]
             )
         return data
+
+    # -- names --
+
+    def _step_dropped(self, t: int) -> Dropped:
+        """What was dropped from the names of step t's two checkpoints (old, new)."""
+        a, b = (self.names_dropped[u] for u in self.rows[t: t + 2])
+        return Dropped(a.old_prefix, b.old_prefix, a.old_wrappers, b.old_wrappers, (a.stored[0], b.stored[0]))
+
+    def _pairing(self, t: int) -> AnalysisResult | None:
+        """Step t's ``pairing`` section, the pair comparison's own (``side=old, new`` where
+        both checkpoints' names were shortened); None where nothing was dropped."""
+        dropped = self._step_dropped(t)
+        if not dropped:
+            return None
+        old, new = (Checkpoint(name=self.labels[k], format="", tensors={}) for k in (t, t + 1))
+        return pairing_result(old, new, dropped)
+
+    def _base_pairing(self) -> tuple[str, ...]:
+        """Notes on what was dropped from the names of a base outside the series (no step
+        shows it)."""
+        if self.base_row is None or self.base_row < self.n:
+            return ()
+        base = self.uniq[self.rows[self.base_row]]
+        dropped = self.names_dropped[self.rows[self.base_row]]
+        notes = []
+        if dropped.old_prefix:
+            notes.append(f"the base's names paired with the prefix {dropped.old_prefix!r} dropped ({base.name})")
+        if dropped.old_wrappers:
+            shown = ", ".join(f"{s}." for s in dropped.old_wrappers)
+            made_by = " and ".join(WRAPPER_SEGMENTS[s] for s in dropped.old_wrappers)
+            notes.append(f"the base's names paired with {shown} dropped ({base.name}): the names {made_by} "
+                         "gives a model it wraps")
+        return tuple(notes)
 
     # -- batching --
 
@@ -725,8 +771,55 @@ class _Pass:
                 figures=figures, metadata_diffs=meta, old_metadata=dict(old.metadata),
                 new_metadata=dict(new.metadata), device=str(self.device), epsilon=self.options.epsilon,
                 scope=self.options.scope, layer_pattern=self.options.get("layer_pattern"),
+                stored_names=self._step_dropped(t).stored,
             ))
         return tuple(out)
+
+
+def pair_series(ckpts: list[Checkpoint], order: Sequence[int]) -> tuple[list[Checkpoint], list[Dropped]]:
+    """Every checkpoint under the names the series pairs by, and what was dropped from
+    each one's names (a ``Dropped`` of one side: ``old_prefix``, ``old_wrappers``,
+    ``stored[0]``: short name -> the name the file stores).
+
+    The pair comparison's rule (:func:`torchdiff.pairing.drop_prefix`: a container
+    prefix where one of the two is a PyTorch pickle or DCP, wrapper segments between any
+    formats) is applied to each two checkpoints next to each other in ``order``
+    (indices into ``ckpts``), over and over until no name changes: a checkpoint takes the
+    short names a neighbour pairs it by and passes them on, so every checkpoint holds
+    one name per tensor (two .pt files followed by a safetensors export all drop
+    ``model.``). Each drop only shortens names, so this ends; neighbours that hold the
+    same names (nothing pairs more) or were checked as they are now are passed over. Two
+    one-array ``.npy`` files named by their stems are a pair's rule only, not followed
+    here. The views share the checkpoints' handles (closing stays with the originals).
+    """
+    views = list(ckpts)
+    prefixes = [""] * len(views)
+    wrappers: list[tuple[str, ...]] = [()] * len(views)
+    neighbours = [(u, v) for u, v in zip(order, order[1:]) if u != v]
+    version = [0] * len(views)  # how many times each checkpoint's names changed
+    checked: set[tuple[int, int, int, int]] = set()  # (u, v, versions): drop_prefix ran on them as they are
+    changed = True
+    while changed:  # forward, then backward: a name change travels the whole series in one sweep
+        changed = False
+        for u, v in neighbours + neighbours[::-1]:
+            if (u, v, version[u], version[v]) in checked or views[u].tensors.keys() == views[v].tensors.keys():
+                continue  # checked as they are, or the same names: nothing pairs more
+            old, new, found = drop_prefix(views[u], views[v])
+            if found and not found.single:
+                for k, view, prefix, segments in ((u, old, found.old_prefix, found.old_wrappers),
+                                                  (v, new, found.new_prefix, found.new_wrappers)):
+                    if list(view.tensors) != list(views[k].tensors):
+                        views[k] = view
+                        version[k] += 1
+                        prefixes[k] += prefix
+                        wrappers[k] = tuple(s for s in WRAPPER_SEGMENTS if s in wrappers[k] or s in segments)
+                        changed = True
+            checked.add((u, v, version[u], version[v]))  # as compare: one drop_prefix a pair
+    dropped = []
+    for ckpt, view, prefix, segments in zip(ckpts, views, prefixes, wrappers):
+        stored = {short: name for name, short in zip(ckpt.tensors, view.tensors) if short != name}
+        dropped.append(Dropped(old_prefix=prefix, old_wrappers=segments, stored=(stored, {})))
+    return views, dropped
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -760,6 +853,10 @@ def _build(data: SeriesData, options: Options, base_name: str | None) -> SeriesR
     step_options["analyses"] = tuple(pair_names)
     steps = tuple(build_report(comp, step_options, dict(state))
                   for comp, state in zip(data.steps, data.step_states))
+    if any(data.step_pairing):  # what pairing dropped: before the step's analyses, as for a pair
+        steps = tuple(step if section is None else dataclasses.replace(step, analyses=(section,) + step.analyses)
+                      for step, section in zip(steps, data.step_pairing))
+    notes += data.base_pairing
     if data.dropped:
         shown = ", ".join(data.dropped[:5]) + (f" (+{count(len(data.dropped) - 5)} more)"
                                                if len(data.dropped) > 5 else "")
