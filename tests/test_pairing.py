@@ -33,6 +33,8 @@ def _model_state(seed: int) -> dict[str, torch.Tensor]:
     (["x.module"], ["x"], ((), ())),  # a last component is a tensor's own name, never a wrapper
     (["a", "b"], ["c", "d"], ((), ())),
     ([], [], ((), ())),
+    (["module.a", "module.b"], ["_orig_mod.a", "_orig_mod.b"], (("module",), ("_orig_mod",))),  # DDP vs compiled
+    (["module.a", "b"], ["_orig_mod.a", "b"], (("module",), ("_orig_mod",))),
 ])
 def test_dropped_wrappers(old, new, want):
     assert dropped_wrappers(old, new) == want
@@ -152,3 +154,19 @@ def test_a_tied_weight_one_file_dropped_pairs_with_its_target(write_pt, tmp_path
                         "cls.predictions.decoder.bias": {"old": "cls.predictions.bias", "new": "cls.predictions.bias"}}
         counts = report.analysis("change_summary").data["param_counts"]
         assert counts["unchanged"] == 40 + 10 + 16  # each tied weight once
+
+
+def test_a_ddp_checkpoint_pairs_with_a_compiled_one_both_sides_named(write_pt):
+    """Each side drops its own wrapper (they were 2 added + 2 removed): the section names
+    both sides, a note each; the figures are those of the unwrapped tensors."""
+    a, b = _model_state(0), _model_state(1)
+    ddp = write_pt("ddp.pt", {f"module.{k}": v for k, v in a.items()})
+    compiled = write_pt("compiled.pt", {f"_orig_mod.{k}": v for k, v in b.items()})
+    report = torchdiff.compare(ddp, compiled)
+    assert sorted(d.name for d in report) == sorted(a) and {d.status for d in report} == {"changed"}
+    for d in report:
+        assert d.metrics.l2 == pytest.approx(float((b[d.name].double() - a[d.name].double()).norm()), rel=1e-6)
+    pairing = report.analysis("pairing")
+    assert pairing.headline == {"dropped_wrapper": "module., _orig_mod.", "wrapper_side": "old, new"}
+    assert pairing.data == {"old_wrappers": ["module."], "new_wrappers": ["_orig_mod."]}
+    assert len(pairing.notes) == 2 and "from the old side" in pairing.notes[0] and "from the new side" in pairing.notes[1]

@@ -148,27 +148,30 @@ def dropped_wrappers(old_names, new_names) -> tuple[tuple[str, ...], tuple[str, 
 
     Segments are dropped from side A when some name of A has each as a component (not
     the last), no name of the other side has it, and dropping them pairs more names than
-    keeping them: of the candidate sets (``module``, ``_orig_mod``, both), the one that
-    pairs most. A name whose stripped form A already holds (or that another name of A
-    strips to) keeps its name. Names without any segment cost one substring search a side.
+    keeping them. Both sides choose together, among their candidate sets (``module``,
+    ``_orig_mod``, both; none): the choice that pairs most, the fewest segments on a tie
+    — so a DDP checkpoint (``module.fc.weight``) pairs with a ``torch.compile``d one
+    (``_orig_mod.fc.weight``). A name whose stripped form A already holds (or that
+    another name of A strips to) keeps its name. Names without any segment cost one
+    substring search a side.
     """
     names = (list(old_names), list(new_names))
     joined = ["\n" + "\n".join(n) for n in names]
     has = [{s for s in WRAPPER_SEGMENTS if f"\n{s}." in text or f".{s}." in text} for text in joined]
-    dropped: list[tuple[str, ...]] = [(), ()]
+    choices: list[list[tuple[tuple[str, ...], set[str]]]] = []  # a side's (segments dropped, names then)
     for a in (0, 1):
         candidates = [s for s in WRAPPER_SEGMENTS if s in has[a] and s not in has[1 - a]]
-        if not candidates:
-            continue
-        other = set(names[1 - a])
-        best = len(set(names[a]) & other)
-        for k in range(1, len(candidates) + 1):
-            for segments in itertools.combinations(candidates, k):
-                renamed = _stripped(names[a], lambda n, drop=set(segments): _strip_segments(n, drop))
-                found = len(set(renamed) & other)
-                if found > best:
-                    best, dropped[a] = found, segments
-    return dropped[0], dropped[1]
+        choices.append([((), set(names[a]))] + [
+            (segments, set(_stripped(names[a], lambda n, drop=set(segments): _strip_segments(n, drop))))
+            for k in range(1, len(candidates) + 1) for segments in itertools.combinations(candidates, k)])
+    best = (len(choices[0][0][1] & choices[1][0][1]), 0, (), ())
+    for old_segments, old_set in choices[0]:
+        for new_segments, new_set in choices[1]:
+            found = len(old_set & new_set)
+            fewer = -(len(old_segments) + len(new_segments))
+            if (found, fewer) > best[:2]:
+                best = (found, fewer, old_segments, new_segments)
+    return best[2], best[3]
 
 
 def _strip_segments(name: str, segments: set[str]) -> str:
