@@ -554,3 +554,33 @@ def test_two_checkpoint_series_pairs_as_compare(tmp_path, kinds):
     assert [d.name for d in report.steps[0].comparison.diffs] == [d.name for d in pair.comparison.diffs]
     assert report.steps[0].analysis("pairing").to_dict() == pair.analysis("pairing").to_dict()
     assert report.steps[0].scalars() == pytest.approx(pair.scalars(), rel=1e-12, nan_ok=True)
+
+
+def test_a_series_of_int8_checkpoints_measures_the_values_the_codes_stand_for(tmp_path):
+    """int8 weights with per-channel scales (a quantized model fine-tuned in steps): the
+    series reads them dequantized, as the pair comparison does (it compared the raw codes,
+    and the scales were tensors of their own); --raw keeps the codes."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(8, 16, generator=g)
+    states, values = [], []
+    for step in range(3):
+        w = w + 0.05 * torch.randn(8, 16, generator=g)
+        scale = w.abs().amax(1, keepdim=True) / 127
+        q = torch.round(w / scale).to(torch.int8)
+        bias = torch.full((8,), 0.1 * step)
+        states.append({"fc.weight": q, "fc.weight_scale": scale, "fc.bias": bias})
+        values.append({"fc.weight": (q.float() * scale).double(), "fc.bias": bias.double()})  # float32, as read
+    paths = _save(tmp_path, states)
+    report = compare_series(paths, analyses=["convergence_analysis", "similarity_matrix"])
+    _check_figures(report, values, names=("fc.weight", "fc.bias"))
+    assert any(n.startswith("dequantized (int8 per-channel): 1 weight(s) compared as the values") and
+               n.endswith(": fc.weight") for n in report.notes)
+    raw = compare_series(paths, analyses=["convergence_analysis", "similarity_matrix"], raw=True)
+    # --raw: the int8 codes are no float values (left out, and said so), the scales are companions (out of
+    # --scope params): the figures are the bias's
+    x = np.stack([s["fc.bias"].double().numpy() for s in states])
+    per_step = raw.analysis("convergence_analysis").data["per_step"]
+    np.testing.assert_allclose([s["update_norm"] for s in per_step], np.linalg.norm(np.diff(x, axis=0), axis=1),
+                               rtol=1e-9)
+    assert not any(n.startswith("dequantized") for n in raw.notes)
+    assert any("left out of the series figures (not floating point): fc.weight" in n for n in raw.notes)

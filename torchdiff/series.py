@@ -45,6 +45,7 @@ from torchdiff.analyses._training import (
 from torchdiff.engine import Engine, resolve_device
 from torchdiff.errors import CorruptFileError, InputNotFoundError, UsageError
 from torchdiff.figures import Comparison, Figures, without_gc
+from torchdiff.dequant import dequantize_checkpoint
 from torchdiff.formats.base import Checkpoint, TensorHandle, check_unchanged
 from torchdiff.names import (
     OPTIMIZER_STATE, SCOPES, TRAINING_STATE, compile_pattern, is_float_storage, optimizer_param, roles_over,
@@ -117,6 +118,8 @@ class SeriesData:
     step_pairing: tuple[AnalysisResult | None, ...] = ()
     #: what was dropped from the names of a base that is not a series checkpoint
     base_pairing: tuple[str, ...] = ()
+    #: quantized weights read as the values they stand for: scheme -> weight names
+    dequantized: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -320,6 +323,14 @@ class _Pass:
             if self.base_row == self.n:
                 self.rows.append(u)
         self.m = len(self.rows)
+        # quantized weights with scale companions, packed GPTQ/AWQ codes: the values they
+        # stand for, as the pair comparison reads them (--raw: the stored codes)
+        self.dequantized: dict[str, set[str]] = {}  # scheme -> weight names
+        if not options.get("raw"):
+            for i, ckpt in enumerate(self.uniq):
+                self.uniq[i], found = dequantize_checkpoint(ckpt)
+                for name, det in found.items():
+                    self.dequantized.setdefault(det.scheme, set()).add(name)
         # one name per tensor across the series, by the pair comparison's rule: the base
         # (when not a series checkpoint) next to the first checkpoint, then series order
         order = self.rows[self.n:] + self.rows[: self.n]
@@ -372,8 +383,8 @@ class _Pass:
                 left_out["not in every checkpoint"].append(name)
             elif len({tuple(h.shape) for h in hs}) > 1:
                 left_out["shape differs"].append(name)
-            elif not all(is_float_storage(h.storage_dtype) for h in hs):
-                left_out["not floating point"].append(name)
+            elif not all(h.dtype.is_floating_point or h.dtype.is_complex for h in hs):
+                left_out["not floating point"].append(name)  # as read: dequantized codes are floats
             elif all(h.tied_to is not None for h in hs):  # lm_head.weight sharing wte.weight's storage
                 left_out[TIED].append(name)
             else:
@@ -467,6 +478,7 @@ class _Pass:
             left_out={k: v for k, v in left_out.items() if v}, step_states=tuple(self.step_states),
             dropped=tuple(self.dropped), step_pairing=tuple(self._pairing(t) for t in range(self.n - 1)),
             base_pairing=self._base_pairing(),
+            dequantized={scheme: tuple(sorted(names)) for scheme, names in sorted(self.dequantized.items())},
         )
         if self.base_row is not None:
             data.base_label = self.uniq[self.rows[self.base_row]].name
@@ -857,6 +869,10 @@ def _build(data: SeriesData, options: Options, base_name: str | None) -> SeriesR
         steps = tuple(step if section is None else dataclasses.replace(step, analyses=(section,) + step.analyses)
                       for step, section in zip(steps, data.step_pairing))
     notes += data.base_pairing
+    for scheme, names in data.dequantized.items():
+        shown = ", ".join(names[:5]) + (f" (+{count(len(names) - 5)} more)" if len(names) > 5 else "")
+        notes.append(f"dequantized ({scheme}): {count(len(names))} weight(s) compared as the values their codes and "
+                     f"scales stand for (--raw compares the stored codes): {shown}")
     if data.dropped:
         shown = ", ".join(data.dropped[:5]) + (f" (+{count(len(data.dropped) - 5)} more)"
                                                if len(data.dropped) > 5 else "")
