@@ -197,3 +197,19 @@ def test_lowest_cosine_lists_measured_tensors_before_zero_initialised_ones():
     text = str(report)
     section = text.split("Lowest cosine", 1)[1].split("note:", 1)[0]
     assert "nan" not in section and "inf" not in section
+
+
+def test_an_all_zero_checkpoint_has_no_mean_cosine_and_prints_no_warning(tmp_path, capsys):
+    states = [{"w": torch.zeros(4)}, {"w": torch.ones(4)}, {"w": torch.tensor([1.0, 2.0, 3.0, 4.0])}]
+    paths = []
+    for i, s in enumerate(states):
+        paths.append(str(tmp_path / f"c{i}.safetensors"))
+        save_file(s, paths[-1])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "Mean of empty slice" reached the terminal
+        report = compare_series(paths, analyses=["similarity_matrix"])
+    data = report.analysis("similarity_matrix").data
+    a, b = np.ones(4), np.arange(1.0, 5.0)
+    assert math.isnan(data["cosine"][0][1]) and data["cosine"][1][2] == pytest.approx(a @ b / (2 * np.sqrt(30)))

@@ -257,6 +257,13 @@ def _off_diagonal(m: np.ndarray) -> np.ndarray:
     return vals[np.isfinite(vals)]
 
 
+def _mean_measured(values: np.ndarray) -> float:
+    """The mean of the values that are not NaN (a checkpoint all zero has no cosine), NaN
+    when none is (without NumPy's "mean of empty slice" warning on stderr)."""
+    measured = values[~np.isnan(values)]
+    return float(measured.mean()) if measured.size else math.nan
+
+
 def analyze_series(series, options) -> AnalysisResult:
     n = series.n
     labels = series.labels
@@ -267,7 +274,7 @@ def analyze_series(series, options) -> AnalysisResult:
     d2 = series.dist2.sum(0)
     cos, rel = _matrices(nsq[:n], d2[:n, :n], n)
     off = _off_diagonal(cos)
-    row_mean = [float(np.nanmean(np.delete(cos[i], i))) if n > 1 else math.nan for i in range(n)]
+    row_mean = [_mean_measured(np.delete(cos[i], i)) for i in range(n)]
     outliers = [labels[i] for i in cosine_outliers(row_mean)]
     headline: dict[str, Any] = {
         "dimensions": _dims(n),
