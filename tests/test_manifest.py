@@ -85,6 +85,25 @@ def test_nonfinite_counted_and_left_out():
     assert (allnan.norm, allnan.sum, allnan.min, allnan.max, allnan.nan_count) == (0.0, 0.0, None, None, 5)
 
 
+def test_infinities_of_both_signs_are_counted_without_a_numpy_warning():
+    """+inf and -inf in one block (inf - inf = nan inside the fast path's sums) and in the
+    tail: counted and left out, and nothing printed (numpy's "invalid value encountered
+    in reduce" reached stderr)."""
+    import warnings
+
+    g = torch.Generator().manual_seed(6)
+    for n, where in ((64 * 3, (5, 9)), (64 * 2 + 7, (130, 132))):
+        t = torch.randn(n, generator=g)
+        t[where[0]], t[where[1]] = math.inf, -math.inf
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            r = record("t", t)
+        kept = t[torch.isfinite(t)].double()
+        assert (r.nan_count, r.inf_count) == (0, 2)
+        assert r.norm == pytest.approx(float(kept.norm()), rel=1e-12)
+        assert r.sum == pytest.approx(float(kept.sum()), rel=1e-9, abs=1e-12)
+
+
 def test_sample_positions():
     assert sample_positions(5) == [0, 1, 2, 3, 4]
     p = sample_positions(10**9)

@@ -292,14 +292,15 @@ def _float_figures(x: torch.Tensor) -> dict[str, Any] | None:
         c = x[i:i + step]
         a = (c if native else c.to(torch.float32)).numpy()
         full = (a.size // _BLOCK) * _BLOCK
-        if full:
-            rows = a[:full].reshape(-1, _BLOCK)
-            s += float(np.einsum("ij->i", rows).sum(dtype=np.float64))
-            sq += float(np.einsum("ij,ij->i", rows, rows).sum(dtype=np.float64))
-        if full < a.size:
-            tail = a[full:].astype(np.float64)
-            s += float(tail.sum())
-            sq += float(tail @ tail)
+        with np.errstate(invalid="ignore", over="ignore"):  # inf - inf, an overflow: None below, no warning
+            if full:
+                rows = a[:full].reshape(-1, _BLOCK)
+                s += float(np.einsum("ij->i", rows).sum(dtype=np.float64))
+                sq += float(np.einsum("ij,ij->i", rows, rows).sum(dtype=np.float64))
+            if full < a.size:
+                tail = a[full:].astype(np.float64)
+                s += float(tail.sum())
+                sq += float(tail @ tail)
         mn, mx = min(mn, float(a.min())), max(mx, float(a.max()))
     if not (math.isfinite(s) and math.isfinite(sq) and math.isfinite(mn) and math.isfinite(mx)):
         return None
