@@ -284,12 +284,12 @@ def test_report_delta_reads_new_minus_old(tmp_path):
 
 
 def test_group_figures_scalars_are_the_column_formulas():
-    """GroupFigures.rel_l2 / cosine (_rel / _cos on floats: scalar arithmetic, for speed)
+    """GroupFigures.rel_l2 / cosine (rel_of / cosine_of on floats: scalar arithmetic, for speed)
     give the bits of the same formulas on arrays on every edge: zeros, tiny, huge, ∞,
     NaN, negative dots."""
     import itertools
 
-    from torchdiff.figures import GroupFigures, _cos, _rel
+    from torchdiff.figures import GroupFigures, cosine_of, rel_of
 
     values = [0.0, 1e-300, 1.0, 2.5, 1e300, math.inf, math.nan]
 
@@ -299,8 +299,8 @@ def test_group_figures_scalars_are_the_column_formulas():
     with np.errstate(all="ignore"):
         for dsq, old_sq, new_sq, dot in itertools.product(values, values, values, values + [-1.0, -math.inf]):
             g = GroupFigures(1, 1, 1, 1, dsq, old_sq, new_sq, dot)
-            assert same(g.rel_l2, float(_rel(np.array([dsq]), np.array([old_sq]))[0])), (dsq, old_sq)
-            assert same(g.cosine, float(_cos(np.array([dot]), np.array([g.norm_old]), np.array([g.norm_new]))[0])), \
+            assert same(g.rel_l2, float(rel_of(np.array([dsq]), np.array([old_sq]))[0])), (dsq, old_sq)
+            assert same(g.cosine, float(cosine_of(np.array([dot]), np.array([g.norm_old]), np.array([g.norm_new]))[0])), \
                 (dot, old_sq, new_sq)
 
 
@@ -311,7 +311,7 @@ def test_tensor_cosine_is_the_column_cosine_on_every_edge():
     import itertools
     import warnings
 
-    from torchdiff.figures import _cos
+    from torchdiff.figures import cosine_of
     from torchdiff.results import PairMetrics
 
     norms = [0.0, 1e-300, 1e-160, 1.0, 2.5, 1e160, 1e300, math.inf, math.nan]
@@ -325,8 +325,8 @@ def test_tensor_cosine_is_the_column_cosine_on_every_edge():
         for dot, a, b in itertools.product(dots, norms, norms):
             m = PairMetrics(numel=1, equal=False, l2=1.0, norm_old=a, norm_new=b, dot=dot, max_abs=1.0,
                             mean_abs_diff=1.0, changed_count=1)
-            column = float(_cos(np.array([dot]), np.array([a]), np.array([b]))[0])
-            assert same(m.cosine, column) and same(m.cosine, _cos(dot, a, b)), (dot, a, b, m.cosine, column)
+            column = float(cosine_of(np.array([dot]), np.array([a]), np.array([b]))[0])
+            assert same(m.cosine, column) and same(m.cosine, cosine_of(dot, a, b)), (dot, a, b, m.cosine, column)
             assert math.isnan(m.cosine) or -1.0 <= m.cosine <= 1.0
             if not math.isfinite(dot):
                 assert math.isnan(m.cosine)

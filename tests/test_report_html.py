@@ -512,3 +512,130 @@ def test_tensor_table_opens_most_changed_first():
     data = payload(compare(old, new, device="cpu"))
     names = [row[0] for row in data["tensors"]["rows"]]
     assert names == ["c.weight", "b.weight", "a.bias", "d.weight"]
+
+
+# ---- the payload from the columns ------------------------------------------------------------------
+
+def every_status() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A pair with every status and the awkward values: a zero-initialised bias, NaN and
+    ±Inf, an all-zero tensor on both sides, an empty and a 0-d tensor, bf16 → f32, ints."""
+    g = torch.Generator().manual_seed(3)
+    old = {"emb.weight": torch.randn(10, 4, generator=g), "h.0.attn.q_proj.weight": torch.randn(4, 4, generator=g),
+           "h.0.attn.q_proj.bias": torch.zeros(4), "h.0.mlp.fc1.weight": torch.randn(8, 4, generator=g),
+           "h.0.ln.weight": torch.ones(4), "h.1.attn.q_proj.weight": torch.randn(4, 4, generator=g),
+           "h.1.mlp.fc1.weight": torch.randn(8, 4, generator=g), "empty": torch.zeros(0), "scalar": torch.tensor(1.5),
+           "count": torch.tensor(3), "nan.w": torch.tensor([1.0, float("nan"), 2.0]), "inf.w": torch.tensor([1.0, 2.0]),
+           "same.w": torch.randn(3, generator=g), "allzero.w": torch.zeros(3), "gone.w": torch.randn(2, generator=g),
+           "shape.w": torch.randn(2, 2, generator=g), "bf.w": torch.randn(4, generator=g).bfloat16()}
+    new = {k: v + 0.1 * torch.randn(v.shape, generator=g, dtype=v.dtype) if v.is_floating_point() else v
+           for k, v in old.items()}
+    new.update({"same.w": old["same.w"].clone(), "allzero.w": torch.zeros(3),
+                "h.0.attn.q_proj.bias": torch.full((4,), 0.2), "inf.w": torch.tensor([1.0, float("inf")]),
+                "shape.w": torch.randn(4, generator=g), "new.w": torch.randn(5, generator=g),
+                "bf.w": old["bf.w"].float() * 1.01, "count": torch.tensor(4), "emb.weight": old["emb.weight"] * 0})
+    del new["gone.w"]
+    return old, new
+
+
+def inspect_file(path, **options):
+    from torchdiff import inspect
+
+    return inspect(str(path), device="cpu", **options)
+
+
+def test_page_makes_no_object_per_tensor(ckpts, monkeypatch):
+    """The histograms' choice and the whole payload read the Figures columns: no
+    TensorDiff is made per tensor (for 20,000 tensors that cost seconds; docs/REPORT.md)."""
+    from torchdiff.figures import Figures
+
+    made = []
+    make = Figures._make
+    monkeypatch.setattr(Figures, "_make", lambda self, i: made.append(self.names[i]) or make(self, i))
+    report = compare(ckpts["base"], ckpts["step3"], device="cpu", histograms=3, spectra=2, show_layer_impact=True)
+    data = read_payload(render_html(report))
+    assert len(data["histograms"]) == 3 and len(data["spectra"]) == 2 and len(data["tensors"]["rows"]) == 30
+    data = read_payload(render_html(inspect_file(ckpts["step1"], histograms=2)))
+    assert len(data["histograms"]) == 2 and len(data["tensors"]["rows"]) == 30
+    assert made == []
+
+
+def test_table_order_and_top_changed_are_the_sort_analysis():
+    """The table's row order is sort_by_change_magnitude.order and top_changed ranks as
+    its change_key does, with every status and NaN, ∞ and zero-initialised tensors."""
+    from torchdiff.analyses.sort_by_change_magnitude import change_key, order
+
+    report = compare(*every_status(), device="cpu")
+    comp = report.comparison
+    rows = payload(report)["tensors"]["rows"]
+    assert [row[0] for row in rows] == order(comp, {})
+    diffs = list(comp.diffs)
+    ranked = sorted((d for d in diffs if d.status in ("changed", "retyped") and d.metrics is not None
+                     and d.metrics.numel > 0), key=change_key)
+    assert top_changed(comp.figures, len(diffs)) == [d.name for d in ranked]
+    assert top_changed(diffs, 3) == [d.name for d in ranked[:3]]
+    # each row's figures are the JSON output's, value for value (NaN and ∞ as its strings)
+    items = {it["path"]: it for it in report.to_dict() if it["type"].startswith("tensor_")}
+    for row in rows:
+        if row[0] in items and "l2" in items[row[0]]:
+            assert row[7:12] == [items[row[0]][k] for k in ("l2", "rel_l2", "cosine", "max_abs", "changed_fraction")]
+
+
+def test_inspect_with_pictures_keeps_its_order_and_status(tmp_path):
+    """Choosing the histograms made a TensorDiff per tensor before inspect set every
+    status to present: the stale 'added' views reordered the sorted output once
+    --report was given (a tensor without a histogram was sorted as an added one)."""
+    path = tmp_path / "one.safetensors"
+    save_file({"a.weight": torch.randn(8, 8), "b.weight": torch.randn(2, 2), "c.weight": torch.randn(4, 4),
+               "steps": torch.arange(3)}, str(path))
+    plain = inspect_file(path, sort_by_change_magnitude=True)
+    pictured = inspect_file(path, sort_by_change_magnitude=True, histograms=1)
+    assert [d.name for d in pictured] == [d.name for d in plain] == ["a.weight", "b.weight", "c.weight", "steps"]
+    assert {d.status for d in pictured} == {"present"}
+    assert [h["tensor"] for h in payload(pictured)["histograms"]] == ["a.weight"]
+
+
+MODULE_NAMES = [
+    "model.layers.3.self_attn.q_proj.weight", "model.layers.12.mlp.down_proj.weight", "model.embed_tokens.weight",
+    "transformer.h.0.attn.c_attn.weight", "transformer.h.11.mlp.c_proj.weight", "transformer.h.1.attn.c_proj.bias",
+    "bert.encoder.layer.5.attention.output.dense.weight", "bert.encoder.layer.5.output.dense.weight",
+    "encoder/block/0/layer/1/DenseReluDense/wi_0/kernel", "encoder.block.2.layer.1.DenseReluDense.wi_1.weight",
+    "blk.7.attn_q.weight", "blk.7.ffn_down.weight", "token_embd.weight", "output.weight",
+    "decoder.layers.0.self_attention.linear_qkv.weight", "decoder.layers.3.mlp.linear_fc1.weight",
+    "blocks.0.attn.qkv.weight", "blocks.10.mlp.fc2.weight", "0.weight", "layers.0.0.weight", "seq.2.1.norm.weight",
+    "params/Dense_0/kernel", "params/layers_3/mlp/kernel", "enc:4:ln_1:weight", "transformer.layers.0.in_proj_weight",
+    "optimizer.state.3.exp_avg", "model.layers.1.mlp.experts.7.w2.weight", "h.0.ln_1.weight", "norm.0.weight",
+]
+
+
+@pytest.mark.parametrize("name", MODULE_NAMES)
+def test_module_type_never_reads_a_block_number(name):
+    """The payload asks names.module_type once per name with its number components
+    replaced (_module_types): valid while module_type does not read them."""
+    from torchdiff.names import module_type
+    from torchdiff.render.html import _NUMBER_PART, _module_types
+
+    for number in ("0", "7", "123"):
+        assert module_type(_NUMBER_PART.sub(number, name)) == module_type(name)
+    assert _module_types([_NUMBER_PART.sub("9", name), name]) == [module_type(name)] * 2
+
+
+def test_quantization_carries_the_tensors_its_bars_show():
+    """The SQNR-per-tensor bars show the 60 lowest finite SQNR; the payload carries those,
+    in the analysis' order. Every tensor's SQNR stays in the table's sqnr_db column."""
+    from torchdiff.render.html import QUANT_TENSORS_SHOWN
+
+    g = torch.Generator().manual_seed(5)
+    old = {f"blocks.{i}.w": torch.randn(16, generator=g) for i in range(80)}
+    new = {k: v + (0.001 * (i + 1)) * torch.randn(16, generator=g) for i, (k, v) in enumerate(old.items())}
+    new["blocks.0.w"] = old["blocks.0.w"].clone()  # SQNR +∞: not drawn
+    report = compare(old, new, device="cpu", quantization_analysis=True)
+    data = payload(report)
+    item = next(it for it in report.to_dict() if it["type"] == "quantization_analysis")
+    finite = [t for t in item["tensors"] if isinstance(t["sqnr_db"], float)]
+    shown = {t["tensor"] for t in sorted(finite, key=lambda t: t["sqnr_db"])[:QUANT_TENSORS_SHOWN]}
+    assert [t["tensor"] for t in data["quantization"]["tensors"]] == [t["tensor"] for t in item["tensors"]
+                                                                       if t["tensor"] in shown]
+    assert len(shown) == QUANT_TENSORS_SHOWN == 60 and "blocks.0.w" not in shown
+    cols = data["tensors"]["columns"]
+    sqnr = {row[0]: row[cols.index("sqnr_db")] for row in data["tensors"]["rows"]}
+    assert sqnr == {t["tensor"]: t["sqnr_db"] for t in item["tensors"]}

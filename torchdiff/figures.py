@@ -198,7 +198,7 @@ class Figures(Sequence[TensorDiff]):
 
     def cosine(self) -> np.ndarray:
         with np.errstate(divide="ignore", invalid="ignore"):
-            return _cos(self.dot, self.norm_old, self.norm_new)
+            return cosine_of(self.dot, self.norm_old, self.norm_new)
 
     def float_pairs(self) -> np.ndarray:
         """Rows measured with a float storage dtype on both sides."""
@@ -366,11 +366,11 @@ class GroupFigures:
 
     @property
     def rel_l2(self) -> float:
-        return _rel(self.dsq, self.old_sq)
+        return rel_of(self.dsq, self.old_sq)
 
     @property
     def cosine(self) -> float:
-        return _cos(self.dot, self.norm_old, self.norm_new)
+        return cosine_of(self.dot, self.norm_old, self.norm_new)
 
     @property
     def old_all_zero(self) -> bool:
@@ -609,7 +609,7 @@ def _json(values: np.ndarray) -> list:
     return out
 
 
-def _rel(dsq, old_sq):
+def rel_of(dsq, old_sq):
     """sqrt(dsq/old_sq), ∞ when old_sq = 0 < dsq, 0 when both are 0, NaN when dsq is
     (arrays or floats; floats in scalar arithmetic, the same IEEE operations, so the same
     bits without NumPy's per-call cost: 20,000 layer groups)."""
@@ -626,11 +626,11 @@ def _rel(dsq, old_sq):
     return out if out.ndim else float(out)
 
 
-def _cos(dot, norm_old, norm_new):
+def cosine_of(dot, norm_old, norm_new):
     """⟨A,B⟩/(‖A‖‖B‖) clipped to [−1, 1]; 1 when both norms are 0, NaN when one is.
     NaN too where ⟨A,B⟩ is NaN or left float64's range (±inf; or ‖A‖‖B‖ underflowed
     to 0 with both norms > 0); ‖A‖‖B‖ beyond float64 is divided out one norm at a time
-    (arrays or floats; floats in scalar arithmetic, as ``_rel``)."""
+    (arrays or floats; floats in scalar arithmetic, as ``rel_of``)."""
     if isinstance(dot, float) and isinstance(norm_old, float) and isinstance(norm_new, float):
         denom = norm_old * norm_new
         if dot != dot or dot in (math.inf, -math.inf):

@@ -28,6 +28,7 @@ Cost: the ``k`` tensors' values once more, in chunks of ``CHUNK`` elements in fl
 
 from __future__ import annotations
 
+import heapq
 import math
 from typing import Any, Sequence
 
@@ -36,7 +37,6 @@ import torch
 
 from torchdiff.errors import UsageError
 from torchdiff.names import is_float_storage
-from torchdiff.results import CHANGED, RETYPED, TensorDiff
 
 BINS = 64
 TOP_K = 12
@@ -50,29 +50,36 @@ def validate(value: Any, option: str) -> int:
     return value
 
 
-def _rank_key(d: TensorDiff) -> tuple:
-    """The one "most changed" order (sort_by_change_magnitude.change_key): measured
-    tensors by rel_l2, zero-initialised ones after them by ‖Δ‖."""
-    from torchdiff.analyses.sort_by_change_magnitude import change_key
+def rank_keys(fig, rows: Sequence[int], *, inspect: bool = False) -> list[tuple | None]:
+    """The ranking key of each of ``rows`` (smaller first) among the tensors that may get
+    pictures, None for the others (see the module doc): compare, ``change_keys`` of the
+    tensors with compared elements; inspect, (−numel, name) of the floating-point ones."""
+    rows = list(rows)
+    if inspect:
+        present, numel, dtype = fig.new.present, fig.new.numel, fig.new.dtype
+        return [(-int(numel[i]), fig.names[i]) if present[i] and numel[i] > 0 and _is_float(dtype[i]) else None
+                for i in rows]
+    from torchdiff.analyses.sort_by_change_magnitude import change_keys
 
-    return change_key(d, "rel_l2")
+    count = fig.count
+    return [key if key is not None and count[i] > 0 else None for key, i in zip(change_keys(fig, rows), rows)]
 
 
-def top_changed(diffs: Sequence[TensorDiff], k: int, *, ndim: int | None = None,
-                inspect: bool = False) -> list[str]:
-    """Names of the ``k`` most-changed tensors (see the module doc); ``ndim``: only
-    tensors of at least that many dimensions."""
+def top_changed(diffs, k: int, *, ndim: int | None = None, inspect: bool = False) -> list[str]:
+    """Names of the ``k`` most-changed tensors (see the module doc) of a Figures table
+    (or a sequence of TensorDiff); ``ndim``: only tensors of at least that many
+    dimensions. From the columns: no TensorDiff is made for a table."""
     if k <= 0:
         return []
-    if inspect:
-        chosen = [d for d in diffs if d.new is not None and _is_float(d.new.dtype) and d.new.numel > 0
-                  and (ndim is None or len(d.new.shape) >= ndim)]
-        chosen.sort(key=lambda d: (-d.new.numel, d.name))
-        return [d.name for d in chosen[:k]]
-    chosen = [d for d in diffs if d.status in (CHANGED, RETYPED) and d.metrics is not None
-              and d.metrics.numel > 0 and (ndim is None or len(d.old.shape) >= ndim)]
-    chosen.sort(key=_rank_key)
-    return [d.name for d in chosen[:k]]
+    from torchdiff.figures import Figures
+
+    fig = diffs if isinstance(diffs, Figures) else Figures.from_diffs(diffs)
+    rows = range(len(fig))
+    if ndim is not None:
+        shapes = fig.new.shape if inspect else fig.old.shape
+        rows = [i for i in rows if shapes[i] is not None and len(shapes[i]) >= ndim]
+    keyed = [(key, i) for key, i in zip(rank_keys(fig, rows, inspect=inspect), rows) if key is not None]
+    return [fig.names[i] for _, i in heapq.nsmallest(k, keyed)]
 
 
 def _is_float(dtype: str) -> bool:
@@ -147,15 +154,19 @@ class HistogramHook:
         return out
 
 
-def _ranges(d: TensorDiff) -> tuple[float, float, float] | None:
-    sides = [s for s in (d.old, d.new) if s is not None and s.numel > 0 and s.finite_count > 0]
+def _ranges(fig, i: int) -> tuple[float, float, float] | None:
+    """Row ``i``'s histogram ranges from the columns: (lo, hi) over the finite values of
+    the sides that hold any, and max|Δ| (0 when not measured or not finite)."""
+    sides = [side for side in (fig.old, fig.new)
+             if side.present[i] and side.numel[i] > 0
+             and side.values(np.array([i]))[0] - side.nan_count[i] - side.inf_count[i] > 0]
     if not sides:
         return None
-    lo = min(s.min for s in sides)
-    hi = max(s.max for s in sides)
+    lo = min(float(side.min[i]) for side in sides)
+    hi = max(float(side.max[i]) for side in sides)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return None
-    dmax = d.metrics.max_abs if d.metrics is not None else 0.0
+    dmax = float(fig.max_abs[i]) if fig.measured[i] else 0.0
     return lo, hi, dmax if math.isfinite(dmax) else 0.0
 
 
@@ -164,15 +175,15 @@ def add_pictures(engine, pairs: Sequence, figures, *, histograms: int = 0, spect
     """Add ``extras["histogram"]`` for the top ``histograms`` tensors and
     ``extras["spectrum"]`` for the top ``spectra`` changed matrices (torchdiff.spectra) to
     ``figures`` (the engine's Figures of ``pairs``), measured by one engine run over
-    those pairs (see the module doc); returns ``figures``."""
-    diffs = list(figures)
+    those pairs (see the module doc); returns ``figures``. Chosen from the columns: no
+    TensorDiff view is made (a view made here would outlive the status inspect sets
+    afterwards)."""
     hooks: list[Any] = []
     chosen: set[str] = set()
     if histograms:
         ranges = {}
-        by_name = {d.name: d for d in diffs}
-        for name in top_changed(diffs, histograms, inspect=inspect):
-            r = _ranges(by_name[name])
+        for name in top_changed(figures, histograms, inspect=inspect):
+            r = _ranges(figures, figures.index(name))
             if r is not None:
                 ranges[name] = r
         if ranges:
@@ -181,7 +192,7 @@ def add_pictures(engine, pairs: Sequence, figures, *, histograms: int = 0, spect
     if spectra and not inspect:
         from torchdiff.spectra import SpectrumHook
 
-        names = top_changed(diffs, spectra, ndim=2)
+        names = top_changed(figures, spectra, ndim=2)
         if names:
             hooks.append(SpectrumHook(set(names)))
             chosen |= set(names)

@@ -122,7 +122,7 @@ class PairMetrics:
 
     @property
     def cosine(self) -> float:
-        """As the columns compute it (torchdiff.figures._cos): NaN when ⟨A,B⟩ is NaN or
+        """As the columns compute it (torchdiff.figures.cosine_of): NaN when ⟨A,B⟩ is NaN or
         left float64's range, never clipped to ±1 from NaN."""
         dot, denom = self.dot, self.norm_old * self.norm_new
         if dot != dot or dot in (math.inf, -math.inf):

@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import difflib
 import math
+from typing import Sequence
+
+import numpy as np
 
 from torchdiff.errors import UsageError
 from torchdiff.results import ADDED, CHANGED, REMOVED, RESHAPED, RETYPED, AnalysisResult
@@ -56,14 +59,41 @@ def change_key(d, key: str = DEFAULT_KEY) -> tuple:
     """The sort key of a measured tensor (smaller sorts first), by ``key``: an undefined
     key first, then the measured ones, most changed first, then zero-initialised tensors
     (TensorDiff.old_all_zero: rel_l2 = ∞, cosine undefined) by ‖Δ‖, largest first; ties
-    by name. The one order of "most changed" (change_summary's top tensors use it too)."""
-    m = d.metrics
-    if d.old_all_zero and key not in ("l2", "max_abs"):
-        return (2, -m.l2, d.name)
-    value = getattr(m, key)
+    by name. The one order of "most changed" (change_summary's top tensors, markdown;
+    ``change_keys`` is the same over a Figures table's columns: the report, --plots)."""
+    return _rank(d.name, getattr(d.metrics, key), d.metrics.l2, d.old_all_zero, key)
+
+
+def _rank(name: str, value: float, l2: float, old_all_zero: bool, key: str) -> tuple:
+    if old_all_zero and key not in ("l2", "max_abs"):
+        return (2, -l2, name)
     if math.isnan(value):
-        return (0, 0.0, d.name)  # undefined: most changed
-    return (1, -value if SORT_KEYS[key] else value, d.name)
+        return (0, 0.0, name)  # undefined: most changed
+    return (1, -value if SORT_KEYS[key] else value, name)
+
+
+def pair_rel_l2(fig, idx: np.ndarray) -> np.ndarray:
+    """rel_l2 of rows ``idx`` of a Figures table as PairMetrics.rel_l2 gives it, value for
+    value: ‖Δ‖/‖A‖, ∞ when ‖A‖ = 0 < ‖Δ‖, else 0 (NaN only where ‖A‖ > 0 and ‖Δ‖ is NaN)."""
+    l2, norm_old = fig.l2[idx], fig.norm_old[idx]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(norm_old > 0, l2 / np.where(norm_old > 0, norm_old, 1.0), np.where(l2 > 0, np.inf, 0.0))
+
+
+def change_keys(fig, rows: Sequence[int]) -> list[tuple | None]:
+    """``change_key(d, "rel_l2")`` of each of ``rows`` of a Figures table, from its columns
+    (no TensorDiff is made: 20,000 tensors in a report); None for a row that is not a
+    changed or retyped tensor with pair figures."""
+    idx = np.asarray(list(rows), dtype=np.int64)
+    if idx.size == 0:
+        return []
+    names, status = fig.names, fig.status
+    measured = fig.measured[idx].tolist()
+    zero = fig.old_all_zero()[idx].tolist()
+    l2, rel = fig.l2[idx].tolist(), pair_rel_l2(fig, idx).tolist()
+    return [_rank(names[i], rel[j], l2[j], zero[j], "rel_l2")
+            if measured[j] and status[i] in (CHANGED, RETYPED) else None
+            for j, i in enumerate(idx.tolist())]
 
 
 def order(comparison, options) -> list[str]:

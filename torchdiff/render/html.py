@@ -7,7 +7,9 @@ SVG from the payload. Nothing is fetched at view time: a Content-Security-Policy
 ``default-src 'none'`` (the script allowed by its SHA-256 hash) makes any request
 fail. Every number in the page is a number of the payload, and every number of the
 payload is a number of ``report.to_dict()`` (the JSON output) or a group sum defined
-in docs/REPORT.md, with the formula beside it.
+in docs/REPORT.md, with the formula beside it. The payload is built from the columns of
+the figures table (torchdiff.figures), never from a TensorDiff per tensor: 20,000
+tensors make one page in a fraction of a second (docs/REPORT.md, "Size, speed").
 """
 
 from __future__ import annotations
@@ -18,12 +20,17 @@ import html
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
-from torchdiff.figures import GroupFigures, GroupSums, layer_members, stored_nbytes, summary_mask, tied_copies
+import numpy as np
+
+from torchdiff.figures import (GroupFigures, GroupSums, cosine_of, global_figures, layer_members, rel_of,
+                               stored_nbytes, summary_mask, tied_copies, without_gc)
 from torchdiff.names import layer_of, module_type
 from torchdiff.render import finite_json
+from torchdiff.status import ADDED, REMOVED, RESHAPED
 
 SCHEMA = "torchdiff-report/1"
 _HERE = Path(__file__).parent
@@ -58,13 +65,14 @@ FORMULAS: dict[str, tuple[str, str]] = {
 
 # ---- the payload --------------------------------------------------------------------------------
 
-def _group_row(g: GroupFigures) -> dict[str, Any]:
-    """A layer's (or a layer × module cell's) figures, from the one aggregation
-    (figures.GroupSums; docs/REPORT.md, "Group figures")."""
-    return {
-        "tensors": g.tensors, "params": g.params, "measured": g.elements > 0, "l2": g.l2, "rel_l2": g.rel_l2,
-        "cosine": g.cosine, "changed_fraction": g.changed_fraction, "sqnr_db": _sqnr(g.norm_old, g.l2),
-    }
+#: Tensors the Quantization section's "SQNR per tensor" bars show (report.js: the lowest
+#: finite SQNR first, 60 of them); the payload carries those only: every tensor's SQNR
+#: is in the tensor table's sqnr_db column.
+QUANT_TENSORS_SHOWN = 60
+
+#: Payload keys whose values come JSON-safe from the columns (non-finite floats already
+#: strings): ``payload`` does not walk them again.
+_ENCODED = ("layers", "heatmap", "quantization", "anomalies", "tensors")
 
 
 def _sqnr(norm: float, l2: float) -> float:
@@ -75,14 +83,50 @@ def _sqnr(norm: float, l2: float) -> float:
     return 20 * math.log10(norm / l2)
 
 
+_DIGITS = re.compile(r"(\d+)")
+
+
 def _natural(name: str) -> tuple:
-    import re
-
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name) if p)
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in _DIGITS.split(name) if p)
 
 
+def _floats(values: Any) -> list:
+    """A float column as the JSON output writes it: Python floats, non-finite ones as
+    "NaN", "Infinity", "-Infinity" (one pass, no per-value recursion)."""
+    values = np.asarray(values, dtype=np.float64)
+    out = values.tolist()
+    for k in np.flatnonzero(~np.isfinite(values)).tolist():
+        out[k] = finite_json(out[k])
+    return out
+
+
+def _group_columns(groups: list[GroupFigures]) -> dict[str, list]:
+    """The figures of each group (a layer, or a layer × module cell), JSON-safe, as
+    columns: tensors, params, measured, l2, rel_l2, cosine, changed_fraction, sqnr_db —
+    GroupFigures' own formulas (figures.rel_of, figures.cosine_of) on arrays of its sums
+    (docs/REPORT.md, "Group figures")."""
+    n = len(groups)
+    sums = np.array([(g.dsq, g.old_sq, g.new_sq, g.dot) for g in groups], dtype=np.float64).reshape(n, 4)
+    elements = np.array([g.elements for g in groups], dtype=np.int64)
+    changed = np.array([g.changed_elements for g in groups], dtype=np.int64)
+    dsq, old_sq, new_sq, dot = sums.T
+    l2, norm_old, norm_new = np.sqrt(dsq), np.sqrt(old_sq), np.sqrt(new_sq)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        changed_fraction = np.where(elements > 0, changed / np.maximum(elements, 1), 0.0)
+    return {
+        "tensors": [g.tensors for g in groups], "params": [g.params for g in groups],
+        "measured": (elements > 0).tolist(), "l2": _floats(l2),
+        "rel_l2": _floats(rel_of(dsq, old_sq)), "cosine": _floats(cosine_of(dot, norm_old, norm_new)),
+        "changed_fraction": _floats(changed_fraction),
+        "sqnr_db": _floats([_sqnr(a, b) for a, b in zip(norm_old.tolist(), l2.tolist())]),
+    }
+
+
+@without_gc
 def payload(report, command: str | None = None) -> dict[str, Any]:
-    """The report's data as the page embeds it (JSON-able, non-finite floats as strings)."""
+    """The report's data as the page embeds it (JSON-able, non-finite floats as strings).
+    Built with the cyclic garbage collector paused (figures.without_gc): tens of
+    thousands of rows are small containers that would trigger it again and again."""
     import sys
 
     __version__ = getattr(sys.modules.get("torchdiff"), "__version__", None)  # the package, imported before us
@@ -92,17 +136,12 @@ def payload(report, command: str | None = None) -> dict[str, Any]:
         data = _compare_payload(report)
     data = {"schema": SCHEMA, "torchdiff": __version__, "command": command, **data,
             "formulas": {k: {"formula": f, "doc": doc} for k, (f, doc) in FORMULAS.items()}}
-    tensors = data.pop("tensors")  # its rows are already encoded (_finite): 20,000 rows stay cheap
-    data = finite_json(data)
+    tensors = data.pop("tensors")
+    # The per-tensor and per-layer parts are built JSON-safe from the columns (20,000 rows
+    # stay cheap); the rest (summary, verdicts, histograms, ...) is small.
+    data = {k: v if k in _ENCODED else finite_json(v) for k, v in data.items()}
     data["tensors"] = tensors
     return data
-
-
-def _finite(x: Any) -> Any:
-    """A float as the JSON output writes it (non-finite as "NaN", "Infinity", "-Infinity")."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return finite_json(x)
-    return x
 
 
 def _verdicts(analyses: Iterable) -> list[dict[str, Any]]:
@@ -120,144 +159,71 @@ def _file_bytes(name: str) -> int | None:
     return None
 
 
-def _compare_payload(report) -> dict[str, Any]:
-    comp = report.comparison
-    fig = comp.figures
-    inspect = comp.mode == "inspect"
-    diffs = list(report.ordered_diffs())
-    # The analyses' JSON items, as report.to_dict() writes them (without its per-tensor items).
-    by_type = {a.name: finite_json(a.to_dict()) for a in report.analyses}
-    scalars = report.scalars()
-    layer_impact = report.analysis("layer_impact")
-    pattern = None
-    if layer_impact is not None:
-        pattern = layer_impact.data.get("layer_pattern")
+#: A name component that is a number (``layers.3.mlp``: ``3``), split as names.parts splits.
+_NUMBER_PART = re.compile(r"(?<![^.:/])\d+(?![^.:/])")
 
-    summary = {
-        "mode": comp.mode, "old": comp.old_name, "new": comp.new_name, "old_format": comp.old_format,
-        "new_format": comp.new_format, "device": comp.device, "epsilon": comp.epsilon,
-        "old_file_bytes": _file_bytes(comp.old_name) if not inspect else None,
-        "new_file_bytes": _file_bytes(comp.new_name),
-        # as the files hold them: each storage once, a tied weight's parameters once
-        "old_tensor_bytes": int(stored_nbytes(fig, "old").sum()), "new_tensor_bytes": int(stored_nbytes(fig, "new").sum()),
-        "tensors": len(fig), "params": int(fig.params[~tied_copies(fig)].sum()),
-        "counts": comp.counts(), "metadata_changed": len(comp.metadata_diffs),
-        "global_l2": scalars.get("torchdiff/global_l2"), "global_rel_l2": scalars.get("torchdiff/global_rel_l2"),
-        "global_cosine": scalars.get("torchdiff/global_cosine"),
-    }
 
-    # Layers, and the layer × module-type grid: group sums of the per-tensor figures.
-    layer_keys = [layer_of(n, pattern) for n in fig.names]
-    kinds = [module_type(n) for n in fig.names]
-    module_of, layer_name = dict(zip(fig.names, kinds)), dict(zip(fig.names, layer_keys))
-    # Rows and sums as layer_groups (docs/REPORT.md): tensors in scope, a tied copy once.
-    members = layer_members(fig, comp.scope)
-    summed = summary_mask(fig, comp.scope)
-    layers = GroupSums().update(fig, layer_keys, members, summed).compute()
-    cell_keys = [f"{layer}\x00{kind}" for layer, kind in zip(layer_keys, kinds)]
-    cells = {tuple(key.split("\x00")): g
-             for key, g in GroupSums().update(fig, cell_keys, members, summed).compute().items()}
-    layer_rows = []
-    shares = {}
-    if layer_impact is not None:
-        shares = {r["layer"]: r["share"] for r in by_type["layer_impact"]["layers"]}
-    for name in sorted(layers, key=_natural):
-        row = {"layer": name, **_group_row(layers[name])}
-        # The share is layer_impact's own figure when it ran (the same number as its JSON).
-        row["share"] = shares.get(name, layers[name].share)
-        layer_rows.append(row)
-    columns = [k for k in MODULE_TYPES if any(c[1] == k for c in cells)]
-    columns += sorted({c[1] for c in cells} - set(columns))
-    row_names = [r["layer"] for r in layer_rows]
-    grid = {key: [[None] * len(columns) for _ in row_names] for key in ("rel_l2", "cosine", "changed_fraction")}
-    col_index = {c: j for j, c in enumerate(columns)}
-    row_index = {r: i for i, r in enumerate(row_names)}
-    for (layer, kind), g in cells.items():
-        f = _group_row(g)
-        if not f["measured"]:
-            continue
-        for key in grid:
-            grid[key][row_index[layer]][col_index[kind]] = f[key]
-
-    # Every tensor, as columns + rows (compact for 20,000 tensors).
-    quant = by_type.get("quantization_analysis")
-    sqnr = {t["tensor"]: t["sqnr_db"] for t in quant.get("tensors", [])} if quant else {}
-    if inspect:
-        cols = ["name", "layer", "module", "shape", "dtype", "params", "mean", "std", "min", "max", "rms",
-                "zero_fraction", "nan_count", "inf_count"]
-        rows = []
-        for d in diffs:
-            s = d.new
-            rows.append([d.name, layer_name[d.name], module_of[d.name], list(s.shape), s.dtype, s.numel,
-                         *map(_finite, (s.mean, s.std, s.min, s.max, s.rms, s.zero_fraction)), s.nan_count,
-                         s.inf_count])
-    else:
-        cols = ["name", "layer", "module", "status", "shape", "dtype", "params", "l2", "rel_l2", "cosine",
-                "max_abs", "changed_fraction"] + (["sqnr_db"] if quant else [])
-        rows = []
-        # The table opens in the one "most changed" order (sort_by_change_magnitude.order:
-        # zero-initialised tensors by ‖Δ‖ among the rest, not ∞ first); a click sorts by a column.
-        from torchdiff.analyses.sort_by_change_magnitude import order
-
-        position = {name: i for i, name in enumerate(order(comp, {}))}
-        for d in sorted(diffs, key=lambda d: position.get(d.name, len(position))):
-            shape = _pair_text(d, lambda s: "×".join(map(str, s.shape)) or "scalar")
-            dtype = _pair_text(d, lambda s: s.dtype)
-            m = d.metrics
-            row = [d.name, layer_name[d.name], module_of[d.name], d.status, shape, dtype, d.params]
-            if m is not None:
-                row += map(_finite, (m.l2, m.rel_l2, m.cosine, m.max_abs, m.changed_fraction))
-            else:
-                row += [None] * 5
-            if quant:
-                row.append(sqnr.get(d.name))  # already JSON-encoded (from the analysis item)
-            rows.append(row)
-
-    histograms, spectra = [], []
-    for d in diffs:
-        h = d.extras.get("histogram")
-        if h:
-            histograms.append({"tensor": d.name, **h})
-        s = d.extras.get("spectrum")
-        if s:
-            spectra.append({"tensor": d.name, **s})
-    rank = {n: i for i, n in enumerate(_top_order(comp.diffs, inspect))}
-    histograms.sort(key=lambda h: rank.get(h["tensor"], len(rank)))
-    spectra.sort(key=lambda h: rank.get(h["tensor"], len(rank)))
-
-    out: dict[str, Any] = {
-        "kind": "inspect" if inspect else "compare",
-        "summary": summary,
-        "verdicts": _verdicts(report.analyses),
-        "layers": {"rows": layer_rows, "share_source": "layer_impact" if layer_impact is not None else "group sums"},
-        "heatmap": {"rows": row_names, "columns": columns, **grid},
-        "histograms": histograms,
-        "spectra": spectra,
-        "quantization": _quantization(quant, layer_rows) if quant else None,
-        "anomalies": by_type["anomaly_detection"].get("anomalies", []) if "anomaly_detection" in by_type else None,
-        "series": None,
-    }
-    if layer_impact is not None:
-        out["layers"]["top_layer"] = layer_impact.headline["top_layer"]
-        out["layers"]["top_share"] = layer_impact.headline["top_share"]
-    elif layer_rows and sum(g.dsq for g in layers.values()) > 0:
-        top = min(layer_rows, key=lambda r: (-r["share"], _natural(r["layer"])))
-        out["layers"]["top_layer"], out["layers"]["top_share"] = top["layer"], top["share"]
-    if inspect:  # one checkpoint: nothing moved, no layer figures to draw
-        out["layers"] = out["heatmap"] = None
-    out["tensors"] = {"columns": cols, "rows": rows}
+def _module_types(names: list[str]) -> list[str]:
+    """``names.module_type`` of each name, asked once per shape of name: module_type never
+    reads a component that is a number (a block index), so ``layers.3.mlp.up_proj.weight``
+    and ``layers.17.mlp.up_proj.weight`` share one answer (a test pins it across the name
+    families). 20,000 names cost 0.2 s asked one by one."""
+    by_shape: dict[str, str] = {}
+    out = []
+    for name in names:
+        key = _NUMBER_PART.sub("0", name)
+        kind = by_shape.get(key)
+        if kind is None:
+            kind = by_shape[key] = module_type(name)
+        out.append(kind)
     return out
 
 
-def _top_order(diffs, inspect: bool) -> list[str]:
-    from torchdiff.histograms import top_changed
+def _table_order(fig) -> list[int]:
+    """Rows in the one "most changed" order (sort_by_change_magnitude.order with its
+    default key, from the columns): changed and retyped tensors by change_key, then
+    added, removed and reshaped ones by size, then the rest by name."""
+    from torchdiff.analyses.sort_by_change_magnitude import change_keys
 
-    return top_changed(list(diffs), len(diffs), inspect=inspect)
+    n = len(fig)
+    names, status = fig.names, fig.status
+    keys = change_keys(fig, range(n))
+    measured = [i for _, i in sorted((k, i) for i, k in enumerate(keys) if k is not None)]
+    params = fig.params.tolist()
+    structural = sorted((i for i in range(n) if keys[i] is None and status[i] in (ADDED, REMOVED, RESHAPED)),
+                        key=lambda i: (-params[i], names[i]))
+    rest = sorted((i for i in range(n) if keys[i] is None and status[i] not in (ADDED, REMOVED, RESHAPED)),
+                  key=names.__getitem__)
+    return measured + structural + rest
 
 
-def _pair_text(d, fn) -> str:
-    a = fn(d.old) if d.old is not None else None
-    b = fn(d.new) if d.new is not None else None
+def _shape_text(shape: tuple) -> str:
+    return "×".join(map(str, shape)) or "scalar"
+
+
+def _pair_columns(fig, rows: list[int]) -> tuple[list[str], list[str]]:
+    """The shape and dtype cells of ``rows``: ``a``, ``a → b``, ``+ b`` (added) or ``a −``
+    (removed)."""
+    shape_texts: dict[tuple, str] = {}
+
+    def shape(s):
+        text = shape_texts.get(s)
+        if text is None:
+            text = shape_texts[s] = _shape_text(s)
+        return text
+
+    old, new = fig.old, fig.new
+    old_present, new_present = old.present.tolist(), new.present.tolist()
+    shapes, dtypes = [], []
+    for i in rows:
+        a_shape = shape(old.shape[i]) if old_present[i] else None
+        b_shape = shape(new.shape[i]) if new_present[i] else None
+        shapes.append(_pair(a_shape, b_shape))
+        dtypes.append(_pair(old.dtype[i] if old_present[i] else None, new.dtype[i] if new_present[i] else None))
+    return shapes, dtypes
+
+
+def _pair(a, b) -> str:
     if a is None:
         return f"+ {b}"
     if b is None:
@@ -265,17 +231,227 @@ def _pair_text(d, fn) -> str:
     return a if a == b else f"{a} → {b}"
 
 
+def _compare_payload(report) -> dict[str, Any]:
+    """The compare / inspect payload, built from the columns of the Figures table (no
+    TensorDiff per tensor)."""
+    from torchdiff.histograms import rank_keys
+
+    comp = report.comparison
+    fig = comp.figures
+    inspect = comp.mode == "inspect"
+    n = len(fig)
+    names = fig.names
+    output_rows = report.row_order()
+    output_rows = list(range(n)) if output_rows is None else output_rows
+    # The analyses' JSON items, as report.to_dict() writes them, for the three the page reads.
+    last = {a.name: a for a in report.analyses}
+    layer_impact = report.analysis("layer_impact")
+    pattern = None
+    if layer_impact is not None:
+        pattern = layer_impact.data.get("layer_pattern")
+    total = global_figures(fig, comp.scope) if fig.values_kept else None  # report.scalars()' global figures
+
+    summary = {
+        "mode": comp.mode, "old": comp.old_name, "new": comp.new_name, "old_format": comp.old_format,
+        "new_format": comp.new_format, "device": comp.device, "epsilon": comp.epsilon,
+        "old_file_bytes": _file_bytes(comp.old_name) if not inspect else None,
+        "new_file_bytes": _file_bytes(comp.new_name),
+        # as the files hold them: each storage once, a tied weight's parameters once
+        "old_tensor_bytes": int(stored_nbytes(fig, "old").sum()),
+        "new_tensor_bytes": int(stored_nbytes(fig, "new").sum()),
+        "tensors": n, "params": int(fig.params[~tied_copies(fig)].sum()),
+        "counts": comp.counts(), "metadata_changed": len(comp.metadata_diffs),
+        "global_l2": total.l2 if total is not None else None,
+        "global_rel_l2": total.rel_l2 if total is not None else None,
+        "global_cosine": total.cosine if total is not None else None,
+    }
+
+    quant = None
+    if "quantization_analysis" in last:
+        item = last["quantization_analysis"].to_dict()
+        quant = {k: finite_json(item[k])
+                 for k in (*_QUANT_HEADLINE, "schemes", "most_sensitive", "tensors") if k in item}
+    layer_keys = [layer_of(name, pattern) for name in names]
+    kinds = _module_types(names)
+
+    # Layers, and the layer × module-type grid: group sums of the per-tensor figures.
+    # Rows and sums as layer_groups (docs/REPORT.md): tensors in scope, a tied copy once.
+    layer_rows: list[dict[str, Any]] = []
+    out_layers = heatmap = None
+    if not inspect or quant is not None:  # one checkpoint draws no layer charts (its SQNR bars aside)
+        members = layer_members(fig, comp.scope)
+        summed = summary_mask(fig, comp.scope)
+        layers = GroupSums().update(fig, layer_keys, members, summed).compute()
+        shares = {}
+        if layer_impact is not None:
+            shares = {r["layer"]: finite_json(r["share"]) for r in last["layer_impact"].to_dict()["layers"]}
+        natural = {name: _natural(name) for name in layers}
+        ordered = sorted(layers, key=natural.__getitem__)
+        groups = [layers[name] for name in ordered]
+        layer_columns = _group_columns(groups)
+        raw_share = [g.share for g in groups]
+        # The share is layer_impact's own figure when it ran (the same number as its JSON).
+        share = [shares[name] if name in shares else s for name, s in zip(ordered, _floats(raw_share))]
+        layer_rows = [{"layer": name, "tensors": t, "params": p, "measured": m, "l2": l2, "rel_l2": rel, "cosine": cos,
+                       "changed_fraction": cf, "sqnr_db": sq, "share": sh}
+                      for name, t, p, m, l2, rel, cos, cf, sq, sh
+                      in zip(ordered, *(layer_columns[k] for k in ("tensors", "params", "measured", "l2", "rel_l2",
+                                                                   "cosine", "changed_fraction", "sqnr_db")), share)]
+        out_layers = {"rows": layer_rows, "share_source": "layer_impact" if layer_impact is not None else "group sums"}
+        if layer_impact is not None:
+            out_layers["top_layer"] = finite_json(layer_impact.headline["top_layer"])
+            out_layers["top_share"] = finite_json(layer_impact.headline["top_share"])
+        elif layer_rows and sum(g.dsq for g in layers.values()) > 0:
+            top = min(range(len(ordered)), key=lambda j: (-raw_share[j], natural[ordered[j]]))
+            out_layers["top_layer"], out_layers["top_share"] = ordered[top], finite_json(raw_share[top])
+        if not inspect:
+            heatmap = _heatmap(fig, layer_keys, kinds, members, summed, ordered, layer_columns)
+
+    # Every tensor, as columns + rows (compact for 20,000 tensors).
+    if inspect:
+        columns = ["name", "layer", "module", "shape", "dtype", "params", "mean", "std", "min", "max", "rms",
+                   "zero_fraction", "nan_count", "inf_count"]
+        rows = _inspect_rows(fig, output_rows, layer_keys, kinds)
+    else:
+        columns = ["name", "layer", "module", "status", "shape", "dtype", "params", "l2", "rel_l2", "cosine",
+                   "max_abs", "changed_fraction"] + (["sqnr_db"] if quant is not None else [])
+        # The table opens in the one "most changed" order (sort_by_change_magnitude.order:
+        # zero-initialised tensors by ‖Δ‖ among the rest, not ∞ first); a click sorts by a column.
+        sqnr = {t["tensor"]: t["sqnr_db"] for t in quant.get("tensors", [])} if quant is not None else None
+        rows = _compare_rows(fig, _table_order(fig), layer_keys, kinds, sqnr)
+
+    # Histograms and spectra, most changed first (top_changed's order), then the others.
+    histograms, spectra = [], []
+    pictured = [i for i in output_rows if fig.extras.get(i)]
+    keys = dict(zip(pictured, rank_keys(fig, pictured, inspect=inspect)))
+    for i in pictured:
+        extras = fig.extras[i]
+        if extras.get("histogram"):
+            histograms.append((i, {"tensor": names[i], **extras["histogram"]}))
+        if extras.get("spectrum"):
+            spectra.append((i, {"tensor": names[i], **extras["spectrum"]}))
+
+    def by_rank(entry):
+        key = keys[entry[0]]
+        return (1,) if key is None else (0, key)
+
+    out: dict[str, Any] = {
+        "kind": "inspect" if inspect else "compare",
+        "summary": summary,
+        "verdicts": _verdicts(report.analyses),
+        "layers": None if inspect else out_layers,
+        "heatmap": None if inspect else heatmap,
+        "histograms": [h for _, h in sorted(histograms, key=by_rank)],
+        "spectra": [s for _, s in sorted(spectra, key=by_rank)],
+        "quantization": _quantization(quant, layer_rows) if quant is not None else None,
+        "anomalies": (finite_json(last["anomaly_detection"].to_dict().get("anomalies", []))
+                      if "anomaly_detection" in last else None),
+        "series": None,
+        "tensors": {"columns": columns, "rows": rows},
+    }
+    return out
+
+
+def _heatmap(fig, layer_keys: list[str], kinds: list[str], members: np.ndarray, summed: np.ndarray,
+             row_names: list[str], layer_columns: dict[str, list]) -> dict[str, Any]:
+    """The layer × module-type grid of rel_l2, cosine and changed_fraction (None where no
+    tensor of that type in that layer was measured): GroupSums over (layer, module type).
+    Where every layer holds one module type (many layers of one tensor each) a cell is its
+    layer, summed over the same rows in the same order: the layer's figures are reused."""
+    kinds_of: dict[str, set[str]] = {}
+    for i in np.flatnonzero(members).tolist():
+        kinds_of.setdefault(layer_keys[i], set()).add(kinds[i])
+    if all(len(found) == 1 for found in kinds_of.values()):
+        cell_of = [(layer, next(iter(kinds_of[layer]))) for layer in row_names]
+        figures = layer_columns
+    else:
+        index: dict[str, tuple[str, str]] = {}
+        cell_keys = []
+        for layer, kind in zip(layer_keys, kinds):
+            key = f"{layer}\x00{kind}"
+            index.setdefault(key, (layer, kind))
+            cell_keys.append(key)
+        cells = GroupSums().update(fig, cell_keys, members, summed).compute()
+        cell_of = [index[key] for key in cells]
+        figures = _group_columns(list(cells.values()))
+    present = {kind for _, kind in cell_of}
+    columns = [k for k in MODULE_TYPES if k in present]
+    columns += sorted(present - set(columns))
+    grid = {key: [[None] * len(columns) for _ in row_names] for key in ("rel_l2", "cosine", "changed_fraction")}
+    col_index = {c: j for j, c in enumerate(columns)}
+    row_index = {r: i for i, r in enumerate(row_names)}
+    for j, (layer, kind) in enumerate(cell_of):
+        if not figures["measured"][j]:
+            continue
+        r, c = row_index[layer], col_index[kind]
+        for name in grid:
+            grid[name][r][c] = figures[name][j]
+    return {"rows": row_names, "columns": columns, **grid}
+
+
+def _compare_rows(fig, order: list[int], layer_keys: list[str], kinds: list[str],
+                  sqnr: dict[str, Any] | None) -> list[list]:
+    """The tensor table's rows in ``order``, from the columns: the figures as the JSON
+    output writes them (PairMetrics' formulas, value for value); None where not measured."""
+    from torchdiff.analyses.sort_by_change_magnitude import pair_rel_l2
+
+    idx = np.asarray(order, dtype=np.int64)
+    names, status = fig.names, fig.status
+    shapes, dtypes = _pair_columns(fig, order)
+    params = fig.params[idx].tolist()
+    measured = fig.measured[idx].tolist()
+    count = fig.count[idx]
+    with np.errstate(divide="ignore", invalid="ignore"):  # PairMetrics.changed_fraction
+        changed = np.where(count > 0, fig.changed_count[idx] / np.maximum(count, 1), 0.0)
+    figures = zip(_floats(fig.l2[idx]), _floats(pair_rel_l2(fig, idx)), _floats(fig.cosine()[idx]),
+                  _floats(fig.max_abs[idx]), _floats(changed))
+    none = [None] * 5
+    rows = []
+    for i, shape, dtype, p, m, values in zip(order, shapes, dtypes, params, measured, figures):
+        name = names[i]
+        row = [name, layer_keys[i], kinds[i], status[i], shape, dtype, p, *(values if m else none)]
+        if sqnr is not None:
+            row.append(sqnr.get(name))  # already JSON-encoded (from the analysis item)
+        rows.append(row)
+    return rows
+
+
+def _inspect_rows(fig, order: list[int], layer_keys: list[str], kinds: list[str]) -> list[list]:
+    """inspect's table rows in ``order``: the one side's statistics, from the columns."""
+    idx = np.asarray(order, dtype=np.int64)
+    side = fig.new
+    numel = side.numel[idx]
+    with np.errstate(divide="ignore", invalid="ignore"):  # TensorStats.zero_fraction
+        zero_fraction = np.where(numel > 0, side.zero_count[idx] / np.maximum(side.values(idx), 1), 0.0)
+    stats = zip(*(_floats(getattr(side, f)[idx]) for f in ("mean", "std", "min", "max", "rms")), _floats(zero_fraction),
+                side.nan_count[idx].tolist(), side.inf_count[idx].tolist())
+    return [[fig.names[i], layer_keys[i], kinds[i], list(side.shape[i]), side.dtype[i], k, *values]
+            for i, k, values in zip(order, numel.tolist(), stats)]
+
+
+_QUANT_HEADLINE = ("compression", "precision_loss", "sqnr_db", "sqnr_db_quantized", "bits_per_weight_old",
+                   "bits_per_weight_new", "quantized_tensors", "precision_loss_thresholds_db", "bytes_old", "bytes_new")
+
+
 def _quantization(item: dict[str, Any], layer_rows: list[dict[str, Any]]) -> dict[str, Any]:
-    keys = ("compression", "precision_loss", "sqnr_db", "sqnr_db_quantized", "bits_per_weight_old",
-            "bits_per_weight_new", "quantized_tensors", "precision_loss_thresholds_db", "bytes_old", "bytes_new")
+    """The Quantization section from the analysis item (JSON-safe): its headline, schemes
+    and most sensitive tensors, SQNR per layer (the group sums) and the tensors the
+    per-tensor bars show (``QUANT_TENSORS_SHOWN``, in the item's order)."""
+    tensors = item.get("tensors", [])
+    finite = [j for j, t in enumerate(tensors) if _is_finite_number(t.get("sqnr_db"))]
+    shown = set(sorted(finite, key=lambda j: tensors[j]["sqnr_db"])[:QUANT_TENSORS_SHOWN])  # stable, as the page
     return {
-        "headline": {k: item.get(k) for k in keys if k in item},
+        "headline": {k: item.get(k) for k in _QUANT_HEADLINE if k in item},
         "schemes": item.get("schemes", []),
         "most_sensitive": item.get("most_sensitive", []),
         "tensors": [{"tensor": t["tensor"], "scheme": t.get("scheme"), "sqnr_db": t.get("sqnr_db")}
-                    for t in item.get("tensors", [])],
+                    for j, t in enumerate(tensors) if j in shown],
         "layers": [{"layer": r["layer"], "sqnr_db": r["sqnr_db"]} for r in layer_rows if r["measured"]],
     }
+
+
+def _is_finite_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _series_payload(report) -> dict[str, Any]:
