@@ -430,3 +430,86 @@ def test_python_dash_m(fixtures_dir):
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr == (f"torchdiff: error: {fixtures_dir / 'model1.pt'}: not a PyTorch checkpoint "
                            "(neither a zip archive nor a pickle)\n")
+
+
+# ---- a command's own --help ---------------------------------------------------------------
+
+#: command -> (flags its help lists, flags of other commands it must not list)
+COMMAND_FLAGS_SHOWN = {
+    "inspect": (["--anomaly-detection", "--memory-analysis", "--architecture-comparison", "--fail-on-anomaly",
+                 "--output", "--top", "--report", "--path", "--format"],
+                ["--cast", "--allow-cast", "--tolerance", "--policy", "--common-only", "--epsilon", "--exit-code",
+                 "--sort-key", "--spectra", "--map"]),
+    "series": (["--convergence-analysis", "--similarity-matrix", "--sort", "--base", "--lr", "--common-only",
+                "--policy", "--exit-code", "--report"],
+               ["--cast", "--allow-cast", "--shards", "--top", "--spectra", "--stats"]),
+    "hash": (["-o, --output MANIFEST", "--cast DTYPE", "--path", "--ignore-keys-regex", "--format"],
+             ["--stats", "--report", "--allow-cast", "--tolerance", "--all", "--epsilon", "--exit-code"]),
+    "verify": (["--allow-cast", "--tolerance rel_l2=X", "--shards", "--quiet", "--path", "--output"],
+               ["--cast", "--stats", "--report", "--all", "--epsilon", "--exit-code", "--brief"]),
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMAND_FLAGS_SHOWN))
+@pytest.mark.parametrize("form", ["COMMAND --help", "COMMAND -h", "--help COMMAND", "COMMAND x.pt --help"])
+def test_command_help_is_its_own(capsys, command, form):
+    """torchdiff inspect --help printed the general usage; each command now prints its
+    usage, arguments, flags, examples and exit codes, and nothing of the other commands."""
+    code, out, err = run_main(capsys, *form.replace("COMMAND", command).split())
+    assert code == 0 and err == ""
+    assert out.startswith(f"usage: torchdiff {command} ") and "OLD NEW" not in out
+    for section in ("Arguments:", "Options:", "Examples:", "Exit codes: 0 "):
+        assert section in out
+    shown, others = COMMAND_FLAGS_SHOWN[command]
+    for flag in shown:
+        assert re.search(rf"^  (-\w, )?{re.escape(flag)}", out, re.M), flag
+    listed = set(re.findall(r"^  (?:-\w, )?(--[a-z-]+)", out, re.M))
+    assert not listed & set(others), listed & set(others)
+    examples = out.split("Examples:\n")[1].split("\n\n")[0].splitlines()
+    assert examples and all(e.startswith(f"  torchdiff {command} ") for e in examples)
+    assert "2 bad usage" in out
+
+
+@pytest.mark.parametrize("command", sorted(COMMAND_FLAGS_SHOWN))
+def test_command_help_lists_what_the_command_takes(command):
+    """Every flag a command's help lists is one the command uses (no warning that it does
+    nothing, no refusal), every example parses to that command with a valid arity, and
+    the exit codes are README's."""
+    import shlex
+
+    from torchdiff.cli import (COMMAND_FLAGS, COMMAND_HELP, HASH_FLAGS, SERIES_ONLY, VERIFY_FLAGS, _check_arity,
+                               _flag_table, parse_argv)
+
+    spec = COMMAND_HELP[command]
+    names = [e[0] if isinstance(e, tuple) else e for e in spec["analyses"] + spec["flags"]]
+    table = _flag_table()
+    assert all(n in table for n in names)
+    for name in names:
+        if name in COMMAND_FLAGS:
+            assert command in COMMAND_FLAGS[name], name
+    if command == "hash":
+        assert set(names) <= HASH_FLAGS
+    if command == "verify":
+        assert set(names) <= VERIFY_FLAGS
+    if command == "inspect":
+        assert not set(names) & set(SERIES_ONLY)
+    for example in spec["examples"]:
+        parsed = parse_argv(shlex.split(example)[1:])
+        assert parsed.command == command
+        _check_arity(parsed)
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert f"torchdiff {command} " in readme
+    assert spec["exit"].startswith("0 ") and "2 bad usage" in spec["exit"]
+
+
+def test_general_help_points_to_the_commands(capsys):
+    code, out, _ = run_main(capsys, "--help")
+    assert code == 0 and "torchdiff inspect|series|hash|verify --help" in out
+
+
+def test_installed_command_help(tmp_path):
+    env = command_env()
+    env["PAGER"] = "sleep 600"
+    proc = subprocess.run([str(BIN_DIR / "torchdiff"), "inspect", "--help"], capture_output=True, text=True,
+                          env=env, timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: torchdiff inspect FILE [flags]")

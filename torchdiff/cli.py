@@ -432,17 +432,163 @@ _PLACEHOLDERS = {"fail_on_anomaly": "SEVERITY", "output": "FORMAT", "epsilon": "
                  "tolerance": "rel_l2=X", "report": "FILE", "plots": "DIR", "spectra": "K", "top": "N"}
 
 
-def help_text(width: int | None = None) -> str:
-    """The --help screen, wrapped to the terminal (``COLUMNS``), 100 columns at most."""
+#: ``torchdiff COMMAND --help`` (README.md "Usage", docs/SERIES.md, docs/MANIFEST.md): the
+#: usage lines, what the command does, its arguments, the flags it uses (names of the one
+#: flag table; (name, text) or (name, text, placeholder) where the table's words are about
+#: a pair of checkpoints), examples and its exit codes. A flag given that the command does
+#: not use is warned about or refused (_warn_inapplicable, _warn_unused, COMMAND_FLAGS).
+COMMAND_HELP: dict[str, dict[str, Any]] = {
+    "inspect": {
+        "usage": ["torchdiff inspect FILE [flags]"],
+        "about": "One checkpoint: a table of every tensor (shape, dtype, parameters, mean, std, min, max, NaN and "
+                 "Inf counts), then totals (trainable parameters apart from buffers, optimizer and training "
+                 "state). Nothing is compared: exit 0 unless --fail-on-anomaly trips.",
+        "arguments": [("FILE", "a checkpoint file, a sharded Hugging Face checkpoint (index.json or a folder), "
+                               "or a Hugging Face Hub id (gpt2, org/name; a path that exists wins)")],
+        "analyses": ["anomaly_detection", "architecture_comparison", "gradient_analysis", "memory_analysis",
+                     "quantization_analysis",
+                     ("all", "every analysis (those that need two checkpoints say so in a note)")],
+        "flags": ["fail_on_anomaly", ("output", "text | json | yaml | markdown | github"), "top", "path",
+                  "ignore_keys_regex", "format", "scope", "device",
+                  ("raw", "the stored values: int8/fp8 weights with scale companions are not dequantized"),
+                  ("revision", "branch, tag or commit of a Hugging Face Hub id given as FILE"), "unsafe_pickle",
+                  "report", "plots", "no_color", "verbose", "dist_timeout"],
+        "examples": ["torchdiff inspect model.safetensors --memory-analysis",
+                     "torchdiff inspect step_000.safetensors --anomaly-detection --fail-on-anomaly high",
+                     "torchdiff inspect train_step_200.pt --gradient-analysis -o json",
+                     "torchdiff inspect model.safetensors --anomaly-detection --report r.html"],
+        "exit": "0 ran; 1 a finding at or above --fail-on-anomaly's severity; 2 bad usage or unreadable input "
+                "(missing, corrupt or truncated file, unknown format, a pickle that needs code).",
+    },
+    "series": {
+        "usage": ["torchdiff series C1 C2 C3 ... [flags]"],
+        "about": "Ordered checkpoints, each file read once: the series analyses over the whole run, and every "
+                 "other analysis flag on each consecutive pair (as torchdiff C_t C_t+1). With no analysis "
+                 "flag: convergence and similarity. Details: docs/SERIES.md.",
+        "arguments": [("C1 C2 C3 ...", "two or more checkpoints in training order (files, sharded checkpoints, "
+                                       "folders or Hub ids)")],
+        "analyses": ["convergence_analysis", "gradient_analysis", "similarity_matrix",
+                     ("all", "every analysis: the series ones, and the pair ones on each step")],
+        "flags": ["sort", ("base", "a base checkpoint for task vectors τ_i = θ_i − θ_base (switches on "
+                                   "--similarity-matrix)"),
+                  ("lr", "learning rate for ĝ = −Δθ/lr when the checkpoints record none (switches on "
+                         "--gradient-analysis)"),
+                  "plateau_threshold", "plateau_steps", "common_only", "policy", "fail_on_anomaly",
+                  ("output", "text | json | yaml | markdown | github"),
+                  ("quiet", "print nothing; exit 1 when some step differs"),
+                  ("brief", "print one line when some step differs; exit 1 then"),
+                  ("exit_code", "exit 1 when some step differs"), "report", "plots", "path", "ignore_keys_regex",
+                  "epsilon", "scope", "format", "device", "raw", "unsafe_pickle", "no_color", "verbose",
+                  "dist_timeout"],
+        "examples": ["torchdiff series step_000.safetensors step_050.safetensors step_100.safetensors "
+                     "--convergence-analysis",
+                     "torchdiff series epoch_2.pt epoch_10.pt epoch_1.pt --sort natural -o json",
+                     "torchdiff series c1.pt c2.pt c3.pt --similarity-matrix --base c0.pt --report series.html",
+                     "torchdiff series c1.pt c2.pt c3.pt --common-only"],
+        "exit": "0 ran; 1 some step differs with --exit-code, --quiet or --brief, a failed --policy rule, or a "
+                "finding at --fail-on-anomaly's severity; 2 bad usage or unreadable input (also a checkpoint "
+                "lacking a tensor in --scope that the others hold, without --common-only).",
+    },
+    "hash": {
+        "usage": ["torchdiff hash CKPT [-o MANIFEST] [--cast DTYPE[,DTYPE]]"],
+        "about": "Write a manifest of per-tensor fingerprints (name, dtype, shape, bytes, the xxh3-128 hash of "
+                 "its bytes, norm, sum, min, max, a fixed sample of values) that travel instead of the file; "
+                 "torchdiff verify checks a checkpoint against it. Details: docs/MANIFEST.md.",
+        "arguments": [("CKPT", "a checkpoint in any format torchdiff reads (file, sharded checkpoint, folder)")],
+        "analyses": [],
+        "flags": [("output", "write the manifest to the file MANIFEST (default: print it as JSON)", "MANIFEST"),
+                  ("cast", "also record each float tensor's hash cast to DTYPE (for verify --allow-cast)",
+                   "DTYPE[,DTYPE]"),
+                  "path", "ignore_keys_regex", "format", "unsafe_pickle", "verbose", "dist_timeout"],
+        "examples": ["torchdiff hash model.safetensors -o model.manifest.json",
+                     "torchdiff hash step_200.safetensors --cast bfloat16 -o step_200.manifest.json",
+                     "torchdiff hash train.pt --ignore-keys-regex '^optimizer\\.' -o model.manifest.json"],
+        "exit": "0 written; 2 bad usage or unreadable input.",
+    },
+    "verify": {
+        "usage": ["torchdiff verify MANIFEST CKPT|MANIFEST [flags]",
+                  "torchdiff verify MANIFEST RANK0 RANK1 ... --shards"],
+        "about": "Check a checkpoint (or a second manifest) against a manifest written by torchdiff hash, tensor "
+                 "by tensor: one line per tensor that is missing, extra, reshaped, retyped or holds other "
+                 "bytes, with a lower bound and an estimate of its rel_l2. Details: docs/MANIFEST.md.",
+        "arguments": [("MANIFEST", "the expected tensors (torchdiff hash -o MANIFEST)"),
+                      ("CKPT|MANIFEST", "the checkpoint to check, or another manifest"),
+                      ("RANK0 RANK1 ...", "with --shards: the tensor-parallel pieces, one file per rank")],
+        "analyses": [],
+        "flags": ["allow_cast", "tolerance", "shards", ("output", "text | json | yaml"),
+                  ("quiet", "print nothing; the exit code says whether every tensor matched"), "path",
+                  "ignore_keys_regex", "format", "unsafe_pickle", "verbose", "dist_timeout"],
+        "examples": ["torchdiff verify model.manifest.json model.safetensors",
+                     "torchdiff verify step_200.manifest.json step_200_bf16.safetensors --allow-cast",
+                     "torchdiff verify m.json b.safetensors --tolerance rel_l2=1e-3",
+                     "torchdiff verify m.json r0.safetensors r1.safetensors --shards"],
+        "exit": "0 every tensor equal or accepted; 1 a tensor missing, extra, reshaped, retyped or with other "
+                "bytes; 2 bad usage or an unreadable manifest or checkpoint.",
+    },
+}
+
+
+def _flag_label(name: str, default: Any, placeholder: str | None = None) -> str:
+    """``--map-heads Q,KV``, ``-o, --output FORMAT``: a flag as the help lists it."""
+    placeholder = placeholder or _PLACEHOLDERS.get(name, name.upper().split("_")[-1])
+    value = "" if isinstance(default, bool) else " " + placeholder
+    flag = f"--{name.replace('_', '-')}{value}"
+    short = {n: f for f, n in SHORT.items()}
+    return f"{short[name]}, {flag}" if name in short else flag
+
+
+def _help_entry(left: str, text: str, width: int, column: int = 34) -> list[str]:
+    import textwrap
+
+    left = f"  {left}"
+    wrapped = textwrap.wrap(text, max(width - column, 30)) or [""]
+    if len(left) >= column:
+        return [left] + [" " * column + w for w in wrapped]
+    return [left.ljust(column) + wrapped[0]] + [" " * column + w for w in wrapped[1:]]
+
+
+def command_help(command: str, width: int | None = None) -> str:
+    """``torchdiff COMMAND --help``: that command's usage, arguments, flags (one line of
+    text each, from the one flag table), examples and exit codes (``COMMAND_HELP``)."""
     import shutil
     import textwrap
 
     width = width or min(shutil.get_terminal_size((100, 24)).columns, 100)
     table = _flag_table()
+    spec = COMMAND_HELP[command]
+    usage = spec["usage"]
+    lines = [f"usage: {usage[0]}"] + [f"       {u}" for u in usage[1:]] + [""]
+    lines += textwrap.wrap(spec["about"], width) + ["", "Arguments:"]
+    for name, text in spec["arguments"]:
+        lines += _help_entry(name, text, width)
+    for title, key in (("Analyses", "analyses"), ("Options", "flags")):
+        if not spec[key]:
+            continue
+        lines += ["", f"{title}:"]
+        for entry in spec[key]:
+            name, text, placeholder = (*entry, None)[:3] if isinstance(entry, tuple) else (entry, None, None)
+            text = (text or table[name][1]).removeprefix(f"{command}: ")  # "verify: accept ..." in verify's help
+            lines += _help_entry(_flag_label(name, table[name][0], placeholder), text, width)
+    lines += _help_entry("-h, --help", "this help", width)
+    lines += ["", "Examples:"] + [f"  {e}" for e in spec["examples"]] + [""]
+    lines += textwrap.wrap(f"Exit codes: {spec['exit']}", width)
+    lines += ["", "torchdiff --help: every flag, and the other commands."]
+    return "\n".join(lines)
+
+
+def help_text(width: int | None = None, command: str = "compare") -> str:
+    """The --help screen, wrapped to the terminal (``COLUMNS``), 100 columns at most:
+    ``command_help`` for inspect, series, hash and verify."""
+    import shutil
+    import textwrap
+
+    if command in COMMAND_HELP:
+        return command_help(command, width)
+    width = width or min(shutil.get_terminal_size((100, 24)).columns, 100)
+    table = _flag_table()
     from torchdiff.analyses import ANALYSES
 
     analysis_flags = {m.FLAG for m in ANALYSES.values()}
-    short = {name: flag for flag, name in SHORT.items()}
     lines = [
         "usage: torchdiff OLD NEW [flags]          compare two checkpoints",
         "       torchdiff inspect FILE [flags]     one checkpoint",
@@ -456,30 +602,20 @@ def help_text(width: int | None = None) -> str:
         "",
         "Analyses:",
     ]
-    column = 34
-
-    def entry(left: str, text: str) -> list[str]:
-        left = f"  {left}"
-        wrapped = textwrap.wrap(text, max(width - column, 30)) or [""]
-        if len(left) >= column:
-            return [left] + [" " * column + w for w in wrapped]
-        return [left.ljust(column) + wrapped[0]] + [" " * column + w for w in wrapped[1:]]
-
     for name in sorted(analysis_flags):
-        lines += entry(f"--{name.replace('_', '-')}", table[name][1])
+        lines += _help_entry(f"--{name.replace('_', '-')}", table[name][1], width)
     lines.append("")
     lines.append("Options:")
     for name, (default, text) in table.items():
         if name in analysis_flags:
             continue
-        value = "" if isinstance(default, bool) else " " + _PLACEHOLDERS.get(name, name.upper().split("_")[-1])
-        flag = f"--{name.replace('_', '-')}{value}"
-        lines += entry(f"{short[name]}, {flag}" if name in short else flag, text)
+        lines += _help_entry(_flag_label(name, default), text, width)
     lines.append("")
     lines += textwrap.wrap(
         "Exit codes: 0 ran (differences or not); 1 differences found with --exit-code, --quiet or --brief, "
         "a finding at --fail-on-anomaly's severity, a failed --policy rule, or a verify mismatch; "
         "2 bad usage, a bad policy file, or unreadable input.", width)
+    lines += ["", "torchdiff inspect|series|hash|verify --help: the flags of one command."]
     return "\n".join(lines)
 
 
@@ -557,7 +693,7 @@ def _main(argv: list[str]) -> tuple[int, str | None]:
     try:
         parsed = parse_argv(argv)
         if parsed.flags.get("help") or not argv:
-            print(help_text())
+            print(help_text(command=parsed.command))
             return EXIT_OK, None
         if parsed.flags.get("version"):
             from torchdiff import __version__
