@@ -224,6 +224,7 @@ def _scale_findings(comp: Comparison) -> list[dict[str, Any]]:
         for e in entries:
             by_role[pattern(e[0])].append(e)
             by_kind[(kind(e[0], len(e[1].shape)), len(e[1].shape))].append(e)
+        centre: dict[int, tuple[float, float]] = {}  # id(group) -> (median, MAD): once a group, not a member
         for name, s, log_rms in entries:
             group, label = by_role[pattern(name)], f"role {pattern(name)!r}"
             if len(group) < MIN_GROUP:
@@ -231,9 +232,11 @@ def _scale_findings(comp: Comparison) -> list[dict[str, Any]]:
                 group, label = by_kind[k], f"all {k[1]}-D {k[0]} tensors"
             hit = None
             if len(group) >= MIN_GROUP:
-                logs = sorted(g[2] for g in group)
-                med = _median(logs)
-                mad = max(_median(sorted(abs(x - med) for x in logs)), MAD_FLOOR)
+                if id(group) not in centre:
+                    logs = sorted(g[2] for g in group)
+                    med = _median(logs)
+                    centre[id(group)] = med, max(_median(sorted(abs(x - med) for x in logs)), MAD_FLOOR)
+                med, mad = centre[id(group)]
                 z = 0.6745 * (log_rms - med) / mad
                 factor = 10 ** (log_rms - med)
                 if abs(z) > Z_THRESHOLD and (factor >= Z_MIN_FACTOR or factor <= 1 / Z_MIN_FACTOR):
