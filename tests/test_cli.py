@@ -445,8 +445,8 @@ COMMAND_FLAGS_SHOWN = {
                ["--cast", "--allow-cast", "--shards", "--top", "--spectra", "--stats"]),
     "hash": (["-o, --output MANIFEST", "--cast DTYPE", "--path", "--ignore-keys-regex", "--format"],
              ["--stats", "--report", "--allow-cast", "--tolerance", "--all", "--epsilon", "--exit-code"]),
-    "verify": (["--allow-cast", "--tolerance rel_l2=X", "--shards", "--quiet", "--path", "--output"],
-               ["--cast", "--stats", "--report", "--all", "--epsilon", "--exit-code", "--brief"]),
+    "verify": (["--allow-cast", "--tolerance rel_l2=X", "--shards", "--quiet", "--brief", "--path", "--output"],
+               ["--cast", "--stats", "--report", "--all", "--epsilon", "--exit-code"]),
 }
 
 

@@ -496,3 +496,23 @@ def test_name_filters_select_what_hash_records_and_verify_checks(tmp_path, capsy
     code, out, err = run(capsys, "verify", tmp_path / "a.pt", tmp_path / "b.pt", "--ignore-keys-regex", "^optimizer",
                          "--stats")
     assert code == 0 and err == "torchdiff: warning: --stats does nothing on verify\n"
+
+
+def test_hash_and_verify_take_unsafe_pickle_brief_and_say_what_they_ignore(tmp_path, capsys):
+    """--unsafe-pickle reaches the reader (it was accepted and ignored: the file stayed
+    refused); verify --brief prints one line; hash warns about --quiet; counts of one."""
+    w = torch.arange(4.0)
+    torch.save({"w": w}, tmp_path / "p4.pt", pickle_protocol=4, _use_new_zipfile_serialization=False)
+    assert main(["hash", str(tmp_path / "p4.pt")]) == 2
+    assert "--unsafe-pickle reads it" in capsys.readouterr().err
+    assert main(["hash", str(tmp_path / "p4.pt"), "--unsafe-pickle", "-o", str(tmp_path / "m.json")]) == 0
+    capsys.readouterr()
+    m = Manifest.load(str(tmp_path / "m.json"))
+    assert m["w"].sum == 6.0 and m["w"].norm == pytest.approx(math.sqrt(14.0), rel=1e-12)
+    assert main(["verify", str(tmp_path / "m.json"), str(tmp_path / "p4.pt"), "--unsafe-pickle"]) == 0
+    assert capsys.readouterr().out.strip() == "verify: 1 tensor: 1 bitwise equal, 0 accepted, 0 mismatching -> OK"
+    save_file({"w": w + 1}, str(tmp_path / "b.safetensors"))
+    assert main(["verify", str(tmp_path / "m.json"), str(tmp_path / "b.safetensors"), "--brief"]) == 1
+    assert capsys.readouterr().out == f"{tmp_path / 'm.json'} and {tmp_path / 'b.safetensors'} differ\n"
+    assert main(["hash", str(tmp_path / "b.safetensors"), "--quiet"]) == 0
+    assert capsys.readouterr().err == "torchdiff: warning: --quiet does nothing on hash\n"

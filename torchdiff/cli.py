@@ -229,7 +229,8 @@ class TorchDiffCLI:
         casts = [c.strip() for c in str(flags["cast"]).split(",") if c.strip()] if flags.get("cast") else []
         _warn_unused(flags, "hash", HASH_FLAGS)
         manifest = fingerprint(str(checkpoint), casts=casts, format=flags.get("format"), path=flags.get("path"),
-                               ignore_keys_regex=flags.get("ignore_keys_regex"))
+                               ignore_keys_regex=flags.get("ignore_keys_regex"),
+                               unsafe_pickle=bool(flags.get("unsafe_pickle")))
         from torchdiff import distributed
         from torchdiff.manifest import widening
 
@@ -256,8 +257,14 @@ class TorchDiffCLI:
         result = verify(str(manifest), other, allow_cast=bool(flags.get("allow_cast")),
                         tolerance=flags.get("tolerance"), shards=bool(flags.get("shards")),
                         format=flags.get("format"), path=flags.get("path"),
-                        ignore_keys_regex=flags.get("ignore_keys_regex"))
-        text = None if flags.get("quiet") else result.render(flags.get("output", "text"))
+                        ignore_keys_regex=flags.get("ignore_keys_regex"),
+                        unsafe_pickle=bool(flags.get("unsafe_pickle")))
+        if flags.get("quiet"):
+            text = None
+        elif flags.get("brief"):  # one line when something differs, as compare's --brief
+            text = None if result.ok else f"{manifest} and {' + '.join(map(str, others))} differ"
+        else:
+            text = result.render(flags.get("output", "text"))
         self.outcome = Outcome(text, result.exit_code)
         return self.outcome if text else None
 
@@ -310,10 +317,11 @@ def _warn_inapplicable(flags: dict[str, Any], what: str) -> None:
 
 
 #: The flags hash and verify use; any other (an analysis, --stats, --scope...) does nothing there.
-_FINGERPRINT_FLAGS = {"output", "format", "path", "ignore_keys_regex", "quiet", "verbose", "help", "version",
+#: (--no-color is accepted: neither prints color.)
+_FINGERPRINT_FLAGS = {"output", "format", "path", "ignore_keys_regex", "verbose", "help", "version",
                       "dist_timeout", "no_color", "unsafe_pickle"}
 HASH_FLAGS = _FINGERPRINT_FLAGS | {"cast"}
-VERIFY_FLAGS = _FINGERPRINT_FLAGS | {"allow_cast", "tolerance", "shards", "exit_code", "brief"}
+VERIFY_FLAGS = _FINGERPRINT_FLAGS | {"allow_cast", "tolerance", "shards", "quiet", "exit_code", "brief"}
 
 
 def _warn_unused(flags: dict[str, Any], command: str, used: set[str]) -> None:
@@ -516,7 +524,8 @@ COMMAND_HELP: dict[str, dict[str, Any]] = {
                       ("RANK0 RANK1 ...", "with --shards: the tensor-parallel pieces, one file per rank")],
         "analyses": [],
         "flags": ["allow_cast", "tolerance", "shards", ("output", "text | json | yaml"),
-                  ("quiet", "print nothing; the exit code says whether every tensor matched"), "path",
+                  ("quiet", "print nothing; the exit code says whether every tensor matched"),
+                  ("brief", "print one line when a tensor differs (the exit code is 1 then)"), "path",
                   "ignore_keys_regex", "format", "unsafe_pickle", "verbose", "dist_timeout"],
         "examples": ["torchdiff verify model.manifest.json model.safetensors",
                      "torchdiff verify step_200.manifest.json step_200_bf16.safetensors --allow-cast",

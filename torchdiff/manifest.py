@@ -22,6 +22,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 
 from torchdiff.errors import CorruptFileError, MissingDependencyError, UsageError
+from torchdiff.units import counted
 
 MANIFEST_FORMAT = "torchdiff-manifest"
 MANIFEST_VERSION = 1
@@ -355,7 +356,7 @@ def record(name: str, tensor: torch.Tensor, *, casts: Sequence[str] = (), span: 
 
 
 def fingerprint(source: Any, *, casts: Sequence[str] = (), format: str | None = None, path: str | None = None,
-                ignore_keys_regex: str | None = None) -> Manifest:
+                ignore_keys_regex: str | None = None, unsafe_pickle: bool = False) -> Manifest:
     """The manifest of a checkpoint: one record per tensor.
 
     Args:
@@ -369,6 +370,8 @@ def fingerprint(source: Any, *, casts: Sequence[str] = (), format: str | None = 
         path, ignore_keys_regex: only the tensors whose name holds ``path`` and does not
             match ``ignore_keys_regex`` (as compare's ``--path``/``--ignore-keys-regex``;
             selecting none is a UsageError).
+        unsafe_pickle: read a PyTorch pickle with ``weights_only=False`` (runs code from
+            the file: only for files the user trusts), as compare's ``--unsafe-pickle``.
 
     Returns:
         A Manifest; ``.save(path)`` writes it as JSON (docs/MANIFEST.md).
@@ -379,7 +382,18 @@ def fingerprint(source: Any, *, casts: Sequence[str] = (), format: str | None = 
         >>> m["w"].norm, m["w"].sum, len(m["w"].hash)
         (1.7320508075688772, 3.0, 32)
     """
-    return _fingerprint(source, casts, format, None, (ignore_keys_regex, path))
+    return _fingerprint(source, casts, (format, unsafe_pickle), None, (ignore_keys_regex, path))
+
+
+#: How checkpoint paths are read: (``format``, ``unsafe_pickle``) of ``torchdiff.formats.load``.
+Reader = tuple
+
+
+def _load(path: Any, reader: Reader):
+    from torchdiff import formats
+
+    format, unsafe_pickle = reader
+    return formats.load(os.fspath(path), format, unsafe_pickle=unsafe_pickle)
 
 
 Filters = tuple  # (ignore_keys_regex, path): compare's name filters
@@ -395,7 +409,7 @@ def _kept(manifest: Manifest, filters: Filters) -> Manifest:
     return dataclasses.replace(manifest, tensors={n: r for n, r in manifest.tensors.items() if keep(n)})
 
 
-def _fingerprint(source: Any, casts: Sequence[str], format: str | None, expected: Manifest | None,
+def _fingerprint(source: Any, casts: Sequence[str], reader: Reader, expected: Manifest | None,
                  filters: Filters = (None, None), require: bool = True) -> Manifest:
     from torchdiff import formats
 
@@ -403,7 +417,7 @@ def _fingerprint(source: Any, casts: Sequence[str], format: str | None, expected
         if c not in CAST_DTYPES:
             raise UsageError(f"--cast {c!r} is not a float dtype (choose from {', '.join(CAST_DTYPES)})")
     if isinstance(source, (str, os.PathLike)):
-        ckpt = formats.load(os.fspath(source), format)
+        ckpt = _load(source, reader)
         label = os.fspath(source)
     else:
         ckpt = formats.from_object(source)
@@ -554,7 +568,7 @@ class Verification:
             why = f" [accepted: {f.reason}]" if f.accepted else ""
             lines.append(f"  {mark} {printable(f.name)}: {f.kind}: {printable(f.detail)}{why}")
         accepted = len(self.findings) - len(self.mismatches)
-        summary = (f"verify: {self.tensors} tensors: {self.equal} bitwise equal, {accepted} accepted, "
+        summary = (f"verify: {counted(self.tensors, 'tensor')}: {self.equal} bitwise equal, {accepted} accepted, "
                    f"{len(self.mismatches)} mismatching")
         lines.append(summary + (" -> OK" if self.ok else " -> FAILED"))
         return "\n".join(lines)
@@ -593,7 +607,7 @@ def parse_tolerance(value: Any) -> dict[str, float]:
 
 def verify(manifest: Any, other: Any, *, allow_cast: bool = False, tolerance: Any = None,
            shards: bool = False, format: str | None = None, path: str | None = None,
-           ignore_keys_regex: str | None = None) -> Verification:
+           ignore_keys_regex: str | None = None, unsafe_pickle: bool = False) -> Verification:
     """Check ``other`` against ``manifest``, tensor by tensor.
 
     Args:
@@ -611,6 +625,8 @@ def verify(manifest: Any, other: Any, *, allow_cast: bool = False, tolerance: An
         path, ignore_keys_regex: check only the tensors whose name (on either side, as
             it stands there) holds ``path`` and does not match ``ignore_keys_regex``
             (``--ignore-keys-regex '^optimizer[.]'``: the model of a training checkpoint).
+        unsafe_pickle: read PyTorch pickles with ``weights_only=False`` (only for files the
+            user trusts).
 
     Returns:
         A Verification: ``.ok``, ``.findings`` (each tensor that differs, how, and the
@@ -618,7 +634,8 @@ def verify(manifest: Any, other: Any, *, allow_cast: bool = False, tolerance: An
     """
     tol = parse_tolerance(tolerance)
     filters = (ignore_keys_regex, path)
-    recorded = _as_manifest(manifest, format=format)
+    reader = (format, unsafe_pickle)
+    recorded = _as_manifest(manifest, reader=reader)
     expected = _kept(recorded, filters)
     if any(filters) and not expected.tensors:
         from torchdiff.pairing import check_selected
@@ -627,10 +644,10 @@ def verify(manifest: Any, other: Any, *, allow_cast: bool = False, tolerance: An
     want_casts = sorted({r.dtype for r in expected if r.dtype in CAST_DTYPES}) if allow_cast else []
     notes: list[Finding] = []
     if shards:
-        got, notes = _fingerprint_shards(other, expected, want_casts, format)
+        got, notes = _fingerprint_shards(other, expected, want_casts, reader)
         got = _kept(got, filters)
     else:
-        got = _as_manifest(other, casts=want_casts, format=format, expected=expected, filters=filters)
+        got = _as_manifest(other, casts=want_casts, reader=reader, expected=expected, filters=filters)
     result = compare_manifests(expected, got, allow_cast=allow_cast, tolerance=tol)
     # a manifest file is named by its path (its "source" is the checkpoint it was written from)
     for field_name, given in (("expected", manifest), ("checked", other)):
@@ -642,7 +659,7 @@ def verify(manifest: Any, other: Any, *, allow_cast: bool = False, tolerance: An
     return result
 
 
-def _as_manifest(source: Any, casts: Sequence[str] = (), format: str | None = None,
+def _as_manifest(source: Any, casts: Sequence[str] = (), reader: Reader = (None, False),
                  expected: Manifest | None = None, filters: Filters = (None, None)) -> Manifest:
     if isinstance(source, Manifest):
         return _kept(source, filters)
@@ -652,7 +669,7 @@ def _as_manifest(source: Any, casts: Sequence[str] = (), format: str | None = No
         return _kept(Manifest.load(source), filters)
     # a checkpoint: only the tensors kept are read (that something is selected is checked
     # on the manifest's side: none kept here leaves every expected tensor missing)
-    return _fingerprint(source, casts, format, expected, filters, require=False)
+    return _fingerprint(source, casts, reader, expected, filters, require=False)
 
 
 def compare_manifests(expected: Manifest, got: Manifest, *, allow_cast: bool = False,
@@ -849,7 +866,7 @@ def _figures_text(a: TensorRecord, b: TensorRecord, figs: Mapping[str, float]) -
 
 # ---- tensor-parallel shards --------------------------------------------------------------------
 
-def _fingerprint_shards(other: Any, expected: Manifest, casts: Sequence[str], format: str | None
+def _fingerprint_shards(other: Any, expected: Manifest, casts: Sequence[str], reader: Reader
                         ) -> tuple[Manifest, list[Finding]]:
     """Fingerprint the tensors ``other`` holds in pieces, reassembled to the manifest's shapes."""
     from torchdiff import formats
@@ -858,8 +875,7 @@ def _fingerprint_shards(other: Any, expected: Manifest, casts: Sequence[str], fo
     ckpts = []
     try:
         for s in sources:
-            ckpts.append(formats.load(os.fspath(s), format) if isinstance(s, (str, os.PathLike))
-                         else formats.from_object(s))
+            ckpts.append(_load(s, reader) if isinstance(s, (str, os.PathLike)) else formats.from_object(s))
         pieces: dict[str, list[tuple[int, Any]]] = {}
         for rank_file, ckpt in enumerate(ckpts):
             for name, handle in ckpt.tensors.items():
