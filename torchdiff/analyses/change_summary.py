@@ -38,6 +38,7 @@ LOW_RANK_MIN_DIM = 16         # ... on matrices with min(m, n) ≥ 16
 EXACT_MAX_DIM = 256           # exact spectrum when min(m, n) ≤ 256, else a randomized sketch
 SKETCH = 64                   # sketch width (columns of the Gaussian test matrix)
 GRAM_CHUNK = 1 << 20          # elements per float64 chunk of the exact Gram matrix
+HELD_MAX = 1 << 24            # a Δ of at most this many elements is formed once for every pass
 POWER_ITERATIONS = 0          # subspace iterations of the sketch (each adds 2 products)
 UNIFORM_CHANGED = 0.9         # uniform drift: ≥ 90% of model tensors changed ...
 UNIFORM_CV = 0.25             # ... and the coefficient of variation of their rel_l2 ≤ 0.25
@@ -71,10 +72,13 @@ def delta_rank(new: torch.Tensor, old: torch.Tensor | None = None) -> dict[str, 
     singular values whose squares hold ENERGY of ‖Δ‖_F².
 
     With Δ m × n, k = min(m, n) and A = Δ oriented k × N (Δ itself when m ≤ n, else Δᵀ),
-    A is never formed whole: it is read as pieces A[:, J] of about GRAM_CHUNK elements
-    (J a range of Δ's longer dimension; a piece is new − old over that range), and every
-    product below is a sum over pieces, so the memory beyond the inputs is one piece plus
-    k × k or N × SKETCH matrices:
+    A is read as pieces A[:, J] of about GRAM_CHUNK elements (J a range of Δ's longer
+    dimension; a piece is new − old over that range), and every product below is a sum
+    over pieces. A Δ of at most HELD_MAX elements is formed once and its pieces serve
+    every pass (the inputs are file mappings whose pages the engine has released: each
+    pass over them reads the file again); a larger one is formed piece by piece in each
+    pass, so that the memory beyond the inputs is one piece plus k × k or N × SKETCH
+    matrices:
 
     - exact when k ≤ EXACT_MAX_DIM: σ² = eigenvalues of the k × k Gram matrix
       A Aᵀ = Σ_J A[:, J] A[:, J]ᵀ, in float64 (cost m·n·k multiply-adds plus a k³
@@ -96,13 +100,19 @@ def delta_rank(new: torch.Tensor, old: torch.Tensor | None = None) -> dict[str, 
     k, big = (m, n) if wide else (n, m)
     step = max(1, GRAM_CHUNK // max(1, k))
 
-    def pieces(scale: float = 1.0, dtype: torch.dtype | None = None):
-        """(j0, A[:, j0:j0 + step] / scale) over A's N columns."""
+    def formed():
+        """(j0, A[:, j0:j0 + step]) over A's N columns."""
         for j0 in range(0, big, step):
             if wide:
-                d = new[:, j0:j0 + step] if old is None else new[:, j0:j0 + step] - old[:, j0:j0 + step]
+                yield j0, new[:, j0:j0 + step] if old is None else new[:, j0:j0 + step] - old[:, j0:j0 + step]
             else:
-                d = (new[j0:j0 + step] if old is None else new[j0:j0 + step] - old[j0:j0 + step]).T
+                yield j0, (new[j0:j0 + step] if old is None else new[j0:j0 + step] - old[j0:j0 + step]).T
+
+    held = list(formed()) if old is not None and k * big <= HELD_MAX else None
+
+    def pieces(scale: float = 1.0, dtype: torch.dtype | None = None):
+        """(j0, A[:, j0:j0 + step] / scale) over A's N columns."""
+        for j0, d in held if held is not None else formed():
             if dtype is not None:
                 d = d.to(dtype)
             yield j0, (d / scale if scale != 1.0 else d)
