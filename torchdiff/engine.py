@@ -562,12 +562,12 @@ class Engine:
         another process then slows one worker, not every reduction."""
         workers = self.workers if self.device.type == "cpu" else 1
         if workers <= 1:
-            with _torch_threads(1 if self.device.type == "cpu" else None):
+            with torch_threads(1 if self.device.type == "cpu" else None):
                 for task in blocks:
                     yield task, self._block(task)
             return
         window: collections.deque = collections.deque()
-        with _torch_threads(1), ThreadPoolExecutor(workers, thread_name_prefix="torchdiff",
+        with torch_threads(1), ThreadPoolExecutor(workers, thread_name_prefix="torchdiff",
                                                    initializer=torch.set_num_threads, initargs=(1,)) as pool:
             try:
                 for task in blocks:
@@ -841,7 +841,7 @@ class Engine:
         single-threaded here, as in the pass (docs/ENGINE.md, "Threads"): the hooks' small
         factorisations (a 768 × 64 QR) took 0.4 ms on one thread and 34 ms on two while
         another process kept a core busy."""
-        with _torch_threads(1 if self.device.type == "cpu" else None):
+        with torch_threads(1 if self.device.type == "cpu" else None):
             return self._hooks_pass(pairs, fig, hooks)
 
     def _hooks_pass(self, pairs, fig: Figures, hooks) -> Figures:
@@ -874,7 +874,7 @@ class Engine:
 
 
 @contextlib.contextmanager
-def _torch_threads(n: int | None):
+def torch_threads(n: int | None):
     """torch's intra-op thread count set to ``n`` for the pass, then restored (None:
     unchanged). Every reduction of a block is then single-threaded, so a row's partials
     never depend on how many threads ran or which rows shared its block."""

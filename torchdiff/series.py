@@ -42,7 +42,7 @@ from torchdiff.analyses import ANALYSES, analysis_names
 from torchdiff.analyses._training import (
     AdamPlan, adam_sums, build_adam_plan, layer_key, natural_key, short_labels,
 )
-from torchdiff.engine import Engine, resolve_device
+from torchdiff.engine import Engine, resolve_device, torch_threads
 from torchdiff.errors import CorruptFileError, InputNotFoundError, UsageError
 from torchdiff.figures import Comparison, Figures, without_gc
 from torchdiff.dequant import dequantize_checkpoint
@@ -603,8 +603,12 @@ class _Pass:
         for name in batch:
             if name in series_set and (mine is None or name in mine):
                 by_layer.setdefault(self.layer_of[name], []).append(name)
-        for layer, names in by_layer.items():
-            self._gram(layer, [([_flat(value(u, name)) for u in self.rows], name in nonfinite) for name in names])
+        # torch on one thread on the CPU, as in the engine's pass (docs/ENGINE.md, "Threads"):
+        # with a core busy, two threads took 6.3-8.4 s for a 3-checkpoint GPT-2 series, one 3.5-4.1 s
+        with torch_threads(1 if self.device.type == "cpu" else None):
+            for layer, names in by_layer.items():
+                self._gram(layer, [([_flat(value(u, name)) for u in self.rows], name in nonfinite)
+                                   for name in names])
         # 3. Adam moments
         pending = []
         batch_set = set(batch)
