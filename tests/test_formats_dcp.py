@@ -9,10 +9,12 @@ trusts its own files) or whose data files were cut or removed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import pickle
+import re
 import shutil
 import socket
 import subprocess
@@ -31,6 +33,7 @@ import torchdiff
 from torchdiff import formats
 from torchdiff.cli import main
 from torchdiff.formats import dcp as dcp_reader
+from torchdiff.formats.base import bytes_text
 from torchdiff.pairing import dropped_prefix
 
 from helpers import one_thread  # noqa: F401 - autouse fixture
@@ -157,6 +160,42 @@ class _Custom:
 
     def __init__(self, value):
         self.value = value
+
+
+def test_bytes_values_and_opaque_entries_compare_by_content(capsys, tmp_path):
+    """torchtitan saves its dataloader state as pickled bytes (``{"dp_rank_0":
+    pickle.dumps(state)}``), and an object weights-only loading refuses is opaque: two
+    such values of one length but other bytes are a difference. (They read ``<bytes>``
+    and ``<opaque bytes: N>`` on both sides, so a moved dataloader compared equal.)"""
+    def save(name, pos, odd):
+        return dcp_save({"w": torch.ones(2), "dataloader": {"dp_rank_0": pickle.dumps({"pos": pos})},
+                         "blobs": [b"ab", bytearray(b"cd")], "odd": _Custom(odd)}, tmp_path / name)
+
+    def sha(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()[:16]
+
+    a, same, b = save("a", 1, 5), save("same", 1, 5), save("b", 2, 6)
+    blob = pickle.dumps({"pos": 1})
+    with torchdiff.load(a) as ckpt:
+        assert ckpt.metadata["dataloader.dp_rank_0"] == f"<bytes: {len(blob)} sha256:{sha(blob)}>"
+        assert ckpt.metadata["blobs"] == [f"<bytes: 2 sha256:{sha(b'ab')}>", f"<bytearray: 2 sha256:{sha(b'cd')}>"]
+        assert re.fullmatch(r"<opaque bytes: \d+ sha256:[0-9a-f]{16}>", ckpt.metadata["odd"])
+        assert ckpt.info["dcp"]["opaque_bytes"] == ["odd"]
+    assert not torchdiff.differs(a, same)  # the same objects in another directory: equal
+    code, out, err = cli(capsys, a, b, "-o", "json")
+    changed = {i["path"]: (i["old"], i["new"]) for i in json.loads(out) if i["type"] == "metadata_changed"}
+    assert set(changed) == {"dataloader.dp_rank_0", "odd"}, changed
+    old, new = changed["odd"]
+    assert old.split(" sha256:")[0] == new.split(" sha256:")[0] and old != new  # one length, other bytes
+
+    dcp_reader.MAX_DECODED_BYTES = 0  # every bytes entry too large to decode: listed, by content still
+    try:
+        assert not torchdiff.differs(a, same)
+        with torchdiff.load(a) as ckpt, torchdiff.load(b) as other:
+            assert ckpt.info["dcp"]["opaque_bytes"] == ["dataloader.dp_rank_0", "blobs", "odd"]
+            assert {k for k, v in ckpt.metadata.items() if v != other.metadata[k]} == {"dataloader.dp_rank_0", "odd"}
+    finally:
+        dcp_reader.MAX_DECODED_BYTES = 64 << 20
 
 
 # ---- the same figures as safetensors ------------------------------------------------------------
@@ -295,6 +334,10 @@ def test_dropped_prefix(old, new, want):
 # ---- training state: FSDP2 under torchrun ---------------------------------------------------------
 
 
+needs_gloo = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                                reason="torch.distributed with gloo is not available")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -303,8 +346,10 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
-    """Two Adam steps of an FSDP2 model on 2 gloo ranks, each saved as DCP (every rank
-    its shards) and, gathered by rank 0, as safetensors under the same names."""
+    """Two Adam steps of an FSDP2 transformer-like model (uneven shards, a bf16 projection,
+    a tied head; tests/dcp_fsdp_worker.py) on 2 gloo ranks, each saved as DCP with
+    torchtitan's extra state (every rank its shards) and, gathered by rank 0, as
+    safetensors under the same names."""
     out = tmp_path_factory.mktemp("fsdp")
     argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
             "--master-port", str(free_port()), str(HERE / "dcp_fsdp_worker.py"), str(out)]
@@ -316,27 +361,95 @@ def fsdp_run(tmp_path_factory):
     return out
 
 
+FSDP_PARAMS = ["embed.weight", "block.norm.weight", "block.norm.bias", "block.q.weight", "block.q.bias",
+               "block.k.weight", "block.k.bias", "block.v.weight", "block.v.bias", "block.o.weight", "block.o.bias",
+               "block.up.weight", "block.up.bias", "block.down.weight", "block.down.bias", "norm_out.weight",
+               "norm_out.bias"]
+
+
+@needs_gloo
 def test_fsdp2_shards_read_and_match_safetensors(fsdp_run):
     with torchdiff.load(fsdp_run / "dcp_1") as ckpt, torchdiff.load(fsdp_run / "full_1.safetensors") as full:
         assert ckpt.info["dcp"]["data_files"] == 2
-        assert ckpt.info["dcp"]["split_tensors"] >= 8  # weights and moments, split across the 2 ranks
-        assert set(full.tensors) <= set(ckpt.tensors)
+        assert ckpt.info["dcp"]["split_tensors"] >= 40  # weights and moments, split across the 2 ranks
+        assert set(ckpt.tensors) - set(full.tensors) == {"rng"}
         for name in full.tensors:
             assert torch.equal(ckpt[name], full[name]), name
+        # 37 embedding rows on 2 ranks: chunks of 19 and 18 rows; the tied head stored twice
+        chunks = metadata_of(fsdp_run / "dcp_1").state_dict_metadata["model.embed.weight"].chunks
+        assert [(list(c.offsets), list(c.sizes)) for c in chunks] == [([0, 0], [19, 12]), ([19, 0], [18, 12])]
+        assert torch.equal(ckpt["model.head.weight"], ckpt["model.embed.weight"])
+        assert ckpt.tensors["model.block.up.weight"].dtype == torch.bfloat16
+        assert ckpt.tensors["optim.state.block.up.weight.exp_avg"].dtype == torch.bfloat16
         assert ckpt.metadata["optim.param_groups.0.lr"] == 0.01
-        assert ckpt.metadata["optim.param_groups.0.params"] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+        assert ckpt.metadata["optim.param_groups.0.params"] == FSDP_PARAMS
+        # torchtitan's extra state: values, a tensor, and every rank's dataloader bytes
+        assert ckpt.metadata["train_state.step"] == 1 and ckpt.metadata["lr_scheduler._last_lr"] == [0.01]
+        assert ckpt.tensors["rng"].dtype == torch.uint8
+        for rank in (0, 1):
+            blob = pickle.dumps({"sample": 4 + rank, "epoch": 0})
+            assert ckpt.metadata[f"dataloader.dp_rank_{rank}"] == bytes_text(blob)
     got = figures(torchdiff.compare(fsdp_run / "dcp_1", fsdp_run / "dcp_2"))
     want = figures(torchdiff.compare(fsdp_run / "full_1.safetensors", fsdp_run / "full_2.safetensors"))
+    assert got.pop("rng")[0] == "unchanged"
     assert got == want
 
 
-def test_gradient_analysis_from_dcp_adam_moments(fsdp_run):
+@needs_gloo
+def test_fsdp2_figures_against_float64(fsdp_run, capsys):
+    """Every figure of ``torchdiff dcp_1 dcp_2 -o json`` against float64 sums over the
+    gathered tensors; ``dcp_1 model_2.safetensors`` pairs the names without ``model.``;
+    and the metadata lines name the dataloader state that moved."""
+    code, out, err = cli(capsys, fsdp_run / "dcp_1", fsdp_run / "dcp_2", "-o", "json")
+    assert code == 0, err
+    items = json.loads(out)
+    with torchdiff.load(fsdp_run / "full_1.safetensors") as a, torchdiff.load(fsdp_run / "full_2.safetensors") as b:
+        old = {k: a[k].double().clone() for k in a.tensors}
+        new = {k: b[k].double().clone() for k in b.tensors}
+    checked = 0
+    for item in items:
+        if item["type"] != "tensor_changed" or item["path"] not in old:
+            continue
+        x, y = old[item["path"]].reshape(-1), new[item["path"]].reshape(-1)
+        d = y - x
+        want = {("l2",): d.norm(), ("rel_l2",): d.norm() / x.norm(), ("cosine",): x @ y / (x.norm() * y.norm()),
+                ("max_abs",): d.abs().max(), ("mean_abs_diff",): d.abs().mean()}
+        for side, t in (("old", x), ("new", y)):
+            want |= {(side, "mean"): t.mean(), (side, "std"): t.std(correction=0), (side, "min"): t.min(),
+                     (side, "max"): t.max(), (side, "rms"): t.square().mean().sqrt(),
+                     (side, "mean_abs"): t.abs().mean()}
+        for key, value in want.items():
+            got = item[key[0]] if len(key) == 1 else item[key[0]][key[1]]
+            # a mean near 0 is a float32 sum's cancellation: within 1e-6 of the mean |x|
+            tol = 1e-6 * float(want[(key[0], "mean_abs")]) if key[-1] == "mean" else 0.0
+            assert got == pytest.approx(float(value), rel=2e-6, abs=tol), (item["path"], key)
+        checked += 1
+    assert checked == len(old)  # every weight, moment and step moved
+    changed = {i["path"] for i in items if i["type"] == "metadata_changed"}
+    assert {"dataloader.dp_rank_0", "dataloader.dp_rank_1", "train_state.step"} <= changed
+    report = torchdiff.compare(fsdp_run / "dcp_1", fsdp_run / "model_2.safetensors")
+    assert report.analysis("pairing").headline == {"dropped_prefix": "model.", "side": "old"}
+    by_name = {d.name: d for d in report}
+    assert {n for n, d in by_name.items() if d.status == "changed"} == {
+        k.removeprefix("model.") for k in old if k.startswith("model.")}
+    x, y = old["model.block.up.weight"].reshape(-1), new["model.block.up.weight"].reshape(-1)  # bf16
+    assert by_name["block.up.weight"].metrics.rel_l2 == pytest.approx(float((y - x).norm() / x.norm()), rel=2e-6)
+
+
+@needs_gloo
+def test_fsdp2_gradient_analysis_from_dcp_adam_moments(fsdp_run):
     report = torchdiff.compare(fsdp_run / "dcp_1", fsdp_run / "dcp_2", analyses=["gradient_analysis"])
     result = report.analysis("gradient_analysis")
     assert result.headline["source"] == "adam_state"
-    assert [row["layer"] for row in result.data["per_layer"]] == ["model.0", "model.2"]
+    assert [row["layer"] for row in result.data["per_layer"]] == [
+        "model.embed", "model.block.norm", "model.block.q", "model.block.k", "model.block.v", "model.block.o",
+        "model.block.up", "model.block.down", "model.norm_out"]
     # From the gathered moments of step 2 (docs/analyses/gradient_analysis.md), in float64:
-    # grad_rms = √(Σv̂/n), step_rms = lr·rms(m̂/(√v̂+ε)), m̂ = exp_avg/(1−β1^t), v̂ = exp_avg_sq/(1−β2^t)
+    # grad_rms = √(Σv̂/n), step_rms = lr·rms(m̂/(√v̂+ε)), m̂ = exp_avg/(1−β1^t), v̂ = exp_avg_sq/(1−β2^t),
+    # lr the param group's at save time (the scheduler halved it after step 1)
+    with torchdiff.load(fsdp_run / "dcp_2") as ckpt:
+        lr = ckpt.metadata["optim.param_groups.0.lr"]
+    assert lr == 0.005
     with torchdiff.load(fsdp_run / "full_2.safetensors") as full:
         vhat_sum, steps, n = 0.0, [], 0
         for name in full.tensors:
@@ -345,10 +458,26 @@ def test_gradient_analysis_from_dcp_adam_moments(fsdp_run):
                 vhat = full[name].double() / (1 - 0.999**t)
                 mhat = full[name.replace("exp_avg_sq", "exp_avg")].double() / (1 - 0.9**t)
                 vhat_sum += float(vhat.sum())
-                steps.append((0.01 * mhat / (vhat.sqrt() + 1e-8)).reshape(-1))
+                steps.append((lr * mhat / (vhat.sqrt() + 1e-8)).reshape(-1))
                 n += vhat.numel()
     assert result.headline["grad_rms"] == pytest.approx(math.sqrt(vhat_sum / n), rel=1e-9)
     assert result.headline["step_rms"] == pytest.approx(float(torch.cat(steps).square().mean().sqrt()), rel=1e-6)
+
+
+@needs_gloo
+@pytest.mark.slow
+def test_fsdp2_compare_under_torchrun_equals_one_process(fsdp_run, capsys):
+    """``torchrun --nproc-per-node 2 -m torchdiff dcp_1 dcp_2 --all -o json``: each rank
+    reads the chunks of the tensors it owns; rank 0 prints the one-process JSON."""
+    code, single, err = cli(capsys, fsdp_run / "dcp_1", fsdp_run / "dcp_2", "--all", "-o", "json")
+    assert code == 0, err
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+            "--master-port", str(free_port()), "-m", "torchdiff", str(fsdp_run / "dcp_1"), str(fsdp_run / "dcp_2"),
+            "--all", "-o", "json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout) == json.loads(single)
 
 
 # ---- Lightning and Megatron layouts ----------------------------------------------------------------
@@ -475,6 +604,24 @@ def test_a_missing_data_file(capsys, ck):
     (ck / "__0_0.distcp").unlink()
     err = cli_error(capsys, ck, ck)
     assert "is stored in __0_0.distcp, which does not exist (a data file is missing" in err
+
+
+def test_safetensors_serialization_is_named(capsys, tmp_path):
+    """FileSystemWriter(serialization_format=SAFETENSORS) writes one safetensors file after
+    a rank's bytes entries and records its start as every tensor's offset: torch's own
+    FileSystemReader cannot read that back, and the error says what it is (it said the
+    file was damaged)."""
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.filesystem import SerializationFormat
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dist_cp.save({"model": {"w": torch.arange(12.0).reshape(3, 4)}, "step": 3},
+                     storage_writer=FileSystemWriter(str(tmp_path / "ck"),
+                                                     serialization_format=SerializationFormat.SAFETENSORS))
+    err = cli_error(capsys, "inspect", tmp_path / "ck")
+    assert "tensor 'model.w', chunk at offsets [0, 0]" in err and "holds a safetensors file" in err
+    assert "FileSystemWriter(serialization_format=SerializationFormat.SAFETENSORS)" in err
 
 
 def test_a_data_file_outside_the_directory(capsys, ck):

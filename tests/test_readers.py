@@ -718,3 +718,21 @@ def test_dtensors_a_rank_saved_compare_as_their_local_shards(tmp_path, capsys):
     assert err == ""
     text = " ".join(out.split())
     assert f"note: {paths[0]}: 2 DTensors, 1 of them a shard of a larger tensor (e.g. model.half: [2, 3] of [4, 3])" in text
+
+
+def test_bytes_in_a_pickle_compare_by_content(tmp_path, capsys):
+    """A pickled dataloader state saved as bytes read ``<bytes>``: two states of one
+    checkpoint format compared equal. Now its length and a SHA-256 prefix; never unpickled."""
+    import hashlib
+    import pickle
+
+    from torchdiff.cli import main
+
+    blobs = [pickle.dumps({"pos": 1}), pickle.dumps({"pos": 2})]
+    for i, blob in enumerate(blobs):
+        torch.save({"w": torch.ones(2), "dl": blob, "pair": [b"x", 3]}, tmp_path / f"p{i}.pt")
+    with torchdiff.load(tmp_path / "p0.pt") as ck:
+        assert ck.metadata["dl"] == f"<bytes: {len(blobs[0])} sha256:{hashlib.sha256(blobs[0]).hexdigest()[:16]}>"
+        assert ck.metadata["pair"] == [f"<bytes: 1 sha256:{hashlib.sha256(b'x').hexdigest()[:16]}>", 3]
+    assert main([str(tmp_path / "p0.pt"), str(tmp_path / "p1.pt")]) == 0
+    assert "1 metadata value differs" in capsys.readouterr().out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -429,6 +430,13 @@ def is_scalar_leaf(value: Any) -> bool:
     return value is None or isinstance(value, (bool, int, float, str))
 
 
+def bytes_text(data: bytes | bytearray) -> str:
+    """``<bytes: N sha256:16 hex digits>``: a raw bytes value (a pickled dataloader state,
+    a tokenizer blob) as a metadata value, so that two of one length but other content
+    differ; the bytes are never unpickled."""
+    return f"<{type(data).__name__}: {len(data)} sha256:{hashlib.sha256(data).hexdigest()[:16]}>"
+
+
 def flatten(
     obj: Any, prefix: str = "", tensors: dict | None = None, metadata: dict | None = None,
     _path: dict[int, str] | None = None,
@@ -461,6 +469,9 @@ def flatten(
     if isinstance(obj, torch.dtype):  # torch.ao's packed params record their dtype: its name
         metadata[prefix or "value"] = dtype_name(obj)
         return tensors, metadata
+    if isinstance(obj, (bytes, bytearray)):
+        metadata[prefix or "value"] = bytes_text(obj)
+        return tensors, metadata
     _path = {} if _path is None else _path
     if id(obj) in _path:
         metadata[prefix or "value"] = f"<cycle: same object as {_path[id(obj)] or 'the whole file'}>"
@@ -492,8 +503,8 @@ def _flatten_container(obj: Any, prefix: str, tensors: dict, metadata: dict, pat
             for leaf, value in zip(("weight", "bias"), obj):
                 if value is not None:
                     flatten(value, f"{module}.{leaf}" if module else leaf, tensors, metadata, path)
-        elif obj and all(is_scalar_leaf(v) for v in obj):
-            metadata[prefix] = list(obj)
+        elif obj and all(is_scalar_leaf(v) or isinstance(v, (bytes, bytearray)) for v in obj):
+            metadata[prefix] = [bytes_text(v) if isinstance(v, (bytes, bytearray)) else v for v in obj]
         elif not obj:
             metadata[prefix] = []
         else:

@@ -31,7 +31,9 @@ How it is read here:
   into one buffer, only when materialised.
 - ``BytesStorageMetadata`` entries (step, lr, param_groups, RNG and dataloader state)
   are decoded with ``torch.load(weights_only=True)`` and flattened into metadata
-  values; what does not decode safely is listed as ``<opaque bytes: N>``.
+  values; raw ``bytes`` inside them (a pickled dataloader state) become
+  ``<bytes: N sha256:...>``; what does not decode safely is listed as
+  ``<opaque bytes: N sha256:...>`` (hashed, so that other content of one length differs).
 - Beside the DCP files: Lightning's ``meta.pt`` (weights-only) and Megatron-core's
   ``metadata.json`` / ``common.pt`` (weights-only; Megatron's common.pt usually needs
   code and is then only named) go to ``info``; Megatron's ``mcore_data`` (tensors it
@@ -41,6 +43,7 @@ How it is read here:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import math
@@ -338,9 +341,31 @@ def _load_chunk(files: _Files, c: _Chunk, map_location: str, where: str) -> Any:
     try:
         return _load_range(files, c, map_location)
     except _LOAD_ERRORS as e:
+        if _safetensors_blob(files, c):
+            raise CorruptFileError(
+                f"{where} holds a safetensors file, not a torch.save archive: the checkpoint was written with "
+                "FileSystemWriter(serialization_format=SerializationFormat.SAFETENSORS), whose byte ranges do not "
+                "locate the tensors (torch's FileSystemReader cannot read it either); save it with the default "
+                "torch_save format, or use torch's Hugging Face storage writer"
+            ) from None
         detail = (str(e).strip().splitlines() or ["unreadable"])[0][:160]
         raise CorruptFileError(f"{where} is not a torch.save archive of a tensor ({type(e).__name__}: {detail}) "
                                "(the file is damaged or the metadata lies)") from None
+
+
+def _safetensors_blob(files: _Files, c: _Chunk) -> bool:
+    """Whether the chunk's byte range starts a safetensors file (an 8-byte header length,
+    then a JSON header with ``__metadata__``): what DCP's SAFETENSORS serialization writes
+    after a rank's bytes entries, at the offset it records for every tensor."""
+    try:
+        base = files.base(c.file)
+        if c.begin + 9 > base.numel():
+            return False
+        (size,) = struct.unpack("<Q", base[c.begin:c.begin + 8].numpy().tobytes())
+        head = base[c.begin + 8:min(c.begin + 8 + size, c.begin + 8 + 4096, base.numel())].numpy().tobytes()
+    except (OSError, ValueError):
+        return False
+    return head.startswith(b"{") and b'"__metadata__"' in head
 
 
 def dtype_text(dtype: torch.dtype) -> str:
@@ -525,7 +550,11 @@ def _tensor(meta_path: str, shared: _Files, fqn: str, entry: Any, ranges: dict,
 
 def _decode_bytes(shared: _Files, fqn: str, found: tuple[str, int, int], tensors: dict, metadata: dict,
                   opaque: list[str]) -> None:
-    """A bytes entry as metadata values (and tensors, where it holds some), or opaque."""
+    """A bytes entry as metadata values (and tensors, where it holds some), or opaque.
+
+    Raw ``bytes`` inside it (torchtitan's dataloader state is ``pickle.dumps``'d) and an
+    opaque entry are written with their length and the start of their SHA-256, so that
+    two of one length but other content differ."""
     file, begin, length = found
     value: Any = None
     ok = False
@@ -536,7 +565,7 @@ def _decode_bytes(shared: _Files, fqn: str, found: tuple[str, int, int], tensors
         except Exception:  # noqa: BLE001 - anything torch.load raises means "not decodable safely"
             ok = False
     if not ok:
-        metadata[fqn] = f"<opaque bytes: {length}>"
+        metadata[fqn] = f"<opaque bytes: {length} sha256:{_archive_digest(shared, file, begin, length)}>"
         opaque.append(fqn)
         return
     found_tensors, found_meta = flatten(value, fqn)
@@ -545,6 +574,43 @@ def _decode_bytes(shared: _Files, fqn: str, found: tuple[str, int, int], tensors
     for name, t in found_tensors.items():
         tensors[name] = tensor_handle(name, t)
     metadata.update(found_meta)
+
+
+def _archive_digest(shared: _Files, file: str, begin: int, length: int) -> str:
+    """16 hex digits of the SHA-256 of an opaque entry's content: its torch.save archive's
+    pickle and data records (not the records that name the torch version that wrote it),
+    else, when the range is not such an archive (or holds compressed members, which are
+    never inflated here), of its bytes."""
+    try:
+        digest = hashlib.sha256()
+        with zipfile.ZipFile(shared.range(file, begin, length)) as archive:
+            members = sorted((m for m in archive.infolist()
+                              if m.filename.partition("/")[2] == "data.pkl"
+                              or m.filename.partition("/")[2].startswith("data/")), key=lambda m: m.filename)
+            if not members or any(m.compress_type != zipfile.ZIP_STORED for m in members):
+                raise ValueError("not a torch.save archive")
+            for member in members:
+                digest.update(f"{member.filename.partition('/')[2]}:{member.file_size}:".encode())
+                with archive.open(member) as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        digest.update(block)
+        return digest.hexdigest()[:16]
+    except Exception:  # noqa: BLE001 - any damage: the range's own bytes below
+        pass
+    digest = hashlib.sha256()
+    try:
+        with open(file, "rb") as f:
+            f.seek(begin)
+            left = length
+            while left > 0:
+                block = f.read(min(left, 1 << 24))
+                if not block:
+                    break  # cut short since opening: the file-state check reports it when values are read
+                digest.update(block)
+                left -= len(block)
+    except OSError as e:
+        raise CorruptFileError(f"{file}: cannot be read ({e.strerror or e})") from None
+    return digest.hexdigest()[:16]
 
 
 def _companions(directory: str, metadata: dict, info: dict, files: dict) -> None:
