@@ -764,3 +764,22 @@ def test_fqn_keyed_adam_state_maps_to_parameter_names():
         "optim.state.head.weight": ("model.head.weight", None, 0.9, "optim.state.head.weight.step"),  # no group
     }
     assert not plan.mapped and "fc.weight" in plan.notes[0]
+
+
+def test_fqn_keyed_adam_state_prefers_the_prefix_every_parameter_pairs_through():
+    """``norm.weight`` beside ``block.norm.weight``: the suffix fits both model tensors
+    (it was left unmapped, and the gradient analysis named a layer optim.state.norm.weight
+    with update_ratio=nan); ``model.`` is the prefix the others pair through."""
+    from torchdiff.analyses._training import build_adam_plan
+
+    tensors = [("model.norm.weight", (4,), True), ("model.block.norm.weight", (4,), True),
+               ("model.block.fc.weight", (4, 4), True)]
+    for fqn, shape in (("norm.weight", (4,)), ("block.norm.weight", (4,)), ("block.fc.weight", (4, 4))):
+        tensors += [(f"optim.state.{fqn}.exp_avg", shape, True), (f"optim.state.{fqn}.exp_avg_sq", shape, True)]
+    plan = build_adam_plan(tensors, {"optim.param_groups.0.lr": 0.1,
+                                     "optim.param_groups.0.params": ["norm.weight", "block.norm.weight",
+                                                                     "block.fc.weight"]})
+    assert {p.key: p.param for p in plan.params} == {
+        "optim.state.norm.weight": "model.norm.weight", "optim.state.block.norm.weight": "model.block.norm.weight",
+        "optim.state.block.fc.weight": "model.block.fc.weight"}
+    assert plan.mapped

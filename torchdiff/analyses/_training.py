@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -189,10 +190,11 @@ def fqn_adam_plan(tensors: Sequence[tuple[str, tuple[int, ...], bool]],
                   metadata: Mapping[str, Any]) -> AdamPlan | None:
     """Adam state keyed by parameter name, as FSDP/DCP's ``get_state_dict`` saves it
     (``P.state.<fqn>.exp_avg``, ``P.param_groups.G.params`` a list of fqns): each fqn maps
-    to the model tensor named ``<fqn>``, else to the one tensor named ``<prefix>.<fqn>``
-    (``model.<fqn>`` when the model's state_dict sits under ``model``) of the state's
-    shape. None when no state is keyed so (see :func:`build_adam_plan` for torch's
-    numbered state)."""
+    to the model tensor named ``<fqn>``, else to ``<P><fqn>`` with P the prefix most
+    fqns pair through (``model.`` when the model's state_dict sits under ``model``: then
+    ``norm.weight`` is ``model.norm.weight``, not ``model.block.norm.weight``), else to
+    the one tensor named ``<prefix>.<fqn>`` of the state's shape. None when no state is
+    keyed so (see :func:`build_adam_plan` for torch's numbered state)."""
     from torchdiff.names import optimizer_param
 
     shapes = {t[0]: tuple(t[1]) for t in tensors}
@@ -218,13 +220,18 @@ def fqn_adam_plan(tensors: Sequence[tuple[str, tuple[int, ...], bool]],
         for g in _param_groups(opt, metadata, numbered=False):
             for fqn in g["params"]:
                 group_of[(opt, fqn)] = g
+    matched = {key: [n for n in by_suffix.get(key[1], []) if shapes[n] == shapes[f["exp_avg"]]]
+               for key, f in state.items()}
+    prefixes = Counter(n[: len(n) - len(fqn)] for (_, fqn), ns in matched.items() for n in ns)
+    common = prefixes.most_common(1)[0][0] if prefixes else ""
     params: list[AdamParam] = []
     unmapped: list[str] = []
     for i, ((opt, fqn), f) in enumerate(state.items()):
         group = group_of.get((opt, fqn), {})
         shape = shapes[f["exp_avg"]]
-        matches = [n for n in by_suffix.get(fqn, []) if shapes[n] == shape]
-        param = fqn if fqn in matches else (matches[0] if len(matches) == 1 else None)
+        matches = matched[(opt, fqn)]
+        param = (fqn if fqn in matches else common + fqn if common + fqn in matches
+                 else matches[0] if len(matches) == 1 else None)
         if param is None:
             unmapped.append(fqn)
         betas = group.get("betas")
