@@ -330,3 +330,79 @@ def test_tensor_cosine_is_the_column_cosine_on_every_edge():
             assert math.isnan(m.cosine) or -1.0 <= m.cosine <= 1.0
             if not math.isfinite(dot):
                 assert math.isnan(m.cosine)
+
+
+def _assembled_pairs(n: int, count: int, seed: int, unrelated: bool = False):
+    """``count`` pairs of in-memory tensors of ``n`` values whose ``materialize()`` builds a
+    fresh buffer each time (as DCP assembles a tensor split across ranks); the calls counted."""
+    from torchdiff.formats.base import TensorHandle
+    from torchdiff.pairing import Pair
+
+    g = torch.Generator().manual_seed(seed)
+    values, calls, pairs = [], [], []
+    for i in range(count):
+        a = torch.randn(n, generator=g, dtype=torch.float64).float()
+        b = torch.randn(n, generator=g).float() if unrelated else a + 1e-3 * torch.randn(n, generator=g)
+        values.append((a, b))
+        handles = [TensorHandle(f"t{i}", (n,), torch.float32, 4 * n,
+                                (lambda t=t: calls.append(1) or t.clone())) for t in (a, b)]
+        pairs.append(Pair(f"t{i}", *handles))
+    return pairs, values, calls
+
+
+def test_an_assembled_tensor_keeps_only_its_short_last_row_until_that_row_comes(monkeypatch):
+    """A tensor of 2 full rows and 5 values more: its short row is reduced with the other
+    short rows, after every full row. The whole buffer was held until then (every such
+    tensor of a DCP checkpoint in memory at once); now only its 5 values are."""
+    from torchdiff import engine as E
+
+    n = 2 * E.ROW + 5
+    pairs, values, calls = _assembled_pairs(n, 3, seed=8)
+    held = []
+    fill = E.Engine._fill
+
+    def spy(self, task, which):
+        if task.group.length == 5:
+            held.extend((side.flat is None, side.tail is not None and side.tail.numel() == 5)
+                        for job, _, _ in task.pending for side in (job.a, job.b))
+        return fill(self, task, which)
+
+    monkeypatch.setattr(E.Engine, "_fill", spy)
+    fig = E.Engine("cpu", workers=1).run(pairs)
+    assert held and all(flat_gone and tail for flat_gone, tail in held)
+    assert len(calls) == 2 * len(pairs)  # each buffer assembled once: no second read for the short row
+    for i, (a, b) in enumerate(values):
+        a64, b64 = a.double(), b.double()
+        assert fig.l2[i] == pytest.approx(float((b64 - a64).norm()), rel=1e-6)
+        assert fig.new.mean[i] == pytest.approx(float(b64.mean()), rel=1e-5, abs=1e-9)
+        assert fig.new.max[i] == float(b64.max()) and fig.old.min[i] == float(a64.min())
+
+
+def test_unrelated_pairs_read_again_for_their_dot_are_let_go_one_by_one(monkeypatch):
+    """Two unrelated checkpoints: every pair's ⟨A,B⟩ is summed again on the exact path.
+    Each pair's buffers were kept until the end (the whole model in memory); now they are
+    dropped after their pair."""
+    from torchdiff import engine as E
+
+    pairs, values, calls = _assembled_pairs(1000, 4, seed=9, unrelated=True)
+    alive = []
+    exact = E.Engine._exact_pair
+
+    def spy(self, i, a, b):
+        alive.append(sum(s.flat is not None for s in self._plan_sides))
+        return exact(self, i, a, b)
+
+    plan = E.Engine._plan
+
+    def keep_plan(self, p):
+        out = plan(self, p)
+        self._plan_sides = out.sides.values()
+        return out
+
+    monkeypatch.setattr(E.Engine, "_exact_pair", spy)
+    monkeypatch.setattr(E.Engine, "_plan", keep_plan)
+    fig = E.Engine("cpu", workers=1).run(pairs)
+    assert len(alive) >= 2 and max(alive) == 0  # none held from an earlier pair
+    for i, (a, b) in enumerate(values):
+        a64, b64 = a.double(), b.double()
+        assert fig.cosine()[i] == pytest.approx(float(a64 @ b64 / (a64.norm() * b64.norm())), abs=2e-7)

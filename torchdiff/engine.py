@@ -100,6 +100,11 @@ class _Side:
     released: int = 0  # elements [0, released) of a mapped tensor already dropped from RSS
     done: int = 0  # elements already reduced
     copied: bool = False  # flat is a copy of the mapped values (a transposed view): not the file's pages
+    #: an in-memory tensor's last, short row, kept apart once its full rows are reduced
+    #: (elements [tail_from, numel)), so that the whole buffer is not held until the group
+    #: of short rows comes (docs/ENGINE.md, "Memory")
+    tail: torch.Tensor | None = None
+    tail_from: int = 0
 
     @property
     def mapped(self) -> bool:
@@ -680,6 +685,11 @@ class Engine:
                 h = side.handle
                 if not side.mapped:  # in memory (or a copy of mapped values): dropped once reduced
                     if side.done >= job.numel and (h.span is None or side.copied):
+                        side.flat = side.tail = None
+                    elif (end == side.done == job.numel // self.row * self.row and side.flat is not None
+                          and (h.span is None or side.copied)):
+                        # full rows done, the short last row still to come: keep only that row
+                        side.tail_from, side.tail = end, side.flat[end:].clone()
                         side.flat = None
                     continue
                 if _madvise is None:
@@ -812,8 +822,10 @@ class Engine:
         # Block rows carry no ⟨A,B⟩ (reductions.pair_rows): where the derived one is ill-
         # conditioned, the pair is read again on the exact path, which sums it directly.
         for j in np.flatnonzero(direct & ~slow).tolist():
-            t = self._exact_pair(int(rows[j]), plan.side(int(a[j])), plan.side(int(b[j])))
+            sides = plan.side(int(a[j])), plan.side(int(b[j]))
+            t = self._exact_pair(int(rows[j]), *sides)
             fig.dot[int(rows[j])] = t.scale_old * t.scale_new * t.dot
+            _let_go(*sides)  # nothing else reads them: two unrelated checkpoints are every pair
         # Integers beyond 2**53 (int64, uint64) differ by less than float64 resolves: bytes
         # that differ where Δ rounded to 0 are a change of at least 1, not "unchanged".
         below_resolution = ~equal & (d_max == 0) & same_nonfinite & ~retyped & (self.epsilon < 1)
@@ -830,10 +842,7 @@ class Engine:
 
     @staticmethod
     def _released(plan: _Plan, fig: Figures) -> Figures:
-        for side in plan.sides.values():
-            if side.flat is not None:
-                side.release(side.flat.numel())
-            side.flat = None
+        _let_go(*plan.sides.values())
         return fig
 
     def _run_hooks(self, pairs, fig: Figures, hooks) -> Figures:
@@ -992,6 +1001,15 @@ def _file_position(entry) -> tuple:
     return (0, id(span[0]), span[1]) if span is not None else (1, 0, 0)
 
 
+def _let_go(*sides: _Side) -> None:
+    """Sides read whole (the exact path) dropped: a mapping's pages released, an
+    assembled buffer freed (read again if needed again)."""
+    for side in sides:
+        if side.flat is not None:
+            side.release(side.flat.numel())
+        side.flat = side.tail = None
+
+
 def _slices(pending, L: int, which: str) -> list[torch.Tensor]:
     """The flat slices of side ``which`` for the pending rows. Whole small tensors whose
     bytes are adjacent in one mapped file (``TensorHandle.span``) and share a dtype are
@@ -1014,7 +1032,11 @@ def _slices(pending, L: int, which: str) -> list[torch.Tensor]:
         if run is not None:
             out.append(_run_view(*run))
             run = None
-        out.append(side.view()[first : first + n * L])
+        tail = side.tail
+        if tail is not None and first >= side.tail_from:  # the short last row, kept apart (Engine._release)
+            out.append(tail[first - side.tail_from : first - side.tail_from + n * L])
+        else:
+            out.append(side.view()[first : first + n * L])
     if run is not None:
         out.append(_run_view(*run))
     return out
