@@ -26,8 +26,14 @@ from torch import nn
 from helpers import figure_rows, memory_logger  # tests/ is sys.path[0] when this file runs
 
 out = sys.argv[1]
+mode = sys.argv[2] if len(sys.argv) > 2 else "all"  # "lightning_ddp": only that run (tests/test_integrations.py)
 torch.set_num_threads(1)
-dist.init_process_group("gloo")
+if mode == "lightning_ddp":  # a rank left waiting on the other fails in a minute, not at the test's timeout
+    from datetime import timedelta
+
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+else:
+    dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 result = {}
 
@@ -55,6 +61,67 @@ def agreed(flag: bool) -> list[bool]:
 
 def states_json(states):
     return {str(s): {k: v.double().reshape(-1).tolist() for k, v in sd.items()} for s, sd in states.items()}
+
+
+# ---- 0. Lightning, DDP: rank zero monitors, every rank can use the figures ------------------
+def lightning_ddp(log_with: str) -> dict:
+    """A real Trainer with strategy="ddp" on 2 CPU ranks, EarlyStopping on the figure the
+    docs name; what each rank has in ``trainer.callback_metrics`` and its loggers."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from torchdiff.integrations.lightning import TorchDiffCallback
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(32, 4, generator=g), torch.randn(32, 1, generator=g))
+    callback = TorchDiffCallback(every=2, log_with=log_with)
+    stop = EarlyStopping(monitor="torchdiff/global_rel_l2", check_on_train_epoch_end=True, patience=100)
+    logger = memory_logger(pl)
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(accelerator="cpu", devices=world, strategy="ddp", max_epochs=2, logger=logger,
+                         callbacks=[callback, stop], enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, log_every_n_steps=1)
+    trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=8))
+    return {
+        "global_step": trainer.global_step,
+        "has_monitor": callback.monitor is not None,
+        "history": [(r.step, r.reference_step, r.total.rel_l2) for r in callback.history],
+        "callback_metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("torchdiff/")},
+        "best_score": float(stop.best_score),
+        "logged": [s for s, m in logger.rows if "torchdiff/global_rel_l2" in m],
+    }
+
+
+if mode == "lightning_ddp":
+    for log_with in ("loggers", "log_dict"):
+        try:
+            result[log_with] = lightning_ddp(log_with)
+        except Exception:  # noqa: BLE001
+            import traceback
+
+            result[log_with] = {"error": traceback.format_exc()}
+            with open(f"{out}.r{rank}", "w") as f:
+                json.dump(result, f, default=str)
+            os._exit(1)  # at once: the other rank's collective fails instead of waiting
+    with open(f"{out}.r{rank}", "w") as f:
+        json.dump(result, f, default=str)
+    try:
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - Lightning may have torn the group down already
+        pass
+    sys.exit(0)
 
 
 # ---- 1. Lightning, ModelParallelStrategy (FSDP2) ------------------------------------------

@@ -17,10 +17,84 @@ from helpers import figure_rows  # tests/ is sys.path[0] when this file runs
 from torchdiff.callbacks import CheckpointMonitor
 
 out = sys.argv[1]
+mode = sys.argv[2] if len(sys.argv) > 2 else "all"  # "ties": only the tied-weights run (tests/test_callbacks.py)
 torch.set_num_threads(1)
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 result = {"how": None}
+
+
+def tied_run():
+    """A model with tied weights (embedding = output layer) under fully_shard, trained 4
+    steps with CheckpointMonitor(process_group=...); the full state_dicts at each step
+    for the test's float64 reference."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 6)
+            self.blocks = nn.ModuleList(nn.Linear(6, 6) for _ in range(2))
+            self.norm = nn.LayerNorm(6)
+            self.head = nn.Linear(6, 10, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, tokens):
+            x = self.embed(tokens)
+            for block in self.blocks:
+                x = x + torch.tanh(block(x))
+            return self.head(self.norm(x))
+
+    torch.manual_seed(0)
+    model = Tied()
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+    def full():
+        return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().double().reshape(-1).tolist()
+                for k, v in model.state_dict().items()}
+
+    monitors = {keep: CheckpointMonitor(model, every=2, keep=keep, process_group=dist.group.WORLD)
+                for keep in ("cpu", "device")}
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-2)
+    g = torch.Generator().manual_seed(1)
+    states = {0: full()}
+    for step in range(1, 5):
+        tokens = torch.randint(0, 10, (4, 5), generator=g)
+        loss = nn.functional.cross_entropy(model(tokens).reshape(-1, 10), tokens.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        for m in monitors.values():
+            m.step()
+        states[step] = full()
+    return {
+        "tied": model.head.weight is model.embed.weight,
+        "states": states if rank == 0 else None,
+        "memory_bytes": monitors["cpu"].memory_bytes(),
+        "history": {keep: [{"step": r.step, "reference_step": r.reference_step, "total": r.total.to_dict(),
+                            "layers": {k: v.to_dict() for k, v in r.layers.items()}, "counts": dict(r.counts),
+                            "tied": sorted(d.name for d in m.last_report if d.extras.get("tied_to"))}
+                           for r in m.history] for keep, m in monitors.items()},
+    }
+
+
+if mode == "ties":
+    try:
+        result["ties"] = tied_run()
+    except Exception:  # noqa: BLE001
+        import traceback
+
+        result["error"] = traceback.format_exc()
+    with open(f"{out}.r{rank}", "w") as f:
+        json.dump(result, f, default=str)
+    dist.destroy_process_group()
+    sys.exit(0)
+
 try:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor

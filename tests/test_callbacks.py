@@ -550,3 +550,108 @@ def test_wrapped_models_are_watched_under_their_own_names():
         report = monitor.step()
         assert [d.name for d in report] == ["weight", "bias"]
         assert set(monitor.history[-1].tensors) == {"weight", "bias"}
+
+
+# ---- found by the training-loop sweep ---------------------------------------------------
+
+
+@pytest.mark.parametrize("analyses, options, refused", [
+    (["anomaly_detection"], {}, "anomaly_detection reads"),
+    (["change_summary", "layer_impact"], {}, "change_summary reads"),
+    (["quantization_analysis"], {}, "quantization_analysis reads"),
+    (["similarity_matrix"], {"cross_layer": True}, "similarity_matrix reads"),
+])
+def test_process_group_refuses_whole_tensor_analyses_at_construction(analyses, options, refused):
+    """With process_group=, the analyses that read whole tensors through engine hooks
+    failed at the first report step (hours into a run, on every rank), not at
+    construction as every other bad option does."""
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))  # two weights of one shape: cross-layer work
+    with pytest.raises(UsageError, match=f"process_group=: {refused} whole tensors, which a rank does not hold"):
+        CheckpointMonitor(model, process_group=object(), analyses=analyses, **options)
+    # those that work on shards are accepted (no collective at construction)
+    CheckpointMonitor(model, process_group=object(), analyses=["layer_impact", "stats", "similarity_matrix"])
+
+
+def test_compiled_blocks_inside_the_model_keep_their_names():
+    """torch.compile(block) inside a model (per-block compile, as torchtitan does) adds
+    ``_orig_mod.`` to the names below the block: the monitor reported
+    ``h.0._orig_mod.q.weight``, other names than the same model uncompiled. An
+    activation-checkpointed block kept ``_checkpoint_wrapped_module.`` with
+    ``include_buffers=False`` (named_parameters) only."""
+    torch.manual_seed(0)
+    model = Net()
+    plain = [d.name for d in CheckpointMonitor(model, every=1).step()]
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    model.blocks[0] = torch.compile(model.blocks[0])
+    model.blocks[1] = nn.DataParallel(checkpoint_wrapper(model.blocks[1]))
+    for include_buffers in (True, False):
+        monitor = CheckpointMonitor(model, every=1, include_buffers=include_buffers)
+        assert any("_orig_mod" in k for k in model.state_dict())
+        with torch.no_grad():
+            model.blocks[0]._orig_mod[0].weight.add_(0.5)
+        report = monitor.step()
+        names = [d.name for d in report]
+        assert names == (plain if include_buffers else [n for n in plain if n in PARAMETERS and n != "head.weight"])
+        assert set(monitor.history[-1].layers) == {"embed", "blocks.0", "blocks.1"}
+        assert monitor.history[-1].tensors["blocks.0.0.weight"].l2 > 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(worker: str, out, *args: str) -> list[dict]:
+    """Run tests/<worker> on 2 gloo ranks (as tests/test_distributed.py does); each rank's JSON."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    env = dict(os.environ, PYTHONPATH=str(here.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), str(here / worker), str(out), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=out.parent)
+    results = []
+    for r in (0, 1):
+        path = Path(f"{out}.r{r}")
+        assert path.exists(), proc.stderr[-3000:]
+        results.append(json.loads(path.read_text()))
+    return results
+
+
+@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                    reason="torch.distributed with gloo is not available")
+def test_fsdp2_tied_weights_count_once(tmp_path):
+    """Under fully_shard the monitor re-wraps each name's local shard as its own DTensor:
+    the tie (embedding = output layer) was lost, the shared weight counted twice in the
+    global figures (here ‖θ‖ 10.5 for 7.8) and reported as a layer of
+    its own (``head``). It counts once, under ``embed``, as without a process group."""
+    res = _torchrun("dist_fsdp_worker.py", tmp_path / "ties", "ties")
+    for r in res:
+        assert "error" not in r, r["error"]
+        assert r["ties"]["tied"]
+    states = {int(s): {k: np.array(v) for k, v in sd.items()} for s, sd in res[0]["ties"]["states"].items()}
+    assert res[0]["ties"]["memory_bytes"] + res[1]["ties"]["memory_bytes"] == 4 * sum(
+        v.size for k, v in states[0].items() if k != "head.weight"), "the shared weight is snapshotted once"
+    assert res[0]["ties"]["history"] == res[1]["ties"]["history"], "every rank gets the same figures"
+    params = [k for k in states[0] if k != "head.weight"]  # head.weight is embed.weight
+    for keep in ("cpu", "device"):
+        history = res[0]["ties"]["history"][keep]
+        assert [(h["step"], h["reference_step"]) for h in history] == [(2, 0), (4, 2)]
+        for h in history:
+            a, b = states[h["reference_step"]], states[h["step"]]
+            x = np.concatenate([a[k] for k in params])
+            y = np.concatenate([b[k] for k in params])
+            np.testing.assert_allclose([h["total"]["norm_old"], h["total"]["norm_new"], h["total"]["l2"]],
+                                       [np.linalg.norm(x), np.linalg.norm(y), np.linalg.norm(y - x)], rtol=2e-5)
+            assert set(h["layers"]) == {"embed", "blocks.0", "blocks.1", "norm"}
+            assert h["tied"] == ["head.weight"]
+            assert h["counts"]["changed"] == len(states[0])

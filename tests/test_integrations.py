@@ -319,3 +319,156 @@ def test_report_logger_with_a_monitor(mlflow_store):
     assert [v for _, v in points] == pytest.approx([r.total.rel_l2 for r in monitor.history])
     assert {a.path for a in client.list_artifacts(run.info.run_id, "td")} == {
         "td/step_00000002.json", "td/step_00000004.json"}
+
+
+# ---- found by the training-loop sweep ---------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                    reason="torch.distributed with gloo is not available")
+def test_lightning_ddp_figures_reach_every_rank(tmp_path):
+    """Lightning DDP on 2 gloo ranks with EarlyStopping(monitor="torchdiff/global_rel_l2"),
+    as docs/CALLBACKS.md suggests: only rank zero had the figures in
+    trainer.callback_metrics, so rank 1's EarlyStopping raised "Early stopping conditioned
+    on metric `torchdiff/global_rel_l2` which is not available" and the job died. Rank zero
+    still monitors alone (one snapshot) and broadcasts its figures at its report steps."""
+    pytest.importorskip("lightning")
+    import os
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    env = dict(os.environ, PYTHONPATH=str(here.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), str(here / "dist_adapters_worker.py"), str(out), "lightning_ddp"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert all(Path(f"{out}.r{r}").exists() for r in (0, 1)), proc.stderr[-3000:]
+    res = [json.loads(Path(f"{out}.r{r}").read_text()) for r in (0, 1)]
+    for log_with in ("loggers", "log_dict"):
+        zero, one = res[0].get(log_with, {"error": "not run"}), res[1].get(log_with, {"error": "not run"})
+        assert "error" not in zero and "error" not in one, (zero.get("error"), one.get("error"))
+        assert zero["has_monitor"] and not one["has_monitor"] and one["history"] == []
+        assert zero["global_step"] == one["global_step"] == 4
+        assert [(s, r) for s, r, _ in zero["history"]] == [(2, 0), (4, 2)]
+        rel_l2 = zero["history"][-1][2]
+        for r in (zero, one):
+            assert r["callback_metrics"]["torchdiff/global_rel_l2"] == pytest.approx(rel_l2, rel=1e-6)
+            assert r["best_score"] == pytest.approx(min(h[2] for h in zero["history"]), rel=1e-6)
+        if log_with == "loggers":
+            assert zero["logged"] == [2, 4] and one["logged"] == [], "rank zero logs, once a report"
+
+
+class _ZeroInitHead(nn.Module):
+    """A zero-initialised output layer (DiT's final layer, a fresh head): its rel_l2 at the
+    first report is ∞ (‖Δ‖/‖A‖ with ‖A‖ = 0), as is a LayerNorm bias's."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 8)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x):
+        return self.head(self.norm(self.body(x)))
+
+
+def test_lightning_loggers_get_finite_figures_only():
+    """The layer and tensor rel_l2 of a zero-initialised layer or bias is ∞ at the first
+    report: the callback sent it to every Lightning logger, and MLFlowLogger stores it as
+    1.8e308 (what torchdiff.integrations.mlflow refuses to log). The loggers get the
+    finite figures, a warning names the others; callback_metrics keeps every figure."""
+    pl = _lightning()
+    from torchdiff.integrations import lightning as td_lightning
+
+    cls = td_lightning.TorchDiffCallback if pl.__name__.startswith("lightning") else td_lightning.PLTorchDiffCallback
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = _ZeroInitHead()
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    for log_with in ("loggers", "log_dict"):
+        callback = cls(every=2, log_tensors=True, log_with=log_with)
+        logger = memory_logger(pl)
+        pl.seed_everything(0, verbose=False)
+        trainer = pl.Trainer(max_steps=4, accelerator="cpu", devices=1, callbacks=[callback], logger=logger,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             log_every_n_steps=1)
+        with pytest.warns(UserWarning, match=r"figure\(s\) not logged to the Lightning loggers, NaN or infinity .*"
+                                             r"torchdiff/layer_rel_l2/net\.head=inf"):
+            trainer.fit(Module(), _loader())
+        first = callback.history[0].scalars(tensors=True)
+        assert first["torchdiff/layer_rel_l2/net.head"] == first["torchdiff/rel_l2/net.norm.bias"] == math.inf
+        rows = [m for _, m in logger.rows if any(k.startswith("torchdiff/") for k in m)]
+        assert rows and all(math.isfinite(v) for m in rows for k, v in m.items() if k.startswith("torchdiff/"))
+        assert "torchdiff/global_rel_l2" in rows[0] and "torchdiff/layer_rel_l2/net.body" in rows[0]
+        assert "torchdiff/layer_rel_l2/net.head" not in rows[0]
+        if log_with == "loggers":
+            assert [s for s, m in logger.rows if "torchdiff/global_rel_l2" in m] == [2, 4]
+
+
+def test_transformers_log_line_gets_finite_figures_only():
+    """The HF log line (and so MLflow/W&B/TensorBoard reporters and trainer_state.json,
+    which wrote ``Infinity``) got ∞ for a zero-initialised layer; the default
+    ``top_layer_rel_l2`` was ∞ too, where the project's "most changed" rule skips a layer
+    whose reference is all zero (docs/METRICS.md)."""
+    pytest.importorskip("transformers")
+    from transformers import TrainerControl, TrainerState
+
+    from torchdiff.integrations.transformers import TorchDiffCallback, select_scalars
+
+    import warnings
+
+    lines = {}
+    for keys in ("all", ("global", "top_layer")):
+        torch.manual_seed(0)
+        model = _ZeroInitHead()
+        cb = TorchDiffCallback(every=1, keys=keys, log_tensors=keys == "all")
+        state, control = TrainerState(), TrainerControl()
+        cb.on_train_begin(None, state, control, model=model)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01)
+        state.global_step = 1
+        if keys == "all":
+            with pytest.warns(UserWarning, match=r"4 figure\(s\) not logged to the Trainer's logs, NaN or "
+                                                 r"infinity .*: torchdiff/layer_rel_l2/head=inf, "
+                                                 r"torchdiff/rel_l2/norm.bias=inf"):
+                cb.on_step_end(None, state, control)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # the default line has nothing to leave out
+                cb.on_step_end(None, state, control)
+        assert control.should_log
+        logs = {"loss": 1.0}
+        cb.on_log(None, state, control, logs=logs)
+        lines[keys] = logs
+        assert all(math.isfinite(v) for v in logs.values()), logs
+        figures = cb.history[-1].scalars(tensors=True)
+        assert figures["torchdiff/layer_rel_l2/head"] == math.inf
+    finite_layers = [v for k, v in cb.history[-1].scalars().items()
+                     if k.startswith("torchdiff/layer_rel_l2/") and math.isfinite(v)]
+    assert lines[("global", "top_layer")]["torchdiff/top_layer_rel_l2"] == max(finite_layers)
+    assert "torchdiff/layer_rel_l2/body" in lines["all"] and "torchdiff/rel_l2/norm.bias" not in lines["all"]
+    only_zero = {"torchdiff/layer_rel_l2/a": math.inf, "torchdiff/layer_rel_l2/b": math.nan}
+    assert select_scalars(only_zero, ["top_layer"]) == {"torchdiff/top_layer_rel_l2": math.inf}

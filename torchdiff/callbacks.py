@@ -246,6 +246,8 @@ class CheckpointMonitor:
             raise UsageError("save_dir= with process_group=: each rank holds only its own shards, and every rank "
                              "would write the same file (save sharded states with torch.distributed.checkpoint; "
                              "torchdiff reads DCP folders)")
+        self._ties: dict[str, str] = {}  # process_group: name -> the name it is tied to (live model)
+        self._reference_ties: dict[str, str] = {}
         live = self._live()
         self._model_device = next((t.device for t in live.values() if t.device.type != "cpu"), torch.device("cpu"))
         if device is None:
@@ -261,6 +263,8 @@ class CheckpointMonitor:
                     f"keep='stats' keeps no values: {', '.join(bad)} needs both sides' values "
                     f"(use keep='cpu' or 'device'; with 'stats' only {', '.join(STATS_ANALYSES)} run)"
                 )
+        if process_group is not None:
+            _refuse_whole_tensor_analyses(live, self.options)
         threads = torch.get_num_threads()
         self.engine = Engine(resolve_device(self.options.device), self.options.epsilon)
         if torch.get_num_threads() != threads:
@@ -384,9 +388,13 @@ class CheckpointMonitor:
             live = {k: v.detach() for k, v in sd.items() if isinstance(v, torch.Tensor)}
         else:
             live = {k: p.detach() for k, p in self.model.named_parameters()}
+        wrappers = _inner_wrappers(self.model)
+        if wrappers:  # a compiled (or DDP-wrapped) block inside the model: its own names
+            live = _renamed(live, wrappers)
         if self.process_group is not None:
             from torchdiff.distributed import to_local
 
+            self._ties = _module_ties(self.model, live, wrappers)
             live, self._dtensor_specs = to_local(live)
         return live
 
@@ -426,6 +434,7 @@ class CheckpointMonitor:
                 self._save(self._reference_step, host)
             return
         self._keys = {}
+        self._reference_ties = dict(self._ties)
         copied: set[tuple] = set()
         for name, t in live.items():
             key = _storage_key(t)
@@ -494,6 +503,11 @@ class CheckpointMonitor:
             old_host, new_host = from_local(old_host, self._dtensor_specs), from_local(new_host, self._dtensor_specs)
         old = formats.from_object(old_host, name=f"step {self._reference_step}")
         new = formats.from_object(new_host, name=f"step {self._step}")
+        if self.process_group is not None:
+            # DTensors re-wrapped one name at a time share no storage that from_object
+            # could see: tied weights are marked from the module (the same on every rank)
+            _mark_ties(old, self._reference_ties)
+            _mark_ties(new, self._ties)
         return pipeline.compare_checkpoints(old, new, self.options, self.engine), new_host
 
     def _measure(self, host: dict[str, torch.Tensor], options=None) -> dict[str, TensorStats]:
@@ -586,6 +600,94 @@ def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
             model = model.module
         else:
             return model
+
+
+#: Attributes through which a wrapper holds the module it wraps, adding a segment to the
+#: names below it: torch.compile's OptimizedModule, activation checkpointing's
+#: CheckpointWrapper (its state_dict drops the segment, its named_parameters keep it).
+_WRAPPED_ATTRIBUTES = ("_orig_mod", "_checkpoint_wrapped_module")
+
+
+def _inner_wrappers(model: torch.nn.Module) -> dict[str, str]:
+    """``{module path: attribute}`` of the wrappers inside ``model`` whose attribute adds a
+    segment to every name below it: a compiled block (``torch.compile(block)``:
+    ``h.0._orig_mod.q.weight``), an activation-checkpointed block, a DDP or DataParallel
+    sub-module (``module``)."""
+    wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
+    out: dict[str, str] = {}
+    for path, m in model.named_modules(remove_duplicate=False):
+        attribute = next((a for a in _WRAPPED_ATTRIBUTES if a in m._modules), None)
+        if attribute is not None:
+            out[path] = attribute
+        elif isinstance(m, wrappers):
+            out[path] = "module"
+    return out
+
+
+def _plain_name(name: str, wrappers: Mapping[str, str]) -> str:
+    """``name`` without the segments that ``wrappers`` (``_inner_wrappers``) add."""
+    parts = name.split(".")
+    kept = [p for i, p in enumerate(parts) if wrappers.get(".".join(parts[:i])) != p]
+    return ".".join(kept)
+
+
+def _renamed(live: dict[str, torch.Tensor], wrappers: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """``live`` under the names the model gives its tensors without the wrappers inside it
+    (the names left as they are should two collide)."""
+    out = {_plain_name(k, wrappers): v for k, v in live.items()}
+    return out if len(out) == len(live) else live
+
+
+def _module_ties(model: torch.nn.Module, live: Mapping[str, torch.Tensor],
+                 wrappers: Mapping[str, str]) -> dict[str, str]:
+    """``{name: the first name of the same Parameter or buffer}`` for the tensors of
+    ``live`` that the module registers under two names (tied weights), in state_dict
+    order as ``formats.base.mark_shared``. Decided from the module's objects, not from
+    storages: the same on every rank, whose local shard of a tensor may be empty."""
+    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    identity = {(_plain_name(k, wrappers) if wrappers else k): id(v) for k, v in named}
+    first: dict[int, str] = {}
+    ties: dict[str, str] = {}
+    for name in live:
+        ident = identity.get(name)
+        if ident is not None and first.setdefault(ident, name) != name:
+            ties[name] = first[ident]
+    return ties
+
+
+def _mark_ties(checkpoint: Checkpoint, ties: Mapping[str, str]) -> None:
+    for name, target in ties.items():
+        handle = checkpoint.tensors.get(name)
+        if handle is not None and target in checkpoint.tensors and handle.tied_to is None:
+            handle.tied_to = target
+
+
+def _refuse_whole_tensor_analyses(live: Mapping[str, torch.Tensor], options) -> None:
+    """With a process group, the analyses that read values through engine hooks need
+    whole tensors (docs/DISTRIBUTED.md, section 7): refused here, at construction,
+    rather than by the first report, hours into a run."""
+    from torchdiff.analyses import ANALYSES
+
+    checkpoint = formats.from_object(dict(live), name="live")
+    refused = []
+    for name in options.analyses:
+        module = ANALYSES[name]
+        hooks = getattr(module, "hooks", None)
+        if hooks is None:
+            continue
+        state: dict = {}
+        prepare = getattr(module, "prepare", None)
+        if prepare is not None:
+            prepare(checkpoint, checkpoint, options, state)
+        if hooks(options, state):
+            refused.append(name)
+    if refused:
+        raise UsageError(
+            f"process_group=: {', '.join(refused)} read{'s' if len(refused) == 1 else ''} whole tensors, which a "
+            "rank does not hold (each holds its shards); drop "
+            f"{'it' if len(refused) == 1 else 'them'} from analyses= (stats, layer_impact, sort_by_change_magnitude, "
+            "memory_analysis and convergence_analysis work with a process group)"
+        )
 
 
 def _empty_host(t: torch.Tensor, pin: bool) -> torch.Tensor:

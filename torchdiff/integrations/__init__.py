@@ -10,7 +10,9 @@ framework only when one of its names is used.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import math
+import warnings
+from typing import Any, Iterable, Mapping
 
 from torchdiff.errors import UsageError
 
@@ -59,3 +61,17 @@ def monitor_options(every: int, reference: str, analyses: Iterable[str], keep: s
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise UsageError(f"every must be a positive int, got {every!r}")
     return dict(every=every, reference=reference, analyses=tuple(analyses), keep=keep, device=device, **options)
+
+
+def finite_figures(scalars: Mapping[str, float], where: str) -> dict[str, float]:
+    """The figures of ``scalars`` a tracker can store: NaN and ±∞ (the rel_l2 of a tensor
+    or layer whose reference is all zero — a LayerNorm bias at the first report — or
+    its norm change) are left out with a warning that names each, as
+    ``torchdiff.integrations.mlflow.log_report`` does: MLflow stores ∞ as the largest
+    double, and one such point flattens a TensorBoard or W&B chart."""
+    dropped = {k: float(v) for k, v in scalars.items() if not math.isfinite(float(v))}
+    if dropped:
+        listed = ", ".join(f"{k}={v}" for k, v in dropped.items())
+        warnings.warn(f"torchdiff: {len(dropped)} figure(s) not logged to {where}, NaN or infinity (an infinite "
+                      f"rel_l2 means the reference was all zero): {listed}", UserWarning, stacklevel=3)
+    return {k: float(v) for k, v in scalars.items() if k not in dropped}

@@ -12,27 +12,31 @@ imported when one of these names is first used, not when this module is.
 The monitor is created at ``on_train_start`` (the model is on its device, and
 sharded, by then) and consulted at ``on_train_batch_end`` with ``trainer.global_step``
 (optimizer steps, so gradient accumulation is counted right). With one process, or
-DDP (every rank holds the whole model), it lives on global rank zero only. Under an
+DDP (every rank holds the whole model), it lives on global rank zero only, which under
+DDP broadcasts the figures at its report steps (the other ranks follow the same
+``every`` rule), so that ``trainer.callback_metrics`` has them on every rank
+(EarlyStopping and ModelCheckpoint run on every rank). Under an
 FSDP2 strategy (``ModelParallelStrategy``: parameters are DTensors) it is created on
 every rank with the process group (``integrations.monitor_group``): each rank
 snapshots and reduces its own shards, and every rank takes part in each comparison's
 collectives and gets the same figures. At each report the figures
 (``MonitorRecord.scalars()``: update rel_l2, per-layer rel_l2, counts, the analyses'
 headline figures) go, from global rank zero only, to every logger of the trainer at
-that step (``trainer.loggers``; or ``pl_module.log_dict`` with ``log_with="log_dict"``),
-and into ``trainer.callback_metrics`` (on every rank that has them: all ranks under
-FSDP2). ``on_report`` runs on global rank zero only.
+that step (``trainer.loggers``; or ``pl_module.log_dict`` with ``log_with="log_dict"``,
+on every rank under DDP or FSDP2), and into ``trainer.callback_metrics`` (on every rank).
+``on_report`` runs on global rank zero only.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
 
 import torch
 
 from torchdiff.callbacks import CheckpointMonitor, MonitorRecord
 from torchdiff.errors import MissingDependencyError, UsageError
-from torchdiff.integrations import monitor_group
+from torchdiff.integrations import finite_figures, monitor_group
 from torchdiff.integrations import monitor_options as monitor_options_of
 from torchdiff.report import Report
 
@@ -74,6 +78,8 @@ class _TorchDiffCallbackMixin:
         self.prog_bar = prog_bar
         self.monitor: CheckpointMonitor | None = None
         self.sharded = False  # the monitor runs on every rank with a process group (FSDP2)
+        self._replicas = False  # DDP: rank zero monitors and broadcasts its figures to the other ranks
+        self._steps: tuple[int, int | None] | None = None  # ranks without a monitor: (start, last report)
 
     @property
     def history(self) -> list[MonitorRecord]:
@@ -86,29 +92,50 @@ class _TorchDiffCallbackMixin:
     def on_train_start(self, trainer, pl_module) -> None:
         group = monitor_group(pl_module, self.monitor_options)
         self.sharded = group is not None
+        # DDP (replicas): rank zero monitors alone and, at its report steps, broadcasts the
+        # figures, so that every rank has them (EarlyStopping / ModelCheckpoint(monitor=...)
+        # read trainer.callback_metrics on every rank and agree through a collective)
+        self._replicas = not self.sharded and int(getattr(trainer, "world_size", 1)) > 1
+        self.monitor, self._steps = None, None
         if not (self.sharded or trainer.is_global_zero):
+            self._steps = (int(trainer.global_step), None)
             return
         options = dict(self.monitor_options, process_group=group)
         self.monitor = CheckpointMonitor(pl_module, start_step=int(trainer.global_step),
                                          on_report=self.on_report if trainer.is_global_zero else None, **options)
 
+    def _due(self, step: int) -> bool:
+        """Whether rank zero's monitor reports at ``step`` (CheckpointMonitor.__call__'s rule)."""
+        start, last = self._steps
+        return step % self.monitor_options["every"] == 0 and step != last and step != start
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.monitor is None:
-            return
-        report = self.monitor(int(trainer.global_step))  # sharded: every rank, same step, same collectives
-        if report is None or not self.log_figures:
-            return
-        scalars = self.monitor.history[-1].scalars(tensors=self.log_tensors)
-        if self.log_with == "log_dict":
-            # sharded: every rank logs the same values (usable as a monitor= key on every rank)
-            pl_module.log_dict(scalars, on_step=True, on_epoch=False, prog_bar=self.prog_bar,
-                               logger=True, rank_zero_only=not self.sharded)
-            return
         step = int(trainer.global_step)
-        if trainer.is_global_zero:
+        if self.monitor is None:  # a DDP rank: rank zero's figures, at its report steps
+            if self._steps is None or not self._due(step):
+                return
+            self._steps = (self._steps[0], step)
+            if not (self.log_figures and self._replicas):
+                return
+            scalars = trainer.strategy.broadcast(None, src=0)
+        else:
+            report = self.monitor(step)  # sharded: every rank, same step, same collectives
+            if report is None or not self.log_figures:
+                return
+            scalars = self.monitor.history[-1].scalars(tensors=self.log_tensors)
+            if self._replicas:
+                scalars = trainer.strategy.broadcast(scalars, src=0)
+        if self.log_with == "log_dict":
+            # sharded or replicas: every rank logs the same values (usable as a monitor= key on every rank)
+            finite = finite_figures(scalars, "the Lightning loggers") if trainer.is_global_zero else \
+                {k: v for k, v in scalars.items() if math.isfinite(v)}
+            pl_module.log_dict(finite, on_step=True, on_epoch=False, prog_bar=self.prog_bar,
+                               logger=True, rank_zero_only=not (self.sharded or self._replicas))
+        elif trainer.is_global_zero:
+            finite = finite_figures(scalars, "the Lightning loggers")
             for logger in trainer.loggers:
-                logger.log_metrics(scalars, step=step)
-        # visible to EarlyStopping / ModelCheckpoint(monitor="torchdiff/global_rel_l2")
+                logger.log_metrics(finite, step=step)
+        # every figure, NaN and ∞ too, for EarlyStopping / ModelCheckpoint(monitor="torchdiff/global_rel_l2")
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in scalars.items()})
 
 

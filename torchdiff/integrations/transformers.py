@@ -33,12 +33,13 @@ module is.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Iterable
 
 from torchdiff.callbacks import CheckpointMonitor, MonitorRecord
 from torchdiff.errors import MissingDependencyError
-from torchdiff.integrations import monitor_group
+from torchdiff.integrations import finite_figures, monitor_group
 from torchdiff.integrations import monitor_options as monitor_options_of
 from torchdiff.report import Report
 
@@ -47,7 +48,7 @@ _CLASS: list[type] = []
 #: Key groups for ``keys=``: what each adds to the Trainer's log line.
 KEY_GROUPS: dict[str, str] = {
     "global": "torchdiff/global_rel_l2 and torchdiff/global_cosine (torchdiff/param_norm_change with keep='stats')",
-    "top_layer": "torchdiff/top_layer_rel_l2 (or top_layer_norm_change): the largest layer figure",
+    "top_layer": "torchdiff/top_layer_rel_l2 (or top_layer_norm_change): the largest finite layer figure",
     "findings": "torchdiff/anomaly_detection/findings and every other analysis' findings count",
     "counts": "torchdiff/<status> tensor counts (changed, added, removed...)",
     "norms": "torchdiff/param_norm, torchdiff/param_norm_change, torchdiff/global_l2",
@@ -79,10 +80,13 @@ def select_scalars(scalars: dict[str, float], keys: Any = DEFAULT_KEYS) -> dict[
                 out["torchdiff/param_norm_change"] = scalars["torchdiff/param_norm_change"]
         elif key == "top_layer":
             for prefix in layer_prefixes:
-                layers = {k: v for k, v in scalars.items() if k.startswith(prefix) and v == v}
-                if layers:
+                layers = [v for k, v in scalars.items() if k.startswith(prefix) and v == v]
+                # the most changed measured layer: one whose reference is all zero (∞) is not
+                # measured (docs/METRICS.md, the "most changed" rule); ∞ only if all are
+                measured = [v for v in layers if math.isfinite(v)] or layers
+                if measured:
                     figure = prefix.split("/")[1].replace("layer_", "")
-                    out[f"torchdiff/top_layer_{figure}"] = max(layers.values(), key=abs)
+                    out[f"torchdiff/top_layer_{figure}"] = max(measured, key=abs)
         elif key == "findings":
             out.update({k: v for k, v in scalars.items() if k.endswith("/findings")})
         elif key == "counts":
@@ -217,7 +221,7 @@ class _TorchDiffCallbackMixin:
             if self.log_tensors:
                 chosen.update({k: v for k, v in figures.items() if k.startswith(("torchdiff/rel_l2/",
                                                                                   "torchdiff/norm_change/"))})
-            self._pending.update(chosen)
+            self._pending.update(finite_figures(chosen, "the Trainer's logs"))
 
 
 def _build() -> type:
