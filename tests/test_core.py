@@ -406,3 +406,19 @@ def test_unrelated_pairs_read_again_for_their_dot_are_let_go_one_by_one(monkeypa
     for i, (a, b) in enumerate(values):
         a64, b64 = a.double(), b.double()
         assert fig.cosine()[i] == pytest.approx(float(a64 @ b64 / (a64.norm() * b64.norm())), abs=2e-7)
+
+
+def test_a_model_gone_nan_counts_its_nonfinite_values_among_the_scalars():
+    """The figures cover positions finite on both sides: a model whose weights turned NaN
+    read global_rel_l2 0 in a tracker, a flat line. ``torchdiff/nonfinite_values`` counts
+    them, in Report.scalars() and the monitor's record alike."""
+    model = torch.nn.Linear(3, 2)
+    monitor = torchdiff.CheckpointMonitor(model, every=1)
+    with torch.no_grad():
+        model.weight[0, :2] = float("nan")
+        model.bias[1] = float("inf")
+    report = monitor.step()
+    assert report.scalars()["torchdiff/nonfinite_values"] == 3.0
+    assert monitor.history[-1].scalars()["torchdiff/nonfinite_values"] == 3.0
+    clean = torchdiff.compare({"w": torch.ones(2)}, {"w": torch.full((2,), 2.0)})
+    assert clean.scalars()["torchdiff/nonfinite_values"] == 0.0

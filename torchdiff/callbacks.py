@@ -38,7 +38,7 @@ from torchdiff.engine import Engine, resolve_device
 from torchdiff.errors import MissingDependencyError, TorchDiffError, UsageError
 from torchdiff.formats.base import Checkpoint
 from torchdiff.names import layer_of, role
-from torchdiff.figures import Comparison, Figures, GroupFigures, group, scalars_of, summary_mask
+from torchdiff.figures import Comparison, Figures, GroupFigures, group, nonfinite_values, scalars_of, summary_mask
 from torchdiff.report import Report
 from torchdiff.results import TensorDiff, TensorStats
 from torchdiff.status import ADDED, CHANGED, REMOVED, RESHAPED, RETYPED, UNCHANGED
@@ -79,6 +79,7 @@ class MonitorRecord:
     counts: Mapping[str, int]
     analyses: tuple = ()
     report: Report | None = None
+    nonfinite: int = 0  # NaN/±∞ values of the live state over the tensors ``total`` covers
 
     @property
     def exact(self) -> bool:
@@ -95,7 +96,7 @@ class MonitorRecord:
         """A flat dict for a metrics logger, in the naming scheme of every report
         (torchdiff.figures.scalars_of); per-tensor figures with ``tensors=True``."""
         return scalars_of(self.counts, self.total, self.layers, self.tensors if tensors else None,
-                          self.analyses, exact=self.exact)
+                          self.analyses, exact=self.exact, nonfinite=self.nonfinite)
 
     def records(self, level: str = "layer") -> list[dict[str, Any]]:
         """Plain rows of this step: ``"global"`` one, ``"layer"`` one per layer,
@@ -129,7 +130,7 @@ def record_of(step: int, reference_step: int, report: Report, keep: str = "cpu",
     return MonitorRecord(
         step=step, reference_step=reference_step, keep=keep, total=total, layers=layers, tensors=tensors,
         counts=report.comparison.counts(), analyses=tuple(report.analyses),
-        report=report if keep_report else None,
+        report=report if keep_report else None, nonfinite=nonfinite_values(fig, scope),
     )
 
 

@@ -552,6 +552,14 @@ def global_figures(fig: Figures, scope: str = "params") -> GroupFigures | None:
     return group(fig, "all", mask)["all"]
 
 
+def nonfinite_values(fig: Figures, scope: str) -> int:
+    """NaN and ±∞ values on the new side of the tensors the global figures cover
+    (``summary_mask``): the figures leave those positions out, so a model gone NaN would
+    read as unchanged without this count beside them."""
+    mask = summary_mask(fig, scope)
+    return int((fig.new.nan_count[mask] + fig.new.inf_count[mask]).sum())
+
+
 def scalars(fig: Figures, scope: str, layer: Callable[[str], str],
             analyses: Iterable[Any] = (), tensors: bool = True) -> dict[str, float]:
     """A Report's flat figures for a metrics logger (``scalars_of``): totals and layers
@@ -563,18 +571,21 @@ def scalars(fig: Figures, scope: str, layer: Callable[[str], str],
     if tensors:
         moved = fig.measured & ~fig.status_mask(UNCHANGED)
         per_tensor = group(fig, lambda n: n, moved) if moved.any() else {}
-    return scalars_of(fig.counts(), total, layers, per_tensor, analyses, exact=fig.values_kept)
+    return scalars_of(fig.counts(), total, layers, per_tensor, analyses, exact=fig.values_kept,
+                      nonfinite=nonfinite_values(fig, scope))
 
 
 def scalars_of(counts: Mapping[str, int], total: GroupFigures | None, layers: Mapping[str, GroupFigures],
                tensors: Mapping[str, GroupFigures] | None, analyses: Iterable[Any] = (),
-               exact: bool = True) -> dict[str, float]:
+               exact: bool = True, nonfinite: int | None = None) -> dict[str, float]:
     """The one naming scheme of flat figures, for every report kind and the monitor:
 
     - ``torchdiff/<status>``: tensors per status;
     - ``torchdiff/global_l2``, ``torchdiff/global_rel_l2``, ``torchdiff/global_cosine``
       (when values were kept), ``torchdiff/param_norm`` = ‖B‖ and
       ``torchdiff/param_norm_change`` = (‖B‖ − ‖A‖)/‖A‖, over the tensors in scope;
+    - ``torchdiff/nonfinite_values``: NaN and ±∞ values of the new side over the same
+      tensors (``nonfinite_values``), which the figures above leave out;
     - ``torchdiff/layer_rel_l2/<layer>`` (or ``torchdiff/layer_norm_change/<layer>``
       when only statistics were kept);
     - ``torchdiff/rel_l2/<tensor>`` (or ``norm_change``) for the tensors given;
@@ -588,6 +599,8 @@ def scalars_of(counts: Mapping[str, int], total: GroupFigures | None, layers: Ma
             out["torchdiff/global_cosine"] = total.cosine
         out["torchdiff/param_norm"] = total.norm_new
         out["torchdiff/param_norm_change"] = total.norm_change
+    if nonfinite is not None:
+        out["torchdiff/nonfinite_values"] = float(nonfinite)
     key = "rel_l2" if exact else "norm_change"
     for name, f in layers.items():
         out[f"torchdiff/layer_{key}/{name}"] = getattr(f, key)
