@@ -156,8 +156,9 @@ def from_object(obj: Any, name: str = "<memory>") -> Checkpoint:
     """A Checkpoint over an in-memory state_dict, nested training dict, or nn.Module."""
     if isinstance(obj, Checkpoint):
         return obj
+    module = None
     if isinstance(obj, torch.nn.Module):
-        obj = obj.state_dict(keep_vars=False)
+        module, obj = obj, obj.state_dict(keep_vars=False)
         fmt = "module"
     elif isinstance(obj, Mapping):
         fmt = "state_dict"
@@ -167,6 +168,13 @@ def from_object(obj: Any, name: str = "<memory>") -> Checkpoint:
     tensors = {k: v.detach() for k, v in tensors.items()}
     handles = {k: tensor_handle(k, v) for k, v in tensors.items()}
     mark_shared(handles, tensors, storages=False)  # tied weights: the same data_ptr, offset, shape, strides
+    if module is not None:  # and the same Parameter under two names (FSDP2's DTensors show no shared storage)
+        first: dict[int, str] = {}
+        for key, value in module.named_parameters(remove_duplicate=False):
+            target = first.setdefault(id(value), key)
+            handle = handles.get(key)
+            if target != key and handle is not None and handle.tied_to is None and target in handles:
+                handle.tied_to = target
     return Checkpoint(name=name, format=fmt, tensors=handles, metadata=metadata)
 
 
