@@ -104,6 +104,17 @@ def lightning_ddp(log_with: str) -> dict:
     }
 
 
+def write_result(teardown: bool = True) -> None:
+    """This rank's results to ``<out>.r<rank>``; then the process group torn down."""
+    with open(f"{out}.r{rank}", "w") as f:
+        json.dump(result, f, default=str)
+    if teardown:
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - Lightning may have torn the group down already
+            pass
+
+
 if mode == "lightning_ddp":
     for log_with in ("loggers", "log_dict"):
         try:
@@ -112,15 +123,9 @@ if mode == "lightning_ddp":
             import traceback
 
             result[log_with] = {"error": traceback.format_exc()}
-            with open(f"{out}.r{rank}", "w") as f:
-                json.dump(result, f, default=str)
+            write_result(teardown=False)
             os._exit(1)  # at once: the other rank's collective fails instead of waiting
-    with open(f"{out}.r{rank}", "w") as f:
-        json.dump(result, f, default=str)
-    try:
-        dist.destroy_process_group()
-    except Exception:  # noqa: BLE001 - Lightning may have torn the group down already
-        pass
+    write_result()
     sys.exit(0)
 
 
@@ -274,9 +279,4 @@ except Exception:  # noqa: BLE001
 
     result["hf_fsdp2"] = {"error": traceback.format_exc()}
 
-with open(f"{out}.r{rank}", "w") as f:
-    json.dump(result, f, default=str)
-try:
-    dist.destroy_process_group()
-except Exception:  # noqa: BLE001 - Lightning may have torn the group down already
-    pass
+write_result()
