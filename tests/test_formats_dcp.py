@@ -783,3 +783,21 @@ def test_fqn_keyed_adam_state_prefers_the_prefix_every_parameter_pairs_through()
         "optim.state.norm.weight": "model.norm.weight", "optim.state.block.norm.weight": "model.block.norm.weight",
         "optim.state.block.fc.weight": "model.block.fc.weight"}
     assert plan.mapped
+
+
+def test_flattened_optimizer_state_reads_each_parameters_hyper_parameters():
+    """torchtitan saves get_optimizer_state_dict(..., flatten_optimizer_state_dict=True):
+    lr, betas and eps under ``optimizer.param_groups.<fqn>.<key>``. They were not read:
+    step_rms and update_ratio were NaN, betas and eps the defaults."""
+    from torchdiff.analyses._training import build_adam_plan
+
+    tensors = [("model.a.weight", (4, 3), True), ("model.b.weight", (2, 4), True)]
+    metadata = {}
+    for fqn, shape, lr in (("a.weight", (4, 3), 3e-4), ("b.weight", (2, 4), 1e-3)):
+        tensors += [(f"optimizer.state.{fqn}.exp_avg", shape, True), (f"optimizer.state.{fqn}.exp_avg_sq", shape, True)]
+        metadata |= {f"optimizer.param_groups.{fqn}.lr": lr, f"optimizer.param_groups.{fqn}.betas": [0.9, 0.95],
+                     f"optimizer.param_groups.{fqn}.eps": 1e-6, f"optimizer.state.{fqn}.step": 7.0}
+    plan = build_adam_plan(tensors, metadata)
+    got = {p.key: (p.param, p.lr, p.beta1, p.beta2, p.eps, p.step_value) for p in plan.params}
+    assert got == {"optimizer.state.a.weight": ("model.a.weight", 3e-4, 0.9, 0.95, 1e-6, 7.0),
+                   "optimizer.state.b.weight": ("model.b.weight", 1e-3, 0.9, 0.95, 1e-6, 7.0)}

@@ -189,7 +189,8 @@ def build_adam_plan(tensors: Sequence[tuple[str, tuple[int, ...], bool]],
 def fqn_adam_plan(tensors: Sequence[tuple[str, tuple[int, ...], bool]],
                   metadata: Mapping[str, Any]) -> AdamPlan | None:
     """Adam state keyed by parameter name, as FSDP/DCP's ``get_state_dict`` saves it
-    (``P.state.<fqn>.exp_avg``, ``P.param_groups.G.params`` a list of fqns): each fqn maps
+    (``P.state.<fqn>.exp_avg``, ``P.param_groups.G.params`` a list of fqns; flattened,
+    ``P.param_groups.<fqn>.lr``, ``.betas``, ``.eps`` per parameter): each fqn maps
     to the model tensor named ``<fqn>``, else to ``<P><fqn>`` with P the prefix most
     fqns pair through (``model.`` when the model's state_dict sits under ``model``: then
     ``norm.weight`` is ``model.norm.weight``, not ``model.block.norm.weight``), else to
@@ -227,7 +228,11 @@ def fqn_adam_plan(tensors: Sequence[tuple[str, tuple[int, ...], bool]],
     params: list[AdamParam] = []
     unmapped: list[str] = []
     for i, ((opt, fqn), f) in enumerate(state.items()):
-        group = group_of.get((opt, fqn), {})
+        # a group listing the fqn; else the flattened layout (torchtitan, OLMo-core:
+        # flatten_optimizer_state_dict=True), each hyper-parameter under P.param_groups.<fqn>.<key>
+        group = group_of.get((opt, fqn)) or {
+            key: metadata[f"{opt}param_groups.{fqn}.{key}"] for key in ("lr", "betas", "eps")
+            if f"{opt}param_groups.{fqn}.{key}" in metadata}
         shape = shapes[f["exp_avg"]]
         matches = matched[(opt, fqn)]
         param = (fqn if fqn in matches else common + fqn if common + fqn in matches
