@@ -639,3 +639,28 @@ def test_quantization_carries_the_tensors_its_bars_show():
     cols = data["tensors"]["columns"]
     sqnr = {row[0]: row[cols.index("sqnr_db")] for row in data["tensors"]["rows"]}
     assert sqnr == {t["tensor"]: t["sqnr_db"] for t in item["tensors"]}
+
+
+def test_many_layers_draw_the_largest_shares_and_say_how_many_there_are():
+    """500 one-tensor layers: the charts drew a bar and a heatmap row each (20,000 such
+    layers made a chart 320,000 pixels tall). They draw the LAYER_ROWS of largest share of
+    ‖Δ‖², in the layers' order, and say of how many; each share is the float64 one."""
+    from torchdiff.render.html import LAYER_ROWS
+
+    g = torch.Generator().manual_seed(0)
+    n = LAYER_ROWS + 300
+    old = {f"m{i}.w": torch.randn(10, generator=g) for i in range(n)}
+    new = {k: v + 0.01 * (1 + (i * 37) % n) * torch.randn(10, generator=g) for i, (k, v) in enumerate(old.items())}
+    data = payload(compare(old, new))
+    rows = data["layers"]["rows"]
+    assert len(rows) == LAYER_ROWS and data["layers"]["total"] == n
+    assert len(data["heatmap"]["rows"]) == LAYER_ROWS
+    dsq = {k: float(((new[k].double() - old[k].double()) ** 2).sum()) for k in old}
+    total = sum(dsq.values())
+    expected = sorted(dsq, key=lambda k: -dsq[k])[:LAYER_ROWS]
+    assert {r["layer"] + ".w" for r in rows} == set(expected)
+    assert [r["layer"] for r in rows] == sorted((r["layer"] for r in rows), key=lambda s: int(s[1:]))
+    for r in rows:
+        assert r["share"] == pytest.approx(dsq[r["layer"] + ".w"] / total, rel=1e-5)
+    few = payload(compare({"a.w": torch.ones(2)}, {"a.w": torch.full((2,), 2.0)}))
+    assert "total" not in few["layers"]

@@ -35,6 +35,15 @@ from torchdiff.status import ADDED, REMOVED, RESHAPED
 SCHEMA = "torchdiff-report/1"
 _HERE = Path(__file__).parent
 
+#: Layers the layer charts and the heatmap draw at most: those of largest share of ‖Δ‖²
+#: (20,000 one-tensor layers drew a chart 320,000 pixels tall); --show-layer-impact lists all.
+LAYER_ROWS = 200
+
+
+def _finite_or(value: float, default: float) -> float:
+    return value if math.isfinite(value) else default
+
+
 #: Module-type columns of the layer × module heatmap, in display order.
 MODULE_TYPES = ("attn_q", "attn_k", "attn_v", "attn_qkv", "attn_o", "mlp_up", "mlp_gate", "mlp_gate_up",
                 "mlp_down", "norm", "embedding", "head", "other")
@@ -287,6 +296,11 @@ def _compare_payload(report) -> dict[str, Any]:
             shares = {r["layer"]: finite_json(r["share"]) for r in last["layer_impact"].to_dict()["layers"]}
         natural = {name: _natural(name) for name in layers}
         ordered = sorted(layers, key=natural.__getitem__)
+        total_layers = len(ordered)
+        if total_layers > LAYER_ROWS:  # the charts draw the layers of largest share (docs/REPORT.md)
+            kept = set(sorted(ordered, key=lambda name: (-_finite_or(layers[name].share, -1.0),
+                                                         natural[name]))[:LAYER_ROWS])
+            ordered = [name for name in ordered if name in kept]
         groups = [layers[name] for name in ordered]
         layer_columns = _group_columns(groups)
         raw_share = [g.share for g in groups]
@@ -298,6 +312,8 @@ def _compare_payload(report) -> dict[str, Any]:
                       in zip(ordered, *(layer_columns[k] for k in ("tensors", "params", "measured", "l2", "rel_l2",
                                                                    "cosine", "changed_fraction", "sqnr_db")), share)]
         out_layers = {"rows": layer_rows, "share_source": "layer_impact" if layer_impact is not None else "group sums"}
+        if total_layers > len(ordered):
+            out_layers["total"] = total_layers
         if layer_impact is not None:
             out_layers["top_layer"] = finite_json(layer_impact.headline["top_layer"])
             out_layers["top_share"] = finite_json(layer_impact.headline["top_share"])

@@ -423,6 +423,10 @@
         fig(L.top_share, pct(L.top_share), "share")]));
       sec.lastChild.id = "top-layer";
     }
+    if (L.total !== undefined) {
+      sec.appendChild(h("p", { "class": "formula", text: "the " + L.rows.length + " layers of largest share of " + L.total +
+        " (--show-layer-impact -o json lists every layer)" }));
+    }
     var g = h("div", { "class": "grid2" });
     var a = h("div", null, [h("h3", { text: "Share of the update" }), formula("share")]);
     barChart(chartBox(a, "layer-share"), labels, L.rows.map(function (r) { return r.share; }), { pct: true, title: "share" });
