@@ -300,6 +300,7 @@ def test_counts_of_one_are_singular(capsys, tmp_path):
     from torchdiff.units import counted
 
     assert [counted(n, "tensor") for n in (0, 1, 2, 20000)] == ["0 tensors", "1 tensor", "2 tensors", "20,000 tensors"]
+    assert (counted(1, "matrix", "matrices"), counted(2, "matrix", "matrices")) == ("1 matrix", "2 matrices")
     save_file({"w": torch.ones(3)}, tmp_path / "a.safetensors")
     save_file({"w": torch.full((3,), 2.0)}, tmp_path / "b.safetensors")
     out = run(capsys, tmp_path / "a.safetensors", tmp_path / "b.safetensors")[1].splitlines()

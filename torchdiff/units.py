@@ -34,10 +34,10 @@ def count(n: int) -> str:
     return f"{n:,}"
 
 
-def counted(n: int, noun: str) -> str:
+def counted(n: int, noun: str, plural: str | None = None) -> str:
     """A count and its noun, plural unless the count is 1: ``counted(1, "tensor") -> "1 tensor"``,
-    ``counted(20000, "tensor") -> "20,000 tensors"``."""
-    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+    ``counted(20000, "tensor") -> "20,000 tensors"``, ``counted(2, "matrix", "matrices")``."""
+    return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
 
 
 def number(x: float, signed: bool = False) -> str:

@@ -26,7 +26,7 @@ from torchdiff.names import (
     is_position_embedding, is_quantized_storage, is_recurrent, kind, layer_of, parts,
 )
 from torchdiff.results import ADDED, REMOVED, RESHAPED, AnalysisResult, Table
-from torchdiff.units import count
+from torchdiff.units import count, counted
 
 NAME = "architecture_comparison"
 FLAG = "architecture_comparison"
@@ -390,7 +390,8 @@ def analyze(comparison: Comparison, options, state: dict) -> AnalysisResult:
                      + ", ".join(ambiguous[:5]) + (" ..." if len(ambiguous) > 5 else ""))
         data["rename_ambiguous"] = ambiguous
     if retyped:
-        notes.append(f"{count(len(retyped))} tensors changed dtype; load_state_dict casts them to the module's dtype")
+        notes.append(f"{counted(len(retyped), 'tensor')} changed dtype; load_state_dict casts "
+                     f"{'it' if len(retyped) == 1 else 'them'} to the module's dtype")
     notes += [f"{k}: {v}" for k, v in new_info["hyperparameter_notes"].items()
               if k not in new_info["hyperparameters"] and k not in old_info["hyperparameters"]]
     if load_detail["missing"] or load_detail["unexpected"] or load_detail["shape_mismatch"]:

@@ -176,9 +176,9 @@ def _patterns(model, paired) -> list[dict[str, Any]]:
     weight_layers = {layer_of(d.name) for d in moved_weights}
     if embeds and len(weight_layers) >= FROZEN_EMBED_LAYERS and all(d.status == UNCHANGED for d in embeds):
         found.append({"pattern": "embeddings_frozen", "tensors": [d.name for d in embeds],
-                      "evidence": f"{count(len(embeds))} embedding tensors identical "
+                      "evidence": f"{counted(len(embeds), 'embedding tensor')} identical "
                                   f"({', '.join(d.name for d in embeds[:3])}) "
-                                  f"while {count(len(moved_weights))} weight matrices in "
+                                  f"while {counted(len(moved_weights), 'weight matrix', 'weight matrices')} in "
                                   f"{count(len(weight_layers))} layers changed "
                                   f"(pattern needs ≥ {FROZEN_EMBED_LAYERS} layers)"})
     stacks: dict[str, dict[int, bool]] = defaultdict(dict)
