@@ -308,3 +308,24 @@ def test_counts_of_one_are_singular(capsys, tmp_path):
     assert run(capsys, "inspect", tmp_path / "a.safetensors")[1].splitlines()[-1] == "1 tensor, 3 parameters, 12 B"
     out = run(capsys, "inspect", tmp_path / "a.safetensors", "-o", "markdown")[1]
     assert "1 tensor, 3 parameters, 12 bytes" in out
+
+
+def test_top_bounds_the_tables_of_tensors_and_layers_too(capsys, tmp_path):
+    """--top N kept N tensor lines, but every analysis table still listed each tensor or
+    layer (161,896 lines of --all for 20,000 tensors). Now a table with a tensor or layer
+    column shows N rows: its N best ranks where it ranks them (layer impact, by share)."""
+    g = torch.Generator().manual_seed(3)
+    old = {f"layers.{i}.w": torch.randn(6, 4, generator=g) for i in range(10)}
+    new = {k: v + 0.01 * (i + 1) * torch.randn(6, 4, generator=g) for i, (k, v) in enumerate(old.items())}
+    save_file(old, tmp_path / "a.safetensors")
+    save_file(new, tmp_path / "b.safetensors")
+    out = run(capsys, tmp_path / "a.safetensors", tmp_path / "b.safetensors", "--show-layer-impact",
+              "--top", "3")[1].splitlines()
+    head = out.index("  Layers")
+    rows = [line.split() for line in out[head + 3: head + 6]]
+    dsq = {f"layers.{i}": float(((new[f"layers.{i}.w"].double() - old[f"layers.{i}.w"].double()) ** 2).sum())
+           for i in range(10)}
+    assert {r[0] for r in rows} == set(sorted(dsq, key=lambda k: -dsq[k])[:3])  # the 3 largest shares
+    assert out[head + 6] == "  … and 7 more rows (--top 0 lists every row)"
+    full = run(capsys, tmp_path / "a.safetensors", tmp_path / "b.safetensors", "--show-layer-impact")[1]
+    assert "more rows" not in full and all(f"layers.{i} " in full for i in range(10))

@@ -25,7 +25,7 @@ COMMANDS = ("compare", "inspect", "series", "hash", "verify")
 CORE_FLAGS: dict[str, tuple[Any, str]] = {
     "all": (False, "run every analysis"),
     "output": ("text", "text | json | yaml | markdown | github (hash: the manifest file, -o)"),
-    "top": (0, "text: print at most N tensor lines, then '… and M more' (0: all)"),
+    "top": (0, "text: print at most N tensor lines and N rows of each table of tensors or layers (0: all)"),
     "epsilon": (0.0, "|Δ| ≤ EPSILON counts as unchanged"),
     "ignore_keys_regex": (None, "skip tensors (and metadata keys) whose name matches REGEX"),
     "path": (None, "only tensors whose name contains this substring"),

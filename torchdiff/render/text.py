@@ -199,11 +199,12 @@ def elide(text: str, limit: int) -> str:
     return text[:head] + "…" + text[len(text) - (keep - head):]
 
 
-def analysis_section(a: AnalysisResult, width: int | None = None, rank=None) -> list[str]:
+def analysis_section(a: AnalysisResult, width: int | None = None, rank=None, top: int | None = None) -> list[str]:
     """The headline, tables and notes of one analysis.
 
     ``rank`` (a function of a table row's name cell, or None) orders the rows of tables
-    with a tensor or layer column, unless the table has its own ``rank`` column.
+    with a tensor or layer column, unless the table has its own ``rank`` column; ``top``
+    (``--top``) keeps the first rows of those tables.
     """
     width = width or terminal_width()
     labels = {k: a.text_keys.get(k, k) for k in a.headline}
@@ -215,18 +216,19 @@ def analysis_section(a: AnalysisResult, width: int | None = None, rank=None) -> 
             continue
         lines.append("")
         lines.append(f"  {table.title}")
-        lines += table_lines(table.headers, table.rows, width, rank)
+        lines += table_lines(table.headers, table.rows, width, rank, top)
     for note in a.notes:
         lines += wrap(f"  note: {printable(note)}", width, indent="      ")
     return lines
 
 
-def table_lines(headers, rows, width: int, rank=None) -> list[str]:
+def table_lines(headers, rows, width: int, rank=None, top: int | None = None) -> list[str]:
     """A tabulate table indented by two, fitted to ``width``.
 
     With ``rank``, a table listed by name (rows in alphabetical order of their tensor or
     layer column) follows the report's order instead; a table in an order of its own
-    (ranked, top-N) keeps it. Too wide: a long text column (a formula, evidence) wraps
+    (ranked, top-N) keeps it. With ``top``, a table with a tensor or layer column shows
+    its first ``top`` rows, then ``… and M more rows``. Too wide: a long text column (a formula, evidence) wraps
     inside its cells; then the name column is elided in the middle (down to
     :data:`MIN_NAME` characters) when that alone makes it fit; else the columns wrap
     into groups, each led by the whole name column.
@@ -239,6 +241,26 @@ def table_lines(headers, rows, width: int, rank=None) -> list[str]:
         names = [str(r[name_col]) for r in rows]
         if names == sorted(names) or names == sorted(names, key=_natural):  # listed by name, not ranked
             rows.sort(key=lambda r: rank(str(r[name_col])))
+    more = len(rows) - top if top and name_col is not None and len(rows) > top else 0
+    if not more:
+        return _laid_out(headers, rows, width)
+    if "rank" in lowered:  # the table ranks its rows (layer impact: by share): the top ranks, in its order
+        r = lowered.index("rank")
+        kept = set(sorted(range(len(rows)), key=lambda i: (not _is_number(rows[i][r]), rows[i][r]
+                                                           if _is_number(rows[i][r]) else 0, i))[:top])
+        rows = [row for i, row in enumerate(rows) if i in kept]
+    else:  # the first rows, in the table's (or the report's) order
+        rows = rows[:top]
+    return _laid_out(headers, rows, width) + [f"  … and {more:,} more rows (--top 0 lists every row)"]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+def _laid_out(headers: tuple, rows: list, width: int) -> list[str]:
+    """``table_lines``' layout of rows already in their order (see there)."""
+    lowered = [h.lower() for h in headers]
     formats = [size if _is_bytes(h) else num for h in headers]
     cells = [[f(v) for f, v in zip(formats, row)] for row in rows]
     candidates = [i for i, h in enumerate(lowered) if h in _NAME_COLUMNS] or [0]
@@ -445,7 +467,7 @@ def render_text(report, color: bool = False, top: int | None = None, width: int 
     rank = _ranker(report)
     for a in report.analyses:
         lines.append("")
-        lines += analysis_section(a, width, rank)
+        lines += analysis_section(a, width, rank, top)
     return "\n".join(lines)
 
 
