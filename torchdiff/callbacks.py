@@ -36,7 +36,7 @@ import torch
 from torchdiff import formats, pipeline
 from torchdiff.engine import Engine, resolve_device
 from torchdiff.errors import MissingDependencyError, TorchDiffError, UsageError
-from torchdiff.formats.base import Checkpoint
+from torchdiff.formats.base import Checkpoint, mark_ties, module_ties
 from torchdiff.names import layer_of, role
 from torchdiff.figures import Comparison, Figures, GroupFigures, group, nonfinite_values, scalars_of, summary_mask
 from torchdiff.report import Report
@@ -507,8 +507,8 @@ class CheckpointMonitor:
         if self.process_group is not None:
             # DTensors re-wrapped one name at a time share no storage that from_object
             # could see: tied weights are marked from the module (the same on every rank)
-            _mark_ties(old, self._reference_ties)
-            _mark_ties(new, self._ties)
+            mark_ties(old.tensors, self._reference_ties)
+            mark_ties(new.tensors, self._ties)
         return pipeline.compare_checkpoints(old, new, self.options, self.engine), new_host
 
     def _measure(self, host: dict[str, torch.Tensor], options=None) -> dict[str, TensorStats]:
@@ -641,26 +641,11 @@ def _renamed(live: dict[str, torch.Tensor], wrappers: Mapping[str, str]) -> dict
 
 def _module_ties(model: torch.nn.Module, live: Mapping[str, torch.Tensor],
                  wrappers: Mapping[str, str]) -> dict[str, str]:
-    """``{name: the first name of the same Parameter or buffer}`` for the tensors of
-    ``live`` that the module registers under two names (tied weights), in state_dict
-    order as ``formats.base.mark_shared``. Decided from the module's objects, not from
-    storages: the same on every rank, whose local shard of a tensor may be empty."""
-    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
-    identity = {(_plain_name(k, wrappers) if wrappers else k): id(v) for k, v in named}
-    first: dict[int, str] = {}
-    ties: dict[str, str] = {}
-    for name in live:
-        ident = identity.get(name)
-        if ident is not None and first.setdefault(ident, name) != name:
-            ties[name] = first[ident]
-    return ties
-
-
-def _mark_ties(checkpoint: Checkpoint, ties: Mapping[str, str]) -> None:
-    for name, target in ties.items():
-        handle = checkpoint.tensors.get(name)
-        if handle is not None and target in checkpoint.tensors and handle.tied_to is None:
-            handle.tied_to = target
+    """``formats.base.module_ties`` of the tensors of ``live``, under their plain names:
+    decided from the module's objects, so the same on every rank, whose local shard of a
+    tensor may be empty."""
+    rename = (lambda k: _plain_name(k, wrappers)) if wrappers else None
+    return {k: t for k, t in module_ties(model, rename).items() if k in live and t in live}
 
 
 def _refuse_whole_tensor_analyses(live: Mapping[str, torch.Tensor], options) -> None:

@@ -158,12 +158,14 @@ def dropped_wrappers(old_names, new_names) -> tuple[tuple[str, ...], tuple[str, 
     names = (list(old_names), list(new_names))
     joined = ["\n" + "\n".join(n) for n in names]
     has = [{s for s in WRAPPER_SEGMENTS if f"\n{s}." in text or f".{s}." in text} for text in joined]
+    candidates = [[s for s in WRAPPER_SEGMENTS if s in has[a] and s not in has[1 - a]] for a in (0, 1)]
+    if not any(candidates):
+        return (), ()
     choices: list[list[tuple[tuple[str, ...], set[str]]]] = []  # a side's (segments dropped, names then)
     for a in (0, 1):
-        candidates = [s for s in WRAPPER_SEGMENTS if s in has[a] and s not in has[1 - a]]
         choices.append([((), set(names[a]))] + [
             (segments, set(_stripped(names[a], lambda n, drop=set(segments): _strip_segments(n, drop))))
-            for k in range(1, len(candidates) + 1) for segments in itertools.combinations(candidates, k)])
+            for k in range(1, len(candidates[a]) + 1) for segments in itertools.combinations(candidates[a], k)])
     best = (len(choices[0][0][1] & choices[1][0][1]), 0, (), ())
     for old_segments, old_set in choices[0]:
         for new_segments, new_set in choices[1]:

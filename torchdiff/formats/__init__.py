@@ -16,8 +16,8 @@ import torch
 
 from torchdiff.errors import InputNotFoundError, UnknownFormatError, UsageError
 from torchdiff.formats.base import (
-    Checkpoint, TensorHandle, check_unchanged, dtype_name, file_state, flatten, mark_shared, stored_bytes,
-    tensor_handle, watch,
+    Checkpoint, TensorHandle, check_unchanged, dtype_name, file_state, flatten, mark_shared, mark_ties, module_ties,
+    stored_bytes, tensor_handle, watch,
 )
 from torchdiff.formats.ties import find_ties
 
@@ -169,12 +169,7 @@ def from_object(obj: Any, name: str = "<memory>") -> Checkpoint:
     handles = {k: tensor_handle(k, v) for k, v in tensors.items()}
     mark_shared(handles, tensors, storages=False)  # tied weights: the same data_ptr, offset, shape, strides
     if module is not None:  # and the same Parameter under two names (FSDP2's DTensors show no shared storage)
-        first: dict[int, str] = {}
-        for key, value in module.named_parameters(remove_duplicate=False):
-            target = first.setdefault(id(value), key)
-            handle = handles.get(key)
-            if target != key and handle is not None and handle.tied_to is None and target in handles:
-                handle.tied_to = target
+        mark_ties(handles, module_ties(module))
     return Checkpoint(name=name, format=fmt, tensors=handles, metadata=metadata)
 
 

@@ -171,6 +171,30 @@ def stored_bytes(handles, names=None) -> dict[str, int]:
     return out
 
 
+def module_ties(module: torch.nn.Module, rename: Callable[[str], str] | None = None) -> dict[str, str]:
+    """``{name: the first name of the same Parameter or buffer}`` for what ``module``
+    registers under two names (tied weights), decided from its objects, not from storages:
+    it holds for FSDP2's DTensors too, whose storages show nothing shared. ``rename``: the
+    names as the caller keys them."""
+    first: dict[int, str] = {}
+    ties: dict[str, str] = {}
+    for key, value in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
+        key = rename(key) if rename is not None else key
+        target = first.setdefault(id(value), key)
+        if target != key:
+            ties[key] = target
+    return ties
+
+
+def mark_ties(handles: Mapping[str, TensorHandle], ties: Mapping[str, str]) -> None:
+    """Set ``tied_to`` from ``ties`` (``module_ties``) on the handles held with their
+    target, where nothing else marked them."""
+    for name, target in ties.items():
+        handle = handles.get(name)
+        if handle is not None and handle.tied_to is None and target in handles:
+            handle.tied_to = target
+
+
 def mark_shared(handles: dict[str, TensorHandle], tensors: Mapping[str, torch.Tensor], key_prefix: Any = None,
                 storages: bool = True) -> None:
     """Set ``tied_to`` (and, with ``storages``, ``storage_key``/``storage_nbytes``) on
