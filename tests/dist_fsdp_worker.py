@@ -63,6 +63,8 @@ def tied_run():
     opt = torch.optim.AdamW(model.parameters(), lr=5e-2)
     g = torch.Generator().manual_seed(1)
     states = {0: full()}
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    start["head.weight"] = start["embed.weight"]  # one DTensor under both names, as the model holds it
     for step in range(1, 5):
         tokens = torch.randint(0, 10, (4, 5), generator=g)
         loss = nn.functional.cross_entropy(model(tokens).reshape(-1, 10), tokens.reshape(-1))
@@ -72,8 +74,11 @@ def tied_run():
         for m in monitors.values():
             m.step()
         states[step] = full()
+    # A state_dict (no module to ask): the tie is seen through the DTensors' local shards.
+    report = torchdiff.compare(start, model.state_dict(), process_group=dist.group.WORLD)
     return {
         "tied": model.head.weight is model.embed.weight,
+        "state_dict_tied": sorted(d.name for d in report if d.extras.get("tied_to")),
         "states": states if rank == 0 else None,
         "memory_bytes": monitors["cpu"].memory_bytes(),
         "history": {keep: [{"step": r.step, "reference_step": r.reference_step, "total": r.total.to_dict(),

@@ -638,6 +638,7 @@ def test_fsdp2_tied_weights_count_once(tmp_path):
     for r in res:
         assert "error" not in r, r["error"]
         assert r["ties"]["tied"]
+        assert r["ties"]["state_dict_tied"] == ["head.weight"], "compare() of two sharded state_dicts"
     states = {int(s): {k: np.array(v) for k, v in sd.items()} for s, sd in res[0]["ties"]["states"].items()}
     assert res[0]["ties"]["memory_bytes"] + res[1]["ties"]["memory_bytes"] == 4 * sum(
         v.size for k, v in states[0].items() if k != "head.weight"), "the shared weight is snapshotted once"

@@ -199,27 +199,38 @@ def mark_shared(handles: dict[str, TensorHandle], tensors: Mapping[str, torch.Te
                 storages: bool = True) -> None:
     """Set ``tied_to`` (and, with ``storages``, ``storage_key``/``storage_nbytes``) on
     handles of in-memory or mapped tensors: two tensors with the same storage, offset,
-    shape, strides and dtype are tied; the first name in order is the target."""
+    shape, strides and dtype are tied; the first name in order is the target. A DTensor
+    (an FSDP2 or tensor-parallel state_dict) is seen through this rank's shard: two
+    DTensors whose shards are one view and whose global shapes agree are tied."""
     first: dict[tuple, str] = {}
     for name, t in tensors.items():
         handle = handles.get(name)
         if handle is None or t.layout != torch.strided or t.is_sparse or t.is_quantized:
             continue  # bytes of their own (values and indices; codes, scales and zero points): handle.nbytes
+        local = _local_shard(t)
         try:
-            storage = t.untyped_storage()
+            storage = local.untyped_storage()
             ptr = storage.data_ptr()
         except (RuntimeError, NotImplementedError):
             continue
-        if storages:
+        if storages and local is t:
             handle.storage_key = (key_prefix, ptr, storage.nbytes()) if ptr else (key_prefix, "empty", name)
             handle.storage_nbytes = storage.nbytes()
-        if not ptr or t.numel() == 0:
+        if not ptr or local.numel() == 0:
             continue
-        view = (ptr, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        view = (ptr, local.storage_offset(), tuple(local.shape), tuple(local.stride()), t.dtype, tuple(t.shape))
         if view in first:
             handle.tied_to = first[view]
         else:
             first[view] = name
+
+
+def _local_shard(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (no communication); any other tensor itself."""
+    to_local = getattr(t, "to_local", None)
+    if to_local is not None and hasattr(t, "placements"):
+        return to_local()
+    return t
 
 
 def file_state(path: str) -> tuple[int, ...]:
