@@ -44,6 +44,54 @@ def lr_from_metadata(metadata: Mapping[str, Any]) -> float | None:
     return None
 
 
+#: torch.optim optimizers by what their state_dict holds: a per-parameter state field
+#: only that optimizer keeps, else a param-group key only it has; first match wins
+#: (RMSprop with momentum also keeps a momentum_buffer, NAdam an exp_avg_sq).
+_OPTIMIZER_FIELDS = (("square_avg", "RMSprop"), ("sum", "Adagrad"), ("acc_delta", "Adadelta"),
+                     ("exp_inf", "Adamax"), ("mu_product", "NAdam"), ("step_size", "Rprop"),
+                     ("exp_avg_sq", "Adam/AdamW"), ("ax", "ASGD"), ("momentum_buffer", "SGD"))
+_OPTIMIZER_GROUP_KEYS = (("centered", "RMSprop"), ("lr_decay", "Adagrad"), ("rho", "Adadelta"),
+                         ("amsgrad", "Adam/AdamW"), ("nesterov", "SGD"))
+#: optimizers whose step divides by a running statistic of the gradient (or takes its sign):
+#: their Δθ/lr is no gradient
+ADAPTIVE_OPTIMIZERS = frozenset({"RMSprop", "Adagrad", "Adadelta", "Adamax", "NAdam", "Rprop", "Adam/AdamW"})
+
+
+@dataclass(frozen=True)
+class OptimizerKind:
+    """Which torch optimizer a checkpoint's state_dict comes from, and the evidence."""
+
+    name: str  # "RMSprop", "SGD", ...
+    evidence: str  # "state field square_avg", "param-group key nesterov"
+    momentum: float = 0.0  # the first param group's momentum (0 when none)
+    dampening: float = 0.0  # SGD's dampening
+
+    @property
+    def adaptive(self) -> bool:
+        return self.name in ADAPTIVE_OPTIMIZERS
+
+
+def optimizer_kind(names: Iterable[str], metadata: Mapping[str, Any]) -> OptimizerKind | None:
+    """The torch optimizer whose state a checkpoint holds (tensor ``names`` and its
+    ``metadata``), by the table above; None when it holds no optimizer state."""
+    from torchdiff.names import optimizer_param
+
+    fields = {found[1] for found in map(optimizer_param, names) if found is not None}
+    group: dict[str, Any] = {}
+    for key in sorted(metadata, key=str):
+        m = PARAM_GROUP_NAME.match(str(key))
+        if m and m["group"] == "0":
+            group.setdefault(m["key"], metadata[key])
+    name = next(((n, f"state field {f}") for f, n in _OPTIMIZER_FIELDS if f in fields), None) \
+        or next(((n, f"param-group key {k}") for k, n in _OPTIMIZER_GROUP_KEYS if k in group), None)
+    if name is None:
+        return None
+    momentum = group.get("momentum")
+    dampening = group.get("dampening")
+    return OptimizerKind(*name, momentum=float(momentum) if _is_number(momentum) else 0.0,
+                         dampening=float(dampening) if _is_number(dampening) else 0.0)
+
+
 def step_from_metadata(metadata: Mapping[str, Any]) -> float | None:
     for key in ("step", "global_step", "iteration", "iter"):
         value = metadata.get(key)
@@ -142,19 +190,13 @@ def build_adam_plan(tensors: Sequence[tuple[str, tuple[int, ...], bool]],
         group_of = {i: g for g in groups for i in g["params"]}
         if any(opt + f"state.{i}.max_exp_avg_sq" in shapes for i in indices):
             notes.append(f"{opt}state has max_exp_avg_sq (amsgrad): step sizes use exp_avg_sq, not its running max")
-        ptr, skipped = 0, []
-        mapping: dict[int, str] = {}
-        for idx in order:
-            f = fields.get((opt, idx), {})
-            want = shapes.get(f["exp_avg"]) if "exp_avg" in f else None
-            while ptr < len(candidates) and want is not None and candidates[ptr][1] != want:
-                skipped.append(candidates[ptr][0])
-                ptr += 1
-            if ptr >= len(candidates):
-                mapped_all = False
-                break
-            mapping[idx] = candidates[ptr][0]
-            ptr += 1
+        wants = [shapes.get(fields[(opt, idx)]["exp_avg"]) if "exp_avg" in fields.get((opt, idx), {}) else None
+                 for idx in order]
+        trained = [c for c in candidates if not any(_AVERAGED.search(part) for part in c[0].split("."))]
+        walked = _walk(order, wants, trained) if len(trained) < len(candidates) else None
+        if walked is None or len(walked[0]) < len(order):  # no averaged copy, or the model is only there
+            walked = _walk(order, wants, candidates)
+        mapping, skipped = walked
         if skipped:
             shown = ", ".join(skipped[:5]) + (f" (+{count(len(skipped) - 5)} more)" if len(skipped) > 5 else "")
             notes.append(f"state→parameter mapping skipped {count(len(skipped))} tensor(s) whose shapes match no "
@@ -184,6 +226,31 @@ def build_adam_plan(tensors: Sequence[tuple[str, tuple[int, ...], bool]],
         notes.append("optimizer state could not be matched to parameter names by order and shape; "
                      "figures are per state index, and update_ratio (step / ‖θ‖) is nan where no parameter was matched")
     return AdamPlan(params, notes, mapped_all)
+
+
+#: A name component of an averaged copy of the model that no optimizer steps: an EMA
+#: (``ema``, ``model_ema``, timm's ``state_dict_ema``), SWA (``swa_model``), ``averaged_model``,
+#: ``shadow``. Its tensors have the parameters' shapes, so the state→parameter walk
+#: tries the names without them first.
+_AVERAGED = re.compile(r"^(?:.*_)?(?:ema|swa)(?:_.*)?$|^averaged|^shadow", re.IGNORECASE)
+
+
+def _walk(order: Sequence[int], wants: Sequence[tuple[int, ...] | None],
+          candidates: Sequence[tuple[str, tuple[int, ...]]]) -> tuple[dict[int, str], list[str]]:
+    """Map the state indices of ``order`` (the shapes of their exp_avg: ``wants``) to
+    ``candidates`` in order, skipping a candidate of another shape (a buffer); (index ->
+    name as far as the walk got, the names skipped)."""
+    ptr, skipped = 0, []
+    mapping: dict[int, str] = {}
+    for idx, want in zip(order, wants):
+        while ptr < len(candidates) and want is not None and candidates[ptr][1] != want:
+            skipped.append(candidates[ptr][0])
+            ptr += 1
+        if ptr >= len(candidates):
+            break
+        mapping[idx] = candidates[ptr][0]
+        ptr += 1
+    return mapping, skipped
 
 
 def fqn_adam_plan(tensors: Sequence[tuple[str, tuple[int, ...], bool]],

@@ -30,6 +30,7 @@ from torchdiff.analyses._training import (
 )
 from torchdiff.figures import group, summary_mask
 from torchdiff.errors import UsageError
+from torchdiff.names import OPTIMIZER_STATE, TRAINING_STATE
 from torchdiff.results import AnalysisResult, Table
 from torchdiff.units import count, number
 
@@ -48,6 +49,11 @@ DIVERGE_TREND = 0.1
 OSCILLATE_COSINE = -0.2
 CONVERGE_TREND = -0.05
 FIT_R2_FOR_PROJECTION = 0.9
+FIT_POINTS_FOR_PROJECTION = 3  # a line through two points has R² = 1 whatever they are
+#: Roles never measured for convergence, whatever --scope: the optimizer's state and the
+#: training loop's (step counters, moments, RNG states) are not the weights that settle;
+#: a series leaves them out too (torchdiff.series).
+NOT_WEIGHTS = (OPTIMIZER_STATE, TRAINING_STATE)
 
 
 def validate(options) -> None:
@@ -159,11 +165,14 @@ def _f(x: Any) -> float:
 # ---- pair -------------------------------------------------------------------------------
 
 def analyze(comparison, options, state: dict) -> AnalysisResult | None:
-    """Pair mode: r = ‖Δθ‖/‖θ_old‖ globally and per layer (parameters only)."""
+    """Pair mode: r = ‖Δθ‖/‖θ_old‖ globally and per layer (the weights in --scope)."""
     if comparison.mode != "pair":
-        return None
+        return AnalysisResult(NAME, {"status": "undetermined"},
+                              notes=("convergence needs two checkpoints (torchdiff OLD NEW), and a trend three or "
+                                     "more (torchdiff series C1 C2 C3 ...)",))
     fig = comparison.figures
-    mask = summary_mask(fig, comparison.scope)  # the global figures' rows: a tied weight once
+    # the global figures' rows (a tied weight once), without optimizer and training state
+    mask = summary_mask(fig, comparison.scope) & np.array([r not in NOT_WEIGHTS for r in fig.role], dtype=bool)
     layers = group(fig, comparison.layer, mask) if mask.any() else {}
     if not layers:
         return AnalysisResult(NAME, {"status": "undetermined"},
@@ -263,7 +272,7 @@ def analyze_series(series, options) -> AnalysisResult:
     thr = options["plateau_threshold"]
     r_last = float(fig["rel_update"][-1])
     if (status == "converging" and recent is not None and recent.r2 >= FIT_R2_FOR_PROJECTION
-            and math.isfinite(r_last) and r_last > thr):
+            and recent.points >= FIT_POINTS_FOR_PROJECTION and math.isfinite(r_last) and r_last > thr):
         intervals = math.ceil((math.log(thr) - math.log(r_last)) / recent.slope)
         data["intervals_to_plateau"] = intervals
         notes.append(f"projection: about {count(intervals)} more checkpoint interval(s) until r_t < {thr:g}, assuming "

@@ -11,9 +11,11 @@ Sources, first available (docs/analyses/gradient_analysis.md):
   lr·√(Σd²)/‖θ‖. ``norm`` = √(Σv̂) over all parameters.
 - ``sgd_implied``: no Adam state but a learning rate (``--lr``, else the old checkpoint's
   ``lr``/``learning_rate``/param group lr): ĝ = −Δθ/(lr·k), k = the difference of the
-  checkpoints' ``step`` values when both record one, else 1. ``norm`` = ‖ĝ‖.
-- ``update_statistics``: neither: the update itself per layer (rms of Δθ, ‖Δθ‖/‖θ‖),
-  labelled as updates, not gradients. ``norm`` = ‖Δθ‖.
+  checkpoints' ``step`` values when both record one, else 1; for SGD with momentum μ
+  (the checkpoint's param group) ĝ = −Δθ·(1−μ)/((1−dampening)·lr·k). ``norm`` = ‖ĝ‖.
+- ``update_statistics``: neither, or the state of an adaptive optimizer (RMSprop,
+  Adagrad, ...: its Δθ/lr is no gradient) without ``--lr``: the update itself per layer
+  (rms of Δθ, ‖Δθ‖/‖θ‖), labelled as updates, not gradients. ``norm`` = ‖Δθ‖.
 
 Flow: a layer's gradient RMS (update/weight ratio for update statistics) divided by the
 median over layers. Flags: vanishing when flow < 0.01, exploding when flow > 100 or the
@@ -26,8 +28,8 @@ import math
 from typing import Any
 
 from torchdiff.analyses._training import (
-    AdamPlan, adam_sums, build_adam_plan, layer_key, lr_from_metadata, median_or_nan, safe_div,
-    step_from_metadata,
+    AdamPlan, OptimizerKind, adam_sums, build_adam_plan, layer_key, lr_from_metadata, median_or_nan,
+    optimizer_kind, safe_div, step_from_metadata,
 )
 from torchdiff.figures import group, summary_mask
 from torchdiff.names import is_float_storage
@@ -223,7 +225,7 @@ def _adam_result(layers: dict[str, dict[str, float]], extra_headline: dict[str, 
 
 def update_layers(u2: dict[str, float], w2: dict[str, float], params: dict[str, float],
                   scale: float | None) -> dict[str, dict[str, float]]:
-    """Per-layer update figures; ``scale`` = lr·k turns them into SGD-implied gradients."""
+    """Per-layer update figures; ``scale`` (lr·k, see _implied) turns them into SGD-implied gradients."""
     out = {}
     for layer in u2:
         n = params[layer]
@@ -255,14 +257,11 @@ def _update_result(layers: dict[str, dict[str, float]], scale: float | None, lr:
     headline: dict[str, Any] = {"source": SGD if sgd else UPDATES, "flow_health": _health(flags), "norm": norm}
     if sgd:
         headline.update({"lr": lr, "steps_between": k})
-        notes = list(notes) + [f"ĝ = −Δθ/(lr·k) with lr={number(lr)}, k={number(k)}: the SGD-implied mean gradient; "
-                               "for adaptive optimizers (Adam) it is a scaled update, not the gradient"]
         headers = ("layer", "params", "grad_rms", "grad_norm", "update_ratio", "flow", "flag")
     else:
-        notes = list(notes) + ["update statistics, not gradients: no optimizer state and no learning rate "
-                               "(give --lr for SGD-implied gradients); norm = ‖Δθ‖, flow from update/weight ratios"]
+        notes = list(notes) + ["update statistics, not gradients: norm = ‖Δθ‖, flow from update/weight ratios"]
         headers = ("layer", "params", "update_rms", "update_ratio", "flow", "flag")
-    notes.append(flow_rule())
+    notes = list(notes) + [flow_rule()]
     return AnalysisResult(NAME, headline, data={**data, "per_layer": per_layer},
                           tables=extra_tables + (Table("Per layer", headers, tuple(rows)),), notes=tuple(notes))
 
@@ -321,9 +320,52 @@ def analyze(comparison, options, state: dict) -> AnalysisResult | None:
     params = {layer: float(g.params) for layer, g in layers.items()}
     if not u2:
         return AnalysisResult(NAME, {"source": "none"}, notes=("no floating-point parameters in both checkpoints",))
-    lr, k, notes = _lr_and_steps(options, comparison.old_metadata, comparison.new_metadata)
-    scale = lr * k if lr else None
+    kind = _kind(comparison.old_metadata, comparison.new_metadata,
+                 _specs(comparison, "old"), _specs(comparison, "new"))
+    lr, k, scale, notes = _implied(options, comparison.old_metadata, comparison.new_metadata, kind)
     return _update_result(update_layers(u2, w2, params, scale), scale, lr, k, notes, {"mode": "pair"})
+
+
+def _kind(old_meta, new_meta, old_specs, new_specs) -> OptimizerKind | None:
+    """The optimizer the old checkpoint's state comes from, else the new one's."""
+    return (optimizer_kind((spec[0] for spec in old_specs), old_meta)
+            or optimizer_kind((spec[0] for spec in new_specs), new_meta))
+
+
+def _implied(options, old_meta, new_meta, kind: OptimizerKind | None
+             ) -> tuple[float | None, float, float | None, list[str]]:
+    """(lr, k, scale, notes) of ĝ = −Δθ/scale; scale None: update statistics.
+
+    scale = lr·k, times (1 − dampening)/(1 − μ) for SGD with momentum μ (its buffer
+    approaches g·(1 − dampening)/(1 − μ), and Δθ = −lr·Σ buffer). An adaptive optimizer
+    (RMSprop, Adagrad, Adam without readable moments...) divides each step by its own
+    gradient statistics: −Δθ/lr is no gradient, so update statistics, unless --lr asks.
+    """
+    lr, k, notes = _lr_and_steps(options, old_meta, new_meta)
+    if lr is None:
+        return None, k, None, notes + ["no optimizer state the analysis reads and no learning rate "
+                                       "(give --lr for SGD-implied gradients)"]
+    if kind is not None and kind.adaptive and not options.get("lr"):
+        return None, k, None, [
+            f"the checkpoints hold {kind.name} optimizer state ({kind.evidence}): an adaptive optimizer scales "
+            "each step by its own gradient statistics, so −Δθ/lr is no gradient (--lr forces ĝ = −Δθ/(lr·k))"]
+    scale = lr * k
+    formula = "−Δθ/(lr·k)"
+    if kind is not None and kind.adaptive:
+        meaning = f"a scaled update, not the gradient ({kind.name} is adaptive: {kind.evidence})"
+    elif kind is not None and 0 < kind.momentum < 1:
+        scale *= (1 - kind.dampening) / (1 - kind.momentum)
+        formula = "−Δθ·(1−μ)/((1−dampening)·lr·k)"
+        meaning = (f"the mean gradient of SGD with momentum μ={number(kind.momentum)}, "
+                   f"dampening={number(kind.dampening)} ({kind.evidence}), once its momentum buffer has built up "
+                   "(the buffer approaches g·(1−dampening)/(1−μ))")
+    elif kind is not None and kind.name == "SGD":
+        meaning = f"the mean gradient over the k steps (SGD without momentum: {kind.evidence})"
+    else:
+        meaning = ("the SGD-implied mean gradient; for momentum or adaptive optimizers (Adam) it is a scaled update, "
+                   "not the gradient")
+    notes.append(f"ĝ = {formula} with lr={number(lr)}, k={number(k)}: {meaning}")
+    return lr, k, scale, notes
 
 
 def _lr_and_steps(options, old_meta, new_meta) -> tuple[float | None, float, list[str]]:
@@ -335,6 +377,10 @@ def _lr_and_steps(options, old_meta, new_meta) -> tuple[float | None, float, lis
         lr = lr_from_metadata(old_meta) or None
         if lr is not None:
             notes.append(f"lr={number(lr)} recorded in the old checkpoint")
+            lr_new = lr_from_metadata(new_meta)
+            if lr_new is not None and lr_new != lr:  # a schedule moved it: ĝ is off by up to their ratio
+                notes.append(f"lr changed between the checkpoints ({number(lr)} -> {number(lr_new)}): ĝ divides by "
+                             "the old one; steps taken at the new lr make ĝ off by up to their ratio")
     s_old, s_new = step_from_metadata(old_meta), step_from_metadata(new_meta)
     k: float = 1
     if s_old is not None and s_new is not None and s_new > s_old:
@@ -391,13 +437,14 @@ def analyze_series(series, options) -> AnalysisResult:
         u2 = {layer: float(series.dist2[li, t, t + 1]) for li, layer in enumerate(series.layers)}
         w2 = {layer: float(series.nsq[li, t]) for li, layer in enumerate(series.layers)}
         params = {layer: float(series.layer_params[li]) for li, layer in enumerate(series.layers)}
-        lr, k, notes = _lr_and_steps(options, series.metadata[t], series.metadata[t + 1])
-        scale = lr * k if lr else None
+        kind = _kind(series.metadata[t], series.metadata[t + 1], [(name,) for name in series.tensor_stats(t)],
+                     [(name,) for name in series.tensor_stats(t + 1)])
+        lr, k, scale, notes = _implied(options, series.metadata[t], series.metadata[t + 1], kind)
         layers = update_layers(u2, w2, params, scale)
         res = _update_result(layers, scale, lr, k, [], {})
         h = res.headline
         u = math.sqrt(sum(u2.values()))
-        rows.append((f"{labels[t]} -> {labels[t + 1]}", u, h["norm"] if scale else "", lr or "", k if scale else "",
+        rows.append((f"{labels[t]} -> {labels[t + 1]}", u, h["norm"] if scale else "", lr if scale else "", k if scale else "",
                      h["flow_health"]))
         per_step.append({"step": t, "old": series.names[t], "new": series.names[t + 1], "update_norm": u, **h})
         layers_last, scale_last, lr_last, k_last, notes_last = layers, scale, lr, k, notes

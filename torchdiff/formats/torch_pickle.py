@@ -185,9 +185,7 @@ def load(path: str, unsafe: bool = False) -> Checkpoint:
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError,
             IndexError, TypeError, AttributeError, UnicodeDecodeError, MemoryError,
             OverflowError, AssertionError, struct.error, RecursionError) as e:
-        raise CorruptFileError(
-            f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {_first_line(str(e))})"
-        ) from None
+        raise CorruptFileError(f"{path}: not a readable PyTorch checkpoint ({_load_error(e, mapped)})") from None
     try:
         tensors, metadata = flatten(obj)
     except CorruptFileError as e:  # names that collide: said with the file's path
@@ -253,6 +251,21 @@ def _check_archive_kind(path: str, names: list[str], unsafe: bool) -> None:
         raise UnsafeCheckpointError(f"{path}: a TorchScript archive (torch.jit.save): its weights load only by "
                                     "running its code; --unsafe-pickle reads it, for files you trust (or save "
                                     "the model's state_dict)")
+
+
+def _load_error(e: BaseException, mapped: bool) -> str:
+    """Why torch.load failed, in one line.
+
+    The legacy (non-zip) format records each storage's dtype by its typed-storage
+    class; dtypes that have none (uint16/32/64, the float8 types) are written as an
+    untyped storage, and torch cannot read them back (it asks that storage for a dtype):
+    said as such, with the fix, rather than as torch's AttributeError.
+    """
+    if not mapped and isinstance(e, AttributeError) and "UntypedStorage" in str(e) and "dtype" in str(e):
+        return ("a legacy (non-zip) torch.save file holding a storage without a dtype: the legacy format cannot "
+                "record uint16/uint32/uint64 or float8 tensors, and torch cannot read them back; save it with "
+                "torch.save's default zip format")
+    return f"{type(e).__name__}: {_first_line(str(e))}"
 
 
 def _first_line(text: str) -> str:
