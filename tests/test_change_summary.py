@@ -263,7 +263,7 @@ def test_notes_write_counts_and_bytes_for_people():
     rel, cos = global_figures(pre, fine)
     note = a.notes[0]
     assert f"= {rel:.4g}, global cosine = {cos:.4g}," in note
-    assert f"over {len(pre)} same-shape tensors; params in changed tensors: 36,106 of 36,106 (1); " in note
+    assert f"over {len(pre)} same-shape tensors; params in changed tensors: 36,106 of 36,106 (fraction 1); " in note
     assert note.endswith("; bytes 144.4 KB->144.4 KB")
     assert (a.data["bytes_old"], a.data["bytes_new"]) == (144424, 144424)
     assert a.data["param_counts"]["changed"] == 36106

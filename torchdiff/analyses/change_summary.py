@@ -297,8 +297,8 @@ def analyze(comparison: Comparison, options, state: dict) -> AnalysisResult:
     )
     notes = [f"magnitude = global rel_l2 = sqrt(Σ‖Δ‖² / Σ‖old‖²) = {number(g['rel_l2'])}, global cosine = "
              f"{number(g['cosine'])}, over {count(len(paired))} same-shape tensors; params in changed tensors: "
-             f"{count(moved_params)} of {count(total_params)} ({number(data['changed_param_fraction'])}); "
-             f"changed elements: {number(g['changed_element_fraction'])}; "
+             f"{count(moved_params)} of {count(total_params)} (fraction {number(data['changed_param_fraction'])}); "
+             f"fraction of elements changed: {number(g['changed_element_fraction'])}; "
              f"bytes {human_bytes(old_bytes)}->{human_bytes(new_bytes)}"]
     notes += [f"{p['pattern']}: {p['evidence']}" for p in patterns]
     for r, c in data.get("other_roles", {}).items():
