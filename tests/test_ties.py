@@ -38,6 +38,29 @@ def test_pt_shared_storage_is_tied(tmp_path):
     assert ckpt.stored_nbytes == 2 * 40 * 4
 
 
+def test_a_transposed_view_is_the_same_parameter(tmp_path):
+    """``{"big": b, "tr": b.t()}`` holds 24 parameters, not 48: the transpose views the same
+    elements of the same storage. Its Δ counted twice in the global figures and in layer
+    shares (0.5 each). A slice views other elements and is no tie; a flattening views the same elements and is one."""
+    torch.manual_seed(0)
+    b = torch.randn(6, 4)
+    c = b + 0.1 * torch.randn(6, 4)
+    views = lambda t: {"big": t, "tr": t.t(), "perm": t.unsqueeze(0).permute(2, 0, 1), "rows": t[:3],
+                       "flat": t.reshape(-1)}
+    torch.save(views(b), tmp_path / "a.pt")
+    torch.save(views(c), tmp_path / "b.pt")
+    for source in (tmp_path / "a.pt", views(b)):
+        ckpt = formats.from_object(source) if isinstance(source, dict) else formats.load(source)
+        assert {k: h.tied_to for k, h in ckpt.tensors.items()} == {
+            "big": None, "tr": "big", "perm": "big", "rows": None, "flat": "big"}
+    report = torchdiff.compare(tmp_path / "a.pt", tmp_path / "b.pt", show_layer_impact=True)
+    d = (c - b).double()
+    shares = {row[0]: row[5] for row in report.analysis("layer_impact").tables[0].rows}
+    total = d.square().sum() + d[:3].square().sum()  # big and rows
+    assert shares["big"] == pytest.approx(float(d.square().sum() / total), rel=1e-5)
+    assert set(shares) == {"big", "rows"}
+
+
 def test_pt_views_of_one_storage_are_not_tied_but_share_bytes(tmp_path):
     big = torch.arange(100_000, dtype=torch.float32)
     path = tmp_path / "slice.pt"

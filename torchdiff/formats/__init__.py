@@ -167,7 +167,7 @@ def from_object(obj: Any, name: str = "<memory>") -> Checkpoint:
     tensors, metadata = flatten(obj)
     tensors = {k: v.detach() for k, v in tensors.items()}
     handles = {k: tensor_handle(k, v) for k, v in tensors.items()}
-    mark_shared(handles, tensors, storages=False)  # tied weights: the same data_ptr, offset, shape, strides
+    mark_shared(handles, tensors, storages=False)  # tied weights: the same elements of one storage
     if module is not None:  # and the same Parameter under two names (FSDP2's DTensors show no shared storage)
         mark_ties(handles, module_ties(module))
     return Checkpoint(name=name, format=fmt, tensors=handles, metadata=metadata)

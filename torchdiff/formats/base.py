@@ -59,7 +59,8 @@ class TensorHandle:
             uint8 view of a mapped file (safetensors): the engine reads runs of adjacent
             small tensors as one slice, without materialising each.
         tied_to: the name of the tensor this one shares its values with (tied weights:
-            the same storage, offset, shape and strides in a pickle or a live module, a
+            the same elements of one storage in a pickle or a live module (a transpose
+            too), a
             duplicate that safetensors' ``save_model`` dropped, or ``tie_word_embeddings``
             in a neighbouring config.json); None when not tied. A tied tensor is the
             same parameter as its target: counted once.
@@ -198,10 +199,11 @@ def mark_ties(handles: Mapping[str, TensorHandle], ties: Mapping[str, str]) -> N
 def mark_shared(handles: dict[str, TensorHandle], tensors: Mapping[str, torch.Tensor], key_prefix: Any = None,
                 storages: bool = True) -> None:
     """Set ``tied_to`` (and, with ``storages``, ``storage_key``/``storage_nbytes``) on
-    handles of in-memory or mapped tensors: two tensors with the same storage, offset,
-    shape, strides and dtype are tied; the first name in order is the target. A DTensor
+    handles of in-memory or mapped tensors: two tensors of one dtype viewing the same
+    elements of one storage (the same offset, shape and strides, or a transpose or
+    permutation of them: ``_elements``) are tied; the first name in order is the target. A DTensor
     (an FSDP2 or tensor-parallel state_dict) is seen through this rank's shard: two
-    DTensors whose shards are one view and whose global shapes agree are tied."""
+    DTensors whose shards view the same elements are tied."""
     first: dict[tuple, str] = {}
     for name, t in tensors.items():
         handle = handles.get(name)
@@ -218,11 +220,27 @@ def mark_shared(handles: dict[str, TensorHandle], tensors: Mapping[str, torch.Te
             handle.storage_nbytes = storage.nbytes()
         if not ptr or local.numel() == 0:
             continue
-        view = (ptr, local.storage_offset(), tuple(local.shape), tuple(local.stride()), t.dtype, tuple(t.shape))
+        view = (ptr, local.storage_offset(), _elements(local), t.dtype)
         if view in first:
             handle.tied_to = first[view]
         else:
             first[view] = name
+
+
+def _elements(t: torch.Tensor) -> tuple[tuple[int, int], ...]:
+    """Which elements of its storage (from its offset) ``t`` views, whatever their order
+    and shape: its (size, stride) pairs by stride, size-1 dimensions left out, and a
+    dimension merged into the next when that one steps over it whole (stride = size ×
+    stride). A transpose, a permutation or a flattening of a tensor views the same
+    elements, so it is the same parameter."""
+    dims: list[tuple[int, int]] = []
+    for size, stride in sorted(((size, stride) for size, stride in zip(t.shape, t.stride()) if size != 1),
+                               key=lambda d: (d[1], d[0])):
+        if dims and stride == dims[-1][0] * dims[-1][1]:
+            dims[-1] = (dims[-1][0] * size, dims[-1][1])
+        else:
+            dims.append((size, stride))
+    return tuple(dims)
 
 
 def _local_shard(t: torch.Tensor) -> torch.Tensor:

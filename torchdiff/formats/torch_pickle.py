@@ -5,7 +5,8 @@ legacy (pre-zip) files cannot be mapped and are read into memory. Nested trainin
 checkpoints are flattened with dotted names; scalar leaves become metadata.
 
 Tensors sharing a storage are marked (``TensorHandle.storage_key``/``storage_nbytes``),
-and two names viewing the same bytes with the same offset, shape and strides are tied
+and two names viewing the same elements of one storage (the same offset, shape and
+strides, or a transpose) are tied
 (``tied_to``): GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``.
 
 Objects of classes torch's weights-only unpickler does not allow (a whole pickled
