@@ -157,7 +157,7 @@ def test_family(module, family):
     report = run(module.state_dict())
     a = report.analysis(NAME)
     assert a.headline["family"] == family
-    assert a.headline["params"] == params(module.state_dict())
+    assert a.headline["params"] == sum(p.numel() for p in module.parameters())  # buffers are not parameters
     assert str(report).count(f"architecture_comparison: {family}, params=") == 1
 
 

@@ -28,17 +28,17 @@ def test_masks_are_not_trainable_weights_in_memory_estimates(gpt2_pair):
     old, new, sd = gpt2_pair
     report = torchdiff.compare(old, new, memory_analysis=True, device="cpu")
     data = report.analysis("memory_analysis").to_dict()
-    def expected(tensors):  # Adam fp32: 16 B per float parameter, integer buffers as stored
-        float_params = sum(v.numel() for v in tensors if v.is_floating_point())
-        mask_bytes = sum(v.numel() * v.element_size() for v in tensors if not v.is_floating_point())
-        assert mask_bytes > 0
-        return float_params * 16 + mask_bytes
+    def expected(items):  # Adam fp32: 16 B per parameter; buffers (masks, masked_bias) as stored
+        buffers = [v for k, v in items if not v.is_floating_point() or k.endswith("masked_bias")]
+        params = sum(v.numel() for k, v in items if v.is_floating_point() and not k.endswith("masked_bias"))
+        assert buffers
+        return params * 16 + sum(v.numel() * v.element_size() for v in buffers)
 
     # The real file ties lm_head.weight to wte (one storage): counted once. The tuned copy
     # adds noise to each tensor separately, which unties them.
-    unique = {v.data_ptr(): v for v in sd.values()}.values()
+    unique = {v.data_ptr(): (k, v) for k, v in sd.items()}.values()
     assert data["sides"]["old"]["estimates"]["training_bytes"] == expected(unique)
-    assert data["sides"]["new"]["estimates"]["training_bytes"] == expected(sd.values())
+    assert data["sides"]["new"]["estimates"]["training_bytes"] == expected(sd.items())
 
 
 def test_buffers_do_not_make_layers_look_vanishing(gpt2_pair):

@@ -347,6 +347,13 @@ def block_index(layer: str) -> int | None:
     return int(block) if block is not None else None
 
 
+def block_stack(layer: str) -> str:
+    """The stack a numbered layer belongs to: the layer less its block number
+    (``encoder.layer.5`` -> ``encoder.layer``, ``bert/encoder/layer_3`` -> ``bert/encoder``).
+    ``encoder.layer.*`` and ``decoder.layer.*`` are two stacks."""
+    return layer.rsplit(_separator(layer), 1)[0]
+
+
 @lru_cache(maxsize=65536)
 def pattern(name: str) -> str:
     """The name with numeric components as ``*``: ``layers.3.fc1.weight`` ->
@@ -401,7 +408,13 @@ def is_position_embedding(name: str) -> bool:
 
 
 def is_attention(name: str) -> bool:
+    """Whether a tensor belongs to an attention module: a component saying attention
+    (``attn``, ``q_proj``...), or nn.MultiheadAttention's ``in_proj_*``. A normalisation's
+    tensor is not, even when its name says where it sits (Llama's
+    ``post_attention_layernorm``, Whisper's ``self_attn_layer_norm``, GGUF's ``attn_norm``)."""
     ps = [p.lower() for p in parts(name)]
+    if len(ps) > 1 and _NORM.search(ps[-2]):
+        return False
     return any(_ATTENTION.search(p) for p in ps[:-1]) or (bool(ps) and ps[-1].startswith("in_proj"))
 
 

@@ -20,10 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from torchdiff.analyses.layer_impact import natural_key
 from torchdiff.figures import Comparison, tied_side
 from torchdiff.names import (
-    QUANT_COMPANION, TRAINING_STATE, block_index, is_attention, is_float_storage, is_optimizer_state,
-    is_position_embedding, is_quantized_storage, is_recurrent, kind, layer_of, parts,
+    BUFFER, COUNTER, QUANT_COMPANION, TRAINING_STATE, block_index, block_stack, is_attention, is_float_storage,
+    is_optimizer_state, is_position_embedding, is_quantized_storage, is_recurrent, kind, layer_of, parts,
 )
 from torchdiff.results import ADDED, REMOVED, RESHAPED, AnalysisResult, Table
 from torchdiff.units import count, counted
@@ -35,8 +36,13 @@ OPTIONS: dict = {}
 PRESENT_SHARE = 0.05     # a family's evidence counts when its tensors hold ≥ 5% of the parameters
 CONV_MAX_KERNEL = 32     # a 3-5-D weight is a convolution kernel when every spatial dim is ≤ 32
 TABLE_ROWS = 20          # rows of the renamed table in text (JSON lists them all)
-HEAD_KEYS = ("num_attention_heads", "n_head", "n_heads", "num_heads", "nhead", "num_attention_head")
+#: Keys (the last dotted component) whose integer value is the attention head count, and
+#: the key/value head count: in the file's metadata (GGUF key/values), a config.json beside it.
+HEAD_KEYS = ("num_attention_heads", "n_head", "n_heads", "num_heads", "nhead", "num_attention_head",
+             "encoder_attention_heads", "head_count")
+KV_HEAD_KEYS = ("num_key_value_heads", "n_kv_heads", "num_kv_heads", "head_count_kv", "multi_query_group_num")
 _CANDIDATES = "candidates"  # per-run state key, set by prepare()
+_VALUES = "values"  # per-run state key, set by prepare(): what each side's files say beside the tensors
 
 
 # ---- renames: candidates from the headers, hashes in the engine's pass ------------------
@@ -44,7 +50,9 @@ _CANDIDATES = "candidates"  # per-run state key, set by prepare()
 
 def prepare(old, new, options, state: dict):
     """Record the names worth hashing: only-old and only-new tensors whose (shape, dtype)
-    also occurs among the other side's unmatched names. Checkpoints pass unchanged."""
+    also occurs among the other side's unmatched names; and each side's values beside
+    its tensors (a config.json: head counts). Checkpoints pass unchanged."""
+    state[_VALUES] = {"old": _file_values(old), "new": _file_values(new)}
     only_old = {n: h for n, h in old.tensors.items() if n not in new.tensors}
     only_new = {n: h for n, h in new.tensors.items() if n not in old.tensors}
     sig_old = {(tuple(h.shape), h.storage_dtype) for h in only_old.values()}
@@ -55,6 +63,13 @@ def prepare(old, new, options, state: dict):
         + [n for n, h in only_new.items() if (tuple(h.shape), h.storage_dtype) in both]
     )
     return old, new
+
+
+def _file_values(ckpt) -> list[tuple[str, dict]]:
+    """(source, values) found beside the tensors: the config.json next to the file
+    (``info["config"]``, formats/ties.py). A GGUF file's key/values are its metadata."""
+    config = ckpt.info.get("config") if isinstance(ckpt.info, dict) else None
+    return [("config.json", config)] if isinstance(config, dict) else []
 
 
 class _HashHook:
@@ -141,21 +156,29 @@ def find_renames(comp: Comparison) -> tuple[list[tuple[str, str]], list[str], Co
 # ---- one side: counts, blocks, family, hyper-parameters -----------------------------------
 
 
-def _model_tensors(comp: Comparison, side: str) -> list[tuple[str, Any]]:
+def _model_tensors(comp: Comparison, side: str) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
+    """One side's model tensors as (parameters, buffers): the state_dict a module would
+    load, less optimizer and training-loop state (an RNG state, a 0-d loss) and
+    quantization parameters (a QuantStub's q.scale is no attention); a tied tensor once.
+    Buffers are the entries no optimizer moves (names.role ``buffer`` / ``counter``:
+    BatchNorm running statistics, ``num_batches_tracked``, rotary ``inv_freq``), so that
+    ``params`` is what ``sum(p.numel() for p in model.parameters())`` counts."""
     copies = tied_side(comp.figures, side)
-    out = []
+    params, buffers = [], []
     for d, copy in zip(comp.diffs, copies.tolist()):
         s = getattr(d, side)
-        # the model's own tensors: not optimizer or training-loop state (an RNG state, a 0-d loss),
-        # nor quantization parameters (a QuantStub's q.scale is no attention); a tied tensor counts once
         if (s is not None and not is_optimizer_state(d.name) and d.role not in (TRAINING_STATE, QUANT_COMPANION)
                 and not copy):
-            out.append((d.name, s))
-    return out
+            (buffers if d.role in (BUFFER, COUNTER) else params).append((d.name, s))
+    return params, buffers
 
 
-def describe(tensors: list[tuple[str, Any]], metadata: dict) -> dict[str, Any]:
-    """Family, blocks, hyper-parameters and counts of one side's model tensors."""
+def describe(tensors: list[tuple[str, Any]], sources: list[tuple[str, dict]],
+             buffers: list[tuple[str, Any]] = ()) -> dict[str, Any]:
+    """Family, blocks, hyper-parameters and counts of one side's parameters (``tensors``);
+    its ``buffers`` are counted apart (``buffers``, ``buffer_tensors``). ``sources``:
+    (label, values) beside the tensors, first match wins (the file's ``metadata``, GGUF
+    key/values included, then a config.json): head counts."""
     params = sum(s.numel for _, s in tensors)
     by_dtype: Counter = Counter()
     by_group: Counter = Counter()
@@ -166,16 +189,17 @@ def describe(tensors: list[tuple[str, Any]], metadata: dict) -> dict[str, Any]:
         by_group[layer] += s.numel
         idx = block_index(layer)
         if idx is not None:
-            stacks[layer.rsplit(".", 1)[0]].add(idx)
+            stacks[block_stack(layer)].add(idx)
     info: dict[str, Any] = {
         "tensors": len(tensors), "params": params,
+        "buffers": sum(s.numel for _, s in buffers), "buffer_tensors": len(buffers),
         "params_by_dtype": dict(sorted(by_dtype.items())),
-        "params_by_group": dict(by_group),
+        "params_by_group": dict(sorted(by_group.items(), key=lambda kv: natural_key(kv[0]))),
         "blocks": sum(len(v) for v in stacks.values()),
         "blocks_by_stack": {k: len(v) for k, v in sorted(stacks.items())},
     }
     info.update(_family(tensors, params))
-    info["hyperparameters"], info["hyperparameter_notes"] = _hyperparameters(tensors, metadata, info["family"])
+    info["hyperparameters"], info["hyperparameter_notes"] = _hyperparameters(tensors, sources, info["family"])
     return info
 
 
@@ -230,7 +254,18 @@ def _family(tensors, params: int) -> dict[str, Any]:
     return {"family": family, "family_evidence": evidence, "family_reason": "; ".join(reasons)}
 
 
-def _hyperparameters(tensors, metadata: dict, family: str) -> tuple[dict[str, Any], dict[str, str]]:
+def _lookup(sources: list[tuple[str, dict]], keys: tuple[str, ...]) -> tuple[int, str] | None:
+    """(value, evidence) of the first key (by its last dotted component) in ``keys`` with
+    a positive integer value, in the sources in order; else None."""
+    for label, values in sources:
+        for key, value in values.items():
+            if (str(key).rsplit(".", 1)[-1] in keys and isinstance(value, int) and not isinstance(value, bool)
+                    and value > 0):
+                return value, f"{label} {key} = {value}"
+    return None
+
+
+def _hyperparameters(tensors, sources: list[tuple[str, dict]], family: str) -> tuple[dict[str, Any], dict[str, str]]:
     hp: dict[str, Any] = {}
     why: dict[str, str] = {}
     embeds = [(n, s) for n, s in tensors if kind(n, len(s.shape)) == "embedding" and not is_position_embedding(n)]
@@ -262,12 +297,10 @@ def _hyperparameters(tensors, metadata: dict, family: str) -> tuple[dict[str, An
                                    f"or [{hidden}, {size}]")
         else:
             why["intermediate"] = "no [hidden, other] matrix in the blocks"
-    for key, value in metadata.items():
-        leaf = str(key).rsplit(".", 1)[-1]
-        if leaf in HEAD_KEYS and isinstance(value, int) and not isinstance(value, bool):
-            hp["heads"] = value
-            why["heads"] = f"metadata {key} = {value}"
-            break
+    for name, keys in (("heads", HEAD_KEYS), ("kv_heads", KV_HEAD_KEYS)):
+        found = _lookup(sources, keys)
+        if found is not None:
+            hp[name], why[name] = found
     if "heads" not in hp:
         rel = [(n, s) for n, s in tensors if "relative_attention_bias" in n and len(s.shape) == 2]
         if rel:
@@ -288,6 +321,34 @@ def _hyperparameters(tensors, metadata: dict, family: str) -> tuple[dict[str, An
             hp["rnn_cell"] = cell
         why["rnn_hidden"] = f"{n} {list(s.shape)} is [{gates}·hidden, hidden]"
     return hp, why
+
+
+def _tie_changes(comp: Comparison) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """(tied, untied): tensors held on both sides that are a tied copy on one side only.
+    ``untied``: tied on old, a tensor of its own on new (``tie_word_embeddings`` true ->
+    false, a head saved apart): new has that many more parameters though no name was
+    added. ``tied``: the reverse. Each as ``{"path", "tied_to"}``."""
+    fig = comp.figures
+    old, new = tied_side(fig, "old"), tied_side(fig, "new")
+    tied, untied = [], []
+    for i in np.flatnonzero((old != new) & fig.old.present & fig.new.present):
+        side = "new" if new[i] else "old"
+        entry = {"path": fig.names[i], "tied_to": fig.extras[i]["tied_to"][side]}
+        (tied if side == "new" else untied).append(entry)
+    return tied, untied
+
+
+def _buffer_notes(old_info: dict[str, Any] | None, new_info: dict[str, Any]) -> list[str]:
+    """The note that says buffers are not in ``params``, when a side holds any."""
+    sides = [i for i in (old_info, new_info) if i is not None]
+    if not any(i["buffer_tensors"] for i in sides):
+        return []
+    values = _arrow(old_info["buffers"], new_info["buffers"]) if old_info else count(new_info["buffers"])
+    tensors = (_arrow(old_info["buffer_tensors"], new_info["buffer_tensors"]) if old_info
+               else count(new_info["buffer_tensors"]))
+    return [f"buffers and counters (BatchNorm running statistics, num_batches_tracked, inv_freq...): {values} values "
+            f"in {tensors} tensors, not in params (as model.parameters())"
+            + ("; in the state_dict, so in loadability" if old_info else "")]
 
 
 def _loadable(old_names: set, new_names: set, reshaped: set) -> tuple[str, dict[str, list[str]]]:
@@ -312,7 +373,10 @@ def _arrow(a: Any, b: Any) -> str:
 
 def analyze(comparison: Comparison, options, state: dict) -> AnalysisResult:
     inspect = comparison.mode == "inspect"
-    new_info = describe(_model_tensors(comparison, "new"), dict(comparison.new_metadata))
+    new_params, new_buffers = _model_tensors(comparison, "new")
+    values = state.get(_VALUES) or {}
+    new_info = describe(new_params, [("metadata", dict(comparison.new_metadata))] + values.get("new", []),
+                        new_buffers)
     optimizer_new = sum(1 for d in comparison.diffs if d.new is not None and is_optimizer_state(d.name))
     notes: list[str] = [f"family evidence: {new_info['family_reason']}"]
     if inspect:
@@ -328,11 +392,14 @@ def analyze(comparison: Comparison, options, state: dict) -> AnalysisResult:
         notes += [f"{k}: {v}" for k, v in new_info["hyperparameter_notes"].items()
                   if k not in new_info["hyperparameters"]]
         notes.append("loadability needs two checkpoints")
+        notes += _buffer_notes(None, new_info)
         if optimizer_new:
             notes.append(f"{count(optimizer_new)} optimizer-state tensors are not counted in the architecture")
         return AnalysisResult(NAME, headline, data, tuple(tables), tuple(notes), text_keys={"family": ""})
 
-    old_info = describe(_model_tensors(comparison, "old"), dict(comparison.old_metadata))
+    old_params, old_buffers = _model_tensors(comparison, "old")
+    old_info = describe(old_params, [("metadata", dict(comparison.old_metadata))] + values.get("old", []),
+                        old_buffers)
     renames, ambiguous, rules = find_renames(comparison)
     renamed_old = {a for a, _ in renames}
     renamed_new = {b for _, b in renames}
@@ -341,6 +408,7 @@ def analyze(comparison: Comparison, options, state: dict) -> AnalysisResult:
     removed = [d.name for d in model if d.status == REMOVED and d.name not in renamed_old]
     reshaped = [d for d in model if d.status == RESHAPED]
     retyped = [d for d in model if d.old is not None and d.new is not None and d.old.dtype != d.new.dtype]
+    tied, untied = _tie_changes(comparison)
     # Loadability is about the names the files store: where pairing dropped a prefix or a
     # wrapper segment (a `pairing` section), those names differ, and each such pair is a
     # rename (old's stored name -> new's).
@@ -370,6 +438,7 @@ def analyze(comparison: Comparison, options, state: dict) -> AnalysisResult:
         "renames": [{"old": a, "new": b} for a, b in renames],
         "reshaped": [{"path": d.name, "old": list(d.old.shape), "new": list(d.new.shape)} for d in reshaped],
         "retyped": [{"path": d.name, "old": d.old.dtype, "new": d.new.dtype} for d in retyped],
+        "tied": tied, "untied": untied,
         "loadable_detail": load_detail,
     }
     if renames:
@@ -394,6 +463,7 @@ def analyze(comparison: Comparison, options, state: dict) -> AnalysisResult:
                      f"{'it' if len(retyped) == 1 else 'them'} to the module's dtype")
     notes += [f"{k}: {v}" for k, v in new_info["hyperparameter_notes"].items()
               if k not in new_info["hyperparameters"] and k not in old_info["hyperparameters"]]
+    notes += _buffer_notes(old_info, new_info)
     if load_detail["missing"] or load_detail["unexpected"] or load_detail["shape_mismatch"]:
         notes.append(f"load_state_dict(new) into old's model: {count(len(load_detail['missing']))} missing, "
                      f"{count(len(load_detail['unexpected']))} unexpected, "
@@ -411,6 +481,8 @@ def analyze(comparison: Comparison, options, state: dict) -> AnalysisResult:
         ("reshaped", len(reshaped),
          ", ".join(f"{d.name} {list(d.old.shape)}->{list(d.new.shape)}" for d in reshaped[:2])),
         ("retyped", len(retyped), ", ".join(f"{d.name} {d.old.dtype}->{d.new.dtype}" for d in retyped[:2])),
+        ("untied", len(untied), ", ".join(f"{e['path']} (was tied to {e['tied_to']})" for e in untied[:2])),
+        ("tied", len(tied), ", ".join(f"{e['path']} (now tied to {e['tied_to']})" for e in tied[:2])),
     )
     hp_keys = list(dict.fromkeys(list(old_info["hyperparameters"]) + list(new_info["hyperparameters"])))
     hp_rows = tuple((k, old_info["hyperparameters"].get(k, "-"), new_info["hyperparameters"].get(k, "-"),
@@ -419,12 +491,10 @@ def analyze(comparison: Comparison, options, state: dict) -> AnalysisResult:
     dtypes = sorted(set(old_info["params_by_dtype"]) | set(new_info["params_by_dtype"]))
     back = {b: a for a, b in by_content}  # tensors renamed (same content) are grouped under their old names
     new_groups: Counter = Counter()
-    tied_new = {comparison.figures.names[i] for i in np.flatnonzero(tied_side(comparison.figures, "new"))}
-    for d in model:
-        if d.new is not None and d.name not in tied_new:
-            new_groups[layer_of(back.get(d.name, d.name))] += d.new.numel
+    for name, s in new_params:
+        new_groups[layer_of(back.get(name, name))] += s.numel
     old_groups = old_info["params_by_group"]
-    groups = list(dict.fromkeys(list(old_groups) + list(new_groups)))
+    groups = sorted(set(old_groups) | set(new_groups), key=natural_key)
     tables = [
         Table("Tensor changes", ("change", "count", "examples"), tuple(r for r in changes if r[1])),
         Table("Hyperparameters", ("name", "old", "new", "evidence"), hp_rows),

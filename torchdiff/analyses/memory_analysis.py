@@ -17,8 +17,9 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from typing import Any
 
-from torchdiff.names import TRAINING_STATE, is_float_storage, is_optimizer_state, kind, layer_of, parts
+from torchdiff.analyses.layer_impact import natural_key
 from torchdiff.figures import Comparison, stored_nbytes, tied_side
+from torchdiff.names import PARAMETER, TRAINING_STATE, is_float_storage, is_optimizer_state, kind, layer_of, parts
 from torchdiff.results import AnalysisResult, Table
 from torchdiff.units import count, human_bytes, number
 
@@ -40,8 +41,13 @@ OPTIMIZER_ROW = "(optimizer state)"
 TRAINING_ROW = "(training state)"  # RNG states, 0-d losses (names.TRAINING_STATE)
 
 
-def _is_parameter(name: str, s) -> bool:
-    """Float tensors, plus integer weights of ≥ 2 dimensions (quantized weights: int8, uint8 packs)."""
+def _is_parameter(name: str, s, role: str) -> bool:
+    """A tensor an optimizer trains: role ``parameter`` (names.role: not a buffer such as
+    BatchNorm's running statistics or rotary ``inv_freq``, not a counter, not a
+    quantization scale), float, or an integer weight of ≥ 2 dimensions (quantized
+    weights: int8, uint8 packs)."""
+    if role != PARAMETER:
+        return False
     if is_float_storage(s.dtype):
         return True
     nd = len(s.shape)
@@ -49,6 +55,12 @@ def _is_parameter(name: str, s) -> bool:
     if leaf == "bias" or leaf.endswith("_bias") or "mask" in leaf:
         return False  # integer "bias"/mask tensors are attention masks (HF GPT-2 attn.bias), not weights
     return s.dtype.startswith(("int", "uint")) and nd >= 2 and kind(name, nd) in ("weight", "embedding")
+
+
+def _layer_order(layer: str) -> tuple:
+    """Rows of the per-layer table: layers in natural order (``layers.2`` before
+    ``layers.10``), then the optimizer-state and training-state rows."""
+    return layer in (OPTIMIZER_ROW, TRAINING_ROW), natural_key(layer)
 
 
 def _side(comp: Comparison, side: str) -> dict[str, Any] | None:
@@ -60,7 +72,7 @@ def _side(comp: Comparison, side: str) -> dict[str, Any] | None:
     stored = {name: (int(n), bool(t)) for name, n, t, here in zip(fig.names, stored_nbytes(fig, side).tolist(),
                                                                 tied_side(fig, side).tolist(), held) if here}
     training = {d.name for d in comp.diffs if d.role == TRAINING_STATE}  # an RNG state, a 0-d loss: not the model
-    tensors = [(d.name, getattr(d, side)) for d in comp.diffs if getattr(d, side) is not None]
+    tensors = [(d.name, getattr(d, side), d.role) for d in comp.diffs if getattr(d, side) is not None]
     if not tensors and side == "old" and comp.mode == "inspect":
         return None
     by_dtype: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "params": 0, "bytes": 0})
@@ -68,7 +80,7 @@ def _side(comp: Comparison, side: str) -> dict[str, Any] | None:
     by_slot: Counter = Counter()
     model_bytes = optimizer_bytes = training_bytes = float_params = float_bytes = other_bytes = 0
     optimizer_tensors = quantized = 0
-    for name, s in tensors:
+    for name, s, role in tensors:
         nbytes, is_tied = stored[name]
         e = by_dtype[s.dtype]
         e["tensors"] += 1
@@ -88,14 +100,14 @@ def _side(comp: Comparison, side: str) -> dict[str, Any] | None:
         by_layer[layer_of(name)] += nbytes
         if is_tied:
             continue
-        if _is_parameter(name, s):
+        if _is_parameter(name, s, role):
             float_params += s.numel
             float_bytes += nbytes
             quantized += not is_float_storage(s.dtype)
         else:
             other_bytes += nbytes
     total = model_bytes + optimizer_bytes + training_bytes
-    largest = sorted(tensors, key=lambda t: (-t[1].nbytes, t[0]))[:LARGEST]
+    largest = sorted(((n, s) for n, s, _ in tensors), key=lambda t: (-t[1].nbytes, t[0]))[:LARGEST]
     return {
         "bytes": total, "model_bytes": model_bytes, "optimizer_bytes": optimizer_bytes,
         "training_state_bytes": training_bytes,
@@ -103,14 +115,16 @@ def _side(comp: Comparison, side: str) -> dict[str, Any] | None:
         "float_params": float_params, "float_bytes": float_bytes, "non_float_bytes": other_bytes,
         "integer_weight_tensors": quantized,
         "bytes_by_dtype": {k: dict(v) for k, v in sorted(by_dtype.items())},
-        "bytes_by_layer": dict(by_layer),
+        "bytes_by_layer": {k: by_layer[k] for k in sorted(by_layer, key=_layer_order)},
         "largest": [{"path": n, "shape": list(s.shape), "dtype": s.dtype, "bytes": s.nbytes} for n, s in largest],
     }
 
 
 def _estimates(info: dict[str, Any]) -> dict[str, Any]:
     """Inference and Adam-training estimates of one side, with their formulas."""
-    weights = info["model_bytes"]
+    # the model as loaded: its tensors' bytes, a tied copy once even where the files store
+    # it again (a tied embedding in two .bin shards); equal to model_bytes otherwise
+    weights = info["float_bytes"] + info["non_float_bytes"]
     p = info["float_params"]
     w = info["float_bytes"] / p if p else 0.0  # stored bytes per float parameter
     master = MASTER_BYTES if 0 < w < MASTER_BYTES else 0.0
@@ -192,7 +206,7 @@ def analyze(comparison: Comparison, options, state: dict) -> AnalysisResult:
     # column names that say they hold bytes: text prints them in B/KB/MB/GB, JSON as numbers
     sides = [("bytes_old", old), ("bytes_new", new)] if old is not None else [("bytes", new)]
     dtypes = sorted({t for _, info in sides for t in info["bytes_by_dtype"]})
-    layers = list(dict.fromkeys(k for _, info in sides for k in info["bytes_by_layer"]))
+    layers = sorted({k for _, info in sides for k in info["bytes_by_layer"]}, key=_layer_order)
     heads = tuple(label for label, _ in sides)
     tables = [
         Table("Bytes by dtype", ("dtype",) + heads,
@@ -216,16 +230,17 @@ def analyze(comparison: Comparison, options, state: dict) -> AnalysisResult:
              + "; estimates (inference, training, what-if) are labelled with their formulas"
              + (" and describe the new side" if not inspect else "")]
     if new["optimizer_tensors"]:
-        ratio = new["optimizer_bytes"] / (4 * new["float_params"]) if new["float_params"] else 0.0
         slots = ", ".join(f"{k} {human_bytes(v)}" for k, v in sorted(new["optimizer_bytes_by_slot"].items()))
+        # against the model it trains; a file of optimizer state alone (a Trainer's optimizer.pt) has none
+        ratio = (f" = {number(new['optimizer_bytes'] / (4 * new['float_params']))}× the fp32 size of the model's "
+                 f"float parameters ({slots})" if new["float_params"]
+                 else f" ({slots}); no model parameters beside it to compare it with")
         notes.append(f"optimizer state found: {count(new['optimizer_tensors'])} tensors, "
-                     f"{human_bytes(new['optimizer_bytes'])} = {number(ratio)}× the fp32 size of the model's float "
-                     f"parameters ({slots}); "
-                     "not part of the model bytes or the estimates")
+                     f"{human_bytes(new['optimizer_bytes'])}{ratio}; not part of the model bytes or the estimates")
     if new["integer_weight_tensors"]:
         notes.append(f"{count(new['integer_weight_tensors'])} integer weight tensors (≥ 2-D) are counted as "
                      "quantized parameters in the estimates and the what-if table")
-    notes.append(f"what-if: parameters at the given bytes/param, other tensors (integer buffers) as stored; "
+    notes.append(f"what-if: parameters at the given bytes/param, other tensors (buffers, counters, scales) as stored; "
                  f"int4 = 4 bits + one fp16 scale per {INT4_GROUP} weights; training n/a for int8/int4 "
                  "(not trained with Adam directly)")
     notes.append(f"fits: estimate ≤ N·2^30 bytes for N in {', '.join(str(g) for g in DEVICES_GB)} GB; "

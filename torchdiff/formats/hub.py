@@ -13,7 +13,8 @@ huggingface_hub's ``snapshot_download`` (the ``hub`` extra; transformers install
 
 The snapshot folder is then read as a directory checkpoint (formats/sharded.py). A path
 that exists always wins over a Hub id: ``./gpt2`` or a folder named ``gpt2`` is read
-from disk.
+from disk; and ``runs/chekpoint-10``, whose ``runs`` is a local folder, is a mistyped
+path, reported missing without a Hub lookup.
 """
 
 from __future__ import annotations
@@ -34,8 +35,12 @@ _FILE_EXTENSIONS = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".npy", ".np
 
 def looks_like_hub_id(name: str) -> bool:
     """Whether ``name`` (not an existing path) reads as a Hub model id: ``name`` or
-    ``org/name`` of letters, digits and ``._-``, not a checkpoint file name, not ``..``."""
+    ``org/name`` of letters, digits and ``._-``, not a checkpoint file name, not ``..``.
+    ``org/name`` where ``org`` is a local directory is a path with a typo
+    (``runs/chekpoint-10``), not an id: it is reported missing, not looked up."""
     if os.path.exists(name) or not _ID.match(name) or ".." in name or name.endswith("."):
+        return False
+    if "/" in name and os.path.isdir(name.split("/", 1)[0]):
         return False
     return not name.lower().endswith(_FILE_EXTENSIONS)
 
