@@ -301,6 +301,13 @@ def _pair_scheme(d, det_old: Detected | None, det_new: Detected | None, extras: 
     return "none", False
 
 
+def _unmeasured_scheme(stored: tuple[str, str], why: str) -> str:
+    """The Schemes row of a paired tensor without precision figures: its storage on
+    each side and why (``int8 → float32 (not dequantized)``, ``int64 (integer)``)."""
+    so, sn = stored
+    return f"{so if so == sn else f'{so} → {sn}'} ({why})"
+
+
 def covered_roles(scope: str) -> frozenset[str]:
     """The roles the analysis measures: those of ``scope`` plus quantization companions
     (unfolded companions are the storage of their weights)."""
@@ -354,6 +361,7 @@ def analyze(comparison, options, state: dict) -> AnalysisResult:
     diffs, scope_note = _split_scope(comparison)
 
     rows: list[dict[str, Any]] = []  # measured tensors
+    unmeasured_rows: list[tuple[str, int, Any]] = []  # (scheme, params, diff) of paired tensors without precision
     failed: dict[str, list[str]] = {}  # reason -> names
     unmeasured: list[str] = []  # quantized weights (detected, or integer codes against floats) not dequantized
     integer: list[str] = []
@@ -375,24 +383,30 @@ def analyze(comparison, options, state: dict) -> AnalysisResult:
         det_old, det_new = found_old.get(d.name), found_new.get(d.name)
         paired_bytes_old += d.old.nbytes
         paired_bytes_new += d.new.nbytes
-        paired_params += det_old.params if det_old is not None and det_old.params else d.old.numel
+        params = det_old.params if det_old is not None and det_old.params else d.old.numel
+        paired_params += params
+        stored = (_stored(d.old.dtype, comparison.old_format), _stored(d.new.dtype, comparison.new_format))
         errors = [det.error for det in (det_old, det_new) if det is not None and det.error]
         if errors:
             failed.setdefault(errors[0], []).append(d.name)
             unmeasured.append(d.name)
+            unmeasured_rows.append((_unmeasured_scheme(stored, "not dequantized"), params, d))
             continue
         if d.status == RESHAPED or d.metrics is None:
             failed.setdefault("shape changed, so values cannot be compared", []).append(d.name)
+            unmeasured_rows.append((_unmeasured_scheme(stored, "shape changed"), params, d))
             continue
         kinds = {storage_kind(d.old.dtype) if det_old is None else "float",
                  storage_kind(d.new.dtype) if det_new is None else "float"}
         if kinds == {"int"}:
             integer.append(d.name)
+            unmeasured_rows.append((_unmeasured_scheme(stored, "integer"), params, d))
             continue
         if "int" in kinds:
             raw = d.new.dtype if storage_kind(d.new.dtype) == "int" and det_new is None else d.old.dtype
             failed.setdefault(f"{raw} values without a scale companion (looked for {LOOKED_FOR})", []).append(d.name)
             unmeasured.append(d.name)
+            unmeasured_rows.append((_unmeasured_scheme(stored, "not dequantized"), params, d))
             continue
         m = d.metrics
         extras = d.extras.get(NAME) or {}
@@ -423,8 +437,9 @@ def analyze(comparison, options, state: dict) -> AnalysisResult:
     label = precision_loss(total_sqnr, lossless=bool(rows) and noise == 0)
     if not quantized and unmeasured:
         # Quantized weights were found and none could be measured: the other tensors'
-        # figures say nothing of what the quantization cost.
-        label = UNKNOWN
+        # figures say nothing of what the quantization cost (their SQNR, often inf,
+        # would read as a lossless quantization).
+        label, total_sqnr = UNKNOWN, math.nan
     elif not quantized and noise > 0:
         # Nothing was quantized: the SQNR measures an ordinary change (training, a merge),
         # and a "precision loss" label would misname it.
@@ -439,6 +454,9 @@ def analyze(comparison, options, state: dict) -> AnalysisResult:
     schemes: dict[str, list[dict]] = {}
     for r in rows:
         schemes.setdefault(r["scheme"], []).append(r)
+    for scheme, params, d in unmeasured_rows:  # their bytes count in the totals, so they have rows too
+        schemes.setdefault(scheme, []).append({"params": params, "bytes_old": d.old.nbytes,
+                                               "bytes_new": d.new.nbytes, "_sq": (math.nan,) * 4})
     scheme_rows = []  # quantized schemes by parameter count, then "none"
     for scheme, members in sorted(schemes.items(), key=lambda kv: (kv[0] == "none", -sum(r["params"] for r in kv[1]),
                                                                    kv[0])):

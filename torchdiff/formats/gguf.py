@@ -21,13 +21,17 @@ memory; a type the installed gguf cannot dequantize is listed but raises on
 
 Key/value metadata goes to ``Checkpoint.info["gguf"]``; arrays longer than
 ``MAX_ARRAY_ITEMS`` (the tokenizer's vocabulary, merges, scores) are recorded as
-``{"type": "array", "element_type": ..., "length": n}`` instead of their contents.
+``{"type": "array", "element_type": ..., "length": n}`` instead of their contents. The
+same key/values are ``Checkpoint.metadata``, compared between two GGUF files (a summarised
+array as ``<array: n TYPE sha256:...>`` of its stored bytes); the header's counts
+(``GGUF.tensor_count``, ``GGUF.kv_count``) are left out.
 
 gguf is imported only here (the ``gguf`` extra).
 """
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import struct
 from typing import Any, Callable
@@ -83,19 +87,41 @@ def load(path: str) -> Checkpoint:
             ) from None
     try:
         if header is not None:
-            kv, infos, data_start = header
+            kv, infos, data_start, digests = header
             tensors = _fast_handles(path, infos, data_start, gguf, dequantize)
         else:  # big-endian or an old version: the gguf package's own reader
             # mode "c": a private copy-on-write mapping, so torch gets writable arrays without a copy.
             reader = gguf.GGUFReader(path, mode="c")
             tensors = _handles(path, reader, dequantize)
             kv = _key_values(reader, GGUFValueType)
+            digests = {key: hashlib.sha256(b"".join(bytes(p) for p in reader.fields[key].parts[3:])).hexdigest()[:16]
+                       for key, v in kv.items() if isinstance(v, dict)}
     except _READ_ERRORS as e:
         raise CorruptFileError(
             f"{path}: not a readable GGUF file ({type(e).__name__}: {_first_line(e)}) "
             "(the file may be truncated, or newer than the installed gguf: re-download it or pip install -U gguf)"
         ) from None
-    return Checkpoint(name=path, format="gguf", tensors=tensors, info={"gguf": kv})
+    return Checkpoint(name=path, format="gguf", tensors=tensors, metadata=_metadata(kv, digests), info={"gguf": kv})
+
+
+#: Header pseudo-keys that count what the file holds (the tensors and keys are compared themselves).
+_COUNT_KEYS = ("GGUF.tensor_count", "GGUF.kv_count")
+
+
+def _metadata(kv: dict[str, Any], digests: dict[str, str]) -> dict[str, Any]:
+    """The key/values as metadata values, compared like a training checkpoint's (a
+    changed ``llama.rope.freq_base``, context length or tokenizer is a difference, not
+    an identical file): an array summarised in ``info`` (the tokenizer's vocabulary)
+    becomes ``<array: 151936 STRING sha256:16 hex digits>`` of its stored bytes, so that
+    two vocabularies of one length but other tokens differ."""
+    out: dict[str, Any] = {}
+    for key, value in kv.items():
+        if key in _COUNT_KEYS:
+            continue
+        if isinstance(value, dict):
+            value = f"<array: {value['length']} {value['element_type']} sha256:{digests.get(key, '?')}>"
+        out[key] = value
+    return out
 
 
 # GGUF value type -> bytes, for the fixed-size ones; 8 is STRING, 9 is ARRAY.
@@ -173,11 +199,14 @@ def _parse_header(f: Any, gguf: Any):
 
         # GGUFReader's pseudo-keys first, as it lists them.
         kv: dict[str, Any] = {"GGUF.version": version, "GGUF.tensor_count": tensor_count, "GGUF.kv_count": kv_count}
+        digests: dict[str, str] = {}  # summarised arrays -> SHA-256 of their stored bytes
         offset = 24
         for _ in range(kv_count):  # each entry takes >= 12 bytes
             key, end = string(offset, "key")
             need(end, 4, f"type of {key!r}")
             kv[key], offset = value(end + 4, u32.unpack_from(mm, end)[0], key, 0, True)
+            if isinstance(kv[key], dict):
+                digests[key] = hashlib.sha256(mm[end + 4:offset]).hexdigest()[:16]
         infos = []
         for _ in range(tensor_count):  # each entry takes >= 24 bytes
             name, end = string(offset, "tensor name")
@@ -208,7 +237,7 @@ def _parse_header(f: Any, gguf: Any):
             need(data_start + data_offset, numel // block * type_size, f"data of tensor {name!r}")
         if endian == ">":
             return None  # checked; a big-endian file's values are decoded by GGUFReader
-        return kv, infos, data_start
+        return kv, infos, data_start, digests
 
 
 def _fast_handles(path: str, infos, data_start: int, gguf: Any, dequantize: Callable) -> dict[str, TensorHandle]:

@@ -6,8 +6,10 @@ writable mapping of the file, so ``torch.from_numpy`` needs neither a copy nor a
 "non-writable array" warning, and a stray write lands in private memory, never in
 the file.
 
-``.npz``: one tensor per member, named by the member without ``.npy``. Every
-member's header is read at load time. Members stored uncompressed (``np.savez``)
+``.npz``: one tensor per member, named by the member without ``.npy`` (a member named
+otherwise that starts with the ``.npy`` magic is an array too, as ``np.load`` reads it;
+any other member is a metadata value ``<zip member: N bytes crc32:...>`` from the zip
+directory, never unpickled). Every member's header is read at load time. Members stored uncompressed (``np.savez``)
 are mapped like ``.npy`` files; compressed members (``np.savez_compressed``) are
 decompressed into memory on ``materialize()``.
 
@@ -329,6 +331,7 @@ def _load_npz(path: str, np: Any, npy_format: Any) -> Checkpoint:
     tensors: dict[str, TensorHandle] = {}
     metadata: dict[str, Any] = {}
     skipped: list[str] = []
+    named: dict[str, str] = {}  # array name -> its member
     compressed = 0
     try:
         with open(path, "rb") as raw:
@@ -336,10 +339,17 @@ def _load_npz(path: str, np: Any, npy_format: Any) -> Checkpoint:
             for info in archive.infolist():
                 if info.filename.endswith("/"):  # not is_dir(), which fails on an empty name
                     continue
-                if not info.filename.endswith(".npy"):
+                if not info.filename.endswith(".npy") and not _is_npy(archive, info):
                     skipped.append(info.filename)
+                    metadata[info.filename] = _member_text(info)
                     continue
-                name = info.filename[: -len(".npy")]
+                name = info.filename[: -len(".npy")] if info.filename.endswith(".npy") else info.filename
+                if name in named:
+                    raise CorruptFileError(
+                        f"{path}: the archive holds two arrays named {name!r} ({named[name]!r} and "
+                        f"{info.filename!r}); one would hide the other (re-save the file)"
+                    )
+                named[name] = info.filename
                 try:
                     with archive.open(info) as member:
                         shape, fortran, np_dtype = _read_header(member, npy_format, path, name)
@@ -379,6 +389,22 @@ def _load_npz(path: str, np: Any, npy_format: Any) -> Checkpoint:
         info_out["skipped_members"] = skipped
     return Checkpoint(name=path, format="numpy", tensors=tensors, metadata=metadata, info={"numpy": info_out},
                       _closers=closers)
+
+
+def _is_npy(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bool:
+    """A member named without ``.npy`` that holds an array all the same: numpy's
+    ``np.load`` reads any member starting with the ``.npy`` magic as an array."""
+    try:
+        with archive.open(info) as member:
+            return member.read(6) == b"\x93NUMPY"
+    except _READ_ERRORS:
+        return False  # unreadable: kept as a member that is not an array, named in the metadata
+
+
+def _member_text(info: zipfile.ZipInfo) -> str:
+    """A member that is not an array (a README, a pickle: never unpickled) as a metadata
+    value, from the zip directory alone: its size and CRC-32, so that a change shows."""
+    return f"<zip member: {info.file_size} bytes crc32:{info.CRC:08x}>"
 
 
 # A deflate match copies at most 258 bytes and costs at least 2 bits: no stream inflates more than 1032:1.

@@ -24,7 +24,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -53,6 +53,7 @@ class MappingReport:
     tied: list[dict[str, str]] = field(default_factory=list)
     pairs: list[dict[str, Any]] = field(default_factory=list)  # {path, path_new, transforms[, tied]}
     rule_file: str = ""
+    header_keys: dict[str, int] = field(default_factory=dict)  # side -> format header key/values not compared
 
     def renamed(self) -> dict[str, str]:
         """Pair name (old side's) -> the new side's name, where they differ."""
@@ -82,12 +83,16 @@ class MappingReport:
             "unmapped_new_names": list(self.unmapped_new),
             "tied_names": list(self.tied),
             "pairs": list(self.pairs),
+            "header_keys_not_compared": dict(self.header_keys),
         }
         tables = []
         if self.transforms:
             tables.append(Table("Transforms", ("transform", "tensors"),
                                 tuple(sorted(self.transforms.items()))))
         notes = [f"evidence: {e}" for e in self.evidence]
+        for side, n in self.header_keys.items():
+            notes.append(f"{n} GGUF key/value{'s' if n != 1 else ''} of the {side} side not compared: the other "
+                         "side is of another format and holds none (two GGUF files compare them)")
         for t in self.tied:
             notes.append(f"tied: {t['head']} is absent on the {t['missing_on']} side; compared with its "
                          f"embedding {t['embedding']}")
@@ -203,7 +208,7 @@ def _plan(rs: RuleSet, source: Checkpoint, target: Checkpoint, source_is_old: bo
         try:
             generated = gguf_names(src_names, list(tgt), meta)
         except T.Misfit as e:
-            raise MappingError(f"{rs.path}: {e}") from None
+            raise MappingError(f"{rs.where()}: {e}") from None
     # rename function of the rules, for the cycle check (names only, whether applied or not)
     first_name: dict[str, str] = {}
     matched: list[tuple[str, Rule, re.Match]] = []
@@ -215,7 +220,7 @@ def _plan(rs: RuleSet, source: Checkpoint, target: Checkpoint, source_is_old: bo
                 if rule.names:
                     first_name[name] = m.expand(rule.names[0]) if len(rule.names) == 1 else ""
                 break
-    _check_cycles(first_name, rs.path)
+    _check_cycles(first_name, rs.where())
     outputs: list[_Output] = []
     consumed: set[str] = set()
     rule_of = {name: (rule, m) for name, rule, m in matched}
@@ -240,7 +245,7 @@ def _plan(rs: RuleSet, source: Checkpoint, target: Checkpoint, source_is_old: bo
     seen: dict[str, str] = {}
     for o in outputs:
         if o.target in seen:
-            raise MappingError(f"{rs.path}: {seen[o.target]} and {'+'.join(o.sources)} both map to {o.target} "
+            raise MappingError(f"{rs.where()}: {seen[o.target]} and {'+'.join(o.sources)} both map to {o.target} "
                                "(one tensor of the other side can pair with one tensor only)")
         seen[o.target] = "+".join(o.sources)
     tied = []
@@ -282,12 +287,12 @@ def _bind(rule: Rule, rs: RuleSet, sources: list[str], targets: list[str], sourc
         params = dict(t.params)
         for key in T.HEAD_PARAMS:
             if key in params:
-                params[key] = _lookup(meta, params[key], rule, t.kind, key, rs.path)
+                params[key] = _lookup(meta, params[key], rule, t.kind, key, rs.where())
         try:
             before = shapes
             shapes = T.shapes_of(t, shapes, params, target_shapes)
         except T.Misfit as e:
-            raise MappingError(f"{rs.path}: {rule.label()} does not fit {' + '.join(sources)} "
+            raise MappingError(f"{rs.where()}: {rule.label()} does not fit {' + '.join(sources)} "
                                f"(shape {' + '.join(str(list(s)) for s in before)}): {e}") from None
         if t.kind == "dtype":
             dtype = T._DTYPES[params["dtype"]]
@@ -297,7 +302,7 @@ def _bind(rule: Rule, rs: RuleSet, sources: list[str], targets: list[str], sourc
             labels = ["q", "k", "v"]
         bound.append(params)
     if len(shapes) != len(targets):
-        raise MappingError(f"{rs.path}: {rule.label()}: the transforms produce {len(shapes)} tensor(s) for "
+        raise MappingError(f"{rs.where()}: {rule.label()}: the transforms produce {len(shapes)} tensor(s) for "
                            f"{len(targets)} name(s)")
     return [_Output(tname, tuple(sources), rule, tuple(bound), i, len(targets), tuple(shape), dtype, labels[i],
                     tuple(target_shapes))
@@ -350,10 +355,12 @@ def _build(plan: _Plan) -> tuple[Checkpoint, Checkpoint, MappingReport]:
     by_source: dict[str, list[_Output]] = {}
     for out in plan.outputs:
         by_source.setdefault(out.sources[0], []).append(out)
+    as_is: dict[str, str] = {}  # source name -> its pair key, for tensors kept or renamed, not transformed
     for name in source.tensors:
         if name not in by_source:
             if name not in plan.consumed:  # no rule: the name as it is
                 src_t[name] = source.tensors[name]
+                as_is[name] = name
                 key_of.setdefault(name, name)
                 source_name.setdefault(name, name)
             continue
@@ -361,11 +368,13 @@ def _build(plan: _Plan) -> tuple[Checkpoint, Checkpoint, MappingReport]:
             desc = "+".join(out.sources) + (f"[{out.label}]" if out.label else "")
             key = desc if old_is_source else out.target
             if key in src_t:
-                raise MappingError(f"{rs.path}: two tensors would both be compared as {key!r} "
+                raise MappingError(f"{rs.where()}: two tensors would both be compared as {key!r} "
                                    f"(a rule renames {desc!r} onto a name already there)")
             src_t[key] = _handle(out, key, source)
             key_of[out.target], source_name[out.target] = key, desc
             steps = out.rule.transforms if out.rule else ()
+            if not steps and len(out.sources) == 1:
+                as_is[name] = key
             if steps:
                 transformed += 1
             if out.index == 0:
@@ -378,24 +387,28 @@ def _build(plan: _Plan) -> tuple[Checkpoint, Checkpoint, MappingReport]:
     for name, h in target.tensors.items():
         key = key_of.get(name, name) if old_is_source else name
         if key in tgt_t:
-            raise MappingError(f"{rs.path}: two tensors would both be compared as {key!r}")
+            raise MappingError(f"{rs.where()}: two tensors would both be compared as {key!r}")
         tgt_t[key] = _renamed(h, key) if key != name else h
+    _retie(src_t, as_is)
+    _retie(tgt_t, {name: (key_of.get(name, name) if old_is_source else name) for name in target.tensors})
     tied_report = []
     for head, emb, missing in plan.tied:
         if missing == "source":  # the source has no head: its embedding stands in
             key = head
-            src_t[key] = _renamed(src_t[key_of[emb]], key)
+            src_t[key] = _stand_in(src_t[key_of[emb]], key, key_of[emb])
             lacking, stand_in = ("old" if old_is_source else "new"), source_name[emb]
             new_name = head if old_is_source else stand_in
         else:  # the target has no head: its embedding stands in
             key = key_of[head]
-            tgt_t[key] = _renamed(target.tensors[emb], key)
+            emb_key = key_of.get(emb, emb) if old_is_source else emb
+            tgt_t[key] = _stand_in(tgt_t[emb_key], key, emb_key)
             lacking, stand_in = ("new" if old_is_source else "old"), emb
             new_name = emb if old_is_source else source_name[head]
         pairs.append({"path": key, "path_new": new_name, "transforms": [], "tied": f"{lacking} side: {stand_in}"})
         tied_report.append({"head": head, "embedding": stand_in, "missing_on": lacking})
     new_source, new_target = _with(source, src_t), _with(target, tgt_t)
     old_ckpt, new_ckpt = (new_source, new_target) if old_is_source else (new_target, new_source)
+    old_ckpt, new_ckpt, header_keys = _header_keys_apart(old_ckpt, new_ckpt)
     report = MappingReport(
         name=rs.name, description=rs.description, source_side="old" if old_is_source else "new",
         families=(rs.source, rs.target) if old_is_source else (rs.target, rs.source),
@@ -407,13 +420,52 @@ def _build(plan: _Plan) -> tuple[Checkpoint, Checkpoint, MappingReport]:
         transforms=counts, tied=tied_report,
         pairs=[p for p in pairs if p["path"] != p["path_new"] or p["transforms"] or p.get("tied")],
         rule_file="" if rs.builtin else rs.path,
+        header_keys=header_keys,
     )
     return old_ckpt, new_ckpt, report
 
 
+def _header_keys_apart(old: Checkpoint, new: Checkpoint) -> tuple[Checkpoint, Checkpoint, dict[str, int]]:
+    """The two sides without the GGUF header key/values (``info["gguf"]``, which the
+    reader also gives as metadata: ``general.architecture``, ``llama.context_length``...)
+    when only one side is a GGUF file: the other family keeps its hyper-parameters
+    elsewhere (a config.json), so they have no counterpart and would read as added or
+    removed values. Returns how many each side left out (``{"new": 9}``), which the
+    mapping section says."""
+    sides = {"old": old, "new": new}
+    held = {side: c.info.get("gguf") if isinstance(c.info, dict) else None for side, c in sides.items()}
+    if bool(held["old"]) == bool(held["new"]):
+        return old, new, {}
+    side = "old" if held["old"] else "new"
+    ckpt = sides[side]
+    kept = {k: v for k, v in ckpt.metadata.items() if k not in held[side]}
+    sides[side] = Checkpoint(name=ckpt.name, format=ckpt.format, tensors=ckpt.tensors, metadata=kept,
+                             info=ckpt.info, _closers=[], files=ckpt.files, ties=ckpt.ties)
+    left_out = len(ckpt.metadata) - len(kept)
+    return sides["old"], sides["new"], ({side: left_out} if left_out else {})
+
+
 def _renamed(h: TensorHandle, key: str) -> TensorHandle:
-    return TensorHandle(name=key, shape=h.shape, dtype=h.dtype, nbytes=h.nbytes, materialize=h.materialize,
-                        storage_dtype=h.storage_dtype, mapped=h.mapped, source=h.source, span=h.span)
+    """The same tensor under another name: values, bytes, storage identity and tie kept
+    (``tied_to`` still names the side's old name; :func:`_retie` renames it)."""
+    return replace(h, name=key)
+
+
+def _retie(tensors: dict[str, TensorHandle], renamed: dict[str, str]) -> None:
+    """Point each tied handle's ``tied_to`` at its target's pair key, so that a tied
+    weight still counts once after renaming; a tie whose target was transformed or not
+    kept is dropped (the copy is then a tensor of its own)."""
+    for key, h in tensors.items():
+        if h.tied_to is not None:
+            target = renamed.get(h.tied_to)
+            tensors[key] = replace(h, tied_to=target if target in tensors and target != key else None)
+
+
+def _stand_in(h: TensorHandle, key: str, target: str) -> TensorHandle:
+    """A tied head held as its embedding's values (rules' ``tied``): the embedding's
+    tensor under the head's name, marked ``tied_to`` it, so that it counts once, as
+    ``pairing.tied_handle`` holds a head a file dropped."""
+    return replace(h, name=key, tied_to=target, storage_key=None, storage_nbytes=None, span=None)
 
 
 def _held_ties(ckpt: Checkpoint) -> Checkpoint:
@@ -533,6 +585,11 @@ def apply_mapping(old: Checkpoint, new: Checkpoint, mapping: Any = "auto", *,
     if mapping is None or mapping == "none":
         return old, new, None
     if isinstance(mapping, RuleSet):
+        if mapping.names == "gguf" and not any(isinstance(checkpoint_meta(c).get("general.architecture"), str)
+                                               for c in (old, new)):
+            raise MappingError(f"{mapping.where()}: neither {old.name} nor {new.name} is a GGUF file with a "
+                               "general.architecture key, from which these rules take gguf's name table "
+                               "(compare a GGUF file, or use --map none)")
         baseline = _matched(old, new)
         got = None
         for old_is_source in (True, False):

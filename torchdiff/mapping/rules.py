@@ -123,6 +123,11 @@ class RuleSet:
     tied: tuple[str, str] | None = None  # (head, embedding) in target names
     builtin: bool = False
 
+    def where(self) -> str:
+        """How error messages name the rule set: the file a user wrote, or ``--map NAME``
+        for a built-in family (not the path it is installed at)."""
+        return f"--map {self.name}" if self.builtin else self.path
+
 
 def _fail(path: str, what: str) -> MappingError:
     return MappingError(f"{path}: {what}")
