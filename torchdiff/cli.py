@@ -26,7 +26,7 @@ CORE_FLAGS: dict[str, tuple[Any, str]] = {
     "all": (False, "run every analysis"),
     "output": ("text", "text | json | yaml | markdown | github (hash: the manifest file, -o)"),
     "top": (0, "text: print at most N tensor lines and N rows of each table of tensors or layers (0: all)"),
-    "epsilon": (0.0, "|Δ| ≤ EPSILON counts as unchanged"),
+    "epsilon": (0.0, "|Δ| ≤ E counts as unchanged"),
     "ignore_keys_regex": (None, "skip tensors (and metadata keys) whose name matches REGEX"),
     "path": (None, "only tensors whose name contains this substring"),
     "format": (None, "force the input format: safetensors | torch | numpy | matlab | gguf | sharded | dcp"),
@@ -149,6 +149,8 @@ def parse_argv(argv: list[str]) -> Parsed:
     command = "compare"
     if positionals and positionals[0] in COMMANDS[1:]:
         command = positionals.pop(0)
+    elif positionals[:1] == ["compare"] and not os.path.lexists("compare"):  # the default command, named
+        positionals.pop(0)
     return Parsed(command, positionals, flags, list(argv))
 
 
@@ -215,6 +217,7 @@ class TorchDiffCLI:
         """Ordered checkpoints C1 C2 C3 ...: convergence and similarity over the run."""
         from torchdiff import series
 
+        _check_top(flags)
         report = series.compare_series([str(c) for c in checkpoints],
                                        **_api_options(flags, series=True, policy=self.policy))
         if report is None:  # a torchrun rank other than 0: it measured its share, rank 0 reports
@@ -294,18 +297,15 @@ class TorchDiffCLI:
         else:
             fmt = flags.get("output", "text")
             color = fmt == "text" and use_color(flags.get("no_color", False))
-            if fmt == "text" and getattr(report, "comparison", None) is not None:
-                from torchdiff.render.text import render_text
-
-                text = render_text(report, color=color, top=flags.get("top") or None)
-            else:
-                text = render(report, fmt, color=color)
+            text = render(report, fmt, color=color, top=flags.get("top") or None)
         self.outcome = Outcome(text, code)
         return self.outcome if text else None
 
 
 #: Options that only a series uses; given to compare or inspect they would do nothing.
 SERIES_ONLY = ("sort", "plateau_threshold", "plateau_steps")
+#: Flags about a pair of checkpoints; given to inspect (one checkpoint) they would do nothing.
+PAIR_ONLY = ("stats", "epsilon", "map", "map_heads", "brief", "exit_code")
 
 
 def _warn_inapplicable(flags: dict[str, Any], what: str) -> None:
@@ -314,6 +314,10 @@ def _warn_inapplicable(flags: dict[str, Any], what: str) -> None:
         if name in flags:
             print(f"torchdiff: warning: --{name.replace('_', '-')} applies to a series "
                   f"(torchdiff series C1 C2 C3 ...) and does nothing on {what}", file=sys.stderr)
+    for name in PAIR_ONLY if what == "inspect" else ():
+        if name in flags:
+            print(f"torchdiff: warning: --{name.replace('_', '-')} applies to two checkpoints "
+                  f"(torchdiff OLD NEW) and does nothing on {what}", file=sys.stderr)
 
 
 #: The flags hash and verify use; any other (an analysis, --stats, --scope...) does nothing there.
@@ -638,11 +642,16 @@ def _fire_command(parsed: Parsed) -> list[str]:
 
 def _check_arity(parsed: Parsed) -> None:
     n = len(parsed.positionals)
+    first = str(parsed.positionals[0]) if n else ""
+    # a misspelt command (torchdiff insepct FILE) is no file: say so before it is looked up on the Hub
+    close = (difflib.get_close_matches(first, COMMANDS, n=1, cutoff=0.7)
+             if parsed.command == "compare" and n and not os.path.lexists(first) else [])
+    hint = f"{first!r} is no file: did you mean the command {close[0]!r}?" if close else ""
     if parsed.command == "compare" and n != 2:
-        first = str(parsed.positionals[0]) if n else ""
-        close = difflib.get_close_matches(first, COMMANDS, n=1, cutoff=0.6) if n and not os.path.exists(first) else []
-        hint = f" ({first!r} is no file: did you mean the command {close[0]!r}?)" if close else ""
-        raise _usage(f"compare takes two checkpoints, OLD and NEW (got {n}){hint}; see torchdiff --help")
+        raise _usage(f"compare takes two checkpoints, OLD and NEW (got {n})" + (f" ({hint})" if hint else "")
+                     + "; see torchdiff --help")
+    if hint:
+        raise _usage(f"{hint} (see torchdiff --help)")
     if parsed.command == "inspect" and n != 1:
         raise _usage(f"inspect takes one checkpoint (got {n})")
     if parsed.command == "series" and n < 2:
@@ -737,6 +746,10 @@ def _main(argv: list[str]) -> tuple[int, str | None]:
     except Exception as e:  # noqa: BLE001 - the one place a bug becomes one line, not a traceback
         if verbose:
             raise
+        if isinstance(e, OSError) and e.filename is not None:  # the filesystem's refusal that a reader let
+            from torchdiff.render.text import printable       # through: an unreadable input, not a bug
+
+            return EXIT_ERROR, f"torchdiff: error: {printable(e.filename)}: cannot read ({e.strerror or e})"
         return EXIT_ERROR, (f"torchdiff: error: internal error: {type(e).__name__}: {e} "
                             "(rerun with --verbose for the traceback)")
 

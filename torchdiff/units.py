@@ -10,23 +10,26 @@ from __future__ import annotations
 
 import math
 
-_UNITS = (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3))
+_UNITS = (("B", 1.0), ("KB", 1e3), ("MB", 1e6), ("GB", 1e9), ("TB", 1e12))
 
 
 def human_bytes(nbytes: float, signed: bool = False) -> str:
     """Bytes in B, KB, MB, GB or TB (powers of 1000, as disks and docs/ use them), with 3–4
     significant digits: ``76,840 -> "76.84 KB"``, ``60 -> "60 B"``, ``1.2e9 -> "1.2 GB"``;
-    ``signed=True`` puts ``+`` before a positive size (a delta)."""
+    the unit is the one its rounded value is under 1000 in (``999,950 -> "1 MB"``, never
+    ``"1000 KB"``); ``signed=True`` puts ``+`` before a positive size (a delta)."""
     if isinstance(nbytes, bool) or not isinstance(nbytes, (int, float)) or not math.isfinite(nbytes):
         return str(nbytes)
     sign = "-" if nbytes < 0 else ("+" if signed and nbytes > 0 else "")
     a = abs(nbytes)
     for unit, size in _UNITS:
-        if a >= size:
-            value = a / size
-            text = f"{value:.4g}" if value < 1000 else f"{value:,.0f}"
-            return f"{sign}{text} {unit}"
-    return f"{sign}{a:,.0f} B" if a == int(a) else f"{sign}{a:.3g} B"
+        value = a / size
+        if float(f"{value:.4g}") < 1000:
+            break
+    if unit == "B" and a == int(a):
+        return f"{sign}{a:,.0f} B"
+    text = f"{value:.4g}" if float(f"{value:.4g}") < 1000 else f"{value:,.0f}"  # beyond 999 TB: whole TB
+    return f"{sign}{text} {unit}"
 
 
 def count(n: int) -> str:
@@ -62,8 +65,8 @@ def number(x: float, signed: bool = False) -> str:
     if x == int(x) and abs(x) < 1e15:
         return f"{plus}{int(x):,}"
     a = abs(x)
-    if 1e-4 <= a < 1e4:
-        text = f"{x:.4g}"
+    text = f"{x:.4g}"
+    if 1e-4 <= a < 1e4 and "e" not in text:  # (9999.5 rounds to 1e+04: the exponent form, as above 10^4)
         if text.lstrip("-").isdigit():  # rounds to a whole number but is not one: show that
             text = f"{x:#.4g}"
             text = text[:-1] if text.endswith(".") else text

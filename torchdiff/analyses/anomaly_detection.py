@@ -23,7 +23,7 @@ from torchdiff.errors import UsageError
 from torchdiff.figures import Comparison, tied_copies
 from torchdiff.names import is_float_storage, is_optimizer_state, kind, pattern
 from torchdiff.results import CHANGED, RETYPED, UNCHANGED, AnalysisResult, Table, TensorStats
-from torchdiff.units import count, number
+from torchdiff.units import count, counted, number
 
 NAME = "anomaly_detection"
 FLAG = "anomaly_detection"
@@ -192,8 +192,8 @@ def _value_findings(comp: Comparison) -> list[dict[str, Any]]:
             if figs.get("fp16_overflow"):
                 over = figs["fp16_overflow"]
                 found.append(_finding("fp16_overflow", d.name, side, "medium", "count |x| > 65504", over, FP16_MAX,
-                                      f"{count(over)} finite values exceed the float16 range (±{FP16_MAX:g}); "
-                                      "a cast to float16 turns them into inf"))
+                                      f"{counted(over, 'finite value')} beyond the float16 range (±{number(FP16_MAX)}): "
+                                      "a cast to float16 makes " + ("it" if over == 1 else "them") + " inf"))
             dead, rows = figs.get("dead_rows", 0), figs.get("rows", 0)
             if dead and k in ("weight", "embedding"):
                 share = dead / rows
@@ -201,10 +201,22 @@ def _value_findings(comp: Comparison) -> list[dict[str, Any]]:
                 cut = {"high": DEAD_SHARE_HIGH, "medium": DEAD_SHARE_MEDIUM, "low": 0.0}[severity]
                 found.append(_finding(
                     "dead_units", d.name, side, severity, "dead_row_share", share, cut,
-                    f"{count(dead)} of {count(rows)} rows have ‖row‖ ≤ {DEAD_REL:g} × typical row norm "
+                    f"{count(dead)} of {counted(rows, 'row')} {'has' if dead == 1 else 'have'} ‖row‖ ≤ "
+                    f"{DEAD_REL:g} × typical row norm "
                     f"{number(figs['typical_row_norm'])} (= ‖W‖/sqrt(rows)); severity by share: "
                     f"≥ {DEAD_SHARE_HIGH:g} high, ≥ {DEAD_SHARE_MEDIUM:g} medium, else low"))
     return found
+
+
+def _peer_kind(name: str, ndim: int) -> str:
+    """The kind a tensor's scale is compared within when its role has too few members:
+    ``names.kind``, with a normalisation's shifts (bias, ~0 at initialisation) apart from
+    its scales (weight, ~1): a trained LayerNorm bias is not "vanishing" beside them."""
+    k = kind(name, ndim)
+    if k != "norm":
+        return k
+    leaf = name.rsplit(".", 1)[-1].lower()
+    return "norm shift" if leaf == "bias" or leaf.endswith("_bias") else "norm scale"
 
 
 def _scale_findings(comp: Comparison) -> list[dict[str, Any]]:
@@ -223,12 +235,12 @@ def _scale_findings(comp: Comparison) -> list[dict[str, Any]]:
         by_kind: dict[tuple, list] = defaultdict(list)
         for e in entries:
             by_role[pattern(e[0])].append(e)
-            by_kind[(kind(e[0], len(e[1].shape)), len(e[1].shape))].append(e)
+            by_kind[(_peer_kind(e[0], len(e[1].shape)), len(e[1].shape))].append(e)
         centre: dict[int, tuple[float, float]] = {}  # id(group) -> (median, MAD): once a group, not a member
         for name, s, log_rms in entries:
             group, label = by_role[pattern(name)], f"role {pattern(name)!r}"
             if len(group) < MIN_GROUP:
-                k = (kind(name, len(s.shape)), len(s.shape))
+                k = (_peer_kind(name, len(s.shape)), len(s.shape))
                 group, label = by_kind[k], f"all {k[1]}-D {k[0]} tensors"
             hit = None
             if len(group) >= MIN_GROUP:
@@ -246,10 +258,11 @@ def _scale_findings(comp: Comparison) -> list[dict[str, Any]]:
                         Z_THRESHOLD if z > 0 else -Z_THRESHOLD,
                         f"rms={number(s.rms)} is {number(factor)}× the median rms {number(10 ** med)} of {label} "
                         f"(n={count(len(group))}); z = 0.6745·(log10 rms − median)/max(MAD, {MAD_FLOOR:g}), "
-                        f"flagged when |z| > {Z_THRESHOLD:g} and the factor is ≥ {Z_MIN_FACTOR:g}×")
+                        f"flagged when |z| > {Z_THRESHOLD:g} and the factor is "
+                        + (f"≥ {Z_MIN_FACTOR:g}×" if z > 0 else f"≤ 1/{Z_MIN_FACTOR:g}×"))
             if hit is None and s.rms > EXPLODING_RMS:
                 hit = _finding("exploding", name, side, "high", "rms", s.rms, EXPLODING_RMS,
-                               f"rms={number(s.rms)} > absolute guard {EXPLODING_RMS:g}")
+                               f"rms={number(s.rms)} > absolute guard {number(EXPLODING_RMS)}")
             if hit is None and s.rms < VANISHING_RMS:
                 hit = _finding("vanishing", name, side, "medium", "rms", s.rms, VANISHING_RMS,
                                f"0 < rms={number(s.rms)} < absolute guard {VANISHING_RMS:g}")
@@ -349,7 +362,7 @@ def analyze(comparison: Comparison, options, state: dict) -> AnalysisResult:
         tripped = [f for f in current if _RANK[f["severity"]] >= _RANK[gate]]
         failed = bool(tripped)
         data["fail_on_anomaly"] = {"severity": gate, "tripped": failed, "count": len(tripped)}
-        notes.append(f"--fail-on-anomaly {gate}: {count(len(tripped))} finding(s) at or above {gate} on the new side"
+        notes.append(f"--fail-on-anomaly {gate}: {counted(len(tripped), 'finding')} at or above {gate} on the new side"
                      + (" -> exit 1" if failed else ""))
     if comparison.mode == "pair":
         notes.append("side: where the finding was seen (old, new or both); findings= and --fail-on-anomaly count "

@@ -28,7 +28,7 @@ from torchdiff.analyses._training import (
 )
 from torchdiff.figures import GroupSums, tied_copies
 from torchdiff.names import SCOPES, is_float_storage, roles_over
-from torchdiff.results import OLD_ALL_ZERO, AnalysisResult, Table
+from torchdiff.results import NEW_ALL_ZERO, OLD_ALL_ZERO, AnalysisResult, Table
 from torchdiff.units import number
 
 NAME = "similarity_matrix"
@@ -132,9 +132,10 @@ def hooks(options, state: dict):
 
 # ---- pair -----------------------------------------------------------------------------------
 
-def analyze(comparison, options, state: dict) -> AnalysisResult | None:
+def analyze(comparison, options, state: dict) -> AnalysisResult:
     if comparison.mode != "pair":
-        return None
+        return AnalysisResult(NAME, {}, notes=("cosine similarity needs two checkpoints (torchdiff OLD NEW), or a "
+                                               "series (torchdiff series C1 C2 ... --similarity-matrix)",))
     fig = comparison.figures
     mask = fig.measured & fig.in_scope(comparison.scope) & ~tied_copies(fig)  # a tied weight once
     keys = [layer_key(n, options) for n in fig.names]
@@ -158,7 +159,7 @@ def analyze(comparison, options, state: dict) -> AnalysisResult | None:
     for layer, g in layers.items():
         count, dot, o2, n2, cmin = g.tensors, g.dot, g.old_sq, g.new_sq, lowest.get(layer, math.inf)
         c = cosine_from_sq(o2, n2, o2 + n2 - 2 * dot)
-        layer_rows.append((layer, int(count), c, cmin if math.isfinite(cmin) else math.nan, shade(c, lo, hi)))
+        layer_rows.append(_layer_row(layer, int(count), c, cmin, o2, n2, lo, hi))
         per_layer.append({"layer": layer, "tensors": int(count), "cosine": c,
                           "min_cosine": cmin if math.isfinite(cmin) else math.nan})
     headline: dict[str, Any] = {
@@ -207,6 +208,16 @@ def analyze(comparison, options, state: dict) -> AnalysisResult | None:
     notes.append(f"shades on [{number(lo)}, {number(hi)}]: {shade_legend(lo, hi)}")
     notes.append(outlier_rule())
     return AnalysisResult(NAME, headline, data=data, tables=tuple(tables), notes=tuple(notes))
+
+
+def _layer_row(layer: str, count: int, c: float, cmin: float, old_sq: float, new_sq: float, lo: float,
+               hi: float) -> tuple:
+    """A row of the per-layer table: an undefined cosine is labelled, as in the diagonal
+    (a layer whose old or new side is all zero), never ``nan`` with a ``??`` shade."""
+    if math.isfinite(c):
+        return layer, count, c, cmin if math.isfinite(cmin) else "n/a", shade(c, lo, hi)
+    label = OLD_ALL_ZERO if old_sq == 0 else NEW_ALL_ZERO if new_sq == 0 else "undefined"
+    return layer, count, label, cmin if math.isfinite(cmin) else "n/a", ""
 
 
 def _cross_layer(comparison, exact: dict[str, float]):

@@ -111,4 +111,7 @@ def order(comparison, options) -> list[str]:
 
 def analyze(comparison, options, state: dict) -> AnalysisResult:
     key = _key(options)
+    if comparison.mode != "pair":  # inspect: no change to sort by; the table stays in name order
+        return AnalysisResult(NAME, {}, notes=("sorting by change needs two checkpoints (torchdiff OLD NEW); "
+                                               "inspect lists tensors by name",))
     return AnalysisResult(NAME, {"sort_key": key, "order": "largest first" if SORT_KEYS[key] else "smallest first"})

@@ -94,9 +94,10 @@ def mapped_names(report) -> dict[str, dict[str, Any]]:
     return out
 
 
-def render(report, fmt: str = "text", color: bool = False, indent: int | None = 2) -> str:
+def render(report, fmt: str = "text", color: bool = False, indent: int | None = 2, top: int | None = None) -> str:
     """Render any report of the Report family (torchdiff.report): JSON and YAML from its
-    ``to_dict()``, text from render.text, markdown and github from render.markdown/github."""
+    ``to_dict()``, text from render.text (``top``: ``--top``), markdown and github from
+    render.markdown/github."""
     if fmt == "markdown":
         from torchdiff.render.markdown import render_markdown
 
@@ -109,8 +110,8 @@ def render(report, fmt: str = "text", color: bool = False, indent: int | None = 
         from torchdiff.render.text import render_series_text, render_text
 
         if getattr(report, "kind", "") == "series":
-            return render_series_text(report)
-        return render_text(report, color=color)
+            return render_series_text(report, top=top)
+        return render_text(report, color=color, top=top)
     if fmt == "json":
         import json
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import sys
 import textwrap
@@ -43,6 +44,11 @@ METADATA_LINES = 10
 #: A table name cell is never elided below this many characters.
 MIN_NAME = 16
 _NAME_COLUMNS = ("tensor", "layer", "name", "path", "file", "checkpoint", "group")
+#: Titles of the tables that list every tensor or layer by name, the ones that follow
+#: --sort-by-change-magnitude's order. Other tables keep their own order, even when it
+#: happens to be alphabetical (the largest tensors, all of one size; the anomalies,
+#: by severity).
+LISTED_BY_NAME = frozenset({"Tensors", "Diagonal", "Layers", "Per layer", "Bytes by layer"})
 _SORT = "sort_by_change_magnitude"
 _DEQUANTIZED = "dequantized"
 
@@ -136,7 +142,7 @@ def tensor_line(d: TensorDiff, stats: bool, sort_key: str | None = None, dequant
             parts.append(f"max={_arrow(o.max, n.max)}")
         for field in ("nan_count", "inf_count"):
             if getattr(o, field) or getattr(n, field):
-                parts.append(f"{field}={getattr(o, field)}->{getattr(n, field)}")
+                parts.append(f"{field}={_arrow(getattr(o, field), getattr(n, field))}")
     elif d.metrics is not None:
         m = d.metrics
         if zero:
@@ -148,7 +154,7 @@ def tensor_line(d: TensorDiff, stats: bool, sort_key: str | None = None, dequant
         if d.extras.get("below_float64_resolution"):  # int64 beyond 2**53: the bytes say changed
             parts.append("integers differ below float64's resolution (figures in float64)")
         # The figures cover finite positions only: say when NaN/Inf appeared or went.
-        parts += [f"{key}={a}->{b}" for key, (a, b) in d.nonfinite_change.items()]
+        parts += [f"{key}={_arrow(a, b)}" for key, (a, b) in d.nonfinite_change.items()]
     return "~", f"{printable(d.name)}: " + ", ".join(parts)
 
 
@@ -178,14 +184,21 @@ def summary_line(report) -> str:
     return line
 
 
+#: A size and its unit (``4.592 KB``): one word for :func:`wrap`.
+_SIZE = re.compile(r"(\d) (B|KB|MB|GB|TB)\b")
+_GLUE = "\u00a0"  # no-break space: textwrap breaks at ASCII whitespace only; printable() escapes it in names
+
+
 def wrap(line: str, width: int, indent: str = "    ") -> list[str]:
     """``line`` wrapped at spaces to ``width``; continuation lines start with ``indent``.
-    A single word longer than the width (a long name) stays whole on its own line."""
+    A single word longer than the width (a long name) stays whole on its own line, and a
+    size stays on one line with its unit."""
     if len(line) <= width:
         return [line]
     lead = line[: len(line) - len(line.lstrip())]
-    return textwrap.wrap(line, width, initial_indent="", subsequent_indent=lead + indent,
-                         break_long_words=False, break_on_hyphens=False) or [line]
+    parts = textwrap.wrap(_SIZE.sub(rf"\1{_GLUE}\2", line), width, initial_indent="",
+                          subsequent_indent=lead + indent, break_long_words=False, break_on_hyphens=False)
+    return [part.replace(_GLUE, " ") for part in parts] or [line]
 
 
 def elide(text: str, limit: int) -> str:
@@ -202,9 +215,9 @@ def elide(text: str, limit: int) -> str:
 def analysis_section(a: AnalysisResult, width: int | None = None, rank=None, top: int | None = None) -> list[str]:
     """The headline, tables and notes of one analysis.
 
-    ``rank`` (a function of a table row's name cell, or None) orders the rows of tables
-    with a tensor or layer column, unless the table has its own ``rank`` column; ``top``
-    (``--top``) keeps the first rows of those tables.
+    ``rank`` (a function of a table row's name cell, or None) orders the rows of the
+    tables listed by name (:data:`LISTED_BY_NAME`); ``top`` (``--top``) keeps the first
+    rows of the tables with a tensor or layer column.
     """
     width = width or terminal_width()
     labels = {k: a.text_keys.get(k, k) for k in a.headline}
@@ -216,7 +229,7 @@ def analysis_section(a: AnalysisResult, width: int | None = None, rank=None, top
             continue
         lines.append("")
         lines.append(f"  {table.title}")
-        lines += table_lines(table.headers, table.rows, width, rank, top)
+        lines += table_lines(table.headers, table.rows, width, rank if table.title in LISTED_BY_NAME else None, top)
     for note in a.notes:
         lines += wrap(f"  note: {printable(note)}", width, indent="      ")
     return lines
@@ -303,7 +316,13 @@ def _laid_out(headers: tuple, rows: list, width: int) -> list[str]:
         attempt = render(every, elided, limits)
         if widest(attempt) <= width:
             return attempt
-    # Wrap (names whole): groups of columns that fit, each led by the name column.
+    # Wrap: groups of columns that fit, each led by the name column: whole, unless the name
+    # beside the widest other column is too wide (a narrow terminal): then elided to fit.
+    room = width - 4 - max((widths[i] for i in every if i != col), default=0)
+    limit = max(MIN_NAME, room, len(headers[col]))
+    if widths[col] > room and limit < longest:
+        cells = [[elide(c, limit) if i == col else c for i, c in enumerate(r)] for r in cells]
+        widths[col] = max(len(headers[col]) + 2, max(len(r[col]) for r in cells))
     groups: list[list[int]] = []
     current = [col]
     used = 2 + widths[col]
@@ -349,8 +368,6 @@ def simple_table(headers: list[str], rows: list[list[str]]) -> list[str]:
 
 def _natural(name: str) -> list:
     """Sort key reading numbers as numbers (``layers.9`` before ``layers.10``)."""
-    import re
-
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
 
 
@@ -389,7 +406,7 @@ def inspect_table(report, width: int | None = None, top: int | None = None) -> l
     total, nbytes = int(fig.new.numel[once].sum()), int(stored_nbytes(fig, "new").sum())
     params = int(fig.new.numel[once & fig.in_scope("params")].sum())
     held = counted(params, "parameter") + (f" ({counted(total, 'value')} in all)" if params != total else "")
-    return lines + [f"{counted(len(order), 'tensor')}, {held}, {human_bytes(nbytes)}"]
+    return lines + wrap(f"{counted(len(order), 'tensor')}, {held}, {human_bytes(nbytes)}", width or terminal_width())
 
 
 def _rows(report) -> list[int]:
@@ -439,7 +456,7 @@ def render_text(report, color: bool = False, top: int | None = None, width: int 
         fig = report.figures
         changed = [i for i in _rows(report) if fig.status[i] != UNCHANGED]
         if changed or comp.metadata_diffs:
-            lines.append(summary)
+            lines += wrap(summary, width)
         shown = changed[:top] if top else changed
         for d in (fig[i] for i in shown):  # a TensorDiff view only for the lines printed
             marker, text = tensor_line(d, report.stats, sort_key, d.name in dequantized,
@@ -463,7 +480,7 @@ def render_text(report, color: bool = False, top: int | None = None, width: int 
         if len(metadata) > METADATA_LINES + 1:
             lines.append(f"  … and {len(metadata) - METADATA_LINES:,} more metadata values "
                          "(--output json lists every one)")
-        lines.append(summary)
+        lines += wrap(summary, width)
     rank = _ranker(report)
     for a in report.analyses:
         lines.append("")
@@ -471,26 +488,27 @@ def render_text(report, color: bool = False, top: int | None = None, width: int 
     return "\n".join(lines)
 
 
-def render_series_text(series) -> str:
+def render_series_text(series, top: int | None = None, width: int | None = None) -> str:
     """A SeriesReport: one summary line per step, notes, each step's analyses, then the
-    series analyses."""
+    series analyses; ``top`` and ``width`` as in :func:`render_text`."""
+    width = width or terminal_width()
     head = f"series: {len(series.checkpoints)} checkpoints, order {series.order}"
     if series.base is not None:
         head += f", base {series.base}"
-    lines = [head]
+    lines = wrap(head, width)
     labels = series.labels
     for t, step in enumerate(series.steps):
-        lines.append(f"  {labels[t]} -> {labels[t + 1]}: {summary_line(step)}")
+        lines += wrap(f"  {labels[t]} -> {labels[t + 1]}: {summary_line(step)}", width)
     for note in series.notes:
-        lines.append(f"  note: {note}")
+        lines += wrap(f"  note: {printable(note)}", width, indent="      ")
     for t, step in enumerate(series.steps):
         if step.analyses:
             lines += ["", f"{labels[t]} -> {labels[t + 1]}"]
-            for a in step.analyses:
-                lines += ["  " + line if line else line for line in analysis_section(a)]
+            for a in step.analyses:  # indented by two: laid out two columns narrower
+                lines += ["  " + line if line else line for line in analysis_section(a, width - 2, top=top)]
     for a in series.series_analyses:
         lines.append("")
-        lines += analysis_section(a)
+        lines += analysis_section(a, width, top=top)
     return "\n".join(lines)
 
 
