@@ -848,3 +848,21 @@ def test_64_bit_integers_that_differ_below_float64_resolution_are_changed(dtype,
     assert report["i"].status == "changed" and torchdiff.differs(old, new)
     assert "integers differ below float64's resolution" in str(report)
     assert torchdiff.compare(old, old, device="cpu")["i"].status == "unchanged"
+
+
+def test_cosine_of_identical_values_is_exactly_one():
+    """A = B gives cosine 1 exactly, per tensor and per group: ⟨A,A⟩/(‖A‖‖A‖) rounds to
+    0.9999999999999999 for some vectors (‖A‖ = √⟨A,A⟩ rounded), which read as "moved"
+    beside unchanged tensors."""
+    g = torch.Generator().manual_seed(0)
+    rounded = 0
+    for _ in range(20):
+        x = torch.randn(int(torch.randint(1, 50, (1,), generator=g)), generator=g)
+        report = torchdiff.compare({"w": x, "v": torch.ones(2)}, {"w": x.clone(), "v": torch.zeros(2)}, device="cpu")
+        fig = report.figures
+        row = fig.index("w")
+        rounded += fig.dot[row] / (fig.norm_old[row] * fig.norm_new[row]) != 1.0
+        assert fig.cosine()[row] == 1.0
+        assert next(d for d in report if d.name == "w").metrics.cosine == 1.0
+        assert torchdiff.figures.group(fig, lambda name: name, np.ones(2, dtype=bool))["w"].cosine == 1.0
+    assert rounded  # the rounding this guards against happened

@@ -198,7 +198,7 @@ class Figures(Sequence[TensorDiff]):
 
     def cosine(self) -> np.ndarray:
         with np.errstate(divide="ignore", invalid="ignore"):
-            return cosine_of(self.dot, self.norm_old, self.norm_new)
+            return cosine_of(self.dot, self.norm_old, self.norm_new, self.l2)
 
     def float_pairs(self) -> np.ndarray:
         """Rows measured with a float storage dtype on both sides."""
@@ -370,7 +370,7 @@ class GroupFigures:
 
     @property
     def cosine(self) -> float:
-        return cosine_of(self.dot, self.norm_old, self.norm_new)
+        return cosine_of(self.dot, self.norm_old, self.norm_new, self.dsq)
 
     @property
     def old_all_zero(self) -> bool:
@@ -639,15 +639,19 @@ def rel_of(dsq, old_sq):
     return out if out.ndim else float(out)
 
 
-def cosine_of(dot, norm_old, norm_new):
+def cosine_of(dot, norm_old, norm_new, l2=None):
     """⟨A,B⟩/(‖A‖‖B‖) clipped to [−1, 1]; 1 when both norms are 0, NaN when one is.
     NaN too where ⟨A,B⟩ is NaN or left float64's range (±inf; or ‖A‖‖B‖ underflowed
     to 0 with both norms > 0); ‖A‖‖B‖ beyond float64 is divided out one norm at a time
-    (arrays or floats; floats in scalar arithmetic, as ``rel_of``)."""
+    (arrays or floats; floats in scalar arithmetic, as ``rel_of``). With ``l2`` = ‖Δ‖:
+    exactly 1 where Δ = 0 and the norms are > 0 (A = B; ⟨A,B⟩/(‖A‖‖A‖) may round to
+    0.9999999999999999)."""
     if isinstance(dot, float) and isinstance(norm_old, float) and isinstance(norm_new, float):
         denom = norm_old * norm_new
         if dot != dot or dot in (math.inf, -math.inf):
             return math.nan
+        if l2 == 0 and denom > 0:
+            return 1.0
         if denom > 0:
             q = dot / denom if denom != math.inf else dot / norm_old / norm_new
             return q if q != q else min(1.0, max(-1.0, q))
@@ -659,6 +663,8 @@ def cosine_of(dot, norm_old, norm_new):
                      dot / np.where(denom > 0, denom, 1.0))
         out = np.where(denom > 0, np.clip(q, -1.0, 1.0), np.where((a == 0) & (b == 0), 1.0, np.nan))
         out = np.where(np.isfinite(dot), out, np.nan)
+        if l2 is not None:
+            out = np.where((np.asarray(l2) == 0) & (denom > 0) & np.isfinite(dot), 1.0, out)
     return out if out.ndim else float(out)
 
 

@@ -131,6 +131,8 @@ class PairMetrics:
             # Both zero: identical direction by convention; one zero (or the product
             # underflowed): undefined.
             return 1.0 if self.norm_old == self.norm_new == 0 else math.nan
+        if self.l2 == 0:
+            return 1.0  # A = B: exactly, where ⟨A,B⟩/(‖A‖‖A‖) may round below 1
         q = dot / denom if denom != math.inf else dot / self.norm_old / self.norm_new
         return q if q != q else max(-1.0, min(1.0, q))
 
