@@ -59,6 +59,45 @@ def test_missing_file(capsys, good, tmp_path):
     assert cli_error(capsys, "inspect", missing) == f"torchdiff: error: {missing}: no such file or directory"
 
 
+@pytest.mark.parametrize("target", ["nowhere.pt", "loop"])
+def test_a_link_to_nothing_says_so_without_a_hub_lookup(capsys, good, tmp_path, monkeypatch, target):
+    """A dangling symbolic link, or a loop of links, was "no such file or directory" after
+    a Hugging Face Hub lookup of its name (seconds); it names the link and its target, in
+    every command, and never asks the Hub."""
+    from torchdiff.formats import hub
+
+    monkeypatch.setattr(hub, "resolve_source", lambda *a, **k: pytest.fail("a link is no Hub id"))
+    link = tmp_path / "link.pt"
+    os.symlink(tmp_path / target, link)
+    if target == "loop":
+        os.symlink(link, tmp_path / "loop")
+    said = f"torchdiff: error: {link}: a symbolic link to {str(tmp_path / target)!r}, which does not exist (or the links loop)"
+    monkeypatch.chdir(tmp_path)
+    for argv in ([good, link], [link, good], ["inspect", link], ["series", good, link, good], ["hash", link],
+                 ["link.pt", good]):
+        err = cli_error(capsys, *argv)
+        assert err == said.replace(str(link), "link.pt") if argv[0] == "link.pt" else err == said, err
+    with pytest.raises(torchdiff.InputNotFoundError, match="a symbolic link to"):
+        torchdiff.compare(link, good)
+
+
+def test_a_reader_refused_by_the_system_is_one_error(good, tmp_path, monkeypatch):
+    """A file the system refuses mid-read (PermissionError, EIO) gave the Python API a raw
+    OSError from the pickle, NumPy, MATLAB and GGUF readers: it is a CorruptFileError
+    naming the file, as for safetensors."""
+    from torchdiff.formats import torch_pickle
+
+    path = tmp_path / "refused.pt"
+    torch.save({"w": torch.ones(2)}, path)
+
+    def refuse(p, *a, **k):
+        raise PermissionError(13, "Permission denied", str(p))
+
+    monkeypatch.setattr(torch_pickle, "load", refuse)
+    with pytest.raises(torchdiff.CorruptFileError, match=rf"^{path}: cannot read \(Permission denied\)$"):
+        torchdiff.compare(path, good)
+
+
 def test_directory_where_a_file_is_expected(capsys, good, tmp_path):
     d = tmp_path / "dir"
     d.mkdir()

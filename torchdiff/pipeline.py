@@ -175,7 +175,7 @@ def load_directory(root: str, options: Options) -> Checkpoint:
 def resolve(source: Any, options: Options) -> Any:
     """A Hugging Face Hub id (a string that is no existing path: ``gpt2``, ``org/name``)
     as its local snapshot folder; anything else unchanged (formats/hub.py)."""
-    if isinstance(source, str) and not os.path.exists(source):
+    if isinstance(source, str) and not os.path.lexists(source):  # a broken link is a path, not an id
         from torchdiff.formats import hub
 
         return hub.resolve_source(source, options.get("revision"))
@@ -194,8 +194,8 @@ def resolved(ckpt: Checkpoint, source: Any, path: Any) -> Checkpoint:
 def check_paths(old: Any, new: Any, options: Options) -> None:
     """Missing paths and file/directory mix-ups, before reading anything."""
     for side in (old, new):
-        if isinstance(side, (str, os.PathLike)) and not os.path.exists(side):
-            raise InputNotFoundError(f"{os.fspath(side)}: no such file or directory")
+        if isinstance(side, (str, os.PathLike)):
+            formats.check_exists(side)
     if options.get("recursive"):
         kinds = [os.path.isdir(s) for s in (old, new) if isinstance(s, (str, os.PathLike))]
         if len(kinds) == 2 and kinds[0] != kinds[1]:

@@ -37,13 +37,13 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from torchdiff import distributed
+from torchdiff import distributed, formats
 from torchdiff.analyses import ANALYSES, analysis_names
 from torchdiff.analyses._training import (
     AdamPlan, adam_sums, build_adam_plan, layer_key, natural_key, short_labels,
 )
 from torchdiff.engine import Engine, resolve_device, torch_threads
-from torchdiff.errors import CorruptFileError, InputNotFoundError, UsageError
+from torchdiff.errors import CorruptFileError, UsageError
 from torchdiff.figures import Comparison, Figures, without_gc
 from torchdiff.dequant import dequantize_checkpoint
 from torchdiff.formats.base import Checkpoint, TensorHandle, check_unchanged
@@ -211,8 +211,8 @@ def compare_series(
         labels = [labels[i] for i in order]
         sources = [sources[i] for i in order]
     for source in list(sources) + ([options.base] if options.base is not None else []):
-        if isinstance(source, (str, os.PathLike)) and not os.path.exists(source):
-            raise InputNotFoundError(f"{os.fspath(source)}: no such file or directory")
+        if isinstance(source, (str, os.PathLike)):
+            formats.check_exists(source)
     engine = Engine(resolve_device(options.device), options.epsilon)
     opened: dict[Any, Checkpoint] = {}
     try:

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import torch
 
-from torchdiff.errors import InputNotFoundError, UnknownFormatError, UsageError
+from torchdiff.errors import CorruptFileError, InputNotFoundError, UnknownFormatError, UsageError
 from torchdiff.formats.base import (
     Checkpoint, TensorHandle, check_unchanged, dtype_name, file_state, flatten, mark_shared, mark_ties, module_ties,
     stored_bytes, tensor_handle, watch,
@@ -115,6 +115,18 @@ def _check_regular(path: str) -> None:
                                      "and directories)")
 
 
+def check_exists(path: Any) -> None:
+    """InputNotFoundError unless ``path`` exists, naming what is wrong: a missing path, or a
+    symbolic link that points nowhere (or into a loop of links)."""
+    if os.path.exists(path):
+        return
+    name = os.fspath(path)
+    if os.path.islink(name):
+        raise InputNotFoundError(f"{name}: a symbolic link to {os.readlink(name)!r}, which does not exist "
+                                 "(or the links loop)")
+    raise InputNotFoundError(f"{name}: no such file or directory")
+
+
 def load(path: Any, format: str | None = None, *, unsafe_pickle: bool = False) -> Checkpoint:
     """Open a checkpoint lazily (headers only; tensor bytes are read on demand).
 
@@ -134,15 +146,18 @@ def load(path: Any, format: str | None = None, *, unsafe_pickle: bool = False) -
     path = os.fspath(path) if isinstance(path, os.PathLike) else str(path)
     if format is not None and format not in _READERS:
         raise UsageError(f"unknown --format {format!r} (choose from {', '.join(format_names)})")
-    if not os.path.exists(path):
-        raise InputNotFoundError(f"{path}: no such file or directory")
+    check_exists(path)
     _check_regular(path)
     if os.path.isdir(path) and format not in (None, "sharded", "dcp"):
         raise InputNotFoundError(f"{path}: is a directory (use -r to compare directories file by file)")
     fmt = format or detect_format(path)
     module = importlib.import_module(f"torchdiff.formats.{_READERS[fmt]}")
     state = file_state(path) if os.path.isfile(path) else None  # before the first byte is read
-    ckpt = module.load(path, unsafe=True) if unsafe_pickle and fmt == "torch" else module.load(path)
+    try:
+        ckpt = module.load(path, unsafe=True) if unsafe_pickle and fmt == "torch" else module.load(path)
+    except OSError as e:  # refused or vanished while read (PermissionError, EIO): one line, whatever the reader
+        where = e.filename if isinstance(e.filename, str) else path
+        raise CorruptFileError(f"{where}: cannot read ({e.strerror or e})") from None
     if state is not None:
         ckpt.files.setdefault(path, state)
     find_ties(ckpt, path)  # dropped duplicates (safetensors metadata), tie_word_embeddings in config.json
@@ -176,6 +191,7 @@ def from_object(obj: Any, name: str = "<memory>") -> Checkpoint:
 __all__ = [
     "Checkpoint",
     "TensorHandle",
+    "check_exists",
     "check_unchanged",
     "dtype_name",
     "detect_format",
