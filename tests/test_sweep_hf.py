@@ -362,3 +362,17 @@ def test_gguf_head_counts_and_attn_norm(tmp_path):
     attention = 2 * (32 * 32 + 16 * 32)
     assert info["family_evidence"]["transformer"]["tensors"] == 4
     assert info["family_evidence"]["transformer"]["share"] == pytest.approx(attention / info["params"])
+
+
+def test_heads_of_a_live_transformers_model_come_from_its_config():
+    """compare(model, model) on nn.Modules: the head counts come from ``model.config``
+    (no config.json on disk to read), said as such."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    report = torchdiff.compare(LlamaForCausalLM(cfg), LlamaForCausalLM(cfg), architecture_comparison=True)
+    new = report.analysis("architecture_comparison").data["new"]
+    assert (new["hyperparameters"]["heads"], new["hyperparameters"]["kv_heads"]) == (4, 2)
+    assert new["hyperparameter_notes"]["heads"] == "model.config num_attention_heads = 4"

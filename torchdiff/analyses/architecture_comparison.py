@@ -67,9 +67,11 @@ def prepare(old, new, options, state: dict):
 
 def _file_values(ckpt) -> list[tuple[str, dict]]:
     """(source, values) found beside the tensors: the config.json next to the file
-    (``info["config"]``, formats/ties.py). A GGUF file's key/values are its metadata."""
+    (``info["config"]``, formats/ties.py), or a transformers model's own ``config``
+    (formats.from_object). A GGUF file's key/values are its metadata."""
     config = ckpt.info.get("config") if isinstance(ckpt.info, dict) else None
-    return [("config.json", config)] if isinstance(config, dict) else []
+    label = "model.config" if ckpt.format == "module" else "config.json"
+    return [(label, config)] if isinstance(config, dict) else []
 
 
 class _HashHook:

@@ -19,7 +19,7 @@ from torchdiff.formats.base import (
     Checkpoint, TensorHandle, check_unchanged, dtype_name, file_state, flatten, mark_shared, mark_ties, module_ties,
     stored_bytes, tensor_handle, watch,
 )
-from torchdiff.formats.ties import find_ties
+from torchdiff.formats.ties import config_values, find_ties
 
 # format name -> module (in torchdiff.formats) with a ``load(path) -> Checkpoint``.
 _READERS: dict[str, str] = {
@@ -183,9 +183,13 @@ def from_object(obj: Any, name: str = "<memory>") -> Checkpoint:
     tensors = {k: v.detach() for k, v in tensors.items()}
     handles = {k: tensor_handle(k, v) for k, v in tensors.items()}
     mark_shared(handles, tensors, storages=False)  # tied weights: the same elements of one storage
+    info = {}
     if module is not None:  # and the same Parameter under two names (FSDP2's DTensors show no shared storage)
         mark_ties(handles, module_ties(module))
-    return Checkpoint(name=name, format=fmt, tensors=handles, metadata=metadata)
+        config = getattr(module, "config", None)  # a transformers model: what its shapes do not say (head counts)
+        if callable(getattr(config, "to_dict", None)):
+            info["config"] = config_values(config.to_dict())
+    return Checkpoint(name=name, format=fmt, tensors=handles, metadata=metadata, info=info)
 
 
 __all__ = [
