@@ -12,6 +12,17 @@ GOLDEN = Path(__file__).parent / "golden"
 UPDATE_GOLDEN = os.environ.get("TORCHDIFF_UPDATE_GOLDEN") == "1"
 
 
+def run(capsys, *argv) -> tuple[int, str, str]:
+    """``torchdiff ARGV`` in-process (torchdiff.cli.main): (exit code, stdout, stderr) of
+    this call alone (what was captured before it is dropped)."""
+    from torchdiff.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def check_golden(name: str, text: str) -> None:
     """Compare ``text`` with tests/golden/NAME; TORCHDIFF_UPDATE_GOLDEN=1 rewrites it."""
     path = GOLDEN / name

@@ -22,12 +22,7 @@ from safetensors.torch import load_file, save_file
 import torchdiff
 from torchdiff.cli import main
 from torchdiff.manifest import ROUNDING, Manifest, distance, fingerprint, record, sample_positions, verify
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+from helpers import run  # noqa: E402 - tests/ is on sys.path
 
 
 def reference(t: torch.Tensor) -> dict:

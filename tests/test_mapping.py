@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import torchdiff
-from torchdiff.cli import main
 from torchdiff.mapping import MappingError, apply_mapping, builtin, load_rules, parse_rules
 from torchdiff.mapping.transforms import permute_rope, unpermute_rope
+from helpers import run  # noqa: E402 - tests/ is on sys.path
 
 gguf = pytest.importorskip("gguf")
 
@@ -36,13 +36,6 @@ sys.path.pop(0)
 
 CONFIG = ml.CONFIG
 N_HEAD, N_KV = CONFIG["num_attention_heads"], CONFIG["num_key_value_heads"]
-
-
-def run(capsys, *argv):
-    capsys.readouterr()
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def items(capsys, *argv):

@@ -15,14 +15,8 @@ import torch
 from safetensors.torch import save_file
 
 import torchdiff
-from torchdiff.cli import main
 from torchdiff.errors import CorruptFileError, UsageError
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+from helpers import run  # noqa: E402 - tests/ is on sys.path
 
 
 @pytest.fixture

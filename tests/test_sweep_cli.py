@@ -17,14 +17,8 @@ import torch
 from safetensors.torch import save_file
 
 import torchdiff
-from torchdiff.cli import main
 from torchdiff.render.text import render_series_text, render_text, wrap
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+from helpers import run  # noqa: E402 - tests/ is on sys.path
 
 
 def section(text: str, title: str) -> list[str]:

@@ -18,16 +18,9 @@ import torch
 from safetensors.torch import save_file
 
 import torchdiff
-from torchdiff.cli import main
+from helpers import run  # noqa: E402 - tests/ is on sys.path
 
 gguf = pytest.importorskip("gguf")
-
-
-def run(capsys, *argv):
-    capsys.readouterr()
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def items(capsys, *argv):

@@ -14,13 +14,7 @@ import torch
 from torch import nn
 
 import torchdiff
-from torchdiff.cli import main
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+from helpers import run  # noqa: E402 - tests/ is on sys.path
 
 
 class Net(nn.Module):

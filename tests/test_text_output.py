@@ -14,15 +14,9 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import torchdiff
-from torchdiff.cli import main
 from torchdiff.render.text import elide, num, table_lines
 from torchdiff.units import count, human_bytes, number
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+from helpers import run  # noqa: E402 - tests/ is on sys.path
 
 
 LONG = "model.decoder.layers.{}.self_attention.query_key_value.weight"
