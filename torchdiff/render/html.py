@@ -125,7 +125,7 @@ def _group_columns(groups: list[GroupFigures]) -> dict[str, list]:
     return {
         "tensors": [g.tensors for g in groups], "params": [g.params for g in groups],
         "measured": (elements > 0).tolist(), "l2": _floats(l2),
-        "rel_l2": _floats(rel_of(dsq, old_sq)), "cosine": _floats(cosine_of(dot, norm_old, norm_new)),
+        "rel_l2": _floats(rel_of(dsq, old_sq)), "cosine": _floats(cosine_of(dot, norm_old, norm_new, dsq)),
         "changed_fraction": _floats(changed_fraction),
         "sqnr_db": _floats([_sqnr(a, b) for a, b in zip(norm_old.tolist(), l2.tolist())]),
     }
@@ -254,7 +254,7 @@ def _compare_payload(report) -> dict[str, Any]:
     output_rows = list(range(n)) if output_rows is None else output_rows
     # The analyses' JSON items, as report.to_dict() writes them, for the three the page reads.
     last = {a.name: a for a in report.analyses}
-    layer_impact = report.analysis("layer_impact")
+    layer_impact = None if inspect else report.analysis("layer_impact")  # inspect: only its note
     pattern = None
     if layer_impact is not None:
         pattern = layer_impact.data.get("layer_pattern")
