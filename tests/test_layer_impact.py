@@ -174,7 +174,7 @@ def test_integer_counters_are_named_as_not_floating_point_not_as_added():
     assert not any(n.startswith("added, removed or reshaped") for n in result.notes)
     params = torchdiff.compare(old, new, show_layer_impact=True).analysis("layer_impact")  # scope params
     assert not any("not floating point" in n for n in params.notes)
-    assert ("scope params: 2 tensor(s) of other roles (buffer 1, counter 1) not in the figures; "
+    assert ("scope params: 2 tensors of other roles (buffer 1, counter 1) not in the figures; "
             "--scope all includes them") in params.notes
 
 
@@ -221,7 +221,7 @@ def test_training_state_is_not_a_layer(tmp_path):
     assert by_layer["model.fc"]["share"] == 1.0 and by_layer["model.fc"]["params"] == 30
     dsq = float(((w2.double() - w.double()) ** 2).sum() + ((b2.double() - b.double()) ** 2).sum())
     assert result.headline["l2"] == pytest.approx(math.sqrt(dsq), rel=1e-6)
-    assert "scope params: 2 tensor(s) of other roles (training state 2) not in the figures; --scope all includes them" \
+    assert "scope params: 2 tensors of other roles (training state 2) not in the figures; --scope all includes them" \
         in result.notes
     everything = torchdiff.compare(tmp_path / "a.pt", tmp_path / "b.pt", show_layer_impact=True, scope="all")
     rows = {r["layer"]: r for r in everything.analysis("layer_impact").tables[0].records()}
@@ -244,7 +244,9 @@ def test_natural_order_and_no_change():
 
 
 def test_inspect_has_no_layer_impact():
-    assert torchdiff.inspect({"a.w": torch.ones(2)}, show_layer_impact=True).analysis("layer_impact") is None
+    result = torchdiff.inspect({"a.w": torch.ones(2)}, show_layer_impact=True).analysis("layer_impact")
+    assert (result.headline, result.tables, result.notes) == ({}, (), ("layer impact needs two checkpoints "
+                                                                       "(torchdiff OLD NEW)",))
 
 
 def make_pair(tmp_path: Path) -> tuple[Path, Path]:

@@ -249,3 +249,14 @@ def test_block_index(layer, index):
 ])
 def test_pattern_puts_a_star_where_the_block_number_is(name, expected):
     assert N.pattern(name) == expected
+
+
+@pytest.mark.parametrize("component, averaged", [
+    ("ema", True), ("model_ema", True), ("state_dict_ema", True), ("EMA", True), ("swa_model", True),
+    ("averaged_model", True), ("shadow", True), ("ema_decay_params", True),
+    ("model", False), ("schema", False), ("cinema_head", False), ("swap", False), ("layers", False),
+])
+def test_averaged_copy_components(component, averaged):
+    """EMA / SWA copies (timm's ``state_dict_ema``, ``swa_model``): the one rule the
+    gradient analysis asks before mapping optimizer state to parameter names."""
+    assert N.is_averaged_copy(component) is averaged

@@ -488,7 +488,7 @@ def test_training_checkpoint_measures_the_scope_not_the_optimizer(tmp_path):
     roles = dict(zip(report.figures.names, report.figures.role))
     others = sorted(r for n, r in roles.items() if n not in params)
     assert others.count("training_state") == 2 and "optimizer_state" in others
-    assert (f"scope params: {len(others)} tensor(s) of other roles (buffer 2, counter {others.count('counter')}, "
+    assert (f"scope params: {len(others)} tensors of other roles (buffer 2, counter {others.count('counter')}, "
             f"optimizer state {others.count('optimizer_state')}, training state 2) left out of every figure, bytes "
             "included; --scope all includes them") in result.notes
 
@@ -575,7 +575,7 @@ def test_packed_codes_not_unpacked_count_as_quantized_of_unknown_loss(tmp_path):
     assert result.headline["quantized_tensors"] == 1
     assert result.headline["precision_loss"] == "unknown"
     assert not any(n.startswith("no quantization detected") for n in result.notes)
-    assert any(n.startswith("precision_loss unknown: 1 quantized tensor(s) could not be dequantized")
+    assert any(n.startswith("precision_loss unknown: 1 quantized tensor could not be dequantized")
                for n in result.notes)
     (failed,) = result.data["not_dequantized"]
     assert failed["path"] == prefix + "qweight" and "packed codes compared as int32 integers" in failed["reason"]

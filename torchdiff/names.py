@@ -15,6 +15,7 @@ names. Pure functions on names, dtype names and shapes; no tensor maths, no I/O.
 - ``family(names)``: ``gguf`` | ``megatron`` | ``timm`` | ``lightning`` | ``nanogpt`` | ``hf`` | ``torch``.
 - ``is_float_storage(dtype)``: whether values are real numbers measured as floats.
 - ``optimizer_param(name)``: (parameter key, state field) of an optimizer-state tensor.
+- ``is_averaged_copy(component)``: whether a name component names an EMA/SWA copy.
 
 tests/test_names.py pins the answers for HF, timm, Lightning, nanoGPT, GGUF, Megatron
 and DCP/FSDP names.
@@ -153,6 +154,19 @@ def optimizer_prefixes(names: Iterable[str], metadata: Mapping[str, Any] = {}) -
 
 def is_optimizer_state(name: str) -> bool:
     return optimizer_param(name) is not None
+
+
+#: A name component of an averaged copy of the model that no optimizer steps: an EMA
+#: (``ema``, ``model_ema``, timm's ``state_dict_ema``), SWA (``swa_model``),
+#: ``averaged_model``, ``shadow``.
+_AVERAGED = re.compile(r"^(?:.*_)?(?:ema|swa)(?:_.*)?$|^averaged|^shadow", re.IGNORECASE)
+
+
+def is_averaged_copy(component: str) -> bool:
+    """Whether one name component (``model_ema``, ``swa_model``, ``shadow``) names an
+    averaged copy of the model (EMA, SWA): its tensors have the parameters' shapes, but no
+    optimizer steps them (the gradient analysis maps optimizer state past them)."""
+    return _AVERAGED.search(component) is not None
 
 
 @lru_cache(maxsize=65536)

@@ -17,9 +17,10 @@ import numpy as np
 import torch
 
 from torchdiff.names import (
-    OPTIMIZER_STATE_NAME, PARAM_GROUP_NAME, PARAMETER, in_scope, is_float_storage, layer_of, optimizer_prefixes, role,
+    OPTIMIZER_STATE_NAME, PARAM_GROUP_NAME, PARAMETER, in_scope, is_averaged_copy, is_float_storage, layer_of,
+    optimizer_prefixes, role,
 )
-from torchdiff.units import count, number
+from torchdiff.units import count, counted, number
 
 # ---- optimizer state ----------------------------------------------------------------
 
@@ -192,14 +193,16 @@ def build_adam_plan(tensors: Sequence[tuple[str, tuple[int, ...], bool]],
             notes.append(f"{opt}state has max_exp_avg_sq (amsgrad): step sizes use exp_avg_sq, not its running max")
         wants = [shapes.get(fields[(opt, idx)]["exp_avg"]) if "exp_avg" in fields.get((opt, idx), {}) else None
                  for idx in order]
-        trained = [c for c in candidates if not any(_AVERAGED.search(part) for part in c[0].split("."))]
+        # an averaged copy (EMA, SWA: names.is_averaged_copy) has the parameters' shapes:
+        # the walk tries the names without it first
+        trained = [c for c in candidates if not any(is_averaged_copy(part) for part in c[0].split("."))]
         walked = _walk(order, wants, trained) if len(trained) < len(candidates) else None
         if walked is None or len(walked[0]) < len(order):  # no averaged copy, or the model is only there
             walked = _walk(order, wants, candidates)
         mapping, skipped = walked
         if skipped:
             shown = ", ".join(skipped[:5]) + (f" (+{count(len(skipped) - 5)} more)" if len(skipped) > 5 else "")
-            notes.append(f"state→parameter mapping skipped {count(len(skipped))} tensor(s) whose shapes match no "
+            notes.append(f"state→parameter mapping skipped {counted(len(skipped), 'tensor')} whose shapes match no "
                          f"state (taken as buffers): {shown}")
         if len(mapping) < len(order):
             mapped_all = False
@@ -226,13 +229,6 @@ def build_adam_plan(tensors: Sequence[tuple[str, tuple[int, ...], bool]],
         notes.append("optimizer state could not be matched to parameter names by order and shape; "
                      "figures are per state index, and update_ratio (step / ‖θ‖) is nan where no parameter was matched")
     return AdamPlan(params, notes, mapped_all)
-
-
-#: A name component of an averaged copy of the model that no optimizer steps: an EMA
-#: (``ema``, ``model_ema``, timm's ``state_dict_ema``), SWA (``swa_model``), ``averaged_model``,
-#: ``shadow``. Its tensors have the parameters' shapes, so the state→parameter walk
-#: tries the names without them first.
-_AVERAGED = re.compile(r"^(?:.*_)?(?:ema|swa)(?:_.*)?$|^averaged|^shadow", re.IGNORECASE)
 
 
 def _walk(order: Sequence[int], wants: Sequence[tuple[int, ...] | None],
@@ -319,8 +315,8 @@ def fqn_adam_plan(tensors: Sequence[tuple[str, tuple[int, ...], bool]],
     notes = []
     if unmapped:
         shown = ", ".join(unmapped[:5]) + (f" (+{count(len(unmapped) - 5)} more)" if len(unmapped) > 5 else "")
-        notes.append(f"optimizer state of {count(len(unmapped))} parameter name(s) matches no model tensor of its "
-                     f"shape: {shown}")
+        notes.append(f"optimizer state left unmapped for {counted(len(unmapped), 'parameter name')} (no model tensor "
+                     f"of its shape): {shown}")
     return AdamPlan(params, notes, not unmapped)
 
 

@@ -310,7 +310,7 @@ def analyze(comparison: Comparison, options, state: dict) -> AnalysisResult:
         data["nonfinite_changed"] = [{"tensor": n, **{k: list(v) for k, v in c.items()}} for n, c in nonfinite]
         shown = ", ".join(f"{n} (" + ", ".join(f"{k} {count(a)}->{count(b)}" for k, (a, b) in c.items()) + ")"
                           for n, c in nonfinite[:3])
-        notes.append(f"{count(len(nonfinite))} tensor(s) gained or lost NaN/Inf, which the figures above leave out "
+        notes.append(f"{counted(len(nonfinite), 'tensor')} gained or lost NaN/Inf, which the figures above leave out "
                      f"(they cover positions finite on both sides): {shown}" + (" ..." if len(nonfinite) > 3 else ""))
     skipped = [d.name for d in moved if str((d.extras.get(NAME) or {}).get("method", "")).startswith("skipped")]
     if skipped:

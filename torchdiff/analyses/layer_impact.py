@@ -41,7 +41,7 @@ from torchdiff.figures import layer_groups, layer_members, summary_mask, tied_co
 from torchdiff.names import ROLES, compile_pattern, is_float_storage
 from torchdiff.results import AnalysisResult, Table
 from torchdiff.status import ADDED, REMOVED, RESHAPED, UNCHANGED
-from torchdiff.units import count
+from torchdiff.units import count, counted
 
 NAME = "layer_impact"
 FLAG = "show_layer_impact"
@@ -137,9 +137,9 @@ def no_change_note(fig, members: np.ndarray) -> str:
     return text
 
 
-def analyze(comparison, options, state: dict) -> AnalysisResult | None:
-    if comparison.mode == "inspect":
-        return None  # one checkpoint: nothing moved
+def analyze(comparison, options, state: dict) -> AnalysisResult:
+    if comparison.mode == "inspect":  # one checkpoint: nothing moved, and the note says so
+        return AnalysisResult(NAME, {}, {}, (), ("layer impact needs two checkpoints (torchdiff OLD NEW)",))
     fig = comparison.figures
     in_scope = fig.in_scope(comparison.scope)
     groups = layer_groups(fig, comparison.scope, comparison.layer)
@@ -172,7 +172,7 @@ def analyze(comparison, options, state: dict) -> AnalysisResult | None:
     left = [fig.role[i] for i in np.flatnonzero(~in_scope)]
     if left:
         by_role = ", ".join(f"{r.replace('_', ' ')} {count(left.count(r))}" for r in ROLES if r in left)
-        notes.append(f"scope {comparison.scope}: {count(len(left))} tensor(s) of other roles ({by_role}) not in the "
+        notes.append(f"scope {comparison.scope}: {counted(len(left), 'tensor')} of other roles ({by_role}) not in the "
                      "figures; --scope all includes them")
     if total == 0:
         notes.append(no_change_note(fig, members))

@@ -107,7 +107,9 @@ def _side(comp: Comparison, side: str) -> dict[str, Any] | None:
         else:
             other_bytes += nbytes
     total = model_bytes + optimizer_bytes + training_bytes
-    largest = sorted(((n, s) for n, s, _ in tensors), key=lambda t: (-t[1].nbytes, t[0]))[:LARGEST]
+    # a tied copy (lm_head.weight tied to the embedding) holds no bytes of its own: the
+    # dtype and layer rows count it 0, so it is no "largest tensor" either
+    largest = sorted(((n, s) for n, s, _ in tensors if not stored[n][1]), key=lambda t: (-t[1].nbytes, t[0]))[:LARGEST]
     return {
         "bytes": total, "model_bytes": model_bytes, "optimizer_bytes": optimizer_bytes,
         "training_state_bytes": training_bytes,

@@ -58,8 +58,8 @@ from torchdiff.dequant import (  # noqa: F401 - fit_scale: public here since 0.1
 from torchdiff.errors import UsageError
 from torchdiff.formats.base import Checkpoint
 from torchdiff.names import QUANT_COMPANION, ROLES, SCOPES
-from torchdiff.results import ADDED, REMOVED, RESHAPED, AnalysisResult, Table
-from torchdiff.units import count
+from torchdiff.results import ADDED, OLD_ALL_ZERO, REMOVED, RESHAPED, AnalysisResult, Table
+from torchdiff.units import count, counted
 
 NAME = "quantization_analysis"
 FLAG = "quantization_analysis"
@@ -322,7 +322,7 @@ def _split_scope(comparison) -> tuple[list, str | None]:
     if not left:
         return covered, None
     by_role = ", ".join(f"{r.replace('_', ' ')} {count(left.count(r))}" for r in ROLES if r in left)
-    return covered, (f"scope {comparison.scope}: {count(len(left))} tensor(s) of other roles ({by_role}) left out of "
+    return covered, (f"scope {comparison.scope}: {counted(len(left), 'tensor')} of other roles ({by_role}) left out of "
                      "every figure, bytes included; --scope all includes them")
 
 
@@ -411,6 +411,9 @@ def analyze(comparison, options, state: dict) -> AnalysisResult:
         m = d.metrics
         extras = d.extras.get(NAME) or {}
         scheme, step = _pair_scheme(d, det_old, det_new, extras, (comparison.old_format, comparison.new_format))
+        # A new side all zero is Δ = −A exactly: ‖Δ‖² = ‖A‖² (the engine's two sums of it
+        # differ in the last bits, which would print as a tiny nonzero SQNR).
+        noise_sq = m.norm_old**2 if d.new_all_zero else m.l2**2
         rows.append({
             "tensor": d.name,
             "scheme": scheme,
@@ -421,12 +424,13 @@ def analyze(comparison, options, state: dict) -> AnalysisResult:
             "bits_old": _bits(d.old.nbytes, d.old.numel),
             "bits_new": _bits(d.new.nbytes, d.new.numel),
             "compression": _ratio(d.new.nbytes, d.old.nbytes),
-            "sqnr_db": sqnr_db(m.norm_old**2, m.l2**2),
+            "sqnr_db": sqnr_db(m.norm_old**2, noise_sq),
             "rel_l2": m.rel_l2,
             "cosine": m.cosine,
             "max_err_over_rms": _ratio(m.max_abs, d.old.rms) if m.max_abs else 0.0,
             "p95_abs_err": extras.get("p95_abs_err", math.nan),
-            "_sq": (m.norm_old**2, m.norm_new**2, m.l2**2, m.dot),
+            "_sq": (m.norm_old**2, m.norm_new**2, noise_sq, m.dot),
+            "_old_all_zero": d.old_all_zero,
         })
 
     quantized = [r for r in rows if r["_step"]]  # a quantization step between the sides
@@ -463,7 +467,7 @@ def analyze(comparison, options, state: dict) -> AnalysisResult:
         bo = sum(r["bytes_old"] for r in members)
         bn = sum(r["bytes_new"] for r in members)
         scheme_rows.append((scheme, len(members), sum(r["params"] for r in members), bo, bn, _ratio(bn, bo),
-                            sqnr_db(sum(r["_sq"][0] for r in members), sum(r["_sq"][2] for r in members))))
+                            _group_sqnr(members)))
     candidates = [r for r in (quantized or rows) if r["_sq"][0] > 0]  # an all-zero old side has no SQNR to rank
     sensitive = sorted(candidates, key=lambda r: (r["sqnr_db"], r["tensor"]))[:top_k]
     columns = ("tensor", "scheme", "bits_old", "bits_new", "compression", "sqnr_db", "rel_l2", "cosine",
@@ -474,7 +478,7 @@ def analyze(comparison, options, state: dict) -> AnalysisResult:
         Table("Most sensitive", ("rank", "tensor", "scheme", "sqnr_db", "rel_l2", "max_err_over_rms"),
               tuple((i + 1, r["tensor"], r["scheme"], r["sqnr_db"], r["rel_l2"], r["max_err_over_rms"])
                     for i, r in enumerate(sensitive))),
-        Table("Tensors", columns, tuple(tuple(r[c] for c in columns) for r in rows)),
+        Table("Tensors", columns, tuple(_tensor_row(r, columns) for r in rows)),
     )
 
     unquantized = [r["tensor"] for r in rows if r["scheme"] == "none"]
@@ -482,10 +486,10 @@ def analyze(comparison, options, state: dict) -> AnalysisResult:
     if quantized and unquantized:
         notes.append(f"left unquantized ({count(len(unquantized))}): {_list(unquantized)}")
     if unmeasured and not quantized:
-        notes.append(f"precision_loss unknown: {count(len(unmeasured))} quantized tensor(s) could not be dequantized "
+        notes.append(f"precision_loss unknown: {counted(len(unmeasured), 'quantized tensor')} could not be dequantized "
                      f"(reasons below): {_list(unmeasured)}")
     elif unmeasured:
-        notes.append(f"precision figures cover the {count(len(quantized))} measured quantized tensor(s); "
+        notes.append(f"precision figures cover the {counted(len(quantized), 'measured quantized tensor')}; "
                      f"{count(len(unmeasured))} more could not be dequantized (reasons below): {_list(unmeasured)}")
     elif rows and not quantized:
         kept = sorted({r["scheme"][: -len(BOTH_SIDES)] for r in rows if r["scheme"].endswith(BOTH_SIDES)})
@@ -537,3 +541,26 @@ def analyze(comparison, options, state: dict) -> AnalysisResult:
         "only_new": only_new,
     }
     return AnalysisResult(NAME, headline, data, tables=tables, notes=tuple(notes))
+
+
+#: The Tensors columns undefined when the old side is all zero (‖A‖ = 0): the table
+#: prints ``n/a`` in them, and OLD_ALL_ZERO in place of sqnr_db (docs/METRICS.md).
+_UNDEFINED_AT_OLD_ZERO = ("rel_l2", "cosine", "max_err_over_rms")
+
+
+def _tensor_row(r: dict[str, Any], columns: tuple[str, ...]) -> tuple:
+    """A row of the Tensors table. A tensor whose old side is all zero has no SQNR,
+    rel_l2, cosine or error over rms(A) (each divides by ‖A‖ = 0): it reads ``old all
+    zero`` and ``n/a`` there, never ``-inf``, ``inf`` or ``nan``; ``p95_abs_err``
+    still measures its change."""
+    if not r["_old_all_zero"]:
+        return tuple(r[c] for c in columns)
+    return tuple(OLD_ALL_ZERO if c == "sqnr_db" else "n/a" if c in _UNDEFINED_AT_OLD_ZERO else r[c]
+                 for c in columns)
+
+
+def _group_sqnr(members: list[dict[str, Any]]) -> float | str:
+    """The pooled SQNR of a Schemes row; ``old all zero`` when its old side is all zero
+    and changed (Σ‖A‖² = 0 < Σ‖Δ‖²), where the formula gives −inf."""
+    signal, noise = sum(r["_sq"][0] for r in members), sum(r["_sq"][2] for r in members)
+    return OLD_ALL_ZERO if signal == 0 and noise > 0 else sqnr_db(signal, noise)

@@ -15,6 +15,7 @@ from typing import Any
 
 from torchdiff.render.markdown import _analyses, _inspect, _steps, inspect_line
 from torchdiff.render.text import num, printable, summary_line
+from torchdiff.units import counted
 
 OFFENDERS_SHOWN = 5
 
@@ -64,8 +65,8 @@ def render_github(report) -> str:
                                          f"(threshold {num(f['threshold'])}), severity {f['severity']}"))
             tripped = a.data.get("fail_on_anomaly")
             if tripped is not None:
-                verdict += (f"; --fail-on-anomaly {tripped['severity']}: {tripped['count']} finding(s) at or above"
-                            + (" -> failed" if tripped["tripped"] else ""))
+                verdict += (f"; --fail-on-anomaly {tripped['severity']}: {counted(tripped['count'], 'finding')} "
+                            "at or above" + (" -> failed" if tripped["tripped"] else ""))
     if hasattr(report, "steps"):
         summary = "; ".join(f"{label}: {summary_line(step)}" for label, step in _steps(report))
     elif _inspect(report):

@@ -264,7 +264,7 @@ def table_lines(headers, rows, width: int, rank=None, top: int | None = None) ->
         rows = [row for i, row in enumerate(rows) if i in kept]
     else:  # the first rows, in the table's (or the report's) order
         rows = rows[:top]
-    return _laid_out(headers, rows, width) + [f"  … and {more:,} more rows (--top 0 lists every row)"]
+    return _laid_out(headers, rows, width) + [f"  … and {counted(more, 'more row')} (--top 0 lists every row)"]
 
 
 def _is_number(value: Any) -> bool:
