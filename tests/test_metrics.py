@@ -866,3 +866,18 @@ def test_cosine_of_identical_values_is_exactly_one():
         assert next(d for d in report if d.name == "w").metrics.cosine == 1.0
         assert torchdiff.figures.group(fig, lambda name: name, np.ones(2, dtype=bool))["w"].cosine == 1.0
     assert rounded  # the rounding this guards against happened
+
+
+@pytest.mark.parametrize("shape", [(1000, 37), (70000,), (3,)])
+def test_a_side_all_zero_makes_the_difference_the_other_side_exactly(shape):
+    """new = 0 (pruned): Δ = −A, so rel_l2 = ‖Δ‖/‖A‖ is 1 exactly and ‖Δ‖ = ‖A‖ (it read
+    0.9999999922592469 on a 1000 × 37 randn: two row sums of the same values); old = 0:
+    ‖Δ‖ = ‖B‖. Against float64 NumPy."""
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    ref = float(np.linalg.norm(x.double().numpy().ravel()))
+    fig = torchdiff.compare({"w": x}, {"w": torch.zeros(shape)}, device="cpu").figures
+    assert fig.rel_l2()[0] == 1.0 and fig.l2[0] == fig.norm_old[0]
+    assert fig.l2[0] == pytest.approx(ref, rel=1e-6)
+    fig = torchdiff.compare({"w": torch.zeros(shape)}, {"w": x}, device="cpu").figures
+    assert fig.l2[0] == fig.norm_new[0] == pytest.approx(ref, rel=1e-6)

@@ -792,6 +792,13 @@ class Engine:
             n[j], d2[j], d_max[j], d_abs[j], changed[j] = t.count, t.dsq, t.dmax, t.dsum_abs, t.changed
             sq_old[j], sq_new[j], dot[j] = t.sumsq_old, t.sumsq_new, t.dot
             scale[j], scale_old[j], scale_new[j] = t.scale, t.scale_old, t.scale_new
+        # A side all zero (pruned, zero-initialised): Δ is the other side, so ‖Δ‖² is that
+        # side's ‖·‖² exactly; two float32 row sums of the same values differ in their last
+        # bits, and a zeroed tensor read rel_l2 = 0.99999999 (docs/METRICS.md).
+        with np.errstate(invalid="ignore"):
+            zero_new = ~slow & (fig.new.min[rows] == 0) & (fig.new.max[rows] == 0)
+            zero_old = ~slow & (fig.old.min[rows] == 0) & (fig.old.max[rows] == 0)
+        d2 = np.where(zero_new, sq_old, np.where(zero_old, sq_new, d2))
         same_nonfinite = ((fig.old.nan_count[rows] == fig.new.nan_count[rows])
                           & (fig.old.inf_count[rows] == fig.new.inf_count[rows]))
         for j in np.flatnonzero(same_nonfinite & nonfinite).tolist():
