@@ -266,11 +266,11 @@ def test_series_refuses_a_checkpoint_that_lacks_tensors(tmp_path, capsys):
         save_file({n: torch.full((3,), float(i + 1)) for n in names}, str(paths[-1]))
     assert main(["series", *map(str, paths)]) == 2
     err = capsys.readouterr().err
-    assert err == (f"torchdiff: error: {paths[2]}: lacks 1 tensor(s) in --scope params other checkpoints of the "
+    assert err == (f"torchdiff: error: {paths[2]}: lacks 1 tensor in --scope params other checkpoints of the "
                    "series hold: b (--common-only compares the tensors every checkpoint holds)\n")
     assert main(["series", *map(str, paths), "--common-only"]) == 0
     out = capsys.readouterr().out
-    assert "note: --common-only: 1 tensor(s) not in every checkpoint left out of every pair: b" in out
+    assert "note: --common-only: 1 tensor not in every checkpoint left out of every pair: b" in out
     report = torchdiff.compare_series(list(map(str, paths)), common_only=True)
     assert all(d.name == "a" for step in report for d in step)
 

@@ -484,7 +484,7 @@ def test_cycle_is_one_line_exit_2(tmp_path, capsys):
      "rule 1 ('a'): unknown transform 'rotate' (known: concat, dtype, megatron_qkv, permute_rope, reshape, split, "
      "transpose, unpermute_rope)"),
     ("rules:\n  - match: '(a)'\n    name: '\\2'\n", "rule 1 ('(a)'): name '\\2' refers to group \\2, the regex has 1"),
-    ("rules:\n  - match: a\n    name: [b, c]\n", "rule 1 ('a'): the transforms produce 1 tensor(s) but 'name' lists 2"),
+    ("rules:\n  - match: a\n    name: [b, c]\n", "rule 1 ('a'): the transforms produce 1 tensor but 'name' lists 2"),
     ("rules: [\n", "not a valid YAML rule file"),
     ("rulez: []\n", "unknown key 'rulez'"),
 ])

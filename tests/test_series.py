@@ -191,7 +191,7 @@ def test_steps_are_ordinary_comparisons(tmp_path):
     del states[2]["b.weight"]
     run = {"first": states[0], "second": states[0], "third": states[2]}
     # a checkpoint that lacks tensors is refused by default: leaving them out moves every figure
-    with pytest.raises(torchdiff.UsageError, match=r"^first: lacks 1 tensor\(s\) in --scope params other "
+    with pytest.raises(torchdiff.UsageError, match=r"^first: lacks 1 tensor in --scope params other "
                                                    r"checkpoints of the series hold: c.extra \(--common-only"):
         compare_series(run)
     report = compare_series(run, common_only=True)
@@ -201,7 +201,7 @@ def test_steps_are_ordinary_comparisons(tmp_path):
     counts = report.steps[1].comparison.counts()
     assert (counts["added"], counts["removed"], counts["changed"]) == (0, 0, 2)
     assert report.has_differences
-    assert any("--common-only: 2 tensor(s) not in every checkpoint" in n for n in report.notes)
+    assert any("--common-only: 2 tensors not in every checkpoint" in n for n in report.notes)
     text = str(report)
     assert "first -> second: 2 tensors: 0 changed" in text
 
@@ -214,7 +214,7 @@ def test_nonfinite_values_are_left_out_and_flagged():
     conv = report.analysis("convergence_analysis")
     assert conv.headline["status"] == "diverging"
     assert "non-finite" in conv.data["reason"]
-    assert any("1 element position(s) non-finite" in n for n in report.notes)
+    assert any("1 element position non-finite" in n for n in report.notes)
     assert all(math.isfinite(v) for v in report.analysis("similarity_matrix").data["cosine"][0])
 
 
@@ -230,7 +230,7 @@ def test_nonfinite_base_positions_are_left_out():
     taus = x[:, keep] - b[keep]
     want = taus[0] @ taus[1] / (np.linalg.norm(taus[0]) * np.linalg.norm(taus[1]))
     assert tv["cosine"][0][1] == pytest.approx(want, rel=1e-9)
-    assert any("1 element position(s) non-finite" in n for n in report.notes)
+    assert any("1 element position non-finite" in n for n in report.notes)
 
 
 def test_one_checkpoint_is_not_a_series(tmp_path):
@@ -573,7 +573,7 @@ def test_a_series_of_int8_checkpoints_measures_the_values_the_codes_stand_for(tm
     paths = _save(tmp_path, states)
     report = compare_series(paths, analyses=["convergence_analysis", "similarity_matrix"])
     _check_figures(report, values, names=("fc.weight", "fc.bias"))
-    assert any(n.startswith("dequantized (int8 per-channel): 1 weight(s) compared as the values") and
+    assert any(n.startswith("dequantized (int8 per-channel): 1 weight compared as the values") and
                n.endswith(": fc.weight") for n in report.notes)
     raw = compare_series(paths, analyses=["convergence_analysis", "similarity_matrix"], raw=True)
     # --raw: the int8 codes are no float values (left out, and said so), the scales are companions (out of

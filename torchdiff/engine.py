@@ -38,6 +38,7 @@ from torchdiff.formats.base import TensorHandle
 from torchdiff.pairing import Pair
 from torchdiff.figures import Figures, by_norms
 from torchdiff.status import ADDED, CHANGED, REMOVED, RESHAPED, RETYPED, UNCHANGED
+from torchdiff.units import counted
 
 ROW = 65536
 _MATERIALIZE = threading.RLock()
@@ -85,7 +86,7 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         if not torch.cuda.is_available():
             raise DeviceError(f"--device {device}: CUDA is not available on this machine (use --device cpu or auto)")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise DeviceError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+            raise DeviceError(f"--device {device}: only {counted(torch.cuda.device_count(), 'CUDA device')} here")
     elif dev.type != "cpu":
         raise DeviceError(f"--device {device}: torchdiff runs on cpu or cuda")
     return dev

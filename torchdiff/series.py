@@ -58,7 +58,7 @@ from torchdiff.pipeline import (
 )
 from torchdiff.report import SeriesReport
 from torchdiff.results import AnalysisResult, MetadataDiff, TensorStats
-from torchdiff.units import count
+from torchdiff.units import count, counted
 
 #: Analyses a series runs when none is named.
 SERIES_DEFAULT = ("convergence_analysis", "similarity_matrix")
@@ -362,7 +362,7 @@ class _Pass:
             missing = [n for n in names if n not in c.tensors and self.roles[n] in in_scope]
             if missing and not options.get("common_only"):
                 shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
-                raise UsageError(f"{label}: lacks {len(missing)} tensor(s) in --scope {options.scope} other "
+                raise UsageError(f"{label}: lacks {counted(len(missing), 'tensor')} in --scope {options.scope} other "
                                  f"checkpoints of the series hold: {shown} (--common-only compares the tensors "
                                  "every checkpoint holds)")
             if options.get("common_only"):
@@ -875,19 +875,19 @@ def _build(data: SeriesData, options: Options, base_name: str | None) -> SeriesR
     notes += data.base_pairing
     for scheme, names in data.dequantized.items():
         shown = ", ".join(names[:5]) + (f" (+{count(len(names) - 5)} more)" if len(names) > 5 else "")
-        notes.append(f"dequantized ({scheme}): {count(len(names))} weight(s) compared as the values their codes and "
+        notes.append(f"dequantized ({scheme}): {counted(len(names), 'weight')} compared as the values their codes and "
                      f"scales stand for (--raw compares the stored codes): {shown}")
     if data.dropped:
         shown = ", ".join(data.dropped[:5]) + (f" (+{count(len(data.dropped) - 5)} more)"
                                                if len(data.dropped) > 5 else "")
-        notes.insert(0, f"--common-only: {count(len(data.dropped))} tensor(s) not in every checkpoint left out of "
+        notes.insert(0, f"--common-only: {counted(len(data.dropped), 'tensor')} not in every checkpoint left out of "
                         f"every pair: {shown}")
     for reason, names in data.left_out.items():
         shown = ", ".join(names[:5]) + (f" (+{count(len(names) - 5)} more)" if len(names) > 5 else "")
-        notes.append(f"{count(len(names))} tensor(s) left out of the series figures ({reason}): {shown}")
+        notes.append(f"{counted(len(names), 'tensor')} left out of the series figures ({reason}): {shown}")
     bad = float(data.nonfinite.sum()) if data.nonfinite.size else 0.0
     if bad:
-        notes.append(f"{count(int(bad))} element position(s) non-finite in some checkpoint, left out of the series "
+        notes.append(f"{counted(int(bad), 'element position')} non-finite in some checkpoint, left out of the series "
                      "figures")
     return SeriesReport(
         checkpoints=data.names, labels=data.labels, steps=steps,

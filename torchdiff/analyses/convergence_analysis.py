@@ -32,7 +32,7 @@ from torchdiff.figures import group, summary_mask
 from torchdiff.errors import UsageError
 from torchdiff.names import OPTIMIZER_STATE, TRAINING_STATE
 from torchdiff.results import AnalysisResult, Table
-from torchdiff.units import count, number
+from torchdiff.units import count, counted, number
 
 NAME = "convergence_analysis"
 FLAG = "convergence_analysis"
@@ -131,7 +131,7 @@ def decide(fig: dict[str, Any], nonfinite: float, options) -> tuple[str, str]:
     r = fig["rel_update"]
     steps = len(r)
     if nonfinite:
-        return "diverging", f"{count(int(nonfinite))} non-finite value position(s)"
+        return "diverging", counted(int(nonfinite), "non-finite value position")
     finite_r = [(v, t) for t, v in enumerate(r) if math.isfinite(v)]
     if finite_r:
         rmax, tmax = max(finite_r)
@@ -144,7 +144,7 @@ def decide(fig: dict[str, Any], nonfinite: float, options) -> tuple[str, str]:
         return "undetermined", "a trend needs ≥ 3 checkpoints"
     k, thr = options["plateau_steps"], options["plateau_threshold"]
     if steps >= k and all(math.isfinite(v) and v < thr for v in r[-k:]):
-        return "plateaued", f"rel_update < {thr:g} for the last {k} step(s) (last {number(r[-1])})"
+        return "plateaued", f"rel_update < {thr:g} for the last {counted(k, 'step')} (last {number(r[-1])})"
     recent = fig["recent"]
     if recent is not None and recent.slope > DIVERGE_TREND:
         return "diverging", f"recent trend {number(recent.slope, signed=True)} > +{DIVERGE_TREND:g}"
@@ -275,7 +275,7 @@ def analyze_series(series, options) -> AnalysisResult:
             and recent.points >= FIT_POINTS_FOR_PROJECTION and math.isfinite(r_last) and r_last > thr):
         intervals = math.ceil((math.log(thr) - math.log(r_last)) / recent.slope)
         data["intervals_to_plateau"] = intervals
-        notes.append(f"projection: about {count(intervals)} more checkpoint interval(s) until r_t < {thr:g}, assuming "
+        notes.append(f"projection: about {counted(intervals, 'more checkpoint interval')} until r_t < {thr:g}, assuming "
                      f"ln r_t keeps falling linearly at the recent trend {number(recent.slope, signed=True)}/interval "
                      f"(fit over the last {count(recent.points)} steps, R²={number(recent.r2)}) and the same spacing")
     notes.append(rules_text(options))

@@ -35,7 +35,7 @@ from torchdiff.figures import group, summary_mask
 from torchdiff.names import is_float_storage
 from torchdiff.errors import UsageError
 from torchdiff.results import AnalysisResult, Table
-from torchdiff.units import count, number
+from torchdiff.units import count, counted, number
 
 NAME = "gradient_analysis"
 FLAG = "gradient_analysis"
@@ -305,7 +305,7 @@ def analyze(comparison, options, state: dict) -> AnalysisResult | None:
         if not entries:
             continue
         notes = list(plan.notes)
-        notes.insert(0, f"from the {side} checkpoint's optimizer state ({count(len(entries))} parameter(s))")
+        notes.insert(0, f"from the {side} checkpoint's optimizer state ({counted(len(entries), 'parameter')})")
         return _adam_result(adam_layers(entries), {}, notes, {"mode": comparison.mode, "side": side})
     if comparison.mode != "pair":
         return AnalysisResult(NAME, {"source": "none"},

@@ -32,6 +32,7 @@ import torch
 from torchdiff.formats.base import Checkpoint, TensorHandle
 from torchdiff.mapping import transforms as T
 from torchdiff.mapping.rules import MappingError, Rule, RuleSet, builtins
+from torchdiff.units import counted
 
 CONFIG_MAX_BYTES = 1 << 20
 
@@ -302,8 +303,8 @@ def _bind(rule: Rule, rs: RuleSet, sources: list[str], targets: list[str], sourc
             labels = ["q", "k", "v"]
         bound.append(params)
     if len(shapes) != len(targets):
-        raise MappingError(f"{rs.where()}: {rule.label()}: the transforms produce {len(shapes)} tensor(s) for "
-                           f"{len(targets)} name(s)")
+        raise MappingError(f"{rs.where()}: {rule.label()}: the transforms produce {counted(len(shapes), 'tensor')} for "
+                           f"{counted(len(targets), 'name')}")
     return [_Output(tname, tuple(sources), rule, tuple(bound), i, len(targets), tuple(shape), dtype, labels[i],
                     tuple(target_shapes))
             for i, (tname, shape) in enumerate(zip(targets, shapes))]

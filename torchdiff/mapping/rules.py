@@ -31,6 +31,7 @@ from typing import Any
 
 from torchdiff.errors import MissingDependencyError, UsageError
 from torchdiff.mapping.transforms import HEAD_PARAMS, KINDS, Transform, dtype_names
+from torchdiff.units import counted
 
 RULES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rules")
 GENERATORS = ("gguf",)
@@ -275,7 +276,7 @@ def _rule(data: Any, index: int, path: str) -> Rule:
                 inputs = len(sizes) if sizes is not None else (len(names) if names else 1)
     outputs = len(names) if names else 1
     if inputs != outputs:
-        raise _fail(path, f"{where}: the transforms produce {inputs} tensor(s) but 'name' lists {outputs}")
+        raise _fail(path, f"{where}: the transforms produce {counted(inputs, 'tensor')} but 'name' lists {outputs}")
     return Rule(index, pattern, names, tuple(with_), when_t, transforms)
 
 
