@@ -16,6 +16,7 @@ from torchdiff.errors import (
     TooLargeError,
     TorchDiffError,
     UnknownFormatError,
+    UnknownTensorError,
     UnsafeCheckpointError,
     UsageError,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "TooLargeError",
     "TorchDiffError",
     "UnknownFormatError",
+    "UnknownTensorError",
     "UnsafeCheckpointError",
     "UsageError",
     "__version__",

@@ -1,12 +1,6 @@
 """Per-tensor access to a Report: its TensorDiff by name, and Δ = new − old as a tensor.
 
-Meant to back ``Report.__getitem__`` and ``Report.delta``::
-
-    def __getitem__(self, name):            # report["head.weight"]
-        return access.tensor_diff(self, name)
-
-    def delta(self, name, old=None, new=None, **kwargs):
-        return access.delta(self, name, old, new, **kwargs)
+``Report.__getitem__`` (``report["head.weight"]``) and ``Report.delta`` call these.
 
 A Report holds figures, never tensors: ``delta`` reads the one tensor again from each
 side (lazily: only that tensor's bytes), from the sources given or else from the paths
@@ -21,18 +15,26 @@ from typing import Any
 
 import torch
 
-from torchdiff.errors import InputNotFoundError, UsageError
+from torchdiff.errors import InputNotFoundError, UnknownTensorError, UsageError
 
 
 def tensor_diff(report, name: str):
-    """The TensorDiff of ``name`` (KeyError naming the closest names when absent)."""
-    for d in report.comparison.diffs:
-        if d.name == name:
-            return d
-    names = [d.name for d in report.comparison.diffs]
+    """The TensorDiff of ``name`` (UnknownTensorError naming the closest names when absent)."""
+    fig = report.figures
+    if isinstance(name, str) and name in report:
+        return fig[fig.index(name)]
+    raise unknown_tensor(report, name, f"{name!r} is not a tensor of this report")
+
+
+def unknown_tensor(report, name: Any, what: str) -> UnknownTensorError:
+    """The error for a name the report lacks: ``what``, the tensor count and the closest names."""
+    names = report.figures.names
+    if not isinstance(name, str):
+        return UnknownTensorError(f"a Report is indexed by tensor name, got {type(name).__name__} {name!r} "
+                                  "(list(report)[i] is the i-th tensor in output order)")
     close = difflib.get_close_matches(name, names, n=3)
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    raise KeyError(f"{name!r} is not a tensor of this report ({len(names)} tensors{hint})")
+    return UnknownTensorError(f"{what} ({len(names)} tensors{hint})")
 
 
 def delta(report, name: str, old: Any = None, new: Any = None, *, raw: bool = False,
@@ -48,7 +50,7 @@ def delta(report, name: str, old: Any = None, new: Any = None, *, raw: bool = Fa
         format: force the reader, as ``compare(format=...)``.
 
     Raises:
-        KeyError: ``name`` is not in the report.
+        UnknownTensorError: ``name`` is not in the report (a UsageError and a KeyError).
         UsageError: the tensor is on one side only, or its shape changed.
         InputNotFoundError: a source is gone and none was given.
     """
@@ -90,4 +92,4 @@ def _read(source: Any, name: str, raw: bool, format: str | None) -> torch.Tensor
         ckpt.close()
 
 
-__all__ = ["delta", "tensor_diff"]
+__all__ = ["UnknownTensorError", "delta", "tensor_diff", "unknown_tensor"]

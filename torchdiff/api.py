@@ -6,6 +6,8 @@ The pipeline behind them is torchdiff.pipeline.
 
 from __future__ import annotations
 
+import os
+from inspect import signature
 from typing import Any, Callable, Sequence
 
 from torchdiff import formats, mapping
@@ -14,18 +16,18 @@ from torchdiff.errors import CorruptFileError, UsageError
 from torchdiff.formats.base import Checkpoint
 from torchdiff.pairing import check_selected, compile_filters, pair, pair_metadata
 from torchdiff.pipeline import (
-    CORE_OPTIONS, check_paths, compare_checkpoints, make_options, open_checkpoint, opened, resolve, resolved,
+    check_paths, compare_checkpoints, make_options, open_checkpoint, opened, resolve, resolved,
     unknown_option,
 )
 from torchdiff.figures import without_gc
 from torchdiff.report import Report
 
 
-def _reject(unknown: dict[str, Any], known: Sequence[str] = ()) -> None:
+def _reject(unknown: dict[str, Any], entry: Callable[..., Any]) -> None:
+    """A UsageError for a misspelt keyword, naming the closest parameter of ``entry``
+    (its own: ``differs`` does not suggest ``stats``)."""
     if unknown:
-        from torchdiff.analyses import FLAGS, options_defaults
-
-        names = list(CORE_OPTIONS) + list(FLAGS) + list(options_defaults()) + list(known)
+        names = [n for n in signature(entry).parameters if n not in ("progress", "unknown")]
         raise UsageError(unknown_option(next(iter(unknown)), names))
 
 
@@ -96,7 +98,7 @@ def compare(
         >>> [(d.name, d.status, round(d.metrics.rel_l2, 4)) for d in report]
         [('w', 'changed', 0.5774)]
     """
-    _reject(unknown)
+    _reject(unknown, compare)
     options = _options(analyses, locals())
     engine = Engine(resolve_device(options.device), options.epsilon)
     with opened(old, new, options) as (old_ckpt, new_ckpt):
@@ -114,7 +116,7 @@ def differs(old: Any, new: Any, *, epsilon: float = 0.0, ignore_keys_regex: str 
     stopping at the first difference; the engine measures only pairs whose bytes
     differ (their values may still be equal: -0.0 vs 0.0, or within --epsilon).
     """
-    _reject(unknown)
+    _reject(unknown, differs)
     options = make_options((), epsilon=epsilon, ignore_keys_regex=ignore_keys_regex, path=path, format=format,
                            recursive=recursive, device=device, unsafe_pickle=unsafe_pickle, map=map,
                            map_heads=map_heads, revision=revision)
@@ -162,7 +164,7 @@ def inspect(
 
     Args: as ``compare``, for one source; analyses that need two checkpoints say so in a note.
     """
-    _reject(unknown)
+    _reject(unknown, inspect)
     options = _options(analyses, locals())
     local = resolve(source, options)
     check_paths(local, local, options)
@@ -176,6 +178,18 @@ def inspect(
 
 
 @without_gc
-def load(path: Any, format: str | None = None) -> Checkpoint:
-    """Open one checkpoint lazily (see torchdiff.formats.load)."""
-    return formats.load(path, format)
+def load(source: Any, format: str | None = None, *, unsafe_pickle: bool = False, **unknown: Any) -> Checkpoint:
+    """Open one checkpoint lazily: names, shapes and dtypes now, a tensor's bytes when
+    ``ckpt[name]`` reads it. Use it as a context manager (``with torchdiff.load(p) as ckpt:``)
+    to close its files.
+
+    Args:
+        source: a path, as ``compare`` takes it (torchdiff.formats.load), or a state_dict
+            or ``nn.Module`` (a view of its tensors, no copy).
+        format: force a reader, as ``compare(format=...)``.
+        unsafe_pickle: allow pickles that need code (runs code from the file: trusted files only).
+    """
+    _reject(unknown, load)
+    if isinstance(source, (str, os.PathLike)):
+        return formats.load(source, format, unsafe_pickle=unsafe_pickle)
+    return formats.from_object(source)

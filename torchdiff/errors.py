@@ -17,6 +17,13 @@ class UsageError(TorchDiffError):
     """A flag, option or argument that does not make sense."""
 
 
+class UnknownTensorError(UsageError, KeyError):
+    """A name that is not a tensor of a report or a checkpoint: a UsageError (the package's
+    error family) that is also a KeyError (what ``mapping[name]`` raises)."""
+
+    __str__ = Exception.__str__  # the message as written, not KeyError's repr of it
+
+
 class InputNotFoundError(TorchDiffError):
     """A path that does not exist or is of the wrong kind (file vs directory)."""
 

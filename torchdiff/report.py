@@ -1,7 +1,8 @@
 """The Report family: what ``compare``, ``inspect``, ``compare_series`` and the monitor
 return. Every member has the same surface:
 
-- iteration (a Report's TensorDiffs in output order; a SeriesReport's step Reports);
+- iteration and ``len`` (a Report's TensorDiffs in output order; a SeriesReport's step
+  Reports); a Report's ``name in report``, ``report[name]`` and ``delta(name)``;
 - ``analysis(name)``, ``analyses``, ``has_differences``;
 - ``records(level)`` plain rows and ``to_pandas(level)``;
 - ``scalars()`` with one naming scheme (torchdiff.figures.scalars);
@@ -14,10 +15,12 @@ below never import it.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Iterator
 
+from torchdiff import access
 from torchdiff.errors import MissingDependencyError, UsageError
 from torchdiff.figures import Comparison, Figures, layer_records, records, scalars, without_gc
 from torchdiff.names import layer_of
@@ -39,10 +42,20 @@ class _Family:
     analyses: tuple[AnalysisResult, ...]
 
     def analysis(self, name: str) -> AnalysisResult | None:
-        """The first analysis of that name (a series: its own, then each step's in order)."""
+        """The first analysis of that name (a series: its own, then each step's in order),
+        None when it did not run. A flag name stands for its analysis (``show_layer_impact``);
+        a name close to an analysis' name but none (``layer_impactt``) is a UsageError
+        naming it, not a silent None."""
+        from torchdiff.analyses import FLAGS, analysis_names
+
+        name = FLAGS.get(name, name)
         for a in self.analyses:
             if a.name == name:
                 return a
+        known = set(analysis_names) | {a.name for a in self.analyses}
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        if name not in known and close:
+            raise UsageError(f"no analysis named {name!r} (did you mean {close[0]!r}?)")
         return None
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -64,8 +77,12 @@ class _Family:
     def __str__(self) -> str:
         return render(self, "text", color=False)
 
+    def _repr_pretty_(self, printer, cycle: bool) -> None:
+        """IPython and Jupyter show the text form (``repr`` stays one line)."""
+        printer.text(str(self))
 
-@dataclass(frozen=True, eq=False)
+
+@dataclass(frozen=True, eq=False, repr=False)
 class Report(_Family):
     """A comparison (or an inspection) plus the analyses that ran on it.
 
@@ -81,6 +98,12 @@ class Report(_Family):
     def kind(self) -> str:
         return "inspect" if self.comparison.mode == "inspect" else "compare"
 
+    def __repr__(self) -> str:
+        c = self.comparison
+        sides = repr(c.new_name) if self.kind == "inspect" else f"{c.old_name!r} -> {c.new_name!r}"
+        counts = ", ".join(f"{n} {s}" for s, n in c.counts().items() if n)
+        return f"<Report {self.kind} {sides}: {len(self)} tensors{': ' if counts else ''}{counts}>"
+
     @property
     def figures(self) -> Figures:
         return self.comparison.figures
@@ -91,11 +114,20 @@ class Report(_Family):
     def __len__(self) -> int:
         return len(self.comparison.figures)
 
-    def __getitem__(self, name: str) -> TensorDiff:
+    def __contains__(self, name: object) -> bool:
+        """Whether ``name`` is a tensor of this report (``"fc.weight" in report``)."""
         try:
+            self.figures.index(name)  # type: ignore[arg-type]
+        except (KeyError, TypeError):
+            return False
+        return True
+
+    def __getitem__(self, name: str) -> TensorDiff:
+        """The TensorDiff of ``name``; UnknownTensorError (a UsageError and a KeyError)
+        naming the closest names when absent."""
+        if isinstance(name, str) and name in self:
             return self.figures[self.figures.index(name)]
-        except KeyError:
-            raise KeyError(f"no tensor named {name!r} in this report") from None
+        raise access.unknown_tensor(self, name, f"no tensor named {name!r} in this report")
 
     def row_order(self) -> list[int] | None:
         """Row numbers of the figures table in output order (None: table order)."""
@@ -105,9 +137,7 @@ class Report(_Family):
               format: str | None = None):
         """Δ = new − old of one tensor as a CPU tensor, read again from the sources
         (torchdiff.access.delta: by default the report's own paths)."""
-        from torchdiff.access import delta
-
-        return delta(self, name, old, new, raw=raw, format=format)
+        return access.delta(self, name, old, new, raw=raw, format=format)
 
     def _row_order(self) -> list[int] | None:
         if self.order is None:
@@ -149,7 +179,7 @@ class Report(_Family):
         return to_items(self)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class SeriesReport(_Family):
     """The result of ``compare_series``: one Report per consecutive pair, plus the series
     analyses. Iterates over the step Reports."""
@@ -163,6 +193,9 @@ class SeriesReport(_Family):
     notes: tuple[str, ...] = ()
 
     kind = "series"
+
+    def __repr__(self) -> str:
+        return f"<SeriesReport {len(self.checkpoints)} checkpoints, {len(self.steps)} steps, order {self.order}>"
 
     @property
     def analyses(self) -> tuple[AnalysisResult, ...]:  # type: ignore[override]
@@ -180,7 +213,8 @@ class SeriesReport(_Family):
         return iter(self.steps)
 
     def __len__(self) -> int:
-        return len(self.checkpoints)
+        """The number of steps, as iteration yields (one fewer than the checkpoints)."""
+        return len(self.steps)
 
     def records(self, level: str = "step") -> list[dict[str, Any]]:
         """Plain rows: ``"step"`` one per step (its global figures and counts), ``"layer"``

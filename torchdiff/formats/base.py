@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-from torchdiff.errors import CorruptFileError, TooLargeError
+from torchdiff.errors import CorruptFileError, TooLargeError, UnknownTensorError
 
 # torch dtype -> short name used in reports (and safetensors' names for reference).
 _DTYPE_NAMES: dict[torch.dtype, str] = {
@@ -120,7 +120,14 @@ class Checkpoint:
         return len(self.tensors)
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return self.tensors[name].materialize()
+        handle = self.tensors.get(name) if isinstance(name, str) else None
+        if handle is None:
+            import difflib
+
+            close = difflib.get_close_matches(str(name), list(self.tensors), n=3)
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise UnknownTensorError(f"{name!r} is not a tensor of {self.name} ({len(self.tensors)} tensors{hint})")
+        return handle.materialize()
 
     def __contains__(self, name: object) -> bool:
         return name in self.tensors
