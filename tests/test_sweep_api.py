@@ -226,3 +226,19 @@ def test_a_checkpoint_indexed_by_a_missing_name_names_the_closest(tmp_path):
             ckpt["nope"]
         with pytest.raises(torchdiff.UsageError):
             ckpt[0]
+
+
+def test_monitor_record_analysis_looks_up_as_a_report_does():
+    """MonitorRecord.analysis kept its own loop: a typo gave a silent None there."""
+    from torchdiff.callbacks import CheckpointMonitor
+
+    model = torch.nn.Linear(4, 4)
+    monitor = CheckpointMonitor(model, every=1, analyses=("anomaly_detection",))
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    monitor.step()
+    record = monitor.history[-1]
+    assert record.analysis("anomaly_detection") is not None
+    assert record.analysis("change_summary") is None  # did not run
+    with pytest.raises(torchdiff.UsageError, match="did you mean 'anomaly_detection'"):
+        record.analysis("anomaly_detectoin")

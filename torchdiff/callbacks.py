@@ -39,7 +39,7 @@ from torchdiff.errors import MissingDependencyError, TorchDiffError, UsageError
 from torchdiff.formats.base import Checkpoint, mark_ties, module_ties
 from torchdiff.names import layer_of, role
 from torchdiff.figures import Comparison, Figures, GroupFigures, group, nonfinite_values, scalars_of, summary_mask
-from torchdiff.report import Report
+from torchdiff.report import Report, find_analysis
 from torchdiff.results import TensorDiff, TensorStats
 from torchdiff.status import ADDED, CHANGED, REMOVED, RESHAPED, RETYPED, UNCHANGED
 
@@ -87,10 +87,8 @@ class MonitorRecord:
         return self.keep != "stats"
 
     def analysis(self, name: str):
-        for a in self.analyses:
-            if a.name == name:
-                return a
-        return None
+        """As ``Report.analysis``: None when it did not run, a UsageError on a typo."""
+        return find_analysis(self.analyses, name)
 
     def scalars(self, tensors: bool = False) -> dict[str, float]:
         """A flat dict for a metrics logger, in the naming scheme of every report

@@ -36,6 +36,24 @@ def _dataframe(rows: list[dict[str, Any]]):
     return pd.DataFrame(rows)
 
 
+def find_analysis(analyses, name: str) -> AnalysisResult | None:
+    """The first of ``analyses`` named ``name`` (or the analysis a flag name stands for:
+    ``show_layer_impact``); None when it did not run; a UsageError naming the closest
+    analysis for a name close to one but none (``layer_impactt``). Every report kind
+    (Report, SeriesReport, MonitorRecord) looks analyses up here."""
+    from torchdiff.analyses import FLAGS, analysis_names
+
+    name = FLAGS.get(name, name)
+    for a in analyses:
+        if a.name == name:
+            return a
+    known = set(analysis_names) | {a.name for a in analyses}
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    if name not in known and close:
+        raise UsageError(f"no analysis named {name!r} (did you mean {close[0]!r}?)")
+    return None
+
+
 class _Family:
     """What every report kind shares, given ``to_dict``, ``records`` and ``analyses``."""
 
@@ -46,17 +64,7 @@ class _Family:
         None when it did not run. A flag name stands for its analysis (``show_layer_impact``);
         a name close to an analysis' name but none (``layer_impactt``) is a UsageError
         naming it, not a silent None."""
-        from torchdiff.analyses import FLAGS, analysis_names
-
-        name = FLAGS.get(name, name)
-        for a in self.analyses:
-            if a.name == name:
-                return a
-        known = set(analysis_names) | {a.name for a in self.analyses}
-        close = difflib.get_close_matches(name, sorted(known), n=1)
-        if name not in known and close:
-            raise UsageError(f"no analysis named {name!r} (did you mean {close[0]!r}?)")
-        return None
+        return find_analysis(self.analyses, name)
 
     def to_json(self, indent: int | None = 2) -> str:
         return render(self, "json", indent=indent)
