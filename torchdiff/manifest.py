@@ -90,7 +90,7 @@ class TensorRecord:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str) -> "TensorRecord":
+    def from_dict(cls, d: Mapping[str, Any], where: str, sample_count: int = SAMPLES) -> "TensorRecord":
         try:
             record = cls(
                 name=str(d["name"]), dtype=str(d["dtype"]), shape=tuple(int(s) for s in d["shape"]),
@@ -109,10 +109,37 @@ class TensorRecord:
             raise CorruptFileError(f"{where}: {what} is malformed (no {e.args[0]!r} field)") from None
         except (TypeError, ValueError) as e:
             raise CorruptFileError(f"{where}: a tensor record is malformed ({type(e).__name__}: {e})") from None
-        if any(s < 0 for s in record.shape):
-            raise CorruptFileError(f"{where}: tensor record {record.name!r} has shape {list(record.shape)}: "
-                                   "a dimension below 0")
+        if not isinstance(d["name"], str):
+            raise CorruptFileError(f"{where}: a tensor record's name is {d['name']!r}, not a string")
+        problem = _inconsistency(record, sample_count)
+        if problem:
+            raise CorruptFileError(f"{where}: tensor record {record.name!r} {problem} "
+                                   "(the manifest was edited or damaged: write it again with torchdiff hash)")
         return record
+
+
+def _inconsistency(r: TensorRecord, sample_count: int) -> str | None:
+    """What makes a record impossible for ``fingerprint`` to have written, or None: a
+    negative dimension, an unknown dtype, a norm or sum that is not a finite norm or sum,
+    non-finite counts above the values, or a sample of another length than its positions
+    (none at all is allowed: the estimate is then unknown, and no tolerance accepts it).
+    verify measures distances from the figures and the sample, so an edited record is
+    refused rather than measured. (A changed hash, shape or byte count needs no check:
+    it shows as a mismatch.)"""
+    if any(s < 0 for s in r.shape):
+        return f"has shape {list(r.shape)}: a dimension below 0"
+    dt = getattr(torch, r.dtype, None)
+    if not isinstance(dt, torch.dtype):
+        return f"has dtype {r.dtype!r}, which torch does not know"
+    if not (math.isfinite(r.norm) and r.norm >= 0 and math.isfinite(r.sum)):
+        return f"has norm {r.norm!r} and sum {r.sum!r}: a norm is finite and ≥ 0, a sum finite"
+    values = r.numel * (2 if dt.is_complex else 1)  # complex tensors are sampled as (real, imag) pairs
+    if min(r.nan_count, r.inf_count) < 0 or r.nan_count + r.inf_count > values:
+        return f"has nan_count {r.nan_count} and inf_count {r.inf_count} for {values} values"
+    kept = len(sample_positions(values, sample_count))
+    if r.sample and len(r.sample) != kept:
+        return f"has {len(r.sample)} sampled values where its {values} values give {kept} positions"
+    return None
 
 
 def _float(v: Any) -> float:
@@ -184,6 +211,10 @@ class Manifest:
                                    f"(this torchdiff reads version {MANIFEST_VERSION})")
         if data.get("hash") != HASH_NAME:
             raise CorruptFileError(f"{where}: manifest hash {data.get('hash')!r} is not supported ({HASH_NAME})")
+        sample_count = data.get("sample_count", SAMPLES)
+        if sample_count != SAMPLES:  # the checked side is sampled at SAMPLES positions: others would not align
+            raise CorruptFileError(f"{where}: manifest sample_count {sample_count!r} is not supported "
+                                   f"(this torchdiff samples {SAMPLES} positions per tensor)")
         records = data.get("tensors")
         if not isinstance(records, list):
             raise CorruptFileError(f"{where}: manifest has no \"tensors\" list")
@@ -191,12 +222,11 @@ class Manifest:
         for d in records:
             if not isinstance(d, dict):
                 raise CorruptFileError(f"{where}: a tensor record is not an object")
-            r = TensorRecord.from_dict(d, where)
+            r = TensorRecord.from_dict(d, where, sample_count)
             if r.name in tensors:  # a second record must not silently replace (or hide) the first
                 raise CorruptFileError(f"{where}: two records for tensor {r.name!r}")
             tensors[r.name] = r
-        return cls(tensors=tensors, source=str(data.get("source", where)),
-                   sample_count=int(data.get("sample_count", SAMPLES)))
+        return cls(tensors=tensors, source=str(data.get("source", where)), sample_count=sample_count)
 
 
 def is_manifest(path: Any) -> bool:
@@ -533,6 +563,11 @@ class Verification:
         return tuple(f for f in self.findings if not f.accepted)
 
     @property
+    def accepted(self) -> int:
+        """Tensors accepted (cast, tolerance, tied), not counting the note on paired names."""
+        return sum(1 for f in self.findings if f.accepted and f.kind != "paired")
+
+    @property
     def ok(self) -> bool:
         return not self.mismatches
 
@@ -547,7 +582,7 @@ class Verification:
         from torchdiff.render import finite_json
 
         head = {"type": "verify", "path": "", "manifest": self.expected, "checked": self.checked,
-                "tensors": self.tensors, "equal": self.equal, "accepted": len(self.findings) - len(self.mismatches),
+                "tensors": self.tensors, "equal": self.equal, "accepted": self.accepted,
                 "mismatches": len(self.mismatches), "ok": self.ok}
         return finite_json([head] + [f.to_dict() for f in self.findings])
 
@@ -567,8 +602,7 @@ class Verification:
             mark = "=" if f.accepted else "!"
             why = f" [accepted: {f.reason}]" if f.accepted else ""
             lines.append(f"  {mark} {printable(f.name)}: {f.kind}: {printable(f.detail)}{why}")
-        accepted = len(self.findings) - len(self.mismatches)
-        summary = (f"verify: {counted(self.tensors, 'tensor')}: {self.equal} bitwise equal, {accepted} accepted, "
+        summary = (f"verify: {counted(self.tensors, 'tensor')}: {self.equal} bitwise equal, {self.accepted} accepted, "
                    f"{len(self.mismatches)} mismatching")
         lines.append(summary + (" -> OK" if self.ok else " -> FAILED"))
         return "\n".join(lines)

@@ -25,7 +25,8 @@ import numpy as np
 from torchdiff.errors import PolicyError
 from torchdiff.figures import group, summary_mask
 from torchdiff.names import ROLES
-from torchdiff.results import ADDED, REMOVED, UNCHANGED, AnalysisResult, Table, TensorDiff
+from torchdiff.results import ADDED, CHANGED, REMOVED, RETYPED, UNCHANGED, AnalysisResult, Table, TensorDiff
+from torchdiff.units import stated
 
 NAME = "policy"
 SEVERITIES = ("info", "low", "medium", "high", "critical")  # torchdiff.analyses.anomaly_detection's
@@ -137,13 +138,33 @@ def load(path: str | os.PathLike, *, series: bool = False) -> Policy:
     import yaml
 
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_loader(yaml))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise PolicyError(f"{path}: not valid YAML ({where}{problem})") from None
     return parse(data, path, series=series)
+
+
+def _loader(yaml):
+    """PyYAML's SafeLoader, refusing a key given twice in one mapping: safe_load keeps
+    the last silently, so a rule with two ``select`` lines would gate only the second."""
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                if isinstance(key, str) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {key!r} is given twice in one mapping", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
 
 
 def parse(data: Any, path: str = "<policy>", *, series: bool = False) -> Policy:
@@ -238,6 +259,8 @@ def _selectors(value: Any, where: str, key: str) -> tuple[Selector, ...]:
     if value is None:
         return ()
     items = value if isinstance(value, list) else [value]
+    if not items:  # an empty list is not "no selector": it would select every tensor
+        raise PolicyError(f"{where}: {key} is an empty list (give a pattern, or remove {key})")
     out = []
     for text in items:
         if not isinstance(text, str) or not text:
@@ -318,6 +341,15 @@ def _dequantized(step) -> dict[str, dict[str, Any]]:
     return {}
 
 
+def _why_not_same(d: TensorDiff) -> str | None:
+    """Why an ``unchanged`` offender is not what the rule wants, beyond its rel_l2: the
+    status when it is not plain changed/unchanged (a bf16 copy of equal values is
+    ``retyped float32 -> bfloat16``, rel_l2 0, and not bitwise equal)."""
+    if d.status == RETYPED:
+        return f"retyped {d.old.dtype} -> {d.new.dtype}"
+    return None if d.status in (UNCHANGED, CHANGED) else d.status
+
+
 def _why_no_figure(d: TensorDiff) -> str:
     return {ADDED: "added", REMOVED: "removed"}.get(d.status, d.status)
 
@@ -334,7 +366,7 @@ def evaluate(policy: Policy, report) -> AnalysisResult:
         names = [o["tensor"] + (f" ({o['step']})" if o.get("step") else "") for o in r["offenders"]]
         shown = ", ".join(names[:OFFENDERS_SHOWN]) + (f" +{len(names) - OFFENDERS_SHOWN} more"
                                                       if len(names) > OFFENDERS_SHOWN else "")
-        rows.append((r["rule"], r["condition"], _show(r["threshold"]), r["selected"], r["measured"],
+        rows.append((r["rule"], r["condition"], stated(r["threshold"]), r["selected"], r["measured"],
                      "PASS" if r["passed"] else "FAIL", shown))
     table = Table("Rules", ("rule", "condition", "threshold", "selected", "measured", "result", "offenders"),
                   tuple(rows))
@@ -342,10 +374,6 @@ def evaluate(policy: Policy, report) -> AnalysisResult:
              + (" -> exit 1" if failed else ""),)
     return AnalysisResult(NAME, headline, {"policy": policy.path, "results": results}, (table,), notes,
                           failed=bool(failed))
-
-
-def _show(value: Any) -> Any:
-    return str(value).lower() if isinstance(value, bool) else value
 
 
 def _evaluate_rule(rule: Rule, report) -> dict[str, Any]:
@@ -433,7 +461,7 @@ def _check(rule: Rule, step, diffs: list[TensorDiff], label: str | None, offende
             if same != v:
                 count += 1
                 figure = d.metrics.rel_l2 if d.metrics is not None else None
-                offenders.append(_offender(d.name, figure, label, None if d.metrics else d.status))
+                offenders.append(_offender(d.name, figure, label, _why_not_same(d)))
         return count
     if c == "no_nonfinite":
         total = 0
@@ -467,7 +495,8 @@ def _check(rule: Rule, step, diffs: list[TensorDiff], label: str | None, offende
         total = group(fig, "all", summed)["all"].dsq if summed.any() else 0.0
         share = group(fig, "all", summed & chosen)["all"].dsq / total if total > 0 and (summed & chosen).any() else 0.0
         if share > v:
-            top = sorted(np.flatnonzero(summed & chosen).tolist(), key=lambda i: (-fig.l2[i], fig.names[i]))
+            moved = summed & chosen & (fig.l2 > 0)  # a tensor that did not move takes no share
+            top = sorted(np.flatnonzero(moved).tolist(), key=lambda i: (-fig.l2[i], fig.names[i]))
             for i in top[:OFFENDERS_SHOWN]:
                 offenders.append(_offender(fig.names[i], float(fig.l2[i]) ** 2 / total, label, "its own share"))
         return share
