@@ -9,6 +9,7 @@ same wherever it is printed. JSON and YAML carry the raw numbers.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 _UNITS = (("B", 1.0), ("KB", 1e3), ("MB", 1e6), ("GB", 1e9), ("TB", 1e12))
 
@@ -72,3 +73,14 @@ def number(x: float, signed: bool = False) -> str:
             text = text[:-1] if text.endswith(".") else text
         return plus + text
     return f"{plus}{x:.3e}"
+
+
+def stated(value: Any) -> Any:
+    """A value as a user stated it (a policy threshold): ``true``/``false``, a float with
+    all its digits (``0.99999``, not the 4 significant digits of a measured figure), any
+    other value as it is."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:.15g}"
+    return value

@@ -15,7 +15,7 @@ from typing import Any
 
 from torchdiff.render.markdown import _analyses, _inspect, _steps, inspect_line
 from torchdiff.render.text import num, printable, summary_line
-from torchdiff.units import counted
+from torchdiff.units import counted, stated
 
 OFFENDERS_SHOWN = 5
 
@@ -48,7 +48,7 @@ def render_github(report) -> str:
                          for o in r["offenders"]]
                 shown = ", ".join(names[:OFFENDERS_SHOWN]) + (
                     f" +{len(names) - OFFENDERS_SHOWN} more" if len(names) > OFFENDERS_SHOWN else "")
-                message = (f"{r['condition']} {_v(r['threshold'])} on {r['select']}: measured {_v(r['measured'])}"
+                message = (f"{r['condition']} {stated(r['threshold'])} on {r['select']}: measured {_v(r['measured'])}"
                            + (f"; offenders: {shown}" if shown else ""))
                 lines.append(command("error", f"torchdiff policy: {r['rule']}", message))
             h = a.headline

@@ -14,7 +14,7 @@ from typing import Any
 
 from torchdiff.render.text import _headline_value, num, printable, summary_line
 from torchdiff.results import OLD_ALL_ZERO
-from torchdiff.units import counted
+from torchdiff.units import counted, stated
 
 TOP_TENSORS = 10
 ANOMALY_SHOWN = ("critical", "high")
@@ -126,14 +126,10 @@ def policy_section(a) -> list[str]:
     for r in a.data["results"]:
         names = [_code(o["tensor"]) + (f" ({o['step']})" if o.get("step") else "") for o in r["offenders"]]
         shown = ", ".join(names[:5]) + (f" +{len(names) - 5} more" if len(names) > 5 else "")
-        rows.append([_cell(r["rule"]), f"`{r['condition']}`", _cell(_bool(r["threshold"])), _cell(r["selected"]),
+        rows.append([_cell(r["rule"]), f"`{r['condition']}`", _cell(stated(r["threshold"])), _cell(r["selected"]),
                      _cell(r["measured"]), "pass" if r["passed"] else "**FAIL**", shown])
     lines += table(("rule", "condition", "threshold", "selected", "measured", "result", "offenders"), rows)
     return lines
-
-
-def _bool(v: Any) -> Any:
-    return str(v).lower() if isinstance(v, bool) else v
 
 
 def anomaly_section(report) -> list[str]:
