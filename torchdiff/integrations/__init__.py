@@ -15,6 +15,7 @@ import warnings
 from typing import Any, Iterable, Mapping
 
 from torchdiff.errors import UsageError
+from torchdiff.units import counted
 
 
 def monitor_group(model: Any, options: dict[str, Any]) -> Any:
@@ -72,6 +73,6 @@ def finite_figures(scalars: Mapping[str, float], where: str) -> dict[str, float]
     dropped = {k: float(v) for k, v in scalars.items() if not math.isfinite(float(v))}
     if dropped:
         listed = ", ".join(f"{k}={v}" for k, v in dropped.items())
-        warnings.warn(f"torchdiff: {len(dropped)} figure(s) not logged to {where}, NaN or infinity (an infinite "
+        warnings.warn(f"torchdiff: {counted(len(dropped), 'figure')} not logged to {where}, NaN or infinity (an infinite "
                       f"rel_l2 means the reference was all zero): {listed}", UserWarning, stacklevel=3)
     return {k: float(v) for k, v in scalars.items() if k not in dropped}

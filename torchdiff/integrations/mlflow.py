@@ -30,6 +30,7 @@ import warnings
 from typing import Any, Callable, Mapping
 
 from torchdiff.errors import MissingDependencyError
+from torchdiff.units import counted
 
 #: MLflow metric names may hold alphanumerics, ``_ - . : /`` and spaces, up to 250 chars.
 _BAD_CHARS = re.compile(r"[^A-Za-z0-9_\-. :/]")
@@ -114,7 +115,7 @@ def log_report(report, artifact_file: str | None = "torchdiff.json", step: int |
     dropped = non_finite(scalars)
     if dropped:
         listed = ", ".join(f"{prefix}{k}={v}" for k, v in dropped.items())
-        warnings.warn(f"torchdiff: {len(dropped)} figure(s) not logged to MLflow, which cannot store NaN or "
+        warnings.warn(f"torchdiff: {counted(len(dropped), 'figure')} not logged to MLflow, which cannot store NaN or "
                       f"infinity as a metric (an infinite rel_l2 means the old side was all zero): {listed}",
                       stacklevel=2)
         mlflow.set_tag("torchdiff.dropped_metrics", listed[:5000])
