@@ -14,8 +14,10 @@ indexes or several candidate files are an error that lists them.
 
 Checked: the index is JSON with a ``weight_map`` of names to relative shard paths
 inside the index's directory; every shard exists; every tensor is in its shard.
-Tensors a shard holds but the index does not list are left out and counted in
-``info["sharded"]["unlisted_tensors"]``.
+Tensors a shard holds but the index does not list there (an extra tensor, or a second
+copy of a tensor the index maps to another shard) are left out, counted in
+``info["sharded"]["unlisted_tensors"]`` and named as ``shard:tensor`` in the
+``directory`` section's not-read list: said, never silent.
 """
 
 from __future__ import annotations
@@ -85,10 +87,12 @@ def _is_checkpoint(entry: str) -> bool:
 
 
 def _not_read(ckpt: Checkpoint, directory: str, read: str, others: list[str]) -> Checkpoint:
-    """``ckpt`` (read from ``read`` in ``directory``) noting the directory's other
-    checkpoint files, which it did not read (``info["directory"]``): said, never silent."""
-    if others:
-        ckpt.info["directory"] = {"path": directory, "read": read, "not_read": others}
+    """``ckpt`` (read from ``read`` in ``directory``) noting what of the directory it did
+    not read (``info["directory"]``): other checkpoint files, after the ``shard:tensor``
+    entries the index left out (``_load_index``): said, never silent."""
+    not_read = ckpt.info.get("directory", {}).get("not_read", []) + others
+    if not_read:
+        ckpt.info["directory"] = {"path": directory, "read": read, "not_read": not_read}
     return ckpt
 
 
@@ -165,10 +169,10 @@ def _load_index(path: str) -> Checkpoint:
         raise
 
     metadata: dict[str, Any] = {}
-    unlisted = 0
+    unlisted = [f"{shard}:{n}" for shard, checkpoint in shards.items() for n in checkpoint.tensors
+                if weight_map.get(n) != shard]
     shard_info: dict[str, Any] = {}
     for shard, checkpoint in shards.items():
-        unlisted += sum(1 for n in checkpoint.tensors if weight_map.get(n) != shard)
         for key, value in checkpoint.metadata.items():
             metadata.setdefault(key, value)
         if any(checkpoint.info.values()):
@@ -179,13 +183,14 @@ def _load_index(path: str) -> Checkpoint:
             "shards": list(shards),
             "shard_format": sorted({c.format for c in shards.values()}),
             "index_metadata": index_metadata,
-            "unlisted_tensors": unlisted,
+            "unlisted_tensors": len(unlisted),
         }
     }
     if shard_info:
         info["shard_info"] = shard_info
     closers = [checkpoint.close for checkpoint in shards.values()]
     files = {f: state for checkpoint in shards.values() for f, state in checkpoint.files.items()}
-    return Checkpoint(name=path, format="sharded", tensors=tensors, metadata=metadata, info=info, _closers=closers,
+    ckpt = Checkpoint(name=path, format="sharded", tensors=tensors, metadata=metadata, info=info, _closers=closers,
                       files=files)
+    return _not_read(ckpt, base or ".", os.path.basename(path), unlisted)
 
