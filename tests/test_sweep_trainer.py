@@ -82,6 +82,26 @@ def test_trainer_folders_compare_the_weights_and_name_what_was_not_read(runs, ca
     assert section["new"]["not_read"] == TRAINER_FILES
 
 
+def test_every_command_says_what_a_trainer_folder_held_beside_the_weights(runs, capsys):
+    """A series, inspect and hash said nothing of optimizer.pt and the other Trainer files
+    (a pair said it); inspect said "compared". Each now names them, and a comparison says
+    where the optimizer state --gradient-analysis reads is."""
+    from helpers import run
+
+    folders = sorted((runs / "out").glob("checkpoint-*"))
+    assert len(folders) >= 2
+    not_read = f"not read: {', '.join(TRAINER_FILES)}"
+    code, out, err = run(capsys, "series", *folders)
+    assert code == 0, err
+    assert all(f"{f}: compared model.safetensors; {not_read}" in " ".join(out.split()) for f in folders)
+    code, out, _ = run(capsys, "inspect", folders[0])
+    assert code == 0 and f"{folders[0]}: read model.safetensors; {not_read}" in " ".join(out.split())
+    code, out, _ = run(capsys, folders[0], folders[1], "--gradient-analysis")
+    assert "the optimizer state --gradient-analysis reads is in optimizer.pt" in " ".join(out.split())
+    code, out, err = run(capsys, "hash", folders[0])
+    assert code == 0 and err == f"torchdiff: note: {folders[0]}: hashed model.safetensors; {not_read}\n"
+
+
 def _broken(runs, tmp_path, change) -> str:
     """A copy of the real sharded save, with ``change(folder, first_shard_name)`` applied."""
     folder = tmp_path / "broken"

@@ -237,6 +237,9 @@ class TorchDiffCLI:
         from torchdiff import distributed
         from torchdiff.manifest import widening
 
+        if distributed.rank() == 0:  # never silent: what the folder holds beside the hashed weights
+            for note in manifest.notes:
+                print(f"torchdiff: note: {note}", file=sys.stderr)
         for cast, dtypes, n in widening(manifest, casts):  # never silent: a cast that would widen is not recorded
             if distributed.rank() == 0:
                 print(f"torchdiff: warning: --cast {cast} not recorded for {n} tensor(s) stored narrower "

@@ -159,6 +159,9 @@ class Manifest:
     source: str = "<memory>"
     hash_name: str = HASH_NAME
     sample_count: int = SAMPLES
+    #: what the source held that the manifest does not cover (a Trainer folder's
+    #: optimizer.pt, tensors a sharded index does not list); not saved with the manifest
+    notes: tuple[str, ...] = field(default=(), compare=False)
 
     def __iter__(self) -> Iterator[TensorRecord]:
         return iter(self.tensors.values())
@@ -453,9 +456,13 @@ def _fingerprint(source: Any, casts: Sequence[str], reader: Reader, expected: Ma
         ckpt = formats.from_object(source)
         label = ckpt.name
     try:
-        return _fingerprint_checkpoint(ckpt, label, casts, expected, filters, require)
+        manifest = _fingerprint_checkpoint(ckpt, label, casts, expected, filters, require)
     finally:
         ckpt.close()
+    from torchdiff.pipeline import directory_notes
+
+    notes = directory_notes([ckpt], "hashed", advice=False)
+    return dataclasses.replace(manifest, notes=notes) if notes else manifest
 
 
 def _fingerprint_checkpoint(ckpt, label: str, casts: Sequence[str], expected: Manifest | None = None,

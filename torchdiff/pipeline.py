@@ -288,7 +288,7 @@ def compare_checkpoints(old: Checkpoint, new: Checkpoint, options: Options, engi
     report = build_report(comparison, options, state)
     if mapped is not None:  # the mapping's own section comes first
         report = dataclasses.replace(report, analyses=(mapped.to_result(),) + report.analyses)
-    extra = tuple(r for r in (_directory_result(old, new), _records_result(old, new), _dtensor_result(old, new),
+    extra = tuple(r for r in (_directory_result(old, new, mode), _records_result(old, new), _dtensor_result(old, new),
                               dequantized_result(options), unreadable) if r is not None)
     if dropped:
         extra = (pairing_result(old, new, dropped),) + extra
@@ -343,17 +343,33 @@ def _records_result(old: Checkpoint, new: Checkpoint) -> AnalysisResult | None:
     return AnalysisResult("records", {"classes": len(set(found["old"]) | set(found["new"]))}, found, notes=tuple(notes))
 
 
-def _directory_result(old: Checkpoint, new: Checkpoint) -> AnalysisResult | None:
-    """A checkpoint directory read through one weights file (or index) while it holds
-    other checkpoint files (a Trainer folder's optimizer.pt, rng_state.pth): which file
-    was read and which were not, as a section named ``directory``."""
+def directory_notes(checkpoints, verb: str = "compared", advice: bool = True) -> tuple[str, ...]:
+    """One note per checkpoint directory read through one weights file (or index) while
+    it holds other checkpoint files (a Trainer folder's optimizer.pt, rng_state.pth) or
+    tensors its index does not list: what was read and what was not, and (``advice``) how
+    to compare the rest. Shared by a pair, ``inspect`` (``verb`` "read"), a series and
+    ``hash`` (``verb`` "hashed")."""
+    notes = []
+    for ckpt in checkpoints:
+        d = ckpt.info.get("directory")
+        if not d:
+            continue
+        hint = " (-r compares every file of two directories)" if advice else ""
+        if advice and any(os.path.basename(f) == "optimizer.pt" for f in d["not_read"]):
+            hint = (" (-r compares every file of two directories; the optimizer state --gradient-analysis reads is "
+                    "in optimizer.pt: compare those two files)")
+        notes.append(f"{d['path']}: {verb} {d['read']}; not read: {', '.join(d['not_read'])}{hint}")
+    return tuple(dict.fromkeys(notes))
+
+
+def _directory_result(old: Checkpoint, new: Checkpoint, mode: str = "pair") -> AnalysisResult | None:
+    """:func:`directory_notes` of a pair (or of inspect's one checkpoint) as a section
+    named ``directory``."""
     found = {side: ckpt.info.get("directory") for side, ckpt in (("old", old), ("new", new))}
     found = {side: d for side, d in found.items() if d}
     if not found:
         return None
-    notes = tuple(dict.fromkeys(
-        f"{d['path']}: compared {d['read']}; not read: {', '.join(d['not_read'])} (-r compares every file of "
-        "two directories)" for d in found.values()))
+    notes = directory_notes((old, new), "read" if mode == "inspect" else "compared")
     not_read = sorted({f for d in found.values() for f in d["not_read"]})
     return AnalysisResult("directory", {"not_read": len(not_read)}, found, notes=notes)
 

@@ -54,7 +54,7 @@ from torchdiff.pairing import (
     WRAPPER_SEGMENTS, Dropped, Pair, annotate, check_selected, compile_filters, drop_prefix, pair_metadata,
 )
 from torchdiff.pipeline import (
-    CORE_OPTIONS, Options, pairing_result, build_report, make_options, open_checkpoint, unknown_option,
+    CORE_OPTIONS, Options, directory_notes, pairing_result, build_report, make_options, open_checkpoint, unknown_option,
 )
 from torchdiff.report import SeriesReport
 from torchdiff.results import AnalysisResult, MetadataDiff, TensorStats
@@ -477,7 +477,7 @@ class _Pass:
             device=str(dev), order=options.sort, base_row=self.base_row,
             left_out={k: v for k, v in left_out.items() if v}, step_states=tuple(self.step_states),
             dropped=tuple(self.dropped), step_pairing=tuple(self._pairing(t) for t in range(self.n - 1)),
-            base_pairing=self._base_pairing(),
+            base_pairing=self._base_pairing() + directory_notes(self.uniq),
             dequantized={scheme: tuple(sorted(names)) for scheme, names in sorted(self.dequantized.items())},
         )
         if self.base_row is not None:
